@@ -1,0 +1,9 @@
+"""pixformer: vision transformers at any token granularity, from 16x16 patches down to single pixels."""
+from .attention import attention, record_attention, set_attention_backend
+from .errors import PixformerError
+from .models import ViTConfig, VisionTransformer
+from .registry import create_model, list_models
+
+__version__ = "0.1.0"
+__all__ = ["create_model", "list_models", "ViTConfig", "VisionTransformer", "attention",
+           "record_attention", "set_attention_backend", "PixformerError"]

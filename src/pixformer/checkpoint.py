@@ -1,0 +1,139 @@
+"""Checkpoints without pickles: tensors in safetensors, everything else in JSON, written atomically.
+
+    RUN/checkpoint/
+        model.safetensors      weights (loadable anywhere safetensors is)
+        ema.safetensors        EMA weights, when training keeps them
+        optimizer.safetensors  optimizer state tensors
+        state.json             train config, model spec, step, optimizer hyper-parameters, data facts
+
+A new checkpoint is written to a temporary folder and swapped in by renames; a run killed at any
+moment leaves either the old or the new checkpoint whole (`checkpoint.old` is picked up if the kill
+fell between the two renames).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .errors import PixformerError
+from .registry import ARCHITECTURES, build
+
+
+def _tensors(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+
+
+def optimizer_to_files(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = opt.state_dict()
+    tensors = {f"{i}.{name}": v for i, st in sd["state"].items() for name, v in st.items()
+               if isinstance(v, torch.Tensor)}
+    scalars = {f"{i}.{name}": v for i, st in sd["state"].items() for name, v in st.items()
+               if not isinstance(v, torch.Tensor)}
+    return _tensors(tensors), {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_files(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]):
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in list(tensors.items()) + list(meta["scalars"].items()):
+        i, name = key.split(".", 1)
+        state.setdefault(int(i), {})[name] = v
+    groups = [{**g, **({"betas": tuple(g["betas"])} if "betas" in g else {})} for g in meta["param_groups"]]
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def save_checkpoint(run_dir: str | Path, state: dict[str, Any], model: nn.Module,
+                    optimizer: torch.optim.Optimizer | None = None, ema: nn.Module | None = None) -> Path:
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    final, old = run_dir / "checkpoint", run_dir / "checkpoint.old"
+    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=".checkpoint.tmp-"))
+    try:
+        save_file(_tensors(model.state_dict()), tmp / "model.safetensors")
+        if ema is not None:
+            save_file(_tensors(ema.state_dict()), tmp / "ema.safetensors")
+        state = dict(state)
+        if optimizer is not None:
+            tensors, meta = optimizer_to_files(optimizer)
+            save_file(tensors, tmp / "optimizer.safetensors")
+            state["optimizer"] = meta
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        for f in tmp.iterdir():  # make the bytes durable before the rename makes them visible
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def find_checkpoint(path: str | Path) -> Path | None:
+    """A checkpoint folder from a run folder or the checkpoint folder itself; None if there is none."""
+    path = Path(path)
+    for cand in (path, path / "checkpoint", path / "checkpoint.old"):
+        if (cand / "state.json").exists() and (cand / "model.safetensors").exists():
+            return cand
+    return None
+
+
+def read_state(ckpt: Path) -> dict[str, Any]:
+    try:
+        return json.loads((ckpt / "state.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise PixformerError(f"{ckpt / 'state.json'} is unreadable ({e})") from None
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except (OSError, SafetensorError) as e:
+        raise PixformerError(f"{path} is not a readable safetensors file ({e})") from None
+
+
+def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a safetensors weight file into `model`; a file for another architecture is rejected
+    with the mismatched keys named."""
+    tensors = load_tensors(Path(path))
+    own = model.state_dict()
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    shapes = sorted(k for k in set(own) & set(tensors) if own[k].shape != tensors[k].shape)
+    if missing or unexpected or shapes:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected)):
+            if keys:
+                parts.append(f"{label} {keys[:5]}{' ...' if len(keys) > 5 else ''}")
+        if shapes:
+            parts.append("shape mismatch " + ", ".join(
+                f"{k} {tuple(tensors[k].shape)} vs {tuple(own[k].shape)}" for k in shapes[:5]))
+        raise PixformerError(f"checkpoint {path} does not fit this architecture: " + "; ".join(parts))
+    model.load_state_dict(tensors)
+    return model
+
+
+def load_model(path: str | Path, weights: str = "auto") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a trained model from a run or checkpoint folder; returns (model in eval mode, state).
+    `weights`: 'model', 'ema' or 'auto' (EMA weights when the run kept them)."""
+    ckpt = find_checkpoint(path)
+    if ckpt is None:
+        raise PixformerError(f"no checkpoint in {path} (expected state.json and model.safetensors)")
+    state = read_state(ckpt)
+    spec = state["model"]
+    if spec["arch"] not in ARCHITECTURES:
+        raise PixformerError(f"{ckpt} holds an unknown architecture {spec['arch']!r}")
+    model = build(spec["arch"], spec["config"])
+    use_ema = weights == "ema" or (weights == "auto" and (ckpt / "ema.safetensors").exists())
+    load_weights(model, ckpt / ("ema.safetensors" if use_ema else "model.safetensors"))
+    return model.eval(), state

@@ -1,0 +1,3 @@
+from .vit import ViTConfig, VisionTransformer
+
+__all__ = ["ViTConfig", "VisionTransformer"]

@@ -1,0 +1,197 @@
+"""Vision Transformer at any patch size. Patch size 1 is the Pixel Transformer (PiT) of
+"An Image is Worth More Than 16x16 Patches" (arXiv 2406.09415): one token per pixel, each a
+linear map of the pixel's channels. Larger patch sizes give ViT ("An Image is Worth 16x16 Words").
+
+Tasks (classification, MAE, diffusion) use the encoder through this interface:
+    tokens, grid = model.embed(images)      # (B, N, D) patch tokens with position added
+    feats = model.encode(tokens)            # (B, T, D) after the blocks and final norm (T = N [+1 cls])
+    pooled = model.pool(feats)              # (B, D)
+    logits = model.head(pooled)             # (B, classes)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from ..attention import attention
+from ..errors import PixformerError
+from ..pos_embed import grid_coords, rescale_coords, sample_table, sincos_2d
+
+
+@dataclass
+class ViTConfig:
+    img_size: tuple[int, int] = (32, 32)  # size trained at; sets the learned position table's grid
+    patch_size: int = 16                  # 1 = one token per pixel (PiT)
+    in_chans: int = 3
+    num_classes: int = 10                 # 0 = no head (an encoder for other tasks)
+    depth: int = 12
+    dim: int = 192
+    heads: int = 3
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    pool: str = "cls"                     # "cls" token or "mean" (global average pooling)
+    pos_embed: str = "learned"            # "learned", "sincos2d" or "none"
+    drop_path: float = 0.0                # stochastic depth rate of the last block (linear in depth)
+
+    def __post_init__(self):
+        if isinstance(self.img_size, int):
+            self.img_size = (self.img_size, self.img_size)
+        self.img_size = tuple(int(s) for s in self.img_size)
+        if self.pool not in ("cls", "mean"):
+            raise PixformerError(f"pool must be 'cls' or 'mean', got {self.pool!r}")
+        if self.pos_embed not in ("learned", "sincos2d", "none"):
+            raise PixformerError(f"pos_embed must be 'learned', 'sincos2d' or 'none', got {self.pos_embed!r}")
+        if self.dim % self.heads:
+            raise PixformerError(f"width {self.dim} is not divisible by {self.heads} heads")
+        if self.pos_embed == "sincos2d" and self.dim % 4:
+            raise PixformerError(f"sincos2d position embedding needs a width divisible by 4, got {self.dim}")
+        check_grid(self.img_size, self.patch_size)
+
+
+def check_grid(img_size: tuple[int, int], patch: int) -> tuple[int, int]:
+    """Token grid (rows, cols) of an image size, or a clear error if the patch does not tile it."""
+    h, w = img_size
+    if patch < 1 or h % patch or w % patch:
+        raise PixformerError(f"image size {h}x{w} is not divisible by patch size {patch}")
+    return h // patch, w // patch
+
+
+def drop_path(x: Tensor, rate: float, training: bool) -> Tensor:
+    """Stochastic depth: zero a sample's residual branch with probability `rate`."""
+    if rate == 0.0 or not training:
+        return x
+    keep = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(1.0 - rate)
+    return x * keep / (1.0 - rate)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, qkv_bias: bool):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.attn_backend = "sdpa"   # set from outside: attention.set_attention_backend
+        self.record_to = None        # a list while attention.record_attention is active
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        out, probs = attention(q, k, v, mask, backend=self.attn_backend,
+                               need_weights=self.record_to is not None)  # (B, H, N, Dh)
+        if probs is not None:
+            self.record_to.append(probs.detach())
+        return self.proj(rearrange(out, "b h n d -> b n (h d)"))
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, qkv_bias: bool, drop_path: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads, qkv_bias)
+        self.norm2 = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.drop_path = drop_path
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        x = x + drop_path(self.attn(self.norm1(x), mask), self.drop_path, self.training)
+        x = x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+        return x
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.cfg = cfg
+        p, D = cfg.patch_size, cfg.dim
+        self.pos_grid = check_grid(cfg.img_size, p)
+        self.patch_embed = nn.Linear(cfg.in_chans * p * p, D)  # p = 1: a linear map of the pixel's channels
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.pool == "cls" else None
+        self.pos_table = nn.Parameter(torch.zeros(*self.pos_grid, D)) if cfg.pos_embed == "learned" else None
+        rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        self.blocks = nn.ModuleList(Block(D, cfg.heads, cfg.mlp_ratio, cfg.qkv_bias, r) for r in rates)
+        self.norm = nn.LayerNorm(D)
+        self.head = nn.Linear(D, cfg.num_classes) if cfg.num_classes else nn.Identity()
+        self.init_weights()
+
+    def init_weights(self):
+        """All initialisation in one place: truncated normal (std 0.02) for weights and embeddings,
+        zero biases, unit LayerNorm, zero classifier (the ViT recipe)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias) if m.bias is not None else None
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for prm in (self.cls_token, self.pos_table):
+            if prm is not None:
+                nn.init.trunc_normal_(prm, std=0.02)
+        if isinstance(self.head, nn.Linear):
+            nn.init.zeros_(self.head.weight)
+
+    # ---- the encoder interface -------------------------------------------------------------
+    def patchify(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """(B, C, H, W) -> (B, N, p*p*C) patch vectors in row-major grid order, and the grid."""
+        if images.ndim != 4 or images.shape[1] != self.cfg.in_chans:
+            raise PixformerError(f"expected images of shape (B, {self.cfg.in_chans}, H, W), got {tuple(images.shape)}")
+        grid = check_grid(tuple(images.shape[-2:]), self.cfg.patch_size)
+        p = self.cfg.patch_size
+        return rearrange(images, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=p, p2=p), grid
+
+    def position_embedding(self, grid: tuple[int, int], coords: Tensor | None = None) -> Tensor | None:
+        """Embedding (N, D) of tokens at `coords` (N, 2) on a `grid` (default: every grid cell, row-major),
+        or None for pos_embed='none'. A learned table is resampled bilinearly on its 2-D grid when
+        `grid` differs from the one trained at; sincos is computed for the coordinates as they are."""
+        if self.cfg.pos_embed == "none":
+            return None
+        if self.pos_table is not None and grid == self.pos_grid and coords is None:
+            return self.pos_table.reshape(-1, self.cfg.dim)                # the table itself
+        if coords is None:
+            coords = grid_coords(*grid, device=self.patch_embed.weight.device)
+        if self.cfg.pos_embed == "sincos2d":
+            return sincos_2d(coords, self.cfg.dim).to(self.patch_embed.weight.dtype)
+        if grid != self.pos_grid:
+            coords = rescale_coords(coords, grid, self.pos_grid)
+        return sample_table(self.pos_table, coords)
+
+    def embed(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """(B, C, H, W) -> (B, N, D) patch tokens with position embedding added, and the grid."""
+        patches, grid = self.patchify(images)                             # (B, N, p*p*C)
+        x = self.patch_embed(patches)                                     # (B, N, D)
+        pos = self.position_embedding(grid)                               # (N, D) or None
+        return (x if pos is None else x + pos), grid                      # (B, N, D)
+
+    def encode(self, tokens: Tensor, mask: Tensor | None = None) -> Tensor:
+        """(B, N, D) tokens -> (B, T, D) features after the blocks and final norm (cls first if used)."""
+        x = tokens
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1+N, D)
+        for block in self.blocks:
+            x = block(x, mask)                                            # (B, T, D)
+        return self.norm(x)                                               # (B, T, D)
+
+    def pool(self, feats: Tensor) -> Tensor:
+        """(B, T, D) -> (B, D): the class token, or the mean of the patch tokens."""
+        return feats[:, 0] if self.cls_token is not None else feats.mean(dim=1)
+
+    def forward(self, images: Tensor) -> Tensor:
+        tokens, _ = self.embed(images)                                    # (B, N, D)
+        feats = self.encode(tokens)                                       # (B, T, D)
+        return self.head(self.pool(feats))                                # (B, classes)
+
+    # ---- cost ------------------------------------------------------------------------------
+    def flops(self, img_size: tuple[int, int] | None = None) -> int:
+        """Forward FLOPs for one image (a multiply-add counts as 2), matmuls only."""
+        c = self.cfg
+        gh, gw = check_grid(img_size or c.img_size, c.patch_size)
+        n = gh * gw
+        t = n + (c.pool == "cls")
+        hidden = int(c.dim * c.mlp_ratio)
+        per_block = 2 * t * c.dim * (3 * c.dim + c.dim + 2 * hidden) + 2 * 2 * t * t * c.dim
+        return 2 * n * c.in_chans * c.patch_size ** 2 * c.dim + c.depth * per_block + 2 * c.dim * c.num_classes

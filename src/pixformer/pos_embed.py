@@ -1,0 +1,54 @@
+"""Position encodings as pure functions of token coordinates.
+
+A token's coordinate is its (row, col) on the token grid, as floats. Nothing here assumes a square
+grid or a particular sequence length, so any patch size, resolution, aspect ratio or packing works.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def grid_coords(rows: int, cols: int, device=None) -> Tensor:
+    """(rows*cols, 2) float coordinates (row, col) of a row-major token grid."""
+    r = torch.arange(rows, device=device, dtype=torch.float32)
+    c = torch.arange(cols, device=device, dtype=torch.float32)
+    return torch.cartesian_prod(r, c)
+
+
+def sincos_1d(pos: Tensor, dim: int, temperature: float = 10000.0) -> Tensor:
+    """(N,) positions -> (N, dim) features: [sin(pos * w_k), cos(pos * w_k)], w_k = T^(-k / (dim/2))."""
+    if dim % 2:
+        raise ValueError(f"sincos embedding needs an even dimension, got {dim}")
+    omega = temperature ** (-torch.arange(dim // 2, dtype=torch.float64, device=pos.device) / (dim // 2))
+    angles = pos.double()[:, None] * omega[None, :]                     # (N, dim/2)
+    return torch.cat([angles.sin(), angles.cos()], dim=1).float()      # (N, dim)
+
+
+def sincos_2d(coords: Tensor, dim: int, temperature: float = 10000.0) -> Tensor:
+    """(N, 2) coordinates -> (N, dim): half the channels encode the row, half the column (as in MAE)."""
+    if dim % 4:
+        raise ValueError(f"2-D sincos embedding needs a dimension divisible by 4, got {dim}")
+    return torch.cat([sincos_1d(coords[:, 0], dim // 2, temperature),
+                      sincos_1d(coords[:, 1], dim // 2, temperature)], dim=1)
+
+
+def rescale_coords(coords: Tensor, grid: tuple[int, int], ref_grid: tuple[int, int]) -> Tensor:
+    """Map coordinates on `grid` to the same relative image location on `ref_grid`
+    (pixel-centre alignment, the convention of bilinear resizing with align_corners=False)."""
+    scale = torch.tensor([ref_grid[0] / grid[0], ref_grid[1] / grid[1]], device=coords.device)
+    return (coords + 0.5) * scale - 0.5
+
+
+def sample_table(table: Tensor, coords: Tensor) -> Tensor:
+    """Bilinearly sample a learned (R, C, D) embedding table at (N, 2) fractional coordinates given in
+    table units; coordinates beyond the edge take the border value. Exact at integer coordinates."""
+    R, C, D = table.shape
+    # grid_sample wants (x, y) in [-1, 1] with align_corners=True meaning -1 / +1 are the edge centres
+    x = coords[:, 1] * (2.0 / max(C - 1, 1)) - 1.0 if C > 1 else torch.zeros_like(coords[:, 1])
+    y = coords[:, 0] * (2.0 / max(R - 1, 1)) - 1.0 if R > 1 else torch.zeros_like(coords[:, 0])
+    grid = torch.stack([x, y], dim=-1).to(table.dtype)[None, None]     # (1, 1, N, 2)
+    img = table.permute(2, 0, 1)[None]                                 # (1, D, R, C)
+    out = F.grid_sample(img, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    return out[0, :, 0].t()                                            # (N, D)

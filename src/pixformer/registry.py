@@ -1,0 +1,93 @@
+"""Models by name. Sizes are data: a table from size letter to depth / width / heads.
+
+    vit-t/2     ViT-Tiny with 2x2 patches
+    pit-s       ViT-Small with 1x1 patches: the Pixel Transformer (same as vit-s/1)
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from typing import Any, Callable
+
+from torch import nn
+
+from .errors import PixformerError
+from .models.vit import ViTConfig, VisionTransformer
+
+# size letter -> (depth, width, heads). T/S/B/L as in ViT / DeiT; N is pixformer's CPU-sized model.
+VIT_SIZES: dict[str, dict[str, int]] = {
+    "n": dict(depth=6, dim=128, heads=4),
+    "t": dict(depth=12, dim=192, heads=3),
+    "s": dict(depth=12, dim=384, heads=6),
+    "b": dict(depth=12, dim=768, heads=12),
+    "l": dict(depth=24, dim=1024, heads=16),
+}
+VIT_PATCHES = (2, 4, 8, 16)  # listed names; any patch size parses
+
+# Each architecture: (config class, model class). Checkpoints store the architecture key and config.
+ARCHITECTURES: dict[str, tuple[type, type]] = {"vit": (ViTConfig, VisionTransformer)}
+# Each name family: regex -> function(match) -> (architecture, config fields).
+_FAMILIES: list[tuple[re.Pattern, Callable[[re.Match], tuple[str, dict[str, Any]]]]] = []
+_LISTED: list[str] = []
+
+
+def register_family(pattern: str, parse: Callable[[re.Match], tuple[str, dict[str, Any]]], names: list[str]):
+    _FAMILIES.append((re.compile(pattern), parse))
+    _LISTED.extend(names)
+
+
+register_family(r"vit-([ntsbl])/(\d+)", lambda m: ("vit", {**VIT_SIZES[m[1]], "patch_size": int(m[2])}),
+                [f"vit-{s}/{p}" for s in VIT_SIZES for p in VIT_PATCHES])
+register_family(r"pit-([ntsbl])", lambda m: ("vit", {**VIT_SIZES[m[1]], "patch_size": 1}),
+                [f"pit-{s}" for s in VIT_SIZES])
+
+
+def list_models() -> list[str]:
+    """The registered model names (any other patch size also parses, e.g. 'vit-s/7')."""
+    return list(_LISTED)
+
+
+def resolve(name: str) -> tuple[str, dict[str, Any]]:
+    """Model name -> (architecture, config fields), or a clear error suggesting close names."""
+    key = name.strip().lower()
+    for pattern, parse in _FAMILIES:
+        m = pattern.fullmatch(key)
+        if m:
+            return parse(m)
+    close = difflib.get_close_matches(key, _LISTED, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; see `pixformer models`"
+    raise PixformerError(f"unknown model name {name!r}{hint}")
+
+
+def build(arch: str, fields: dict[str, Any]) -> nn.Module:
+    """Instantiate an architecture from config fields, rejecting unknown fields by name."""
+    cfg_cls, model_cls = ARCHITECTURES[arch]
+    known = {f.name for f in dataclasses.fields(cfg_cls)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise PixformerError(f"unknown setting(s) {unknown} for a {arch} model; valid: {sorted(known)}")
+    return model_cls(cfg_cls(**fields))
+
+
+def create_model(name: str, img_size: int | tuple[int, int] | None = None, num_classes: int | None = None,
+                 in_chans: int | None = None, **overrides) -> nn.Module:
+    """Build a model by name. `overrides` replace any config field (depth=4, pos_embed='sincos2d', ...).
+
+    >>> model = create_model("pit-t", img_size=32, num_classes=100)
+    >>> model(torch.randn(2, 3, 32, 32)).shape
+    torch.Size([2, 100])
+    """
+    arch, fields = resolve(name)
+    given = dict(img_size=img_size, num_classes=num_classes, in_chans=in_chans)
+    fields.update({k: v for k, v in given.items() if v is not None})
+    fields.update({k: v for k, v in overrides.items() if v is not None})
+    return build(arch, fields)
+
+
+def model_spec(model: nn.Module) -> dict[str, Any]:
+    """What a checkpoint stores to rebuild `model`: its architecture key and config fields."""
+    for arch, (_, model_cls) in ARCHITECTURES.items():
+        if type(model) is model_cls:
+            return {"arch": arch, "config": dataclasses.asdict(model.cfg)}
+    raise PixformerError(f"{type(model).__name__} is not a registered architecture")
