@@ -1,0 +1,203 @@
+"""The `pixformer` command: train, eval, models, demo.
+
+Options are the fields of the config dataclasses (`pixformer train --help`); `--config FILE.yaml`
+loads a recipe, later options override it, `--print_config` shows the merged result. Options may be
+spelled with dashes or underscores (`--img-size` or `--img_size`); a bare boolean flag means true.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import typing
+
+from .errors import PixformerError
+
+
+def _normalise_argv(argv: list[str], bool_options: set[str]) -> list[str]:
+    """--img-size -> --img_size; a bare boolean flag (`--resume`) -> `--resume true`."""
+    out = []
+    for i, tok in enumerate(argv):
+        if tok.startswith("--") and len(tok) > 2:
+            name, eq, val = tok[2:].partition("=")
+            tok = "--" + name.replace("-", "_") + eq + val
+            out.append(tok)
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if not eq and name.replace("-", "_") in bool_options and (nxt is None or nxt.startswith("-")):
+                out.append("true")
+        else:
+            out.append(tok)
+    return out
+
+
+def build_parser():
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    from .train import TrainConfig
+
+    parser = ArgumentParser(prog="pixformer", description="Vision transformers at any patch size, down to pixels.",
+                            exit_on_error=False)
+    commands = parser.add_subcommands(dest="command")
+
+    train = ArgumentParser(exit_on_error=False, description="Train a model (supervised classification).")
+    train.add_argument("--config", action=ActionConfigFile, help="a YAML recipe (see configs/)")
+    train.add_class_arguments(TrainConfig)
+    commands.add_subcommand("train", train, help="train a model")
+
+    ev = ArgumentParser(exit_on_error=False, description="Evaluate a checkpoint: top-1/top-5 accuracy and loss.")
+    ev.add_argument("--config", action=ActionConfigFile)
+    ev.add_argument("--checkpoint", type=str, required=True, help="run folder or its checkpoint/ folder")
+    ev.add_argument("--data", type=str, required=True, help="data source, as for train")
+    ev.add_argument("--data_root", type=typing.Optional[str], default=None)
+    ev.add_argument("--split", type=typing.Literal["test", "val"], default="test",
+                    help="test: the source's test split, or all of a plain class-folder tree; "
+                         "val: the validation split held out of train at training time")
+    ev.add_argument("--weights", type=typing.Literal["auto", "model", "ema"], default="auto")
+    ev.add_argument("--batch_size", type=int, default=512)
+    ev.add_argument("--device", type=str, default="auto")
+    ev.add_argument("--skip_bad_images", type=bool, default=False)
+    ev.add_argument("--json", type=bool, default=False, help="print one JSON object as the last line")
+    commands.add_subcommand("eval", ev, help="evaluate a checkpoint")
+
+    models = ArgumentParser(exit_on_error=False, description="List model names with parameters, tokens and GFLOPs per image.")
+    models.add_argument("--img_size", type=int, default=32)
+    models.add_argument("--in_chans", type=int, default=3)
+    models.add_argument("--num_classes", type=int, default=1000)
+    commands.add_subcommand("models", models, help="list model names")
+
+    demo = ArgumentParser(exit_on_error=False, description="The main job: patch 4 vs 2 vs 1 (PiT) on the bundled digits.")
+    demo.add_argument("--out", type=typing.Optional[str], default=None)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--train_subset", type=typing.Optional[int], default=None)
+    demo.add_argument("--epochs", type=typing.Optional[int], default=None, help="override the recipe's 50")
+    demo.add_argument("--progress", type=bool, default=False)
+    commands.add_subcommand("demo", demo, help="patch 4 vs 2 vs 1 on digits (the main job)")
+    return parser
+
+
+def _bool_options(parser) -> set[str]:
+    names = set()
+    for sub in parser._subcommands_action.choices.values():
+        for action in sub._actions:
+            if getattr(action, "_typehint", None) is bool or action.type is bool:
+                names.update(o[2:] for o in action.option_strings if o.startswith("--"))
+    return names
+
+
+def _explain(err: Exception, parser) -> str:
+    """One line for a command-line mistake, with the nearest option names for a typo."""
+    msg = " ".join(str(err).split())
+    if "unrecognized arguments" in msg:
+        import difflib
+        known = {o for sub in parser._subcommands_action.choices.values() for a in sub._actions
+                 for o in a.option_strings if o.startswith("--")}
+        typos = [t.split("=")[0] for t in msg.split(":", 1)[1].split() if t.startswith("--")]
+        hints = [f"{t} -> {', '.join(c)}" for t in typos if (c := difflib.get_close_matches(t, known, n=2))]
+        if hints:
+            msg += f" (did you mean: {'; '.join(hints)}?)"
+    return msg
+
+
+def cmd_train(ns) -> int:
+    from .train import TrainConfig, train
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in vars(ns).items() if k in fields})
+    result = train(cfg)
+    print(f"run folder: {result['run_dir']}")
+    print(json.dumps({k: result[k] for k in ("step", "val_split", "top1", "top5", "loss", "n")}))
+    return 0
+
+
+def cmd_eval(ns) -> int:
+    import torch
+
+    from .checkpoint import load_model
+    from .data import holdout, load_source
+    from .train import autocast_dtype, evaluate, pick_device
+
+    model, state = load_model(ns.checkpoint, ns.weights)
+    info = state["data"]
+    size = tuple(info["img_size"])
+    splits = load_source(ns.data, ns.data_root, size, ns.skip_bad_images)
+    if ns.split == "val":
+        base = splits.get("train", splits.get("all"))
+        if info["val_split"] != "val":
+            raise PixformerError("this run validated on the dataset's test split; there is no held-out val split")
+        data = base.subset(holdout(len(base), info["val_fraction"], seed=0)[1])
+    else:
+        data = splits.get("test", splits.get("all"))
+        if data is None:
+            raise PixformerError(f"{ns.data} has no test split; use --split val or a folder of test images")
+    if data.images.shape[1] != info["in_chans"]:
+        raise PixformerError(f"{ns.data} has {data.images.shape[1]} channels; the model was trained on {info['in_chans']}")
+    trained = info["classes"]
+    unknown = [c for c in data.classes if c not in trained]
+    if unknown:
+        raise PixformerError(f"classes {unknown[:5]} of {ns.data} were not seen in training ({len(trained)} classes)")
+    class_map = torch.tensor([trained.index(c) for c in data.classes])
+    device = pick_device(ns.device)
+    amp = autocast_dtype(state["train_config"]["precision"], device)
+    metrics = evaluate(model.to(device), data, info["mean"], info["std"], ns.batch_size, device, amp, class_map)
+    if not ns.json:
+        print(f"{ns.data} [{ns.split}] n={metrics['n']}  top1 {metrics['top1']:.4f}  top5 {metrics['top5']:.4f}"
+              f"  loss {metrics['loss']:.4f}")
+    print(json.dumps(metrics) if ns.json else "", end="\n" if ns.json else "")
+    return 0
+
+
+def cmd_models(ns) -> int:
+    import torch
+
+    from .registry import create_model, list_models
+    print(f"{'name':<12} {'params':>12} {'tokens':>7} {'GFLOPs':>9}   (at {ns.img_size}x{ns.img_size}, "
+          f"{ns.num_classes} classes; a multiply-add counts as 2 FLOPs)")
+    for name in list_models():
+        try:
+            with torch.device("meta"):
+                model = create_model(name, img_size=ns.img_size, num_classes=ns.num_classes, in_chans=ns.in_chans)
+        except PixformerError:
+            continue  # patch does not tile this image size
+        p = model.cfg.patch_size
+        tokens = (ns.img_size // p) ** 2
+        params = sum(t.numel() for t in model.parameters())
+        print(f"{name:<12} {params:>12,} {tokens:>7} {model.flops() / 1e9:>9.3f}")
+    return 0
+
+
+def cmd_demo(ns) -> int:
+    from .demo import format_table, run_demo
+    out_dir, rows = run_demo(ns.out, ns.seed, ns.train_subset, ns.epochs, ns.progress)
+    print()
+    print(format_table(rows))
+    print(f"\nresults: {out_dir / 'results.json'}\nplot:    {out_dir / 'accuracy_vs_patch.png'}")
+    print(f"run folder: {out_dir}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "models": cmd_models, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not argv:
+        parser.print_help()
+        return 2
+    try:
+        ns = parser.parse_args(_normalise_argv(argv, _bool_options(parser)))
+    except argparse.ArgumentError as e:
+        print(f"pixformer: error: {_explain(e, parser)} (see pixformer {argv[0]} --help)", file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[ns.command](ns[ns.command])
+    except PixformerError as e:
+        print(f"pixformer: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pixformer: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
