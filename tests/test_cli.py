@@ -1,0 +1,138 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pixformer.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--depth", "1", "--dim", "16", "--heads", "2", "--batch-size", "32", "--progress", "false"]
+
+
+def run(capsys, *args):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def image_folder(root, classes, per_class=12, size=8, seed=0):
+    rng = np.random.default_rng(seed)
+    for c in classes:
+        k = ["cat", "dog", "frog", "a", "b", "bird"].index(c) % 4
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):  # each class: a bright band at its own rows, learnable in a few steps
+            arr = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
+            arr[2 * k: 2 * k + 2] = 255
+            Image.fromarray(arr).save(root / c / f"{i}.png")
+    return root
+
+
+def test_train_then_eval_json_on_digits(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, _ = run(capsys, "train", "--model", "vit-n/4", *TINY, "--epochs", "2", "--train-subset", "300",
+                          "--out", out, "--seed", "1")
+    assert code == 0 and f"run folder: {out}" in stdout
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    code, stdout, _ = run(capsys, "eval", "--checkpoint", out, "--data", "digits", "--json")
+    assert code == 0
+    result = json.loads(stdout.strip().splitlines()[-1])
+    assert result["n"] == 359 and 0 <= result["top1"] <= result["top5"] <= 1 and result["loss"] > 0
+
+
+def test_eval_on_a_separate_image_folder_maps_classes_by_name(tmp_path, capsys):
+    train_dir = image_folder(tmp_path / "train", ["cat", "dog", "frog"], per_class=24)
+    out = tmp_path / "run"
+    code, _, _ = run(capsys, "train", "--model", "vit-n/2", *TINY, "--epochs", "6", "--lr", "3e-3", "--batch-size", "8", "--pool", "mean",
+                     "--data", train_dir, "--out", out, "--val-fraction", "0.25")
+    assert code == 0
+    # the evaluation folder has only two of the classes, so its own label indices differ from training's
+    test_dir = image_folder(tmp_path / "test", ["dog", "frog"], per_class=6, seed=1)
+    (test_dir / "dog" / "0.png").rename(test_dir / "dog" / "0.PNG")
+    code, stdout, _ = run(capsys, "eval", "--checkpoint", out / "checkpoint", "--data", test_dir, "--json")
+    assert code == 0
+    result = json.loads(stdout.strip().splitlines()[-1])
+    assert result["n"] == 12 and result["top1"] > 0.6  # chance is 1/3
+    code, stdout, _ = run(capsys, "eval", "--checkpoint", out, "--data", train_dir, "--split", "val")
+    assert code == 0 and "n=18" in stdout
+    code, _, err = run(capsys, "eval", "--checkpoint", out, "--data", image_folder(tmp_path / "x", ["bird"]))
+    assert code == 2 and "classes ['bird'] of" in err and "not seen in training" in err
+
+
+def test_models_lists_names_with_costs(capsys):
+    code, out, _ = run(capsys, "models", "--img-size", "32")
+    assert code == 0
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[1:]}
+    assert rows["pit-t"][2] == "1024" and rows["vit-t/2"][2] == "256"
+    assert "vit-b/16" in rows
+
+
+def test_demo_end_to_end_tiny(tmp_path, capsys):
+    code, out, _ = run(capsys, "demo", "--out", tmp_path / "demo", "--epochs", "1", "--train-subset", "64")
+    assert code == 0 and f"run folder: {tmp_path / 'demo'}" in out
+    rows = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert [r["patch"] for r in rows] == [4, 2, 1] and [r["tokens"] for r in rows] == [4, 16, 64]
+    for r in rows:
+        assert set(r) >= {"patch", "tokens", "params", "gflops", "accuracy", "seconds"}
+        assert 0 <= r["accuracy"] <= 1
+    assert (tmp_path / "demo" / "accuracy_vs_patch.png").stat().st_size > 1000
+
+
+def test_yaml_recipe_and_print_config(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: pit-n\nepochs: 7\nlr: 0.002\n")
+    code, out, _ = run(capsys, "train", "--config", recipe, "--epochs", "3", "--print_config")
+    assert code == 0 and "model: pit-n" in out and "epochs: 3" in out and "lr: 0.002" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--model", "vit-t/22x"], "unknown model name 'vit-t/22x'; did you mean"),
+    (["train", "--model", "vit-n/3", "--img-size", "8"], "image size 8x8 is not divisible by patch size 3"),
+    (["train", "--data", "/no/such/folder"], "dataset path /no/such/folder does not exist"),
+    (["train", "--modle", "pit-t"], "unrecognized arguments: --modle pit-t (did you mean: --modle -> --model"),
+    (["train", "--epochs", "many"], 'Parser key "epochs"'),
+    (["train", "--precision", "fp16"], "fp16 autocast is not used on CPU"),
+    (["train", "--precision", "half"], "precision must be auto, fp32 or bf16"),
+    (["eval", "--checkpoint", "/no/run", "--data", "digits"], "no checkpoint in /no/run"),
+])
+def test_bad_input_gives_one_clear_line(capsys, args, message):
+    code, out, err = run(capsys, *args, *(TINY if args[0] == "train" else []))
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_config_file_typo_is_named(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: pit-n\nepochz: 3\n")
+    code, _, err = run(capsys, "train", "--config", recipe)
+    assert code == 2 and "epochz" in err and len(err.strip().splitlines()) == 1
+
+
+def test_corrupt_image_named_then_skipped(tmp_path, capsys):
+    data = image_folder(tmp_path / "d", ["a", "b"])
+    (data / "a" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    code, _, err = run(capsys, "train", "--data", data, "--epochs", "1", "--out", tmp_path / "r", *TINY)
+    assert code == 2 and "cannot read image" in err and "bad.png" in err
+    code, out, _ = run(capsys, "train", "--data", data, "--epochs", "1", "--out", tmp_path / "r2",
+                       "--skip-bad-images", *TINY)
+    assert code == 0 and "skipped 1 unreadable image(s)" in out
+
+
+def test_resume_with_another_model_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(capsys, "train", "--model", "vit-n/4", *TINY, "--epochs", "1", "--train-subset", "64",
+               "--out", out)[0] == 0
+    code, _, err = run(capsys, "train", "--model", "vit-n/2", *TINY, "--epochs", "1", "--train-subset", "64",
+                       "--out", out, "--resume")
+    assert code == 2 and "different model (differs in ['patch_size'])" in err
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_every_recipe_parses_and_names_a_known_model(capsys, recipe):
+    from pixformer.registry import resolve
+    code, out, err = run(capsys, "train", "--config", ROOT / "configs" / recipe, "--print_config")
+    assert code == 0, err
+    model = next(line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("model:"))
+    resolve(model)

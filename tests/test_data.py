@@ -1,0 +1,190 @@
+import gzip
+import hashlib
+import io
+import pickle
+import struct
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pixformer import PixformerError
+from pixformer.data import (batch_indices, download, file_md5, holdout, load_source, mix, random_crop,
+                            random_flip, read_idx, resize)
+
+
+def write_cifar(root, n_train=6, n_test=4, classes=("cat", "dog", "ship")):
+    """A miniature of the official cifar-10-batches-py layout (5 train batches, 1 test batch)."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": [c.encode() for c in classes]}))
+    for i in range(1, 6):
+        batch = {b"data": rng.integers(0, 256, (n_train, 3072), dtype=np.uint8),
+                 b"labels": [int(v) for v in rng.integers(0, len(classes), n_train)]}
+        (folder / f"data_batch_{i}").write_bytes(pickle.dumps(batch))
+    test = {b"data": rng.integers(0, 256, (n_test, 3072), dtype=np.uint8), b"labels": [0, 1, 2, 0][:n_test]}
+    (folder / "test_batch").write_bytes(pickle.dumps(test))
+    return folder, test
+
+
+def test_cifar_folder_and_archive(tmp_path):
+    folder, test = write_cifar(tmp_path / "dir")
+    splits = load_source("cifar10", str(tmp_path / "dir"))
+    assert splits["train"].images.shape == (30, 3, 32, 32)
+    assert splits["train"].images.dtype == torch.uint8
+    assert splits["test"].classes == ["cat", "dog", "ship"]
+    # row-major CHW layout of the pickle: the first 1024 bytes are the red plane
+    assert torch.equal(splits["test"].images[1, 0].flatten(), torch.from_numpy(test[b"data"][1, :1024]))
+    assert splits["test"].labels.tolist() == [0, 1, 2, 0]
+    with tarfile.open(tmp_path / "cifar-10-python.tar.gz", "w:gz") as tar:
+        tar.add(folder, arcname="cifar-10-batches-py")
+    from_tar = load_source("cifar10", str(tmp_path), img_size=(16, 16))
+    assert from_tar["train"].images.shape == (30, 3, 16, 16)
+
+
+def test_cifar_pickle_with_code_is_refused(tmp_path):
+    folder, _ = write_cifar(tmp_path)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+    (folder / "test_batch").write_bytes(pickle.dumps({b"data": Evil()}))
+    with pytest.raises(PixformerError, match="not a readable CIFAR batch"):
+        load_source("cifar10", str(tmp_path))
+
+
+def idx_bytes(arr: np.ndarray) -> bytes:
+    return bytes([0, 0, 8, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.tobytes()
+
+
+def test_idx_reader_and_mnist_layout(tmp_path):
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 7), ("t10k", 3)):
+        x = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        y = rng.integers(0, 10, n, dtype=np.uint8)
+        (tmp_path / f"{prefix}-images-idx3-ubyte.gz").write_bytes(gzip.compress(idx_bytes(x)))
+        (tmp_path / f"{prefix}-labels-idx1-ubyte").write_bytes(idx_bytes(y))  # plain files work too
+    assert read_idx(tmp_path / "t10k-labels-idx1-ubyte").shape == (3,)
+    splits = load_source("mnist", str(tmp_path))
+    assert splits["train"].images.shape == (7, 1, 28, 28) and splits["test"].labels.shape == (3,)
+    (tmp_path / "bad").write_bytes(idx_bytes(np.zeros((4, 2, 2), np.uint8))[:-3])
+    with pytest.raises(PixformerError, match="truncated"):
+        read_idx(tmp_path / "bad")
+
+
+def write_image_folder(root, classes=("a", "b"), per_class=3, size=(10, 12)):
+    rng = np.random.default_rng(1)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            arr = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(root / c / f"{i}.png")
+    return root
+
+
+def test_image_folder_directory_and_tar(tmp_path):
+    root = write_image_folder(tmp_path / "imgs")
+    splits = load_source(str(root))
+    assert list(splits) == ["all"]
+    assert splits["all"].images.shape == (6, 3, 10, 12) and splits["all"].classes == ["a", "b"]
+    assert splits["all"].labels.tolist() == [0, 0, 0, 1, 1, 1]
+    first = np.array(Image.open(root / "a" / "0.png")).transpose(2, 0, 1).copy()
+    assert torch.equal(splits["all"].images[0], torch.from_numpy(first))
+    # an archive with split folders above the class folders
+    tar_path = tmp_path / "set.tar.gz"
+    with tarfile.open(tar_path, "w:gz") as tar:
+        tar.add(root, arcname="set/train")
+        tar.add(root / "b", arcname="set/test/b")
+    splits = load_source(str(tar_path), img_size=(8, 8))
+    assert splits["train"].images.shape == (6, 3, 8, 8)
+    assert splits["test"].images.shape == (3, 3, 8, 8) and splits["test"].labels.tolist() == [1, 1, 1]
+
+
+def test_image_folder_is_decoded_once(tmp_path, monkeypatch):
+    root = write_image_folder(tmp_path / "imgs")
+    first = load_source(str(root))
+    calls = []
+    monkeypatch.setattr(Image, "open", lambda *a, **k: calls.append(1))
+    again = load_source(str(root))
+    assert not calls and torch.equal(first["all"].images, again["all"].images)
+
+
+def test_corrupt_image_is_named_or_skipped(tmp_path):
+    root = write_image_folder(tmp_path / "imgs")
+    (root / "b" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    with pytest.raises(PixformerError, match=r"cannot read image .*broken\.jpg.*--skip-bad-images"):
+        load_source(str(root))
+    splits = load_source(str(root), skip_bad_images=True)
+    assert len(splits["all"]) == 6
+
+
+def test_missing_and_unknown_sources(tmp_path):
+    with pytest.raises(PixformerError, match="does not exist"):
+        load_source(str(tmp_path / "nowhere"))
+    with pytest.raises(PixformerError, match="unknown data source 'imagenet'"):
+        load_source("imagenet")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PixformerError, match="no images in class folders"):
+        load_source(str(tmp_path / "empty"))
+
+
+def test_download_checks_the_checksum(tmp_path):
+    src = tmp_path / "remote.bin"
+    src.write_bytes(b"pixformer" * 100)
+    md5 = hashlib.md5(src.read_bytes()).hexdigest()
+    dest = download(src.as_uri(), tmp_path / "dl" / "file.bin", md5)
+    assert file_md5(dest) == md5
+    with pytest.raises(PixformerError, match="checksum mismatch"):
+        download(src.as_uri(), tmp_path / "dl" / "other.bin", "0" * 32)
+    assert not (tmp_path / "dl" / "other.bin").exists()
+    assert [p.name for p in (tmp_path / "dl").iterdir()] == ["file.bin"]  # no partial files left
+    with pytest.raises(PixformerError, match="could not download"):
+        download((tmp_path / "missing").as_uri(), tmp_path / "dl" / "x.bin", md5)
+
+
+def test_digits_default_dataset_has_fixed_test_split():
+    a, b = load_source("digits"), load_source("digits")
+    assert len(a["train"]) + len(a["test"]) == 1797 and len(a["test"]) == 359
+    assert torch.equal(a["test"].labels, b["test"].labels)
+    assert a["train"].images.shape[1:] == (1, 8, 8) and a["train"].images.max() == 255
+
+
+def test_holdout_is_deterministic_and_disjoint():
+    tr, va = holdout(100, 0.1, seed=0)
+    tr2, va2 = holdout(100, 0.1, seed=0)
+    assert torch.equal(va, va2) and len(va) == 10 and len(tr) == 90
+    assert set(tr.tolist()).isdisjoint(va.tolist())
+
+
+def test_batches_cover_each_epoch_and_differ_between_epochs():
+    e0, e1 = batch_indices(10, 4, 0, 0), batch_indices(10, 4, 1, 0)
+    assert [len(b) for b in e0] == [4, 4] and len(set(torch.cat(e0).tolist())) == 8
+    assert not torch.equal(torch.cat(e0), torch.cat(e1))
+    assert torch.equal(torch.cat(batch_indices(10, 4, 0, 0, shuffle=False)), torch.arange(10))
+
+
+def test_augmentations_are_batch_ops():
+    g = torch.Generator().manual_seed(0)
+    x = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).view(2, 1, 4, 4) + 1
+    crops = random_crop(x, 1, g)
+    assert crops.shape == x.shape
+    for i in range(2):  # each crop is a shifted window of the zero-padded image
+        padded = torch.nn.functional.pad(x[i], (1, 1, 1, 1))
+        windows = [padded[:, r:r + 4, c:c + 4] for r in range(3) for c in range(3)]
+        assert any(torch.equal(crops[i], w) for w in windows)
+    flips = random_flip(x, torch.Generator().manual_seed(3))
+    assert all(torch.equal(f, o) or torch.equal(f, o.flip(-1)) for f, o in zip(flips, x))
+    y = torch.eye(2)
+    mx, my = mix(x, y, 0.8, 0.0, np.random.default_rng(0))
+    torch.testing.assert_close(my.sum(1), torch.ones(2))
+    cx, cy = mix(x, y, 0.0, 1.0, np.random.default_rng(0))
+    assert cx.shape == x.shape and torch.allclose(cy.sum(1), torch.ones(2))
+
+
+def test_resize_is_identity_at_same_size():
+    x = torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8)
+    assert resize(x, (8, 8)) is x
+    assert resize(x, (4, 6)).shape == (3, 3, 4, 6)

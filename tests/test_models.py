@@ -1,0 +1,168 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pixformer import PixformerError, attention, create_model, list_models
+from pixformer.pos_embed import grid_coords, sample_table, sincos_2d
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_registered_model_forward_backward(name):
+    """Each name's width, heads and patch size at one block (depth is data, not code), tiny input."""
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        p = create_model(name, img_size=32, depth=1).cfg.patch_size
+    model = create_model(name, img_size=2 * p, num_classes=3, depth=1)
+    x = torch.randn(2, model.cfg.in_chans, 2 * p, 2 * p)
+    logits = model(x)
+    assert logits.shape == (2, 3)
+    logits.sum().backward()
+    grads = [prm.grad for prm in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_size_table_matches_vit_and_deit():
+    for name, (depth, dim, heads, params_m) in {"vit-t/16": (12, 192, 3, 5.7), "vit-s/16": (12, 384, 6, 22.1),
+                                                "vit-b/16": (12, 768, 12, 86.6)}.items():
+        with torch.device("meta"):
+            model = create_model(name, img_size=224, num_classes=1000)
+        assert (model.cfg.depth, model.cfg.dim, model.cfg.heads) == (depth, dim, heads)
+        assert round(sum(p.numel() for p in model.parameters()) / 1e6, 1) == params_m
+    assert create_model("pit-s", img_size=8, depth=1).cfg.patch_size == 1
+
+
+@pytest.mark.parametrize("patch", [1, 2, 4, 8])
+@pytest.mark.parametrize("hw", [(16, 16), (8, 24)])
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+def test_token_counts_and_shapes(patch, hw, pool):
+    model = create_model(f"vit-n/{patch}", img_size=hw, num_classes=5, depth=1, dim=16, heads=2, pool=pool)
+    x = torch.randn(2, 3, *hw)
+    tokens, grid = model.embed(x)
+    assert grid == (hw[0] // patch, hw[1] // patch)
+    assert tokens.shape == (2, grid[0] * grid[1], 16)
+    feats = model.encode(tokens)
+    assert feats.shape == (2, grid[0] * grid[1] + (pool == "cls"), 16)
+    assert model(x).shape == (2, 5)
+
+
+def test_pixel_tokens_are_a_linear_map_of_channels():
+    model = create_model("pit-n", img_size=4, depth=1, dim=8, heads=2, pos_embed="none")
+    x = torch.randn(1, 3, 4, 4)
+    tokens, _ = model.embed(x)
+    expected = x[0, :, 1, 2] @ model.patch_embed.weight.t() + model.patch_embed.bias  # pixel (1, 2) is token 6
+    torch.testing.assert_close(tokens[0, 1 * 4 + 2], expected)
+
+
+def test_patch_order_matches_image_layout():
+    model = create_model("vit-n/2", img_size=(4, 6), depth=1, dim=8, heads=2)
+    x = torch.arange(1 * 3 * 4 * 6, dtype=torch.float32).view(1, 3, 4, 6)
+    patches, grid = model.patchify(x)
+    assert grid == (2, 3)
+    # token 4 = grid row 1, col 1 -> pixels rows 2..3, cols 2..3; features ordered (p1 p2 c)
+    assert torch.equal(patches[0, 4].view(2, 2, 3).permute(2, 0, 1), x[0, :, 2:4, 2:4])
+
+
+def test_bad_shapes_give_clear_errors():
+    model = create_model("vit-n/4", img_size=16, depth=1, dim=16, heads=2)
+    with pytest.raises(PixformerError, match="not divisible by patch size 4"):
+        model(torch.randn(1, 3, 18, 16))
+    with pytest.raises(PixformerError, match=r"expected images of shape \(B, 3, H, W\)"):
+        model(torch.randn(1, 1, 16, 16))
+    with pytest.raises(PixformerError, match="not divisible by patch size 3"):
+        create_model("vit-t/3", img_size=32)
+    with pytest.raises(PixformerError, match="did you mean vit-t/2"):
+        create_model("vti-t/2")
+    with pytest.raises(PixformerError, match="unknown setting"):
+        create_model("vit-t/2", img_size=32, depht=3)
+
+
+def test_learned_pe_resampled_is_identity_at_same_size():
+    model = create_model("vit-n/2", img_size=(12, 8), depth=1, dim=16, heads=2)
+    table = model.pos_table.reshape(-1, 16)
+    same = model.position_embedding((6, 4), grid_coords(6, 4))  # the resampling path, forced
+    torch.testing.assert_close(same, table, atol=1e-6, rtol=0)
+    assert torch.equal(model.position_embedding((6, 4)), table)
+
+
+def test_learned_pe_resamples_to_other_sizes():
+    """Trained at 28x28, evaluated at 32x32 (the PiT paper's ImageNet setting)."""
+    model = create_model("pit-n", img_size=28, num_classes=4, depth=1, dim=16, heads=2)
+    pe = model.position_embedding((32, 32))
+    assert pe.shape == (1024, 16)
+    # corners map onto corners of the table, border values are kept
+    torch.testing.assert_close(pe[0], model.pos_table[0, 0])
+    torch.testing.assert_close(pe[-1], model.pos_table[-1, -1])
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 4)
+
+
+def test_sample_table_bilinear_by_hand():
+    table = torch.arange(2 * 2 * 1, dtype=torch.float32).view(2, 2, 1)  # [[0, 1], [2, 3]]
+    out = sample_table(table, torch.tensor([[0.5, 0.5], [0.0, 0.25], [1.0, 1.0]]))
+    torch.testing.assert_close(out[:, 0], torch.tensor([1.5, 0.25, 3.0]))
+
+
+def test_sincos2d_matches_hand_computed_values():
+    dim = 8  # 4 channels for the row, 4 for the column; each: [sin(p w0), sin(p w1), cos(p w0), cos(p w1)]
+    coords = torch.tensor([[0.0, 0.0], [2.0, 3.0]])
+    emb = sincos_2d(coords, dim)
+    w = [1.0, 10000 ** -0.5]
+    row, col = 2.0, 3.0
+    expected = [math.sin(row * w[0]), math.sin(row * w[1]), math.cos(row * w[0]), math.cos(row * w[1]),
+                math.sin(col * w[0]), math.sin(col * w[1]), math.cos(col * w[0]), math.cos(col * w[1])]
+    torch.testing.assert_close(emb[1], torch.tensor(expected))
+    torch.testing.assert_close(emb[0], torch.tensor([0.0, 0, 1, 1, 0, 0, 1, 1]))
+
+
+def test_sincos_model_is_recomputed_for_any_grid():
+    model = create_model("vit-n/2", img_size=8, depth=1, dim=16, heads=2, pos_embed="sincos2d")
+    assert not any("pos" in n for n, _ in model.named_parameters())
+    torch.testing.assert_close(model.position_embedding((3, 5)), sincos_2d(grid_coords(3, 5), 16))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_sdpa_equals_plain_softmax_reference(masked):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 17, 8) for _ in range(3))
+    mask = torch.rand(2, 1, 17, 17) > 0.3 if masked else None
+    if mask is not None:
+        mask[..., 0] = True  # every query sees at least one key
+    scores = q @ k.transpose(-2, -1) / math.sqrt(8)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    reference = scores.softmax(-1) @ v
+    out, probs = attention(q, k, v, mask, backend="sdpa")
+    assert probs is None
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+    out_math, probs = attention(q, k, v, mask, backend="math", need_weights=True)
+    torch.testing.assert_close(out_math, reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 3, 17))
+
+
+def test_model_output_is_the_same_through_both_backends():
+    from pixformer import set_attention_backend
+    model = create_model("pit-n", img_size=6, depth=2, dim=16, heads=2).eval()
+    x = torch.randn(2, 3, 6, 6)
+    a = model(x)
+    b = set_attention_backend(model, "math")(x)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    with pytest.raises(PixformerError, match="unknown attention backend"):
+        set_attention_backend(model, "nope")
+
+
+def test_record_attention_returns_one_map_per_layer():
+    from pixformer import record_attention
+    model = create_model("vit-n/2", img_size=8, depth=3, dim=16, heads=2).eval()
+    with record_attention(model) as maps:
+        model(torch.randn(1, 3, 8, 8))
+    assert [m.shape for m in maps] == [(1, 2, 17, 17)] * 3
+    assert model.blocks[0].attn.record_to is None
+
+
+def test_drop_path_only_in_training():
+    model = create_model("vit-n/2", img_size=8, depth=2, dim=16, heads=2, drop_path=0.5, num_classes=3)
+    x = torch.randn(4, 3, 8, 8)
+    model.eval()
+    assert torch.equal(model(x), model(x))
+    assert model.blocks[-1].drop_path == 0.5 and model.blocks[0].drop_path == 0.0
