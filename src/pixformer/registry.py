@@ -2,6 +2,7 @@
 
     vit-t/2     ViT-Tiny with 2x2 patches
     pit-s       ViT-Small with 1x1 patches: the Pixel Transformer (same as vit-s/1)
+    convmixer-256/8   ConvMixer of width 256 and depth 8 (kernel_size and patch_size are settings)
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any, Callable
 from torch import nn
 
 from .errors import PixformerError
+from .models.convmixer import ConvMixer, ConvMixerConfig
 from .models.vit import ViTConfig, VisionTransformer
 
 # size letter -> (depth, width, heads). T/S/B/L as in ViT / DeiT; N is pixformer's CPU-sized model.
@@ -26,7 +28,8 @@ VIT_SIZES: dict[str, dict[str, int]] = {
 VIT_PATCHES = (2, 4, 8, 16)  # listed names; any patch size parses
 
 # Each architecture: (config class, model class). Checkpoints store the architecture key and config.
-ARCHITECTURES: dict[str, tuple[type, type]] = {"vit": (ViTConfig, VisionTransformer)}
+ARCHITECTURES: dict[str, tuple[type, type]] = {"vit": (ViTConfig, VisionTransformer),
+                                                "convmixer": (ConvMixerConfig, ConvMixer)}
 # Each name family: regex -> function(match) -> (architecture, config fields).
 _FAMILIES: list[tuple[re.Pattern, Callable[[re.Match], tuple[str, dict[str, Any]]]]] = []
 _LISTED: list[str] = []
@@ -41,6 +44,9 @@ register_family(r"vit-([ntsbl])/(\d+)", lambda m: ("vit", {**VIT_SIZES[m[1]], "p
                 [f"vit-{s}/{p}" for s in VIT_SIZES for p in VIT_PATCHES])
 register_family(r"pit-([ntsbl])", lambda m: ("vit", {**VIT_SIZES[m[1]], "patch_size": 1}),
                 [f"pit-{s}" for s in VIT_SIZES])
+# convmixer-<width>/<depth>; kernel 5 and patch 2 by default (the authors' CIFAR-10 setting)
+register_family(r"convmixer-(\d+)/(\d+)", lambda m: ("convmixer", {"dim": int(m[1]), "depth": int(m[2])}),
+                ["convmixer-256/8", "convmixer-256/16"])
 
 
 def list_models() -> list[str]:

@@ -1,0 +1,263 @@
+"""`pixformer sweep`: the PiT paper's patch-size study (arXiv 2406.09415), cached point by point.
+
+Two regimes:
+    fixed-input   one input size, patch 8 -> 4 -> 2 -> 1: the sequence grows 4x per halving
+    fixed-tokens  one token count, the input shrinks with the patch (32x32 p=4, 16x16 p=2, 8x8 p=1: 64 tokens)
+
+Every point trains the same recipe (the `train` settings) once per seed, in a run folder of its own:
+
+    OUT/sweep.json                the sweep's settings
+    OUT/p4-32x32/seed0/           an ordinary run folder (checkpoint/, metrics.jsonl), result.json once done
+    OUT/results.csv, results.md   one row per point: accuracy mean ± std over seeds, cost, wall time
+    OUT/accuracy_vs_patch_<regime>.png
+
+A finished point is read back from its result.json and an interrupted one resumes from its checkpoint,
+so re-running the same command continues a sweep where it stopped. Every point is checked (geometry,
+model settings, data) before the first one trains.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import find_checkpoint
+from .demo import format_table, plot
+from .errors import PixformerError
+from .registry import VIT_SIZES
+from .train import Prepared, TrainConfig, build_model, prepare_data, train
+
+REGIMES = ("fixed-input", "fixed-tokens")
+# TrainConfig fields the sweep sets for each point (not options of `pixformer sweep`)
+PER_POINT = ("model", "out", "seed", "resume", "img_size", "patch_size")
+# TrainConfig fields that do not change what a run computes: a cached run may differ in these
+RUN_ONLY = ("progress", "device", "eval_batch_size", "checkpoint_every", "data_root", "resume", "out")
+
+
+@dataclass
+class SweepConfig:
+    """A patch-size sweep: the grid (regime, patches, img_size or tokens, size or model, seeds) and the
+    training recipe every point shares (`train`)."""
+    regime: str = "fixed-input"          # fixed-input | fixed-tokens
+    patches: list[int] = field(default_factory=lambda: [8, 4, 2, 1])
+    img_size: int | None = None          # fixed-input: the input size (default: the data's own)
+    tokens: int | None = None            # fixed-tokens: tokens per image (default: (img_size / largest patch)^2)
+    size: str = "n"                      # model size letter: vit-<size>/<p>, and pit-<size> for p = 1
+    model: str | None = None             # or sweep this model's patch_size setting (e.g. convmixer-256/8)
+    seeds: list[int] = field(default_factory=lambda: [0])  # each point trains once per seed
+    out: str | None = None               # the sweep folder (default runs/sweep-<regime>-<data>-<time>)
+    train: TrainConfig = field(default_factory=TrainConfig)  # the recipe every point shares; PER_POINT fields are set per point
+
+
+@dataclass
+class Point:
+    """One point of the grid: a model at a patch size and input size, with its cost."""
+    patch: int
+    img: tuple[int, int]        # input size (H, W)
+    resize: int | None          # TrainConfig.img_size of the point (None: the data's own size)
+    model: str
+    tokens: int
+    params: int
+    flops: int
+
+    @property
+    def name(self) -> str:
+        return f"p{self.patch}-{self.img[0]}x{self.img[1]}"
+
+
+def sweep_config(values: dict[str, Any]) -> SweepConfig:
+    """A SweepConfig from the flat options of `pixformer sweep` (its own fields and the train fields)."""
+    own = {f.name for f in dataclasses.fields(SweepConfig)} - {"train"}
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)} - own - set(PER_POINT)
+    return SweepConfig(**{k: values[k] for k in own if k in values},
+                       train=TrainConfig(**{k: values[k] for k in train_fields if k in values}))
+
+
+# ---- the grid --------------------------------------------------------------------------------
+def point_geometry(cfg: SweepConfig, native: tuple[int, int]) -> list[tuple[int, tuple[int, int]]]:
+    """(patch, input size) of every point, or a PixformerError naming the first invalid one."""
+    if cfg.regime not in REGIMES:
+        raise PixformerError(f"regime must be one of {REGIMES}, got {cfg.regime!r}")
+    if not cfg.patches or any(p < 1 for p in cfg.patches) or len(set(cfg.patches)) != len(cfg.patches):
+        raise PixformerError(f"patches must be distinct sizes >= 1, got {cfg.patches}")
+    base = (cfg.img_size, cfg.img_size) if cfg.img_size else tuple(native)
+    if cfg.regime == "fixed-input":
+        if cfg.tokens is not None:
+            raise PixformerError("--tokens sets the fixed-tokens regime's sequence length; "
+                                 "the fixed-input regime takes --img-size")
+        for p in cfg.patches:
+            if base[0] % p or base[1] % p:
+                raise PixformerError(f"invalid sweep point patch {p} at input {base[0]}x{base[1]}: "
+                                     f"{base[0]}x{base[1]} is not divisible by {p}")
+        return [(p, base) for p in cfg.patches]
+    if cfg.tokens is None:
+        biggest = max(cfg.patches)
+        if base[0] != base[1] or base[0] % biggest:
+            raise PixformerError(f"cannot derive a token count from input {base[0]}x{base[1]} and patch {biggest}; "
+                                 "give --tokens (a square number, e.g. 64)")
+        tokens = (base[0] // biggest) ** 2
+    else:
+        tokens = cfg.tokens
+    side = math.isqrt(max(tokens, 0))
+    if tokens < 1 or side * side != tokens:
+        raise PixformerError(f"invalid sweep point: no square input gives {tokens} tokens at any patch size "
+                             f"(the token count must be a square, e.g. {max(side, 1) ** 2} or {(side + 1) ** 2})")
+    return [(p, (side * p, side * p)) for p in cfg.patches]
+
+
+def model_name(cfg: SweepConfig, patch: int) -> str:
+    if cfg.model:
+        return cfg.model
+    if cfg.size not in VIT_SIZES:
+        raise PixformerError(f"size must be one of {list(VIT_SIZES)}, got {cfg.size!r}")
+    return f"pit-{cfg.size}" if patch == 1 else f"vit-{cfg.size}/{patch}"
+
+
+def point_config(cfg: SweepConfig, point: Point, seed: int, out_dir: Path) -> TrainConfig:
+    """The training run of one point and seed."""
+    return dataclasses.replace(cfg.train, model=point.model, img_size=point.resize, seed=seed, resume=True,
+                               patch_size=point.patch if cfg.model else None,
+                               out=str(out_dir / point.name / f"seed{seed}"))
+
+
+def plan(cfg: SweepConfig, native: tuple[int, int], in_chans: int, num_classes: int) -> list[Point]:
+    """Every point of the sweep, each model built (without memory) to check its settings and count its cost.
+    `native`: the data's own image size (used where the sweep's img_size is unset)."""
+    if cfg.train.img_size is not None or cfg.train.patch_size is not None:
+        raise PixformerError("the sweep chooses each point's img_size and patch_size; set the sweep's "
+                             "img_size / patches instead of the train settings'")
+    if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds):
+        raise PixformerError(f"seeds must be a non-empty list of distinct seeds, got {cfg.seeds}")
+    points = []
+    for p, img in point_geometry(cfg, native):
+        resize = None if cfg.img_size is None and img == tuple(native) else img[0]  # None: the data as it is
+        point = Point(p, img, resize, model_name(cfg, p), 0, 0, 0)
+        try:
+            with torch.device("meta"):
+                model = build_model(point_config(cfg, point, cfg.seeds[0], Path(".")), img, num_classes, in_chans)
+        except PixformerError as e:
+            raise PixformerError(f"invalid sweep point {point.name} ({point.model}): {e}") from None
+        point.tokens = (img[0] // p) * (img[1] // p)
+        point.params = sum(t.numel() for t in model.parameters())
+        point.flops = model.flops()
+        points.append(point)
+    return points
+
+
+# ---- running ---------------------------------------------------------------------------------
+def _check_cached(run_dir: Path, cfg: TrainConfig):
+    """A run folder left by an earlier sweep must hold the same recipe, or its results would be mixed in."""
+    saved = run_dir / "config.json"
+    if not saved.exists():
+        return
+    old, new = json.loads(saved.read_text()), json.loads(json.dumps(dataclasses.asdict(cfg)))
+    diff = sorted(k for k in set(old) & set(new) if k not in RUN_ONLY and old[k] != new[k])
+    if diff:
+        changes = ", ".join(f"{k}: {old[k]} -> {new[k]}" for k in diff[:4])
+        raise PixformerError(f"{run_dir} was trained with other settings ({changes}); "
+                             "use another --out for a different sweep, or delete that folder")
+
+
+def run_point(cfg: TrainConfig, data: Prepared) -> dict[str, Any]:
+    """Train one point and seed (resuming a checkpoint), or read back its result when it finished before."""
+    run_dir = Path(cfg.out)
+    done = run_dir / "result.json"
+    if done.exists():
+        return {**json.loads(done.read_text()), "cached": True}
+    resumed = find_checkpoint(run_dir) is not None
+    t0 = time.time()
+    result = train(dataclasses.replace(cfg, resume=resumed), data)
+    record = {k: result[k] for k in ("top1", "top5", "loss", "step", "val_split")}
+    record.update(seconds=round(time.time() - t0, 1), resumed=resumed)
+    done.write_text(json.dumps(record, indent=1))
+    return {**record, "cached": False}
+
+
+def summarize(point: Point, records: list[dict], regime: str) -> dict[str, Any]:
+    accs = [r["top1"] for r in records]
+    std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+    mean = statistics.fmean(accs)
+    acc = f"{100 * mean:.2f}" + (f" ± {100 * std:.2f}" if len(accs) > 1 else "")
+    return {"model": point.model, "patch": point.patch, "input": f"{point.img[0]}x{point.img[1]}",
+            "tokens": point.tokens, "params": point.params, "gflops": point.flops / 1e9,
+            "accuracy": mean, "std": std, "acc": acc, "seeds": len(accs),
+            "accuracies": " ".join(f"{a:.4f}" for a in accs), "val_split": records[0]["val_split"],
+            "seconds": statistics.fmean(r["seconds"] for r in records),
+            "note": f"{point.tokens} token{'s' * (point.tokens > 1)}" if regime == "fixed-input"
+            else f"{point.img[0]}x{point.img[1]} input"}
+
+
+def columns(split: str) -> list[tuple[str, str, int, str]]:
+    return [("model", "model", 15, ""), ("patch", "patch", 5, ""), ("input", "input", 7, ""),
+            ("tokens", "tokens", 6, ""), ("params", "params", 10, ","), ("GFLOPs", "gflops", 9, ".3g"),
+            (f"{split} acc %", "acc", 14, ""), ("seeds", "seeds", 5, ""), ("s/run", "seconds", 7, ".1f")]
+
+
+def write_outputs(out_dir: Path, cfg: SweepConfig, rows: list[dict]):
+    """results.csv, results.md and the plot, from the points finished so far."""
+    keys = ["model", "patch", "input", "tokens", "params", "gflops", "val_split", "accuracy", "std", "seeds",
+            "accuracies", "seconds"]
+    with open(out_dir / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    split = rows[0]["val_split"]
+    (out_dir / "results.md").write_text(format_table(rows, columns(split), markdown=True) + "\n")
+    t = cfg.train
+    variant = [f"pos {t.pos_embed}"] * bool(t.pos_embed) + ["permuted pixels"] * t.permute_pixels + \
+        [f"{t.local_swaps} swaps δ={t.swap_distance or '∞'}"] * bool(t.local_swaps)
+    title = ", ".join([Path(t.data).name, cfg.regime, *variant, f"{t.epochs} epochs",
+                       f"{len(cfg.seeds)} seed{'s' if len(cfg.seeds) > 1 else ''}"])
+    plot(rows, out_dir / f"accuracy_vs_patch_{cfg.regime}.png", title, ylabel=f"{split} accuracy (%)")
+
+
+def run_sweep(cfg: SweepConfig) -> tuple[Path, list[dict]]:
+    """Check every point, then train the ones not yet done; returns the sweep folder and one row per point."""
+    t = cfg.train
+    out_dir = Path(cfg.out) if cfg.out else \
+        Path("runs") / f"sweep-{cfg.regime}-{Path(t.data).name.split('.')[0]}-{time.strftime('%Y%m%d-%H%M%S')}"
+    # the data at its own (or the sweep's) size: the grid's reference, its channels and classes
+    first_seed = cfg.seeds[0] if cfg.seeds else 0
+    ref = prepare_data(dataclasses.replace(t, img_size=cfg.img_size, seed=first_seed))
+    points = plan(cfg, tuple(ref.train.images.shape[-2:]), ref.train.images.shape[1], len(ref.train.classes))
+
+    # data decoded once per distinct input size (and per seed when the seed picks a training subset)
+    datasets: dict[tuple, Prepared] = {(cfg.img_size, first_seed): ref}
+    runs = []
+    for point in points:
+        for seed in cfg.seeds:
+            run_cfg = point_config(cfg, point, seed, out_dir)
+            _check_cached(Path(run_cfg.out), run_cfg)
+            key = (run_cfg.img_size, seed if t.train_subset else first_seed)
+            if key not in datasets:
+                datasets[key] = prepare_data(run_cfg)
+            runs.append((point, seed, run_cfg, datasets[key]))
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "sweep.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    print(f"sweep: {len(points)} points x {len(cfg.seeds)} seed(s) in {out_dir}", flush=True)
+    records: dict[str, list[dict]] = {}
+    rows: list[dict] = []
+    for i, (point, seed, run_cfg, data) in enumerate(runs, 1):
+        label = f"[{i}/{len(runs)}] {point.model} patch {point.patch}, {point.img[0]}x{point.img[1]}, seed {seed}"
+        print(f"{label} ...", flush=True)
+        try:
+            record = run_point(run_cfg, data)
+        except PixformerError as e:
+            raise PixformerError(f"sweep stopped at {point.name} seed {seed}: {e}\nRe-run the same sweep "
+                                 f"command with --out {out_dir} to continue where it stopped") from None
+        how = "cached" if record["cached"] else ("resumed, " if record["resumed"] else "") + f"{record['seconds']:.1f} s"
+        print(f"{label}: {record['val_split']} top1 {record['top1']:.4f} ({how})", flush=True)
+        records.setdefault(point.name, []).append(record)
+        if len(records[point.name]) == len(cfg.seeds):
+            rows.append(summarize(point, records[point.name], cfg.regime))
+            write_outputs(out_dir, cfg, rows)
+    return out_dir, rows
