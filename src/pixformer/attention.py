@@ -6,21 +6,28 @@ Every model calls `attention(q, k, v)`; which kernel runs is a property of the c
     q, k, v: (B, H, N, Dh)  ->  out: (B, H, N, Dh)
 
 Backends
-- "sdpa": torch.nn.functional.scaled_dot_product_attention. Never materialises the N x N matrix
-  when a fused kernel (flash / memory-efficient) is available for the inputs. Default.
+- "sdpa": torch.nn.functional.scaled_dot_product_attention; torch picks the kernel. Never
+  materialises the N x N matrix when a fused kernel is available for the inputs (on CPU: flash,
+  O(N) memory). Default. There is no attention dropout: it would force the math kernel on CPU.
 - "math": explicit softmax(QK^T / sqrt(Dh)) V. Materialises N x N; it is the test oracle and the
   path that can return attention probabilities for analysis.
+- "flash", "efficient", "cudnn": SDPA restricted to one fused kernel. On CPU only "flash" exists;
+  a kernel the device (or these inputs) cannot run falls back to "sdpa" with a one-line notice,
+  printed once.
 
 New backends (packed / masked, sequence-parallel) register with `register_backend`.
 """
 from __future__ import annotations
 
 import math
+import sys
+import warnings
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .errors import PixformerError
 
@@ -54,6 +61,61 @@ def _math(q, k, v, mask, need_weights):
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     probs = scores.softmax(dim=-1)
     return probs @ v, (probs if need_weights else None)
+
+
+# Fused SDPA kernels as explicit choices. A (backend, device, dtype, mask?) that failed once is
+# remembered, so the fallback costs one failed call per run.
+_KERNELS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+            "cudnn": SDPBackend.CUDNN_ATTENTION}
+_UNAVAILABLE: set[tuple] = set()
+_NOTICED: set[str] = set()
+
+
+def notice(message: str) -> None:
+    """Print a one-line notice to stderr, once per message."""
+    if message not in _NOTICED:
+        _NOTICED.add(message)
+        print(f"pixformer: {message}", file=sys.stderr)
+
+
+def kernel_available(name: str, device: torch.device | str) -> bool:
+    """Whether the fused kernel `name` ("flash", "efficient", "cudnn") exists on `device` at all
+    (particular inputs may still be refused: then the call falls back)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return name == "flash"
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    if name == "flash":
+        return torch.backends.cuda.is_flash_attention_available()
+    if name == "cudnn":
+        return torch.backends.cudnn.is_available()
+    return True
+
+
+def _kernel_backend(name: str) -> Backend:
+    def run(q, k, v, mask, need_weights):
+        key = (name, q.device.type, q.dtype, mask is not None)
+        if need_weights or key in _UNAVAILABLE:
+            return _sdpa(q, k, v, mask, need_weights)
+        if not kernel_available(name, q.device):
+            reason = f"not available on {q.device.type}"
+        else:
+            try:
+                with sdpa_kernel(_KERNELS[name]), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # torch explains the refusal over many lines
+                    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask), None
+            except RuntimeError:
+                reason = f"refused these inputs ({q.device.type}, {str(q.dtype)[6:]}, " \
+                         f"{'with' if mask is not None else 'no'} mask)"
+        _UNAVAILABLE.add(key)
+        notice(f"attention kernel {name!r} {reason}; falling back to 'sdpa'")
+        return _sdpa(q, k, v, mask, need_weights)
+    return run
+
+
+for _name in _KERNELS:
+    register_backend(_name)(_kernel_backend(_name))
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, *,

@@ -1,4 +1,4 @@
-"""The `pixformer` command: train, eval, models, demo.
+"""The `pixformer` command: train, eval, models, plan, demo.
 
 Options are the fields of the config dataclasses (`pixformer train --help`); `--config FILE.yaml`
 loads a recipe, later options override it, `--print_config` shows the merged result. Options may be
@@ -65,6 +65,20 @@ def build_parser():
     models.add_argument("--num_classes", type=int, default=1000)
     commands.add_subcommand("models", models, help="list model names")
 
+    plan = ArgumentParser(exit_on_error=False, description="Cost of training a model before running it: tokens, "
+                          "parameters, forward and training GFLOPs per image, activation memory with and without "
+                          "checkpointing, and the largest batch that fits --memory (e.g. 8GiB, 512MiB).")
+    plan.add_argument("--model", type=str, required=True, help="a name from `pixformer models`")
+    plan.add_argument("--img_size", type=int, default=32)
+    plan.add_argument("--batch_size", type=typing.Optional[int], default=None)
+    plan.add_argument("--memory", type=typing.Optional[str], default=None, help="budget, e.g. 8GiB, 512MiB, 16GB")
+    plan.add_argument("--precision", type=str, default="auto", help="auto | fp32 | bf16, as for train on this CPU")
+    plan.add_argument("--attn_backend", type=str, default="sdpa", help="math keeps the N x N probabilities")
+    plan.add_argument("--num_classes", type=int, default=10)
+    plan.add_argument("--in_chans", type=int, default=3)
+    plan.add_argument("--json", type=bool, default=False, help="print one JSON object instead of the table")
+    commands.add_subcommand("plan", plan, help="FLOPs, memory and the largest batch for a memory budget")
+
     demo = ArgumentParser(exit_on_error=False, description="The main job: patch 4 vs 2 vs 1 (PiT) on the bundled digits.")
     demo.add_argument("--out", type=typing.Optional[str], default=None)
     demo.add_argument("--seed", type=int, default=0)
@@ -72,6 +86,25 @@ def build_parser():
     demo.add_argument("--epochs", type=typing.Optional[int], default=None, help="override the recipe's 50")
     demo.add_argument("--progress", type=bool, default=False)
     commands.add_subcommand("demo", demo, help="patch 4 vs 2 vs 1 on digits (the main job)")
+
+    from .sweep import PER_POINT, SweepConfig
+    sweep = ArgumentParser(exit_on_error=False, description="The patch-size study: one recipe trained at every "
+                           "patch size (fixed input size, or fixed token count), per seed, cached point by point. "
+                           "Takes every train option except those the sweep sets per point "
+                           f"({', '.join(PER_POINT)}).")
+    sweep.add_argument("--config", action=ActionConfigFile)
+    sweep.add_class_arguments(SweepConfig, skip={"train"})
+    sweep.add_class_arguments(TrainConfig, skip=set(PER_POINT))
+    commands.add_subcommand("sweep", sweep, help="accuracy against patch size, cached and resumable")
+
+    from .analyze import AnalyzeConfig
+    analyze = ArgumentParser(exit_on_error=False, description="Figures (PNG) and their numbers (JSON) of what a "
+                             "checkpoint learned: mean attention distance, position-embedding similarity, "
+                             "patch-embedding filters, attention maps and rollout of one image (--image_index, "
+                             "--layer, --heads '0,2' or 'all'). Written to --out, default <run folder>/analysis.")
+    analyze.add_argument("--config", action=ActionConfigFile)
+    analyze.add_class_arguments(AnalyzeConfig)
+    commands.add_subcommand("analyze", analyze, help="figures of a checkpoint (attention, embeddings)")
     return parser
 
 
@@ -111,6 +144,7 @@ def cmd_train(ns) -> int:
 def cmd_eval(ns) -> int:
     import torch
 
+    from .ablations import apply_permutation, pixel_permutation
     from .checkpoint import load_model
     from .data import holdout, load_source
     from .train import autocast_dtype, evaluate, pick_device
@@ -135,6 +169,8 @@ def cmd_eval(ns) -> int:
     if unknown:
         raise PixformerError(f"classes {unknown[:5]} of {ns.data} were not seen in training ({len(trained)} classes)")
     class_map = torch.tensor([trained.index(c) for c in data.classes])
+    perm = pixel_permutation(state["train_config"], *size)  # the run's locality ablation, if it had one
+    data = dataclasses.replace(data, images=apply_permutation(data.images, perm))
     device = pick_device(ns.device)
     amp = autocast_dtype(state["train_config"]["precision"], device)
     metrics = evaluate(model.to(device), data, info["mean"], info["std"], ns.batch_size, device, amp, class_map)
@@ -164,6 +200,14 @@ def cmd_models(ns) -> int:
     return 0
 
 
+def cmd_plan(ns) -> int:
+    from .plan import plan
+    p = plan(ns.model, ns.img_size, ns.batch_size, ns.memory, ns.precision, ns.attn_backend, ns.num_classes,
+             ns.in_chans)
+    print(json.dumps(p.to_dict()) if ns.json else p)
+    return 0
+
+
 def cmd_demo(ns) -> int:
     from .demo import format_table, run_demo
     out_dir, rows = run_demo(ns.out, ns.seed, ns.train_subset, ns.epochs, ns.progress)
@@ -174,7 +218,29 @@ def cmd_demo(ns) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "models": cmd_models, "demo": cmd_demo}
+def cmd_sweep(ns) -> int:
+    import time
+
+    from .demo import format_table
+    from .sweep import columns, run_sweep, sweep_config
+    t0 = time.time()
+    out_dir, rows = run_sweep(sweep_config(vars(ns)))
+    print()
+    print(format_table(rows, columns(rows[0]["val_split"])))
+    print(f"\nresults: {out_dir / 'results.csv'}, {out_dir / 'results.md'}  ({time.time() - t0:.0f} s)")
+    print(f"run folder: {out_dir}")
+    return 0
+
+
+def cmd_analyze(ns) -> int:
+    from .analyze import AnalyzeConfig, analyze
+    fields = {f.name for f in dataclasses.fields(AnalyzeConfig)}
+    analyze(AnalyzeConfig(**{k: v for k, v in vars(ns).items() if k in fields}))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "models": cmd_models, "demo": cmd_demo, "analyze": cmd_analyze,
+            "sweep": cmd_sweep, "plan": cmd_plan}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     except argparse.ArgumentError as e:
         print(f"pixformer: error: {_explain(e, parser)} (see pixformer {argv[0]} --help)", file=sys.stderr)
         return 2
+    except SystemExit as e:  # --help, --print_config
+        return e.code or 0
     try:
         return COMMANDS[ns.command](ns[ns.command])
     except PixformerError as e:
@@ -197,6 +265,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pixformer: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -21,7 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from .ablations import apply_permutation, pixel_permutation
 from .attention import set_attention_backend
+from .perf import apply_activation_checkpointing, apply_compile, autocast_dtype
 from .checkpoint import find_checkpoint, load_tensors, load_weights, optimizer_from_files, read_state, save_checkpoint
 from .data import (ImageSet, batch_indices, channel_stats, holdout, load_source, mix, normalize, random_crop,
                    random_flip)
@@ -45,7 +47,13 @@ class TrainConfig:
     pool: str | None = None             # cls | mean
     pos_embed: str | None = None        # learned | sincos2d | none
     drop_path: float | None = None
-    attn_backend: str = "sdpa"
+    patch_size: int | None = None       # e.g. convmixer-256/8 --patch-size 1
+    kernel_size: int | None = None      # ConvMixer's depthwise kernel
+    attn_backend: str = "sdpa"          # sdpa | math | flash | efficient | cudnn (see attention.py)
+    # speed and memory (see perf.py; `pixformer plan` estimates the memory)
+    checkpoint_blocks: int | str = 0    # full activation checkpointing of the first N blocks, or "all"
+    selective_checkpoint: bool = True   # other blocks recompute norms / GELU in backward: -30% memory, ~2% time
+    compile: bool = False               # torch.compile each block (the first steps compile)
     # optimisation
     epochs: int = 10
     batch_size: int = 128
@@ -66,9 +74,14 @@ class TrainConfig:
     val_fraction: float = 0.1           # held out of train when the data has no test split
     train_subset: int | None = None     # train on a seeded random subset of this many images
     skip_bad_images: bool = False       # count and skip unreadable images instead of stopping
+    # locality ablations: one fixed pixel permutation of every image, train and val (see ablations.py)
+    permute_pixels: bool = False        # shuffle all pixel positions
+    local_swaps: int = 0                # the PiT paper's T: swaps of pixel pairs ...
+    swap_distance: int | None = None    # ... at most δ apart (Chebyshev); unset = anywhere
+    permute_seed: int = 0               # draws the permutation
     # run control
     seed: int = 0
-    precision: str = "auto"             # auto (bf16 on GPUs that have it) | fp32 | bf16
+    precision: str = "auto"             # auto (bf16 where native: GPUs, AMX / AVX512-BF16 CPUs) | fp32 | bf16
     device: str = "auto"                # auto | cpu | cuda | cuda:N
     eval_batch_size: int = 512
     checkpoint_every: int = 0           # also checkpoint every N steps (0: at the end of each epoch only)
@@ -101,28 +114,30 @@ def prepare_data(cfg: TrainConfig) -> Prepared:
             raise PixformerError(f"--train-subset {cfg.train_subset} exceeds the {len(train)} training images")
         idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.train_subset]
         train = train.subset(idx.sort().values)
+    perm = pixel_permutation(cfg, *train.images.shape[-2:])              # None unless an ablation is on
+    train = ImageSet(apply_permutation(train.images, perm), train.labels, train.classes)
+    val = ImageSet(apply_permutation(val.images, perm), val.labels, val.classes)
     mean, std = channel_stats(train.images)
     return Prepared(train, val, val_split, mean, std)
 
 
 # ---- pieces of the loop --------------------------------------------------------------------
+# TrainConfig fields that override the named model's own settings (None keeps the model's)
+MODEL_SETTINGS = ("depth", "dim", "heads", "mlp_ratio", "pool", "pos_embed", "drop_path", "patch_size", "kernel_size")
+
+
+def build_model(cfg: TrainConfig, img_size: tuple[int, int], num_classes: int, in_chans: int) -> nn.Module:
+    """The model a run trains: `cfg.model` for this data, with the run's model settings applied."""
+    return create_model(cfg.model, img_size=img_size, num_classes=num_classes, in_chans=in_chans,
+                        **{k: getattr(cfg, k) for k in MODEL_SETTINGS})
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise PixformerError(f"device {name!r} asked for, but no CUDA device is available")
     return torch.device(name)
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on GPUs with native bf16 when 'auto'; fp32 on CPUs without it (it is slower there)."""
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision != "auto":
-        raise PixformerError(f"precision must be auto, fp32 or bf16, got {precision!r}")
-    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float, floor: float) -> float:
@@ -192,10 +207,12 @@ def train(cfg: TrainConfig, data: Prepared | None = None) -> dict[str, Any]:
     in_chans, img_hw = train_set.images.shape[1], tuple(train_set.images.shape[-2:])
 
     torch.manual_seed(cfg.seed)
-    overrides = {k: getattr(cfg, k) for k in ("depth", "dim", "heads", "mlp_ratio", "pool", "pos_embed", "drop_path")}
-    model = create_model(cfg.model, img_size=img_hw, num_classes=len(classes), in_chans=in_chans, **overrides)
+    model = build_model(cfg, img_hw, len(classes), in_chans)
     set_attention_backend(model, cfg.attn_backend).to(device)
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay > 0 else None
+    apply_activation_checkpointing(model, cfg.checkpoint_blocks, cfg.selective_checkpoint)  # from outside the model
+    if cfg.compile:
+        apply_compile(model)
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))
 
     steps_per_epoch = max(len(train_set) // cfg.batch_size, 1)
@@ -206,20 +223,22 @@ def train(cfg: TrainConfig, data: Prepared | None = None) -> dict[str, Any]:
                       "in_chans": in_chans, "val_split": data.val_split, "val_fraction": cfg.val_fraction},
              "best_top1": 0.0, "weights": "ema" if ema is not None else "model"}
 
-    step = 0
+    step, resumed_running = 0, None
     metrics_path = run_dir / "metrics.jsonl"
     ckpt = find_checkpoint(run_dir)
     if cfg.resume and ckpt is not None:
         saved = read_state(ckpt)
-        if saved["model"] != state["model"]:
-            diff = sorted(k for k in set(saved["model"]["config"]) | set(state["model"]["config"])
-                          if saved["model"]["config"].get(k) != state["model"]["config"].get(k))
+        spec = json.loads(json.dumps(state["model"]))  # as stored: JSON turns tuples (img_size) into lists
+        if saved["model"] != spec:
+            diff = sorted(k for k in set(saved["model"]["config"]) | set(spec["config"])
+                          if saved["model"]["config"].get(k) != spec["config"].get(k))
             raise PixformerError(f"cannot resume {run_dir}: its checkpoint is a different model (differs in {diff})")
         load_weights(model, ckpt / "model.safetensors")
         if ema is not None:
             load_weights(ema, ckpt / "ema.safetensors")
         optimizer_from_files(opt, load_tensors(ckpt / "optimizer.safetensors"), saved["optimizer"])
         step, state["best_top1"] = saved["step"], saved["best_top1"]
+        resumed_running = saved.get("running") if step % steps_per_epoch else None
         if metrics_path.exists():  # forget what was logged after the checkpoint; it is recomputed
             keep = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= step]
             metrics_path.write_text("".join(l + "\n" for l in keep))
@@ -232,8 +251,10 @@ def train(cfg: TrainConfig, data: Prepared | None = None) -> dict[str, Any]:
     (run_dir / "config.json").write_text(json.dumps(state["train_config"], indent=1))
     tb = _tensorboard(run_dir)
 
+    running = {"seen": 0, "correct": 0, "loss_sum": 0.0}  # this epoch's training statistics so far
+
     def checkpoint():
-        save_checkpoint(run_dir, {**state, "step": step}, model, opt, ema)
+        save_checkpoint(run_dir, {**state, "step": step, "running": running}, model, opt, ema)
 
     def log(record: dict):
         with open(metrics_path, "a") as f:
@@ -252,7 +273,8 @@ def train(cfg: TrainConfig, data: Prepared | None = None) -> dict[str, Any]:
             epoch = step // steps_per_epoch
             batches = batch_indices(len(train_set), cfg.batch_size, epoch, cfg.seed)[step % steps_per_epoch:]
             model.train()
-            seen, correct, loss_sum, t0 = 0, 0, 0.0, time.time()
+            running = resumed_running or {"seen": 0, "correct": 0, "loss_sum": 0.0}
+            resumed_running, t0, t0_seen = None, time.time(), running["seen"]
             for idx in batches:
                 torch.manual_seed(cfg.seed * 1_000_003 + step)          # dropout / drop-path, per step
                 g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
@@ -284,19 +306,22 @@ def train(cfg: TrainConfig, data: Prepared | None = None) -> dict[str, Any]:
                             pe.lerp_(pm, 1 - cfg.ema_decay) if pe.is_floating_point() else pe.copy_(pm)
                 step += 1
 
-                seen += len(y)
-                loss_sum += loss.item() * len(y)
-                correct += (logits.argmax(1) == y).sum().item()
+                running["seen"] += len(y)
+                running["loss_sum"] += loss.item() * len(y)
+                running["correct"] += (logits.argmax(1) == y).sum().item()
+                seen = running["seen"]
+                img_s = (seen - t0_seen) / (time.time() - t0)
                 bar.update(1)
-                bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
-                                img_s=f"{seen / (time.time() - t0):.0f}", lr=f"{lr:.1e}")
+                bar.set_postfix(epoch=epoch + 1, loss=f"{running['loss_sum'] / seen:.3f}",
+                                acc=f"{running['correct'] / seen:.3f}", img_s=f"{img_s:.0f}", lr=f"{lr:.1e}")
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step % steps_per_epoch:
                     checkpoint()
 
             val_metrics = evaluate(ema or model, val_set, data.mean, data.std, cfg.eval_batch_size, device, amp)
             state["best_top1"] = max(state["best_top1"], val_metrics["top1"])
-            record = {"step": step, "epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / max(seen, 1),
-                      "train_acc": correct / max(seen, 1), "img_per_s": seen / (time.time() - t0),
+            seen = max(running["seen"], 1)
+            record = {"step": step, "epoch": epoch + 1, "lr": lr, "train_loss": running["loss_sum"] / seen,
+                      "train_acc": running["correct"] / seen, "img_per_s": img_s,
                       **{f"{data.val_split}_{k}": v for k, v in val_metrics.items() if k != "n"}}
             log(record)
             bar.write(f"epoch {epoch + 1}/{cfg.epochs}  train loss {record['train_loss']:.4f}  "

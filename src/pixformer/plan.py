@@ -1,0 +1,206 @@
+"""Cost planner: tokens, parameters, FLOPs and training memory of a model before running it.
+
+    p = plan("pit-t", img_size=32, batch_size=32, memory="8GiB")
+    print(p)                      # the table `pixformer plan` prints
+    p.peak_bytes(32, "none")      # training-step peak memory at batch 32
+    p.max_batch("none")           # largest batch that fits the memory budget
+
+FLOPs come from the model's own `flops()` (matmuls, a multiply-add counts as 2; training = 3x
+forward, plus one more forward of the blocks that full checkpointing recomputes).
+
+Memory is counted, not measured: what autograd keeps for the backward pass, tensor by tensor (the
+list below was checked against torch.autograd.graph.saved_tensors_hooks and against the peak of
+live tensor bytes of a training step; benchmarks/train_step.py compares it with measured peaks).
+For one ViT block, T tokens of width D, MLP width M, H heads; e = bytes of a matmul operand
+(4 in fp32, 2 under bf16 autocast), r = 4 (the residual stream stays fp32 under autocast):
+    x     block input, kept by LayerNorm 1              r*T*D
+    h1    LayerNorm 1 output, kept by the qkv linear    e*T*D
+    qkv   kept by attention (q, k, v are views)         e*3*T*D
+    out   attention output, kept by attention and proj  e*T*D   (+ fp32 log-sum-exp 4*H*T)
+    x1    residual after attention, kept by LayerNorm 2 r*T*D   (+ each LayerNorm's mean, 1/std: 2*2*4*T)
+    h2    LayerNorm 2 output, kept by fc1               e*T*D
+    u, g  MLP hidden before / after GELU                e*2*T*M
+  "math" attention keeps the probabilities as well:   e*H*T*T (the fused kernels never form them)
+Checkpointing (perf.apply_activation_checkpointing) changes what a block keeps:
+  full       the block input only (r*T*D); its forward runs again during the backward pass
+  selective  x and the outputs of the matmuls and attention (qkv, out, proj, fc1, fc2); the norms,
+             GELU and residual adds are recomputed
+The peak of a step is then: weights + grads + AdamW state (16 bytes a parameter, +2 for the bf16
+weight copies autocast caches) + the batch + everything kept + the working set of the one block whose
+backward is running (the MLP hidden gradient e*T*M and the residual gradient r*T*D; under "math" also
+two T x T gradients e*2*H*T*T; the recomputed tensors of that block under checkpointing).
+Not counted: allocator overhead and fragmentation (the process's RSS is higher; see the benchmark),
+per-thread kernel workspaces, the data pipeline.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import PixformerError
+from .perf import autocast_dtype
+
+CHECKPOINT_MODES = ("none", "selective", "full")
+_HOW = {"none": "(train --selective-checkpoint false)", "selective": "(train's default)",
+        "full": "(train --checkpoint-blocks all)"}
+_UNITS = {"": 1, "b": 1, "k": 2 ** 10, "kb": 10 ** 3, "kib": 2 ** 10, "m": 2 ** 20, "mb": 10 ** 6, "mib": 2 ** 20,
+          "g": 2 ** 30, "gb": 10 ** 9, "gib": 2 ** 30, "t": 2 ** 40, "tb": 10 ** 12, "tib": 2 ** 40}
+
+
+def parse_bytes(size: str | int | float) -> int:
+    """'8GiB', '512MiB', '1.5G' (binary), '8GB' (decimal) or a number of bytes -> bytes."""
+    if isinstance(size, (int, float)):
+        return int(size)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(size))
+    if not m or m[2].lower() not in _UNITS:
+        raise PixformerError(f"cannot read memory size {size!r}; write e.g. 8GiB, 512MiB or 16GB")
+    return int(float(m[1]) * _UNITS[m[2].lower()])
+
+
+def format_bytes(n: float) -> str:
+    for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def vit_block_bytes(T: int, D: int, M: int, H: int, e: int, attn: str, mode: str) -> tuple[int, int]:
+    """(bytes kept, bytes of the working set while its backward runs) of one ViT block, one image."""
+    r = 4
+    lse = 4 * H * T                      # attention's log-sum-exp (fp32)
+    stats = 2 * 2 * 4 * T                # mean and 1/std of the two LayerNorms (fp32)
+    probs = e * H * T * T if attn == "math" else 0
+    work = e * T * M + r * T * D + (2 * probs if attn == "math" else 0)
+    full = r * T * D + e * T * D + e * 3 * T * D + e * T * D + lse + r * T * D + e * T * D + e * 2 * T * M + probs \
+        + stats
+    if mode == "none":
+        return full, work
+    if mode == "selective":
+        kept = r * T * D + e * (3 * T * D + T * D + T * D + T * M + T * D) + lse + probs
+        return kept, work + (full - kept)    # the recomputed tensors of the running block
+    if mode == "full":
+        return r * T * D, work + full        # the running block's forward is redone
+    raise PixformerError(f"checkpoint mode must be one of {CHECKPOINT_MODES}, got {mode!r}")
+
+
+@dataclass
+class Plan:
+    model: str
+    img_size: tuple[int, int]
+    tokens: int                  # patch tokens (pixels for PiT)
+    seq_len: int                 # tokens through the blocks (+1 with a class token)
+    params: int
+    fwd_flops: int               # per image
+    train_flops: int             # per image: forward + backward (2x forward)
+    train_flops_full_ckpt: int   # per image, with every block checkpointed (one more forward of the blocks)
+    precision: str               # fp32 | bf16
+    attn: str                    # fused | math
+    fixed_bytes: int             # weights, grads, optimizer state (independent of the batch)
+    image_bytes: dict[str, int] = field(default_factory=dict)  # per image, by checkpoint mode
+    batch_size: int | None = None
+    memory: int | None = None
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        if self.image_bytes:
+            d["peak_bytes"] = {m: self.peak_bytes(self.batch_size, m) for m in CHECKPOINT_MODES} \
+                if self.batch_size else None
+            d["max_batch"] = {m: self.max_batch(m) for m in CHECKPOINT_MODES} if self.memory else None
+        return d
+
+    def peak_bytes(self, batch_size: int, mode: str = "none") -> int:
+        """Estimated peak memory of one training step (forward, backward, AdamW)."""
+        if not self.image_bytes:
+            raise PixformerError(f"the memory planner does not model {self.model!r}")
+        return self.fixed_bytes + batch_size * self.image_bytes[mode]
+
+    def max_batch(self, mode: str = "none", memory: int | str | None = None) -> int:
+        """Largest batch whose training step fits `memory` (default: the plan's); 0 if none does."""
+        memory = parse_bytes(memory) if memory is not None else self.memory
+        if memory is None:
+            raise PixformerError("no memory budget given")
+        if not self.image_bytes:
+            raise PixformerError(f"the memory planner does not model {self.model!r}")
+        return max((memory - self.fixed_bytes) // self.image_bytes[mode], 0)
+
+    def __str__(self) -> str:
+        h, w = self.img_size
+        lines = [f"{self.model} at {h}x{w}: {self.tokens:,} tokens"
+                 + (f" (+1 class token)" if self.seq_len > self.tokens else "") + f", {self.params:,} parameters",
+                 f"GFLOPs per image: forward {self.fwd_flops / 1e9:.3f}, training {self.train_flops / 1e9:.3f} "
+                 f"({self.train_flops_full_ckpt / 1e9:.3f} with every block checkpointed)"]
+        if not self.image_bytes:
+            return "\n".join(lines + ["training memory: not modelled for this architecture (ViT/PiT only)"])
+        lines += [f"training memory, {self.precision}, {'fused (flash)' if self.attn == 'fused' else 'math'} attention "
+                 f"(estimate; see pixformer.plan):",
+                 f"  weights + grads + AdamW state: {format_bytes(self.fixed_bytes)}"]
+        b = self.batch_size
+        names = {m: f"{m:<9} {_HOW[m]}" for m in CHECKPOINT_MODES}
+        w = max(map(len, names.values()))
+        lines.append(f"  {'checkpointing':<{w}} {'per image':>11}" + (f" {'batch ' + str(b):>11}" if b else "")
+                     + (f" {'max batch in ' + format_bytes(self.memory):>20}" if self.memory else ""))
+        for mode in CHECKPOINT_MODES:
+            row = f"  {names[mode]:<{w}} {format_bytes(self.image_bytes[mode]):>11}"
+            if b:
+                row += f" {format_bytes(self.peak_bytes(b, mode)):>11}"
+            if self.memory:
+                row += f" {self.max_batch(mode):>20,}"
+            lines.append(row)
+        if self.memory:
+            lines.append(self.verdict())
+        return "\n".join(lines)
+
+    def verdict(self) -> str:
+        """One line: whether (and how) the batch fits the memory budget, or what would be needed."""
+        mem = format_bytes(self.memory)
+        if self.max_batch("full") == 0:
+            need = self.peak_bytes(1, "full")
+            return (f"nothing fits in {mem}: one image with every block checkpointed needs "
+                    f"{format_bytes(need)}; give at least that much memory or a smaller image")
+        if not self.batch_size:
+            return (f"largest batch in {mem}: {self.max_batch('selective')} as train runs by default, "
+                    f"{self.max_batch('full')} with --checkpoint-blocks all")
+        for mode in ("none", "selective", "full"):
+            if self.peak_bytes(self.batch_size, mode) <= self.memory:
+                return f"batch {self.batch_size} fits in {mem} with checkpointing {mode} {_HOW[mode]}"
+        need = self.peak_bytes(self.batch_size, "full")
+        return (f"batch {self.batch_size} does not fit in {mem} even with --checkpoint-blocks all (it needs "
+                f"{format_bytes(need)}); the largest batch that fits is {self.max_batch('full')}")
+
+
+def plan(model: str, img_size: int | tuple[int, int] = 32, batch_size: int | None = None,
+         memory: int | str | None = None, precision: str = "fp32", attn_backend: str = "sdpa",
+         num_classes: int = 10, in_chans: int = 3, **overrides) -> Plan:
+    """Tokens, parameters, FLOPs and training-memory estimate of a named model (see the module doc).
+    `precision` is fp32, bf16 or auto (what `train` would use on this machine's CPU)."""
+    from .registry import create_model
+
+    if batch_size is not None and batch_size < 1:
+        raise PixformerError(f"batch size must be at least 1, got {batch_size}")
+    img = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    with torch.device("meta"):
+        net = create_model(model, img_size=img, num_classes=num_classes, in_chans=in_chans, **overrides)
+    cfg = net.cfg
+    e = 2 if autocast_dtype(precision, "cpu") == torch.bfloat16 else 4
+    attn = "math" if attn_backend == "math" else "fused"
+    n = (img[0] // cfg.patch_size) * (img[1] // cfg.patch_size)
+    T = n + (getattr(cfg, "pool", None) == "cls")
+    params = sum(p.numel() for p in net.parameters())
+    fwd = net.flops(img)
+    with torch.device("meta"):
+        blocks_fwd = fwd - create_model(model, img_size=img, num_classes=num_classes, in_chans=in_chans,
+                                        **{**overrides, "depth": 0}).flops(img)  # what full checkpointing redoes
+    fixed, image_bytes = 16 * params + (2 * params if e == 2 else 0), {}
+    if hasattr(cfg, "heads"):                   # a ViT / PiT: count what its blocks keep
+        D, H, M = cfg.dim, cfg.heads, int(cfg.dim * cfg.mlp_ratio)
+        outside = 4 * T * D + 4 * in_chans * img[0] * img[1]   # the final norm's input, and the images
+        for mode in CHECKPOINT_MODES:
+            kept, work = vit_block_bytes(T, D, M, H, e, attn, mode)
+            image_bytes[mode] = cfg.depth * kept + work + outside
+    return Plan(model=model, img_size=img, tokens=n, seq_len=T, params=params, fwd_flops=fwd,
+                train_flops=3 * fwd, train_flops_full_ckpt=3 * fwd + blocks_fwd,
+                precision="bf16" if e == 2 else "fp32", attn=attn, fixed_bytes=fixed, image_bytes=image_bytes,
+                batch_size=batch_size, memory=parse_bytes(memory) if memory is not None else None)
