@@ -55,6 +55,7 @@ def plot(rows: list[dict], path: Path, title: str, x: str = "patch", xlabel: str
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
+    ax.margins(x=0.08, y=0.15)  # room for the point labels
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
