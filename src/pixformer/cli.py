@@ -83,7 +83,7 @@ def build_parser():
     demo.add_argument("--out", type=typing.Optional[str], default=None)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--train_subset", type=typing.Optional[int], default=None)
-    demo.add_argument("--epochs", type=typing.Optional[int], default=None, help="override the recipe's 50")
+    demo.add_argument("--epochs", type=typing.Optional[int], default=None, help="override the recipe's epochs (DEMO_RECIPE)")
     demo.add_argument("--progress", type=bool, default=False)
     commands.add_subcommand("demo", demo, help="patch 4 vs 2 vs 1 on digits (the main job)")
 
