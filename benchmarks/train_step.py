@@ -3,11 +3,13 @@ vit-pytorch ViT at identical dimensions (depth 12, width 192, 3 heads of 64, MLP
 class token, 10 classes), at 8x8, 16x16, 32x32 and 64x64 pixels, in one run, side by side.
 
     .venv/bin/pip install --no-deps vit-pytorch      # the reference; not a pixformer dependency
-    .venv/bin/python benchmarks/train_step.py        # ~25 min on 2 cores; --sizes 8 16 for a quick look
+    .venv/bin/python benchmarks/train_step.py        # ~30 min on 2 cores; --sizes 8 16 for a quick look
 
 Reported per configuration: images/s, tokens/s, step time, achieved FLOP/s (the model's matmul
 FLOPs, 3x forward, over the step time; the same count for both models) and its fraction of this
-machine's matmul peak measured in the same run (fp32 and bf16), and peak memory measured two ways:
+machine's matmul peak in the dtype the step ran in (fp32, or bf16 under autocast), measured in the
+same run as the best n x n GEMM of either library torch ships (MKL through torch.mm, oneDNN: on AMD
+CPUs MKL's fp32 GEMM runs AVX2 code at half of oneDNN's AVX-512 rate), and peak memory two ways:
   peak RSS   the process's resident-memory high-water mark during the timed steps (VmHWM, reset
              through /proc/self/clear_refs) minus its RSS before the model was built: what the
              machine must have, allocator caching and fragmentation included.
@@ -56,19 +58,18 @@ def reference_vit(img: int):
 
 
 def configs() -> dict[str, dict]:
-    """name -> settings. "pixformer" is what `pixformer train` runs by default (TrainConfig)."""
-    from pixformer.train import TrainConfig
+    """name -> settings. "pixformer" is what `pixformer train` runs by default (TrainConfig's precision
+    and speed settings); the others change only what their name says."""
+    from pixformer.train import SPEED_SETTINGS, TrainConfig
     d = TrainConfig()
+    default = dict(impl="pixformer", precision=d.precision, **{k: getattr(d, k) for k in SPEED_SETTINGS})
     return {
-        "pixformer": dict(impl="pixformer", precision=d.precision, checkpoint_blocks=d.checkpoint_blocks,
-                          selective=d.selective_checkpoint, compile=d.compile, attn=d.attn_backend),
-        "pixformer-fp32-plain": dict(impl="pixformer", precision="fp32", checkpoint_blocks=0, selective=False,
-                                     compile=False, attn="sdpa"),
-        "pixformer-ckpt-all": dict(impl="pixformer", precision=d.precision, checkpoint_blocks="all",
-                                   selective=False, compile=False, attn=d.attn_backend),
+        "pixformer": default,
+        "pixformer-fp32-plain": {**default, "precision": "fp32", "selective_checkpoint": False},
+        "pixformer-ckpt-all": {**default, "checkpoint_blocks": "all"},
+        "pixformer-ckpt-release": {**default, "checkpoint_blocks": "all", "allocator": "release"},
         "vit-pytorch": dict(impl="vit-pytorch", precision="fp32"),
-        "pixformer-bf16": dict(impl="pixformer", precision="bf16", checkpoint_blocks=d.checkpoint_blocks,
-                               selective=d.selective_checkpoint, compile=False, attn=d.attn_backend),
+        "pixformer-bf16": {**default, "precision": "bf16"},
         "vit-pytorch-bf16": dict(impl="vit-pytorch", precision="bf16"),
     }
 
@@ -102,12 +103,24 @@ def live_peak_bytes(fn) -> int:
     return peak
 
 
-def matmul_peak(dtype: torch.dtype, n: int, reps: int) -> float:
-    """FLOP/s of the best of `reps` n x n x n matmuls (torch.mm, this process's threads)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    best = min(_timed(lambda: a @ b) for _ in range(reps))
-    return 2 * n ** 3 / best
+GEMMS = {"torch.mm": lambda a, b: a @ b,   # MKL in fp32, oneDNN in bf16
+         "oneDNN": lambda a, b: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")}
+
+
+def matmul_peaks(native_bf16: bool) -> dict[str, dict[str, float]]:
+    """{dtype: {library: FLOP/s}}: the best n x n x n matmul (n = 1024, 2048; 10 tries each) of each GEMM
+    library torch ships, with this process's threads. The peak of a dtype is the best library's."""
+    out = {}
+    for dtype, sizes, reps in ((torch.float32, (1024, 2048), 10),
+                               (torch.bfloat16, (1024, 2048) if native_bf16 else (512,), 10 if native_bf16 else 3)):
+        rates = {}
+        for lib, mm in GEMMS.items():
+            for n in sizes:
+                a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+                mm(a, b)
+                rates[lib] = max(rates.get(lib, 0.0), 2 * n ** 3 / min(_timed(lambda: mm(a, b)) for _ in range(reps)))
+        out[str(dtype)[6:].replace("float32", "fp32").replace("bfloat16", "bf16")] = rates
+    return out
 
 
 def _timed(fn) -> float:
@@ -118,16 +131,13 @@ def _timed(fn) -> float:
 
 def worker(job: dict) -> dict:
     """Build one configuration, run warm-up, timed and profiled steps; everything in this process."""
-    from pixformer import create_model, set_attention_backend
-    from pixformer.perf import apply_activation_checkpointing, apply_compile, autocast_dtype
-    from pixformer.plan import plan
+    from pixformer import create_model
+    from pixformer.perf import apply_speed_settings, autocast_dtype, checkpointed_blocks
+    from pixformer.plan import plan, selective_pays
 
     cfg, img, batch, steps = job["config"], job["img"], job["batch"], job["steps"]
     if job.get("threads"):
         torch.set_num_threads(job["threads"])
-    if cfg.get("keep_freed_memory"):
-        from pixformer.perf import keep_freed_memory
-        keep_freed_memory()
     torch.manual_seed(0)
     x = torch.randn(batch, 3, img, img)
     y = torch.randint(0, DIMS["num_classes"], (batch,))
@@ -137,13 +147,14 @@ def worker(job: dict) -> dict:
     amp = autocast_dtype(cfg["precision"], "cpu")
     est = None
     if cfg["impl"] == "pixformer":
-        model = set_attention_backend(ours, cfg["attn"])
-        apply_activation_checkpointing(model, cfg["checkpoint_blocks"], cfg["selective"])
-        if cfg["compile"]:
-            apply_compile(model)
-        mode = "full" if cfg["checkpoint_blocks"] == "all" else ("selective" if cfg["selective"] else "none")
+        speed = {k: v for k, v in cfg.items() if k not in ("impl", "precision")}
+        if speed["selective_checkpoint"] is None:                       # as train decides it
+            speed["selective_checkpoint"] = selective_pays("pit-t", img, batch, cfg["precision"], cfg["attn_backend"])
+        model = apply_speed_settings(ours, **speed)
+        ckpt = checkpointed_blocks(model)
+        mode = "full" if ckpt["full"] else ("selective" if ckpt["selective"] else "none")
         est = plan("pit-t", img, batch, precision="bf16" if amp else "fp32",
-                   attn_backend=cfg["attn"]).peak_bytes(batch, mode)
+                   attn_backend=cfg["attn_backend"]).peak_bytes(batch, mode)
     else:
         del ours
         model = reference_vit(img)
@@ -158,7 +169,7 @@ def worker(job: dict) -> dict:
         loss.backward()
         opt.step()
 
-    result = {"params": sum(p.numel() for p in model.parameters())}
+    result = {"params": sum(p.numel() for p in model.parameters()), "dtype": "bf16" if amp else "fp32"}
     try:
         step()                                                # warm-up: AdamW state, allocator, caches
         if cfg.get("compile"):
@@ -226,19 +237,19 @@ def fmt(v, spec, none="-"):
 
 
 def table(rows: list[dict], peaks: dict) -> str:
-    head = (f"{'input':>6} {'tokens':>6} {'batch':>5}  {'configuration':<21} {'img/s':>7} {'tokens/s':>9} "
+    head = (f"{'input':>6} {'tokens':>6} {'batch':>5}  {'configuration':<22} {'dtype':<5} {'img/s':>7} {'tokens/s':>9} "
             f"{'step s':>7} {'GFLOP/s':>8} {'of peak':>7} {'peak RSS':>9} {'live peak':>9} {'planned':>8} "
             f"{'others':>6}")
     out = [head, "-" * len(head)]
     for r in rows:
         size = f"{r['img']}x{r['img']}"
         if r["status"] != "ok":
-            out.append(f"{size:>6} {r['img'] ** 2:>6} {r['batch']:>5}  {r['config']:<21} {r['status'].upper()}: "
+            out.append(f"{size:>6} {r['img'] ** 2:>6} {r['batch']:>5}  {r['config']:<22} {r['status'].upper()}: "
                        f"{r.get('error', '')[:90]}")
             continue
-        peak = peaks["bf16" if "bf16" in r["config"] else "fp32"]
+        peak = peaks[r["dtype"]]
         g = lambda b: fmt(b and b / GiB, ".2f")                               # noqa: E731
-        out.append(f"{size:>6} {r['img'] ** 2:>6} {r['batch']:>5}  {r['config']:<21} {r['images_s']:>7.1f} "
+        out.append(f"{size:>6} {r['img'] ** 2:>6} {r['batch']:>5}  {r['config']:<22} {r['dtype']:<5} {r['images_s']:>7.1f} "
                    f"{r['tokens_s']:>9,.0f} {r['step_s']:>7.2f} {r['flop_s'] / 1e9:>8.1f} "
                    f"{r['flop_s'] / peak:>7.0%} {g(r['rss_peak']):>9} {g(r['live_peak']):>9} "
                    f"{g(r['plan_estimate']):>8} {r['others_cpu']:>6.0%}")
@@ -249,22 +260,24 @@ def ratios(rows: list[dict]) -> list[str]:
     by = {(r["img"], r["config"]): r for r in rows}
     lines = []
     for img in sorted({r["img"] for r in rows}):
-        ref = by.get((img, "vit-pytorch"))
-        parts = []
-        for name, label in (("pixformer", "default"), ("pixformer-fp32-plain", "fp32 plain"),
-                            ("pixformer-ckpt-all", "ckpt all")):
-            r = by.get((img, name))
-            if not r or r["status"] != "ok":
-                continue
-            if ref and ref["status"] == "ok":
-                parts.append(f"{label}: {r['images_s'] / ref['images_s']:.2f}x speed, "
-                             f"{r['rss_peak'] / ref['rss_peak']:.2f}x RSS"
-                             + (f", {r['live_peak'] / ref['live_peak']:.2f}x live" if r["live_peak"] and
-                                ref["live_peak"] else ""))
-            elif ref:
-                parts.append(f"{label}: runs ({r['rss_peak'] / GiB:.2f} GiB RSS); vit-pytorch {ref['status']}")
-        if parts:
-            lines.append(f"{img}x{img}  pixformer / vit-pytorch  " + "; ".join(parts))
+        for ref_name, pairs in (("vit-pytorch", (("pixformer", "default"), ("pixformer-fp32-plain", "fp32 plain"),
+                                                 ("pixformer-ckpt-all", "ckpt all"),
+                                                 ("pixformer-ckpt-release", "ckpt all + release"))),
+                                ("vit-pytorch-bf16", (("pixformer", "default"), ("pixformer-bf16", "bf16")))):
+            ref, parts = by.get((img, ref_name)), []
+            for name, label in pairs:
+                r = by.get((img, name))
+                if not ref or not r or r["status"] != "ok" or (ref_name.endswith("bf16") and r["dtype"] != "bf16"):
+                    continue
+                if ref["status"] == "ok":
+                    parts.append(f"{label}: {r['images_s'] / ref['images_s']:.2f}x speed, "
+                                 f"{r['rss_peak'] / ref['rss_peak']:.2f}x RSS"
+                                 + (f", {r['live_peak'] / ref['live_peak']:.2f}x live" if r["live_peak"] and
+                                    ref["live_peak"] else ""))
+                else:
+                    parts.append(f"{label}: runs ({r['rss_peak'] / GiB:.2f} GiB RSS); {ref_name} {ref['status']}")
+            if parts:
+                lines.append(f"{img}x{img}  pixformer / {ref_name}  " + "; ".join(parts))
     return lines
 
 
@@ -302,10 +315,10 @@ def main():
     ap.add_argument("--sizes", type=int, nargs="+", default=[8, 16, 32, 64])
     ap.add_argument("--batch", type=int, nargs="+", default=None, help="per size (default 32, and 8 at 64x64)")
     ap.add_argument("--configs", nargs="+", default=["pixformer", "pixformer-fp32-plain", "pixformer-ckpt-all",
-                                                     "vit-pytorch"])
-    ap.add_argument("--bf16-sizes", type=int, nargs="*", default=[8, 16],
-                    help="sizes also run under bf16 autocast (slow on CPUs without native bf16)")
-    ap.add_argument("--steps", type=int, default=3, help="timed steps per configuration (median reported)")
+                                                     "pixformer-ckpt-release", "vit-pytorch"])
+    ap.add_argument("--bf16-sizes", type=int, nargs="*", default=None,
+                    help="sizes also run under bf16 autocast (default: all where the CPU has native bf16, else 8)")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per configuration (median reported)")
     ap.add_argument("--mem-limit", default="16GiB", help="address-space cap per configuration")
     ap.add_argument("--max-load", type=float, default=0.7)
     ap.add_argument("--wait", type=float, default=1800, help="at most this long for a quiet CPU, seconds")
@@ -332,15 +345,19 @@ def main():
     print(f"machine: {info['cpu']}, {info['cores']} cores ({info['threads']} torch threads), "
           f"{'/'.join(info['isa'])}, {info['memory_gib']} GiB; torch {info['torch']}")
     print(f"load average at start: {load0:.2f} (waited {waited:.0f} s)", flush=True)
-    peaks = {"fp32": max(matmul_peak(torch.float32, n, 10) for n in (1024, 2048)),
-             "bf16": matmul_peak(torch.bfloat16, 512, 3)}
-    print(f"matmul peak (torch.mm, {info['threads']} threads): fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, "
-          f"bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s", flush=True)
+    from pixformer.perf import autocast_dtype, native_bf16
+    by_lib = matmul_peaks(native_bf16("cpu"))
+    peaks = {dt: max(rates.values()) for dt, rates in by_lib.items()}
+    print(f"matmul peak ({info['threads']} threads, best n x n GEMM): " + "; ".join(
+        f"{dt} {peaks[dt] / 1e9:.0f} GFLOP/s (" + ", ".join(f"{lib} {r / 1e9:.0f}" for lib, r in rates.items()) + ")"
+        for dt, rates in by_lib.items()), flush=True)
 
     all_cfgs, rows = configs(), []
     jobs = [(img, b, name) for img, b in zip(args.sizes, batches) for name in args.configs]
-    jobs += [(img, b, name) for img, b in zip(args.sizes, batches) if img in args.bf16_sizes
-             for name in ("pixformer-bf16", "vit-pytorch-bf16")]
+    bf16_sizes = args.bf16_sizes if args.bf16_sizes is not None else (args.sizes if native_bf16("cpu") else [8])
+    bf16_names = ["vit-pytorch-bf16"] + ([] if autocast_dtype(all_cfgs["pixformer"]["precision"], "cpu") else
+                                         ["pixformer-bf16"])   # the default already runs bf16 where native
+    jobs += [(img, b, name) for img, b in zip(args.sizes, batches) if img in bf16_sizes for name in bf16_names]
     for img, batch, name in jobs:
         job = {"config": all_cfgs[name], "img": img, "batch": batch, "steps": args.steps, "live": not args.no_live,
                "threads": args.threads}
@@ -364,7 +381,8 @@ def main():
              f"torch {info['torch']}")
     cmd = "python benchmarks/train_step.py " + " ".join(sys.argv[1:])
     (out / "train_step.json").write_text(json.dumps(
-        {"command": cmd.strip(), "machine": info, "matmul_peak_flop_s": peaks, "dims": DIMS,
+        {"command": cmd.strip(), "machine": info, "matmul_peak_flop_s": peaks, "matmul_flop_s_by_library": by_lib,
+         "dims": DIMS,
          "load_start": load0, "load_end": load1, "configs": {n: all_cfgs[n] for n in {r["config"] for r in rows}},
          "rows": rows}, indent=1))
     plot(rows, out / "train_step.png", title)

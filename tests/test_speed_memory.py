@@ -1,6 +1,9 @@
 """Attention backends against the math oracle, activation checkpointing, bf16 / compile training
 steps, and the cost planner against hand-computed numbers."""
 import importlib
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -8,8 +11,9 @@ import torch.nn.functional as F
 
 from pixformer import PixformerError, attention, create_model, set_attention_backend
 from pixformer.attention import available_backends
-from pixformer.perf import apply_activation_checkpointing, apply_compile, autocast_dtype, checkpointed_blocks
-from pixformer.plan import parse_bytes, plan, vit_block_bytes
+from pixformer.perf import (apply_activation_checkpointing, apply_compile, apply_onednn_linear, apply_speed_settings,
+                            autocast_dtype, check_speed_settings, checkpointed_blocks, onednn_available, set_allocator)
+from pixformer.plan import parse_bytes, plan, selective_pays, vit_block_bytes
 
 A = importlib.import_module("pixformer.attention")  # the module (the package exports a function of that name)
 FUSED = [b for b in available_backends() if b != "math"]
@@ -194,3 +198,137 @@ def test_planner_memory_sizes_and_impossible_budget():
     small = plan("pit-t", img_size=64, batch_size=8, memory="50MiB")
     assert small.max_batch("full") == 0
     assert "nothing fits in 50.00 MiB" in small.verdict() and "needs" in small.verdict()
+
+
+# ---- blocked attention, auto backend ------------------------------------------------------------
+@pytest.mark.parametrize("budget", [1 << 22, 2 * 17 * 17, 5 * 17, 3])   # whole images, heads, rows, 3 scores
+def test_blocked_attention_matches_math_in_every_block_layout(budget, monkeypatch):
+    """Exact in fp64 whether a block holds whole images, some heads of one image, or a few query rows
+    (dK and dV then add up over row blocks); with no mask, a boolean mask and an additive one."""
+    monkeypatch.setattr(A, "BLOCK_ELEMENTS", budget)
+    torch.manual_seed(0)
+    for nq, nk in ((17, 17), (9, 13)):
+        q = torch.randn(2, 3, nq, 8, dtype=torch.float64, requires_grad=True)
+        k, v = (torch.randn(2, 3, nk, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+        keep = torch.rand(nq, nk) > 0.3
+        keep[:, 0] = True
+        for mask in (None, keep, torch.randn(2, 1, nq, nk, dtype=torch.float64)):
+            want, _ = attention(q, k, v, mask, backend="math")
+            got, _ = attention(q, k, v, mask, backend="blocked")
+            torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+            g_want = torch.autograd.grad(want.square().sum(), (q, k, v))
+            g_got = torch.autograd.grad(got.square().sum(), (q, k, v))
+            for a, b in zip(g_got, g_want):
+                torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def test_blocked_attention_in_bf16_is_as_close_as_math_and_the_op_checks():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 65, 16) for _ in range(3))
+    exact, _ = attention(q.double(), k.double(), v.double(), backend="math")
+    err = {}
+    for backend in ("math", "blocked"):
+        out, _ = attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), backend=backend)
+        assert out.dtype == torch.bfloat16
+        err[backend] = (out.double() - exact).abs().mean().item()
+    assert err["blocked"] < 1.5 * err["math"] + 1e-4
+    torch.library.opcheck(torch.ops.pixformer.blocked_attention, (q, k, v, None))
+    torch.library.opcheck(torch.ops.pixformer.blocked_attention, (q, k, v, torch.rand(65, 65) > 0.5))
+
+
+def test_auto_backend_choice():
+    assert A.auto_backend("cpu", torch.float32, 10 ** 9) == "sdpa"           # the flash kernel is faster in fp32
+    assert A.auto_backend("cuda", torch.bfloat16, 10 ** 9) == "sdpa"
+    assert A.auto_backend("cpu", torch.bfloat16, A.AUTO_MATH_SCORES) == "math"
+    assert A.auto_backend("cpu", torch.bfloat16, A.AUTO_MATH_SCORES + 1) == "blocked"
+    assert A.auto_backend("cpu", torch.float16, 10 ** 9) == "blocked"
+
+
+def test_selective_checkpointing_keeps_the_blocked_attention_output(monkeypatch):
+    """Selective checkpointing saves the blocked op's output: its forward is not run again in the
+    backward pass (one block's probabilities in forward, once more in its own backward), and the
+    gradients equal those without checkpointing."""
+    calls = []
+    real = A._block_probs
+    monkeypatch.setattr(A, "_block_probs", lambda *a: calls.append(1) or real(*a))
+    x, y = torch.randn(3, 3, 8, 8), torch.tensor([0, 1, 4])
+    plain = set_attention_backend(tiny(), "blocked")
+    loss_ref, g_ref = grads_of(plain, x, y)
+    assert len(calls) == 2 * 2                                         # 2 layers: forward + backward
+    calls.clear()
+    model = apply_activation_checkpointing(set_attention_backend(tiny(), "blocked"), 0, selective=True)
+    loss, g = grads_of(model, x, y)
+    assert len(calls) == 2 * 2
+    torch.testing.assert_close(loss, loss_ref)
+    for name in g_ref:
+        torch.testing.assert_close(g[name], g_ref[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+# ---- oneDNN linear layers, allocator, speed settings --------------------------------------------
+@pytest.mark.skipif(not onednn_available(), reason="torch built without oneDNN")
+def test_onednn_linear_gives_the_same_forward_and_gradients():
+    x, y = torch.randn(3, 3, 8, 8), torch.tensor([0, 1, 4])
+    loss_ref, g_ref = grads_of(tiny(), x, y)
+    model = apply_onednn_linear(tiny())
+    assert list(model.state_dict()) == list(tiny().state_dict())      # checkpoints stay loadable
+    loss, g = grads_of(model, x, y)
+    torch.testing.assert_close(loss, loss_ref, atol=1e-6, rtol=1e-6)
+    for name in g_ref:
+        torch.testing.assert_close(g[name], g_ref[name], atol=1e-6, rtol=1e-5, msg=name)
+    with torch.autocast("cpu", dtype=torch.bfloat16):                  # bf16 autocast: plain F.linear
+        assert model(x).dtype == torch.bfloat16
+    torch.library.opcheck(torch.ops.pixformer.onednn_linear, (torch.randn(4, 5, 6), torch.randn(7, 6), torch.randn(7)))
+    torch.library.opcheck(torch.ops.pixformer.onednn_linear, (torch.randn(4, 6), torch.randn(7, 6), None))
+    apply_onednn_linear(model, enabled=False)
+    assert not any("forward" in vars(m) for m in model.modules())
+
+
+def test_allocator_policy_names_and_checks():
+    with pytest.raises(PixformerError, match="allocator policy must be one of"):
+        set_allocator("fast")
+    with pytest.raises(PixformerError, match="allocator policy"):
+        check_speed_settings(allocator="kept")
+    with pytest.raises(PixformerError, match="unknown attention backend 'flsh'"):
+        check_speed_settings(attn_backend="flsh")
+    assert set_allocator("system") is False and set_allocator("auto", memory_first=True) is False
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc malloc policies")
+@pytest.mark.parametrize("policy,mapped", [("release", True), ("keep", False)])
+def test_allocator_policy_decides_where_large_tensors_live(policy, mapped):
+    """In a fresh process (the policy is process-wide): under release an 8 MiB tensor is a memory map of
+    its own, returned when freed; under keep a 64 MiB one comes from the heap, which keeps it."""
+    code = f"""
+import ctypes, torch
+from pixformer.perf import set_allocator
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc = ctypes.CDLL("libc.so.6"); libc.mallinfo2.restype = Info
+assert set_allocator({policy!r})
+before = libc.mallinfo2().hblkhd
+t = torch.ones({8 if mapped else 64} << 18)
+print(libc.mallinfo2().hblkhd - before >= t.nbytes)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(mapped)
+
+
+def test_selective_checkpointing_is_on_by_default_only_for_large_steps():
+    assert selective_pays("pit-t", 32, 32, precision="bf16")                 # ~2.7 GiB of activations
+    assert not selective_pays("pit-t", 8, 32, precision="bf16")              # ~0.2 GiB
+    assert not selective_pays("convmixer-256/8", 32, 128)                     # not modelled: left alone
+    settings = apply_speed_settings(tiny(), selective_checkpoint=True, checkpoint_blocks=1)
+    assert checkpointed_blocks(settings) == {"full": 1, "selective": 1}
+
+
+def test_planner_memory_of_each_attention_backend():
+    T, D, M, H = 1025, 192, 768, 3
+    fused, blocked, math_ = (vit_block_bytes(T, D, M, H, 2, a, "none")[0] for a in ("fused", "blocked", "math"))
+    assert fused - blocked == 4 * H * T                                  # no log-sum-exp kept
+    assert math_ - blocked == 2 * H * T * T                              # the probabilities
+    assert plan("pit-t", 32, 32, precision="fp32").attn == "fused"      # auto: SDPA in fp32
+    assert plan("pit-t", 32, 32, precision="bf16").attn == "blocked"    # 100 M scores a layer
+    assert plan("pit-t", 8, 32, precision="bf16").attn == "math"        # 0.4 M scores a layer
+    assert plan("pit-t", 32, precision="bf16").attn == "blocked"        # no batch: what large batches get
+    with pytest.raises(PixformerError, match="unknown attention backend"):
+        plan("pit-t", 32, 32, attn_backend="fast")

@@ -110,3 +110,14 @@ def test_weight_decay_skips_norms_biases_and_embeddings():
     names = {id(p): n for n, p in model.named_parameters()}
     assert {names[id(p)] for p in rest["params"]} >= {"cls_token", "pos_table", "norm.weight", "head.bias"}
     assert "blocks.0.attn.qkv.weight" in {names[id(p)] for p in decay["params"]}
+
+
+def test_run_records_the_speed_settings_it_resolved(tmp_path):
+    out = tmp_path / "run"
+    train(TrainConfig(**TINY, epochs=1, out=str(out), precision="fp32"))
+    speed = json.loads((out / "checkpoint" / "state.json").read_text())["speed"]
+    assert speed["selective_checkpoint"] is False            # a tiny step: not worth its per-op cost
+    assert speed["precision"] == "float32" and speed["attn_backend"] == "auto" and speed["allocator"] == "auto"
+    with pytest.raises(PixformerError, match="allocator policy must be one of"):
+        train(TrainConfig(**TINY, epochs=1, out=str(tmp_path / "bad"), allocator="fast"))
+    assert not (tmp_path / "bad").exists()                   # refused before any work

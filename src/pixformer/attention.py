@@ -8,9 +8,18 @@ Every model calls `attention(q, k, v)`; which kernel runs is a property of the c
 Backends
 - "sdpa": torch.nn.functional.scaled_dot_product_attention; torch picks the kernel. Never
   materialises the N x N matrix when a fused kernel is available for the inputs (on CPU: flash,
-  O(N) memory). Default. There is no attention dropout: it would force the math kernel on CPU.
+  O(N) memory). What "auto" runs in fp32 and on GPUs. There is no attention dropout: it would
+  force the math kernel on CPU.
 - "math": explicit softmax(QK^T / sqrt(Dh)) V. Materialises N x N; it is the test oracle and the
   path that can return attention probabilities for analysis.
+- "blocked": exact softmax attention computed block by block with batched matmuls, at most
+  BLOCK_ELEMENTS scores at a time (so O(N) memory like flash, never the N x N matrix of the whole
+  batch); its backward recomputes each block's probabilities. On CPUs with native bf16 it runs
+  bf16 attention about twice as fast as torch's CPU flash kernel, which computes in fp32 inside
+  (benchmarks/attention.py). Scores are rounded to the input dtype before the softmax, as in "math".
+- "auto" (the default): for bf16 / fp16 on CPU "math" while a layer's scores are few
+  (AUTO_MATH_SCORES: B*H*N*N <= 16 Mi, 32 MiB in bf16; faster there, and bounded), "blocked" beyond;
+  "sdpa" everywhere else (fp32 on CPU, where the flash kernel is the faster; GPUs).
 - "flash", "efficient", "cudnn": SDPA restricted to one fused kernel. On CPU only "flash" exists;
   a kernel the device (or these inputs) cannot run falls back to "sdpa" with a one-line notice,
   printed once.
@@ -61,6 +70,128 @@ def _math(q, k, v, mask, need_weights):
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     probs = scores.softmax(dim=-1)
     return probs @ v, (probs if need_weights else None)
+
+
+# ---- blocked attention ------------------------------------------------------------------------
+BLOCK_ELEMENTS = 1 << 22   # scores per block: 4 Mi (8 MiB in bf16), the fastest on the CPUs measured
+
+
+def _blocks(B: int, H: int, Nq: int, Nk: int):
+    """Index blocks (images, heads, query rows) covering (B, H, Nq) with at most BLOCK_ELEMENTS
+    scores each: whole images when they fit, else heads of one image, else query rows of one head."""
+    if H * Nq * Nk <= BLOCK_ELEMENTS:
+        g = BLOCK_ELEMENTS // (H * Nq * Nk)
+        return [(slice(b, b + g), slice(None), slice(None)) for b in range(0, B, g)]
+    if Nq * Nk <= BLOCK_ELEMENTS:
+        g = BLOCK_ELEMENTS // (Nq * Nk)
+        return [(slice(b, b + 1), slice(h, h + g), slice(None)) for b in range(B) for h in range(0, H, g)]
+    rows = max(BLOCK_ELEMENTS // Nk, 1)
+    return [(slice(b, b + 1), slice(h, h + 1), slice(r, r + rows))
+            for b in range(B) for h in range(H) for r in range(0, Nq, rows)]
+
+
+def _block_probs(q: Tensor, k: Tensor, mask: Tensor | None) -> Tensor:
+    """softmax(q k^T + mask) of one block: q (G, n, D) already scaled, k (G, Nk, D); mask (G, n, Nk)."""
+    s = torch.bmm(q, k.transpose(1, 2))                                     # (G, n, Nk)
+    if mask is not None:
+        s = s.masked_fill_(~mask, float("-inf")) if mask.dtype == torch.bool else s.add_(mask)
+    return torch.softmax(s, dim=-1)
+
+
+def _block_mask(mask: Tensor | None, block, shape) -> Tensor | None:
+    """The mask of one block as (G, n, Nk), from a mask broadcastable to (B, H, Nq, Nk)."""
+    if mask is None:
+        return None
+    m = mask.expand(shape)[block]
+    return m.reshape(-1, *m.shape[2:])
+
+
+@torch.library.custom_op("pixformer::blocked_attention", mutates_args=())
+def blocked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """softmax(q k^T / sqrt(D) + mask) v in blocks; q (B, H, Nq, D), k (B, H, Nk, D), v (B, H, Nk, Dv)."""
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    qs = torch.mul(q, 1.0 / math.sqrt(D), out=q.new_empty(q.shape))        # contiguous, scaled
+    k, v = k.contiguous(), v.contiguous()
+    out = q.new_empty(B, H, Nq, v.shape[-1])
+    for imgs, heads, rows in _blocks(B, H, Nq, Nk):
+        qb = qs[imgs, heads, rows].flatten(0, 1)                            # (G, n, D)
+        kb, vb = k[imgs, heads].flatten(0, 1), v[imgs, heads].flatten(0, 1)  # (G, Nk, D)
+        p = _block_probs(qb, kb, _block_mask(mask, (imgs, heads, rows), (B, H, Nq, Nk)))  # (G, n, Nk)
+        torch.bmm(p, vb, out=out[imgs, heads, rows].flatten(0, 1))          # (G, n, Dv)
+    return out
+
+
+@blocked_attention.register_fake
+def _(q, k, v, mask):
+    return q.new_empty(*q.shape[:-1], v.shape[-1])
+
+
+@torch.library.custom_op("pixformer::blocked_attention_backward", mutates_args=())
+def blocked_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor,
+                               mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of blocked_attention; each block's probabilities are recomputed (nothing N x N is kept).
+    dK and dV add up over query-row blocks, in fp32 (at least) when a head's rows are split."""
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    scale = 1.0 / math.sqrt(D)
+    qs = torch.mul(q, scale, out=q.new_empty(q.shape))
+    k, v, dout = k.contiguous(), v.contiguous(), dout.contiguous()
+    blocks = _blocks(B, H, Nq, Nk)
+    split = blocks[0][2].stop is not None and blocks[0][2].stop < Nq
+    acc = torch.promote_types(q.dtype, torch.float32) if split else q.dtype
+    dq = q.new_empty(q.shape)
+    dk, dv = k.new_zeros(k.shape, dtype=acc), v.new_zeros(v.shape, dtype=acc)
+    for imgs, heads, rows in blocks:
+        qb, dob = qs[imgs, heads, rows].flatten(0, 1), dout[imgs, heads, rows].flatten(0, 1)
+        kb, vb = k[imgs, heads].flatten(0, 1), v[imgs, heads].flatten(0, 1)
+        p = _block_probs(qb, kb, _block_mask(mask, (imgs, heads, rows), (B, H, Nq, Nk)))  # (G, n, Nk)
+        dv[imgs, heads].flatten(0, 1).add_(torch.bmm(p.transpose(1, 2), dob))
+        ds = torch._softmax_backward_data(torch.bmm(dob, vb.transpose(1, 2)), p, -1, p.dtype)
+        torch.bmm(ds, kb, out=dq[imgs, heads, rows].flatten(0, 1)).mul_(scale)
+        dk[imgs, heads].flatten(0, 1).add_(torch.bmm(ds.transpose(1, 2), qb))
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+@blocked_attention_backward.register_fake
+def _(dout, q, k, v, mask):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _blocked_setup(ctx, inputs, output):
+    q, k, v, mask = inputs
+    ctx.save_for_backward(q, k, v, mask)
+
+
+def _blocked_grad(ctx, dout):
+    q, k, v, mask = ctx.saved_tensors
+    return *blocked_attention_backward(dout, q, k, v, mask), None
+
+
+blocked_attention.register_autograd(_blocked_grad, setup_context=_blocked_setup)
+
+
+@register_backend("blocked")
+def _blocked(q, k, v, mask, need_weights):
+    if need_weights:
+        return _math(q, k, v, mask, True)
+    return blocked_attention(q, k, v, mask), None
+
+
+AUTO_MATH_SCORES = 1 << 24
+
+
+def auto_backend(device_type: str, dtype: torch.dtype, scores: int) -> str:
+    """The backend "auto" runs for a layer of `scores` = B*H*Nq*Nk attention scores (see the module doc)."""
+    if device_type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
+        return "sdpa"
+    return "math" if scores <= AUTO_MATH_SCORES else "blocked"
+
+
+@register_backend("auto")
+def _auto(q, k, v, mask, need_weights):
+    name = auto_backend(q.device.type, q.dtype, q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2])
+    return _BACKENDS[name](q, k, v, mask, need_weights)
 
 
 # Fused SDPA kernels as explicit choices. A (backend, device, dtype, mask?) that failed once is

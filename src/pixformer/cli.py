@@ -73,7 +73,7 @@ def build_parser():
     plan.add_argument("--batch_size", type=typing.Optional[int], default=None)
     plan.add_argument("--memory", type=typing.Optional[str], default=None, help="budget, e.g. 8GiB, 512MiB, 16GB")
     plan.add_argument("--precision", type=str, default="auto", help="auto | fp32 | bf16, as for train on this CPU")
-    plan.add_argument("--attn_backend", type=str, default="sdpa", help="math keeps the N x N probabilities")
+    plan.add_argument("--attn_backend", type=str, default="auto", help="as for train; math keeps the N x N probabilities")
     plan.add_argument("--num_classes", type=int, default=10)
     plan.add_argument("--in_chans", type=int, default=3)
     plan.add_argument("--json", type=bool, default=False, help="print one JSON object instead of the table")

@@ -3,6 +3,9 @@
     model = create_model("pit-t", img_size=32)
     apply_activation_checkpointing(model, "all")   # or the first N blocks; selective=True for the rest
     apply_compile(model)                           # torch.compile, block by block
+    apply_onednn_linear(model)                     # fp32 linear layers on CPU through oneDNN
+    set_allocator("keep")                          # glibc malloc policy for large tensors
+    apply_speed_settings(model, **settings)        # all of train's switches in one call
     dtype = autocast_dtype("auto", device)         # bf16 where the hardware has it natively
 
 Neither the model file nor its state_dict changes: checkpoints written with these switches on load
@@ -15,10 +18,65 @@ import functools
 import platform
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from .attention import available_backends, set_attention_backend
 from .errors import PixformerError
+
+
+# ---- fp32 linear layers on oneDNN ---------------------------------------------------------------
+def onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+@torch.library.custom_op("pixformer::onednn_linear", mutates_args=())
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear through oneDNN (bias added inside the GEMM). On CPUs whose MKL build takes a narrower
+    code path (MKL runs AVX2 code on AMD CPUs), oneDNN's fp32 GEMM is up to twice as fast."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@onednn_linear.register_fake
+def _(x, weight, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def _onednn_linear_setup(ctx, inputs, output):
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+
+
+def _onednn_linear_grad(ctx, dy):
+    x, weight = ctx.saved_tensors
+    dy2 = dy.reshape(-1, dy.shape[-1])                                          # (L, out)
+    dx = onednn_linear(dy, weight.t().contiguous(), None) if ctx.needs_input_grad[0] else None  # (..., in)
+    dw = dy2.t() @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None  # (out, in); BLAS
+    db = dy2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    return dx, dw, db
+
+
+onednn_linear.register_autograd(_onednn_linear_grad, setup_context=_onednn_linear_setup)
+
+
+def _linear_forward(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    if x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"):
+        return onednn_linear(x, layer.weight, layer.bias)
+    return F.linear(x, layer.weight, layer.bias)
+
+
+def apply_onednn_linear(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Run the model's nn.Linear layers through oneDNN when they compute in fp32 on CPU (under bf16
+    autocast, on GPUs and in other dtypes they run as before). In place; parameter names stay the same.
+    The backward computes dX with oneDNN and dW with BLAS (faster for that transposed product)."""
+    for layer in model.modules():
+        if isinstance(layer, nn.Linear):
+            layer.__dict__.pop("forward", None)
+            if enabled and onednn_available():
+                layer.forward = functools.partial(_linear_forward, layer)
+    return model
 
 
 def checkpoint_count(blocks: int | str | None, depth: int) -> int:
@@ -43,7 +101,8 @@ _KEEP = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm
          _aten._scaled_dot_product_flash_attention_for_cpu.default,
          _aten._scaled_dot_product_flash_attention.default,
          _aten._scaled_dot_product_efficient_attention.default,
-         _aten._scaled_dot_product_cudnn_attention.default}
+         _aten._scaled_dot_product_cudnn_attention.default, torch.ops.pixformer.blocked_attention.default,
+         torch.ops.pixformer.onednn_linear.default}
 
 
 def _keep_matmuls(ctx, op, *args, **kwargs):
@@ -94,6 +153,30 @@ def apply_compile(model: nn.Module, backend: str = "inductor") -> nn.Module:
     return model
 
 
+def check_speed_settings(attn_backend: str = "auto", allocator: str = "auto") -> None:
+    """Refuse an unknown attention backend or allocator policy (train checks before loading data)."""
+    if attn_backend not in available_backends():
+        raise PixformerError(f"unknown attention backend {attn_backend!r}; choose from {available_backends()}")
+    if allocator not in ALLOCATOR_POLICIES:
+        raise PixformerError(f"allocator policy must be one of {ALLOCATOR_POLICIES}, got {allocator!r}")
+
+
+def apply_speed_settings(model: nn.Module, attn_backend: str = "auto", checkpoint_blocks: int | str = 0,
+                         selective_checkpoint: bool = False, onednn_linear: bool = True, compile: bool = False,
+                         allocator: str = "auto") -> nn.Module:
+    """Everything `train` applies to a built model for speed and memory, with TrainConfig's defaults
+    (train decides selective checkpointing with plan.selective_pays when it is unset).
+    benchmarks/train_step.py uses it too, so what it measures is what train runs."""
+    check_speed_settings(attn_backend, allocator)
+    set_attention_backend(model, attn_backend)
+    apply_activation_checkpointing(model, checkpoint_blocks, selective_checkpoint)
+    apply_onednn_linear(model, onednn_linear)
+    if compile:
+        apply_compile(model)
+    set_allocator(allocator, memory_first=checkpointed_blocks(model)["full"] > 0)
+    return model
+
+
 def native_bf16(device: torch.device | str) -> bool:
     """Whether `device` computes in bf16 natively: CUDA GPUs with bf16, CPUs with AMX or AVX512-BF16.
     Elsewhere bf16 is emulated through fp32 and slower than fp32."""
@@ -124,18 +207,31 @@ def autocast_dtype(precision: str, device: torch.device | str) -> torch.dtype | 
     return torch.bfloat16 if native_bf16(device) else None
 
 
-def keep_freed_memory() -> bool:
-    """Make glibc malloc serve large tensors from its heap and keep freed memory for reuse.
+ALLOCATOR_POLICIES = ("auto", "keep", "release", "system")
 
-    By default glibc maps every allocation over 32 MiB (a batch of PiT activations) fresh from the
-    kernel and unmaps it when freed, so each step page-faults its whole working set again: ~10% of a
-    CPU training step on the 2-core machine of benchmarks/. The cost is a higher resident size, as
-    freed memory stays with the process. Process-wide; returns False (and does nothing) off glibc."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+
+def set_allocator(policy: str, memory_first: bool = False) -> bool:
+    """How glibc's malloc serves the large tensors of a CPU training step (process-wide).
+
+    keep     from the heap, and freed memory stays there for reuse: after the first step nothing is
+             page-faulted again (mapping fresh memory costs ~6 GB/s of first touches on the machine of
+             benchmarks/, which makes a step 5-25 % slower); the resident size stays at the heap's
+             high-water mark, which fragmentation puts well above the live tensors (2-3x)
+    release  every block over 1 MiB is mapped fresh and unmapped when freed: the resident size follows
+             the live tensors, and every step page-faults its working set again (~1.5x step time)
+    system   leave malloc as it is (glibc's own policy lies between the two)
+    auto     keep, or system when `memory_first` (train: when blocks are checkpointed in full)
+    Returns whether a policy was applied: False for system, and off glibc, where nothing is changed."""
+    if policy not in ALLOCATOR_POLICIES:
+        raise PixformerError(f"allocator policy must be one of {ALLOCATOR_POLICIES}, got {policy!r}")
+    if policy == "auto":
+        policy = "system" if memory_first else "keep"
+    if policy == "system" or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return False
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1))
+    mmap_above, trim_above = ((1 << 30, (1 << 31) - 1) if policy == "keep" else (1 << 20, 1 << 20))
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, mmap_above)) and bool(libc.mallopt(M_TRIM_THRESHOLD, trim_above))

@@ -16,11 +16,11 @@ For one ViT block, T tokens of width D, MLP width M, H heads; e = bytes of a mat
     x     block input, kept by LayerNorm 1              r*T*D
     h1    LayerNorm 1 output, kept by the qkv linear    e*T*D
     qkv   kept by attention (q, k, v are views)         e*3*T*D
-    out   attention output, kept by attention and proj  e*T*D   (+ fp32 log-sum-exp 4*H*T)
+    out   attention output, kept by attention and proj  e*T*D   (+ the fused kernels' fp32 log-sum-exp 4*H*T)
     x1    residual after attention, kept by LayerNorm 2 r*T*D   (+ each LayerNorm's mean, 1/std: 2*2*4*T)
     h2    LayerNorm 2 output, kept by fc1               e*T*D
     u, g  MLP hidden before / after GELU                e*2*T*M
-  "math" attention keeps the probabilities as well:   e*H*T*T (the fused kernels never form them)
+  "math" attention keeps the probabilities as well:   e*H*T*T (the fused and blocked kernels never form them)
 Checkpointing (perf.apply_activation_checkpointing) changes what a block keeps:
   full       the block input only (r*T*D); its forward runs again during the backward pass
   selective  x and the outputs of the matmuls and attention (qkv, out, proj, fc1, fc2); the norms,
@@ -40,11 +40,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .attention import AUTO_MATH_SCORES, auto_backend, available_backends
 from .errors import PixformerError
 from .perf import autocast_dtype
 
 CHECKPOINT_MODES = ("none", "selective", "full")
-_HOW = {"none": "(train --selective-checkpoint false)", "selective": "(train's default)",
+_ATTN_LABEL = {"fused": "fused (flash)", "blocked": "blocked", "math": "math"}
+_HOW = {"none": "(train --selective-checkpoint false)", "selective": "(train --selective-checkpoint true)",
         "full": "(train --checkpoint-blocks all)"}
 _UNITS = {"": 1, "b": 1, "k": 2 ** 10, "kb": 10 ** 3, "kib": 2 ** 10, "m": 2 ** 20, "mb": 10 ** 6, "mib": 2 ** 20,
           "g": 2 ** 30, "gb": 10 ** 9, "gib": 2 ** 30, "t": 2 ** 40, "tb": 10 ** 12, "tib": 2 ** 40}
@@ -70,7 +72,7 @@ def format_bytes(n: float) -> str:
 def vit_block_bytes(T: int, D: int, M: int, H: int, e: int, attn: str, mode: str) -> tuple[int, int]:
     """(bytes kept, bytes of the working set while its backward runs) of one ViT block, one image."""
     r = 4
-    lse = 4 * H * T                      # attention's log-sum-exp (fp32)
+    lse = 4 * H * T if attn == "fused" else 0   # the fused kernels' log-sum-exp (fp32)
     stats = 2 * 2 * 4 * T                # mean and 1/std of the two LayerNorms (fp32)
     probs = e * H * T * T if attn == "math" else 0
     work = e * T * M + r * T * D + (2 * probs if attn == "math" else 0)
@@ -97,7 +99,7 @@ class Plan:
     train_flops: int             # per image: forward + backward (2x forward)
     train_flops_full_ckpt: int   # per image, with every block checkpointed (one more forward of the blocks)
     precision: str               # fp32 | bf16
-    attn: str                    # fused | math
+    attn: str                    # fused | blocked | math
     fixed_bytes: int             # weights, grads, optimizer state (independent of the batch)
     image_bytes: dict[str, int] = field(default_factory=dict)  # per image, by checkpoint mode
     batch_size: int | None = None
@@ -134,7 +136,7 @@ class Plan:
                  f"({self.train_flops_full_ckpt / 1e9:.3f} with every block checkpointed)"]
         if not self.image_bytes:
             return "\n".join(lines + ["training memory: not modelled for this architecture (ViT/PiT only)"])
-        lines += [f"training memory, {self.precision}, {'fused (flash)' if self.attn == 'fused' else 'math'} attention "
+        lines += [f"training memory, {self.precision}, {_ATTN_LABEL[self.attn]} attention "
                  f"(estimate; see pixformer.plan):",
                  f"  weights + grads + AdamW state: {format_bytes(self.fixed_bytes)}"]
         b = self.batch_size
@@ -161,7 +163,7 @@ class Plan:
             return (f"nothing fits in {mem}: one image with every block checkpointed needs "
                     f"{format_bytes(need)}; give at least that much memory or a smaller image")
         if not self.batch_size:
-            return (f"largest batch in {mem}: {self.max_batch('selective')} as train runs by default, "
+            return (f"largest batch in {mem}: {self.max_batch('selective')} with selective checkpointing, "
                     f"{self.max_batch('full')} with --checkpoint-blocks all")
         for mode in ("none", "selective", "full"):
             if self.peak_bytes(self.batch_size, mode) <= self.memory:
@@ -171,8 +173,20 @@ class Plan:
                 f"{format_bytes(need)}); the largest batch that fits is {self.max_batch('full')}")
 
 
+def attention_memory_kind(backend: str, e: int, scores: int | None) -> str:
+    """How an attention backend keeps memory: "math" (the N x N probabilities), "blocked", or "fused"
+    (SDPA's kernels). "auto" is resolved as attention.auto_backend does on CPU for `scores` (B*H*T*T;
+    None, no batch given: blocked, what large batches get)."""
+    if backend not in available_backends():
+        raise PixformerError(f"unknown attention backend {backend!r}; choose from {available_backends()}")
+    if backend == "auto":
+        backend = auto_backend("cpu", torch.bfloat16 if e == 2 else torch.float32,
+                               scores if scores is not None else AUTO_MATH_SCORES + 1)
+    return backend if backend in ("math", "blocked") else "fused"
+
+
 def plan(model: str, img_size: int | tuple[int, int] = 32, batch_size: int | None = None,
-         memory: int | str | None = None, precision: str = "fp32", attn_backend: str = "sdpa",
+         memory: int | str | None = None, precision: str = "fp32", attn_backend: str = "auto",
          num_classes: int = 10, in_chans: int = 3, **overrides) -> Plan:
     """Tokens, parameters, FLOPs and training-memory estimate of a named model (see the module doc).
     `precision` is fp32, bf16 or auto (what `train` would use on this machine's CPU)."""
@@ -185,9 +199,10 @@ def plan(model: str, img_size: int | tuple[int, int] = 32, batch_size: int | Non
         net = create_model(model, img_size=img, num_classes=num_classes, in_chans=in_chans, **overrides)
     cfg = net.cfg
     e = 2 if autocast_dtype(precision, "cpu") == torch.bfloat16 else 4
-    attn = "math" if attn_backend == "math" else "fused"
     n = (img[0] // cfg.patch_size) * (img[1] // cfg.patch_size)
     T = n + (getattr(cfg, "pool", None) == "cls")
+    heads = getattr(cfg, "heads", 1)
+    attn = attention_memory_kind(attn_backend, e, batch_size * heads * T * T if batch_size else None)
     params = sum(p.numel() for p in net.parameters())
     fwd = net.flops(img)
     with torch.device("meta"):
@@ -204,3 +219,17 @@ def plan(model: str, img_size: int | tuple[int, int] = 32, batch_size: int | Non
                 train_flops=3 * fwd, train_flops_full_ckpt=3 * fwd + blocks_fwd,
                 precision="bf16" if e == 2 else "fp32", attn=attn, fixed_bytes=fixed, image_bytes=image_bytes,
                 batch_size=batch_size, memory=parse_bytes(memory) if memory is not None else None)
+
+
+SELECTIVE_ABOVE = 1 << 30
+
+
+def selective_pays(model: str, img_size: int | tuple[int, int], batch_size: int, precision: str = "auto",
+                   attn_backend: str = "auto", num_classes: int = 10, in_chans: int = 3, **overrides) -> bool:
+    """train's default for selective checkpointing (selective_checkpoint unset): on when this planner puts
+    the activations of a step without checkpointing above SELECTIVE_ABOVE (1 GiB). Below that the memory
+    it saves hardly matters and its fixed cost per op (a Python dispatch mode over each op of a block)
+    is a large share of a short step: 40 % of PiT-T's at 8x8, 2-5 % at 32x32, batch 32."""
+    p = plan(model, img_size, batch_size, precision=precision, attn_backend=attn_backend, num_classes=num_classes,
+             in_chans=in_chans, **overrides)
+    return bool(p.image_bytes) and batch_size * p.image_bytes["none"] > SELECTIVE_ABOVE

@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 from .ablations import apply_permutation, pixel_permutation
 from .attention import set_attention_backend
-from .perf import apply_activation_checkpointing, apply_compile, autocast_dtype
+from .perf import apply_speed_settings, autocast_dtype, check_speed_settings
+from .plan import selective_pays
 from .checkpoint import find_checkpoint, load_tensors, load_weights, optimizer_from_files, read_state, save_checkpoint
 from .data import (ImageSet, batch_indices, channel_stats, holdout, load_source, mix, normalize, random_crop,
                    random_flip)
@@ -49,11 +50,14 @@ class TrainConfig:
     drop_path: float | None = None
     patch_size: int | None = None       # e.g. convmixer-256/8 --patch-size 1
     kernel_size: int | None = None      # ConvMixer's depthwise kernel
-    attn_backend: str = "sdpa"          # sdpa | math | flash | efficient | cudnn (see attention.py)
+    attn_backend: str = "auto"          # auto | sdpa | blocked | math | flash | efficient | cudnn (attention.py)
     # speed and memory (see perf.py; `pixformer plan` estimates the memory)
     checkpoint_blocks: int | str = 0    # full activation checkpointing of the first N blocks, or "all"
-    selective_checkpoint: bool = True   # other blocks recompute norms / GELU in backward: -30% memory, ~2% time
+    selective_checkpoint: bool | None = None  # other blocks recompute norms / GELU in backward: -30% activation
+    #                                     memory, 2-5% time; unset: on when the step's activations exceed 1 GiB
     compile: bool = False               # torch.compile each block (the first steps compile)
+    onednn_linear: bool = True          # fp32 linear layers on CPU through oneDNN (faster than MKL on AMD)
+    allocator: str = "auto"             # auto | keep | release | system: glibc malloc policy (perf.set_allocator)
     # optimisation
     epochs: int = 10
     batch_size: int = 128
@@ -122,14 +126,20 @@ def prepare_data(cfg: TrainConfig) -> Prepared:
 
 
 # ---- pieces of the loop --------------------------------------------------------------------
+# TrainConfig fields that perf.apply_speed_settings applies to the model
+SPEED_SETTINGS = ("attn_backend", "checkpoint_blocks", "selective_checkpoint", "onednn_linear", "compile", "allocator")
 # TrainConfig fields that override the named model's own settings (None keeps the model's)
 MODEL_SETTINGS = ("depth", "dim", "heads", "mlp_ratio", "pool", "pos_embed", "drop_path", "patch_size", "kernel_size")
+
+
+def model_overrides(cfg: TrainConfig) -> dict[str, Any]:
+    return {k: getattr(cfg, k) for k in MODEL_SETTINGS}
 
 
 def build_model(cfg: TrainConfig, img_size: tuple[int, int], num_classes: int, in_chans: int) -> nn.Module:
     """The model a run trains: `cfg.model` for this data, with the run's model settings applied."""
     return create_model(cfg.model, img_size=img_size, num_classes=num_classes, in_chans=in_chans,
-                        **{k: getattr(cfg, k) for k in MODEL_SETTINGS})
+                        **model_overrides(cfg))
 
 
 def pick_device(name: str) -> torch.device:
@@ -201,6 +211,7 @@ def train(cfg: TrainConfig, data: Prepared | None = None) -> dict[str, Any]:
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
     device = pick_device(cfg.device)
     amp = autocast_dtype(cfg.precision, device)
+    check_speed_settings(cfg.attn_backend, cfg.allocator)
     data = data or prepare_data(cfg)
     train_set, val_set = data.train, data.val
     classes = train_set.classes
@@ -210,9 +221,11 @@ def train(cfg: TrainConfig, data: Prepared | None = None) -> dict[str, Any]:
     model = build_model(cfg, img_hw, len(classes), in_chans)
     set_attention_backend(model, cfg.attn_backend).to(device)
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay > 0 else None
-    apply_activation_checkpointing(model, cfg.checkpoint_blocks, cfg.selective_checkpoint)  # from outside the model
-    if cfg.compile:
-        apply_compile(model)
+    speed = {k: getattr(cfg, k) for k in SPEED_SETTINGS}
+    if speed["selective_checkpoint"] is None:
+        speed["selective_checkpoint"] = selective_pays(cfg.model, img_hw, cfg.batch_size, cfg.precision, cfg.attn_backend,
+                                                       len(classes), in_chans, **model_overrides(cfg))
+    apply_speed_settings(model, **speed)                                 # from outside the model
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))
 
     steps_per_epoch = max(len(train_set) // cfg.batch_size, 1)
@@ -221,7 +234,8 @@ def train(cfg: TrainConfig, data: Prepared | None = None) -> dict[str, Any]:
     state = {"train_config": dataclasses.asdict(cfg), "model": model_spec(model), "step": 0,
              "data": {"classes": classes, "mean": data.mean, "std": data.std, "img_size": list(img_hw),
                       "in_chans": in_chans, "val_split": data.val_split, "val_fraction": cfg.val_fraction},
-             "best_top1": 0.0, "weights": "ema" if ema is not None else "model"}
+             "best_top1": 0.0, "weights": "ema" if ema is not None else "model",
+             "speed": {**speed, "precision": str(amp or torch.float32)[6:]}}  # as resolved for this run
 
     step, resumed_running = 0, None
     metrics_path = run_dir / "metrics.jsonl"

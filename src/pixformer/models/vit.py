@@ -74,11 +74,13 @@ class Attention(nn.Module):
         self.heads = heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
-        self.attn_backend = "sdpa"   # set from outside: attention.set_attention_backend
+        self.attn_backend = "auto"   # set from outside: attention.set_attention_backend
         self.record_to = None        # a list while attention.record_attention is active
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        qkv = self.qkv(x).unflatten(-1, (3, self.heads, -1))                  # (B, N, 3, H, Dh)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))                 # (B, H, N, Dh) views; the
+        # backward stacks their gradients straight into qkv's layout (one copy, not two)
         out, probs = attention(q, k, v, mask, backend=self.attn_backend,
                                need_weights=self.record_to is not None)  # (B, H, N, Dh)
         if probs is not None:

@@ -1,0 +1,101 @@
+"""The attention backends side by side: forward + backward time, the memory each keeps for the
+backward pass, and the error against an fp64 reference, for PiT-T's attention shapes (3 heads of 64)
+at 8x8 to 64x64 pixels (65 to 4,097 tokens with the class token), in fp32 and bf16.
+
+    .venv/bin/python benchmarks/attention.py                  # ~3 min on 2 cores
+    .venv/bin/python benchmarks/attention.py --tokens 257 1025 --dtypes bf16
+
+This is the evidence behind the "auto" backend (src/pixformer/attention.py): which kernel is the
+faster at which size and dtype on this machine. Columns:
+  ms        median time of attention forward + backward (of --reps), one thread per core
+  GFLOP/s   4*B*H*N*N*Dh forward FLOPs, x3 for forward + backward, over that time
+  kept      bytes autograd keeps for the backward pass (q, k, v and the output included; "math" also
+            keeps the B x H x N x N probabilities)
+  max err   largest absolute difference of the output from fp64 "math" on the same inputs
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from pixformer.attention import attention, auto_backend
+
+HEADS, DIM_HEAD = 3, 64
+MATH_LIMIT = 1 << 27          # "math" is skipped above this many scores (0.5 GiB of fp32 per copy)
+
+
+def kept_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd saves while `fn` runs its forward."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
+def measure(backend: str, q, k, v, grad, reps: int) -> dict:
+    def run():
+        out, _ = attention(q, k, v, backend=backend)
+        out.backward(grad)
+    run()                                                            # warm-up
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t)
+    out, kept = kept_bytes(lambda: attention(q, k, v, backend=backend)[0])
+    exact, _ = attention(q.detach().double(), k.detach().double(), v.detach().double(), backend="math")
+    return {"ms": 1e3 * sorted(times)[len(times) // 2], "kept": kept,
+            "max_err": (out.detach().double() - exact).abs().max().item()}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tokens", type=int, nargs="+", default=[65, 257, 1025, 4097])
+    ap.add_argument("--batch", type=int, nargs="+", default=None, help="per token count (default 32, 8 above 2,048)")
+    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
+    ap.add_argument("--backends", nargs="+", default=["sdpa", "blocked", "math"])
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "attention.json"))
+    args = ap.parse_args()
+    batches = args.batch or [8 if n > 2048 else 32 for n in args.tokens]
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    print(f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}; {HEADS} heads of {DIM_HEAD}")
+    head = f"{'tokens':>6} {'batch':>5} {'dtype':<5} {'backend':<8} {'ms':>8} {'GFLOP/s':>8} {'kept MiB':>9} {'max err':>8}  auto"
+    print(head + "\n" + "-" * len(head))
+    rows = []
+    for n, b in zip(args.tokens, batches):
+        for name in args.dtypes:
+            torch.manual_seed(0)
+            dtype = dtypes[name]
+            q, k, v = (torch.randn(b, HEADS, n, DIM_HEAD, dtype=dtype, requires_grad=True) for _ in range(3))
+            grad = torch.randn(b, HEADS, n, DIM_HEAD, dtype=dtype)
+            auto = auto_backend("cpu", dtype, b * HEADS * n * n)
+            for backend in args.backends:
+                row = {"tokens": n, "batch": b, "dtype": name, "backend": backend, "auto": auto == backend}
+                if backend == "math" and b * HEADS * n * n > MATH_LIMIT:
+                    rows.append({**row, "skipped": f"{b * HEADS * n * n * q.element_size() / 2 ** 30:.1f} GiB "
+                                                   "of scores"})
+                    print(f"{n:>6} {b:>5} {name:<5} {backend:<8} skipped: {rows[-1]['skipped']}")
+                    continue
+                r = {**row, **measure(backend, q, k, v, grad, args.reps)}
+                r["gflop_s"] = 3 * 4 * b * HEADS * n * n * DIM_HEAD / r["ms"] / 1e6
+                rows.append(r)
+                print(f"{n:>6} {b:>5} {name:<5} {backend:<8} {r['ms']:>8.1f} {r['gflop_s']:>8.0f} "
+                      f"{r['kept'] / 2 ** 20:>9.1f} {r['max_err']:>8.1e}  {'<- auto' if r['auto'] else ''}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
+                                          "heads": HEADS, "dim_head": DIM_HEAD, "rows": rows}, indent=1))
+    print(f"results: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
