@@ -1,5 +1,6 @@
 """Attention backends against the math oracle, activation checkpointing, bf16 / compile training
 steps, and the cost planner against hand-computed numbers."""
+import ctypes
 import importlib
 import platform
 import subprocess
@@ -293,7 +294,14 @@ def test_allocator_policy_names_and_checks():
     assert set_allocator("system") is False and set_allocator("auto", memory_first=True) is False
 
 
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc malloc policies")
+def _has_mallinfo2() -> bool:
+    try:
+        return hasattr(ctypes.CDLL("libc.so.6"), "mallinfo2")      # glibc >= 2.33
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or not _has_mallinfo2(), reason="glibc >= 2.33 malloc")
 @pytest.mark.parametrize("policy,mapped", [("release", True), ("keep", False)])
 def test_allocator_policy_decides_where_large_tensors_live(policy, mapped):
     """In a fresh process (the policy is process-wide): under release an 8 MiB tensor is a memory map of

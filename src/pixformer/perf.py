@@ -214,11 +214,11 @@ def set_allocator(policy: str, memory_first: bool = False) -> bool:
     """How glibc's malloc serves the large tensors of a CPU training step (process-wide).
 
     keep     from the heap, and freed memory stays there for reuse: after the first step nothing is
-             page-faulted again (mapping fresh memory costs ~6 GB/s of first touches on the machine of
-             benchmarks/, which makes a step 5-25 % slower); the resident size stays at the heap's
-             high-water mark, which fragmentation puts well above the live tensors (2-3x)
+             page-faulted again (fresh memory is first touched at ~6 GB/s on the machine of benchmarks/;
+             glibc's own policy made PiT-T steps there 5-13 % slower); the resident size stays at the
+             heap's high-water mark, which fragmentation puts above the live tensors (1.3-3.5x measured)
     release  every block over 1 MiB is mapped fresh and unmapped when freed: the resident size follows
-             the live tensors, and every step page-faults its working set again (~1.5x step time)
+             the live tensors, and every step page-faults its working set again (~1.6x step time)
     system   leave malloc as it is (glibc's own policy lies between the two)
     auto     keep, or system when `memory_first` (train: when blocks are checkpointed in full)
     Returns whether a policy was applied: False for system, and off glibc, where nothing is changed."""

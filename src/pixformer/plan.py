@@ -45,6 +45,7 @@ from .errors import PixformerError
 from .perf import autocast_dtype
 
 CHECKPOINT_MODES = ("none", "selective", "full")
+SELECTIVE_ABOVE = 1 << 30   # train turns selective checkpointing on above this many bytes of activations
 _ATTN_LABEL = {"fused": "fused (flash)", "blocked": "blocked", "math": "math"}
 _HOW = {"none": "(train --selective-checkpoint false)", "selective": "(train --selective-checkpoint true)",
         "full": "(train --checkpoint-blocks all)"}
@@ -150,10 +151,15 @@ class Plan:
                 row += f" {format_bytes(self.peak_bytes(b, mode)):>11}"
             if self.memory:
                 row += f" {self.max_batch(mode):>20,}"
-            lines.append(row)
+            lines.append(row + ("   <- train's default" if b and mode == self.default_mode() else ""))
         if self.memory:
             lines.append(self.verdict())
         return "\n".join(lines)
+
+    def default_mode(self) -> str:
+        """The checkpointing `train` uses at the plan's batch size unless told: selective once the
+        activations of a step exceed SELECTIVE_ABOVE (see selective_pays), else none."""
+        return "selective" if self.batch_size * self.image_bytes["none"] > SELECTIVE_ABOVE else "none"
 
     def verdict(self) -> str:
         """One line: whether (and how) the batch fits the memory budget, or what would be needed."""
@@ -221,9 +227,6 @@ def plan(model: str, img_size: int | tuple[int, int] = 32, batch_size: int | Non
                 batch_size=batch_size, memory=parse_bytes(memory) if memory is not None else None)
 
 
-SELECTIVE_ABOVE = 1 << 30
-
-
 def selective_pays(model: str, img_size: int | tuple[int, int], batch_size: int, precision: str = "auto",
                    attn_backend: str = "auto", num_classes: int = 10, in_chans: int = 3, **overrides) -> bool:
     """train's default for selective checkpointing (selective_checkpoint unset): on when this planner puts
@@ -232,4 +235,4 @@ def selective_pays(model: str, img_size: int | tuple[int, int], batch_size: int,
     is a large share of a short step: 40 % of PiT-T's at 8x8, 2-5 % at 32x32, batch 32."""
     p = plan(model, img_size, batch_size, precision=precision, attn_backend=attn_backend, num_classes=num_classes,
              in_chans=in_chans, **overrides)
-    return bool(p.image_bytes) and batch_size * p.image_bytes["none"] > SELECTIVE_ABOVE
+    return bool(p.image_bytes) and p.default_mode() == "selective"
