@@ -155,12 +155,14 @@ def test_precision_choices():
         autocast_dtype("fp8", "cpu")
 
 
-def test_compiled_training_step_matches_eager():
-    """The compile path (dynamo tracing of the blocks, AOT autograd); "aot_eager" skips inductor's
-    C++ build, which alone takes longer than this whole file (benchmarks/train_step.py runs inductor)."""
+@pytest.mark.parametrize("backend", ["sdpa", "blocked"])
+def test_compiled_training_step_matches_eager(backend):
+    """The compile path (dynamo tracing of the blocks, AOT autograd), through pixformer's custom ops
+    too (blocked attention, oneDNN linears); "aot_eager" skips inductor's C++ build, which alone takes
+    longer than this whole file."""
     x, y = torch.randn(2, 3, 8, 8), torch.tensor([0, 1])
-    loss_ref, g_ref = grads_of(tiny(depth=1), x, y)
-    model = apply_compile(tiny(depth=1), backend="aot_eager")
+    loss_ref, g_ref = grads_of(set_attention_backend(tiny(depth=1), backend), x, y)
+    model = apply_compile(apply_speed_settings(tiny(depth=1), attn_backend=backend), backend="aot_eager")
     assert list(model.state_dict()) == list(tiny(depth=1).state_dict())
     loss, g = grads_of(model, x, y)
     torch.testing.assert_close(loss, loss_ref, atol=1e-5, rtol=1e-5)

@@ -219,12 +219,12 @@ def train(cfg: TrainConfig, data: Prepared | None = None) -> dict[str, Any]:
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, img_hw, len(classes), in_chans)
-    set_attention_backend(model, cfg.attn_backend).to(device)
+    set_attention_backend(model, cfg.attn_backend).to(device)   # before the copy: EMA evaluates with it too
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay > 0 else None
     speed = {k: getattr(cfg, k) for k in SPEED_SETTINGS}
     if speed["selective_checkpoint"] is None:
-        speed["selective_checkpoint"] = selective_pays(cfg.model, img_hw, cfg.batch_size, cfg.precision, cfg.attn_backend,
-                                                       len(classes), in_chans, **model_overrides(cfg))
+        speed["selective_checkpoint"] = selective_pays(cfg.model, img_hw, cfg.batch_size, "bf16" if amp else "fp32",
+                                                       cfg.attn_backend, len(classes), in_chans, **model_overrides(cfg))
     apply_speed_settings(model, **speed)                                 # from outside the model
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))
 
