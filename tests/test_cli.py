@@ -136,3 +136,17 @@ def test_every_recipe_parses_and_names_a_known_model(capsys, recipe):
     assert code == 0, err
     model = next(line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("model:"))
     resolve(model)
+
+
+def test_speed_flags_bare_and_valued(tmp_path, capsys):
+    """A bare optional-bool flag means true (`--selective-checkpoint`), as for plain booleans; the
+    speed settings a run resolved are in its state.json."""
+    for flags, want in ((["--selective-checkpoint"], True), (["--selective-checkpoint", "false"], False), ([], False)):
+        out = tmp_path / f"run{len(flags)}"
+        code, _, err = run(capsys, "train", "--model", "pit-n", *TINY, "--epochs", "1", "--train-subset", "64",
+                           "--out", out, "--allocator", "system", "--onednn-linear", "false", *flags)
+        assert code == 0, err
+        speed = json.loads((out / "checkpoint" / "state.json").read_text())["speed"]
+        assert speed["selective_checkpoint"] is want and speed["onednn_linear"] is False
+    code, _, err = run(capsys, "train", "--model", "pit-n", "--allocator", "fast", "--out", tmp_path / "bad")
+    assert code != 0 and "allocator policy must be one of" in err

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import types
 import typing
 
 from .errors import PixformerError
@@ -108,11 +109,17 @@ def build_parser():
     return parser
 
 
+def _is_bool(hint) -> bool:
+    """bool, or an optional bool (unset = decided by the program)."""
+    return hint is bool or (typing.get_origin(hint) in (typing.Union, types.UnionType)
+                            and set(typing.get_args(hint)) == {bool, type(None)})
+
+
 def _bool_options(parser) -> set[str]:
     names = set()
     for sub in parser._subcommands_action.choices.values():
         for action in sub._actions:
-            if getattr(action, "_typehint", None) is bool or action.type is bool:
+            if _is_bool(getattr(action, "_typehint", None)) or action.type is bool:
                 names.update(o[2:] for o in action.option_strings if o.startswith("--"))
     return names
 
