@@ -149,7 +149,8 @@ def worker(job: dict) -> dict:
     if cfg["impl"] == "pixformer":
         speed = {k: v for k, v in cfg.items() if k not in ("impl", "precision")}
         if speed["selective_checkpoint"] is None:                       # as train decides it
-            speed["selective_checkpoint"] = selective_pays("pit-t", img, batch, cfg["precision"], cfg["attn_backend"])
+            speed["selective_checkpoint"] = selective_pays("pit-t", img, batch, "bf16" if amp else "fp32",
+                                                           cfg["attn_backend"])
         model = apply_speed_settings(ours, **speed)
         ckpt = checkpointed_blocks(model)
         mode = "full" if ckpt["full"] else ("selective" if ckpt["selective"] else "none")
