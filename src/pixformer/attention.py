@@ -249,21 +249,23 @@ for _name in _KERNELS:
     register_backend(_name)(_kernel_backend(_name))
 
 
+def check_backend(backend: str) -> str:
+    """`backend`, or a clear error naming the backends there are."""
+    if backend not in _BACKENDS:
+        raise PixformerError(f"unknown attention backend {backend!r}; choose from {available_backends()}")
+    return backend
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, *,
-              backend: str = "sdpa", need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+              backend: str = "auto", need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
     """Scaled dot-product attention. `mask` is boolean (True = attend) or additive, broadcastable
     to (B, H, N, N). Returns (out, probs), probs is None unless `need_weights`."""
-    try:
-        fn = _BACKENDS[backend]
-    except KeyError:
-        raise PixformerError(f"unknown attention backend {backend!r}; choose from {available_backends()}") from None
-    return fn(q, k, v, mask, need_weights)
+    return _BACKENDS[check_backend(backend)](q, k, v, mask, need_weights)
 
 
 def set_attention_backend(model: nn.Module, backend: str) -> nn.Module:
     """Route every attention layer of `model` through `backend` (applied from outside the model)."""
-    if backend not in _BACKENDS:
-        raise PixformerError(f"unknown attention backend {backend!r}; choose from {available_backends()}")
+    check_backend(backend)
     for m in model.modules():
         if hasattr(m, "attn_backend"):
             m.attn_backend = backend

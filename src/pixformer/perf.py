@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from .attention import available_backends, set_attention_backend
+from .attention import check_backend, set_attention_backend
 from .errors import PixformerError
 
 
@@ -155,10 +155,8 @@ def apply_compile(model: nn.Module, backend: str = "inductor") -> nn.Module:
 
 def check_speed_settings(attn_backend: str = "auto", allocator: str = "auto") -> None:
     """Refuse an unknown attention backend or allocator policy (train checks before loading data)."""
-    if attn_backend not in available_backends():
-        raise PixformerError(f"unknown attention backend {attn_backend!r}; choose from {available_backends()}")
-    if allocator not in ALLOCATOR_POLICIES:
-        raise PixformerError(f"allocator policy must be one of {ALLOCATOR_POLICIES}, got {allocator!r}")
+    check_backend(attn_backend)
+    check_allocator(allocator)
 
 
 def apply_speed_settings(model: nn.Module, attn_backend: str = "auto", checkpoint_blocks: int | str = 0,
@@ -210,21 +208,25 @@ def autocast_dtype(precision: str, device: torch.device | str) -> torch.dtype | 
 ALLOCATOR_POLICIES = ("auto", "keep", "release", "system")
 
 
+def check_allocator(policy: str) -> str:
+    if policy not in ALLOCATOR_POLICIES:
+        raise PixformerError(f"allocator policy must be one of {ALLOCATOR_POLICIES}, got {policy!r}")
+    return policy
+
+
 def set_allocator(policy: str, memory_first: bool = False) -> bool:
     """How glibc's malloc serves the large tensors of a CPU training step (process-wide).
 
     keep     from the heap, and freed memory stays there for reuse: after the first step nothing is
-             page-faulted again (fresh memory is first touched at ~6 GB/s on the machine of benchmarks/;
-             glibc's own policy made PiT-T steps there 5-13 % slower); the resident size stays at the
-             heap's high-water mark, which fragmentation puts above the live tensors (1.3-3.5x measured)
+             page-faulted again (benchmarks/results/switches*: PiT-T 32x32 fp32 steps 9-10 % faster than
+             under glibc's own policy, bf16 within noise); the resident size stays at the heap's
+             high-water mark, which fragmentation puts above the live tensors (1.3-3.5x measured)
     release  every block over 1 MiB is mapped fresh and unmapped when freed: the resident size follows
              the live tensors, and every step page-faults its working set again (~1.6x step time)
     system   leave malloc as it is (glibc's own policy lies between the two)
     auto     keep, or system when `memory_first` (train: when blocks are checkpointed in full)
     Returns whether a policy was applied: False for system, and off glibc, where nothing is changed."""
-    if policy not in ALLOCATOR_POLICIES:
-        raise PixformerError(f"allocator policy must be one of {ALLOCATOR_POLICIES}, got {policy!r}")
-    if policy == "auto":
+    if check_allocator(policy) == "auto":
         policy = "system" if memory_first else "keep"
     if policy == "system" or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False

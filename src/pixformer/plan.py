@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .attention import AUTO_MATH_SCORES, auto_backend, available_backends
+from .attention import AUTO_MATH_SCORES, auto_backend, check_backend
 from .errors import PixformerError
 from .perf import autocast_dtype
 
@@ -159,6 +159,8 @@ class Plan:
     def default_mode(self) -> str:
         """The checkpointing `train` uses at the plan's batch size unless told: selective once the
         activations of a step exceed SELECTIVE_ABOVE (see selective_pays), else none."""
+        if not self.batch_size or not self.image_bytes:
+            raise PixformerError("train's default checkpointing needs a batch size and a modelled architecture")
         return "selective" if self.batch_size * self.image_bytes["none"] > SELECTIVE_ABOVE else "none"
 
     def verdict(self) -> str:
@@ -183,9 +185,7 @@ def attention_memory_kind(backend: str, e: int, scores: int | None) -> str:
     """How an attention backend keeps memory: "math" (the N x N probabilities), "blocked", or "fused"
     (SDPA's kernels). "auto" is resolved as attention.auto_backend does on CPU for `scores` (B*H*T*T;
     None, no batch given: blocked, what large batches get)."""
-    if backend not in available_backends():
-        raise PixformerError(f"unknown attention backend {backend!r}; choose from {available_backends()}")
-    if backend == "auto":
+    if check_backend(backend) == "auto":
         backend = auto_backend("cpu", torch.bfloat16 if e == 2 else torch.float32,
                                scores if scores is not None else AUTO_MATH_SCORES + 1)
     return backend if backend in ("math", "blocked") else "fused"
@@ -232,7 +232,8 @@ def selective_pays(model: str, img_size: int | tuple[int, int], batch_size: int,
     """train's default for selective checkpointing (selective_checkpoint unset): on when this planner puts
     the activations of a step without checkpointing above SELECTIVE_ABOVE (1 GiB). Below that the memory
     it saves hardly matters and its fixed cost per op (a Python dispatch mode over each op of a block)
-    is a large share of a short step: 40 % of PiT-T's at 8x8, 2-5 % at 32x32, batch 32."""
+    is a large share of a short step: PiT-T at 8x8, batch 32, bf16 ran 18-33 % slower with it, while at
+    32x32 the two were within run-to-run noise (benchmarks/results/switches)."""
     p = plan(model, img_size, batch_size, precision=precision, attn_backend=attn_backend, num_classes=num_classes,
              in_chans=in_chans, **overrides)
     return bool(p.image_bytes) and p.default_mode() == "selective"
