@@ -68,6 +68,11 @@ def configs() -> dict[str, dict]:
         "pixformer-fp32-plain": {**default, "precision": "fp32", "selective_checkpoint": False},
         "pixformer-ckpt-all": {**default, "checkpoint_blocks": "all"},
         "pixformer-ckpt-release": {**default, "checkpoint_blocks": "all", "allocator": "release"},
+        "pixformer-selective": {**default, "selective_checkpoint": True},       # the defaults' two choices,
+        "pixformer-no-selective": {**default, "selective_checkpoint": False},  # each forced on and off
+        "pixformer-system-malloc": {**default, "allocator": "system"},
+        "pixformer-fp32-system-malloc": {**default, "precision": "fp32", "selective_checkpoint": False,
+                                         "allocator": "system"},
         "vit-pytorch": dict(impl="vit-pytorch", precision="fp32"),
         "pixformer-bf16": {**default, "precision": "bf16"},
         "vit-pytorch-bf16": dict(impl="vit-pytorch", precision="bf16"),

@@ -54,7 +54,7 @@ class TrainConfig:
     # speed and memory (see perf.py; `pixformer plan` estimates the memory)
     checkpoint_blocks: int | str = 0    # full activation checkpointing of the first N blocks, or "all"
     selective_checkpoint: bool | None = None  # other blocks recompute norms / GELU in backward: -30% activation
-    #                                     memory, 2-5% time; unset: on when the step's activations exceed 1 GiB
+    #                                     memory; unset: on when the step's activations exceed 1 GiB
     compile: bool = False               # torch.compile each block (the first steps compile)
     onednn_linear: bool = True          # fp32 linear layers on CPU through oneDNN (faster than MKL on AMD)
     allocator: str = "auto"             # auto | keep | release | system: glibc malloc policy (perf.set_allocator)
