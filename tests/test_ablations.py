@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from pixformer import PixformerError
-from pixformer.ablations import (apply_permutation, pixel_permutation, random_permutation, sample_swaps,
+from pixformer.data.ablations import (apply_permutation, pixel_permutation, random_permutation, sample_swaps,
                                  swap_permutation)
 from pixformer.cli import main
-from pixformer.train import TrainConfig, prepare_data
+from pixformer.engine import TrainConfig, prepare_data
 
 
 def is_bijection(perm, n):
@@ -87,9 +87,9 @@ def test_train_and_test_images_get_the_same_permutation(ablation):
     corrupted = prepare_data(cfg)
     perm = pixel_permutation(cfg, 8, 8)
     assert not torch.equal(perm, torch.arange(64))
-    assert torch.equal(corrupted.train.images, apply_permutation(plain.train.images, perm))
-    assert torch.equal(corrupted.val.images, apply_permutation(plain.val.images, perm))
-    assert torch.equal(corrupted.val.labels, plain.val.labels)
+    for split in ("train", "val", "test"):
+        a, b = getattr(corrupted.splits, split), getattr(plain.splits, split)
+        assert torch.equal(a.images, apply_permutation(b.images, perm)) and torch.equal(a.labels, b.labels)
 
 
 def test_eval_applies_the_runs_permutation(tmp_path, capsys):
@@ -101,7 +101,7 @@ def test_eval_applies_the_runs_permutation(tmp_path, capsys):
     trained = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert main(["eval", "--checkpoint", str(out), "--data", "digits", "--json"]) == 0
     evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert evaluated["top1"] == trained["top1"] and evaluated["loss"] == pytest.approx(trained["loss"])
+    assert evaluated["top1"] == trained["test_top1"] and evaluated["loss"] == pytest.approx(trained["test_loss"])
     saved = json.loads((out / "checkpoint" / "state.json").read_text())["train_config"]
     assert saved["permute_pixels"] is True and saved["permute_seed"] == 7
 
@@ -110,7 +110,7 @@ def test_a_pixel_transformer_without_position_embedding_ignores_the_permutation(
     from pixformer import create_model
 
     def features(model, images):  # pooled features (the classifier starts at zero)
-        return model.pool(model.encode(model.embed(images)[0]))
+        return model.pool(model.encode(model.prepend_cls(model.embed(images)[0])))
     x = torch.randn(2, 1, 8, 8)
     permuted = apply_permutation(x, random_permutation(8, 8, seed=0))
     pit = create_model("pit-n", img_size=8, in_chans=1, depth=1, dim=16, heads=2, pos_embed="none").eval()

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from pixformer import create_model
-from pixformer.analyze import (AnalyzeConfig, analyze, attention_rollout, embedding_filters, mean_attention_distance,
+from pixformer.experiments.analyze import (AnalyzeConfig, analyze, attention_rollout, embedding_filters, mean_attention_distance,
                                pooled_attention, position_similarity, principal_filters, shown_positions,
                                token_centres)
 from pixformer.cli import main
-from pixformer.train import TrainConfig, train
+from pixformer.engine import TrainConfig, train
 
 FIGURES = ["patch_embed_pca", "pos_embed_similarity", "attention_distance", "attention_maps"]
 
@@ -92,7 +92,8 @@ def test_attention_rollout():
 
 # ---- the command ---------------------------------------------------------------------------
 def tiny_run(path, **settings):
-    cfg = dict(model="pit-n", data="digits", depth=1, dim=16, heads=2, epochs=1, train_subset=64, progress=False)
+    cfg = dict(model="pit-n", data="digits", model_args=dict(depth=1, dim=16, heads=2), epochs=1, train_subset=64,
+               progress=False)
     train(TrainConfig(**{**cfg, **settings, "out": str(path)}))
     return path
 
@@ -133,7 +134,8 @@ def test_analyze_writes_every_figure(pit_run, tmp_path, capsys):
 def test_figures_that_do_not_apply_are_reported(tmp_path, capsys):
     """No position embedding: that figure is skipped with a reason, the rest written. The run also
     permuted its pixels, so the analysis sees them permuted and measures distance both ways."""
-    run = tiny_run(tmp_path / "nope", pool="mean", pos_embed="none", permute_pixels=True)
+    run = tiny_run(tmp_path / "nope", model_args=dict(depth=1, dim=16, heads=2, pool="mean", pos_embed="none"),
+                   permute_pixels=True)
     summary = analyze(AnalyzeConfig(checkpoint=str(run), num_images=4))
     assert summary["pos_embed_similarity"] == {"applies": False, "reason": "VisionTransformer has no position "
                                                "embedding (pos_embed='none')"}
@@ -146,7 +148,7 @@ def test_figures_that_do_not_apply_are_reported(tmp_path, capsys):
 
 
 def test_convmixer_gets_its_filters_only(tmp_path):
-    run = tiny_run(tmp_path / "cm", model="convmixer-16/1", depth=None, dim=None, heads=None, patch_size=2)
+    run = tiny_run(tmp_path / "cm", model="convmixer-16/1", model_args=dict(patch_size=2))
     summary = analyze(AnalyzeConfig(checkpoint=str(run)))
     assert summary["patch_embed_pca"]["applies"]
     assert [summary[n]["reason"] for n in FIGURES[1:]] == ["ConvMixer has no position embedding",

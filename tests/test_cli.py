@@ -34,7 +34,8 @@ def test_train_then_eval_json_on_digits(tmp_path, capsys):
     code, stdout, _ = run(capsys, "train", "--model", "vit-n/4", *TINY, "--epochs", "2", "--train-subset", "300",
                           "--out", out, "--seed", "1")
     assert code == 0 and f"run folder: {out}" in stdout
-    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 2] and "test_top1" in rows[-1]   # 2 epochs, then the test split
     code, stdout, _ = run(capsys, "eval", "--checkpoint", out, "--data", "digits", "--json")
     assert code == 0
     result = json.loads(stdout.strip().splitlines()[-1])
@@ -126,12 +127,12 @@ def test_resume_with_another_model_is_refused(tmp_path, capsys):
                "--out", out)[0] == 0
     code, _, err = run(capsys, "train", "--model", "vit-n/2", *TINY, "--epochs", "1", "--train-subset", "64",
                        "--out", out, "--resume")
-    assert code == 2 and "different model (differs in ['patch_size'])" in err
+    assert code == 2 and "other settings (model: vit-n/4 -> vit-n/2)" in err
 
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
 def test_every_recipe_parses_and_names_a_known_model(capsys, recipe):
-    from pixformer.registry import resolve
+    from pixformer.models.registry import resolve
     code, out, err = run(capsys, "train", "--config", ROOT / "configs" / recipe, "--print_config")
     assert code == 0, err
     model = next(line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("model:"))

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from pixformer import PixformerError, create_model
-from pixformer.checkpoint import load_model
+from pixformer.engine.checkpoint import load_model
 from pixformer.cli import main
 from pixformer.models.convmixer import ConvMixer, ConvMixerConfig
 

@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 
 from pixformer import PixformerError
-from pixformer.data import (batch_indices, download, file_md5, holdout, load_source, mix, random_crop,
-                            random_flip, read_idx, resize)
+from pixformer.data.augment import batch_indices, mix, random_crop, random_flip
+from pixformer.data.sources import download, file_md5, load_source, read_idx, resize
+from pixformer.data.splits import channel_stats, holdout, resolve_splits
 
 
 def write_cifar(root, n_train=6, n_test=4, classes=("cat", "dog", "ship")):

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from pixformer import PixformerError, attention, create_model, list_models
-from pixformer.pos_embed import grid_coords, sample_table, sincos_2d
+from pixformer.models.pos_embed import grid_coords, sample_table, sincos_2d
 
 
 @pytest.mark.parametrize("name", list_models())
@@ -42,7 +42,7 @@ def test_token_counts_and_shapes(patch, hw, pool):
     tokens, grid = model.embed(x)
     assert grid == (hw[0] // patch, hw[1] // patch)
     assert tokens.shape == (2, grid[0] * grid[1], 16)
-    feats = model.encode(tokens)
+    feats = model.encode(model.prepend_cls(tokens))
     assert feats.shape == (2, grid[0] * grid[1] + (pool == "cls"), 16)
     assert model(x).shape == (2, 5)
 

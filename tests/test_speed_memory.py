@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from pixformer import PixformerError, attention, create_model, set_attention_backend
-from pixformer.attention import available_backends
-from pixformer.perf import (apply_activation_checkpointing, apply_compile, apply_onednn_linear, apply_speed_settings,
-                            autocast_dtype, check_speed_settings, checkpointed_blocks, onednn_available, set_allocator)
-from pixformer.plan import parse_bytes, plan, selective_pays, vit_block_bytes
+from pixformer.models.attention import available_backends
+from pixformer.engine.perf import (apply_activation_checkpointing, apply_compile, apply_onednn_linear, apply_speed_settings,
+                            autocast_dtype, Speed, checkpointed_blocks, onednn_available, set_allocator)
+from pixformer.engine.plan import parse_bytes, plan, selective_pays, vit_block_bytes
 
-A = importlib.import_module("pixformer.attention")  # the module (the package exports a function of that name)
+A = importlib.import_module("pixformer.models.attention")  # the module (the package exports a function of that name)
 FUSED = [b for b in available_backends() if b != "math"]
 
 
@@ -235,8 +235,10 @@ def test_blocked_attention_in_bf16_is_as_close_as_math_and_the_op_checks():
         assert out.dtype == torch.bfloat16
         err[backend] = (out.double() - exact).abs().mean().item()
     assert err["blocked"] < 1.5 * err["math"] + 1e-4
-    torch.library.opcheck(torch.ops.pixformer.blocked_attention, (q, k, v, None))
-    torch.library.opcheck(torch.ops.pixformer.blocked_attention, (q, k, v, torch.rand(65, 65) > 0.5))
+    torch.library.opcheck(torch.ops.pixformer.blocked_attention, (q, k, v, None, None, None))
+    torch.library.opcheck(torch.ops.pixformer.blocked_attention, (q, k, v, torch.rand(65, 65) > 0.5, None, None))
+    seg = torch.randint(0, 3, (2, 65))
+    torch.library.opcheck(torch.ops.pixformer.blocked_attention, (q, k, v, None, seg, seg))
 
 
 def test_auto_backend_choice():
@@ -290,9 +292,9 @@ def test_allocator_policy_names_and_checks():
     with pytest.raises(PixformerError, match="allocator policy must be one of"):
         set_allocator("fast")
     with pytest.raises(PixformerError, match="allocator policy"):
-        check_speed_settings(allocator="kept")
+        Speed(allocator="kept").check()
     with pytest.raises(PixformerError, match="unknown attention backend 'flsh'"):
-        check_speed_settings(attn_backend="flsh")
+        Speed(attn_backend="flsh").check()
     assert set_allocator("system") is False and set_allocator("auto", memory_first=True) is False
 
 
@@ -310,7 +312,7 @@ def test_allocator_policy_decides_where_large_tensors_live(policy, mapped):
     its own, returned when freed; under keep a 64 MiB one comes from the heap, which keeps it."""
     code = f"""
 import ctypes, torch
-from pixformer.perf import set_allocator
+from pixformer.engine.perf import set_allocator
 class Info(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
 libc = ctypes.CDLL("libc.so.6"); libc.mallinfo2.restype = Info

@@ -1,17 +1,20 @@
 import csv
 import dataclasses
 import json
+import os
+import signal
 
 import pytest
 
-import pixformer.sweep as sweep_mod
-import pixformer.train as train_mod
+import pixformer.experiments.sweep as sweep_mod
+import pixformer.engine.loop as train_mod
 from pixformer import PixformerError
 from pixformer.cli import main
-from pixformer.sweep import SweepConfig, plan, point_geometry, run_sweep, sweep_config
-from pixformer.train import TrainConfig
+from pixformer.engine import TrainConfig
+from pixformer.experiments.sweep import SweepConfig, plan, point_geometry, run_sweep, sweep_config
 
-TINY = TrainConfig(data="digits", depth=1, dim=16, heads=2, epochs=2, batch_size=32, train_subset=64, progress=False)
+TINY = TrainConfig(data="digits", model_args=dict(depth=1, dim=16, heads=2), epochs=2, batch_size=32, train_subset=64,
+                   progress=False)
 
 
 def test_fixed_input_grid():
@@ -36,11 +39,11 @@ def test_fixed_tokens_grid():
 
 
 def test_any_named_model_sweeps_its_patch_size():
-    cfg = SweepConfig(patches=[2, 1], model="convmixer-256/8", train=TrainConfig(dim=16, depth=1))
+    cfg = SweepConfig(patches=[2, 1], model="convmixer-256/8", train=TrainConfig(model_args=dict(dim=16, depth=1)))
     points = plan(cfg, (8, 8), 1, 10)
     assert [p.model for p in points] == ["convmixer-256/8"] * 2
     run = sweep_mod.point_config(cfg, points[1], 3, sweep_mod.Path("out"))
-    assert (run.patch_size, run.seed, run.resume, run.dim) == (1, 3, True, 16)
+    assert (run.model_args, run.seed, run.resume) == ({"dim": 16, "depth": 1, "patch_size": 1}, 3, True)
 
 
 @pytest.mark.parametrize("settings,match", [
@@ -52,8 +55,8 @@ def test_any_named_model_sweeps_its_patch_size():
     (dict(patches=[]), "patches"),
     (dict(size="x"), "size"),
     (dict(seeds=[]), "seeds"),
-    (dict(model="convmixer-64/2", train=TrainConfig(pos_embed="none")), "p4-8x8 \\(convmixer-64/2\\).*pos_embed"),
-    (dict(train=TrainConfig(heads=5)), "p4-8x8.*divisible by 5 heads"),
+    (dict(model="convmixer-64/2", train=TrainConfig(model_args=dict(pos_embed="none"))), "p4-8x8 \\(convmixer-64/2\\).*pos_embed"),
+    (dict(train=TrainConfig(model_args=dict(heads=5))), "p4-8x8.*divisible by 5 heads"),
 ])
 def test_bad_settings_are_rejected_naming_the_point(settings, match):
     with pytest.raises(PixformerError, match=match):
@@ -85,8 +88,8 @@ def test_two_point_sweep_caches_and_resumes(tmp_path, monkeypatch):
     real_lr_at = train_mod.lr_at
 
     def interrupt(step, *args):
-        if step == 3 and calls[-1].endswith("p2-8x8/seed0"):
-            raise KeyboardInterrupt
+        if step == 2 and calls[-1].endswith("p2-8x8/seed0"):
+            os.kill(os.getpid(), signal.SIGINT)      # Ctrl-C: the step finishes, then the run stops
         return real_lr_at(step, *args)
     monkeypatch.setattr(train_mod, "lr_at", interrupt)
     with pytest.raises(PixformerError, match="sweep stopped at p2-8x8 seed 0.*--out"):
@@ -106,7 +109,7 @@ def test_two_point_sweep_caches_and_resumes(tmp_path, monkeypatch):
     # ... to the same result as an uninterrupted run
     fresh = real_train(dataclasses.replace(sweep_mod.point_config(cfg, sweep_mod.plan(cfg, (8, 8), 1, 10)[1], 0, out),
                                            out=str(tmp_path / "fresh"), resume=False), None)
-    assert fresh["top1"] == resumed["top1"]
+    assert fresh["test_top1"] == resumed["top1"]
 
     # third run: nothing trains; outputs are written
     calls.clear()

@@ -1,15 +1,19 @@
 import json
+import os
+import signal
 
 import pytest
 import torch
+from torch import nn
 
-import pixformer.train as train_mod
-from pixformer import PixformerError, create_model
-from pixformer.checkpoint import find_checkpoint, load_model, load_weights, save_checkpoint
-from pixformer.train import TrainConfig, lr_at, train
+import pixformer.engine.loop as loop
+from pixformer import PixformerError, TrainConfig, create_model, train
+from pixformer.engine.checkpoint import find_checkpoint, load_model, load_weights, save_checkpoint
+from pixformer.engine.loop import lr_at, param_groups
+from pixformer.tasks import Classify
 
-TINY = dict(model="vit-n/2", data="digits", depth=1, dim=16, heads=2, batch_size=32, train_subset=192,
-            progress=False)
+TINY = dict(model="vit-n/2", data="digits", model_args=dict(depth=1, dim=16, heads=2), batch_size=32,
+            train_subset=192, progress=False)
 
 
 def metrics(run_dir):
@@ -17,48 +21,128 @@ def metrics(run_dir):
     return [{k: v for k, v in r.items() if k != "img_per_s"} for r in rows]
 
 
-def test_short_training_run_lowers_the_loss(tmp_path):
-    result = train(TrainConfig(**{**TINY, "train_subset": None, "model": "vit-n/4", "dim": 32, "epochs": 3,
-                                  "lr": 3e-3, "out": str(tmp_path / "run")}))
+def test_short_training_run_validates_on_val_and_tests_once_at_the_end(tmp_path):
+    result = train(TrainConfig(**{**TINY, "train_subset": None, "model": "vit-n/4",
+                                  "model_args": dict(depth=1, dim=32, heads=2), "epochs": 3, "lr": 3e-3,
+                                  "out": str(tmp_path / "run")}))
     rows = metrics(tmp_path / "run")
-    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
-    assert rows[-1]["test_loss"] < 2.0 < 2.302  # well below chance-level cross-entropy log(10)
-    assert result["top1"] > 0.5 and result["val_split"] == "test" and result["n"] == 359
+    epochs, final = rows[:-1], rows[-1]
+    assert [r["epoch"] for r in epochs] == [1, 2, 3] and all("val_top1" in r and "test_top1" not in r for r in epochs)
+    assert set(final) == {"step", "epoch", "test_loss", "test_top1", "test_top5"}      # test: once, at the end
+    assert epochs[-1]["train_loss"] < epochs[0]["train_loss"]
+    assert epochs[-1]["val_loss"] < 2.0 < 2.302  # well below chance-level cross-entropy log(10)
+    # digits: validation is 10 % held out of the 1,438 training images, never the 359 test images
+    assert result["val_n"] == 144 and result["test_n"] == 359 and result["test_top1"] > 0.5
+    assert result["best_top1"] == max(r["val_top1"] for r in epochs)
 
 
-def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, monkeypatch):
-    cfg = dict(TINY, epochs=2, ema_decay=0.9, drop_path=0.1, crop_padding=1, mixup=0.2, checkpoint_every=4)
-    full = train(TrainConfig(**cfg, out=str(tmp_path / "full")))
-
-    real_lr_at = train_mod.lr_at
-
-    def killed_at_step_9(step, *args):  # 6 steps per epoch: step 9 is in the middle of epoch 2
-        if step == 9:
-            raise KeyboardInterrupt
-        return real_lr_at(step, *args)
-    monkeypatch.setattr(train_mod, "lr_at", killed_at_step_9)
-    with pytest.raises(PixformerError, match="interrupted at step 9/12; checkpoint saved"):
-        train(TrainConfig(**cfg, out=str(tmp_path / "killed")))
-    assert json.loads((tmp_path / "killed" / "checkpoint" / "state.json").read_text())["step"] == 9
-    monkeypatch.setattr(train_mod, "lr_at", real_lr_at)
-    resumed = train(TrainConfig(**cfg, out=str(tmp_path / "killed"), resume=True))
-
-    for a, b in ((full["model"], resumed["model"]), (full["ema"], resumed["ema"])):
-        for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
-            assert torch.equal(x, y), name
-    assert metrics(tmp_path / "full") == metrics(tmp_path / "killed")
-    assert resumed["top1"] == full["top1"]
+KILL_CFG = dict(TINY, epochs=2, ema_decay=0.9, model_args=dict(depth=1, dim=16, heads=2, drop_path=0.1),
+                crop_padding=1, task_args=dict(mixup=0.2), checkpoint_every=4, eval_batch_size=64)
+# 6 steps per epoch; validation of the 144 held-out images in 3 batches
 
 
-def test_existing_run_needs_resume_and_the_same_model(tmp_path):
+def assert_same_run(a, b, dir_a, dir_b):
+    for x, y in ((a["model"], b["model"]), (a["ema"], b["ema"])):
+        for (name, p), (_, q) in zip(x.state_dict().items(), y.state_dict().items()):
+            assert torch.equal(p, q), name
+    assert metrics(dir_a) == metrics(dir_b)
+    assert (a["val_top1"], a["test_top1"]) == (b["val_top1"], b["test_top1"])
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("full") / "run"
+    return train(TrainConfig(**KILL_CFG, out=str(out))), out
+
+
+def sigterm():
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.parametrize("where", ["mid-epoch", "inside the optimizer step", "during validation"])
+def test_sigterm_anywhere_then_resume_equals_an_uninterrupted_run(where, uninterrupted, tmp_path, monkeypatch):
+    full, full_dir = uninterrupted
+    out = tmp_path / "killed"
+    if where == "mid-epoch":
+        real = loop.lr_at
+        monkeypatch.setattr(loop, "lr_at", lambda step, *a: (sigterm() if step == 9 else None) or real(step, *a))
+    elif where == "inside the optimizer step":   # between the weight update and the step counter
+        real_step = torch.optim.AdamW.step
+        calls = []
+
+        def step(self, *a, **k):
+            out_ = real_step(self, *a, **k)
+            calls.append(1)
+            if len(calls) == 9:
+                sigterm()
+            return out_
+        monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    else:                                        # the first batch of the second epoch's validation
+        real_eval = Classify.eval_sums
+        calls = []
+
+        def eval_sums(self, *a):
+            calls.append(1)
+            if len(calls) == 4:
+                sigterm()
+            return real_eval(self, *a)
+        monkeypatch.setattr(Classify, "eval_sums", eval_sums)
+    stopped_at = {"mid-epoch": 10, "inside the optimizer step": 9, "during validation": 12}[where]
+    with pytest.raises(PixformerError, match=rf"stopped \(SIGTERM\) at step {stopped_at}/12; checkpoint saved"):
+        train(TrainConfig(**KILL_CFG, out=str(out)))
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert state["step"] == stopped_at                  # the step the signal fell into was finished and counted
+    assert state["epochs_logged"] == 1                  # epoch 2's validation: done again after the resume
+    monkeypatch.undo()
+    resumed = train(TrainConfig(**KILL_CFG, out=str(out), resume=True))
+    assert_same_run(full, resumed, full_dir, out)
+
+
+def test_a_hard_crash_resumes_from_the_last_checkpoint(uninterrupted, tmp_path, monkeypatch):
+    """A process that dies without a chance to save (SIGKILL) leaves the checkpoint of step 8
+    (checkpoint_every=4); resuming recomputes steps 9-12 and ends exactly as the uninterrupted run."""
+    full, full_dir = uninterrupted
+    out = tmp_path / "crashed"
+    real = loop.lr_at
+
+    def crash(step, *a):
+        if step == 10:
+            raise SystemExit("killed")
+        return real(step, *a)
+    monkeypatch.setattr(loop, "lr_at", crash)
+    with pytest.raises(SystemExit):
+        train(TrainConfig(**KILL_CFG, out=str(out)))
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 8
+    monkeypatch.undo()
+    assert_same_run(full, train(TrainConfig(**KILL_CFG, out=str(out), resume=True)), full_dir, out)
+
+
+def test_resume_refuses_other_settings_and_names_them(tmp_path):
     out = str(tmp_path / "run")
     train(TrainConfig(**TINY, epochs=1, out=out))
     with pytest.raises(PixformerError, match="already holds a run; pass --resume"):
         train(TrainConfig(**TINY, epochs=1, out=out))
-    with pytest.raises(PixformerError, match=r"different model \(differs in \['dim'\]\)"):
-        train(TrainConfig(**{**TINY, "dim": 32}, epochs=1, out=out, resume=True))
+    with pytest.raises(PixformerError, match=r"other settings \(model_args: \{'depth': 1, 'dim': 16, 'heads': 2\} -> "
+                                             r"\{'depth': 1, 'dim': 32, 'heads': 2\}\)"):
+        train(TrainConfig(**{**TINY, "model_args": dict(depth=1, dim=32, heads=2)}, epochs=1, out=out, resume=True))
+    with pytest.raises(PixformerError, match=r"other settings \(batch_size: 32 -> 64; epochs: 1 -> 2; lr: 0.001 -> "
+                                             r"0.002; seed: 0 -> 1\)"):
+        train(TrainConfig(**{**TINY, "batch_size": 64}, epochs=2, lr=2e-3, seed=1, out=out, resume=True))
+    with pytest.raises(PixformerError, match=r"other settings \(data: digits -> "):
+        train(TrainConfig(**{**TINY, "data": str(tmp_path)}, epochs=1, out=out, resume=True))
+    # how a run executes may change: device, progress, speed switches
+    train(TrainConfig(**{**TINY, "progress": True}, epochs=1, out=out, resume=True, speed=dict(attn_backend="math")))
     with pytest.raises(PixformerError, match="--resume needs --out"):
         train(TrainConfig(**TINY, resume=True))
+
+
+def test_runs_are_named_after_the_model_actually_built(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = train(TrainConfig(**{**TINY, "model_args": dict(depth=6, dim=128, heads=4, patch_size=4)}, epochs=1))
+    assert result["model_name"] == "vit-n/4"
+    assert os.path.basename(result["run_dir"]).startswith("vit-n4-digits-")
+    state = json.loads((tmp_path / result["run_dir"] / "checkpoint" / "state.json").read_text())
+    assert state["model_name"] == "vit-n/4" and state["model"]["config"]["patch_size"] == 4
 
 
 def test_checkpoint_files_are_safetensors_and_json(tmp_path):
@@ -68,7 +152,8 @@ def test_checkpoint_files_are_safetensors_and_json(tmp_path):
     assert sorted(p.name for p in ckpt.iterdir()) == ["ema.safetensors", "model.safetensors",
                                                        "optimizer.safetensors", "state.json"]
     state = json.loads((ckpt / "state.json").read_text())
-    assert state["model"]["arch"] == "vit" and state["train_config"]["dim"] == 16
+    assert state["model"]["arch"] == "vit" and state["train_config"]["model_args"]["dim"] == 16
+    assert state["task"] == {"name": "classify", "config": {"label_smoothing": 0.1, "mixup": 0.0, "cutmix": 0.0}}
     assert state["optimizer"]["param_groups"][0]["weight_decay"] == 0.05
     assert not [p for p in out.iterdir() if p.name.startswith(".checkpoint.tmp")]
     model, _ = load_model(out)
@@ -104,12 +189,17 @@ def test_learning_rate_schedule():
     assert lr_at(100, 100, 10, 1.0, 0.1) == pytest.approx(0.1)
 
 
-def test_weight_decay_skips_norms_biases_and_embeddings():
+def test_weight_decay_by_role_not_by_shape():
     model = create_model("pit-n", img_size=4, depth=1, dim=16, heads=2)
-    decay, rest = train_mod.param_groups(model, 0.05)
+    model.mask_token = nn.Parameter(torch.zeros(1, 1, 16))     # a 3-D token: no decay
+    model.table2d = nn.Parameter(torch.zeros(4, 16))           # a 2-D embedding: no decay either
+    model.conv = nn.Conv2d(3, 4, 3)                            # a 4-D conv weight: decayed
+    decay, rest = param_groups(model, 0.05)
     names = {id(p): n for n, p in model.named_parameters()}
-    assert {names[id(p)] for p in rest["params"]} >= {"cls_token", "pos_table", "norm.weight", "head.bias"}
-    assert "blocks.0.attn.qkv.weight" in {names[id(p)] for p in decay["params"]}
+    assert {names[id(p)] for p in rest["params"]} >= {"cls_token", "pos_table", "norm.weight", "head.bias",
+                                                      "mask_token", "table2d", "conv.bias"}
+    assert {names[id(p)] for p in decay["params"]} >= {"blocks.0.attn.qkv.weight", "patch_embed.weight", "conv.weight"}
+    assert not {names[id(p)] for p in decay["params"]} & {names[id(p)] for p in rest["params"]}
 
 
 def test_run_records_the_speed_settings_it_resolved(tmp_path):
@@ -119,5 +209,17 @@ def test_run_records_the_speed_settings_it_resolved(tmp_path):
     assert speed["selective_checkpoint"] is False            # a tiny step: not worth its per-op cost
     assert speed["precision"] == "float32" and speed["attn_backend"] == "auto" and speed["allocator"] == "auto"
     with pytest.raises(PixformerError, match="allocator policy must be one of"):
-        train(TrainConfig(**TINY, epochs=1, out=str(tmp_path / "bad"), allocator="fast"))
+        train(TrainConfig(**TINY, epochs=1, out=str(tmp_path / "bad"), speed=dict(allocator="fast")))
     assert not (tmp_path / "bad").exists()                   # refused before any work
+
+
+def test_bad_task_and_model_settings_are_refused_before_any_work(tmp_path):
+    with pytest.raises(PixformerError, match=r"unknown task 'segment'; choose from \['classify'\]"):
+        train(TrainConfig(**TINY, task="segment", out=str(tmp_path / "a")))
+    with pytest.raises(PixformerError, match=r"task 'classify' has no setting\(s\) \['mask_ratio'\]"):
+        train(TrainConfig(**TINY, task_args=dict(mask_ratio=0.75), out=str(tmp_path / "b")))
+    with pytest.raises(PixformerError, match=r"vit-n/2 \(vit\) has no setting\(s\) \['kernel_size'\]"):
+        train(TrainConfig(**{**TINY, "model_args": dict(kernel_size=3)}, out=str(tmp_path / "c")))
+    with pytest.raises(PixformerError, match=r"label_smoothing must be in \[0, 1\)"):
+        train(TrainConfig(**TINY, task_args=dict(label_smoothing=1.5), out=str(tmp_path / "d")))
+    assert not any((tmp_path / n).exists() for n in "abcd")

@@ -3,6 +3,9 @@
 Options are the fields of the config dataclasses (`pixformer train --help`); `--config FILE.yaml`
 loads a recipe, later options override it, `--print_config` shows the merged result. Options may be
 spelled with dashes or underscores (`--img-size` or `--img_size`); a bare boolean flag means true.
+Model and task settings are mappings (`--model-args '{depth: 4}'`, `--task-args '{mixup: 0.8}'`);
+each of their fields is also an option of its own (`--depth 4`, `--mixup 0.8`), generated from the
+model and task dataclasses, as are the speed switches (`--attn-backend` for `--speed.attn_backend`).
 """
 from __future__ import annotations
 
@@ -15,44 +18,63 @@ import typing
 from .errors import PixformerError
 
 
+def _speed_fields() -> list[str]:
+    from .engine.perf import Speed
+    return [f.name for f in dataclasses.fields(Speed)]
+
+
 def _normalise_argv(argv: list[str], bool_options: set[str]) -> list[str]:
-    """--img-size -> --img_size; a bare boolean flag (`--resume`) -> `--resume true`."""
-    out = []
+    """--img-size -> --img_size; --attn-backend -> --speed.attn_backend; a bare boolean flag
+    (`--resume`) -> `--resume true`."""
+    out, speed = [], set(_speed_fields())
     for i, tok in enumerate(argv):
         if tok.startswith("--") and len(tok) > 2:
             name, eq, val = tok[2:].partition("=")
-            tok = "--" + name.replace("-", "_") + eq + val
+            name = name.replace("-", "_")
+            name = f"speed.{name}" if name in speed else name
+            tok = "--" + name + eq + val
             out.append(tok)
             nxt = argv[i + 1] if i + 1 < len(argv) else None
-            if not eq and name.replace("-", "_") in bool_options and (nxt is None or nxt.startswith("-")):
+            if not eq and name in bool_options and (nxt is None or nxt.startswith("-")):
                 out.append("true")
         else:
             out.append(tok)
     return out
 
 
+def add_train_arguments(parser, skip: set[str] = frozenset()):
+    """TrainConfig's fields, and the model / task setting shortcuts, as options of `parser`."""
+    from .engine.config import TrainConfig, setting_shortcuts
+    parser.add_class_arguments(TrainConfig, skip=set(skip))
+    for name, (mapping, hint) in setting_shortcuts().items():
+        if name not in skip:
+            parser.add_argument(f"--{name}", type=typing.Optional[hint], default=None,
+                                help=f"shortcut for --{mapping} '{{{name}: ...}}'")
+
+
 def build_parser():
     from jsonargparse import ActionConfigFile, ArgumentParser
-
-    from .train import TrainConfig
 
     parser = ArgumentParser(prog="pixformer", description="Vision transformers at any patch size, down to pixels.",
                             exit_on_error=False)
     commands = parser.add_subcommands(dest="command")
 
-    train = ArgumentParser(exit_on_error=False, description="Train a model (supervised classification).")
+    train = ArgumentParser(exit_on_error=False, description="Train a model for a task (--task; default: classify).")
     train.add_argument("--config", action=ActionConfigFile, help="a YAML recipe (see configs/)")
-    train.add_class_arguments(TrainConfig)
+    add_train_arguments(train)
     commands.add_subcommand("train", train, help="train a model")
 
-    ev = ArgumentParser(exit_on_error=False, description="Evaluate a checkpoint: top-1/top-5 accuracy and loss.")
+    ev = ArgumentParser(exit_on_error=False, description="Evaluate a checkpoint with its task's metrics "
+                        "(classification: top-1/top-5 accuracy and loss).")
     ev.add_argument("--config", action=ActionConfigFile)
     ev.add_argument("--checkpoint", type=str, required=True, help="run folder or its checkpoint/ folder")
-    ev.add_argument("--data", type=str, required=True, help="data source, as for train")
+    ev.add_argument("--data", type=typing.Optional[str], default=None, help="data source, as for train "
+                    "(default: the run's own)")
     ev.add_argument("--data_root", type=typing.Optional[str], default=None)
-    ev.add_argument("--split", type=typing.Literal["test", "val"], default="test",
-                    help="test: the source's test split, or all of a plain class-folder tree; "
-                         "val: the validation split held out of train at training time")
+    ev.add_argument("--split", type=typing.Literal["train", "val", "test"], default="test",
+                    help="exactly one split: train, val (the source's val split, or the hold-out of train the "
+                         "run validated on) or test (the source's test split; a plain class-folder tree that "
+                         "the run did not train on counts as test images)")
     ev.add_argument("--weights", type=typing.Literal["auto", "model", "ema"], default="auto")
     ev.add_argument("--batch_size", type=int, default=512)
     ev.add_argument("--device", type=str, default="auto")
@@ -88,17 +110,17 @@ def build_parser():
     demo.add_argument("--progress", type=bool, default=False)
     commands.add_subcommand("demo", demo, help="patch 4 vs 2 vs 1 on digits (the main job)")
 
-    from .sweep import PER_POINT, SweepConfig
+    from .experiments.sweep import PER_POINT, SweepConfig
     sweep = ArgumentParser(exit_on_error=False, description="The patch-size study: one recipe trained at every "
                            "patch size (fixed input size, or fixed token count), per seed, cached point by point. "
                            "Takes every train option except those the sweep sets per point "
                            f"({', '.join(PER_POINT)}).")
     sweep.add_argument("--config", action=ActionConfigFile)
     sweep.add_class_arguments(SweepConfig, skip={"train"})
-    sweep.add_class_arguments(TrainConfig, skip=set(PER_POINT))
+    add_train_arguments(sweep, skip=set(PER_POINT))
     commands.add_subcommand("sweep", sweep, help="accuracy against patch size, cached and resumable")
 
-    from .analyze import AnalyzeConfig
+    from .experiments.analyze import AnalyzeConfig
     analyze = ArgumentParser(exit_on_error=False, description="Figures (PNG) and their numbers (JSON) of what a "
                              "checkpoint learned: mean attention distance, position-embedding similarity, "
                              "patch-embedding filters, attention maps and rollout of one image (--image_index, "
@@ -139,59 +161,47 @@ def _explain(err: Exception, parser) -> str:
 
 
 def cmd_train(ns) -> int:
-    from .train import TrainConfig, train
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    cfg = TrainConfig(**{k: v for k, v in vars(ns).items() if k in fields})
-    result = train(cfg)
+    from .engine import train
+    from .engine.config import config_from_options
+    result = train(config_from_options(ns.as_dict()))
     print(f"run folder: {result['run_dir']}")
-    print(json.dumps({k: result[k] for k in ("step", "val_split", "top1", "top5", "loss", "n")}))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("model", "ema", "run_dir")}))
     return 0
 
 
 def cmd_eval(ns) -> int:
     import torch
 
-    from .ablations import apply_permutation, pixel_permutation
-    from .checkpoint import load_model
-    from .data import holdout, load_source
-    from .train import autocast_dtype, evaluate, pick_device
+    from .data import ImageSet
+    from .data.splits import run_split
+    from .engine import Runtime, evaluate, load_model
+    from .engine.perf import autocast_dtype
+    from .tasks import DataFacts, get_task, task_config
 
     model, state = load_model(ns.checkpoint, ns.weights)
-    info = state["data"]
-    size = tuple(info["img_size"])
-    splits = load_source(ns.data, ns.data_root, size, ns.skip_bad_images)
-    if ns.split == "val":
-        base = splits.get("train", splits.get("all"))
-        if info["val_split"] != "val":
-            raise PixformerError("this run validated on the dataset's test split; there is no held-out val split")
-        data = base.subset(holdout(len(base), info["val_fraction"], seed=0)[1])
-    else:
-        data = splits.get("test", splits.get("all"))
-        if data is None:
-            raise PixformerError(f"{ns.data} has no test split; use --split val or a folder of test images")
-    if data.images.shape[1] != info["in_chans"]:
-        raise PixformerError(f"{ns.data} has {data.images.shape[1]} channels; the model was trained on {info['in_chans']}")
-    trained = info["classes"]
+    data, where = run_split(state, ns.data, ns.data_root, ns.split)
+    trained = state["data"]["classes"]
     unknown = [c for c in data.classes if c not in trained]
     if unknown:
-        raise PixformerError(f"classes {unknown[:5]} of {ns.data} were not seen in training ({len(trained)} classes)")
-    class_map = torch.tensor([trained.index(c) for c in data.classes])
-    perm = pixel_permutation(state["train_config"], *size)  # the run's locality ablation, if it had one
-    data = dataclasses.replace(data, images=apply_permutation(data.images, perm))
-    device = pick_device(ns.device)
-    amp = autocast_dtype(state["train_config"]["precision"], device)
-    metrics = evaluate(model.to(device), data, info["mean"], info["std"], ns.batch_size, device, amp, class_map)
+        raise PixformerError(f"classes {unknown[:5]} of {where} were not seen in training ({len(trained)} classes)")
+    labels = torch.tensor([trained.index(c) for c in data.classes])[data.labels]   # the model's class indices
+    data = ImageSet(data.images, labels, trained)
+    facts = DataFacts(**{k: state["data"][k] for k in ("classes", "in_chans", "img_size", "mean", "std")})
+    task = get_task(state["task"]["name"])(task_config(state["task"]["name"], state["task"]["config"]), facts)
+    runtime = Runtime.create(ns.device)
+    amp = autocast_dtype(state["train_config"]["precision"], runtime.device)
+    metrics = evaluate(task, model.to(runtime.device), data, ns.batch_size, runtime, amp)
     if not ns.json:
-        print(f"{ns.data} [{ns.split}] n={metrics['n']}  top1 {metrics['top1']:.4f}  top5 {metrics['top5']:.4f}"
-              f"  loss {metrics['loss']:.4f}")
-    print(json.dumps(metrics) if ns.json else "", end="\n" if ns.json else "")
+        print(f"{where} " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+    else:
+        print(json.dumps(metrics))
     return 0
 
 
 def cmd_models(ns) -> int:
     import torch
 
-    from .registry import create_model, list_models
+    from .models.registry import create_model, list_models
     print(f"{'name':<12} {'params':>12} {'tokens':>7} {'GFLOPs':>9}   (at {ns.img_size}x{ns.img_size}, "
           f"{ns.num_classes} classes; a multiply-add counts as 2 FLOPs)")
     for name in list_models():
@@ -208,7 +218,7 @@ def cmd_models(ns) -> int:
 
 
 def cmd_plan(ns) -> int:
-    from .plan import plan
+    from .engine.plan import plan
     p = plan(ns.model, ns.img_size, ns.batch_size, ns.memory, ns.precision, ns.attn_backend, ns.num_classes,
              ns.in_chans)
     print(json.dumps(p.to_dict()) if ns.json else p)
@@ -216,7 +226,8 @@ def cmd_plan(ns) -> int:
 
 
 def cmd_demo(ns) -> int:
-    from .demo import format_table, run_demo
+    from .experiments.demo import run_demo
+    from .experiments.tables import format_table
     out_dir, rows = run_demo(ns.out, ns.seed, ns.train_subset, ns.epochs, ns.progress)
     print()
     print(format_table(rows))
@@ -228,19 +239,19 @@ def cmd_demo(ns) -> int:
 def cmd_sweep(ns) -> int:
     import time
 
-    from .demo import format_table
-    from .sweep import columns, run_sweep, sweep_config
+    from .experiments.sweep import columns, run_sweep, sweep_config
+    from .experiments.tables import format_table
     t0 = time.time()
     out_dir, rows = run_sweep(sweep_config(vars(ns)))
     print()
-    print(format_table(rows, columns(rows[0]["val_split"])))
+    print(format_table(rows, columns(rows[0]["split"])))
     print(f"\nresults: {out_dir / 'results.csv'}, {out_dir / 'results.md'}  ({time.time() - t0:.0f} s)")
     print(f"run folder: {out_dir}")
     return 0
 
 
 def cmd_analyze(ns) -> int:
-    from .analyze import AnalyzeConfig, analyze
+    from .experiments.analyze import AnalyzeConfig, analyze
     fields = {f.name for f in dataclasses.fields(AnalyzeConfig)}
     analyze(AnalyzeConfig(**{k: v for k, v in vars(ns).items() if k in fields}))
     return 0

@@ -4,9 +4,15 @@ linear map of the pixel's channels. Larger patch sizes give ViT ("An Image is Wo
 
 Tasks (classification, MAE, diffusion) use the encoder through this interface:
     tokens, grid = model.embed(images)      # (B, N, D) patch tokens with position added
-    feats = model.encode(tokens)            # (B, T, D) after the blocks and final norm (T = N [+1 cls])
+    x = model.prepend_cls(tokens)           # (B, T, D), T = N + 1 with a class token (an explicit step)
+    feats = model.encode(x, spec)           # (B, T, D) after the blocks and final norm
     pooled = model.pool(feats)              # (B, D)
     logits = model.head(pooled)             # (B, classes)
+
+Position embeddings are functions of token coordinates (`position_embedding(grid, coords)`), so a
+subset of tokens (MAE's visible ones, dropped tokens, a shard, packed images) gets the rows it
+would have in the full grid. `Block` is the one Transformer block of the package: pre-norm, or
+modulated from a conditioning vector (DiT's adaLN-Zero) when built with `cond_dim`.
 """
 from __future__ import annotations
 
@@ -17,9 +23,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from ..attention import attention
+from .attention import AttnSpec, attention
 from ..errors import PixformerError
-from ..pos_embed import grid_coords, rescale_coords, sample_table, sincos_2d
+from .pos_embed import grid_coords, rescale_coords, sample_table, sincos_2d
 
 
 @dataclass
@@ -60,6 +66,20 @@ def check_grid(img_size: tuple[int, int], patch: int) -> tuple[int, int]:
     return h // patch, w // patch
 
 
+def patchify(images: Tensor, p: int) -> tuple[Tensor, tuple[int, int]]:
+    """(B, C, H, W) -> (B, N, p*p*C) patch vectors in row-major grid order, and the grid (H/p, W/p)."""
+    grid = check_grid(tuple(images.shape[-2:]), p)
+    return rearrange(images, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=p, p2=p), grid
+
+
+def unpatchify(patches: Tensor, p: int, grid: tuple[int, int]) -> Tensor:
+    """The exact inverse of `patchify`: (B, N, p*p*C) on a (rows, cols) grid -> (B, C, rows*p, cols*p)."""
+    if patches.shape[1] != grid[0] * grid[1] or patches.shape[2] % (p * p):
+        raise PixformerError(f"{patches.shape[1]} patches of {patches.shape[2]} values do not make a "
+                             f"{grid[0]}x{grid[1]} grid of {p}x{p} patches")
+    return rearrange(patches, "b (h w) (p1 p2 c) -> b c (h p1) (w p2)", h=grid[0], w=grid[1], p1=p, p2=p)
+
+
 def drop_path(x: Tensor, rate: float, training: bool) -> Tensor:
     """Stochastic depth: zero a sample's residual branch with probability `rate`."""
     if rate == 0.0 or not training:
@@ -77,11 +97,11 @@ class Attention(nn.Module):
         self.attn_backend = "auto"   # set from outside: attention.set_attention_backend
         self.record_to = None        # a list while attention.record_attention is active
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, spec: AttnSpec | None = None) -> Tensor:
         qkv = self.qkv(x).unflatten(-1, (3, self.heads, -1))                  # (B, N, 3, H, Dh)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))                 # (B, H, N, Dh) views; the
         # backward stacks their gradients straight into qkv's layout (one copy, not two)
-        out, probs = attention(q, k, v, mask, backend=self.attn_backend,
+        out, probs = attention(q, k, v, spec, backend=self.attn_backend,
                                need_weights=self.record_to is not None)  # (B, H, N, Dh)
         if probs is not None:
             self.record_to.append(probs.detach())
@@ -89,21 +109,52 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm Transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+    """Pre-norm Transformer block: x + Attn(LN(x)), then x + MLP(LN(x)).
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, qkv_bias: bool, drop_path: float):
+    With `cond_dim` > 0 it is DiT's adaLN-Zero block: a linear map of the conditioning vector gives
+    shift, scale and gate for each branch, x + gate * Attn(LN(x) * (1 + scale) + shift), the norms have
+    no affine parameters of their own, and the map starts at zero so the block starts as the identity."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 drop_path: float = 0.0, cond_dim: int = 0):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6, elementwise_affine=not cond_dim)
         self.attn = Attention(dim, heads, qkv_bias)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6, elementwise_affine=not cond_dim)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.modulation = nn.Linear(cond_dim, 6 * dim) if cond_dim else None
         self.drop_path = drop_path
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        x = x + drop_path(self.attn(self.norm1(x), mask), self.drop_path, self.training)
-        x = x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
-        return x
+    def forward(self, x: Tensor, spec: AttnSpec | None = None, cond: Tensor | None = None) -> Tensor:
+        if self.modulation is None:
+            x = x + drop_path(self.attn(self.norm1(x), spec), self.drop_path, self.training)    # (B, N, D)
+            return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)        # (B, N, D)
+        if cond is None:
+            raise PixformerError("this block is conditioned (adaLN-Zero): pass cond, a (B, cond_dim) tensor")
+        mod = self.modulation(F.silu(cond))[:, None]                           # (B, 1, 6D)
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)    # (B, 1, D) each
+        h = self.attn(self.norm1(x) * (1 + scale1) + shift1, spec)             # (B, N, D)
+        x = x + drop_path(gate1 * h, self.drop_path, self.training)            # (B, N, D)
+        h = self.mlp(self.norm2(x) * (1 + scale2) + shift2)                    # (B, N, D)
+        return x + drop_path(gate2 * h, self.drop_path, self.training)         # (B, N, D)
+
+
+def init_transformer(model: nn.Module) -> None:
+    """The weight initialisation of every Transformer built of `Block`s, in one place: truncated
+    normal (std 0.02) for linear weights, zero biases, unit LayerNorm, and zero adaLN-Zero modulation
+    (each conditioned block starts as the identity). Models add their own embeddings and heads."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias) if m.bias is not None else None
+        elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    for m in model.modules():
+        if isinstance(m, Block) and m.modulation is not None:
+            nn.init.zeros_(m.modulation.weight)
+            nn.init.zeros_(m.modulation.bias)
 
 
 class VisionTransformer(nn.Module):
@@ -117,20 +168,14 @@ class VisionTransformer(nn.Module):
         self.pos_table = nn.Parameter(torch.zeros(*self.pos_grid, D)) if cfg.pos_embed == "learned" else None
         rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(Block(D, cfg.heads, cfg.mlp_ratio, cfg.qkv_bias, r) for r in rates)
-        self.norm = nn.LayerNorm(D)
+        self.norm = nn.LayerNorm(D, eps=1e-6)
         self.head = nn.Linear(D, cfg.num_classes) if cfg.num_classes else nn.Identity()
         self.init_weights()
 
     def init_weights(self):
-        """All initialisation in one place: truncated normal (std 0.02) for weights and embeddings,
-        zero biases, unit LayerNorm, zero classifier (the ViT recipe)."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias) if m.bias is not None else None
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        """All initialisation in one place: the Transformer's (init_transformer), truncated normal
+        (std 0.02) class token and position table, and a zero classifier (the ViT recipe)."""
+        init_transformer(self)
         for prm in (self.cls_token, self.pos_table):
             if prm is not None:
                 nn.init.trunc_normal_(prm, std=0.02)
@@ -142,40 +187,48 @@ class VisionTransformer(nn.Module):
         """(B, C, H, W) -> (B, N, p*p*C) patch vectors in row-major grid order, and the grid."""
         if images.ndim != 4 or images.shape[1] != self.cfg.in_chans:
             raise PixformerError(f"expected images of shape (B, {self.cfg.in_chans}, H, W), got {tuple(images.shape)}")
-        grid = check_grid(tuple(images.shape[-2:]), self.cfg.patch_size)
-        p = self.cfg.patch_size
-        return rearrange(images, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=p, p2=p), grid
+        return patchify(images, self.cfg.patch_size)
+
+    def unpatchify(self, patches: Tensor, grid: tuple[int, int]) -> Tensor:
+        """(B, N, p*p*C) -> (B, C, H, W), the inverse of `patchify`."""
+        return unpatchify(patches, self.cfg.patch_size, grid)
 
     def position_embedding(self, grid: tuple[int, int], coords: Tensor | None = None) -> Tensor | None:
-        """Embedding (N, D) of tokens at `coords` (N, 2) on a `grid` (default: every grid cell, row-major),
-        or None for pos_embed='none'. A learned table is resampled bilinearly on its 2-D grid when
-        `grid` differs from the one trained at; sincos is computed for the coordinates as they are."""
+        """Embedding (..., D) of tokens at `coords` (..., 2) (row, col) on a `grid` (default: every grid
+        cell, row-major: (N, D)), or None for pos_embed='none'. Any subset, order or batch of
+        coordinates gets the rows the full grid would give them. A learned table is resampled
+        bilinearly on its 2-D grid when `grid` differs from the one trained at; sincos is computed
+        for the coordinates as they are."""
         if self.cfg.pos_embed == "none":
             return None
         if self.pos_table is not None and grid == self.pos_grid and coords is None:
             return self.pos_table.reshape(-1, self.cfg.dim)                # the table itself
         if coords is None:
             coords = grid_coords(*grid, device=self.patch_embed.weight.device)
+        flat = coords.reshape(-1, 2).float()                               # (M, 2)
         if self.cfg.pos_embed == "sincos2d":
-            return sincos_2d(coords, self.cfg.dim).to(self.patch_embed.weight.dtype)
-        if grid != self.pos_grid:
-            coords = rescale_coords(coords, grid, self.pos_grid)
-        return sample_table(self.pos_table, coords)
+            pe = sincos_2d(flat, self.cfg.dim).to(self.patch_embed.weight.dtype)
+        else:
+            pe = sample_table(self.pos_table, flat if grid == self.pos_grid else rescale_coords(flat, grid, self.pos_grid))
+        return pe.reshape(*coords.shape[:-1], self.cfg.dim)                # (..., D)
 
-    def embed(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
+    def embed(self, images: Tensor, coords: Tensor | None = None) -> tuple[Tensor, tuple[int, int]]:
         """(B, C, H, W) -> (B, N, D) patch tokens with position embedding added, and the grid."""
         patches, grid = self.patchify(images)                             # (B, N, p*p*C)
         x = self.patch_embed(patches)                                     # (B, N, D)
-        pos = self.position_embedding(grid)                               # (N, D) or None
+        pos = self.position_embedding(grid, coords)                       # (N, D), (B, N, D) or None
         return (x if pos is None else x + pos), grid                      # (B, N, D)
 
-    def encode(self, tokens: Tensor, mask: Tensor | None = None) -> Tensor:
-        """(B, N, D) tokens -> (B, T, D) features after the blocks and final norm (cls first if used)."""
-        x = tokens
-        if self.cls_token is not None:
-            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1+N, D)
+    def prepend_cls(self, tokens: Tensor) -> Tensor:
+        """(B, N, D) -> (B, 1+N, D) with the class token first; unchanged for a model without one."""
+        if self.cls_token is None:
+            return tokens
+        return torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+
+    def encode(self, x: Tensor, spec: AttnSpec | None = None) -> Tensor:
+        """(B, T, D) tokens -> (B, T, D) features after the blocks and the final norm."""
         for block in self.blocks:
-            x = block(x, mask)                                            # (B, T, D)
+            x = block(x, spec)                                            # (B, T, D)
         return self.norm(x)                                               # (B, T, D)
 
     def pool(self, feats: Tensor) -> Tensor:
@@ -184,7 +237,8 @@ class VisionTransformer(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         tokens, _ = self.embed(images)                                    # (B, N, D)
-        feats = self.encode(tokens)                                       # (B, T, D)
+        x = self.prepend_cls(tokens)                                      # (B, T, D), T = N (+1 class token)
+        feats = self.encode(x)                                            # (B, T, D)
         return self.head(self.pool(feats))                                # (B, classes)
 
     # ---- cost ------------------------------------------------------------------------------

@@ -1,9 +1,18 @@
 """One attention function with interchangeable backends.
 
-Every model calls `attention(q, k, v)`; which kernel runs is a property of the call site
+Every model calls `attention(q, k, v, spec)`; which kernel runs is a property of the call site
 (`backend=`), set from outside the model with `set_attention_backend(model, name)`.
 
-    q, k, v: (B, H, N, Dh)  ->  out: (B, H, N, Dh)
+    q: (B, H, Nq, Dh), k, v: (B, H, Nk, Dh)  ->  out: (B, H, Nq, Dh)
+
+Nk may differ from Nq: the keys can be another sequence (a shard's queries against gathered keys).
+What may attend to what is an `AttnSpec`, not only a dense mask:
+- `mask`: boolean (True = attend) or additive, broadcastable to (B, H, Nq, Nk);
+- `segment_ids` (B, Nq) and `kv_segment_ids` (B, Nk): a query attends only to keys of its own
+  segment (several images packed into one sequence). Padding is a segment of its own: give padding
+  tokens an id no image has (e.g. -1) and no image token ever attends to them;
+- `group`: a process group the keys are sharded over (sequence parallelism). No backend here
+  gathers keys yet, so each refuses such a spec with one line.
 
 Backends
 - "sdpa": torch.nn.functional.scaled_dot_product_attention; torch picks the kernel. Never
@@ -24,24 +33,52 @@ Backends
   a kernel the device (or these inputs) cannot run falls back to "sdpa" with a one-line notice,
   printed once.
 
-New backends (packed / masked, sequence-parallel) register with `register_backend`.
+"math" and "sdpa" turn segment ids into a (B, 1, Nq, Nk) boolean mask; "blocked" builds the mask of
+each block from the ids and never forms the mask of the whole sequence. New backends register
+with `register_backend`.
 """
 from __future__ import annotations
 
 import math
 import sys
 import warnings
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .errors import PixformerError
+from ..errors import PixformerError
 
-# A backend takes (q, k, v, mask) and returns (out, probs_or_None).
-Backend = Callable[[Tensor, Tensor, Tensor, Tensor | None, bool], tuple[Tensor, Tensor | None]]
+@dataclass(frozen=True)
+class AttnSpec:
+    """What may attend to what (see the module doc). The default spec is full attention."""
+    mask: Tensor | None = None             # bool (True = attend) or additive, broadcastable to (B, H, Nq, Nk)
+    segment_ids: Tensor | None = None      # (B, Nq) integer segment of each query
+    kv_segment_ids: Tensor | None = None   # (B, Nk) segment of each key; default: segment_ids
+    group: Any = None                      # process group the keys are sharded over (no backend yet)
+
+    def key_segments(self) -> Tensor | None:
+        return self.segment_ids if self.kv_segment_ids is None else self.kv_segment_ids
+
+    def dense_mask(self) -> Tensor | None:
+        """`mask` combined with the segment mask, as one tensor broadcastable to (B, H, Nq, Nk)."""
+        if self.segment_ids is None:
+            return self.mask
+        same = self.segment_ids[:, None, :, None] == self.key_segments()[:, None, None, :]  # (B, 1, Nq, Nk)
+        if self.mask is None:
+            return same
+        if self.mask.dtype == torch.bool:
+            return self.mask & same
+        return self.mask.masked_fill(~same, float("-inf"))
+
+
+FULL = AttnSpec()
+
+# A backend takes (q, k, v, spec, need_weights) and returns (out, probs_or_None).
+Backend = Callable[[Tensor, Tensor, Tensor, AttnSpec, bool], tuple[Tensor, Tensor | None]]
 _BACKENDS: dict[str, Backend] = {}
 
 
@@ -57,15 +94,16 @@ def available_backends() -> list[str]:
 
 
 @register_backend("sdpa")
-def _sdpa(q, k, v, mask, need_weights):
+def _sdpa(q, k, v, spec, need_weights):
     if need_weights:  # fused kernels never form the probabilities; use the explicit path
-        return _math(q, k, v, mask, True)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask), None
+        return _math(q, k, v, spec, True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=spec.dense_mask()), None
 
 
 @register_backend("math")
-def _math(q, k, v, mask, need_weights):
-    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, H, N, N)
+def _math(q, k, v, spec, need_weights):
+    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, H, Nq, Nk)
+    mask = spec.dense_mask()
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     probs = scores.softmax(dim=-1)
@@ -98,17 +136,25 @@ def _block_probs(q: Tensor, k: Tensor, mask: Tensor | None) -> Tensor:
     return torch.softmax(s, dim=-1)
 
 
-def _block_mask(mask: Tensor | None, block, shape) -> Tensor | None:
-    """The mask of one block as (G, n, Nk), from a mask broadcastable to (B, H, Nq, Nk)."""
-    if mask is None:
-        return None
-    m = mask.expand(shape)[block]
-    return m.reshape(-1, *m.shape[2:])
+def _block_mask(mask: Tensor | None, q_seg: Tensor | None, k_seg: Tensor | None, block, shape) -> Tensor | None:
+    """The mask of one block as (G, n, Nk), from a mask broadcastable to (B, H, Nq, Nk) and the
+    segment ids of the queries (B, Nq) and keys (B, Nk); only this block's rows are ever formed."""
+    imgs, heads, rows = block
+    m = None
+    if mask is not None:
+        m = mask.expand(shape)[block]                                       # (b, h, n, Nk)
+    if q_seg is not None:
+        same = q_seg[imgs, rows][:, None, :, None] == k_seg[imgs][:, None, None, :]  # (b, 1, n, Nk)
+        same = same.expand(-1, len(range(*heads.indices(shape[1]))), -1, -1)
+        m = same if m is None else (m & same if m.dtype == torch.bool else m.masked_fill(~same, float("-inf")))
+    return None if m is None else m.reshape(-1, *m.shape[2:])
 
 
 @torch.library.custom_op("pixformer::blocked_attention", mutates_args=())
-def blocked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-    """softmax(q k^T / sqrt(D) + mask) v in blocks; q (B, H, Nq, D), k (B, H, Nk, D), v (B, H, Nk, Dv)."""
+def blocked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, q_seg: Tensor | None,
+                      k_seg: Tensor | None) -> Tensor:
+    """softmax(q k^T / sqrt(D) + mask) v in blocks; q (B, H, Nq, D), k (B, H, Nk, D), v (B, H, Nk, Dv);
+    with segment ids q_seg (B, Nq) and k_seg (B, Nk), a query sees only keys of its own segment."""
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     qs = torch.mul(q, 1.0 / math.sqrt(D), out=q.new_empty(q.shape))        # contiguous, scaled
@@ -117,19 +163,19 @@ def blocked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> T
     for imgs, heads, rows in _blocks(B, H, Nq, Nk):
         qb = qs[imgs, heads, rows].flatten(0, 1)                            # (G, n, D)
         kb, vb = k[imgs, heads].flatten(0, 1), v[imgs, heads].flatten(0, 1)  # (G, Nk, D)
-        p = _block_probs(qb, kb, _block_mask(mask, (imgs, heads, rows), (B, H, Nq, Nk)))  # (G, n, Nk)
+        p = _block_probs(qb, kb, _block_mask(mask, q_seg, k_seg, (imgs, heads, rows), (B, H, Nq, Nk)))  # (G, n, Nk)
         torch.bmm(p, vb, out=out[imgs, heads, rows].flatten(0, 1))          # (G, n, Dv)
     return out
 
 
 @blocked_attention.register_fake
-def _(q, k, v, mask):
+def _(q, k, v, mask, q_seg, k_seg):
     return q.new_empty(*q.shape[:-1], v.shape[-1])
 
 
 @torch.library.custom_op("pixformer::blocked_attention_backward", mutates_args=())
-def blocked_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor,
-                               mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+def blocked_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
+                               q_seg: Tensor | None, k_seg: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of blocked_attention; each block's probabilities are recomputed (nothing N x N is kept).
     dK and dV add up over query-row blocks, in fp32 (at least) when a head's rows are split."""
     B, H, Nq, D = q.shape
@@ -145,7 +191,7 @@ def blocked_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor,
     for imgs, heads, rows in blocks:
         qb, dob = qs[imgs, heads, rows].flatten(0, 1), dout[imgs, heads, rows].flatten(0, 1)
         kb, vb = k[imgs, heads].flatten(0, 1), v[imgs, heads].flatten(0, 1)
-        p = _block_probs(qb, kb, _block_mask(mask, (imgs, heads, rows), (B, H, Nq, Nk)))  # (G, n, Nk)
+        p = _block_probs(qb, kb, _block_mask(mask, q_seg, k_seg, (imgs, heads, rows), (B, H, Nq, Nk)))
         dv[imgs, heads].flatten(0, 1).add_(torch.bmm(p.transpose(1, 2), dob))
         ds = torch._softmax_backward_data(torch.bmm(dob, vb.transpose(1, 2)), p, -1, p.dtype)
         torch.bmm(ds, kb, out=dq[imgs, heads, rows].flatten(0, 1)).mul_(scale)
@@ -154,28 +200,32 @@ def blocked_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor,
 
 
 @blocked_attention_backward.register_fake
-def _(dout, q, k, v, mask):
+def _(dout, q, k, v, mask, q_seg, k_seg):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _blocked_setup(ctx, inputs, output):
-    q, k, v, mask = inputs
-    ctx.save_for_backward(q, k, v, mask)
+    ctx.save_for_backward(*inputs)
 
 
 def _blocked_grad(ctx, dout):
-    q, k, v, mask = ctx.saved_tensors
-    return *blocked_attention_backward(dout, q, k, v, mask), None
+    q, k, v, mask, q_seg, k_seg = ctx.saved_tensors
+    return *blocked_attention_backward(dout, q, k, v, mask, q_seg, k_seg), None, None, None
 
 
 blocked_attention.register_autograd(_blocked_grad, setup_context=_blocked_setup)
 
 
 @register_backend("blocked")
-def _blocked(q, k, v, mask, need_weights):
+def _blocked(q, k, v, spec, need_weights):
     if need_weights:
-        return _math(q, k, v, mask, True)
-    return blocked_attention(q, k, v, mask), None
+        return _math(q, k, v, spec, True)
+    mask = spec.mask
+    if mask is not None and mask.requires_grad and torch.is_grad_enabled():
+        raise PixformerError("the 'blocked' attention backend does not differentiate an additive mask; "
+                             "use 'math' or 'sdpa' for a learned mask")
+    q_seg = spec.segment_ids
+    return blocked_attention(q, k, v, mask, q_seg, None if q_seg is None else spec.key_segments()), None
 
 
 AUTO_MATH_SCORES = 1 << 24
@@ -189,9 +239,9 @@ def auto_backend(device_type: str, dtype: torch.dtype, scores: int) -> str:
 
 
 @register_backend("auto")
-def _auto(q, k, v, mask, need_weights):
+def _auto(q, k, v, spec, need_weights):
     name = auto_backend(q.device.type, q.dtype, q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2])
-    return _BACKENDS[name](q, k, v, mask, need_weights)
+    return _BACKENDS[name](q, k, v, spec, need_weights)
 
 
 # Fused SDPA kernels as explicit choices. A (backend, device, dtype, mask?) that failed once is
@@ -225,10 +275,11 @@ def kernel_available(name: str, device: torch.device | str) -> bool:
 
 
 def _kernel_backend(name: str) -> Backend:
-    def run(q, k, v, mask, need_weights):
+    def run(q, k, v, spec, need_weights):
+        mask = spec.dense_mask()
         key = (name, q.device.type, q.dtype, mask is not None)
         if need_weights or key in _UNAVAILABLE:
-            return _sdpa(q, k, v, mask, need_weights)
+            return _sdpa(q, k, v, spec, need_weights)
         if not kernel_available(name, q.device):
             reason = f"not available on {q.device.type}"
         else:
@@ -241,7 +292,7 @@ def _kernel_backend(name: str) -> Backend:
                          f"{'with' if mask is not None else 'no'} mask)"
         _UNAVAILABLE.add(key)
         notice(f"attention kernel {name!r} {reason}; falling back to 'sdpa'")
-        return _sdpa(q, k, v, mask, need_weights)
+        return _sdpa(q, k, v, spec, need_weights)
     return run
 
 
@@ -256,11 +307,18 @@ def check_backend(backend: str) -> str:
     return backend
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, *,
+def attention(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec | Tensor | None = None, *,
               backend: str = "auto", need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
-    """Scaled dot-product attention. `mask` is boolean (True = attend) or additive, broadcastable
-    to (B, H, N, N). Returns (out, probs), probs is None unless `need_weights`."""
-    return _BACKENDS[check_backend(backend)](q, k, v, mask, need_weights)
+    """Scaled dot-product attention of q (B, H, Nq, Dh) over k, v (B, H, Nk, Dh) under `spec` (an
+    AttnSpec; a plain tensor is taken as its mask). Returns (out, probs), probs None unless `need_weights`."""
+    if spec is None or isinstance(spec, Tensor):
+        spec = AttnSpec(mask=spec)
+    if spec.group is not None:
+        raise PixformerError(f"attention backend {backend!r} cannot attend over keys sharded across a process "
+                             "group (sequence parallelism); no backend here gathers keys yet")
+    if spec.segment_ids is not None and spec.key_segments().shape[-1] != k.shape[2]:
+        raise PixformerError(f"segment ids for {spec.key_segments().shape[-1]} keys given with {k.shape[2]} keys")
+    return _BACKENDS[check_backend(backend)](q, k, v, spec, need_weights)
 
 
 def set_attention_backend(model: nn.Module, backend: str) -> nn.Module:

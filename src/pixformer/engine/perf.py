@@ -5,7 +5,7 @@
     apply_compile(model)                           # torch.compile, block by block
     apply_onednn_linear(model)                     # fp32 linear layers on CPU through oneDNN
     set_allocator("keep")                          # glibc malloc policy for large tensors
-    apply_speed_settings(model, **settings)        # all of train's switches in one call
+    apply_speed_settings(model, Speed(...))        # all of train's switches in one call
     dtype = autocast_dtype("auto", device)         # bf16 where the hardware has it natively
 
 Neither the model file nor its state_dict changes: checkpoints written with these switches on load
@@ -16,14 +16,16 @@ from __future__ import annotations
 import ctypes
 import functools
 import platform
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from .attention import check_backend, set_attention_backend
-from .errors import PixformerError
+from ..errors import PixformerError
+from ..models import blocks_of
+from ..models.attention import check_backend, set_attention_backend
 
 
 # ---- fp32 linear layers on oneDNN ---------------------------------------------------------------
@@ -120,12 +122,13 @@ def apply_activation_checkpointing(model: nn.Module, blocks: int | str = "all", 
 
     The block's own forward is wrapped, so parameter names and checkpoints stay the same. Blocks with
     BatchNorm are left alone by `selective` and refused by `blocks`: recomputing them would update the
-    running statistics twice."""
-    if not hasattr(model, "blocks"):
-        raise PixformerError(f"{type(model).__name__} has no .blocks to checkpoint")
-    n = checkpoint_count(blocks, len(model.blocks))
+    running statistics twice. Blocks are found by type (models.blocks_of), in forward order."""
+    found = blocks_of(model)
+    if not found and (blocks not in (0, None, "0", "none") or selective):
+        raise PixformerError(f"{type(model).__name__} has no Transformer or mixer blocks to checkpoint")
+    n = checkpoint_count(blocks, len(found))
     sac = {"context_fn": functools.partial(create_selective_checkpoint_contexts, _keep_matmuls)}
-    for i, block in enumerate(model.blocks):
+    for i, block in enumerate(found):
         block.__dict__.pop("forward", None)  # undo an earlier wrap
         has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in block.modules())
         if i < n and has_bn:
@@ -140,7 +143,7 @@ def apply_activation_checkpointing(model: nn.Module, blocks: int | str = "all", 
 
 def checkpointed_blocks(model: nn.Module) -> dict[str, int]:
     """How many blocks of `model` apply_activation_checkpointing wrapped, by mode."""
-    modes = [b.checkpoint_mode for b in getattr(model, "blocks", []) if "forward" in vars(b)]
+    modes = [b.checkpoint_mode for b in blocks_of(model) if "forward" in vars(b)]
     return {"full": modes.count("full"), "selective": modes.count("selective")}
 
 
@@ -148,30 +151,41 @@ def apply_compile(model: nn.Module, backend: str = "inductor") -> nn.Module:
     """torch.compile each transformer block (identical blocks share one compiled graph) and leave
     the rest eager; in place, so parameter names stay the same. The first steps are slow while it
     compiles (on CPU, inductor writes and builds C++)."""
-    for block in getattr(model, "blocks", [model]):
+    for block in blocks_of(model) or [model]:
         block.compile(backend=backend)
     return model
 
 
-def check_speed_settings(attn_backend: str = "auto", allocator: str = "auto") -> None:
-    """Refuse an unknown attention backend or allocator policy (train checks before loading data)."""
-    check_backend(attn_backend)
-    check_allocator(allocator)
+@dataclass
+class Speed:
+    """The speed and memory switches of a run (`train --attn-backend ...`); none changes what is computed
+    beyond float rounding, and none is stored in the weights."""
+    attn_backend: str = "auto"          # auto | sdpa | blocked | math | flash | efficient | cudnn (models/attention.py)
+    checkpoint_blocks: int | str = 0    # full activation checkpointing of the first N blocks, or "all"
+    selective_checkpoint: bool | None = None  # other blocks recompute norms / GELU in backward: -30% activation
+    #                                     memory; unset: on when the step's activations exceed 1 GiB (plan.selective_pays)
+    compile: bool = False               # torch.compile each block (the first steps compile)
+    onednn_linear: bool = True          # fp32 linear layers on CPU through oneDNN (faster than MKL on AMD)
+    allocator: str = "auto"             # auto | keep | release | system: glibc malloc policy (set_allocator)
+
+    def check(self) -> "Speed":
+        """Refuse an unknown attention backend or allocator policy (train checks before loading data)."""
+        check_backend(self.attn_backend)
+        check_allocator(self.allocator)
+        return self
 
 
-def apply_speed_settings(model: nn.Module, attn_backend: str = "auto", checkpoint_blocks: int | str = 0,
-                         selective_checkpoint: bool = False, onednn_linear: bool = True, compile: bool = False,
-                         allocator: str = "auto") -> nn.Module:
-    """Everything `train` applies to a built model for speed and memory, with TrainConfig's defaults
-    (train decides selective checkpointing with plan.selective_pays when it is unset).
+def apply_speed_settings(model: nn.Module, speed: Speed | None = None, **settings) -> nn.Module:
+    """Everything `train` applies to a built model for speed and memory: a Speed, or its fields as
+    keywords (an unset selective_checkpoint means off here; train decides it with plan.selective_pays).
     benchmarks/train_step.py uses it too, so what it measures is what train runs."""
-    check_speed_settings(attn_backend, allocator)
-    set_attention_backend(model, attn_backend)
-    apply_activation_checkpointing(model, checkpoint_blocks, selective_checkpoint)
-    apply_onednn_linear(model, onednn_linear)
-    if compile:
+    speed = (speed or Speed(**settings)).check()
+    set_attention_backend(model, speed.attn_backend)
+    apply_activation_checkpointing(model, speed.checkpoint_blocks, bool(speed.selective_checkpoint))
+    apply_onednn_linear(model, speed.onednn_linear)
+    if speed.compile:
         apply_compile(model)
-    set_allocator(allocator, memory_first=checkpointed_blocks(model)["full"] > 0)
+    set_allocator(speed.allocator, memory_first=checkpointed_blocks(model)["full"] > 0)
     return model
 
 

@@ -29,17 +29,16 @@ from typing import Any
 
 import torch
 
-from .checkpoint import find_checkpoint
-from .demo import format_table, plot
-from .errors import PixformerError
-from .registry import VIT_SIZES
-from .train import Prepared, TrainConfig, build_model, prepare_data, train
+from ..engine.checkpoint import find_checkpoint
+from ..engine.config import TrainConfig, changed_settings, config_from_options
+from ..engine.loop import Prepared, prepare_data, train
+from ..errors import PixformerError
+from ..models.registry import VIT_SIZES, create_model
+from .tables import format_table, plot
 
 REGIMES = ("fixed-input", "fixed-tokens")
-# TrainConfig fields the sweep sets for each point (not options of `pixformer sweep`)
+# TrainConfig fields (and the patch_size model setting) the sweep sets for each point: not its options
 PER_POINT = ("model", "out", "seed", "resume", "img_size", "patch_size")
-# TrainConfig fields that do not change what a run computes: a cached run may differ in these
-RUN_ONLY = ("progress", "device", "eval_batch_size", "checkpoint_every", "data_root", "resume", "out")
 
 
 @dataclass
@@ -76,9 +75,8 @@ class Point:
 def sweep_config(values: dict[str, Any]) -> SweepConfig:
     """A SweepConfig from the flat options of `pixformer sweep` (its own fields and the train fields)."""
     own = {f.name for f in dataclasses.fields(SweepConfig)} - {"train"}
-    train_fields = {f.name for f in dataclasses.fields(TrainConfig)} - own - set(PER_POINT)
     return SweepConfig(**{k: values[k] for k in own if k in values},
-                       train=TrainConfig(**{k: values[k] for k in train_fields if k in values}))
+                       train=config_from_options(values, skip=own | set(PER_POINT)))
 
 
 # ---- the grid --------------------------------------------------------------------------------
@@ -123,15 +121,15 @@ def model_name(cfg: SweepConfig, patch: int) -> str:
 
 def point_config(cfg: SweepConfig, point: Point, seed: int, out_dir: Path) -> TrainConfig:
     """The training run of one point and seed."""
+    model_args = {**cfg.train.model_args, **({"patch_size": point.patch} if cfg.model else {})}
     return dataclasses.replace(cfg.train, model=point.model, img_size=point.resize, seed=seed, resume=True,
-                               patch_size=point.patch if cfg.model else None,
-                               out=str(out_dir / point.name / f"seed{seed}"))
+                               model_args=model_args, out=str(out_dir / point.name / f"seed{seed}"))
 
 
 def plan(cfg: SweepConfig, native: tuple[int, int], in_chans: int, num_classes: int) -> list[Point]:
     """Every point of the sweep, each model built (without memory) to check its settings and count its cost.
     `native`: the data's own image size (used where the sweep's img_size is unset)."""
-    if cfg.train.img_size is not None or cfg.train.patch_size is not None:
+    if cfg.train.img_size is not None or "patch_size" in cfg.train.model_args:
         raise PixformerError("the sweep chooses each point's img_size and patch_size; set the sweep's "
                              "img_size / patches instead of the train settings'")
     if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds):
@@ -141,8 +139,9 @@ def plan(cfg: SweepConfig, native: tuple[int, int], in_chans: int, num_classes: 
         resize = None if cfg.img_size is None and img == tuple(native) else img[0]  # None: the data as it is
         point = Point(p, img, resize, model_name(cfg, p), 0, 0, 0)
         try:
+            run = point_config(cfg, point, cfg.seeds[0], Path("."))
             with torch.device("meta"):
-                model = build_model(point_config(cfg, point, cfg.seeds[0], Path(".")), img, num_classes, in_chans)
+                model = create_model(run.model, img_size=img, num_classes=num_classes, in_chans=in_chans, **run.model_args)
         except PixformerError as e:
             raise PixformerError(f"invalid sweep point {point.name} ({point.model}): {e}") from None
         point.tokens = (img[0] // p) * (img[1] // p)
@@ -158,10 +157,9 @@ def _check_cached(run_dir: Path, cfg: TrainConfig):
     saved = run_dir / "config.json"
     if not saved.exists():
         return
-    old, new = json.loads(saved.read_text()), json.loads(json.dumps(dataclasses.asdict(cfg)))
-    diff = sorted(k for k in set(old) & set(new) if k not in RUN_ONLY and old[k] != new[k])
-    if diff:
-        changes = ", ".join(f"{k}: {old[k]} -> {new[k]}" for k in diff[:4])
+    changed = changed_settings(json.loads(saved.read_text()), cfg)
+    if changed:
+        changes = ", ".join(changed[:4])
         raise PixformerError(f"{run_dir} was trained with other settings ({changes}); "
                              "use another --out for a different sweep, or delete that folder")
 
@@ -175,7 +173,9 @@ def run_point(cfg: TrainConfig, data: Prepared) -> dict[str, Any]:
     resumed = find_checkpoint(run_dir) is not None
     t0 = time.time()
     result = train(dataclasses.replace(cfg, resume=resumed), data)
-    record = {k: result[k] for k in ("top1", "top5", "loss", "step", "val_split")}
+    split = "test" if "test_top1" in result else "val"   # the test split when the data has one
+    record = {"top1": result[f"{split}_top1"], "top5": result[f"{split}_top5"], "loss": result[f"{split}_loss"],
+              "step": result["step"], "split": split}
     record.update(seconds=round(time.time() - t0, 1), resumed=resumed)
     done.write_text(json.dumps(record, indent=1))
     return {**record, "cached": False}
@@ -189,7 +189,7 @@ def summarize(point: Point, records: list[dict], regime: str) -> dict[str, Any]:
     return {"model": point.model, "patch": point.patch, "input": f"{point.img[0]}x{point.img[1]}",
             "tokens": point.tokens, "params": point.params, "gflops": point.flops / 1e9,
             "accuracy": mean, "std": std, "acc": acc, "seeds": len(accs),
-            "accuracies": " ".join(f"{a:.4f}" for a in accs), "val_split": records[0]["val_split"],
+            "accuracies": " ".join(f"{a:.4f}" for a in accs), "split": records[0]["split"],
             "seconds": statistics.fmean(r["seconds"] for r in records),
             "note": f"{point.tokens} token{'s' * (point.tokens > 1)}" if regime == "fixed-input"
             else f"{point.img[0]}x{point.img[1]} input"}
@@ -203,16 +203,17 @@ def columns(split: str) -> list[tuple[str, str, int, str]]:
 
 def write_outputs(out_dir: Path, cfg: SweepConfig, rows: list[dict]):
     """results.csv, results.md and the plot, from the points finished so far."""
-    keys = ["model", "patch", "input", "tokens", "params", "gflops", "val_split", "accuracy", "std", "seeds",
+    keys = ["model", "patch", "input", "tokens", "params", "gflops", "split", "accuracy", "std", "seeds",
             "accuracies", "seconds"]
     with open(out_dir / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    split = rows[0]["val_split"]
+    split = rows[0]["split"]
     (out_dir / "results.md").write_text(format_table(rows, columns(split), markdown=True) + "\n")
     t = cfg.train
-    variant = [f"pos {t.pos_embed}"] * bool(t.pos_embed) + ["permuted pixels"] * t.permute_pixels + \
+    pos = t.model_args.get("pos_embed")
+    variant = [f"pos {pos}"] * bool(pos) + ["permuted pixels"] * t.permute_pixels + \
         [f"{t.local_swaps} swaps δ={t.swap_distance or '∞'}"] * bool(t.local_swaps)
     title = ", ".join([Path(t.data).name, cfg.regime, *variant, f"{t.epochs} epochs",
                        f"{len(cfg.seeds)} seed{'s' if len(cfg.seeds) > 1 else ''}"])
@@ -227,7 +228,7 @@ def run_sweep(cfg: SweepConfig) -> tuple[Path, list[dict]]:
     # the data at its own (or the sweep's) size: the grid's reference, its channels and classes
     first_seed = cfg.seeds[0] if cfg.seeds else 0
     ref = prepare_data(dataclasses.replace(t, img_size=cfg.img_size, seed=first_seed))
-    points = plan(cfg, tuple(ref.train.images.shape[-2:]), ref.train.images.shape[1], len(ref.train.classes))
+    points = plan(cfg, ref.facts.img_size, ref.facts.in_chans, len(ref.facts.classes))
 
     # data decoded once per distinct input size (and per seed when the seed picks a training subset)
     datasets: dict[tuple, Prepared] = {(cfg.img_size, first_seed): ref}
@@ -255,7 +256,7 @@ def run_sweep(cfg: SweepConfig) -> tuple[Path, list[dict]]:
             raise PixformerError(f"sweep stopped at {point.name} seed {seed}: {e}\nRe-run the same sweep "
                                  f"command with --out {out_dir} to continue where it stopped") from None
         how = "cached" if record["cached"] else ("resumed, " if record["resumed"] else "") + f"{record['seconds']:.1f} s"
-        print(f"{label}: {record['val_split']} top1 {record['top1']:.4f} ({how})", flush=True)
+        print(f"{label}: {record['split']} top1 {record['top1']:.4f} ({how})", flush=True)
         records.setdefault(point.name, []).append(record)
         if len(records[point.name]) == len(cfg.seeds):
             rows.append(summarize(point, records[point.name], cfg.regime))

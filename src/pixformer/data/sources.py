@@ -1,9 +1,11 @@
-"""Datasets as uint8 tensors in memory, decoded once; batches and augmentation as plain torch ops.
+"""Data sources, read into uint8 tensors in memory and decoded once.
 
 Sources (`--data`): `digits` (scikit-learn's bundled 8x8 digits, offline), `cifar10`, `cifar100`
 (official python-pickle release), `mnist`, `fashion-mnist` (idx files), or a path to an ImageFolder:
-a directory of class folders, or a .tar / .tar.gz of one (optionally with train/ and test/ or val/
-split folders above the class folders).
+a directory of class folders, or a .tar / .tar.gz of one (optionally with train/, val/ and test/
+split folders above the class folders). A reader returns the splits it finds, by name: "train",
+"val", "test", or "all" for a plain tree of class folders; `splits.resolve_splits` decides from
+these what a run trains, validates and tests on.
 """
 from __future__ import annotations
 
@@ -25,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import PixformerError
+from ..errors import PixformerError
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
-SPLIT_NAMES = {"train": "train", "test": "test", "val": "test", "validation": "test"}
+SPLIT_NAMES = {"train": "train", "test": "test", "val": "val", "validation": "val"}
 
 CIFAR = {
     "cifar10": dict(archive="cifar-10-python.tar.gz", folder="cifar-10-batches-py",
@@ -225,11 +227,24 @@ def load_idx_splits(name: str, root: str | None, allow_download: bool = True) ->
     return out
 
 
+def _folder_images(path: Path) -> list[str]:
+    """The image files under a directory, relative to it, sorted."""
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+
+
+def source_fingerprint(path: Path) -> list:
+    """What the decode cache is keyed on: a directory's every image file (path, size, modification
+    time), so adding, removing or replacing one image is seen; an archive's own size and time."""
+    if path.is_dir():
+        return [[m, (st := (path / m).stat()).st_size, st.st_mtime_ns] for m in _folder_images(path)]
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
 def _list_image_folder(path: Path) -> tuple[list[tuple[str, str, str]], callable]:
     """Entries (split, class, member) of a directory or tar archive, and a function reading a member."""
     if path.is_dir():
-        members = sorted(str(p.relative_to(path)) for p in path.rglob("*")
-                         if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+        members = _folder_images(path)
         reader = lambda m: (path / m).read_bytes()  # noqa: E731
     else:
         try:
@@ -256,14 +271,14 @@ def _list_image_folder(path: Path) -> tuple[list[tuple[str, str, str]], callable
 
 
 def load_image_folder(path: str | Path, img_size: tuple[int, int] | None, skip_bad_images: bool) -> dict[str, ImageSet]:
-    """ImageFolder directory or archive -> splits ('train'/'test' if split folders exist, else 'all').
-    Decoded once into a uint8 cache file keyed by the source's path, size, time and the image size."""
+    """ImageFolder directory or archive -> splits ('train', 'val', 'test' as split folders exist, else
+    'all'). Images of different sizes need `img_size` (they are resized to it). Decoded once into a
+    uint8 cache file keyed by every source file (source_fingerprint) and the image size."""
     from PIL import Image
     path = Path(path)
     if not path.exists():
         raise PixformerError(f"dataset path {path} does not exist")
-    st = path.stat()
-    key = json.dumps([str(path.resolve()), st.st_size, st.st_mtime_ns, img_size, skip_bad_images])
+    key = json.dumps([str(path.resolve()), source_fingerprint(path), img_size, skip_bad_images])
     cached = cache_dir() / (hashlib.sha1(key.encode()).hexdigest()[:20] + ".npz")
     if cached.exists():
         z = np.load(cached, allow_pickle=False)
@@ -273,7 +288,7 @@ def load_image_folder(path: str | Path, img_size: tuple[int, int] | None, skip_b
 
     entries, reader = _list_image_folder(path)
     classes = sorted({c for _, c, _ in entries})
-    target = img_size
+    target, first = img_size, None
     xs: dict[str, list] = {}
     ys: dict[str, list] = {}
     bad: list[str] = []
@@ -283,11 +298,17 @@ def load_image_folder(path: str | Path, img_size: tuple[int, int] | None, skip_b
         try:
             with Image.open(io.BytesIO(reader(member))) as im:
                 im = im.convert("RGB")
-                if target is None:
-                    target = (im.height, im.width)
-                if (im.height, im.width) != tuple(target):
+                if img_size is None and first is None:
+                    first = (im.height, im.width, member)
+                if img_size is None and (im.height, im.width) != first[:2]:
+                    raise PixformerError(
+                        f"{path} holds images of different sizes ({first[0]}x{first[1]} {first[2]}, "
+                        f"{im.height}x{im.width} {member}); pass --img-size N to resize them all to NxN")
+                if target is not None and (im.height, im.width) != tuple(target):
                     im = im.resize((target[1], target[0]), Image.BICUBIC)
                 arr = np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
+        except PixformerError:
+            raise
         except Exception as e:  # PIL raises many types for corrupt files
             if not skip_bad_images:
                 raise PixformerError(f"cannot read image {path / member if path.is_dir() else f'{path}:{member}'} "
@@ -339,77 +360,3 @@ def resize(images: Tensor, size: tuple[int, int]) -> Tensor:
     out = [F.interpolate(chunk.float(), size=tuple(size), mode="bilinear", antialias=True, align_corners=False)
            for chunk in images.split(4096)]
     return torch.cat(out).round().clamp(0, 255).to(torch.uint8)
-
-
-def holdout(n: int, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
-    """Deterministic (train_idx, val_idx) split of range(n): a seeded permutation, the first
-    round(n * fraction) indices held out."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    k = round(n * fraction)
-    return perm[k:].sort().values, perm[:k].sort().values
-
-
-def channel_stats(images: Tensor) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of uint8 images, on the 0..1 scale."""
-    x = images.transpose(0, 1).reshape(images.shape[1], -1).double() / 255.0
-    return x.mean(1).tolist(), x.std(1).clamp_min(1e-3).tolist()
-
-
-# ---- batches and augmentation --------------------------------------------------------------
-def batch_indices(n: int, batch_size: int, epoch: int, seed: int, shuffle: bool = True) -> list[Tensor]:
-    """The batches of one epoch: a permutation seeded by (seed, epoch), the last partial batch dropped
-    when shuffling (so every epoch has the same number of equal steps)."""
-    if shuffle:
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        bs = min(batch_size, n)
-        return list(order[: n - n % bs].split(bs))
-    return list(torch.arange(n).split(batch_size))
-
-
-def normalize(images: Tensor, mean, std) -> Tensor:
-    """uint8 (B, C, H, W) -> float, standardised per channel."""
-    m = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
-    return (images.float() / 255.0 - m) / s
-
-
-def random_crop(x: Tensor, pad: int, g: torch.Generator) -> Tensor:
-    """Pad each image by `pad` (zeros) and crop back at a random offset per image."""
-    if pad <= 0:
-        return x
-    B, C, H, W = x.shape
-    xp = F.pad(x, (pad, pad, pad, pad))
-    oy = torch.randint(0, 2 * pad + 1, (B,), generator=g).to(x.device)
-    ox = torch.randint(0, 2 * pad + 1, (B,), generator=g).to(x.device)
-    rows = (oy[:, None] + torch.arange(H, device=x.device))[:, None, :, None]     # (B, 1, H, 1)
-    cols = (ox[:, None] + torch.arange(W, device=x.device))[:, None, None, :]     # (B, 1, 1, W)
-    b = torch.arange(B, device=x.device)[:, None, None, None]
-    c = torch.arange(C, device=x.device)[None, :, None, None]
-    return xp[b, c, rows, cols]
-
-
-def random_flip(x: Tensor, g: torch.Generator) -> Tensor:
-    flip = (torch.rand(x.shape[0], generator=g) < 0.5).to(x.device).view(-1, 1, 1, 1)
-    return torch.where(flip, x.flip(-1), x)
-
-
-def mix(x: Tensor, y: Tensor, mixup: float, cutmix: float, rng: np.random.Generator) -> tuple[Tensor, Tensor]:
-    """Mixup (alpha `mixup`) or CutMix (alpha `cutmix`), one chosen at random per batch when both are on.
-    `y` is a soft target (B, K); returns mixed images and targets."""
-    modes = [m for m, a in (("mixup", mixup), ("cutmix", cutmix)) if a > 0]
-    if not modes:
-        return x, y
-    mode = modes[rng.integers(len(modes))]
-    lam = float(rng.beta(mixup, mixup) if mode == "mixup" else rng.beta(cutmix, cutmix))
-    perm = torch.from_numpy(rng.permutation(x.shape[0])).to(x.device)
-    if mode == "mixup":
-        x = lam * x + (1 - lam) * x[perm]
-    else:
-        H, W = x.shape[-2:]
-        ch, cw = int(H * (1 - lam) ** 0.5), int(W * (1 - lam) ** 0.5)
-        cy, cx = int(rng.integers(H)), int(rng.integers(W))
-        y0, y1, x0, x1 = max(cy - ch // 2, 0), min(cy + ch // 2, H), max(cx - cw // 2, 0), min(cx + cw // 2, W)
-        x = x.clone()
-        x[:, :, y0:y1, x0:x1] = x[perm, :, y0:y1, x0:x1]
-        lam = 1 - (y1 - y0) * (x1 - x0) / (H * W)
-    return x, lam * y + (1 - lam) * y[perm]

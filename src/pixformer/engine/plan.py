@@ -40,8 +40,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .attention import AUTO_MATH_SCORES, auto_backend, check_backend
-from .errors import PixformerError
+from ..errors import PixformerError
+from ..models import blocks_of
+from ..models.attention import AUTO_MATH_SCORES, auto_backend, check_backend
 from .perf import autocast_dtype
 
 CHECKPOINT_MODES = ("none", "selective", "full")
@@ -196,7 +197,7 @@ def plan(model: str, img_size: int | tuple[int, int] = 32, batch_size: int | Non
          num_classes: int = 10, in_chans: int = 3, **overrides) -> Plan:
     """Tokens, parameters, FLOPs and training-memory estimate of a named model (see the module doc).
     `precision` is fp32, bf16 or auto (what `train` would use on this machine's CPU)."""
-    from .registry import create_model
+    from ..models.registry import create_model
 
     if batch_size is not None and batch_size < 1:
         raise PixformerError(f"batch size must be at least 1, got {batch_size}")
@@ -220,7 +221,7 @@ def plan(model: str, img_size: int | tuple[int, int] = 32, batch_size: int | Non
         outside = 4 * T * D + 4 * in_chans * img[0] * img[1]   # the final norm's input, and the images
         for mode in CHECKPOINT_MODES:
             kept, work = vit_block_bytes(T, D, M, H, e, attn, mode)
-            image_bytes[mode] = cfg.depth * kept + work + outside
+            image_bytes[mode] = len(blocks_of(net)) * kept + work + outside
     return Plan(model=model, img_size=img, tokens=n, seq_len=T, params=params, fwd_flops=fwd,
                 train_flops=3 * fwd, train_flops_full_ckpt=3 * fwd + blocks_fwd,
                 precision="bf16" if e == 2 else "fp32", attn=attn, fixed_bytes=fixed, image_bytes=image_bytes,

@@ -9,13 +9,14 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+import typing
 from typing import Any, Callable
 
 from torch import nn
 
-from .errors import PixformerError
-from .models.convmixer import ConvMixer, ConvMixerConfig
-from .models.vit import ViTConfig, VisionTransformer
+from ..errors import PixformerError
+from .convmixer import ConvMixer, ConvMixerConfig
+from .vit import ViTConfig, VisionTransformer
 
 # size letter -> (depth, width, heads). T/S/B/L as in ViT / DeiT; N is pixformer's CPU-sized model.
 VIT_SIZES: dict[str, dict[str, int]] = {
@@ -89,6 +90,45 @@ def create_model(name: str, img_size: int | tuple[int, int] | None = None, num_c
     fields.update({k: v for k, v in given.items() if v is not None})
     fields.update({k: v for k, v in overrides.items() if v is not None})
     return build(arch, fields)
+
+
+# Config fields the data sets (never model settings a user passes): the image size, channels, classes.
+DATA_FIELDS = ("img_size", "in_chans", "num_classes")
+
+
+def model_settings() -> dict[str, Any]:
+    """Every model setting a user may pass (`--model-args`, or its `--depth`-style shortcuts): field name
+    -> type, the union over the architectures' config dataclasses, less the fields the data sets."""
+    out: dict[str, Any] = {}
+    for cfg_cls, _ in ARCHITECTURES.values():
+        hints = typing.get_type_hints(cfg_cls)
+        for f in dataclasses.fields(cfg_cls):
+            if f.name not in DATA_FIELDS:
+                out.setdefault(f.name, hints[f.name])
+    return out
+
+
+def check_model_args(name: str, model_args: dict[str, Any]) -> dict[str, Any]:
+    """`model_args` for the model `name`, or a clear error naming the settings its architecture lacks."""
+    arch, _ = resolve(name)
+    known = {f.name for f in dataclasses.fields(ARCHITECTURES[arch][0])} - set(DATA_FIELDS)
+    unknown = sorted(set(model_args) - known)
+    if unknown:
+        raise PixformerError(f"{name} ({arch}) has no setting(s) {unknown}; its settings are {sorted(known)}")
+    return dict(model_args)
+
+
+def model_name(model: nn.Module) -> str:
+    """The name of the model actually built, after every setting: `vit-n/4` for vit-n/2 built with
+    patch_size 4, `pit-t`, `vit-d4w64/2` for a ViT of no listed size, `convmixer-256/8`."""
+    c = model.cfg
+    if isinstance(model, VisionTransformer):
+        size = next((s for s, v in VIT_SIZES.items() if (c.depth, c.dim, c.heads) == tuple(v.values())),
+                    f"d{c.depth}w{c.dim}")
+        return f"pit-{size}" if c.patch_size == 1 else f"vit-{size}/{c.patch_size}"
+    if isinstance(model, ConvMixer):
+        return f"convmixer-{c.dim}/{c.depth}"
+    return type(model).__name__.lower()
 
 
 def model_spec(model: nn.Module) -> dict[str, Any]:

@@ -24,8 +24,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import PixformerError
-from .registry import ARCHITECTURES, build
+from ..errors import PixformerError
+from ..models.registry import ARCHITECTURES, build
 
 
 def _tensors(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

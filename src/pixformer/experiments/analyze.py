@@ -25,13 +25,16 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .ablations import apply_permutation, pixel_permutation
-from .attention import record_attention
-from .checkpoint import find_checkpoint, load_model
-from .data import ImageSet, holdout, load_source, normalize
-from .errors import PixformerError
-from .models.vit import check_grid
-from .pos_embed import grid_coords
+from ..data.ablations import pixel_permutation
+from ..data.augment import normalize
+from ..data.sources import ImageSet
+from ..data.splits import run_split
+from ..engine.checkpoint import find_checkpoint, load_model
+from ..engine.runtime import pick_device
+from ..errors import PixformerError
+from ..models.attention import record_attention
+from ..models.pos_embed import grid_coords
+from ..models.vit import check_grid
 
 CLS_NOTE = ("class token excluded as query and as key; each patch query's weights over the patch keys "
             "renormalised to sum to 1")
@@ -143,24 +146,12 @@ def num_prefix_tokens(model: nn.Module) -> int:
 
 
 def analysis_split(state: dict[str, Any], source: str | None, root: str | None) -> tuple[ImageSet, str]:
-    """The images to analyse: the test split of `source` (default: the run's data), or for the run's
-    own data without a test split the validation images held out at training time."""
-    tc, info = state["train_config"], state["data"]
-    own = source is None
-    source = source or tc["data"]
-    splits = load_source(source, root or tc.get("data_root"), tuple(info["img_size"]))
-    if "test" in splits:
-        data, name = splits["test"], "test"
-    elif own and info.get("val_split") == "val":
-        base = splits.get("train", splits.get("all"))
-        data, name = base.subset(holdout(len(base), info["val_fraction"], seed=0)[1]), "val"
-    else:
-        name = "all" if "all" in splits else "train"
-        data = splits[name]
-    if data.images.shape[1] != info["in_chans"]:
-        raise PixformerError(f"{source} has {data.images.shape[1]} channels; "
-                             f"the model was trained on {info['in_chans']}")
-    return data, f"{source} [{name}]"
+    """The images to analyse: the test split of `source`, or for the run's own data without one the
+    validation images held out at training time (data.splits.run_split), pixels permuted as trained."""
+    try:
+        return run_split(state, source, root, "test")
+    except PixformerError:
+        return run_split(state, source, root, "val")
 
 
 def attention_batch_size(model: nn.Module, tokens: int) -> int:
@@ -470,7 +461,6 @@ def figure_attention_maps(s: Subject, out: Path, images: Images | None, i: int, 
 
 
 def load_subject(cfg: AnalyzeConfig) -> tuple[Subject, Path]:
-    from .train import pick_device
     if cfg.weights not in ("auto", "model", "ema"):
         raise PixformerError(f"--weights must be auto, model or ema, got {cfg.weights!r}")
     ckpt = find_checkpoint(cfg.checkpoint)
@@ -490,7 +480,6 @@ def load_images(s: Subject, cfg: AnalyzeConfig) -> Images:
     if not 0 <= cfg.image_index < len(data):
         raise PixformerError(f"--image-index {cfg.image_index} is out of range: {where} has {len(data)} images")
     perm = pixel_permutation(s.state["train_config"], *data.images.shape[-2:])   # None unless an ablation
-    data = ImageSet(apply_permutation(data.images, perm), data.labels, data.classes)
     where += "" if perm is None else " (pixels permuted as in training)"
     return Images(data, where, perm, s.state["data"]["mean"], s.state["data"]["std"])
 

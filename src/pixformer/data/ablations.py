@@ -13,8 +13,8 @@ Two corruptions, each a permutation `perm` of the H*W pixel positions, drawn onc
   Swaps compose, so after many swaps a pixel can drift more than δ from where it began; each single
   swap stays within δ.
 
-`train.prepare_data` permutes the stored uint8 images once (train and validation alike) and
-`pixformer eval` re-applies the permutation saved with the run. Batch augmentation (random crop,
+`permuted` applies a run's permutation to a split: training permutes its splits once, and `eval`
+and `analyze` re-apply the permutation saved with the run through the same function. Batch augmentation (random crop,
 flip, CutMix) then acts on the permuted images, so a crop is no longer a shift of the picture: run
 locality ablations without spatial augmentation, as the README's do.
 """
@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import PixformerError
+from ..errors import PixformerError
+from .sources import ImageSet
 
 
 def random_permutation(h: int, w: int, seed: int) -> Tensor:
@@ -90,3 +91,10 @@ def apply_permutation(images: Tensor, perm: Tensor | None) -> Tensor:
     if perm.numel() != H * W:
         raise PixformerError(f"a permutation of {perm.numel()} pixels does not fit {H}x{W} images")
     return images.reshape(N, C, H * W)[:, :, perm].reshape(N, C, H, W)
+
+
+def permuted(data: ImageSet, settings: Any) -> ImageSet:
+    """`data` with the pixel permutation that a run's settings ask for (see pixel_permutation) applied;
+    unchanged when no ablation is on."""
+    perm = pixel_permutation(settings, *data.images.shape[-2:])
+    return data if perm is None else ImageSet(apply_permutation(data.images, perm), data.labels, data.classes)

@@ -1,0 +1,113 @@
+"""Which images a run trains, validates and tests on: one function for every command.
+
+    train  the source's train split (or all of a plain class-folder tree)
+    val    the source's own val split, or else a seeded hold-out of train (--val-fraction, seed 0)
+    test   the source's test split, if it has one; evaluated once at the end of a run, never
+           used to choose anything during training
+
+The same hold-out is drawn by `train`, `eval --split val`, `analyze` and scripts/export_split.py.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import PixformerError
+from .ablations import permuted
+from .sources import NAMED_SOURCES, ImageSet, load_source
+
+
+@dataclass
+class Splits:
+    train: ImageSet
+    val: ImageSet
+    test: ImageSet | None
+    val_from: str               # "val split" (the source's own) or "held out of train"
+
+    def get(self, name: str) -> ImageSet:
+        """One split by name (train | val | test), or a clear error when the source has no such split."""
+        if name not in ("train", "val", "test"):
+            raise PixformerError(f"split must be train, val or test, got {name!r}")
+        split = getattr(self, name)
+        if split is None:
+            raise PixformerError("this source has no test split (no test/ folder, no official test set); "
+                                 "use --split val for the images held out of training")
+        return split
+
+
+def holdout(n: int, fraction: float, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Deterministic (train_idx, val_idx) split of range(n): a seeded permutation, the first
+    round(n * fraction) indices held out."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    k = round(n * fraction)
+    return perm[k:].sort().values, perm[:k].sort().values
+
+
+def resolve_splits(found: dict[str, ImageSet], val_fraction: float, source: str = "the data") -> Splits:
+    """The train / val / test splits of a source from the splits its reader found (see the module doc)."""
+    train = found.get("train", found.get("all"))
+    if train is None:
+        raise PixformerError(f"{source} has no training images: it holds only {sorted(found)} split folder(s); "
+                             "expected train/ (or class folders at the top)")
+    if len(train) == 0:
+        raise PixformerError(f"{source} has an empty training set")
+    if "val" in found:
+        return Splits(train, found["val"], found.get("test"), "val split")
+    if not 0 < val_fraction < 1:
+        raise PixformerError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}: {source} "
+                             "has no val split, so training validates on a held-out part of train")
+    tr, va = holdout(len(train), val_fraction)
+    if len(tr) == 0 or len(va) == 0:
+        raise PixformerError(f"--val-fraction {val_fraction} of {len(train)} training images leaves "
+                             f"{len(tr)} to train on and {len(va)} to validate on; both need at least one")
+    return Splits(train.subset(tr), train.subset(va), found.get("test"), "held out of train")
+
+
+def source_id(source: str) -> str:
+    """A data source as one comparable string: a named dataset's name, or a path made absolute."""
+    return source.lower() if source.lower() in NAMED_SOURCES else str(Path(source).expanduser().resolve())
+
+
+def channel_stats(images: Tensor, chunk: int = 4096) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 images (N, C, H, W) on the 0..1 scale, in float64 sums over
+    chunks of images (never a float copy of the whole set)."""
+    C = images.shape[1]
+    total = torch.zeros(C, dtype=torch.float64)
+    squares = torch.zeros(C, dtype=torch.float64)
+    for part in images.split(chunk):
+        x = part.transpose(0, 1).reshape(C, -1).double() / 255.0
+        total += x.sum(1)
+        squares += (x * x).sum(1)
+    n = images.numel() // C
+    mean = total / n
+    var = (squares - n * mean * mean) / max(n - 1, 1)
+    return mean.tolist(), var.clamp_min(0).sqrt().clamp_min(1e-3).tolist()
+
+
+def run_split(state: dict[str, Any], source: str | None, root: str | None, split: str) -> tuple[ImageSet, str]:
+    """The images `eval` and `analyze` score for a trained run (`state`: its state.json): one split of
+    `source` (default: the run's own data), laid out as the run trained (image size, pixel
+    permutation). A plain class-folder tree that is not the run's training source is a folder of test
+    images; the training source never is."""
+    tc, info = state["train_config"], state["data"]
+    source = source or tc["data"]
+    found = load_source(source, root or tc.get("data_root"), tuple(info["img_size"]))
+    own = source_id(source) == info["source"]
+    if set(found) == {"all"} and not own:
+        if split != "test":
+            raise PixformerError(f"{source} is a plain class-folder tree the run did not train on: all its images "
+                                 "are test images (--split test)")
+        splits = Splits(found["all"], found["all"], found["all"], "")
+    else:
+        splits = resolve_splits(found, info["val_fraction"], source)
+        if split == "test" and splits.test is None and own:
+            raise PixformerError(f"{source} has no test split, and the run trained on the rest of it: "
+                                 "use --split val for the images it held out")
+    data = splits.get(split)
+    if data.images.shape[1] != info["in_chans"]:
+        raise PixformerError(f"{source} has {data.images.shape[1]} channels; the model was trained on {info['in_chans']}")
+    return permuted(data, tc), f"{source} [{split}]"

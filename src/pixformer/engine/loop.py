@@ -1,0 +1,348 @@
+"""The training loop every task shares, one plain function you can read in one sitting.
+
+    import pixformer
+    result = pixformer.train(pixformer.TrainConfig(model="pit-n", data="digits", epochs=30, out="runs/pit"))
+
+The loop owns AdamW and its parameter groups, warm-up + cosine, precision, the speed switches, EMA,
+gradient clipping, checkpoints and exact resume, SIGTERM / Ctrl-C, metrics.jsonl and TensorBoard,
+the progress bar and the validation cadence. The task (pixformer.tasks) owns the model it trains,
+the loss of a batch and its evaluation metrics. Validation uses the val split (never test); the test
+split, where the data has one, is evaluated once at the end and reported apart (`test_*`).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..data.ablations import permuted
+from ..data.augment import batch_indices, normalize, random_crop, random_flip
+from ..data.sources import ImageSet, load_source
+from ..data.splits import Splits, channel_stats, resolve_splits, source_id
+from ..errors import PixformerError
+from ..models.attention import set_attention_backend
+from ..models.registry import check_model_args, model_name, model_spec
+from ..tasks import DataFacts, Task, get_task, task_config
+from .checkpoint import find_checkpoint, load_tensors, load_weights, optimizer_from_files, read_state, save_checkpoint
+from .config import TrainConfig, as_json, changed_settings
+from .perf import apply_speed_settings, autocast_dtype
+from .plan import selective_pays
+from .runtime import Runtime
+
+
+# ---- data ----------------------------------------------------------------------------------
+@dataclass
+class Prepared:
+    splits: Splits              # train (after --train-subset), val, test (or None)
+    facts: DataFacts
+
+
+def prepare_data(cfg: TrainConfig) -> Prepared:
+    """Load the source, resolve its train / val / test splits, apply a subset and a pixel permutation
+    if asked, and compute the normalisation on the training images."""
+    size = (cfg.img_size, cfg.img_size) if cfg.img_size else None
+    s = resolve_splits(load_source(cfg.data, cfg.data_root, size, cfg.skip_bad_images), cfg.val_fraction, cfg.data)
+    train = s.train
+    if cfg.train_subset:
+        if cfg.train_subset > len(train):
+            raise PixformerError(f"--train-subset {cfg.train_subset} exceeds the {len(train)} training images")
+        idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.train_subset]
+        train = train.subset(idx.sort().values)
+    s = Splits(permuted(train, cfg), permuted(s.val, cfg), None if s.test is None else permuted(s.test, cfg), s.val_from)
+    mean, std = channel_stats(s.train.images)
+    facts = DataFacts(s.train.classes, s.train.images.shape[1], tuple(s.train.images.shape[-2:]), mean, std)
+    return Prepared(s, facts)
+
+
+# ---- pieces of the loop --------------------------------------------------------------------
+def lr_at(step: int, total: int, warmup: int, peak: float, floor: float) -> float:
+    """Linear warm-up to `peak`, then cosine decay to `floor`; a pure function of the step."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(total - warmup, 1)
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+DECAYED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay by role: on the weights of linear and convolution layers only; none on biases,
+    norms, position tables, class and mask tokens, whatever their shape."""
+    decay = {id(m.weight) for m in model.modules() if isinstance(m, DECAYED)}
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if id(p) in decay], "weight_decay": weight_decay},
+            {"params": [p for p in params if id(p) not in decay], "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def evaluate(task: Task, model: nn.Module, data: ImageSet, batch_size: int, runtime: Runtime,
+             amp: torch.dtype | None = None, stop: "StopFlag | None" = None) -> dict[str, float]:
+    """The task's metrics over `data` (normalised as in training, not augmented)."""
+    model.eval()
+    device, sums = runtime.device, {}
+    for idx in batch_indices(len(data), batch_size, 0, 0, shuffle=False):
+        if stop is not None:
+            stop.check()
+        x = normalize(data.images[idx].to(device), task.facts.mean, task.facts.std)
+        with torch.autocast(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            batch = task.eval_sums(model, x, data.labels[idx].to(device))
+        for k, v in batch.items():
+            sums[k] = sums.get(k, 0) + v
+    return task.metrics(runtime.all_reduce(sums))
+
+
+class _Stop(Exception):
+    """A stop asked by SIGTERM or Ctrl-C, raised at the next safe point."""
+
+
+class StopFlag:
+    """SIGTERM and Ctrl-C ask the loop to stop at its next safe point: after a whole optimizer step
+    (counted), or between evaluation batches. So a checkpoint never holds a step applied but not
+    counted. A second Ctrl-C stops at once (the last checkpoint is kept)."""
+
+    def __init__(self):
+        self.asked: str | None = None
+        self._old: dict = {}
+
+    def _handler(self, signum, frame):
+        if self.asked is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.asked = signal.Signals(signum).name
+
+    def __enter__(self) -> "StopFlag":
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self._handler) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+    def check(self):
+        if self.asked is not None:
+            raise _Stop(self.asked)
+
+
+def default_run_dir(name: str, data: str) -> Path:
+    return Path("runs") / f"{name.replace('/', '')}-{Path(data).name.split('.')[0]}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _resumable_state(cfg: TrainConfig) -> dict[str, Any] | None:
+    """The saved state of the run `cfg` resumes (None when there is none to resume), after checking
+    that `cfg` asks for the same computation: every setting outside RUN_ONLY must be the run's own."""
+    ckpt = find_checkpoint(cfg.out) if cfg.resume else None
+    if ckpt is None:
+        return None
+    saved = read_state(ckpt)
+    changed = changed_settings(saved["train_config"], cfg)
+    if changed:
+        raise PixformerError(f"cannot resume {cfg.out} with other settings ({'; '.join(changed)}); resume with "
+                             f"the run's own settings ({Path(cfg.out) / 'config.json'}) or start a new --out")
+    return saved
+
+
+def _is_test_row(row: dict) -> bool:
+    return any(k.startswith("test_") for k in row)
+
+
+# ---- the loop ------------------------------------------------------------------------------
+def train(cfg: TrainConfig, data: Prepared | None = None) -> dict[str, Any]:
+    """Train `cfg.model` on `cfg.data` for `cfg.task`; returns the final metrics (`val_*`, `test_*`),
+    the run folder and the trained model(s). A run with `resume=True` continues from the checkpoint in
+    `cfg.out` to the same result as an uninterrupted run: the data order, augmentation and dropout
+    are seeded by (seed, step), and a stop is only taken between whole steps."""
+    if cfg.resume and not cfg.out:
+        raise PixformerError("--resume needs --out, the folder of the run to continue")
+    cfg.speed.check()                                                    # bad names before any work
+    task_cls, task_cfg = get_task(cfg.task), task_config(cfg.task, cfg.task_args)
+    check_model_args(cfg.model, cfg.model_args)
+    saved = _resumable_state(cfg)                                        # before any data is loaded
+    runtime = Runtime.create(cfg.device)
+    device, amp = runtime.device, autocast_dtype(cfg.precision, runtime.device)
+    data = data or prepare_data(cfg)
+    splits, facts = data.splits, data.facts
+    task = task_cls(task_cfg, facts)
+
+    torch.manual_seed(cfg.seed)
+    model = task.build_model(cfg.model, cfg.model_args)
+    name = model_name(model)
+    run_dir = Path(cfg.out) if cfg.out else default_run_dir(name, cfg.data)
+    set_attention_backend(model, cfg.speed.attn_backend).to(device)  # before the copy: EMA evaluates with it too
+    ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay > 0 else None
+    speed = asdict(cfg.speed)
+    if speed["selective_checkpoint"] is None:
+        speed["selective_checkpoint"] = selective_pays(cfg.model, facts.img_size, cfg.batch_size,
+                                                       "bf16" if amp else "fp32", cfg.speed.attn_backend,
+                                                       len(facts.classes), facts.in_chans, **cfg.model_args)
+    apply_speed_settings(model, **speed)                                 # from outside the model
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))
+
+    steps_per_epoch = max(len(splits.train) // cfg.batch_size, 1)
+    total_steps = cfg.epochs * steps_per_epoch
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    metric, better = task.best
+    state = {"train_config": as_json(cfg), "task": {"name": task.name, "config": asdict(task_cfg)},
+             "model": model_spec(model), "model_name": name, "step": 0, "epochs_logged": 0,
+             "data": {**asdict(facts), "source": source_id(cfg.data), "val_from": splits.val_from,
+                      "val_fraction": cfg.val_fraction, "has_test": splits.test is not None},
+             f"best_{metric}": None, "test": None, "weights": "ema" if ema is not None else "model",
+             "speed": {**speed, "precision": str(amp or torch.float32)[6:]}}  # as resolved for this run
+    running: dict[str, float] = {}       # this epoch's training statistics so far (sums), and "_seconds"
+
+    step, metrics_path = 0, run_dir / "metrics.jsonl"
+    ckpt = find_checkpoint(run_dir)
+    if saved is not None:
+        spec = json.loads(json.dumps(state["model"]))  # as stored: JSON turns tuples (img_size) into lists
+        if saved["model"] != spec:
+            diff = sorted(k for k in set(saved["model"]["config"]) | set(spec["config"])
+                          if saved["model"]["config"].get(k) != spec["config"].get(k))
+            raise PixformerError(f"cannot resume {run_dir}: its checkpoint is a different model (differs in {diff})")
+        load_weights(model, ckpt / "model.safetensors")
+        if ema is not None:
+            load_weights(ema, ckpt / "ema.safetensors")
+        optimizer_from_files(opt, load_tensors(ckpt / "optimizer.safetensors"), saved["optimizer"])
+        for k in ("step", "epochs_logged", f"best_{metric}", "test"):
+            state[k] = saved[k]
+        step, running = saved["step"], saved["running"]
+        if metrics_path.exists():  # forget rows logged after the checkpoint; they are computed again
+            rows = [json.loads(l) for l in metrics_path.read_text().splitlines()]
+            keep = [r for r in rows if (state["test"] is not None if _is_test_row(r) else r["epoch"] <= state["epochs_logged"])]
+            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        print(f"resuming {run_dir} at step {step}/{total_steps}")
+    elif cfg.resume:
+        print(f"no checkpoint in {run_dir}; starting from scratch")
+    elif ckpt is not None:
+        raise PixformerError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+    tb = None
+    if runtime.is_main:                  # only the main process writes checkpoints and logs
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(state["train_config"], indent=1))
+        tb = _tensorboard(run_dir)
+
+    def checkpoint():
+        if runtime.is_main:
+            save_checkpoint(run_dir, {**state, "step": step, "running": running}, model, opt, ema)
+
+    def log(record: dict):
+        if not runtime.is_main:
+            return
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
+                    tb.add_scalar(k, v, record["step"])
+
+    ema_pairs = list(zip(ema.state_dict().values(), model.state_dict().values())) if ema is not None else []
+    ema_float = [(e, m) for e, m in ema_pairs if e.is_floating_point()]
+    eval_model = ema or model
+    val, lr = None, lr_at(max(step - 1, 0), total_steps, warmup, cfg.lr, cfg.min_lr)   # of the last step taken
+    bar = tqdm(total=total_steps, initial=step, disable=not cfg.progress, dynamic_ncols=True,
+               desc=f"{name} {Path(cfg.data).name}")
+    try:
+        with StopFlag() as stop:
+            while True:
+                epochs_done = step // steps_per_epoch
+                if state["epochs_logged"] < epochs_done:     # an epoch ended; validate it (again, after a stop)
+                    val = evaluate(task, eval_model, splits.val, cfg.eval_batch_size, runtime, amp, stop)
+                    best = state[f"best_{metric}"]
+                    if best is None or (val[metric] > best if better == "max" else val[metric] < best):
+                        state[f"best_{metric}"] = val[metric]
+                    n = max(running.get("n", 0), 1)
+                    record = {"step": step, "epoch": epochs_done, "lr": lr,
+                              **{f"train_{k}": v / n for k, v in running.items() if k not in ("n", "_seconds")},
+                              "img_per_s": running.get("n", 0) / max(running.get("_seconds", 0), 1e-9),
+                              **{f"val_{k}": v for k, v in val.items() if k != "n"}}
+                    log(record)
+                    bar.write(f"epoch {epochs_done}/{cfg.epochs}  train loss {record.get('train_loss', 0):.4f}  "
+                              + "  ".join(f"val {k} {v:.4f}" for k, v in val.items() if k != "n"))
+                    state["epochs_logged"] = epochs_done
+                    checkpoint()
+                if step >= total_steps:
+                    break
+                if step % steps_per_epoch == 0:
+                    running = {}
+                model.train()
+                epoch = step // steps_per_epoch
+                for idx in batch_indices(len(splits.train), cfg.batch_size, epoch, cfg.seed)[step % steps_per_epoch:]:
+                    t0 = time.perf_counter()
+                    torch.manual_seed(cfg.seed * 1_000_003 + step)          # dropout / drop-path, per step
+                    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+                    rng = np.random.default_rng([cfg.seed, step])
+                    images = splits.train.images[idx].to(device, non_blocking=True)   # uint8 (B, C, H, W)
+                    images = random_crop(images, cfg.crop_padding, g)
+                    images = random_flip(images, g) if cfg.hflip else images
+                    x = normalize(images, facts.mean, facts.std)
+                    y = splits.train.labels[idx].to(device)
+
+                    lr = lr_at(step, total_steps, warmup, cfg.lr, cfg.min_lr)
+                    for group in opt.param_groups:
+                        group["lr"] = lr
+                    with torch.autocast(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                        loss, stats = task.loss(model, x, y, rng)
+                    if not torch.isfinite(loss):
+                        raise PixformerError(f"loss became {loss.item()} at step {step}; lower --lr or use --precision fp32")
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if cfg.clip_grad > 0:
+                        nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+                    opt.step()
+                    if ema is not None:
+                        with torch.no_grad():
+                            torch._foreach_lerp_([e for e, _ in ema_float], [m for _, m in ema_float], 1 - cfg.ema_decay)
+                            for e, m in ema_pairs:
+                                if not e.is_floating_point():
+                                    e.copy_(m)
+                    step += 1
+
+                    for k, v in stats.items():
+                        running[k] = running.get(k, 0) + v
+                    running["_seconds"] = running.get("_seconds", 0.0) + time.perf_counter() - t0
+                    n = max(running.get("n", 0), 1)
+                    bar.update(1)
+                    bar.set_postfix(epoch=epoch + 1, **{k: f"{v / n:.3f}" for k, v in running.items() if k not in ("n", "_seconds")},
+                                    img_s=f"{running.get('n', 0) / running['_seconds']:.0f}", lr=f"{lr:.1e}")
+                    stop.check()
+                    if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step % steps_per_epoch:
+                        checkpoint()
+            if splits.test is not None and state["test"] is None:  # once, at the end
+                state["test"] = evaluate(task, eval_model, splits.test, cfg.eval_batch_size, runtime, amp, stop)
+                log({"step": step, "epoch": cfg.epochs, **{f"test_{k}": v for k, v in state["test"].items() if k != "n"}})
+                checkpoint()
+    except _Stop as why:
+        bar.close()
+        checkpoint()
+        raise PixformerError(f"stopped ({why}) at step {step}/{total_steps}; checkpoint saved. Continue with: "
+                             f"pixformer train --out {run_dir} --resume (and the same settings)") from None
+    except KeyboardInterrupt:
+        raise PixformerError(f"stopped at once at step {step}/{total_steps}; the last checkpoint in {run_dir} "
+                             "is kept (continue with --resume)") from None
+    finally:
+        bar.close()
+        if tb is not None:
+            tb.close()
+    if val is None:  # resumed a run whose last epoch was validated before
+        val = evaluate(task, eval_model, splits.val, cfg.eval_batch_size, runtime, amp)
+    return {"run_dir": str(run_dir), "model_name": name, "step": step, f"best_{metric}": state[f"best_{metric}"],
+            **{f"val_{k}": v for k, v in val.items()},
+            **{f"test_{k}": v for k, v in (state["test"] or {}).items()}, "model": model, "ema": ema}
+
+
+def _tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(run_dir / "tb"))

@@ -1,0 +1,47 @@
+"""Tasks: what a run optimises and measures (see tasks/base.py for the interface the engine uses).
+
+    classify   supervised classification (the default)
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any
+
+from ..errors import PixformerError
+from .base import DataFacts, Task
+from .classify import Classify, ClassifyConfig
+
+TASKS: dict[str, type[Task]] = {t.name: t for t in (Classify,)}
+
+
+def get_task(name: str) -> type[Task]:
+    if name not in TASKS:
+        raise PixformerError(f"unknown task {name!r}; choose from {sorted(TASKS)}")
+    return TASKS[name]
+
+
+def task_config(name: str, task_args: dict[str, Any] | None = None) -> Any:
+    """The settings dataclass of task `name` from `task_args`, or a clear error naming what it lacks."""
+    cls = get_task(name).Config
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(task_args or {}) - known)
+    if unknown:
+        owners = {k: [t for t, c in TASKS.items() if k in {f.name for f in dataclasses.fields(c.Config)}] for k in unknown}
+        where = "; ".join(f"{k} belongs to {' / '.join(v)}" for k, v in owners.items() if v)
+        raise PixformerError(f"task {name!r} has no setting(s) {unknown}" + (f" ({where})" if where else "")
+                             + f"; its settings are {sorted(known)}")
+    return cls(**(task_args or {}))
+
+
+def task_settings() -> dict[str, Any]:
+    """Every task setting (field name -> type), the union over the tasks: the CLI's shortcuts."""
+    out: dict[str, Any] = {}
+    for t in TASKS.values():
+        hints = typing.get_type_hints(t.Config)
+        for f in dataclasses.fields(t.Config):
+            out.setdefault(f.name, hints[f.name])
+    return out
+
+
+__all__ = ["Task", "DataFacts", "TASKS", "get_task", "task_config", "task_settings", "Classify", "ClassifyConfig"]

@@ -1,0 +1,57 @@
+"""A task is what differs between training objectives; the engine (engine/loop.py) owns what they share.
+
+The engine calls, for a run:
+    task = TaskClass(settings, facts)          # settings: the task's own dataclass; facts: the data's
+    model = task.build_model(name, model_args) # the module trained (and checkpointed)
+    loss, stats = task.loss(model, images, labels, rng)   # each step, under autocast
+    sums = task.eval_sums(model, images, labels)          # each evaluation batch, without grad
+    metrics = task.metrics(sums)               # after the sums of every batch (and process) are added
+
+`images` arrive on the device, augmented (crop, flip) and normalised; `labels` are class indices.
+`stats` and `sums` are sums over the batch's examples with their count under "n", so that the engine
+can add them over steps, batches and processes before dividing; `rng` (numpy, seeded by the run's
+seed and step) draws whatever the task randomises per step, so a resumed run redraws the same.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from torch import Tensor, nn
+
+
+@dataclass
+class DataFacts:
+    """What a task and a checkpoint know of the data: class names, channels, training image size,
+    and the per-channel normalisation computed on the training images."""
+    classes: list[str]
+    in_chans: int
+    img_size: tuple[int, int]
+    mean: list[float]
+    std: list[float]
+
+
+class Task:
+    name: str                     # --task NAME
+    Config: type                  # the task's settings dataclass (--task-args, or its shortcuts)
+    best: tuple[str, str]         # (validation metric that marks the best epoch, "max" or "min")
+
+    def __init__(self, cfg: Any, facts: DataFacts):
+        self.cfg = cfg
+        self.facts = facts
+
+    def build_model(self, name: str, model_args: dict[str, Any]) -> nn.Module:
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, images: Tensor, labels: Tensor,
+             rng: np.random.Generator) -> tuple[Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def eval_sums(self, model: nn.Module, images: Tensor, labels: Tensor) -> dict[str, float]:
+        raise NotImplementedError
+
+    def metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        """Means of the summed statistics, and the example count "n"."""
+        n = max(sums.get("n", 0), 1)
+        return {**{k: v / n for k, v in sums.items() if k != "n"}, "n": int(sums.get("n", 0))}
