@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from pixformer.attention import attention, auto_backend
+from pixformer.models.attention import attention, auto_backend
 
 HEADS, DIM_HEAD = 3, 64
 MATH_LIMIT = 1 << 27          # "math" is skipped above this many scores (0.5 GiB of fp32 per copy)

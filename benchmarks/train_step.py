@@ -15,7 +15,7 @@ CPUs MKL's fp32 GEMM runs AVX2 code at half of oneDNN's AVX-512 rate), and peak 
              machine must have, allocator caching and fragmentation included.
   live peak  the largest total of live tensor bytes during one step, from the allocation events of
              torch's profiler (profile_memory=True), plus the weights, grads and AdamW state held at
-             the start of the step: what pixformer.plan estimates, independent of the allocator.
+             the start of the step: what pixformer.engine.plan estimates, independent of the allocator.
 Each configuration runs in a fresh subprocess whose address space is capped (--mem-limit); one that
 runs out is reported as "out of memory" with what it asked for. Before the run the script waits for
 a quiet CPU (1-minute load average below --max-load) and it reports, per configuration, the share
@@ -60,9 +60,11 @@ def reference_vit(img: int):
 def configs() -> dict[str, dict]:
     """name -> settings. "pixformer" is what `pixformer train` runs by default (TrainConfig's precision
     and speed settings); the others change only what their name says."""
-    from pixformer.train import SPEED_SETTINGS, TrainConfig
+    from dataclasses import asdict
+
+    from pixformer import TrainConfig
     d = TrainConfig()
-    default = dict(impl="pixformer", precision=d.precision, **{k: getattr(d, k) for k in SPEED_SETTINGS})
+    default = dict(impl="pixformer", precision=d.precision, **asdict(d.speed))
     return {
         "pixformer": default,
         "pixformer-fp32-plain": {**default, "precision": "fp32", "selective_checkpoint": False},
@@ -137,8 +139,8 @@ def _timed(fn) -> float:
 def worker(job: dict) -> dict:
     """Build one configuration, run warm-up, timed and profiled steps; everything in this process."""
     from pixformer import create_model
-    from pixformer.perf import apply_speed_settings, autocast_dtype, checkpointed_blocks
-    from pixformer.plan import plan, selective_pays
+    from pixformer.engine.perf import apply_speed_settings, autocast_dtype, checkpointed_blocks
+    from pixformer.engine.plan import plan, selective_pays
 
     cfg, img, batch, steps = job["config"], job["img"], job["batch"], job["steps"]
     if job.get("threads"):
@@ -338,7 +340,7 @@ def main():
         print(json.dumps(worker(json.loads(args.worker))))
         return
 
-    from pixformer.plan import parse_bytes
+    from pixformer.engine.plan import parse_bytes
     if importlib.util.find_spec("vit_pytorch") is None:
         sys.exit("vit-pytorch is not installed: .venv/bin/pip install --no-deps vit-pytorch")
     batches = args.batch or [8 if s >= 64 else 32 for s in args.sizes]
@@ -351,7 +353,7 @@ def main():
     print(f"machine: {info['cpu']}, {info['cores']} cores ({info['threads']} torch threads), "
           f"{'/'.join(info['isa'])}, {info['memory_gib']} GiB; torch {info['torch']}")
     print(f"load average at start: {load0:.2f} (waited {waited:.0f} s)", flush=True)
-    from pixformer.perf import autocast_dtype, native_bf16
+    from pixformer.engine.perf import autocast_dtype, native_bf16
     by_lib = matmul_peaks(native_bf16("cpu"))
     peaks = {dt: max(rates.values()) for dt, rates in by_lib.items()}
     print(f"matmul peak ({info['threads']} threads, best n x n GEMM): " + "; ".join(

@@ -2,8 +2,8 @@
 
     python scripts/export_split.py --data ../shared/data/cifar10-train-jpg.tar.gz --split val --out runs/cifar10-val
 
-`--split val` is the validation split that `pixformer train` holds out of a source without a test
-split (same fraction and seed), so a model trained on the rest can be evaluated on a separate folder:
+`--split val` is the validation split `pixformer train` uses (the source's val/ folder, or the same
+seeded hold-out of train), so a model trained on the rest can be evaluated on a separate folder:
     pixformer eval --checkpoint RUN --data runs/cifar10-val --json
 """
 import argparse
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from pixformer.data import holdout, load_source
+from pixformer.data import load_source, resolve_splits
 
 
 def main():
@@ -21,13 +21,7 @@ def main():
     ap.add_argument("--val-fraction", type=float, default=0.1)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    splits = load_source(args.data)
-    if args.split == "test":
-        data = splits["test"]
-    else:
-        base = splits.get("train", splits.get("all"))
-        train_idx, val_idx = holdout(len(base), args.val_fraction, seed=0)
-        data = base.subset(val_idx if args.split == "val" else train_idx)
+    data = resolve_splits(load_source(args.data), args.val_fraction, args.data).get(args.split)
     out = Path(args.out)
     for i, (img, label) in enumerate(zip(data.images, data.labels)):
         folder = out / data.classes[label]

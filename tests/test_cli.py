@@ -151,3 +151,47 @@ def test_speed_flags_bare_and_valued(tmp_path, capsys):
         assert speed["selective_checkpoint"] is want and speed["onednn_linear"] is False
     code, _, err = run(capsys, "train", "--model", "pit-n", "--allocator", "fast", "--out", tmp_path / "bad")
     assert code != 0 and "allocator policy must be one of" in err
+
+
+def test_eval_picks_exactly_one_split_and_never_scores_training_images_as_test(tmp_path, capsys):
+    data = image_folder(tmp_path / "plain", ["cat", "dog"], per_class=10)
+    out = tmp_path / "run"
+    assert run(capsys, "train", "--model", "vit-n/4", *TINY, "--epochs", "1", "--batch-size", "4", "--data", data,
+               "--val-fraction", "0.2", "--out", out)[0] == 0
+    n = {}
+    for split in ("train", "val"):
+        code, stdout, err = run(capsys, "eval", "--checkpoint", out, "--split", split, "--json")
+        assert code == 0, err
+        n[split] = json.loads(stdout.strip().splitlines()[-1])["n"]
+    assert n == {"train": 16, "val": 4}
+    code, _, err = run(capsys, "eval", "--checkpoint", out, "--data", data)          # --split test (the default)
+    assert code == 2 and "has no test split, and the run trained on the rest of it: use --split val" in err
+    other = image_folder(tmp_path / "other", ["dog"], per_class=3, seed=2)            # a folder of test images
+    code, stdout, _ = run(capsys, "eval", "--checkpoint", out, "--data", other, "--json")
+    assert code == 0 and json.loads(stdout.strip().splitlines()[-1])["n"] == 3
+    code, _, err = run(capsys, "eval", "--checkpoint", out, "--data", other, "--split", "val")
+    assert code == 2 and "all its images are test images" in err
+
+
+def test_model_and_task_settings_as_mappings_or_shortcuts(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = run(capsys, "train", "--model", "vit-n/4", "--model-args", "{depth: 3, dim: 16, heads: 2}",
+                       "--depth", "1", "--task-args", "{label_smoothing: 0.2}", "--mixup", "0.1", "--epochs", "1",
+                       "--train-subset", "64", "--batch-size", "32", "--progress", "false", "--out", out)
+    assert code == 0, err
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert state["model"]["config"]["depth"] == 1 and state["model"]["config"]["dim"] == 16   # the shortcut wins
+    assert state["task"]["config"] == {"label_smoothing": 0.2, "mixup": 0.1, "cutmix": 0.0}
+    code, _, err = run(capsys, "train", "--model", "convmixer-16/1", "--pos-embed", "none", "--out", tmp_path / "x")
+    assert code == 2 and "convmixer-16/1 (convmixer) has no setting(s) ['pos_embed']" in err
+    code, _, err = run(capsys, "train", "--task", "segment", "--out", tmp_path / "y")
+    assert code == 2 and "unknown task 'segment'" in err
+    code, stdout, _ = run(capsys, "train", "--help")
+    assert code == 0 and "--depth" in stdout and "--mixup" in stdout and "--attn_backend" in stdout.replace("speed.", "")
+
+
+def test_python_dash_m_runs_the_command():
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-m", "pixformer", "models", "--img-size", "8"], capture_output=True, text=True)
+    assert done.returncode == 0 and "pit-n" in done.stdout

@@ -189,3 +189,84 @@ def test_resize_is_identity_at_same_size():
     x = torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8)
     assert resize(x, (8, 8)) is x
     assert resize(x, (4, 6)).shape == (3, 3, 4, 6)
+
+
+# ---- splits: train / val / test -----------------------------------------------------------------
+def split_folder(root, splits=("train", "val", "test"), per_class=(6, 3, 2)):
+    for split, n in zip(splits, per_class):
+        write_image_folder(root / split, per_class=n, size=(8, 8))
+    return root
+
+
+def test_train_val_test_folders_stay_three_splits(tmp_path):
+    root = split_folder(tmp_path / "set")
+    found = load_source(str(root))
+    assert sorted(found) == ["test", "train", "val"]
+    s = resolve_splits(found, 0.1, "set")
+    assert (len(s.train), len(s.val), len(s.test), s.val_from) == (12, 6, 4, "val split")
+    # without a val folder: a seeded hold-out of train validates, test stays test
+    s = resolve_splits(load_source(str(split_folder(tmp_path / "tt", ("train", "test"), (10, 2)))), 0.25, "tt")
+    assert (len(s.train), len(s.val), len(s.test), s.val_from) == (15, 5, 4, "held out of train")
+
+
+def test_training_validates_on_val_and_reports_test_apart(tmp_path):
+    from pixformer import TrainConfig, train
+    root = split_folder(tmp_path / "set")
+    r = train(TrainConfig(model="vit-n/4", data=str(root), model_args=dict(depth=1, dim=16, heads=2), epochs=1,
+                          batch_size=4, progress=False, out=str(tmp_path / "run")))
+    assert (r["val_n"], r["test_n"]) == (6, 4)
+
+
+@pytest.mark.parametrize("found,fraction,match", [
+    ({"test"}, 0.1, r"has no training images: it holds only \['test'\] split folder"),
+    ({"val", "test"}, 0.1, "has no training images"),
+    ({"train"}, 0.0, r"--val-fraction must be between 0 and 1 \(exclusive\), got 0.0"),
+    ({"train"}, 1.0, "--val-fraction must be between 0 and 1"),
+    ({"train"}, 0.01, "leaves 6 to train on and 0 to validate on"),
+])
+def test_split_mistakes_are_one_line_errors(tmp_path, found, fraction, match):
+    sets = load_source(str(split_folder(tmp_path / "s", ("train", "val", "test"), (3, 1, 1))))
+    with pytest.raises(PixformerError, match=match):
+        resolve_splits({k: v for k, v in sets.items() if k in found}, fraction, "s")
+
+
+def test_an_empty_training_set_is_refused():
+    empty = load_source("digits")["train"].subset(torch.tensor([], dtype=torch.long))
+    with pytest.raises(PixformerError, match="empty training set"):
+        resolve_splits({"train": empty}, 0.1, "digits")
+
+
+# ---- the decode cache and image sizes -----------------------------------------------------------
+def test_decode_cache_sees_every_file(tmp_path):
+    root = write_image_folder(tmp_path / "imgs")
+    before = load_source(str(root))["all"]
+    Image.fromarray(np.zeros((10, 12, 3), np.uint8)).save(root / "b" / "new.png")      # one image added
+    added = load_source(str(root))["all"]
+    assert len(added) == len(before) + 1
+    Image.fromarray(np.full((10, 12, 3), 7, np.uint8)).save(root / "a" / "0.png")      # one image replaced
+    replaced = load_source(str(root))["all"]
+    assert (replaced.images[0] == 7).all() and not (before.images[0] == 7).all()
+
+
+def test_images_of_different_sizes_need_an_image_size(tmp_path):
+    root = write_image_folder(tmp_path / "imgs")
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(root / "b" / "big.png")
+    with pytest.raises(PixformerError, match=r"different sizes \(10x12 a/0\.png, 20x30 b/big\.png\); "
+                                             r"pass --img-size N"):
+        load_source(str(root))
+    assert load_source(str(root), img_size=(8, 8))["all"].images.shape == (7, 3, 8, 8)
+
+
+# ---- statistics and augmentation order ----------------------------------------------------------
+def test_channel_stats_in_chunks_equal_the_whole_set_at_once():
+    x = torch.randint(0, 256, (50, 3, 5, 4), dtype=torch.uint8)
+    mean, std = channel_stats(x, chunk=7)
+    flat = x.transpose(0, 1).reshape(3, -1).double() / 255
+    torch.testing.assert_close(torch.tensor(mean, dtype=torch.float64), flat.mean(1))
+    torch.testing.assert_close(torch.tensor(std, dtype=torch.float64), flat.std(1))
+
+
+def test_crop_padding_is_black_because_it_comes_before_normalisation():
+    images = torch.full((64, 1, 4, 4), 200, dtype=torch.uint8)
+    crops = random_crop(images, 2, torch.Generator().manual_seed(0))
+    assert crops.dtype == torch.uint8 and set(crops.unique().tolist()) == {0, 200}
