@@ -17,7 +17,7 @@ PIX="nice -n 5 .venv/bin/pixformer"
 OUT=runs/results
 what="${1:-all}"
 
-# The recipe of `pixformer demo` (DEMO_RECIPE in src/pixformer/demo.py) as the README's digits tables were
+# The recipe of `pixformer demo` (DEMO_RECIPE in src/pixformer/experiments/demo.py) as the README's digits tables were
 # measured with it: a 4-layer, 64-wide ViT, 80 epochs (the demo now trains 120), batch 32, AdamW 1e-3, fp32, no augmentation. Test accuracy on the fixed 359-image
 # split. fp32 everywhere (as the README's tables were measured), also on CPUs where --precision auto is bf16.
 DIGITS="--data digits --depth 4 --dim 64 --heads 4 --epochs 80 --batch-size 32 --lr 1e-3 --precision fp32 --progress false"

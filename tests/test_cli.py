@@ -195,3 +195,16 @@ def test_python_dash_m_runs_the_command():
     import sys
     done = subprocess.run([sys.executable, "-m", "pixformer", "models", "--img-size", "8"], capture_output=True, text=True)
     assert done.returncode == 0 and "pit-n" in done.stdout
+
+
+def test_eval_reads_a_checkpoint_written_before_tasks_existed(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(capsys, "train", "--model", "vit-n/4", *TINY, "--epochs", "1", "--train-subset", "64",
+               "--out", out)[0] == 0
+    path = out / "checkpoint" / "state.json"
+    state = json.loads(path.read_text())
+    del state["task"], state["data"]["source"]                     # as pixformer 0.1 wrote them
+    path.write_text(json.dumps(state))
+    code, stdout, err = run(capsys, "eval", "--checkpoint", out, "--json")
+    assert code == 0, err
+    assert json.loads(stdout.strip().splitlines()[-1])["n"] == 359

@@ -223,3 +223,14 @@ def test_bad_task_and_model_settings_are_refused_before_any_work(tmp_path):
     with pytest.raises(PixformerError, match=r"label_smoothing must be in \[0, 1\)"):
         train(TrainConfig(**TINY, task_args=dict(label_smoothing=1.5), out=str(tmp_path / "d")))
     assert not any((tmp_path / n).exists() for n in "abcd")
+
+
+def test_a_multi_process_launch_is_refused_until_training_across_processes_exists(monkeypatch):
+    from pixformer import Runtime
+    rt = Runtime.create("cpu")
+    assert rt.is_main and rt.world_size == 1 and rt.all_reduce({"n": 3, "top1": 2.0}) == {"n": 3, "top1": 2.0}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(PixformerError, match="launched as 2 processes"):
+        Runtime.create("cpu")
+    with pytest.raises(PixformerError, match="unknown device 'gpu0'"):
+        monkeypatch.delenv("WORLD_SIZE") or Runtime.create("gpu0")

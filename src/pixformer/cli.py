@@ -186,8 +186,9 @@ def cmd_eval(ns) -> int:
         raise PixformerError(f"classes {unknown[:5]} of {where} were not seen in training ({len(trained)} classes)")
     labels = torch.tensor([trained.index(c) for c in data.classes])[data.labels]   # the model's class indices
     data = ImageSet(data.images, labels, trained)
-    facts = DataFacts(**{k: state["data"][k] for k in ("classes", "in_chans", "img_size", "mean", "std")})
-    task = get_task(state["task"]["name"])(task_config(state["task"]["name"], state["task"]["config"]), facts)
+    saved_task = state.get("task", {"name": "classify", "config": {}})   # runs of 0.1 were all classify
+    task = get_task(saved_task["name"])(task_config(saved_task["name"], saved_task["config"]),
+                                        DataFacts.from_dict(state["data"]))
     runtime = Runtime.create(ns.device)
     amp = autocast_dtype(state["train_config"]["precision"], runtime.device)
     metrics = evaluate(task, model.to(runtime.device), data, ns.batch_size, runtime, amp)

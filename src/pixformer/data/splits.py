@@ -96,7 +96,7 @@ def run_split(state: dict[str, Any], source: str | None, root: str | None, split
     tc, info = state["train_config"], state["data"]
     source = source or tc["data"]
     found = load_source(source, root or tc.get("data_root"), tuple(info["img_size"]))
-    own = source_id(source) == info["source"]
+    own = source_id(source) == info.get("source", source_id(tc["data"]))
     if set(found) == {"all"} and not own:
         if split != "test":
             raise PixformerError(f"{source} is a plain class-folder tree the run did not train on: all its images "

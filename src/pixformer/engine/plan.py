@@ -139,7 +139,7 @@ class Plan:
         if not self.image_bytes:
             return "\n".join(lines + ["training memory: not modelled for this architecture (ViT/PiT only)"])
         lines += [f"training memory, {self.precision}, {_ATTN_LABEL[self.attn]} attention "
-                 f"(estimate; see pixformer.plan):",
+                 f"(estimate; see pixformer.engine.plan):",
                  f"  weights + grads + AdamW state: {format_bytes(self.fixed_bytes)}"]
         b = self.batch_size
         names = {m: f"{m:<9} {_HOW[m]}" for m in CHECKPOINT_MODES}

@@ -31,6 +31,11 @@ class DataFacts:
     mean: list[float]
     std: list[float]
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DataFacts":
+        """The facts from a checkpoint's "data" record (which holds more)."""
+        return cls(d["classes"], d["in_chans"], tuple(d["img_size"]), d["mean"], d["std"])
+
 
 class Task:
     name: str                     # --task NAME
