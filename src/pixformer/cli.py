@@ -180,15 +180,16 @@ def cmd_eval(ns) -> int:
 
     model, state = load_model(ns.checkpoint, ns.weights)
     data, where = run_split(state, ns.data, ns.data_root, ns.split)
-    trained = state["data"]["classes"]
-    unknown = [c for c in data.classes if c not in trained]
-    if unknown:
-        raise PixformerError(f"classes {unknown[:5]} of {where} were not seen in training ({len(trained)} classes)")
-    labels = torch.tensor([trained.index(c) for c in data.classes])[data.labels]   # the model's class indices
-    data = ImageSet(data.images, labels, trained)
     saved_task = state.get("task", {"name": "classify", "config": {}})   # runs of 0.1 were all classify
     task = get_task(saved_task["name"])(task_config(saved_task["name"], saved_task["config"]),
                                         DataFacts.from_dict(state["data"]))
+    if task.uses_labels:
+        trained = state["data"]["classes"]
+        unknown = [c for c in data.classes if c not in trained]
+        if unknown:
+            raise PixformerError(f"classes {unknown[:5]} of {where} were not seen in training ({len(trained)} classes)")
+        labels = torch.tensor([trained.index(c) for c in data.classes])[data.labels]   # the model's class indices
+        data = ImageSet(data.images, labels, trained)
     runtime = Runtime.create(ns.device)
     amp = autocast_dtype(state["train_config"]["precision"], runtime.device)
     metrics = evaluate(task, model.to(runtime.device), data, ns.batch_size, runtime, amp)
@@ -227,11 +228,12 @@ def cmd_plan(ns) -> int:
 
 
 def cmd_demo(ns) -> int:
-    from .experiments.demo import run_demo
+    from .experiments.demo import noise_note, run_demo
     from .experiments.tables import format_table
     out_dir, rows = run_demo(ns.out, ns.seed, ns.train_subset, ns.epochs, ns.progress)
     print()
     print(format_table(rows))
+    print(noise_note(rows))
     print(f"\nresults: {out_dir / 'results.json'}\nplot:    {out_dir / 'accuracy_vs_patch.png'}")
     print(f"run folder: {out_dir}")
     return 0

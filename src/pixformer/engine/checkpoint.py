@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -137,3 +138,50 @@ def load_model(path: str | Path, weights: str = "auto") -> tuple[nn.Module, dict
     use_ema = weights == "ema" or (weights == "auto" and (ckpt / "ema.safetensors").exists())
     load_weights(model, ckpt / ("ema.safetensors" if use_ema else "model.safetensors"))
     return model.eval(), state
+
+
+def init_from(model: nn.Module, path: str | Path) -> dict[str, list[str]]:
+    """Start `model` from a trained run's weights (EMA weights when it kept them), matched by name:
+    a key may also match with or without an `encoder.` prefix, so an MAE run's encoder starts a
+    classifier or a probe. A learned position table trained on another grid is resampled bilinearly.
+    Returns what was loaded, what the run had that the model does not use (e.g. an MAE decoder) and
+    what the model has that the run lacks (e.g. a new head); a tensor of another shape (another
+    width) is an error naming the keys."""
+    ckpt = find_checkpoint(path)
+    if ckpt is None:
+        raise PixformerError(f"--init {path}: no checkpoint there (expected state.json and model.safetensors)")
+    source = load_tensors(ckpt / ("ema.safetensors" if (ckpt / "ema.safetensors").exists() else "model.safetensors"))
+    own = model.state_dict()
+    loaded, new, used, mismatched = {}, [], set(), []
+    for key, target in own.items():
+        name = next((k for k in (key, f"encoder.{key}", key.removeprefix("encoder.")) if k in source), None)
+        if name is None:
+            new.append(key)
+            continue
+        value = source[name]
+        if value.shape != target.shape and key.endswith("pos_table") and value.ndim == 3 == target.ndim \
+                and value.shape[-1] == target.shape[-1]:
+            value = F.interpolate(value.permute(2, 0, 1)[None].float(), size=tuple(target.shape[:2]), mode="bilinear",
+                                  align_corners=False)[0].permute(1, 2, 0).to(value.dtype)
+        if value.shape != target.shape:
+            mismatched.append(f"{key} {tuple(value.shape)} vs {tuple(target.shape)}")
+            continue
+        loaded[key] = value
+        used.add(name)
+    if mismatched:
+        raise PixformerError(f"--init {path} does not fit this model (another width or patch size?): "
+                             + ", ".join(mismatched[:4]) + (" ..." if len(mismatched) > 4 else ""))
+    if not loaded:
+        raise PixformerError(f"--init {path}: none of its tensors fits this model")
+    model.load_state_dict({**own, **loaded})
+    return {"loaded": sorted(loaded), "unused": sorted(set(source) - used), "new": sorted(new)}
+
+
+def summarize_keys(keys: list[str], most: int = 4) -> str:
+    """A few key names, their first parts grouped: 'decoder_blocks.* (28), mask_token'."""
+    groups: dict[str, int] = {}
+    for k in keys:
+        head = k.split(".")[0]
+        groups[head] = groups.get(head, 0) + 1
+    parts = [f"{h}.* ({n})" if n > 1 else h for h, n in groups.items()]
+    return ", ".join(parts[:most]) + (" ..." if len(parts) > most else "") if parts else "none"

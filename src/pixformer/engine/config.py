@@ -28,12 +28,16 @@ class TrainConfig:
     img_size: int | None = None         # resize images to img_size x img_size (default: native size)
     out: str | None = None              # run folder (default runs/<model>-<data>-<time>)
     speed: Speed = field(default_factory=Speed)  # speed and memory switches (--attn-backend, --compile, ...)
+    init: str | None = None             # start from a run's weights, matched by name (an MAE run's encoder
+    #                                     for a classifier or a probe); the position table is resampled
     # optimisation
     epochs: int = 10
     batch_size: int = 128
     lr: float = 1e-3                    # peak learning rate (AdamW)
     min_lr: float = 1e-5                # end of the cosine
     weight_decay: float = 0.05          # on the weights of linear and conv layers only
+    layer_decay: float = 1.0            # layer-wise lr decay (MAE fine-tuning: 0.75): block i of L gets
+    #                                     lr * decay^(L - i), what comes before the blocks decay^(L + 1)
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_epochs: float = 1.0
     clip_grad: float = 1.0              # max gradient norm; 0 = off

@@ -31,12 +31,14 @@ from ..data.augment import batch_indices, normalize, random_crop, random_flip
 from ..data.sources import ImageSet, load_source
 from ..data.splits import Splits, channel_stats, resolve_splits, source_id
 from ..errors import PixformerError
+from ..models import blocks_of
 from ..models.attention import set_attention_backend
 from ..models.registry import check_model_args, model_name, model_spec
 from ..tasks import DataFacts, Task, get_task, task_config
-from .checkpoint import find_checkpoint, load_tensors, load_weights, optimizer_from_files, read_state, save_checkpoint
+from .checkpoint import (find_checkpoint, init_from, load_tensors, load_weights, optimizer_from_files, read_state,
+                         save_checkpoint, summarize_keys)
 from .config import TrainConfig, as_json, changed_settings
-from .perf import apply_speed_settings, autocast_dtype
+from .perf import apply_speed_settings, autocast_dtype, onednn_pays
 from .plan import selective_pays
 from .runtime import Runtime
 
@@ -77,13 +79,27 @@ def lr_at(step: int, total: int, warmup: int, peak: float, floor: float) -> floa
 DECAYED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay by role: on the weights of linear and convolution layers only; none on biases,
-    norms, position tables, class and mask tokens, whatever their shape."""
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
+    """AdamW groups. Weight decay by role: on the weights of linear and convolution layers only; none
+    on biases, norms, position tables, class and mask tokens, whatever their shape. Layer-wise lr
+    decay by depth: with L blocks (found by type), a parameter of block i (0-based) gets
+    lr_scale = layer_decay^(L - i), one registered before the blocks (embeddings) layer_decay^(L + 1),
+    one after them (final norm, head) 1. Frozen parameters are left out."""
     decay = {id(m.weight) for m in model.modules() if isinstance(m, DECAYED)}
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if id(p) in decay], "weight_decay": weight_decay},
-            {"params": [p for p in params if id(p) not in decay], "weight_decay": 0.0}]
+    blocks = blocks_of(model)
+    depth_of = {id(p): i + 1 for i, b in enumerate(blocks) for p in b.parameters()}
+    groups: dict[tuple[float, float], list] = {}
+    after_blocks = False
+    for p in model.parameters():
+        layer = depth_of.get(id(p))
+        after_blocks = after_blocks or layer is not None
+        if not p.requires_grad:
+            continue
+        layer = layer if layer is not None else (len(blocks) + 1 if after_blocks else 0)
+        key = (weight_decay if id(p) in decay else 0.0, layer_decay ** (len(blocks) + 1 - layer))
+        groups.setdefault(key, []).append(p)
+    return [{"params": ps, "weight_decay": wd, "lr_scale": scale}
+            for (wd, scale), ps in sorted(groups.items(), key=lambda kv: (-kv[0][0], -kv[0][1]))]
 
 
 @torch.no_grad()
@@ -92,12 +108,12 @@ def evaluate(task: Task, model: nn.Module, data: ImageSet, batch_size: int, runt
     """The task's metrics over `data` (normalised as in training, not augmented)."""
     model.eval()
     device, sums = runtime.device, {}
-    for idx in batch_indices(len(data), batch_size, 0, 0, shuffle=False):
+    for i, idx in enumerate(batch_indices(len(data), batch_size, 0, 0, shuffle=False)):
         if stop is not None:
             stop.check()
         x = normalize(data.images[idx].to(device), task.facts.mean, task.facts.std)
         with torch.autocast(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            batch = task.eval_sums(model, x, data.labels[idx].to(device))
+            batch = task.eval_sums(model, x, data.labels[idx].to(device), np.random.default_rng([i]))
         for k, v in batch.items():
             sums[k] = sums.get(k, 0) + v
     return task.metrics(runtime.all_reduce(sums))
@@ -168,6 +184,10 @@ def train(cfg: TrainConfig, data: Prepared | None = None) -> dict[str, Any]:
     cfg.speed.check()                                                    # bad names before any work
     task_cls, task_cfg = get_task(cfg.task), task_config(cfg.task, cfg.task_args)
     check_model_args(cfg.model, cfg.model_args)
+    if task_cls.needs_init and not cfg.init:
+        raise PixformerError(f"--task {cfg.task} needs --init RUN, the trained run whose encoder it starts from")
+    if cfg.init and find_checkpoint(cfg.init) is None:
+        raise PixformerError(f"--init {cfg.init}: no checkpoint there (expected state.json and model.safetensors)")
     saved = _resumable_state(cfg)                                        # before any data is loaded
     runtime = Runtime.create(cfg.device)
     device, amp = runtime.device, autocast_dtype(cfg.precision, runtime.device)
@@ -178,16 +198,23 @@ def train(cfg: TrainConfig, data: Prepared | None = None) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     model = task.build_model(cfg.model, cfg.model_args)
     name = model_name(model)
+    if cfg.init and saved is None:                                       # a resumed run has its own weights
+        got = init_from(model, cfg.init)
+        print(f"init from {cfg.init}: loaded {len(got['loaded'])} tensors; new: {summarize_keys(got['new'])}; "
+              f"not used: {summarize_keys(got['unused'])}")
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(name, cfg.data)
     set_attention_backend(model, cfg.speed.attn_backend).to(device)  # before the copy: EMA evaluates with it too
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay > 0 else None
     speed = asdict(cfg.speed)
+    if speed["onednn_linear"] is None:
+        speed["onednn_linear"] = device.type == "cpu" and onednn_pays()
     if speed["selective_checkpoint"] is None:
         speed["selective_checkpoint"] = selective_pays(cfg.model, facts.img_size, cfg.batch_size,
                                                        "bf16" if amp else "fp32", cfg.speed.attn_backend,
                                                        len(facts.classes), facts.in_chans, **cfg.model_args)
     apply_speed_settings(model, **speed)                                 # from outside the model
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.layer_decay), lr=cfg.lr, betas=tuple(cfg.betas),
+                            foreach=True)   # torch's CPU default updates tensor by tensor (5 % of a small step here)
 
     steps_per_epoch = max(len(splits.train) // cfg.batch_size, 1)
     total_steps = cfg.epochs * steps_per_epoch
@@ -246,7 +273,8 @@ def train(cfg: TrainConfig, data: Prepared | None = None) -> dict[str, Any]:
                     tb.add_scalar(k, v, record["step"])
 
     ema_pairs = list(zip(ema.state_dict().values(), model.state_dict().values())) if ema is not None else []
-    ema_float = [(e, m) for e, m in ema_pairs if e.is_floating_point()]
+    ema_float = [[e for e, _ in ema_pairs if e.is_floating_point()], [m for e, m in ema_pairs if e.is_floating_point()]]
+    ema_other = [(e, m) for e, m in ema_pairs if not e.is_floating_point()]   # e.g. BatchNorm's batch count
     eval_model = ema or model
     val, lr = None, lr_at(max(step - 1, 0), total_steps, warmup, cfg.lr, cfg.min_lr)   # of the last step taken
     bar = tqdm(total=total_steps, initial=step, disable=not cfg.progress, dynamic_ncols=True,
@@ -266,8 +294,10 @@ def train(cfg: TrainConfig, data: Prepared | None = None) -> dict[str, Any]:
                               "img_per_s": running.get("n", 0) / max(running.get("_seconds", 0), 1e-9),
                               **{f"val_{k}": v for k, v in val.items() if k != "n"}}
                     log(record)
-                    bar.write(f"epoch {epochs_done}/{cfg.epochs}  train loss {record.get('train_loss', 0):.4f}  "
+                    bar.write(f"{name} epoch {epochs_done}/{cfg.epochs}  train loss {record.get('train_loss', 0):.4f}  "
                               + "  ".join(f"val {k} {v:.4f}" for k, v in val.items() if k != "n"))
+                    if runtime.is_main:
+                        task.report(eval_model, splits.val, run_dir, epochs_done)
                     state["epochs_logged"] = epochs_done
                     checkpoint()
                 if step >= total_steps:
@@ -289,7 +319,7 @@ def train(cfg: TrainConfig, data: Prepared | None = None) -> dict[str, Any]:
 
                     lr = lr_at(step, total_steps, warmup, cfg.lr, cfg.min_lr)
                     for group in opt.param_groups:
-                        group["lr"] = lr
+                        group["lr"] = lr * group["lr_scale"]
                     with torch.autocast(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None):
                         loss, stats = task.loss(model, x, y, rng)
                     if not torch.isfinite(loss):
@@ -301,10 +331,9 @@ def train(cfg: TrainConfig, data: Prepared | None = None) -> dict[str, Any]:
                     opt.step()
                     if ema is not None:
                         with torch.no_grad():
-                            torch._foreach_lerp_([e for e, _ in ema_float], [m for _, m in ema_float], 1 - cfg.ema_decay)
-                            for e, m in ema_pairs:
-                                if not e.is_floating_point():
-                                    e.copy_(m)
+                            torch._foreach_lerp_(*ema_float, 1 - cfg.ema_decay)
+                            for e, m in ema_other:
+                                e.copy_(m)
                     step += 1
 
                     for k, v in stats.items():

@@ -52,7 +52,12 @@ def plot(rows: list[dict], path: Path, title: str, x: str = "patch", xlabel: str
     plt.close(fig)
 
 
+def binomial_se(accuracy: float, n: int) -> float:
+    """The standard error of an accuracy measured on `n` test images."""
+    return math.sqrt(accuracy * (1 - accuracy) / max(n, 1))
+
+
 def sampling_noise(accuracy: float, n: int) -> float:
     """Two standard errors of the difference between two accuracies near `accuracy` measured on the
     same number `n` of test images (binomial): differences below this are within test-set noise."""
-    return 2 * math.sqrt(2 * accuracy * (1 - accuracy) / max(n, 1))
+    return 2 * math.sqrt(2) * binomial_se(accuracy, n)

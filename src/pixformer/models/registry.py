@@ -16,6 +16,8 @@ from torch import nn
 
 from ..errors import PixformerError
 from .convmixer import ConvMixer, ConvMixerConfig
+from .mae import MAEConfig, MaskedAutoencoder
+from .probe import LinearProbe, ProbeModelConfig
 from .vit import ViTConfig, VisionTransformer
 
 # size letter -> (depth, width, heads). T/S/B/L as in ViT / DeiT; N is pixformer's CPU-sized model.
@@ -29,8 +31,13 @@ VIT_SIZES: dict[str, dict[str, int]] = {
 VIT_PATCHES = (2, 4, 8, 16)  # listed names; any patch size parses
 
 # Each architecture: (config class, model class). Checkpoints store the architecture key and config.
+# NAMED: those a model name builds (their settings are --model-args); the others wrap a named model
+# for a task (MAE: an encoder and a decoder; a linear probe) and are built by that task.
 ARCHITECTURES: dict[str, tuple[type, type]] = {"vit": (ViTConfig, VisionTransformer),
-                                                "convmixer": (ConvMixerConfig, ConvMixer)}
+                                                "convmixer": (ConvMixerConfig, ConvMixer),
+                                                "mae": (MAEConfig, MaskedAutoencoder),
+                                                "probe": (ProbeModelConfig, LinearProbe)}
+NAMED = ("vit", "convmixer")
 # Each name family: regex -> function(match) -> (architecture, config fields).
 _FAMILIES: list[tuple[re.Pattern, Callable[[re.Match], tuple[str, dict[str, Any]]]]] = []
 _LISTED: list[str] = []
@@ -100,7 +107,7 @@ def model_settings() -> dict[str, Any]:
     """Every model setting a user may pass (`--model-args`, or its `--depth`-style shortcuts): field name
     -> type, the union over the architectures' config dataclasses, less the fields the data sets."""
     out: dict[str, Any] = {}
-    for cfg_cls, _ in ARCHITECTURES.values():
+    for cfg_cls, _ in (ARCHITECTURES[a] for a in NAMED):
         hints = typing.get_type_hints(cfg_cls)
         for f in dataclasses.fields(cfg_cls):
             if f.name not in DATA_FIELDS:
@@ -128,6 +135,8 @@ def model_name(model: nn.Module) -> str:
         return f"pit-{size}" if c.patch_size == 1 else f"vit-{size}/{c.patch_size}"
     if isinstance(model, ConvMixer):
         return f"convmixer-{c.dim}/{c.depth}"
+    if isinstance(model, (MaskedAutoencoder, LinearProbe)):
+        return f"{'mae' if isinstance(model, MaskedAutoencoder) else 'probe'}-{model_name(model.encoder)}"
     return type(model).__name__.lower()
 
 

@@ -1,6 +1,8 @@
 """Tasks: what a run optimises and measures (see tasks/base.py for the interface the engine uses).
 
     classify   supervised classification (the default)
+    mae        masked-autoencoder pretraining of a ViT at any patch size
+    probe      a linear probe of a pretrained encoder (--init RUN)
 """
 from __future__ import annotations
 
@@ -11,8 +13,10 @@ from typing import Any
 from ..errors import PixformerError
 from .base import DataFacts, Task
 from .classify import Classify, ClassifyConfig
+from .mae import MAE, MAETaskConfig
+from .probe import Probe, ProbeConfig
 
-TASKS: dict[str, type[Task]] = {t.name: t for t in (Classify,)}
+TASKS: dict[str, type[Task]] = {t.name: t for t in (Classify, MAE, Probe)}
 
 
 def get_task(name: str) -> type[Task]:
@@ -44,4 +48,4 @@ def task_settings() -> dict[str, Any]:
     return out
 
 
-__all__ = ["Task", "DataFacts", "TASKS", "get_task", "task_config", "task_settings", "Classify", "ClassifyConfig"]
+__all__ = ["Task", "DataFacts", "TASKS", "get_task", "task_config", "task_settings", "Classify", "ClassifyConfig", "MAE", "MAETaskConfig", "Probe", "ProbeConfig"]

@@ -48,7 +48,8 @@ class Classify(Task):
         n = len(labels)
         return loss, {"n": n, "loss": loss.item() * n, "acc": (logits.argmax(1) == labels).sum().item()}
 
-    def eval_sums(self, model: nn.Module, images: Tensor, labels: Tensor) -> dict[str, float]:
+    def eval_sums(self, model: nn.Module, images: Tensor, labels: Tensor,
+                  rng: np.random.Generator) -> dict[str, float]:
         logits = model(images).float()                                         # (B, K)
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices              # (B, 5)
         return {"n": len(labels), "loss": F.cross_entropy(logits, labels, reduction="sum").item(),

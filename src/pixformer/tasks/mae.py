@@ -1,0 +1,179 @@
+"""MAE pretraining: hide most tokens of each image, reconstruct them (models/mae.py computes).
+
+The task owns the masking (per image, from the step's seeded random numbers, so a resumed run hides
+the same tokens), the reconstruction target and its normalisation, and the loss: the mean squared
+error over the hidden tokens only. Target normalisations (`target`):
+    patch   MAE's norm-pix: each target patch standardised by its own mean and variance (over its
+            p*p*C values). At p = 1 a "patch" is one pixel's C values, and this removes most of it.
+    none    the (channel-normalised) pixels as they are
+    local   each pixel standardised by the mean and variance of its k x k neighbourhood (all
+            channels; `local_kernel`), which keeps meaning at any patch size, p = 1 included
+    auto    patch for p > 1, none at p = 1 (which of none and local suits pixels best is not yet
+            measured here)
+Evaluation reports the error in pixel space (the prediction mapped back through the target's
+normalisation and the channel normalisation, on the 0..1 scale) as `loss`, so runs with different
+targets compare, and the training objective as `target_loss`.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..data.augment import normalize
+from ..data.sources import ImageSet
+from ..errors import PixformerError
+from ..models.mae import DECODER_SIZES, MAEConfig, MaskedAutoencoder, random_keep, visible_count
+from ..models.registry import resolve
+from ..models.vit import check_grid, patchify, unpatchify
+from .base import Task
+
+TARGETS = ("auto", "patch", "none", "local")
+
+
+@dataclass
+class MAETaskConfig:
+    mask_ratio: float = 0.75            # fraction of each image's tokens hidden
+    target: str = "auto"                # auto | patch | none | local (see the module doc)
+    local_kernel: int = 3               # neighbourhood side for target=local (odd)
+    decoder_depth: int | None = None    # decoder size; unset: by the encoder's size (models/mae.DECODER_SIZES)
+    decoder_dim: int | None = None
+    decoder_heads: int | None = None
+    samples: int = 8                    # validation images in each epoch's reconstructions PNG
+
+    def __post_init__(self):
+        visible_count(10 ** 6, self.mask_ratio)                     # the ratio itself must be in (0, 1)
+        if self.target not in TARGETS:
+            raise PixformerError(f"target must be one of {TARGETS}, got {self.target!r}")
+        if self.local_kernel < 1 or self.local_kernel % 2 == 0:
+            raise PixformerError(f"local_kernel must be an odd size >= 1, got {self.local_kernel}")
+
+
+def normalise_target(images: Tensor, p: int, target: str, kernel: int = 3) -> tuple[Tensor, Tensor, Tensor]:
+    """The reconstruction target of `images` (B, C, H, W) as patches (B, N, p*p*C), with the mean and
+    std (each broadcastable to it) that map a prediction back: pixels = target * std + mean."""
+    patches, grid = patchify(images, p)                                       # (B, N, p*p*C)
+    if target == "none":
+        return patches, torch.zeros(()), torch.ones(())
+    if target == "patch":
+        mean = patches.mean(dim=-1, keepdim=True)                             # (B, N, 1)
+        std = (patches.var(dim=-1, keepdim=True) + 1e-6).sqrt()
+        return (patches - mean) / std, mean, std
+    # local: statistics of each pixel's k x k neighbourhood over all channels, then patched like the pixels
+    pool = lambda t: F.avg_pool2d(t, kernel, stride=1, padding=kernel // 2, count_include_pad=False)  # noqa: E731
+    mean = pool(images.mean(1, keepdim=True)).expand_as(images)               # (B, C, H, W)
+    var = (pool((images * images).mean(1, keepdim=True)) - pool(images.mean(1, keepdim=True)) ** 2).clamp_min(0)
+    std = (var + 1e-6).sqrt().expand_as(images)
+    mean, std = patchify(mean.contiguous(), p)[0], patchify(std.contiguous(), p)[0]
+    return (patches - mean) / std, mean, std
+
+
+class MAE(Task):
+    name = "mae"
+    Config = MAETaskConfig
+    best = ("loss", "min")
+    uses_labels = False
+
+    def build_model(self, name: str, model_args: dict[str, Any]) -> nn.Module:
+        arch, fields = resolve(name)
+        if arch != "vit":
+            raise PixformerError(f"MAE pretrains a ViT encoder (vit-*/p or pit-*); {name} is a {arch}")
+        f = self.facts
+        encoder = {**fields, **model_args, "img_size": f.img_size, "in_chans": f.in_chans}
+        letter = re.match(r"(?:vit|pit)-([a-z])", name.lower())[1]
+        decoder = {k: v if getattr(self.cfg, k) is None else getattr(self.cfg, k)
+                   for k, v in DECODER_SIZES[letter].items()}
+        rows, cols = check_grid(f.img_size, encoder["patch_size"])
+        visible_count(rows * cols, self.cfg.mask_ratio)                      # at least one visible token
+        return MaskedAutoencoder(MAEConfig(encoder=encoder, **decoder))
+
+    def patch_size(self, model: nn.Module) -> int:
+        return model.encoder.cfg.patch_size
+
+    def target_kind(self, model: nn.Module) -> str:
+        if self.cfg.target == "auto":
+            return "none" if self.patch_size(model) == 1 else "patch"
+        return self.cfg.target
+
+    def reconstruct(self, model: nn.Module, images: Tensor, rng: np.random.Generator):
+        """Mask, predict, and the target: (pred, target, mask, mean, std), all (B, N, ...) in patch layout."""
+        p = self.patch_size(model)
+        N = (images.shape[-2] // p) * (images.shape[-1] // p)
+        noise = torch.from_numpy(rng.random((images.shape[0], N))).to(images.device)
+        keep, mask, _ = random_keep(noise, self.cfg.mask_ratio)
+        pred = model(images, keep).float()                                    # (B, N, p*p*C)
+        target, mean, std = normalise_target(images.float(), p, self.target_kind(model), self.cfg.local_kernel)
+        return pred, target, mask, mean.to(images.device), std.to(images.device)
+
+    @staticmethod
+    def masked_mse(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+        """Mean squared error over the hidden tokens only (mask 1 = hidden), averaged per token first."""
+        return (((pred - target) ** 2).mean(dim=-1) * mask).sum() / mask.sum()
+
+    def loss(self, model, images, labels, rng):
+        pred, target, mask, _, _ = self.reconstruct(model, images, rng)
+        loss = self.masked_mse(pred, target, mask)
+        return loss, {"n": len(images), "loss": loss.item() * len(images)}
+
+    def to_pixels(self, patches: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+        """Target-space patches -> pixel values on the 0..1 scale, in patch layout (channels last)."""
+        C = self.facts.in_chans
+        x = patches * std + mean                                              # channel-normalised pixels
+        cm = torch.tensor(self.facts.mean, device=x.device).repeat(x.shape[-1] // C)
+        cs = torch.tensor(self.facts.std, device=x.device).repeat(x.shape[-1] // C)
+        return x * cs + cm
+
+    def eval_sums(self, model, images, labels, rng):
+        pred, target, mask, mean, std = self.reconstruct(model, images, rng)
+        per_token = ((self.to_pixels(pred, mean, std) - self.to_pixels(target, mean, std)) ** 2).mean(-1)
+        hidden = mask.sum(1)                                                  # (B,) the same for every image
+        return {"n": len(images), "loss": ((per_token * mask).sum(1) / hidden).sum().item(),
+                "target_loss": ((((pred - target) ** 2).mean(-1) * mask).sum(1) / hidden).sum().item()}
+
+    @torch.no_grad()
+    def report(self, model: nn.Module, data: ImageSet, run_dir: Path, epoch: int) -> Path:
+        """A PNG of the first validation images: original, the visible tokens (hidden ones grey), and
+        the reconstruction with the visible pixels pasted back (masks drawn with seed 0)."""
+        model.eval()
+        device = next(model.parameters()).device
+        x = normalize(data.images[: self.cfg.samples].to(device), self.facts.mean, self.facts.std)
+        pred, target, mask, mean, std = self.reconstruct(model, x, np.random.default_rng(0))
+        p = self.patch_size(model)
+        grid = (x.shape[-2] // p, x.shape[-1] // p)
+        original, recon = self.to_pixels(target, mean, std), self.to_pixels(pred, mean, std)   # 0..1
+        hidden = mask[..., None].bool()
+        rows = [unpatchify(v.clamp(0, 1), p, grid).cpu() for v in
+                (original, torch.where(hidden, 0.5, original), torch.where(hidden, recon, original))]
+        path = run_dir / "reconstructions" / f"epoch{epoch:03d}.png"
+        image_grid(rows, ["original", f"visible ({100 * (1 - self.cfg.mask_ratio):.0f} %)", "reconstruction"],
+                   path, f"MAE, epoch {epoch}: validation images")
+        return path
+
+
+def image_grid(rows: list[Tensor], labels: list[str], path: Path, title: str) -> None:
+    """Rows of images (each (B, C, H, W) on 0..1) as one PNG, a label at the start of each row."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    n = rows[0].shape[0]
+    fig, axes = plt.subplots(len(rows), n, figsize=(1.1 * n + 1.2, 1.2 * len(rows) + 0.4), squeeze=False, dpi=110)
+    for r, (images, label) in enumerate(zip(rows, labels)):
+        for i in range(n):
+            ax = axes[r][i]
+            img = images[i].permute(1, 2, 0).float().numpy()
+            ax.imshow(img[..., 0] if img.shape[2] == 1 else img[..., :3], cmap="gray", vmin=0, vmax=1,
+                      interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[r][0].set_ylabel(label, fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
