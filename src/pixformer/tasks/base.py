@@ -23,6 +23,9 @@ from typing import Any
 import numpy as np
 from torch import Tensor, nn
 
+from ..errors import PixformerError
+from ..models.registry import resolve
+
 
 @dataclass
 class DataFacts:
@@ -53,6 +56,14 @@ class Task:
 
     def build_model(self, name: str, model_args: dict[str, Any]) -> nn.Module:
         raise NotImplementedError
+
+    def vit_encoder(self, name: str, model_args: dict[str, Any]) -> dict[str, Any]:
+        """ViTConfig fields of the encoder that `name` and `model_args` give for this data, for tasks
+        that wrap a ViT (MAE, the probe); a name of another architecture is refused."""
+        arch, fields = resolve(name)
+        if arch != "vit":
+            raise PixformerError(f"--task {self.name} needs a ViT encoder (vit-*/p or pit-*); {name} is a {arch}")
+        return {**fields, **model_args, "img_size": self.facts.img_size, "in_chans": self.facts.in_chans}
 
     def loss(self, model: nn.Module, images: Tensor, labels: Tensor,
              rng: np.random.Generator) -> tuple[Tensor, dict[str, float]]:

@@ -30,7 +30,6 @@ from ..data.augment import normalize
 from ..data.sources import ImageSet
 from ..errors import PixformerError
 from ..models.mae import DECODER_SIZES, MAEConfig, MaskedAutoencoder, random_keep, visible_count
-from ..models.registry import resolve
 from ..models.vit import check_grid, patchify, unpatchify
 from .base import Task
 
@@ -81,15 +80,11 @@ class MAE(Task):
     uses_labels = False
 
     def build_model(self, name: str, model_args: dict[str, Any]) -> nn.Module:
-        arch, fields = resolve(name)
-        if arch != "vit":
-            raise PixformerError(f"MAE pretrains a ViT encoder (vit-*/p or pit-*); {name} is a {arch}")
-        f = self.facts
-        encoder = {**fields, **model_args, "img_size": f.img_size, "in_chans": f.in_chans}
+        encoder = self.vit_encoder(name, model_args)
         letter = re.match(r"(?:vit|pit)-([a-z])", name.lower())[1]
         decoder = {k: v if getattr(self.cfg, k) is None else getattr(self.cfg, k)
                    for k, v in DECODER_SIZES[letter].items()}
-        rows, cols = check_grid(f.img_size, encoder["patch_size"])
+        rows, cols = check_grid(self.facts.img_size, encoder["patch_size"])
         visible_count(rows * cols, self.cfg.mask_ratio)                      # at least one visible token
         return MaskedAutoencoder(MAEConfig(encoder=encoder, **decoder))
 

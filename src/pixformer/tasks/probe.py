@@ -7,9 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import PixformerError
 from ..models.probe import LinearProbe, ProbeModelConfig
-from ..models.registry import resolve
 from .classify import Classify, ClassifyConfig
 
 
@@ -25,9 +23,5 @@ class Probe(Classify):
     needs_init = True
 
     def build_model(self, name: str, model_args: dict[str, Any]) -> nn.Module:
-        arch, fields = resolve(name)
-        if arch != "vit":
-            raise PixformerError(f"a linear probe needs a ViT encoder (vit-*/p or pit-*); {name} is a {arch}")
-        f = self.facts
-        encoder = {**fields, **model_args, "img_size": f.img_size, "in_chans": f.in_chans}
-        return LinearProbe(ProbeModelConfig(encoder=encoder, num_classes=len(f.classes), features=self.cfg.features))
+        return LinearProbe(ProbeModelConfig(encoder=self.vit_encoder(name, model_args),
+                                            num_classes=len(self.facts.classes), features=self.cfg.features))
