@@ -2,10 +2,12 @@
 patch sizes 4, 2 and 1 (the Pixel Transformer), nothing else changed, and compare."""
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 import multiprocessing
 import os
+import signal
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -14,6 +16,7 @@ import torch
 
 from ..engine.config import TrainConfig
 from ..engine.loop import train
+from ..errors import PixformerError
 from .tables import binomial_se, plot, sampling_noise
 
 PATCHES = (4, 2, 1)
@@ -33,11 +36,28 @@ DEMO_RECIPE = dict(data="digits", model_args=dict(depth=4, dim=64, heads=4), epo
                    warmup_epochs=3.0, ema_decay=0.998, precision="fp32", progress=False)
 
 
-def train_point(cfg: TrainConfig, threads: int) -> dict:
-    """One patch size of the demo, in a process of its own: its row of the table."""
+def _stop_with_parent() -> None:
+    """In a pool worker: receive SIGTERM when the demo's process dies (Linux), so a killed demo leaves
+    no training behind; the run checkpoints at its next step and stops."""
+    try:
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def train_point(cfg: TrainConfig, threads: int, parent: int) -> dict:
+    """One patch size of the demo, in a process of its own: its row of the table (none, and the worker
+    ends, when the demo's process `parent` is gone)."""
+    if os.getppid() != parent:
+        raise SystemExit(0)
     torch.set_num_threads(threads)
     t0 = time.time()
-    result = train(cfg)
+    try:
+        result = train(cfg)
+    except PixformerError:
+        if os.getppid() != parent:      # stopped because the demo died: the checkpoint is saved, end here
+            os._exit(1)
+        raise
     model, p = result["model"], result["model"].cfg.patch_size
     img = model.cfg.img_size
     return {"patch": p, "model": cfg.model, "tokens": (img[0] // p) * (img[1] // p),
@@ -58,12 +78,13 @@ def run_demo(out: str | None = None, seed: int = 0, train_subset: int | None = N
     cores = os.cpu_count() or 1
     workers = min(len(PATCHES), cores)
     jobs = {}
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_stop_with_parent) as pool:
         for p in sorted(PATCHES):                          # patch 1 first: the longest run starts at once
             name = "pit-n" if p == 1 else f"vit-n/{p}"
             cfg = dataclasses.replace(base, model=name, out=str(out_dir / name.replace("/", "")), resume=True)
             print(f"training {name} (patch {p}) in {out_dir / name.replace('/', '')} ...", flush=True)
-            jobs[p] = pool.submit(train_point, cfg, max(cores // workers, 1))
+            jobs[p] = pool.submit(train_point, cfg, max(cores // workers, 1), os.getpid())
         rows = [jobs[p].result() for p in PATCHES]
     (out_dir / "results.json").write_text(json.dumps(rows, indent=1))
     plot(rows, out_dir / "accuracy_vs_patch.png", f"digits 8x8, same ViT ({base.model_args['depth']}x"
