@@ -1,0 +1,125 @@
+"""One MAE pretraining step (forward, backward, AdamW) of pixformer's masked autoencoder against
+transformers' ViTMAEForPreTraining at identical dimensions: PiT-T (depth 12, width 192, 3 heads, MLP
+768, patch 1, class token) at 32x32 with 75 % of the 1,024 pixel tokens hidden, and the decoder
+pixformer uses for that size (4 blocks of width 128, 4 heads, MLP 512), norm-pix loss. Each
+configuration runs in a fresh process; the figures are the median step time (images/s) and the peak
+resident memory of the process during the steps.
+
+    .venv/bin/python benchmarks/mae_step.py [--batch 32] [--steps 5] [--out benchmarks/results/mae_step.json]
+
+Configurations: pixformer as `pixformer train --task mae` runs it (its default precision and speed
+settings), pixformer in fp32, transformers in fp32 with its SDPA attention, and transformers under
+bf16 autocast.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DIMS = dict(img=32, patch=1, depth=12, dim=192, heads=3, mlp=768, dec_depth=4, dec_dim=128, dec_heads=4, dec_mlp=512,
+            mask_ratio=0.75)
+CONFIGS = {"pixformer": dict(impl="pixformer", precision="auto"),
+           "pixformer-fp32": dict(impl="pixformer", precision="fp32"),
+           "transformers": dict(impl="transformers", precision="fp32"),
+           "transformers-bf16": dict(impl="transformers", precision="bf16")}
+
+
+def worker(name: str, batch: int, steps: int) -> dict:
+    import numpy as np
+    import torch
+
+    cfg, d = CONFIGS[name], DIMS
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, d["img"], d["img"])
+    n = (d["img"] // d["patch"]) ** 2
+    if cfg["impl"] == "pixformer":
+        from pixformer import Speed
+        from pixformer.engine.loop import param_groups
+        from pixformer.engine.perf import apply_speed_settings, autocast_dtype
+        from pixformer.tasks import DataFacts
+        from pixformer.tasks.mae import MAE, MAETaskConfig
+        task = MAE(MAETaskConfig(mask_ratio=d["mask_ratio"], target="patch", decoder_depth=d["dec_depth"],
+                                 decoder_dim=d["dec_dim"], decoder_heads=d["dec_heads"]),
+                   DataFacts([str(i) for i in range(10)], 3, (d["img"], d["img"]), [0.0] * 3, [1.0] * 3))
+        model = task.build_model("pit-t", {})
+        apply_speed_settings(model, Speed(selective_checkpoint=False))
+        opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95), foreach=True)
+        amp = autocast_dtype(cfg["precision"], "cpu")
+
+        def loss_of(i):
+            return task.loss(model, x, None, np.random.default_rng(i))[0]
+    else:
+        from transformers import ViTMAEConfig, ViTMAEForPreTraining
+        model = ViTMAEForPreTraining(ViTMAEConfig(
+            image_size=d["img"], patch_size=d["patch"], num_channels=3, hidden_size=d["dim"], num_hidden_layers=d["depth"],
+            num_attention_heads=d["heads"], intermediate_size=d["mlp"], decoder_hidden_size=d["dec_dim"],
+            decoder_num_hidden_layers=d["dec_depth"], decoder_num_attention_heads=d["dec_heads"],
+            decoder_intermediate_size=d["dec_mlp"], mask_ratio=d["mask_ratio"], norm_pix_loss=True,
+            layer_norm_eps=1e-6, attn_implementation="sdpa"))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), foreach=True)
+        amp = torch.bfloat16 if cfg["precision"] == "bf16" else None
+
+        def loss_of(i):
+            noise = torch.from_numpy(np.random.default_rng(i).random((batch, n))).float()
+            return model(pixel_values=x, noise=noise).loss
+    model.train()
+    times = []
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for i in range(steps + 2):                                  # two warm-up steps
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+            loss = loss_of(i)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    step = statistics.median(times)
+    return {"config": name, "batch": batch, "step_s": step, "images_s": batch / step, "step_times": times,
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
+            "rss_before_steps_gib": rss0 / 2 ** 20, "precision": str(amp or torch.float32)[6:],
+            "params": sum(p.numel() for p in model.parameters()), "torch": torch.__version__}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS))
+    ap.add_argument("--out", default="benchmarks/results/mae_step.json")
+    ap.add_argument("--merge", action="store_true", help="keep the rows of --out for configurations not run now")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.batch, args.steps)))
+        return
+    old = json.loads(Path(args.out).read_text())["rows"] if args.merge and Path(args.out).exists() else []
+    rows = [r for r in old if r["config"] not in args.configs]
+    for name in args.configs:
+        done = subprocess.run([sys.executable, __file__, "--worker", name, "--batch", str(args.batch),
+                               "--steps", str(args.steps)], capture_output=True, text=True)
+        if done.returncode:
+            print(f"{name}: failed\n{done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ''}")
+            continue
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        r = rows[-1]
+        print(f"{name:<18} {r['precision']:<9} {r['images_s']:7.2f} img/s  peak RSS {r['peak_rss_gib']:.2f} GiB", flush=True)
+    ref = next((r for r in rows if r["config"] == "transformers"), None)
+    if ref:
+        for r in rows:
+            r["speed_vs_transformers"] = r["images_s"] / ref["images_s"]
+            r["memory_vs_transformers"] = r["peak_rss_gib"] / ref["peak_rss_gib"]
+            print(f"{r['config']:<18} {r['speed_vs_transformers']:.2f}x the images/s, "
+                  f"{r['memory_vs_transformers']:.2f}x the peak memory of transformers (fp32)")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"dims": DIMS, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
