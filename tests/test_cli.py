@@ -208,3 +208,10 @@ def test_eval_reads_a_checkpoint_written_before_tasks_existed(tmp_path, capsys):
     code, stdout, err = run(capsys, "eval", "--checkpoint", out, "--json")
     assert code == 0, err
     assert json.loads(stdout.strip().splitlines()[-1])["n"] == 359
+
+
+def test_speed_shortcuts_only_where_the_speed_group_is(capsys):
+    code, stdout, err = run(capsys, "plan", "--model", "pit-n", "--img-size", "8", "--attn-backend", "math",
+                            "--batch-size", "2", "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["attn"] == "math"

@@ -23,10 +23,13 @@ def _speed_fields() -> list[str]:
     return [f.name for f in dataclasses.fields(Speed)]
 
 
+SPEED_GROUP = ("train", "sweep")   # the subcommands whose options hold TrainConfig's `speed` group
+
+
 def _normalise_argv(argv: list[str], bool_options: set[str]) -> list[str]:
-    """--img-size -> --img_size; --attn-backend -> --speed.attn_backend; a bare boolean flag
-    (`--resume`) -> `--resume true`."""
-    out, speed = [], set(_speed_fields())
+    """--img-size -> --img_size; --attn-backend -> --speed.attn_backend (train, sweep); a bare boolean
+    flag (`--resume`) -> `--resume true`."""
+    out, speed = [], set(_speed_fields()) if argv and argv[0] in SPEED_GROUP else set()
     for i, tok in enumerate(argv):
         if tok.startswith("--") and len(tok) > 2:
             name, eq, val = tok[2:].partition("=")
