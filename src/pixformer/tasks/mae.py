@@ -8,8 +8,8 @@ error over the hidden tokens only. Target normalisations (`target`):
     none    the (channel-normalised) pixels as they are
     local   each pixel standardised by the mean and variance of its k x k neighbourhood (all
             channels; `local_kernel`), which keeps meaning at any patch size, p = 1 included
-    auto    patch for p > 1, none at p = 1 (which of none and local suits pixels best is not yet
-            measured here)
+    auto    patch for p > 1, none at p = 1 (scripts/mae_targets.py: on digits, a linear probe of
+            PiT features scored 70.8 % after `none` and 69.1 % after `local`, two seeds each)
 Evaluation reports the error in pixel space (the prediction mapped back through the target's
 normalisation and the channel normalisation, on the 0..1 scale) as `loss`, so runs with different
 targets compare, and the training objective as `target_loss`.
@@ -86,6 +86,9 @@ class MAE(Task):
                    for k, v in DECODER_SIZES[letter].items()}
         rows, cols = check_grid(self.facts.img_size, encoder["patch_size"])
         visible_count(rows * cols, self.cfg.mask_ratio)                      # at least one visible token
+        if self.cfg.target == "patch" and encoder["patch_size"] ** 2 * self.facts.in_chans < 2:
+            raise PixformerError("target 'patch' standardises each patch by its own variance, but a 1x1 patch of "
+                                 "one channel is a single value; use --target none or local")
         return MaskedAutoencoder(MAEConfig(encoder=encoder, **decoder))
 
     def patch_size(self, model: nn.Module) -> int:
