@@ -36,9 +36,10 @@ def onednn_available() -> bool:
 def onednn_pays() -> bool:
     """Whether fp32 linear layers run faster through oneDNN than through torch's default (MKL) here:
     on AMD CPUs with AVX-512, where MKL runs its AVX2 code and oneDNN its AVX-512 code (an AMD EPYC:
-    ~12 % of a PiT-T 32x32 fp32 step). On an Intel Xeon with AMX, MKL was the faster (PiT-T 16x16
-    fp32: 2.79 vs 3.09 s a step; a 4-layer 64-wide ViT at batch 16: 11.2 vs 17.8 ms, the custom op's
-    dispatch costing more than its GEMMs), so elsewhere it stays off."""
+    ~12 % of a PiT-T 32x32 fp32 step). On an Intel Xeon with AMX torch's default GEMM was the faster
+    (benchmarks/results/linear_backend.json: PiT-T 16x16 fp32 3.11 vs 3.28 s a step; the demo's 4-layer
+    64-wide ViT at batch 16 11.6 vs 15.0 ms, the custom op's dispatch costing more than its GEMMs), so
+    elsewhere it stays off."""
     try:
         info = open("/proc/cpuinfo").read(1 << 16)
     except OSError:

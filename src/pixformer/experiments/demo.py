@@ -22,14 +22,14 @@ from .tables import binomial_se, plot, sampling_noise
 PATCHES = (4, 2, 1)
 # The shared recipe: a 4-layer, 64-wide ViT on 8x8 digits (1,294 training images after the 10 %
 # validation hold-out; pixformer's fixed 359-image test split is scored once at the end), batch 16,
-# 60 epochs, AdamW at 1e-3 with 3 warm-up epochs and cosine decay, weight EMA 0.998, no augmentation
-# (a 1-pixel random crop breaks a learned position table at 8x8: PiT stayed below 60 %). Every patch
-# size gets exactly these settings. It takes as many steps as the earlier recipe (batch 32, 120
-# epochs) on half the images. PiT's test accuracy moves with the seed, the thread count and the GEMM
-# library (float rounding changes the trajectory): 97.2 / 96.9 % (seeds 0 / 1, one thread, oneDNN
-# GEMMs), 97.8 % (two threads, oneDNN), 95.8 % (two threads, MKL), 95.0 % (one thread, MKL, the way
-# `make demo` runs on an Intel CPU). Tried and dropped: batch 8 for 30 epochs (90.3 %), mixup 0.8 for
-# 40 epochs (93.0 / 89.1 %), learning rate 2e-3 or 3e-3 (94.2 %, 89.1 %).
+# 60 epochs, AdamW at 1e-3 with 3 warm-up epochs and cosine decay, weight EMA 0.998, no augmentation.
+# Every patch size gets exactly these settings. It takes as many steps as the earlier recipe (batch
+# 32, 120 epochs) on half the images. PiT's test accuracy moves with the seed, the thread count and
+# the GEMM library (scripts/demo_variants.py, one thread, oneDNN GEMMs: 97.2 / 96.9 % for seeds 0 / 1;
+# `pixformer demo` with two threads per model: 97.8 % with oneDNN, 95.8 % with MKL; one thread, MKL:
+# 95.0 %). Variants tried and dropped (scripts/demo_variants.py): no EMA 96.7 / 97.2 %, batch 8 for 30
+# epochs 90.3 %, mixup 0.8 for 40 epochs 93.0 / 89.1 %, a 1-pixel random crop 42.3 % (it defeats a
+# learned position table at 8x8).
 # fp32 on every machine (--precision auto would pick bf16 where the CPU has it), so the recipe computes
 # the same thing on any CPU.
 DEMO_RECIPE = dict(data="digits", model_args=dict(depth=4, dim=64, heads=4), epochs=60, batch_size=16, lr=1e-3,
