@@ -1,6 +1,7 @@
 """MAE pretraining: masking, the target normalisations, the model against transformers' ViTMAE, the
 loss ignoring visible tokens, the task in the engine (resume included), and its bad input."""
 import json
+import re
 
 import pytest
 import torch
@@ -172,7 +173,7 @@ def test_bad_mae_settings_are_one_line_errors_before_training(tmp_path, capsys, 
             "--progress", "false"]
     assert main(base + args) == 2
     err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and __import__("re").search(match, err), err
+    assert len(err.strip().splitlines()) == 1 and re.search(match, err), err
     assert not (tmp_path / "r").exists()                                   # refused before the run folder
 
 
@@ -237,7 +238,7 @@ def test_the_linear_probe_leaves_the_encoder_bit_identical(pretrained, tmp_path)
     probe = r["model"]
     for key, value in probe.encoder.state_dict().items():
         assert torch.equal(value, mae[f"encoder.{key}"]), key
-    assert not probe.bn.weight if probe.bn.affine else probe.bn.weight is None          # no affine parameters
+    assert not probe.bn.affine and probe.bn.weight is None                               # no affine parameters
     assert probe.encoder.training is False and r["model_name"] == "probe-pit-d1w16" and r["val_top1"] > 0.1
     assert (probe.bn.running_mean != 0).any()                                            # the statistics learned
 

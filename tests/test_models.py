@@ -2,7 +2,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from pixformer import PixformerError, attention, create_model, list_models
 from pixformer.models.pos_embed import grid_coords, sample_table, sincos_2d

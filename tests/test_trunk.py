@@ -201,3 +201,10 @@ def test_speed_switches_find_blocks_by_type_in_any_model():
     apply_speed_settings(model, attn_backend="math", checkpoint_blocks=0, selective_checkpoint=False)
     assert checkpointed_blocks(model) == {"full": 0, "selective": 0}
     assert all(m.attn_backend == "math" for m in model.modules() if hasattr(m, "attn_backend"))
+
+
+def test_a_resampled_table_is_what_the_model_uses_at_that_grid():
+    from pixformer.models.pos_embed import resample_table
+    model = create_model("pit-n", img_size=(4, 6), depth=1, dim=16, heads=2)
+    for grid in ((8, 12), (3, 5), (4, 6)):
+        torch.testing.assert_close(resample_table(model.pos_table, grid).reshape(-1, 16), model.position_embedding(grid))

@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import PixformerError
+from ..models.pos_embed import resample_table
 from ..models.registry import ARCHITECTURES, build
 
 
@@ -161,8 +161,7 @@ def init_from(model: nn.Module, path: str | Path) -> dict[str, list[str]]:
         value = source[name]
         if value.shape != target.shape and key.endswith("pos_table") and value.ndim == 3 == target.ndim \
                 and value.shape[-1] == target.shape[-1]:
-            value = F.interpolate(value.permute(2, 0, 1)[None].float(), size=tuple(target.shape[:2]), mode="bilinear",
-                                  align_corners=False)[0].permute(1, 2, 0).to(value.dtype)
+            value = resample_table(value.float(), tuple(target.shape[:2])).to(value.dtype)
         if value.shape != target.shape:
             mismatched.append(f"{key} {tuple(value.shape)} vs {tuple(target.shape)}")
             continue

@@ -214,7 +214,7 @@ def train(cfg: TrainConfig, data: Prepared | None = None) -> dict[str, Any]:
                                                        len(facts.classes), facts.in_chans, **cfg.model_args)
     apply_speed_settings(model, **speed)                                 # from outside the model
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.layer_decay), lr=cfg.lr, betas=tuple(cfg.betas),
-                            foreach=True)   # torch's CPU default updates tensor by tensor (5 % of a small step here)
+                            foreach=True)   # torch's CPU default updates the tensors one by one
 
     steps_per_epoch = max(len(splits.train) // cfg.batch_size, 1)
     total_steps = cfg.epochs * steps_per_epoch

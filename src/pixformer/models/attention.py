@@ -52,6 +52,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..errors import PixformerError
 
+
+def _restrict(mask: Tensor | None, same: Tensor) -> Tensor:
+    """`mask` (boolean or additive) further restricted to the pairs where `same` is True."""
+    if mask is None:
+        return same
+    return mask & same if mask.dtype == torch.bool else mask.masked_fill(~same, float("-inf"))
+
+
 @dataclass(frozen=True)
 class AttnSpec:
     """What may attend to what (see the module doc). The default spec is full attention."""
@@ -68,14 +76,7 @@ class AttnSpec:
         if self.segment_ids is None:
             return self.mask
         same = self.segment_ids[:, None, :, None] == self.key_segments()[:, None, None, :]  # (B, 1, Nq, Nk)
-        if self.mask is None:
-            return same
-        if self.mask.dtype == torch.bool:
-            return self.mask & same
-        return self.mask.masked_fill(~same, float("-inf"))
-
-
-FULL = AttnSpec()
+        return _restrict(self.mask, same)
 
 # A backend takes (q, k, v, spec, need_weights) and returns (out, probs_or_None).
 Backend = Callable[[Tensor, Tensor, Tensor, AttnSpec, bool], tuple[Tensor, Tensor | None]]
@@ -146,7 +147,7 @@ def _block_mask(mask: Tensor | None, q_seg: Tensor | None, k_seg: Tensor | None,
     if q_seg is not None:
         same = q_seg[imgs, rows][:, None, :, None] == k_seg[imgs][:, None, None, :]  # (b, 1, n, Nk)
         same = same.expand(-1, len(range(*heads.indices(shape[1]))), -1, -1)
-        m = same if m is None else (m & same if m.dtype == torch.bool else m.masked_fill(~same, float("-inf")))
+        m = _restrict(m, same)
     return None if m is None else m.reshape(-1, *m.shape[2:])
 
 

@@ -69,8 +69,9 @@ class MaskedAutoencoder(nn.Module):
     def init_weights(self):
         """The encoder's own initialisation, the Transformer's for the decoder, and the mask token
         (normal, std 0.02) as in the MAE reference."""
-        init_transformer(self)
         self.encoder.init_weights()
+        for part in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
+            init_transformer(part)
         nn.init.normal_(self.mask_token, std=0.02)
 
     def decoder_position(self, grid: tuple[int, int]) -> Tensor:
@@ -93,19 +94,6 @@ class MaskedAutoencoder(nn.Module):
         for block in self.decoder_blocks:
             x = block(x)                                                      # (B, prefix + N, Dd)
         return self.decoder_pred(self.decoder_norm(x))[:, prefix:]            # (B, N, p*p*C)
-
-    def flops(self, img_size: tuple[int, int] | None = None, mask_ratio: float = 0.75) -> int:
-        """Forward FLOPs for one image at `mask_ratio` (a multiply-add counts as 2), matmuls only."""
-        e, c = self.encoder.cfg, self.cfg
-        gh, gw = (img_size or e.img_size)[0] // e.patch_size, (img_size or e.img_size)[1] // e.patch_size
-        n = gh * gw
-        k = visible_count(n, mask_ratio)
-        t_enc, t_dec = k + (e.pool == "cls"), n + (e.pool == "cls")
-        h_enc, h_dec, Dd = int(e.dim * e.mlp_ratio), int(c.decoder_dim * c.decoder_mlp_ratio), c.decoder_dim
-        enc = 2 * n * e.in_chans * e.patch_size ** 2 * e.dim + e.depth * (
-            2 * t_enc * e.dim * (4 * e.dim + 2 * h_enc) + 4 * t_enc * t_enc * e.dim)
-        dec = 2 * t_enc * e.dim * Dd + c.decoder_depth * (2 * t_dec * Dd * (4 * Dd + 2 * h_dec) + 4 * t_dec * t_dec * Dd)
-        return enc + dec + 2 * n * Dd * e.patch_size ** 2 * e.in_chans
 
 
 def visible_count(n: int, mask_ratio: float) -> int:

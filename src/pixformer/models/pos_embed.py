@@ -41,6 +41,14 @@ def rescale_coords(coords: Tensor, grid: tuple[int, int], ref_grid: tuple[int, i
     return (coords + 0.5) * scale - 0.5
 
 
+def resample_table(table: Tensor, grid: tuple[int, int]) -> Tensor:
+    """A learned (R, C, D) table resampled to a (rows, cols) grid, as the model samples it for an
+    image of that grid (pixel-centre alignment, bilinear): (rows, cols, D)."""
+    ref = tuple(table.shape[:2])
+    coords = rescale_coords(grid_coords(*grid, device=table.device), tuple(grid), ref)
+    return sample_table(table, coords).reshape(*grid, table.shape[-1])
+
+
 def sample_table(table: Tensor, coords: Tensor) -> Tensor:
     """Bilinearly sample a learned (R, C, D) embedding table at (N, 2) fractional coordinates given in
     table units; coordinates beyond the edge take the border value. Exact at integer coordinates."""

@@ -51,6 +51,3 @@ class LinearProbe(nn.Module):
             use_cls = self.cfg.features == "cls" or (self.cfg.features == "auto" and prefix)
             pooled = feats[:, 0] if use_cls else feats[:, prefix:].mean(dim=1)      # (B, D)
         return self.head(self.bn(pooled.float()))                                   # (B, classes)
-
-    def flops(self, img_size: tuple[int, int] | None = None) -> int:
-        return self.encoder.flops(img_size) + 2 * self.encoder.cfg.dim * self.cfg.num_classes
