@@ -15,9 +15,13 @@ def test_every_registered_model_forward_backward(name):
         p = create_model(name, img_size=32, depth=1).cfg.patch_size
     model = create_model(name, img_size=2 * p, num_classes=3, depth=1)
     x = torch.randn(2, model.cfg.in_chans, 2 * p, 2 * p)
-    logits = model(x)
-    assert logits.shape == (2, 3)
-    logits.sum().backward()
+    if name.startswith("dit-"):                                            # a denoiser: (x_t, t, y) -> noise
+        out = model(x, torch.tensor([3, 900]), torch.tensor([0, 3]))      # class 3: the null class
+        assert out.shape == x.shape
+    else:
+        out = model(x)
+        assert out.shape == (2, 3)
+    out.sum().backward()
     grads = [prm.grad for prm in model.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
 

@@ -1,4 +1,4 @@
-"""The `pixformer` command: train, eval, models, plan, demo.
+"""The `pixformer` command: train, eval, sample, models, plan, demo, sweep, analyze.
 
 Options are the fields of the config dataclasses (`pixformer train --help`); `--config FILE.yaml`
 loads a recipe, later options override it, `--print_config` shows the merged result. Options may be
@@ -84,6 +84,24 @@ def build_parser():
     ev.add_argument("--skip_bad_images", type=bool, default=False)
     ev.add_argument("--json", type=bool, default=False, help="print one JSON object as the last line")
     commands.add_subcommand("eval", ev, help="evaluate a checkpoint")
+
+    sample = ArgumentParser(exit_on_error=False, description="Generate images with a diffusion run: a PNG grid, "
+                            "each image as a PNG, and an .npz (uint8 images, labels) in --out.")
+    sample.add_argument("--checkpoint", type=str, required=True, help="a diffusion run folder or its checkpoint/")
+    sample.add_argument("--num", type=int, default=16, help="images to generate")
+    sample.add_argument("--classes", type=typing.Optional[str], default=None,
+                        help="class indices, comma-separated, repeated to --num (default: 0, 1, 2, ... in turn)")
+    sample.add_argument("--cfg_scale", type=float, default=1.5, help="classifier-free guidance (1 = none)")
+    sample.add_argument("--sampler", type=typing.Optional[str], default=None, help="ddpm | ddim | dpm-solver "
+                        "(default: the run's)")
+    sample.add_argument("--steps", type=typing.Optional[int], default=None, help="sampling steps (default: the run's)")
+    sample.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (0: deterministic)")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--batch_size", type=int, default=64)
+    sample.add_argument("--weights", type=typing.Literal["auto", "model", "ema"], default="auto")
+    sample.add_argument("--device", type=str, default="auto")
+    sample.add_argument("--out", type=typing.Optional[str], default=None, help="default: <run>/generated")
+    commands.add_subcommand("sample", sample, help="generate images with a diffusion run")
 
     models = ArgumentParser(exit_on_error=False, description="List model names with parameters, tokens and GFLOPs per image.")
     models.add_argument("--img_size", type=int, default=32)
@@ -203,6 +221,18 @@ def cmd_eval(ns) -> int:
     return 0
 
 
+def cmd_sample(ns) -> int:
+    from .engine import load_model
+    from .engine.runtime import pick_device
+    from .experiments.generate import generate
+    model, state = load_model(ns.checkpoint, ns.weights)
+    classes = None if ns.classes is None else [int(c) for c in str(ns.classes).split(",") if c.strip()]
+    out = generate(model, state, ns.checkpoint, ns.out, ns.num, classes, ns.cfg_scale, ns.sampler, ns.steps,
+                   ns.eta, ns.seed, ns.batch_size, pick_device(ns.device))
+    print(f"{ns.num} samples: {out / 'grid.png'}, {out / 'images'}/, {out / 'samples.npz'}")
+    return 0
+
+
 def cmd_models(ns) -> int:
     import torch
 
@@ -263,7 +293,7 @@ def cmd_analyze(ns) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "models": cmd_models, "demo": cmd_demo, "analyze": cmd_analyze,
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "models": cmd_models, "demo": cmd_demo, "analyze": cmd_analyze,
             "sweep": cmd_sweep, "plan": cmd_plan}
 
 

@@ -3,6 +3,7 @@
     vit-t/2     ViT-Tiny with 2x2 patches
     pit-s       ViT-Small with 1x1 patches: the Pixel Transformer (same as vit-s/1)
     convmixer-256/8   ConvMixer of width 256 and depth 8 (kernel_size and patch_size are settings)
+    dit-s/2     DiT-S with 2x2 patches (diffusion); dit-l/1 is the PiT paper's pixel-token DiT-L
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from torch import nn
 
 from ..errors import PixformerError
 from .convmixer import ConvMixer, ConvMixerConfig
+from .dit import DiT, DiTConfig
 from .mae import MAEConfig, MaskedAutoencoder
 from .probe import LinearProbe, ProbeModelConfig
 from .vit import ViTConfig, VisionTransformer
@@ -29,15 +31,24 @@ VIT_SIZES: dict[str, dict[str, int]] = {
     "l": dict(depth=24, dim=1024, heads=16),
 }
 VIT_PATCHES = (2, 4, 8, 16)  # listed names; any patch size parses
+# DiT's sizes (S, B, L, XL as in the DiT paper) and pixformer's CPU-sized n and t
+DIT_SIZES: dict[str, dict[str, int]] = {
+    "n": VIT_SIZES["n"], "t": VIT_SIZES["t"],
+    "s": dict(depth=12, dim=384, heads=6),
+    "b": dict(depth=12, dim=768, heads=12),
+    "l": dict(depth=24, dim=1024, heads=16),
+    "xl": dict(depth=28, dim=1152, heads=16),
+}
 
 # Each architecture: (config class, model class). Checkpoints store the architecture key and config.
 # NAMED: those a model name builds (their settings are --model-args); the others wrap a named model
 # for a task (MAE: an encoder and a decoder; a linear probe) and are built by that task.
 ARCHITECTURES: dict[str, tuple[type, type]] = {"vit": (ViTConfig, VisionTransformer),
                                                 "convmixer": (ConvMixerConfig, ConvMixer),
+                                                "dit": (DiTConfig, DiT),
                                                 "mae": (MAEConfig, MaskedAutoencoder),
                                                 "probe": (ProbeModelConfig, LinearProbe)}
-NAMED = ("vit", "convmixer")
+NAMED = ("vit", "convmixer", "dit")
 # Each name family: regex -> function(match) -> (architecture, config fields).
 _FAMILIES: list[tuple[re.Pattern, Callable[[re.Match], tuple[str, dict[str, Any]]]]] = []
 _LISTED: list[str] = []
@@ -55,6 +66,8 @@ register_family(r"pit-([ntsbl])", lambda m: ("vit", {**VIT_SIZES[m[1]], "patch_s
 # convmixer-<width>/<depth>; kernel 5 and patch 2 by default (the authors' CIFAR-10 setting)
 register_family(r"convmixer-(\d+)/(\d+)", lambda m: ("convmixer", {"dim": int(m[1]), "depth": int(m[2])}),
                 ["convmixer-256/8", "convmixer-256/16"])
+register_family(r"dit-(n|t|s|b|l|xl)/(\d+)", lambda m: ("dit", {**DIT_SIZES[m[1]], "patch_size": int(m[2])}),
+                [f"dit-{s}/{p}" for s in DIT_SIZES for p in (1, 2, 4)])
 
 
 def list_models() -> list[str]:
@@ -135,6 +148,10 @@ def model_name(model: nn.Module) -> str:
         return f"pit-{size}" if c.patch_size == 1 else f"vit-{size}/{c.patch_size}"
     if isinstance(model, ConvMixer):
         return f"convmixer-{c.dim}/{c.depth}"
+    if isinstance(model, DiT):
+        size = next((s for s, v in DIT_SIZES.items() if (c.depth, c.dim, c.heads) == tuple(v.values())),
+                    f"d{c.depth}w{c.dim}")
+        return f"dit-{size}/{c.patch_size}"
     if isinstance(model, (MaskedAutoencoder, LinearProbe)):
         return f"{'mae' if isinstance(model, MaskedAutoencoder) else 'probe'}-{model_name(model.encoder)}"
     return type(model).__name__.lower()

@@ -3,6 +3,7 @@
     classify   supervised classification (the default)
     mae        masked-autoencoder pretraining of a ViT at any patch size
     probe      a linear probe of a pretrained encoder (--init RUN)
+    diffusion  DiT diffusion (class-conditional or not) at any patch size
 """
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ from typing import Any
 from ..errors import PixformerError
 from .base import DataFacts, Task
 from .classify import Classify, ClassifyConfig
+from .diffusion import Diffusion, DiffusionConfig
 from .mae import MAE, MAETaskConfig
 from .probe import Probe, ProbeConfig
 
-TASKS: dict[str, type[Task]] = {t.name: t for t in (Classify, MAE, Probe)}
+TASKS: dict[str, type[Task]] = {t.name: t for t in (Classify, MAE, Probe, Diffusion)}
 
 
 def get_task(name: str) -> type[Task]:
@@ -48,4 +50,5 @@ def task_settings() -> dict[str, Any]:
     return out
 
 
-__all__ = ["Task", "DataFacts", "TASKS", "get_task", "task_config", "task_settings", "Classify", "ClassifyConfig", "MAE", "MAETaskConfig", "Probe", "ProbeConfig"]
+__all__ = ["Task", "DataFacts", "TASKS", "get_task", "task_config", "task_settings", "Classify", "ClassifyConfig", "MAE", "MAETaskConfig", "Probe", "ProbeConfig", "Diffusion",
+           "DiffusionConfig"]

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ..data.augment import mix
 from ..errors import PixformerError
-from ..models.registry import create_model
+from ..models.registry import create_model, resolve
 from .base import Task
 
 
@@ -36,6 +36,10 @@ class Classify(Task):
 
     def build_model(self, name: str, model_args: dict[str, Any]) -> nn.Module:
         f = self.facts
+        arch, _ = resolve(name)
+        if arch not in ("vit", "convmixer"):
+            raise PixformerError(f"--task {self.name} trains a classifier (vit-*/p, pit-*, convmixer-*); {name} is "
+                                 f"a {arch} model" + (" (use --task diffusion)" if arch == "dit" else ""))
         return create_model(name, img_size=f.img_size, num_classes=len(f.classes), in_chans=f.in_chans, **model_args)
 
     def loss(self, model: nn.Module, images: Tensor, labels: Tensor,

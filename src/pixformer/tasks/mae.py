@@ -32,6 +32,7 @@ from ..errors import PixformerError
 from ..models.mae import DECODER_SIZES, MAEConfig, MaskedAutoencoder, random_keep, visible_count
 from ..models.vit import check_grid, patchify, unpatchify
 from .base import Task
+from .figures import image_grid
 
 TARGETS = ("auto", "patch", "none", "local")
 
@@ -153,25 +154,3 @@ class MAE(Task):
                    path, f"MAE, epoch {epoch}: validation images")
         return path
 
-
-def image_grid(rows: list[Tensor], labels: list[str], path: Path, title: str) -> None:
-    """Rows of images (each (B, C, H, W) on 0..1) as one PNG, a label at the start of each row."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    n = rows[0].shape[0]
-    fig, axes = plt.subplots(len(rows), n, figsize=(1.1 * n + 1.2, 1.2 * len(rows) + 0.4), squeeze=False, dpi=110)
-    for r, (images, label) in enumerate(zip(rows, labels)):
-        for i in range(n):
-            ax = axes[r][i]
-            img = images[i].permute(1, 2, 0).float().numpy()
-            ax.imshow(img[..., 0] if img.shape[2] == 1 else img[..., :3], cmap="gray", vmin=0, vmax=1,
-                      interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-        axes[r][0].set_ylabel(label, fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)

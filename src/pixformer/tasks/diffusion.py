@@ -1,0 +1,300 @@
+"""Diffusion: Gaussian diffusion with a DiT (models/dit.py computes), DiT's recipe at any patch size.
+
+The task owns the noise: a 1,000-step schedule (linear beta 1e-4..0.02, or cosine), timesteps drawn
+uniformly per image, q(x_t | x_0) from diffusers' DDPMScheduler, epsilon-prediction with a mean
+squared error, and with a model built with `learn_sigma` DiT's hybrid loss (the variational bound
+on the learned variance, with the mean's gradient stopped, as in improved DDPM). Class labels are
+replaced by the null class with probability `class_dropout`, so one model samples with
+classifier-free guidance. Images enter the model on the -1..1 scale.
+
+Sampling uses diffusers' schedulers (pixformer writes only what they lack: guidance, the learned
+variance loss, the loop): `ddpm` (respaced ancestral sampling, as DiT), `ddim` (with eta) and
+`dpm-solver` (DPM-Solver++, 2nd order, 20-50 steps suffice). Every epoch writes a grid of samples of
+the evaluated (EMA) model from a fixed seed to RUN/samples/epochNNN.png.
+
+diffusers is an optional dependency: pip install 'pixformer[diffusion]'.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..data.sources import ImageSet
+from ..errors import PixformerError
+from ..models.registry import create_model, resolve
+from .base import Task
+from .figures import image_grid
+
+SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}   # ours -> diffusers' beta_schedule
+SAMPLERS = ("ddpm", "ddim", "dpm-solver")
+
+
+def _diffusers():
+    try:
+        import diffusers
+    except ImportError:
+        raise PixformerError("diffusion needs diffusers: pip install 'pixformer[diffusion]'") from None
+    return diffusers
+
+
+@dataclass
+class DiffusionConfig:
+    schedule: str = "linear"            # beta schedule: linear (1e-4 .. 0.02, DiT) or cosine (improved DDPM)
+    timesteps: int = 1000               # diffusion steps in training
+    conditional: bool = True            # class-conditional (with a null class for guidance) or unconditional
+    class_dropout: float = 0.1          # probability a label is replaced by the null class in training
+    clip_denoised: bool = True          # clip predicted x_0 to -1..1 when sampling (pixel space)
+    sampler: str = "ddim"               # sampler of the per-epoch grid (and `pixformer sample`'s default)
+    sample_steps: int = 50
+    cfg_scale: float = 1.5              # guidance of the per-epoch grid (1 = none; DiT's FID setting is 1.5)
+    samples: int = 16                   # images in each epoch's grid
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise PixformerError(f"schedule must be one of {sorted(SCHEDULES)}, got {self.schedule!r}")
+        if self.timesteps < 2:
+            raise PixformerError(f"timesteps must be at least 2, got {self.timesteps}")
+        if not 0 <= self.class_dropout < 1:
+            raise PixformerError(f"class_dropout must be in [0, 1), got {self.class_dropout}")
+        check_sampler(self.sampler, self.sample_steps, self.timesteps)
+
+
+def check_sampler(sampler: str, steps: int, timesteps: int) -> None:
+    if sampler not in SAMPLERS:
+        raise PixformerError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    if not 1 <= steps <= timesteps:
+        raise PixformerError(f"sampling steps must be between 1 and the {timesteps} training steps, got {steps}")
+
+
+class Diffusion(Task):
+    name = "diffusion"
+    Config = DiffusionConfig
+    best = ("loss", "min")
+
+    def __init__(self, cfg: DiffusionConfig, facts):
+        super().__init__(cfg, facts)
+        self.noise = self.scheduler("ddpm")                               # q(x_t | x_0), betas, alphas
+        betas = self.noise.betas.double()
+        abar = torch.cumprod(1 - betas, 0)                                # in float64 (diffusers': float32)
+        abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+        post_var = betas * (1 - abar_prev) / (1 - abar)
+        # float64 tables of the posterior q(x_{t-1} | x_t, x_0) = N(c0 x_0 + ct x_t, post_var), per t
+        self.tables = {
+            "abar": abar, "betas": betas, "post_var": post_var,
+            "post_logvar": torch.log(torch.cat([post_var[1:2], post_var[1:]])),  # t = 0 clipped, as in DDPM
+            "c0": betas * abar_prev.sqrt() / (1 - abar),
+            "ct": (1 - abar_prev) * (1 - betas).sqrt() / (1 - abar),
+        }
+
+    # ---- the model and its inputs ----------------------------------------------------------
+    def build_model(self, name: str, model_args: dict[str, Any]) -> nn.Module:
+        arch, _ = resolve(name)
+        if arch != "dit":
+            raise PixformerError(f"--task diffusion trains a DiT (dit-s/2, dit-l/1, ...); {name} is a {arch} model")
+        f = self.facts
+        return create_model(name, img_size=f.img_size, in_chans=f.in_chans,
+                            num_classes=len(f.classes) if self.cfg.conditional else 0, **model_args)
+
+    def to_model_space(self, x: Tensor) -> Tensor:
+        """Channel-normalised images (as the engine gives them) -> the -1..1 scale diffusion works on."""
+        mean = torch.tensor(self.facts.mean, device=x.device)[:, None, None]
+        std = torch.tensor(self.facts.std, device=x.device)[:, None, None]
+        return (x.float() * std + mean) * 2 - 1
+
+    @staticmethod
+    def to_unit(x: Tensor) -> Tensor:
+        """-1..1 -> 0..1 images."""
+        return ((x.float() + 1) / 2).clamp(0, 1)
+
+    def scheduler(self, kind: str, learn_sigma: bool = False):
+        """A diffusers scheduler with this run's betas: 'ddpm' (also q(x_t | x_0)), 'ddim', 'dpm-solver'."""
+        d = _diffusers()
+        common = dict(num_train_timesteps=self.cfg.timesteps, beta_schedule=SCHEDULES[self.cfg.schedule],
+                      beta_start=1e-4, beta_end=0.02)
+        # timesteps from T-1 down to 0, as DiT respaces. DDIM steps a fixed stride T / steps, so its
+        # timesteps must lie on that stride ("trailing": T-1, T-1-stride, ...); the others take any list
+        common["timestep_spacing"] = "trailing" if kind == "ddim" else "linspace"
+        if kind == "ddpm":
+            return d.DDPMScheduler(**common, clip_sample=self.cfg.clip_denoised,
+                                   variance_type="learned_range" if learn_sigma else "fixed_small")
+        if kind == "ddim":
+            return d.DDIMScheduler(**common, clip_sample=self.cfg.clip_denoised)
+        # clip_denoised: its "dynamic" thresholding with a maximum of 1 is a plain clip of x_0 to -1..1
+        return d.DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2,
+                                             thresholding=self.cfg.clip_denoised, sample_max_value=1.0,
+                                             lower_order_final=True)
+
+    def draw(self, x0: Tensor, labels: Tensor, rng: np.random.Generator, drop: bool):
+        """Timesteps, noise and (possibly dropped) labels for a batch, from the step's random numbers."""
+        B = x0.shape[0]
+        t = torch.from_numpy(rng.integers(0, self.cfg.timesteps, B)).to(x0.device)
+        noise = torch.from_numpy(rng.standard_normal(tuple(x0.shape), dtype=np.float32)).to(x0.device)
+        y = None
+        if self.cfg.conditional:
+            y = labels.clone()
+            if drop and self.cfg.class_dropout > 0:
+                y[torch.from_numpy(rng.random(B) < self.cfg.class_dropout).to(x0.device)] = len(self.facts.classes)
+        return t, noise, y
+
+    # ---- losses ----------------------------------------------------------------------------
+    def at(self, name: str, t: Tensor, like: Tensor) -> Tensor:
+        """Table `name` at timesteps t (B,), shaped to broadcast against `like` (B, ...), in its dtype."""
+        return self.tables[name].to(like.device)[t].to(like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
+
+    def terms(self, model: nn.Module, images: Tensor, labels: Tensor, rng: np.random.Generator, drop: bool):
+        x0 = self.to_model_space(images)                                  # (B, C, H, W) on -1..1
+        t, noise, y = self.draw(x0, labels, rng, drop)
+        xt = self.noise.add_noise(x0, noise, t)        # sqrt(abar) x0 + sqrt(1 - abar) eps
+        out = model(xt, t, y).float()                                     # (B, C or 2C, H, W)
+        C = x0.shape[1]
+        mse = ((out[:, :C] - noise) ** 2).mean(dim=(1, 2, 3))             # (B,)
+        terms = {"mse": mse}
+        if out.shape[1] == 2 * C:
+            terms["vlb"] = self.vlb(x0, xt.float(), t, out[:, :C].detach(), out[:, C:])
+        return terms
+
+    def vlb(self, x0: Tensor, xt: Tensor, t: Tensor, eps: Tensor, v: Tensor) -> Tensor:
+        """(B,) the variational bound term of each image, in bits per dimension: KL(q(x_{t-1} | x_t, x_0)
+        || p(x_{t-1} | x_t)) for t > 0 and the discretised decoder NLL at t = 0, with the model's mean
+        from `eps` (gradient stopped) and its log-variance interpolated by v in -1..1 between the
+        posterior's and beta_t's (improved DDPM, as DiT trains its learned variance)."""
+        true_mean = self.at("c0", t, x0) * x0 + self.at("ct", t, x0) * xt
+        true_logvar = self.at("post_logvar", t, x0)
+        abar = self.at("abar", t, x0)
+        pred_x0 = (xt - (1 - abar).sqrt() * eps) / abar.sqrt()
+        model_mean = self.at("c0", t, x0) * pred_x0 + self.at("ct", t, x0) * xt
+        frac = (v + 1) / 2
+        model_logvar = frac * self.at("betas", t, x0).log() + (1 - frac) * true_logvar
+        kl = 0.5 * (-1 + model_logvar - true_logvar + torch.exp(true_logvar - model_logvar)
+                    + (true_mean - model_mean) ** 2 * torch.exp(-model_logvar))
+        nll = -discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_logvar)
+        per_image = lambda z: z.mean(dim=(1, 2, 3)) / math.log(2.0)       # noqa: E731
+        return torch.where(t == 0, per_image(nll), per_image(kl))
+
+    def loss(self, model, images, labels, rng):
+        terms = self.terms(model, images, labels, rng, drop=True)
+        loss = sum(v.mean() for v in terms.values())
+        n = len(images)
+        return loss, {"n": n, "loss": loss.item() * n, **({"vlb": terms["vlb"].sum().item()} if "vlb" in terms else {})}
+
+    def eval_sums(self, model, images, labels, rng):
+        terms = self.terms(model, images, labels, rng, drop=False)
+        out = {"n": len(images), "loss": sum(terms.values()).sum().item(), "mse": terms["mse"].sum().item()}
+        if "vlb" in terms:
+            out["vlb"] = terms["vlb"].sum().item()
+        return out
+
+    # ---- sampling --------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, model: nn.Module, n: int, labels: Tensor | None = None, cfg_scale: float = 1.0,
+               sampler: str | None = None, steps: int | None = None, eta: float = 0.0, seed: int = 0,
+               img_size: tuple[int, int] | None = None, noise: Tensor | None = None) -> Tensor:
+        """`n` images (n, C, H, W) on -1..1 from `model` (conditioned on `labels` (n,) where the model
+        is conditional), with classifier-free guidance `cfg_scale` on every channel of the predicted
+        noise. The start noise is drawn from `seed` (or given as `noise`)."""
+        sampler, steps = sampler or self.cfg.sampler, steps or self.cfg.sample_steps
+        check_sampler(sampler, steps, self.cfg.timesteps)
+        c = model.cfg
+        labels = self.check_labels(model, n, labels, cfg_scale)
+        device = next(model.parameters()).device
+        H, W = img_size or c.img_size
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(n, c.in_chans, H, W, generator=g) if noise is None else noise.float().cpu()
+        x = x.to(device)
+        learn_sigma = c.learn_sigma and sampler == "ddpm"
+        sched = self.scheduler(sampler, learn_sigma)
+        sched.set_timesteps(steps)
+        x = x * sched.init_noise_sigma
+        kwargs = {"eta": eta} if sampler == "ddim" else {}
+        for t in sched.timesteps:
+            out = guided_output(model, x, t.to(device).expand(n), labels, cfg_scale)   # (n, C or 2C, H, W)
+            out = out if learn_sigma else out[:, :c.in_chans]
+            x = sched.step(out.float(), t, x, generator=g, **kwargs).prev_sample
+        return x
+
+    @torch.no_grad()
+    def ddim_invert(self, model: nn.Module, x0: Tensor, labels: Tensor | None = None, steps: int = 50,
+                    cfg_scale: float = 1.0) -> Tensor:
+        """The deterministic DDIM (eta = 0) path run backwards over the timesteps DDIM samples with:
+        images (n, C, H, W) on -1..1 -> the x_T that DDIM with `steps` steps maps back to them
+        (approximately: each step uses the noise predicted at the point it starts from). Written here
+        because diffusers' inverse scheduler does not take DDIM's linspace timesteps."""
+        labels = self.check_labels(model, x0.shape[0], labels, cfg_scale)
+        sched = self.scheduler("ddim")
+        sched.set_timesteps(steps)
+        abar = self.noise.alphas_cumprod.to(x0.device)
+        x, a_from = x0.float(), torch.tensor(1.0, device=x0.device)
+        for t in sched.timesteps.flip(0):                                  # 0 ... T-1
+            eps = guided_output(model, x, t.to(x.device).expand(x.shape[0]), labels, cfg_scale)[:, :x.shape[1]]
+            x0_pred = (x - (1 - a_from).sqrt() * eps.float()) / a_from.sqrt()
+            a_from = abar[t]
+            x = a_from.sqrt() * x0_pred + (1 - a_from).sqrt() * eps.float()
+        return x
+
+    def check_labels(self, model: nn.Module, n: int, labels: Tensor | None, cfg_scale: float) -> Tensor | None:
+        K = model.cfg.num_classes
+        if K == 0:
+            if cfg_scale != 1.0:
+                raise PixformerError("--cfg-scale needs a class-conditional model; this one is unconditional")
+            if labels is not None:
+                raise PixformerError("this model is unconditional: it takes no classes")
+            return None
+        device = next(model.parameters()).device
+        labels = torch.arange(n) % K if labels is None else torch.as_tensor(labels).long()
+        if labels.shape != (n,):
+            raise PixformerError(f"expected {n} class indices, got {tuple(labels.shape)}")
+        bad = labels[(labels < 0) | (labels >= K)]
+        if len(bad):
+            raise PixformerError(f"class index {int(bad[0])} is out of range: this model has classes 0..{K - 1}")
+        return labels.to(device)
+
+    @torch.no_grad()
+    def report(self, model: nn.Module, data: ImageSet, run_dir: Path, epoch: int) -> Path:
+        """A grid of `samples` images from a fixed seed (classes 0, 1, 2, ... in turn), so a run shows
+        the same noise turning into images epoch by epoch."""
+        model.eval()
+        n = self.cfg.samples
+        scale = self.cfg.cfg_scale if self.cfg.conditional else 1.0
+        images = self.to_unit(self.sample(model, n, cfg_scale=scale, seed=0)).cpu()
+        per_row = n if n <= 8 else next(d for d in (8, 7, 6, 5, 4, 3, 2, 1) if n % d == 0)
+        rows = [images[i:i + per_row] for i in range(0, n, per_row)]
+        K = len(self.facts.classes)
+        labels = [f"classes {', '.join(str(j % K) for j in range(i, i + per_row))}" if self.cfg.conditional else ""
+                  for i in range(0, n, per_row)]
+        path = run_dir / "samples" / f"epoch{epoch:03d}.png"
+        what = f"{self.cfg.sampler} {self.cfg.sample_steps} steps" + (f", guidance {scale}" if scale != 1 else "")
+        image_grid(rows, labels, path, f"samples, epoch {epoch} ({what})")
+        return path
+
+
+def guided_output(model: nn.Module, x: Tensor, t: Tensor, labels: Tensor | None, scale: float) -> Tensor:
+    """The model's output with classifier-free guidance: the noise prediction (the first C channels)
+    becomes uncond + scale * (cond - uncond), on every channel; a learned variance is the conditional
+    one. Scale 1 (or no labels) is the plain conditional output, in one forward pass."""
+    if labels is None or scale == 1.0:
+        return model(x, t, labels)
+    null = torch.full_like(labels, model.cfg.num_classes)
+    out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]))   # (2n, C or 2C, H, W)
+    cond, uncond = out.chunk(2)
+    C = x.shape[1]
+    eps = uncond[:, :C] + scale * (cond[:, :C] - uncond[:, :C])
+    return torch.cat([eps, cond[:, C:]], dim=1)
+
+
+def discretized_gaussian_log_likelihood(x: Tensor, means: Tensor, log_scales: Tensor) -> Tensor:
+    """Log-likelihood of images x on -1..1 (256 levels) under a Gaussian discretised to their bins,
+    the outer bins open-ended (the decoder term of DDPM's bound)."""
+    centered = x - means
+    inv_std = torch.exp(-log_scales)
+    cdf_plus = torch.special.ndtr(inv_std * (centered + 1 / 255))
+    cdf_min = torch.special.ndtr(inv_std * (centered - 1 / 255))
+    log_cdf_plus = cdf_plus.clamp_min(1e-12).log()
+    log_one_minus_cdf_min = (1 - cdf_min).clamp_min(1e-12).log()
+    log_delta = (cdf_plus - cdf_min).clamp_min(1e-12).log()
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))

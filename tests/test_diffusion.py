@@ -1,0 +1,223 @@
+"""Diffusion: the DiT model (adaLN-Zero identity start, timestep features), the noise process and
+posterior against closed forms, the learned-variance bound, guidance, the samplers (DDIM determinism
+and inversion), learning, the task in the engine (resume included), `pixformer sample`, bad input."""
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from pixformer import PixformerError, TrainConfig, train  # noqa: E402
+from pixformer.cli import main  # noqa: E402
+from pixformer.models.dit import DiT, DiTConfig, timestep_embedding  # noqa: E402
+from pixformer.tasks import DataFacts  # noqa: E402
+from pixformer.tasks.diffusion import Diffusion, DiffusionConfig, guided_output  # noqa: E402
+
+
+def tiny_dit(patch=2, hw=(8, 8), classes=3, learn_sigma=False, chans=1, seed=0, perturb=True):
+    torch.manual_seed(seed)
+    model = DiT(DiTConfig(img_size=hw, patch_size=patch, in_chans=chans, num_classes=classes, depth=2, dim=32,
+                          heads=2, learn_sigma=learn_sigma))
+    if perturb:  # leave the zero start, so outputs depend on every input
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+def task(classes=3, chans=1, hw=(8, 8), **cfg):
+    facts = DataFacts([str(i) for i in range(classes)], chans, hw, [0.5] * chans, [0.25] * chans)
+    return Diffusion(DiffusionConfig(**cfg), facts)
+
+
+@pytest.mark.parametrize("patch,hw,learn_sigma", [(1, (8, 8), False), (2, (8, 12), True)])
+def test_adaln_zero_start_every_block_is_the_identity_and_the_output_is_zero(patch, hw, learn_sigma):
+    model = tiny_dit(patch, hw, learn_sigma=learn_sigma, perturb=False)
+    x, t, y = torch.randn(3, 1, *hw), torch.tensor([0, 500, 999]), torch.tensor([0, 2, 3])
+    h = torch.randn(3, 7, 32)
+    c = model.condition(t, y)
+    for block in model.blocks:
+        assert torch.equal(block(h, None, c), h)
+    out = model(x, t, y)
+    assert out.shape == (3, 2 if learn_sigma else 1, *hw) and torch.count_nonzero(out) == 0
+
+
+def test_timestep_embedding_against_hand_computed_values():
+    t = torch.tensor([0.0, 1.0, 250.0])
+    emb = timestep_embedding(t, 6)                                        # 3 frequencies: 10000^(-i/3)
+    freqs = [1.0, 10000 ** (-1 / 3), 10000 ** (-2 / 3)]
+    expected = [[math.cos(v * f) for f in freqs] + [math.sin(v * f) for f in freqs] for v in (0.0, 1.0, 250.0)]
+    torch.testing.assert_close(emb, torch.tensor(expected), atol=1e-5, rtol=1e-5)
+
+
+def test_q_sample_and_the_posterior_against_closed_forms():
+    tk = task()
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)       # the linear schedule, by hand
+    abar = torch.cumprod(1 - betas, 0)
+    torch.testing.assert_close(tk.tables["abar"], abar, rtol=1e-6, atol=0)   # diffusers' betas are float32
+    betas, abar = tk.tables["betas"], tk.tables["abar"]
+    x0, eps, t = torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 400, 999])
+    xt = tk.noise.add_noise(x0, eps, t)
+    a = abar[t].float()[:, None, None, None]
+    torch.testing.assert_close(xt, a.sqrt() * x0 + (1 - a).sqrt() * eps, atol=2e-5, rtol=1e-5)
+    # q(x_{t-1} | x_t, x_0) by Gaussian conditioning: precision 1/(1 - abar_{t-1}) + alpha_t / beta_t
+    for s in (1, 10, 500, 999):
+        prec = 1 / (1 - abar[s - 1]) + (1 - betas[s]) / betas[s]
+        var = 1 / prec
+        c0 = var * abar[s - 1].sqrt() / (1 - abar[s - 1])
+        ct = var * (1 - betas[s]).sqrt() / betas[s]
+        for name, want in (("post_var", var), ("c0", c0), ("ct", ct)):
+            torch.testing.assert_close(tk.tables[name][s], want, rtol=1e-9, atol=0)
+    assert tk.tables["post_logvar"][0] == tk.tables["post_logvar"][1]     # t = 0 clipped (its variance is 0)
+
+
+def test_the_bound_is_zero_where_the_model_is_the_posterior_and_grows_away_from_it():
+    tk = task()
+    x0 = torch.rand(2, 1, 8, 8) * 2 - 1
+    eps = torch.randn_like(x0)
+    t = torch.tensor([5, 700])
+    xt = tk.noise.add_noise(x0, eps, t)
+    v_post = -torch.ones_like(x0)                                          # frac 0: the posterior's variance
+    torch.testing.assert_close(tk.vlb(x0, xt, t, eps, v_post), torch.zeros(2), atol=1e-5, rtol=0)
+    # a mean off by d costs d^2 / (2 var) nats per dimension; an eps off by 0.3 moves the mean by
+    # c0 * sqrt(1 - abar) / sqrt(abar) * 0.3
+    tb = tk.tables
+    d = tb["c0"][t] * (1 - tb["abar"][t]).sqrt() / tb["abar"][t].sqrt() * 0.3
+    torch.testing.assert_close(tk.vlb(x0, xt, t, eps + 0.3, v_post).double(), d ** 2 / (2 * tb["post_var"][t]) / math.log(2),
+                               rtol=1e-3, atol=1e-6)
+    r = tb["post_var"][t] / tb["betas"][t]                                 # v = 1: beta_t's variance, not the posterior's
+    torch.testing.assert_close(tk.vlb(x0, xt, t, eps, torch.ones_like(x0)).double(), 0.5 * (r - 1 - r.log()) / math.log(2),
+                               rtol=1e-3, atol=1e-7)
+    t0 = torch.tensor([0, 0])                                              # decoder term: a likelihood in bits
+    nll = tk.vlb(x0, tk.noise.add_noise(x0, eps, t0), t0, eps, v_post)
+    assert torch.isfinite(nll).all() and (nll >= 0).all()
+
+
+def test_guidance_with_scale_one_is_the_conditional_output_and_otherwise_extrapolates():
+    model = tiny_dit(learn_sigma=True)
+    x, t, y = torch.randn(3, 1, 8, 8), torch.tensor([10, 20, 30]), torch.tensor([0, 1, 2])
+    with torch.no_grad():
+        cond, uncond = model(x, t, y), model(x, t, torch.full_like(y, 3))
+        torch.testing.assert_close(guided_output(model, x, t, y, 1.0), cond)
+        g = guided_output(model, x, t, y, 4.0)
+    torch.testing.assert_close(g[:, :1], uncond[:, :1] + 4.0 * (cond[:, :1] - uncond[:, :1]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g[:, 1:], cond[:, 1:])                     # the variance stays conditional
+
+
+@pytest.mark.parametrize("patch", [1, 2])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm-solver"])
+def test_every_sampler_gives_finite_images_of_the_right_shape(patch, sampler):
+    tk = task(sampler=sampler, sample_steps=5)
+    for learn_sigma in (False, True):
+        model = tiny_dit(patch, learn_sigma=learn_sigma)
+        x = tk.sample(model, 4, torch.tensor([0, 1, 2, 0]), cfg_scale=2.0, seed=1)
+        assert x.shape == (4, 1, 8, 8) and torch.isfinite(x).all() and x.abs().max() <= 1 + 1e-5
+
+
+def test_ddim_with_eta_zero_is_deterministic_and_inverts_to_the_same_start():
+    tk = task(clip_denoised=False)
+    model = tiny_dit(patch=1)
+    with torch.no_grad():
+        for p in model.final_linear.parameters():
+            p.mul_(0.2)                                                   # a smooth noise prediction
+    noise = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    y = torch.tensor([0, 1, 2])
+    a = tk.sample(model, 3, y, sampler="ddim", steps=50, noise=noise, seed=0)
+    b = tk.sample(model, 3, y, sampler="ddim", steps=50, noise=noise, seed=99)   # another seed: no randomness used
+    assert torch.equal(a, b)
+    back = tk.ddim_invert(model, a, y, steps=50)
+    assert (back - noise).abs().mean() < 0.02 * noise.abs().mean()
+
+
+def test_a_tiny_model_on_one_class_reduces_the_loss():
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    x = torch.tensor(d.images[d.target == 0], dtype=torch.float32)[:, None] / 16   # (178, 1, 8, 8) zeros
+    x = (x - 0.5) / 0.25                                                    # as the engine normalises
+    tk = task(classes=1)
+    model = tiny_dit(patch=2, classes=1, perturb=False).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    losses = []
+    for step in range(300):
+        idx = torch.from_numpy(np.random.default_rng(step).choice(len(x), 32))
+        loss, _ = tk.loss(model, x[idx], torch.zeros(32, dtype=torch.long), np.random.default_rng([0, step]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-50:]) < 0.6 * np.mean(losses[:20])
+
+
+DIFF_RUN = dict(task="diffusion", model="dit-n/2", data="digits", model_args=dict(depth=1, dim=16, heads=2),
+                task_args=dict(samples=4, sample_steps=4), batch_size=64, train_subset=256, progress=False,
+                eval_batch_size=64, ema_decay=0.9)
+
+
+def test_diffusion_run_writes_samples_resumes_exactly_and_samples_from_the_cli(tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+
+    import pixformer.engine.loop as loop
+    full = train(TrainConfig(**DIFF_RUN, epochs=2, out=str(tmp_path / "full")))
+    assert (tmp_path / "full" / "samples" / "epoch002.png").exists()
+    assert full["model_name"] == "dit-d1w16/2" and 0 < full["val_loss"] < 2
+    real = loop.lr_at
+    monkeypatch.setattr(loop, "lr_at", lambda s, *a: (os.kill(os.getpid(), signal.SIGTERM) if s == 5 else None)
+                        or real(s, *a))
+    with pytest.raises(PixformerError, match="stopped"):
+        train(TrainConfig(**DIFF_RUN, epochs=2, out=str(tmp_path / "cut")))
+    monkeypatch.undo()
+    resumed = train(TrainConfig(**DIFF_RUN, epochs=2, out=str(tmp_path / "cut"), resume=True))
+    for (name, a), (_, b) in zip(full["ema"].state_dict().items(), resumed["ema"].state_dict().items()):
+        assert torch.equal(a, b), name
+    rows = lambda d: [{k: v for k, v in json.loads(l).items() if k != "img_per_s"}  # noqa: E731
+                      for l in (d / "metrics.jsonl").read_text().splitlines()]
+    assert rows(tmp_path / "full") == rows(tmp_path / "cut")
+
+    out = tmp_path / "gen"
+    assert main(["sample", "--checkpoint", str(tmp_path / "full"), "--num", "5", "--classes", "7,8", "--steps", "3",
+                 "--sampler", "dpm-solver", "--batch-size", "2", "--out", str(out)]) == 0
+    saved = np.load(out / "samples.npz")
+    assert saved["images"].shape == (5, 8, 8, 1) and saved["images"].dtype == np.uint8
+    assert saved["labels"].tolist() == [7, 8, 7, 8, 7]
+    assert (out / "grid.png").exists() and len(list((out / "images").glob("*.png"))) == 5
+    # the batch size does not change the images
+    assert main(["sample", "--checkpoint", str(tmp_path / "full"), "--num", "5", "--classes", "7,8", "--steps", "3",
+                 "--sampler", "dpm-solver", "--batch-size", "5", "--out", str(tmp_path / "gen5")]) == 0
+    assert np.array_equal(np.load(tmp_path / "gen5" / "samples.npz")["images"], saved["images"])
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--model", "vit-n/2"], "--task diffusion trains a DiT"),
+    (["--schedule", "quadratic"], "schedule must be one of"),
+    (["--sampler", "euler"], "sampler must be one of"),
+    (["--class-dropout", "1.0"], "class_dropout must be in"),
+])
+def test_bad_diffusion_settings_are_one_line_errors_before_training(tmp_path, capsys, args, match):
+    base = ["train", "--task", "diffusion", "--model", "dit-n/2", "--epochs", "1", "--out", str(tmp_path / "r"),
+            "--progress", "false"]
+    assert main(base + args) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and re.search(match, err), err
+    assert not (tmp_path / "r").exists()
+
+
+def test_sampling_mistakes_are_one_line_errors(tmp_path, capsys):
+    small = dict(DIFF_RUN, train_subset=64, epochs=1)
+    train(TrainConfig(**{**small, "task_args": {**small["task_args"], "conditional": False}}, out=str(tmp_path / "u")))
+    train(TrainConfig(task="classify", model="vit-n/4", data="digits", model_args=dict(depth=1, dim=16, heads=2),
+                      epochs=1, train_subset=64, progress=False, out=str(tmp_path / "c")))
+    cases = [(["--checkpoint", str(tmp_path / "c")], "is a classify run; sampling needs a diffusion run"),
+             (["--checkpoint", str(tmp_path / "u"), "--cfg-scale", "4"], "needs a class-conditional model"),
+             (["--checkpoint", str(tmp_path / "u"), "--cfg-scale", "1", "--classes", "1"], "unconditional"),
+             (["--checkpoint", str(tmp_path / "c"), "--num", "0"], "--num must be at least 1")]
+    for args, match in cases:
+        assert main(["sample", *args]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and re.search(match, err), (args, err)
+    assert main(["train", "--model", "dit-n/2", "--epochs", "1", "--progress", "false"]) == 2
+    assert "use --task diffusion" in capsys.readouterr().err
