@@ -15,12 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import statistics
-import subprocess
-import sys
-import time
-from pathlib import Path
+
+from harness import run_configs, time_steps
 
 DIMS = dict(img=32, patch=1, depth=12, dim=192, heads=3, mlp=768, dec_depth=4, dec_dim=128, dec_heads=4, dec_mlp=512,
             mask_ratio=0.75)
@@ -69,22 +65,16 @@ def worker(name: str, batch: int, steps: int) -> dict:
             noise = torch.from_numpy(np.random.default_rng(i).random((batch, n))).float()
             return model(pixel_values=x, noise=noise).loss
     model.train()
-    times = []
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    for i in range(steps + 2):                                  # two warm-up steps
-        t0 = time.perf_counter()
+
+    def step(i):
         with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
             loss = loss_of(i)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
-    step = statistics.median(times)
-    return {"config": name, "batch": batch, "step_s": step, "images_s": batch / step, "step_times": times,
-            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
-            "rss_before_steps_gib": rss0 / 2 ** 20, "precision": str(amp or torch.float32)[6:],
-            "params": sum(p.numel() for p in model.parameters()), "torch": torch.__version__}
+    return {"config": name, "batch": batch, **(t := time_steps(step, steps)), "images_s": batch / t["step_s"],
+            "precision": str(amp or torch.float32)[6:], "params": sum(p.numel() for p in model.parameters()),
+            "torch": torch.__version__}
 
 
 def main():
@@ -99,26 +89,8 @@ def main():
     if args.worker:
         print(json.dumps(worker(args.worker, args.batch, args.steps)))
         return
-    old = json.loads(Path(args.out).read_text())["rows"] if args.merge and Path(args.out).exists() else []
-    rows = [r for r in old if r["config"] not in args.configs]
-    for name in args.configs:
-        done = subprocess.run([sys.executable, __file__, "--worker", name, "--batch", str(args.batch),
-                               "--steps", str(args.steps)], capture_output=True, text=True)
-        if done.returncode:
-            print(f"{name}: failed\n{done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ''}")
-            continue
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        r = rows[-1]
-        print(f"{name:<18} {r['precision']:<9} {r['images_s']:7.2f} img/s  peak RSS {r['peak_rss_gib']:.2f} GiB", flush=True)
-    ref = next((r for r in rows if r["config"] == "transformers"), None)
-    if ref:
-        for r in rows:
-            r["speed_vs_transformers"] = r["images_s"] / ref["images_s"]
-            r["memory_vs_transformers"] = r["peak_rss_gib"] / ref["peak_rss_gib"]
-            print(f"{r['config']:<18} {r['speed_vs_transformers']:.2f}x the images/s, "
-                  f"{r['memory_vs_transformers']:.2f}x the peak memory of transformers (fp32)")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"dims": DIMS, "rows": rows}, indent=1))
+    run_configs(__file__, args.configs, ["--batch", str(args.batch), "--steps", str(args.steps)], args.out,
+                {"dims": DIMS}, "transformers", args.merge)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,107 @@
+"""One DiT training step (noise, forward, epsilon MSE, backward, AdamW) of pixformer's DiT against
+diffusers' DiTTransformer2DModel at identical dimensions: DiT-S (depth 12, width 384, 6 heads, MLP
+1,536), class-conditional (1,000 classes), on a 32x32x4 latent grid, at patch 2 (`dit-s/2`, 256 tokens)
+and patch 1 (the PiT variant, 1,024 tokens); and sampling throughput (images/s) of pixformer's model
+with DDIM at 50 steps and DPM-Solver++ at 20, both with guidance (scale 1.5). Each configuration runs in a
+fresh process; the figures are the median step time (images/s) and the process's peak resident memory.
+
+    .venv/bin/python benchmarks/dit_step.py [--batch 8] [--steps 3] [--patches 2 1] [--out benchmarks/results/dit_step.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+from harness import run_configs, time_steps
+
+DIMS = dict(img=32, chans=4, depth=12, dim=384, heads=6, classes=1000)
+CONFIGS = {"pixformer": dict(impl="pixformer", precision="auto"),
+           "pixformer-fp32": dict(impl="pixformer", precision="fp32"),
+           "diffusers": dict(impl="diffusers", precision="fp32"),
+           "diffusers-bf16": dict(impl="diffusers", precision="bf16"),
+           "sample-ddim50": dict(impl="sample", sampler="ddim", steps=50, precision="auto"),
+           "sample-dpm20": dict(impl="sample", sampler="dpm-solver", steps=20, precision="auto")}
+
+
+def worker(name: str, patch: int, batch: int, steps: int) -> dict:
+    import numpy as np
+    import torch
+
+    from pixformer.engine.perf import autocast_dtype
+    from pixformer.tasks import DataFacts
+    from pixformer.tasks.diffusion import Diffusion, DiffusionConfig
+
+    cfg, d = CONFIGS[name], DIMS
+    torch.manual_seed(0)
+    facts = DataFacts([str(i) for i in range(d["classes"])], d["chans"], (d["img"], d["img"]), [0.5] * d["chans"],
+                      [0.5] * d["chans"])
+    task = Diffusion(DiffusionConfig(), facts)
+    x = torch.randn(batch, d["chans"], d["img"], d["img"])
+    y = torch.arange(batch) % d["classes"]
+    amp = autocast_dtype(cfg["precision"], "cpu") if cfg["precision"] != "bf16" else torch.bfloat16
+    sizes = dict(depth=d["depth"], dim=d["dim"], heads=d["heads"], patch_size=patch)
+    if cfg["impl"] in ("pixformer", "sample"):
+        from pixformer.engine.loop import param_groups
+        model = task.build_model("dit-s/2", sizes)
+        opt = torch.optim.AdamW(param_groups(model, 0.0), lr=1e-4, foreach=True)
+
+        def loss_of(i):
+            return task.loss(model, x, y, np.random.default_rng(i))[0]
+    else:
+        from diffusers import DiTTransformer2DModel
+        model = DiTTransformer2DModel(num_attention_heads=d["heads"], attention_head_dim=d["dim"] // d["heads"],
+                                      in_channels=d["chans"], out_channels=d["chans"], num_layers=d["depth"],
+                                      sample_size=d["img"], patch_size=patch, num_embeds_ada_norm=d["classes"])
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+
+        def loss_of(i):
+            rng = np.random.default_rng(i)
+            t = torch.from_numpy(rng.integers(0, 1000, batch))
+            noise = torch.from_numpy(rng.standard_normal(tuple(x.shape), dtype=np.float32))
+            x0 = task.to_model_space(x)
+            out = model(task.noise.add_noise(x0, noise, t), timestep=t, class_labels=y).sample
+            return ((out.float() - noise) ** 2).mean()
+    params = sum(p.numel() for p in model.parameters())
+    if cfg["impl"] == "sample":
+        model.eval()
+
+        def step(i):
+            with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+                task.sample(model, batch, y, cfg_scale=1.5, sampler=cfg["sampler"], steps=cfg["steps"], seed=i)
+        t = time_steps(step, steps, warmup=1)
+    else:
+        model.train()
+
+        def step(i):
+            with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+                loss = loss_of(i)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        t = time_steps(step, steps)
+    return {"config": name, "patch": patch, "batch": batch, **t, "images_s": batch / t["step_s"],
+            "precision": str(amp or torch.float32)[6:], "params": params, "torch": torch.__version__}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--patches", type=int, nargs="+", default=[2, 1])
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS))
+    ap.add_argument("--out", default="benchmarks/results/dit_step.json")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--patch", type=int, default=2, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.patch, args.batch, args.steps)))
+        return
+    for p in args.patches:
+        print(f"patch {p} ({(DIMS['img'] // p) ** 2} tokens), batch {args.batch}:")
+        out = args.out.replace(".json", f"_p{p}.json")
+        run_configs(__file__, args.configs, ["--patch", str(p), "--batch", str(args.batch), "--steps", str(args.steps)],
+                    out, {"dims": {**DIMS, "patch": p}}, "diffusers")
+
+
+if __name__ == "__main__":
+    main()
