@@ -289,3 +289,64 @@ def test_fid_command_scores_samples_against_the_held_out_images_and_judges_class
         assert main(["fid", "--checkpoint", str(tmp_path / "d"), "--network", small_network, "--steps", "2", *bad]) == 2
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and re.search(match, err), (bad, err)
+
+
+# ---- latent space --------------------------------------------------------------------------
+@pytest.fixture
+def tiny_vae(tmp_path):
+    """A real diffusers AutoencoderKL, small and randomly initialised (nothing can be downloaded here),
+    saved the way a user's local VAE folder is: 1 channel in, 4 latent channels, downsampling 2."""
+    from diffusers import AutoencoderKL
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=4, sample_size=8)
+    vae.save_pretrained(tmp_path / "vae")
+    return str(tmp_path / "vae")
+
+
+def test_the_latent_path_round_trips_through_a_small_autoencoder_and_trains_and_samples(tmp_path, tiny_vae, capsys):
+    from pixformer.tasks.diffusion import LatentSpace
+    facts = DataFacts([str(i) for i in range(10)], 1, (8, 8), [0.5], [0.25])
+    space = LatentSpace(tiny_vae, facts)
+    assert (space.chans, space.grid, space.factor, space.scale) == (4, (4, 4), 2, 0.18215)
+    images = torch.randint(0, 256, (5, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    latents = space.encode_cached(images)
+    assert latents.shape == (5, 4, 4, 4) and torch.equal(space.encode_cached(images), latents)   # from the cache
+    with torch.no_grad():
+        want = space.vae.encode(images.float() / 127.5 - 1).latent_dist.mean * 0.18215
+        torch.testing.assert_close(latents, want)
+        torch.testing.assert_close(space.decode(latents), space.vae.decode(want / 0.18215).sample)
+    assert space.decode(latents).shape == (5, 1, 8, 8)
+
+    run = dict(DIFF_RUN, epochs=1, train_subset=64, task_args={**DIFF_RUN["task_args"], "latent_vae": tiny_vae})
+    result = train(TrainConfig(**run, out=str(tmp_path / "lat")))
+    assert result["model"].cfg.in_chans == 4 and result["model"].cfg.img_size == (4, 4)
+    assert (tmp_path / "lat" / "samples" / "epoch001.png").exists() and np.isfinite(result["val_loss"])
+    assert main(["sample", "--checkpoint", str(tmp_path / "lat"), "--num", "3", "--steps", "2",
+                 "--out", str(tmp_path / "g")]) == 0
+    assert np.load(tmp_path / "g" / "samples.npz")["images"].shape == (3, 8, 8, 1)       # decoded to pixels
+    assert main(["eval", "--checkpoint", str(tmp_path / "lat"), "--split", "val", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["loss"] == pytest.approx(result["val_loss"])
+
+
+def test_a_folder_without_an_autoencoder_is_one_line(tmp_path, capsys):
+    (tmp_path / "notavae").mkdir()
+    (tmp_path / "notavae" / "config.json").write_text('{"_class_name": "UNet2DModel"}')
+    for folder in (tmp_path / "notavae", tmp_path / "missing"):
+        assert main(["train", "--task", "diffusion", "--model", "dit-n/2", "--latent-vae", str(folder), "--epochs", "1",
+                     "--progress", "false", "--out", str(tmp_path / "r")]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "no diffusers AutoencoderKL there" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_evaluation_draws_per_example_so_the_batch_size_does_not_change_the_numbers():
+    from pixformer.tasks.base import ExampleRandom
+    whole = ExampleRandom(range(6))
+    parts = [ExampleRandom(range(0, 4)), ExampleRandom(range(4, 6))]
+    for draw in (lambda r, b: r.random((b, 3)), lambda r, b: r.standard_normal((b, 2, 2), dtype=np.float32),
+                 lambda r, b: r.integers(0, 1000, b)):
+        assert np.array_equal(draw(whole, 6), np.concatenate([draw(parts[0], 4), draw(parts[1], 2)]))
+    with pytest.raises(ValueError, match="for a batch of 6"):
+        whole.random((5, 3))

@@ -235,6 +235,7 @@ def cmd_eval(ns) -> int:
             raise PixformerError(f"classes {unknown[:5]} of {where} were not seen in training ({len(trained)} classes)")
         labels = torch.tensor([trained.index(c) for c in data.classes])[data.labels]   # the model's class indices
         data = ImageSet(data.images, labels, trained)
+    data = task.prepare(data)                                           # e.g. a latent diffusion run's encoding
     runtime = Runtime.create(ns.device)
     amp = autocast_dtype(state["train_config"]["precision"], runtime.device)
     metrics = evaluate(task, model.to(runtime.device), data, ns.batch_size, runtime, amp)

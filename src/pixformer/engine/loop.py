@@ -27,7 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..data.ablations import permuted
-from ..data.augment import batch_indices, normalize, random_crop, random_flip
+from ..data.augment import batch_indices, random_crop, random_flip
 from ..data.sources import ImageSet, load_source
 from ..data.splits import Splits, channel_stats, resolve_splits, source_id
 from ..errors import PixformerError
@@ -35,6 +35,7 @@ from ..models import blocks_of
 from ..models.attention import set_attention_backend
 from ..models.registry import check_model_args, model_name, model_spec
 from ..tasks import DataFacts, Task, get_task, task_config
+from ..tasks.base import ExampleRandom
 from .checkpoint import (find_checkpoint, init_from, load_tensors, load_weights, optimizer_from_files, read_state,
                          save_checkpoint, summarize_keys)
 from .config import TrainConfig, as_json, changed_settings
@@ -105,15 +106,16 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
 @torch.no_grad()
 def evaluate(task: Task, model: nn.Module, data: ImageSet, batch_size: int, runtime: Runtime,
              amp: torch.dtype | None = None, stop: "StopFlag | None" = None) -> dict[str, float]:
-    """The task's metrics over `data` (normalised as in training, not augmented)."""
+    """The task's metrics over `data` (made inputs as in training, not augmented); the same numbers
+    whatever the batch size: what a task draws at random is drawn per example (ExampleRandom)."""
     model.eval()
     device, sums = runtime.device, {}
-    for i, idx in enumerate(batch_indices(len(data), batch_size, 0, 0, shuffle=False)):
+    for idx in batch_indices(len(data), batch_size, 0, 0, shuffle=False):
         if stop is not None:
             stop.check()
-        x = normalize(data.images[idx].to(device), task.facts.mean, task.facts.std)
+        x = task.inputs(data.images[idx].to(device))
         with torch.autocast(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            batch = task.eval_sums(model, x, data.labels[idx].to(device), np.random.default_rng([i]))
+            batch = task.eval_sums(model, x, data.labels[idx].to(device), ExampleRandom(idx.tolist()))
         for k, v in batch.items():
             sums[k] = sums.get(k, 0) + v
     return task.metrics(runtime.all_reduce(sums))
@@ -194,6 +196,8 @@ def train(cfg: TrainConfig, data: Prepared | None = None) -> dict[str, Any]:
     data = data or prepare_data(cfg)
     splits, facts = data.splits, data.facts
     task = task_cls(task_cfg, facts)
+    prep = lambda s: None if s is None else task.prepare(s)            # noqa: E731
+    splits = Splits(prep(splits.train), prep(splits.val), prep(splits.test), splits.val_from)
 
     torch.manual_seed(cfg.seed)
     model = task.build_model(cfg.model, cfg.model_args)
@@ -314,7 +318,7 @@ def train(cfg: TrainConfig, data: Prepared | None = None) -> dict[str, Any]:
                     images = splits.train.images[idx].to(device, non_blocking=True)   # uint8 (B, C, H, W)
                     images = random_crop(images, cfg.crop_padding, g)
                     images = random_flip(images, g) if cfg.hflip else images
-                    x = normalize(images, facts.mean, facts.std)
+                    x = task.inputs(images)
                     y = splits.train.labels[idx].to(device)
 
                     lr = lr_at(step, total_steps, warmup, cfg.lr, cfg.min_lr)

@@ -41,7 +41,7 @@ def sample_images(task: Diffusion, model: nn.Module, num: int, classes: list[int
         part = slice(start, start + batch_size)
         x = task.sample(model, len(noise[part]), None if labels is None else labels[part], cfg_scale, sampler,
                         steps, eta, seed=seed * 1_000_003 + i, noise=noise[part])
-        out.append(task.to_unit(x).cpu())
+        out.append(task.to_images(x).cpu())
     return torch.cat(out), labels
 
 

@@ -8,11 +8,13 @@ The engine calls, for a run:
     metrics = task.metrics(sums)               # after the sums of every batch (and process) are added
     task.report(model, val_images, run_dir, epoch)        # after each validation: figures, if the task has any
 
-`images` arrive on the device, augmented (crop, flip) and normalised; `labels` are class indices.
+`images` arrive on the device, augmented (crop, flip) and made model inputs by `task.inputs` (by
+default normalised; a task may also `prepare` each split once, e.g. encode it to latents); `labels` are class indices.
 `stats` and `sums` are sums over the batch's examples with their count under "n", so that the engine
-can add them over steps, batches and processes before dividing; `rng` (numpy, seeded by the run's
-seed and step, or by the batch's index in evaluation) draws whatever the task randomises, so a
-resumed run redraws the same and every evaluation of a model gives the same numbers.
+can add them over steps, batches and processes before dividing; `rng` draws whatever the task randomises:
+in training a numpy Generator seeded by the run's seed and step (a resumed run redraws the same), in
+evaluation an `ExampleRandom` that draws each example's numbers from its own index in the split, so
+an evaluation gives the same numbers whatever the batch size (or the number of processes).
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ from typing import Any
 import numpy as np
 from torch import Tensor, nn
 
+from ..data.augment import normalize
+from ..data.sources import ImageSet
 from ..errors import PixformerError
 from ..models.registry import resolve
 
@@ -41,6 +45,29 @@ class DataFacts:
     def from_dict(cls, d: dict[str, Any]) -> "DataFacts":
         """The facts from a checkpoint's "data" record (which holds more)."""
         return cls(d["classes"], d["in_chans"], tuple(d["img_size"]), d["mean"], d["std"])
+
+
+class ExampleRandom:
+    """The part of numpy's Generator API the tasks use, drawn per example: row b of every draw comes
+    from a generator seeded by the index of example b in its split. Shapes are the batch's (B, ...)."""
+
+    def __init__(self, indices):
+        self.gens = [np.random.default_rng([0, int(k)]) for k in indices]
+
+    def _each(self, shape, draw):
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        if shape[0] != len(self.gens):
+            raise ValueError(f"a draw of shape {shape} for a batch of {len(self.gens)} examples")
+        return np.stack([draw(g, shape[1:]) for g in self.gens])
+
+    def random(self, shape):
+        return self._each(shape, lambda g, s: g.random(s))
+
+    def standard_normal(self, shape, dtype=np.float64):
+        return self._each(shape, lambda g, s: g.standard_normal(s, dtype=dtype))
+
+    def integers(self, low, high, shape):
+        return self._each(shape, lambda g, s: g.integers(low, high, s))
 
 
 class Task:
@@ -64,6 +91,16 @@ class Task:
         if arch != "vit":
             raise PixformerError(f"--task {self.name} needs a ViT encoder (vit-*/p or pit-*); {name} is a {arch}")
         return {**fields, **model_args, "img_size": self.facts.img_size, "in_chans": self.facts.in_chans}
+
+    def prepare(self, data: ImageSet) -> ImageSet:
+        """A split as the task trains on it, once per split before the model is built (train, eval):
+        by default the uint8 images as they are (a latent diffusion task encodes them)."""
+        return data
+
+    def inputs(self, images: Tensor) -> Tensor:
+        """A batch of the prepared split (after crop and flip) -> what `loss` and `eval_sums` get:
+        by default uint8 images -> floats standardised per channel."""
+        return normalize(images, self.facts.mean, self.facts.std)
 
     def loss(self, model: nn.Module, images: Tensor, labels: Tensor,
              rng: np.random.Generator) -> tuple[Tensor, dict[str, float]]:

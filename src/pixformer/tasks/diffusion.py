@@ -7,6 +7,11 @@ on the learned variance, with the mean's gradient stopped, as in improved DDPM).
 replaced by the null class with probability `class_dropout`, so one model samples with
 classifier-free guidance. Images enter the model on the -1..1 scale.
 
+Latent space (`latent_vae`, as in DiT and the PiT paper): a diffusers AutoencoderKL from a local folder
+encodes every split once (the latent means times the VAE's scaling factor, 0.18215 for the Stable
+Diffusion VAE), cached on disk; the DiT trains on that grid (flips are applied to the latents), and
+samples are decoded back to pixels.
+
 Sampling uses diffusers' schedulers (pixformer writes only what they lack: guidance, the learned
 variance loss, the loop): `ddpm` (respaced ancestral sampling, as DiT), `ddim` (with eta) and
 `dpm-solver` (DPM-Solver++, 2nd order, 20-50 steps suffice). Every epoch writes a grid of samples of
@@ -16,6 +21,8 @@ diffusers is an optional dependency: pip install 'pixformer[diffusion]'.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..data.sources import ImageSet
+from ..data.sources import ImageSet, cache_dir
 from ..errors import PixformerError
 from ..models.registry import create_model, resolve
 from .base import Task
@@ -54,6 +61,7 @@ class DiffusionConfig:
     sample_steps: int = 50
     cfg_scale: float = 1.5              # guidance of the per-epoch grid (1 = none; DiT's FID setting is 1.5)
     samples: int = 16                   # images in each epoch's grid
+    latent_vae: str | None = None       # a local folder with a diffusers AutoencoderKL: train on its latents
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
@@ -79,6 +87,7 @@ class Diffusion(Task):
 
     def __init__(self, cfg: DiffusionConfig, facts):
         super().__init__(cfg, facts)
+        self.latent = LatentSpace(cfg.latent_vae, facts) if cfg.latent_vae else None
         self.noise = self.scheduler("ddpm")                               # q(x_t | x_0), betas, alphas
         betas = self.noise.betas.double()
         abar = torch.cumprod(1 - betas, 0)                                # in float64 (diffusers': float32)
@@ -98,22 +107,35 @@ class Diffusion(Task):
         if arch != "dit":
             raise PixformerError(f"--task diffusion trains a DiT (dit-s/2, dit-l/1, ...); {name} is a {arch} model")
         f = self.facts
-        return create_model(name, img_size=f.img_size, in_chans=f.in_chans,
+        chans, size = (self.latent.chans, self.latent.grid) if self.latent else (f.in_chans, f.img_size)
+        return create_model(name, img_size=size, in_chans=chans,
                             num_classes=len(f.classes) if self.cfg.conditional else 0, **model_args)
 
+    def prepare(self, data: ImageSet) -> ImageSet:
+        """Pixel space: the split as it is. Latent space: the split encoded once (cached on disk)."""
+        return data if self.latent is None else ImageSet(self.latent.encode_cached(data.images), data.labels, data.classes)
+
+    def inputs(self, images: Tensor) -> Tensor:
+        return images.float() if self.latent is not None else super().inputs(images)
+
     def to_model_space(self, x: Tensor) -> Tensor:
-        """Channel-normalised images (as the engine gives them) -> the -1..1 scale diffusion works on."""
+        """Channel-normalised images (as the engine gives them) -> the -1..1 scale diffusion works on;
+        latents as they are."""
+        if self.latent is not None:
+            return x.float()
         mean = torch.tensor(self.facts.mean, device=x.device)[:, None, None]
         std = torch.tensor(self.facts.std, device=x.device)[:, None, None]
         return (x.float() * std + mean) * 2 - 1
 
-    @staticmethod
-    def to_unit(x: Tensor) -> Tensor:
-        """-1..1 -> 0..1 images."""
+    def to_images(self, x: Tensor) -> Tensor:
+        """Samples (on -1..1, or latents) -> 0..1 images."""
+        if self.latent is not None:
+            x = self.latent.decode(x)
         return ((x.float() + 1) / 2).clamp(0, 1)
 
-    def scheduler(self, kind: str, learn_sigma: bool = False):
-        """A diffusers scheduler with this run's betas: 'ddpm' (also q(x_t | x_0)), 'ddim', 'dpm-solver'."""
+    def scheduler(self, kind: str, learn_sigma: bool = False, clip: bool = False):
+        """A diffusers scheduler with this run's betas: 'ddpm' (also q(x_t | x_0)), 'ddim', 'dpm-solver';
+        `clip`: predicted x_0 clipped to -1..1 at each step."""
         d = _diffusers()
         common = dict(num_train_timesteps=self.cfg.timesteps, beta_schedule=SCHEDULES[self.cfg.schedule],
                       beta_start=1e-4, beta_end=0.02)
@@ -121,13 +143,13 @@ class Diffusion(Task):
         # timesteps must lie on that stride ("trailing": T-1, T-1-stride, ...); the others take any list
         common["timestep_spacing"] = "trailing" if kind == "ddim" else "linspace"
         if kind == "ddpm":
-            return d.DDPMScheduler(**common, clip_sample=self.cfg.clip_denoised,
+            return d.DDPMScheduler(**common, clip_sample=clip,
                                    variance_type="learned_range" if learn_sigma else "fixed_small")
         if kind == "ddim":
-            return d.DDIMScheduler(**common, clip_sample=self.cfg.clip_denoised)
-        # clip_denoised: its "dynamic" thresholding with a maximum of 1 is a plain clip of x_0 to -1..1
+            return d.DDIMScheduler(**common, clip_sample=clip)
+        # clip: its "dynamic" thresholding with a maximum of 1 is a plain clip of x_0 to -1..1
         return d.DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2,
-                                             thresholding=self.cfg.clip_denoised, sample_max_value=1.0,
+                                             thresholding=clip, sample_max_value=1.0,
                                              lower_order_final=True)
 
     def draw(self, x0: Tensor, labels: Tensor, rng: np.random.Generator, drop: bool):
@@ -200,6 +222,7 @@ class Diffusion(Task):
         noise. The start noise is drawn from `seed` (or given as `noise`)."""
         sampler, steps = sampler or self.cfg.sampler, steps or self.cfg.sample_steps
         check_sampler(sampler, steps, self.cfg.timesteps)
+        clip = self.cfg.clip_denoised and self.latent is None            # latents are not bounded to -1..1
         c = model.cfg
         labels = self.check_labels(model, n, labels, cfg_scale)
         device = next(model.parameters()).device
@@ -208,7 +231,7 @@ class Diffusion(Task):
         x = torch.randn(n, c.in_chans, H, W, generator=g) if noise is None else noise.float().cpu()
         x = x.to(device)
         learn_sigma = c.learn_sigma and sampler == "ddpm"
-        sched = self.scheduler(sampler, learn_sigma)
+        sched = self.scheduler(sampler, learn_sigma, clip)
         sched.set_timesteps(steps)
         x = x * sched.init_noise_sigma
         kwargs = {"eta": eta} if sampler == "ddim" else {}
@@ -226,7 +249,7 @@ class Diffusion(Task):
         (approximately: each step uses the noise predicted at the point it starts from). Written here
         because diffusers' inverse scheduler does not take DDIM's linspace timesteps."""
         labels = self.check_labels(model, x0.shape[0], labels, cfg_scale)
-        sched = self.scheduler("ddim")
+        sched = self.scheduler("ddim")                                    # (no clipping: inverts the unclipped path)
         sched.set_timesteps(steps)
         abar = self.noise.alphas_cumprod.to(x0.device)
         x, a_from = x0.float(), torch.tensor(1.0, device=x0.device)
@@ -261,7 +284,7 @@ class Diffusion(Task):
         model.eval()
         n = self.cfg.samples
         scale = self.cfg.cfg_scale if self.cfg.conditional else 1.0
-        images = self.to_unit(self.sample(model, n, cfg_scale=scale, seed=0)).cpu()
+        images = self.to_images(self.sample(model, n, cfg_scale=scale, seed=0)).cpu()
         per_row = n if n <= 8 else next(d for d in (8, 7, 6, 5, 4, 3, 2, 1) if n % d == 0)
         rows = [images[i:i + per_row] for i in range(0, n, per_row)]
         K = len(self.facts.classes)
@@ -298,3 +321,63 @@ def discretized_gaussian_log_likelihood(x: Tensor, means: Tensor, log_scales: Te
     log_one_minus_cdf_min = (1 - cdf_min).clamp_min(1e-12).log()
     log_delta = (cdf_plus - cdf_min).clamp_min(1e-12).log()
     return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
+
+
+class LatentSpace:
+    """A diffusers AutoencoderKL loaded from a local folder: encodes uint8 image splits to scaled latent
+    means (cached on disk, keyed by the VAE's files and the images), decodes latents to -1..1 images."""
+
+    def __init__(self, folder: str, facts):
+        d = _diffusers()
+        path = Path(folder)
+        config = path / "config.json"
+        try:
+            kind = json.loads(config.read_text()).get("_class_name")
+        except (OSError, ValueError):
+            kind = None
+        if kind != "AutoencoderKL":
+            raise PixformerError(f"--latent-vae {folder}: no diffusers AutoencoderKL there (expected config.json with "
+                                 f"_class_name AutoencoderKL and its weights, as save_pretrained writes them)")
+        try:
+            self.vae = d.AutoencoderKL.from_pretrained(folder).eval().requires_grad_(False)
+        except Exception as e:  # noqa: BLE001 - diffusers raises several kinds for missing or bad weights
+            raise PixformerError(f"--latent-vae {folder}: could not load the AutoencoderKL ({str(e).splitlines()[0]})") from None
+        c = self.vae.config
+        if c.in_channels != facts.in_chans:
+            raise PixformerError(f"--latent-vae {folder} encodes {c.in_channels}-channel images; the data has {facts.in_chans}")
+        self.factor = 2 ** (len(c.block_out_channels) - 1)
+        H, W = facts.img_size
+        if H % self.factor or W % self.factor:
+            raise PixformerError(f"image size {H}x{W} is not divisible by the VAE's downsampling factor {self.factor}")
+        self.grid, self.chans, self.scale = (H // self.factor, W // self.factor), c.latent_channels, c.scaling_factor
+        files = sorted(p for p in path.iterdir() if p.is_file())
+        self.key = hashlib.sha256(b"".join(p.name.encode() + str(p.stat().st_size).encode() + p.read_bytes()[:1 << 20]
+                                           for p in files)).hexdigest()[:16]
+
+    @torch.no_grad()
+    def encode(self, images: Tensor, batch_size: int = 64) -> Tensor:
+        """uint8 (N, C, H, W) -> scaled latent means (N, c, H/f, W/f), float32."""
+        out = []
+        for i in range(0, len(images), batch_size):
+            x = images[i:i + batch_size].float() / 127.5 - 1
+            out.append(self.vae.encode(x).latent_dist.mean * self.scale)
+        return torch.cat(out)
+
+    def encode_cached(self, images: Tensor) -> Tensor:
+        from safetensors.torch import load_file, save_file
+        digest = hashlib.sha256(images.numpy().tobytes()).hexdigest()[:16]
+        path = cache_dir() / "latents" / f"{self.key}-{digest}.safetensors"
+        if path.exists():
+            return load_file(path)["latents"]
+        latents = self.encode(images)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({"latents": latents.contiguous()}, tmp)
+        tmp.replace(path)
+        return latents
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        """Scaled latents (N, c, h, w) -> images (N, C, h*f, w*f) on about -1..1."""
+        vae = self.vae.to(latents.device)
+        return vae.decode(latents.float() / self.scale).sample
