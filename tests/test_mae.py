@@ -208,6 +208,19 @@ def test_fine_tuning_starts_from_the_mae_encoder_exactly_and_names_what_it_skipp
                  "--progress", "false", "--layer-decay", "0.75", "--out", str(tmp_path / "ft")])
     out = capsys.readouterr().out
     assert code == 0 and "init from" in out and "new: head.* (2); not used: decoder_blocks.* (12), decoder_embed.* (2)" in out
+    # MAE's fine-tuning head: the mean of the tokens through a norm of its own, the final norm unused
+    gap = create_model("pit-n", img_size=8, in_chans=1, num_classes=10, depth=1, dim=16, heads=2, pool="mean",
+                       fc_norm=True)
+    got = init_from(gap, pretrained)
+    assert {"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"} == set(got["new"])
+    assert {"encoder.norm.weight", "encoder.norm.bias", "encoder.cls_token"} <= set(got["unused"])
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        feats = gap.encode(gap.embed(x)[0])                                   # no per-token norm
+        torch.testing.assert_close(gap(x), gap.head(torch.nn.functional.layer_norm(feats.mean(1), (16,),
+                                   gap.fc_norm.weight, gap.fc_norm.bias, eps=1e-6)))
+    with pytest.raises(PixformerError, match="fc_norm normalises the mean of the tokens: it needs pool='mean'"):
+        create_model("pit-n", img_size=8, fc_norm=True)
     wider = create_model("pit-n", img_size=8, in_chans=1, depth=1, dim=32, heads=2)
     with pytest.raises(PixformerError, match=r"does not fit this model.*encoder|does not fit this model.*\(16"):
         init_from(wider, pretrained)

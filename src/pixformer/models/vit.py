@@ -42,6 +42,8 @@ class ViTConfig:
     pool: str = "cls"                     # "cls" token or "mean" (global average pooling)
     pos_embed: str = "learned"            # "learned", "sincos2d" or "none"
     drop_path: float = 0.0                # stochastic depth rate of the last block (linear in depth)
+    fc_norm: bool = False                 # pool="mean" only: a norm of the pooled mean instead of one per
+                                          # token (MAE's fine-tuning head)
 
     def __post_init__(self):
         if isinstance(self.img_size, int):
@@ -49,6 +51,8 @@ class ViTConfig:
         self.img_size = tuple(int(s) for s in self.img_size)
         if self.pool not in ("cls", "mean"):
             raise PixformerError(f"pool must be 'cls' or 'mean', got {self.pool!r}")
+        if self.fc_norm and self.pool != "mean":
+            raise PixformerError("fc_norm normalises the mean of the tokens: it needs pool='mean'")
         if self.pos_embed not in ("learned", "sincos2d", "none"):
             raise PixformerError(f"pos_embed must be 'learned', 'sincos2d' or 'none', got {self.pos_embed!r}")
         if self.dim % self.heads:
@@ -168,7 +172,8 @@ class VisionTransformer(nn.Module):
         self.pos_table = nn.Parameter(torch.zeros(*self.pos_grid, D)) if cfg.pos_embed == "learned" else None
         rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(Block(D, cfg.heads, cfg.mlp_ratio, cfg.qkv_bias, r) for r in rates)
-        self.norm = nn.LayerNorm(D, eps=1e-6)
+        self.norm = nn.Identity() if cfg.fc_norm else nn.LayerNorm(D, eps=1e-6)
+        self.fc_norm = nn.LayerNorm(D, eps=1e-6) if cfg.fc_norm else None
         self.head = nn.Linear(D, cfg.num_classes) if cfg.num_classes else nn.Identity()
         self.init_weights()
 
@@ -226,14 +231,17 @@ class VisionTransformer(nn.Module):
         return torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
 
     def encode(self, x: Tensor, spec: AttnSpec | None = None) -> Tensor:
-        """(B, T, D) tokens -> (B, T, D) features after the blocks and the final norm."""
+        """(B, T, D) tokens -> (B, T, D) features after the blocks and the final norm (none with fc_norm)."""
         for block in self.blocks:
             x = block(x, spec)                                            # (B, T, D)
         return self.norm(x)                                               # (B, T, D)
 
     def pool(self, feats: Tensor) -> Tensor:
-        """(B, T, D) -> (B, D): the class token, or the mean of the patch tokens."""
-        return feats[:, 0] if self.cls_token is not None else feats.mean(dim=1)
+        """(B, T, D) -> (B, D): the class token, or the mean of the patch tokens (then fc_norm, if any)."""
+        if self.cls_token is not None:
+            return feats[:, 0]
+        pooled = feats.mean(dim=1)                                        # (B, D)
+        return pooled if self.fc_norm is None else self.fc_norm(pooled)
 
     def forward(self, images: Tensor) -> Tensor:
         tokens, _ = self.embed(images)                                    # (B, N, D)
