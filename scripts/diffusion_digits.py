@@ -1,8 +1,9 @@
 """DiT on the bundled digits (8x8, one channel): pixel tokens (`dit-n/1`, 64 tokens) against 2x2
 patches (`dit-n/2`, 16 tokens), the same small model (4 blocks of width 64) and recipe. Each is
 judged by a separately trained digits classifier (a ViT with 4x4 patches): the accuracy of that
-classifier on 500 class-conditional samples (50 per digit, DDIM 50 steps) at several guidance
-scales, and a sample grid per model. A run folder per model under OUT; finished parts are read back.
+classifier on 500 class-conditional samples (50 per digit), with the final weights and with their
+EMA, at several guidance scales (DDIM 50 steps), then with three samplers (guidance 2); a sample grid
+per model. A run folder per model under OUT; finished parts are read back.
 
     .venv/bin/python scripts/diffusion_digits.py --model dit-n/1      # train + sample + judge one model
     .venv/bin/python scripts/diffusion_digits.py --model dit-n/2
@@ -26,6 +27,8 @@ from pixformer.tasks.figures import save_png, tile, to_uint8
 
 MODELS = ("dit-n/1", "dit-n/2")
 SCALES = (1.0, 2.0, 4.0)
+WEIGHTS = ("model", "ema")
+SAMPLERS = (("ddim", 50), ("dpm-solver", 20), ("ddpm", 250))
 DIT = dict(task="diffusion", data="digits", model_args=dict(depth=4, dim=64, heads=4), epochs=100, batch_size=32,
            lr=1e-3, min_lr=1e-5, weight_decay=0.0, warmup_epochs=2, clip_grad=1.0, ema_decay=0.999,
            precision="fp32", progress=False, task_args=dict(samples=10, sample_steps=20, cfg_scale=2.0))
@@ -62,33 +65,47 @@ def judge_model(out: Path, model_name: str, per_class: int = 50) -> dict:
     n = per_class * model.cfg.num_classes
     row = {"model": model_name, "train_wall_s": wall, "val_loss": json.loads((folder / "done.json").read_text())["val_loss"],
            "judge_test_top1": json.loads((judge_run / "done.json").read_text())["test_top1"], "samples": n}
-    for scale in SCALES:
-        start = time.time()
-        images, labels = sample_images(task, model, n, None, scale, "ddim", 50, 0.0, seed=0, batch_size=500)
-        row[f"acc_cfg{scale:g}"] = judge.accuracy(images, labels, torch.device("cpu"))
-        row[f"sample_s_cfg{scale:g}"] = round(time.time() - start, 1)
-        grid = images.view(per_class, model.cfg.num_classes, *images.shape[1:])[:8].flatten(0, 1)  # 8 per digit
-        save_png(tile(to_uint8(grid), nrow=model.cfg.num_classes), folder / f"samples_cfg{scale:g}.png", scale=4)
+    for weights in WEIGHTS:
+        model, _ = load_model(folder, weights)
+        for scale in SCALES:
+            row[f"acc_{weights}_cfg{scale:g}"] = judged(task, model, judge, n, scale, "ddim", 50)
+        for sampler, steps in SAMPLERS:
+            start = time.time()
+            row[f"acc_{weights}_{sampler}{steps}"] = judged(task, model, judge, n, 2.0, sampler, steps,
+                                                           folder / f"samples_{weights}_{sampler}{steps}.png")
+            row[f"sample_s_{weights}_{sampler}{steps}"] = round(time.time() - start, 1)
     result_file.write_text(json.dumps(row, indent=1))
     return row
 
 
+def judged(task, model, judge: Judge, n: int, scale: float, sampler: str, steps: int, grid: Path | None = None) -> float:
+    """The judge's accuracy on n samples (classes 0..9 in turn, seed 0); a grid of 8 per digit if asked."""
+    images, labels = sample_images(task, model, n, None, scale, sampler, steps, 0.0, seed=0, batch_size=500)
+    if grid is not None:
+        K = model.cfg.num_classes
+        rows = images.view(n // K, K, *images.shape[1:])[:8].flatten(0, 1)         # 8 rows, one digit per column
+        save_png(tile(to_uint8(rows), nrow=K), grid, scale=4)
+    return judge.accuracy(images, labels, torch.device("cpu"))
+
+
 def table(out: Path) -> str:
-    head = (f"| model | tokens | train ({DIT['epochs']} epochs) | val loss | "
-            + " | ".join(f"judge acc., guidance {s:g}" for s in SCALES) + " |")
-    rows = [head, "|" + "---|" * (4 + len(SCALES))]
-    for name in MODELS:
-        f = out / name.replace("/", "-") / "judged.json"
-        if not f.exists():
-            rows.append(f"| {name} | | not run | |" + " |" * len(SCALES))
-            continue
-        r = json.loads(f.read_text())
-        tokens = 64 if name.endswith("/1") else 16
-        rows.append(f"| {name} | {tokens} | {r['train_wall_s'] / 60:.1f} min | {r['val_loss']:.4f} | "
-                    + " | ".join(f"{100 * r[f'acc_cfg{s:g}']:.1f} %" for s in SCALES) + " |")
-    judge = next((json.loads(f.read_text())["judge_test_top1"] for f in out.glob("*/judged.json")), None)
-    if judge is not None:
-        rows.append(f"\nJudge: vit-n/4 classifier, {100 * judge:.2f} % on the digits' test split.")
+    runs = {name: json.loads(f.read_text()) for name in MODELS
+            if (f := out / name.replace("/", "-") / "judged.json").exists()}
+    rows = [f"| model | tokens | train ({DIT['epochs']} epochs) | val loss | weights | "
+            + " | ".join(f"guidance {s:g}" for s in SCALES) + " | "
+            + " | ".join(f"{sampler} {steps}" for sampler, steps in SAMPLERS) + " |",
+            "|" + "---|" * (5 + len(SCALES) + len(SAMPLERS))]
+    for name, r in runs.items():
+        for w in WEIGHTS:
+            rows.append(f"| {name} | {64 if name.endswith('/1') else 16} | {r['train_wall_s'] / 60:.1f} min | "
+                        f"{r['val_loss']:.4f} | {w} | "
+                        + " | ".join(f"{100 * r[f'acc_{w}_cfg{s:g}']:.1f} %" for s in SCALES) + " | "
+                        + " | ".join(f"{100 * r[f'acc_{w}_{sm}{st}']:.1f} %" for sm, st in SAMPLERS) + " |")
+    if runs:
+        r = next(iter(runs.values()))
+        rows.append(f"\nJudge: vit-n/4 classifier, {100 * r['judge_test_top1']:.2f} % on the digits' test split. "
+                    f"Accuracy of the judge on {r['samples']} samples: DDIM 50 steps at each guidance scale, "
+                    "then each sampler at guidance 2. Val loss: the EMA weights' noise MSE on the held-out digits.")
     return "\n".join(rows)
 
 

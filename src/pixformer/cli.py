@@ -1,4 +1,4 @@
-"""The `pixformer` command: train, eval, sample, fid, models, plan, demo, sweep, analyze.
+"""The `pixformer` command: train, eval, sample, fid, convert, models, plan, demo, sweep, analyze.
 
 Options are the fields of the config dataclasses (`pixformer train --help`); `--config FILE.yaml`
 loads a recipe, later options override it, `--print_config` shows the merged result. Options may be
@@ -126,6 +126,16 @@ def build_parser():
     fid.add_argument("--device", type=str, default="auto")
     fid.add_argument("--json", type=bool, default=False, help="print one JSON object as the last line")
     commands.add_subcommand("fid", fid, help="FID and classifier accuracy of a diffusion run's samples")
+
+    convert = ArgumentParser(exit_on_error=False, description="A trained ViT at another patch size (down to pixels, "
+                             "1): the patch embedding resampled by FlexiViT's pseudo-inverse resize, the position table "
+                             "to the new grid. Writes a checkpoint that evaluates like any run and starts new ones (--init).")
+    convert.add_argument("--checkpoint", type=str, required=True, help="a ViT run folder or its checkpoint/")
+    convert.add_argument("--patch_size", type=int, required=True)
+    convert.add_argument("--out", type=str, required=True, help="the new run folder")
+    convert.add_argument("--resize", type=typing.Literal["bilinear", "nearest"], default="bilinear",
+                         help="the patch resize the embedding is made invariant to")
+    commands.add_subcommand("convert", convert, help="a trained ViT at another patch size")
 
     models = ArgumentParser(exit_on_error=False, description="List model names with parameters, tokens and GFLOPs per image.")
     models.add_argument("--img_size", type=int, default=32)
@@ -273,6 +283,13 @@ def cmd_fid(ns) -> int:
     return 0
 
 
+def cmd_convert(ns) -> int:
+    from .engine.checkpoint import convert_patch_size
+    state = convert_patch_size(ns.checkpoint, ns.patch_size, ns.out, ns.resize)
+    print(f"{state['model_name']} (from patch {state['converted_from']['patch_size']}) written to {ns.out}")
+    return 0
+
+
 def cmd_models(ns) -> int:
     import torch
 
@@ -333,7 +350,7 @@ def cmd_analyze(ns) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "fid": cmd_fid, "models": cmd_models, "demo": cmd_demo, "analyze": cmd_analyze,
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "fid": cmd_fid, "convert": cmd_convert, "models": cmd_models, "demo": cmd_demo, "analyze": cmd_analyze,
             "sweep": cmd_sweep, "plan": cmd_plan}
 
 

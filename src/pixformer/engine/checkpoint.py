@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import PixformerError
+from ..models.flexi import pi_resize
 from ..models.pos_embed import resample_table
 from ..models.registry import ARCHITECTURES, build
 
@@ -106,7 +107,11 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     """Load a safetensors weight file into `model`; a file for another architecture is rejected
     with the mismatched keys named."""
-    tensors = load_tensors(Path(path))
+    return load_state(model, load_tensors(Path(path)), path)
+
+
+def load_state(model: nn.Module, tensors: dict[str, torch.Tensor], path: str | Path) -> nn.Module:
+    """Load `tensors` (read from `path`) into `model`, or name the keys that do not fit."""
     own = model.state_dict()
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))
@@ -184,3 +189,39 @@ def summarize_keys(keys: list[str], most: int = 4) -> str:
         groups[head] = groups.get(head, 0) + 1
     parts = [f"{h}.* ({n})" if n > 1 else h for h, n in groups.items()]
     return ", ".join(parts[:most]) + (" ..." if len(parts) > most else "") if parts else "none"
+
+
+def convert_patch_size(path: str | Path, patch: int, out: str | Path, mode: str = "bilinear") -> dict[str, Any]:
+    """Write to `out` a checkpoint of the ViT in `path` at patch size `patch`: the patch embedding
+    resampled by FlexiViT's pseudo-inverse resize, the learned position table bilinearly to the new
+    grid of the same image size, every other tensor as it is (model and EMA weights). The result
+    evaluates like any run and starts new runs (--init); it is not a stopped run to resume."""
+    from ..models.registry import model_name
+    from ..models.vit import check_grid
+    ckpt = find_checkpoint(path)
+    if ckpt is None:
+        raise PixformerError(f"no checkpoint in {path} (expected state.json and model.safetensors)")
+    state = read_state(ckpt)
+    if state["model"]["arch"] != "vit":
+        raise PixformerError(f"{path} holds a {state['model']['arch']} model; patch-size conversion is for ViT / PiT")
+    cfg = {**state["model"]["config"], "patch_size": patch}
+    old_patch, C = state["model"]["config"]["patch_size"], cfg["in_chans"]
+    check_grid(tuple(cfg["img_size"]), patch)                             # the new patch must tile the training size
+    if find_checkpoint(out) is not None:
+        raise PixformerError(f"{out} already holds a checkpoint; choose another --out")
+
+    def converted(file: Path) -> nn.Module:
+        tensors = load_tensors(file)
+        tensors["patch_embed.weight"] = pi_resize(tensors["patch_embed.weight"], C, old_patch, patch, mode)
+        model = build("vit", cfg)
+        if "pos_table" in tensors:
+            tensors["pos_table"] = resample_table(tensors["pos_table"], model.pos_grid)
+        return load_state(model, tensors, file)
+
+    model = converted(ckpt / "model.safetensors")
+    ema = converted(ckpt / "ema.safetensors") if (ckpt / "ema.safetensors").exists() else None
+    state = {k: v for k, v in state.items() if k not in ("optimizer", "running")}
+    state.update(model={"arch": "vit", "config": cfg}, model_name=model_name(model),
+                 converted_from={"run": str(path), "patch_size": old_patch, "resize": mode})
+    save_checkpoint(out, state, model, None, ema)
+    return state

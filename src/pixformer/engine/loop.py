@@ -164,6 +164,8 @@ def _resumable_state(cfg: TrainConfig) -> dict[str, Any] | None:
     if ckpt is None:
         return None
     saved = read_state(ckpt)
+    if "converted_from" in saved:
+        raise PixformerError(f"{cfg.out} holds a converted model, not a stopped run: train from it with --init {cfg.out}")
     changed = changed_settings(saved["train_config"], cfg)
     if changed:
         raise PixformerError(f"cannot resume {cfg.out} with other settings ({'; '.join(changed)}); resume with "
