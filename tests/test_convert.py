@@ -69,3 +69,99 @@ def test_convert_writes_a_checkpoint_that_evaluates_and_starts_runs(tmp_path, ca
         assert len(err.strip().splitlines()) == 1 and re.search(match, err), err
     assert main(["train", "--out", str(tmp_path / "p1"), "--resume", "--model", "pit-n", "--progress", "false"]) == 2
     assert "holds a converted model, not a stopped run" in capsys.readouterr().err
+
+
+# ---- pretrained weights from transformers and timm ---------------------------------------------
+@pytest.fixture
+def hf_vit(tmp_path):
+    """A randomly initialised transformers ViT (a classifier), saved as users have them: a folder."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                 image_size=8, patch_size=2, num_channels=3, num_labels=5, layer_norm_eps=1e-6)
+    model = transformers.ViTForImageClassification(cfg).eval()
+    with torch.no_grad():                                   # leave the zero / constant inits: every tensor matters
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "hf")
+    return model, tmp_path / "hf"
+
+
+def pixformer_twin(**kw):
+    return create_model("vit-n/2", img_size=8, in_chans=3, num_classes=5, depth=2, dim=32, heads=4, mlp_ratio=2.0, **kw)
+
+
+def test_a_transformers_vit_folder_gives_that_models_features_and_logits(hf_vit):
+    from pixformer.engine.checkpoint import init_from
+    hf, folder = hf_vit
+    model = pixformer_twin().eval()
+    got = init_from(model, folder)
+    assert got["format"] == "transformers" and got["new"] == [] and got["unused"] == []
+    x = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        out = hf(pixel_values=x, output_hidden_states=True)
+        feats = model.encode(model.prepend_cls(model.embed(x)[0]))
+        torch.testing.assert_close(feats, hf.vit.layernorm(out.hidden_states[-1]), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model(x), out.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_a_timm_state_dict_gives_the_same_model(hf_vit, tmp_path):
+    """timm's layout written out by hand from the transformers model (fused qkv, fc1 / fc2, a conv patch
+    embedding, the class token's position row in pos_embed)."""
+    from safetensors.torch import load_file, save_file
+
+    from pixformer.engine.checkpoint import init_from
+    hf, folder = hf_vit
+    sd = {k.removeprefix("vit."): v for k, v in load_file(folder / "model.safetensors").items()}   # the saved names
+    timm = {"cls_token": sd["embeddings.cls_token"], "pos_embed": sd["embeddings.position_embeddings"],
+            "patch_embed.proj.weight": sd["embeddings.patch_embeddings.projection.weight"],
+            "patch_embed.proj.bias": sd["embeddings.patch_embeddings.projection.bias"],
+            "norm.weight": sd["layernorm.weight"], "norm.bias": sd["layernorm.bias"],
+            "head.weight": sd["classifier.weight"], "head.bias": sd["classifier.bias"]}
+    for i in range(2):
+        a, b = f"encoder.layer.{i}.", f"blocks.{i}."
+        for part in ("weight", "bias"):
+            timm[b + "attn.qkv." + part] = torch.cat([sd[a + f"attention.attention.{n}.{part}"] for n in ("query", "key", "value")])
+            for src, dst in (("layernorm_before", "norm1"), ("attention.output.dense", "attn.proj"),
+                             ("layernorm_after", "norm2"), ("intermediate.dense", "mlp.fc1"), ("output.dense", "mlp.fc2")):
+                timm[b + dst + "." + part] = sd[a + src + "." + part]
+    save_file({k: v.contiguous() for k, v in timm.items()}, tmp_path / "timm.safetensors")
+    model = pixformer_twin().eval()
+    got = init_from(model, tmp_path / "timm.safetensors")
+    assert got["format"] == "timm" and got["new"] == [] and got["unused"] == []
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), hf(pixel_values=x).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_fine_tuning_a_transformers_vit_at_another_patch_size_is_one_command(hf_vit, tmp_path, capsys):
+    from test_data import write_image_folder
+    _, folder = hf_vit
+    write_image_folder(tmp_path / "rgb", classes=("a", "b", "c"), per_class=12, size=(8, 8))
+    code = main(["train", "--model", "pit-n", "--depth", "2", "--dim", "32", "--heads", "4", "--mlp-ratio", "2",
+                 "--init", str(folder), "--data", str(tmp_path / "rgb"), "--epochs", "1", "--batch-size", "8",
+                 "--progress", "false", "--out", str(tmp_path / "ft")])
+    out = capsys.readouterr().out
+    assert code == 0 and "(transformers)" in out and "converted: patch_embed.weight (patch 2 -> 1)" in out
+    assert "new: head.* (2)" in out                                          # 3 classes here, 5 in the source
+
+
+def test_unknown_or_mismatched_import_formats_are_one_line(tmp_path, hf_vit, capsys):
+    from safetensors.torch import save_file
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert"}')
+    save_file({"encoder.weight": torch.zeros(2)}, tmp_path / "other.safetensors")
+    _, folder = hf_vit
+    cases = [(tmp_path / "bert", "holds a transformers 'bert' model, not a ViT"),
+             (tmp_path / "other.safetensors", r"not a timm VisionTransformer state dict .*encoder.weight"),
+             (tmp_path / "nothing", "not a pixformer run")]
+    for path, match in cases:
+        assert main(["train", "--model", "vit-n/2", "--init", str(path), "--epochs", "1", "--progress", "false",
+                     "--out", str(tmp_path / "r")]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and re.search(match, err), err
+    from test_data import write_image_folder
+    write_image_folder(tmp_path / "rgb", per_class=6, size=(8, 8))
+    assert main(["train", "--model", "vit-n/2", "--dim", "64", "--init", str(folder), "--epochs", "1",
+                 "--data", str(tmp_path / "rgb"), "--progress", "false", "--out", str(tmp_path / "w")]) == 2
+    assert re.search(r"does not fit this model.*\(32", capsys.readouterr().err)   # another width: keys named

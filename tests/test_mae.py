@@ -258,7 +258,7 @@ def test_the_linear_probe_leaves_the_encoder_bit_identical(pretrained, tmp_path)
 
 def test_probe_and_init_mistakes_are_one_line_errors(tmp_path, capsys):
     for args, match in ((["--task", "probe"], "--task probe needs --init RUN"),
-                        (["--init", str(tmp_path)], "no checkpoint there")):
+                        (["--init", str(tmp_path)], "not a pixformer run")):
         assert main(["train", "--model", "pit-n", *args, "--out", str(tmp_path / "r"), "--progress", "false"]) == 2
         err = capsys.readouterr().err
         assert match in err and len(err.strip().splitlines()) == 1

@@ -13,6 +13,7 @@ fell between the two renames).
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -26,6 +27,7 @@ from torch import nn
 
 from ..errors import PixformerError
 from ..models.flexi import pi_resize
+from ..models.imports import read_foreign
 from ..models.pos_embed import resample_table
 from ..models.registry import ARCHITECTURES, build
 
@@ -146,18 +148,24 @@ def load_model(path: str | Path, weights: str = "auto") -> tuple[nn.Module, dict
 
 
 def init_from(model: nn.Module, path: str | Path) -> dict[str, list[str]]:
-    """Start `model` from a trained run's weights (EMA weights when it kept them), matched by name:
+    """Start `model` from a trained run's weights (EMA weights when it kept them), or from a transformers
+    ViT folder or a timm ViT state dict (models/imports.py), matched by name:
     a key may also match with or without an `encoder.` prefix, so an MAE run's encoder starts a
-    classifier or a probe. A learned position table trained on another grid is resampled bilinearly.
+    classifier or a probe. A learned position table trained on another grid is resampled bilinearly,
+    a patch embedding of another patch size is converted (FlexiViT's pseudo-inverse resize).
     Returns what was loaded, what the run had that the model does not use (e.g. an MAE decoder) and
-    what the model has that the run lacks (e.g. a new head); a tensor of another shape (another
-    width) is an error naming the keys."""
-    ckpt = find_checkpoint(path)
-    if ckpt is None:
-        raise PixformerError(f"--init {path}: no checkpoint there (expected state.json and model.safetensors)")
-    source = load_tensors(ckpt / ("ema.safetensors" if (ckpt / "ema.safetensors").exists() else "model.safetensors"))
+    what the model has that the run lacks (e.g. a new head; a classifier head for another number of
+    classes is left new too); a tensor of another shape (another width) is an error naming the keys."""
+    ckpt, foreign = find_checkpoint(path), None
+    if ckpt is not None:
+        source = load_tensors(ckpt / ("ema.safetensors" if (ckpt / "ema.safetensors").exists() else "model.safetensors"))
+    elif (foreign := read_foreign(path)) is not None:
+        source = foreign[0]
+    else:
+        raise PixformerError(f"--init {path}: not a pixformer run (state.json and model.safetensors), a transformers "
+                             "ViT folder (config.json and safetensors) or a timm ViT state dict (.safetensors)")
     own = model.state_dict()
-    loaded, new, used, mismatched = {}, [], set(), []
+    loaded, new, used, mismatched, converted = {}, [], set(), [], []
     for key, target in own.items():
         name = next((k for k in (key, f"encoder.{key}", key.removeprefix("encoder.")) if k in source), None)
         if name is None:
@@ -167,6 +175,16 @@ def init_from(model: nn.Module, path: str | Path) -> dict[str, list[str]]:
         if value.shape != target.shape and key.endswith("pos_table") and value.ndim == 3 == target.ndim \
                 and value.shape[-1] == target.shape[-1]:
             value = resample_table(value.float(), tuple(target.shape[:2])).to(value.dtype)
+        if value.shape != target.shape and key.endswith("patch_embed.weight") and value.ndim == 2 == target.ndim \
+                and value.shape[0] == target.shape[0]:
+            vit = model.get_submodule(key.removesuffix("patch_embed.weight").rstrip("."))   # the ViT it belongs to
+            C, p = vit.cfg.in_chans, math.isqrt(value.shape[1] // vit.cfg.in_chans)
+            if p * p * C == value.shape[1]:                                 # another patch size: FlexiViT's resize
+                value = pi_resize(value.float(), C, p, vit.cfg.patch_size).to(value.dtype)
+                converted.append(f"{key} (patch {p} -> {vit.cfg.patch_size})")
+        if value.shape != target.shape and key.endswith(("head.weight", "head.bias")):   # other classes: a new head
+            new.append(key)
+            continue
         if value.shape != target.shape:
             mismatched.append(f"{key} {tuple(value.shape)} vs {tuple(target.shape)}")
             continue
@@ -178,7 +196,8 @@ def init_from(model: nn.Module, path: str | Path) -> dict[str, list[str]]:
     if not loaded:
         raise PixformerError(f"--init {path}: none of its tensors fits this model")
     model.load_state_dict({**own, **loaded})
-    return {"loaded": sorted(loaded), "unused": sorted(set(source) - used), "new": sorted(new)}
+    return {"loaded": sorted(loaded), "unused": sorted(set(source) - used), "new": sorted(new),
+            "converted": converted, "format": foreign[3] if foreign else "pixformer"}
 
 
 def summarize_keys(keys: list[str], most: int = 4) -> str:

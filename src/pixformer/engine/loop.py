@@ -33,6 +33,7 @@ from ..data.splits import Splits, channel_stats, resolve_splits, source_id
 from ..errors import PixformerError
 from ..models import blocks_of
 from ..models.attention import set_attention_backend
+from ..models.imports import foreign_format
 from ..models.registry import check_model_args, model_name, model_spec
 from ..tasks import DataFacts, Task, get_task, task_config
 from ..tasks.base import ExampleRandom
@@ -190,8 +191,9 @@ def train(cfg: TrainConfig, data: Prepared | None = None) -> dict[str, Any]:
     check_model_args(cfg.model, cfg.model_args)
     if task_cls.needs_init and not cfg.init:
         raise PixformerError(f"--task {cfg.task} needs --init RUN, the trained run whose encoder it starts from")
-    if cfg.init and find_checkpoint(cfg.init) is None:
-        raise PixformerError(f"--init {cfg.init}: no checkpoint there (expected state.json and model.safetensors)")
+    if cfg.init and find_checkpoint(cfg.init) is None and foreign_format(cfg.init) is None:
+        raise PixformerError(f"--init {cfg.init}: not a pixformer run (state.json and model.safetensors), a "
+                             "transformers ViT folder (config.json and safetensors) or a timm ViT state dict (.safetensors)")
     saved = _resumable_state(cfg)                                        # before any data is loaded
     runtime = Runtime.create(cfg.device)
     device, amp = runtime.device, autocast_dtype(cfg.precision, runtime.device)
@@ -206,8 +208,9 @@ def train(cfg: TrainConfig, data: Prepared | None = None) -> dict[str, Any]:
     name = model_name(model)
     if cfg.init and saved is None:                                       # a resumed run has its own weights
         got = init_from(model, cfg.init)
-        print(f"init from {cfg.init}: loaded {len(got['loaded'])} tensors; new: {summarize_keys(got['new'])}; "
-              f"not used: {summarize_keys(got['unused'])}")
+        print(f"init from {cfg.init} ({got['format']}): loaded {len(got['loaded'])} tensors; new: "
+              f"{summarize_keys(got['new'])}; not used: {summarize_keys(got['unused'])}"
+              + (f"; converted: {', '.join(got['converted'])}" if got["converted"] else ""))
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(name, cfg.data)
     set_attention_backend(model, cfg.speed.attn_backend).to(device)  # before the copy: EMA evaluates with it too
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay > 0 else None
