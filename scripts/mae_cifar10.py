@@ -77,7 +77,7 @@ def table(out: Path) -> str:
             r = res[name]
             if r is None:
                 return "not run"
-            value = f"pixel MSE {r['val_loss']:.4f}" if key == "val_loss" else f"**{100 * r[key]:.2f} %**"
+            value = f"pixel MSE {r['val_loss']:.4f}" if key == "val_loss" else f"{100 * r[key]:.2f} %"
             return f"{value} ({r['wall_s'] / 60:.0f} min)"
 
         tokens = 256 if model == "pit-n" else 64

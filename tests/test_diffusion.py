@@ -118,6 +118,17 @@ def test_every_sampler_gives_finite_images_of_the_right_shape(patch, sampler):
         assert x.shape == (4, 1, 8, 8) and torch.isfinite(x).all() and x.abs().max() <= 1 + 1e-5
 
 
+def test_ddim_clips_as_dit_does_the_noise_is_recomputed_from_the_clipped_x0():
+    tk = task()
+    x, eps, t = torch.randn(2, 1, 8, 8), 3 * torch.randn(2, 1, 8, 8), 300
+    a = tk.noise.alphas_cumprod[t]
+    x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+    new = tk.clipped_eps(x, eps, t)
+    torch.testing.assert_close((x - (1 - a).sqrt() * new) / a.sqrt(), x0.clamp(-1, 1), atol=1e-5, rtol=1e-5)
+    inside = (x0.abs() <= 1)
+    torch.testing.assert_close(new[inside], eps[inside], atol=1e-4, rtol=1e-4)   # unchanged where x0 is in range
+
+
 def test_ddim_with_eta_zero_is_deterministic_and_inverts_to_the_same_start():
     tk = task(clip_denoised=False)
     model = tiny_dit(patch=1)

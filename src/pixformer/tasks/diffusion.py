@@ -231,15 +231,26 @@ class Diffusion(Task):
         x = torch.randn(n, c.in_chans, H, W, generator=g) if noise is None else noise.float().cpu()
         x = x.to(device)
         learn_sigma = c.learn_sigma and sampler == "ddpm"
-        sched = self.scheduler(sampler, learn_sigma, clip)
+        # diffusers' DDIM clips x_0 but keeps the unclipped noise for the direction to x_t, which
+        # throws samples off; DDIM here clips as DiT (ADM) does: the noise recomputed from the clipped x_0
+        clip_eps = clip and sampler == "ddim"
+        sched = self.scheduler(sampler, learn_sigma, clip and not clip_eps)
         sched.set_timesteps(steps)
         x = x * sched.init_noise_sigma
         kwargs = {"eta": eta} if sampler == "ddim" else {}
         for t in sched.timesteps:
             out = guided_output(model, x, t.to(device).expand(n), labels, cfg_scale)   # (n, C or 2C, H, W)
             out = out if learn_sigma else out[:, :c.in_chans]
+            if clip_eps:
+                out = self.clipped_eps(x, out, int(t))
             x = sched.step(out.float(), t, x, generator=g, **kwargs).prev_sample
         return x
+
+    def clipped_eps(self, x: Tensor, eps: Tensor, t: int) -> Tensor:
+        """The noise that makes x_t's predicted x_0 the clipped one: eps' = (x_t - sqrt(abar) clip(x_0)) / sqrt(1 - abar)."""
+        a = self.noise.alphas_cumprod[t].to(x.device)
+        x0 = ((x - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1)
+        return (x - a.sqrt() * x0) / (1 - a).sqrt()
 
     @torch.no_grad()
     def ddim_invert(self, model: nn.Module, x0: Tensor, labels: Tensor | None = None, steps: int = 50,
