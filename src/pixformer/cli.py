@@ -350,8 +350,8 @@ def cmd_analyze(ns) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "fid": cmd_fid, "convert": cmd_convert, "models": cmd_models, "demo": cmd_demo, "analyze": cmd_analyze,
-            "sweep": cmd_sweep, "plan": cmd_plan}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "fid": cmd_fid, "convert": cmd_convert,
+            "models": cmd_models, "demo": cmd_demo, "analyze": cmd_analyze, "sweep": cmd_sweep, "plan": cmd_plan}
 
 
 def main(argv: list[str] | None = None) -> int:

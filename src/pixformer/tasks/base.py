@@ -2,15 +2,16 @@
 
 The engine calls, for a run:
     task = TaskClass(settings, facts)          # settings: the task's own dataclass; facts: the data's
+    split = task.prepare(split)                # once per split (default: as it is; latents for latent diffusion)
     model = task.build_model(name, model_args) # the module trained (and checkpointed)
-    loss, stats = task.loss(model, images, labels, rng)   # each step, under autocast
-    sums = task.eval_sums(model, images, labels, rng)     # each evaluation batch, without grad
+    x = task.inputs(images)                    # each batch, after crop and flip (default: normalised)
+    loss, stats = task.loss(model, x, labels, rng)        # each step, under autocast
+    sums = task.eval_sums(model, x, labels, rng)          # each evaluation batch, without grad
     metrics = task.metrics(sums)               # after the sums of every batch (and process) are added
     task.report(model, val_images, run_dir, epoch)        # after each validation: figures, if the task has any
 
-`images` arrive on the device, augmented (crop, flip) and made model inputs by `task.inputs` (by
-default normalised; a task may also `prepare` each split once, e.g. encode it to latents); `labels` are class indices.
-`stats` and `sums` are sums over the batch's examples with their count under "n", so that the engine
+Batches arrive on the device, augmented (crop, flip) and made inputs `x` by `task.inputs`; `labels`
+are class indices. `stats` and `sums` are sums over the batch's examples with their count under "n", so that the engine
 can add them over steps, batches and processes before dividing; `rng` draws whatever the task randomises:
 in training a numpy Generator seeded by the run's seed and step (a resumed run redraws the same), in
 evaluation an `ExampleRandom` that draws each example's numbers from its own index in the split, so
