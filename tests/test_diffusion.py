@@ -200,6 +200,10 @@ def test_diffusion_run_writes_samples_resumes_exactly_and_samples_from_the_cli(t
     assert main(["sample", "--checkpoint", str(tmp_path / "full"), "--num", "5", "--classes", "7,8", "--steps", "3",
                  "--sampler", "dpm-solver", "--batch-size", "5", "--out", str(tmp_path / "gen5")]) == 0
     assert np.array_equal(np.load(tmp_path / "gen5" / "samples.npz")["images"], saved["images"])
+    capsys.readouterr()
+    assert main(["sample", "--checkpoint", str(tmp_path / "full"), "--classes", "3,12"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "class index 12 is out of range: this model has classes 0..9" in err
 
 
 @pytest.mark.parametrize("args,match", [
