@@ -137,4 +137,7 @@ def read_foreign(path: str | Path) -> tuple[dict[str, Tensor], tuple[int, int], 
     kind = foreign_format(path)
     if kind is None:
         return None
-    return (*(from_transformers if kind == "transformers" else from_timm)(Path(path)), kind)
+    try:
+        return (*(from_transformers if kind == "transformers" else from_timm)(Path(path)), kind)
+    except KeyError as e:
+        raise PixformerError(f"{path}: a {kind} ViT without the tensor {e.args[0]!r}") from None
