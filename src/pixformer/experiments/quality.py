@@ -137,6 +137,7 @@ def score(checkpoint: str, samples: str | None, num: int, cfg_scale: float, samp
     saved reference statistics; with `classifier`, that classifier's accuracy on the samples."""
     from ..data.splits import run_split
     from ..engine.checkpoint import load_model
+    from ..tasks.diffusion import check_sampler
     from .generate import diffusion_task, sample_images
     model, state = load_model(checkpoint)
     task = diffusion_task(state, checkpoint)
@@ -145,18 +146,12 @@ def score(checkpoint: str, samples: str | None, num: int, cfg_scale: float, samp
         if not model.cfg.num_classes:
             raise PixformerError("--classifier needs class-conditional samples; this run is unconditional")
         judge = Judge(classifier, model.cfg.in_chans, model.cfg.img_size, list(task.facts.classes))
-    if samples:
-        try:
-            saved = np.load(samples)
-            images = torch.from_numpy(saved["images"]).permute(0, 3, 1, 2).float() / 255
-            labels = torch.from_numpy(saved["labels"]).long()
-        except (OSError, KeyError, ValueError) as e:
-            raise PixformerError(f"--samples {samples}: not a samples.npz of `pixformer sample` ({e})") from None
-    else:
+    # everything that can be refused is checked, and the reference scored, before any sampling
+    if not samples:
         if num < MIN_FID_IMAGES:
             raise PixformerError(f"FID needs at least {MIN_FID_IMAGES} images per set; --num is {num}")
-        images, labels = sample_images(task, model.to(device), num, None, cfg_scale, sampler, steps, 0.0, seed,
-                                       batch_size)
+        check_sampler(sampler or task.cfg.sampler, steps or task.cfg.sample_steps, task.cfg.timesteps)
+        task.check_labels(model, 1, None, cfg_scale)                    # guidance on an unconditional model
     net = FeatureNet(network, device=device)
     if ref_stats:
         reference = Stats.load(Path(ref_stats))
@@ -169,6 +164,16 @@ def score(checkpoint: str, samples: str | None, num: int, cfg_scale: float, samp
         reference = net.stats(data.images.float() / 255)
         if save_ref_stats:
             reference.save(Path(save_ref_stats))
+    if samples:
+        try:
+            saved = np.load(samples)
+            images = torch.from_numpy(saved["images"]).permute(0, 3, 1, 2).float() / 255
+            labels = torch.from_numpy(saved["labels"]).long()
+        except (OSError, KeyError, ValueError) as e:
+            raise PixformerError(f"--samples {samples}: not a samples.npz of `pixformer sample` ({e})") from None
+    else:
+        images, labels = sample_images(task, model.to(device), num, None, cfg_scale, sampler, steps, 0.0, seed,
+                                       batch_size)
     generated = net.stats(images)
     out = {"fid": frechet_distance(generated, reference), "n": generated.n, "n_ref": reference.n,
            "reference": where, "network": net.name}
