@@ -169,3 +169,30 @@ def test_drop_path_only_in_training():
     model.eval()
     assert torch.equal(model(x), model(x))
     assert model.blocks[-1].drop_path == 0.5 and model.blocks[0].drop_path == 0.0
+
+
+def test_factorized_position_embedding_is_rows_plus_columns_on_any_grid():
+    """NaViT's factorized embedding: phi_row(r) + phi_col(c), on a non-square grid, at any subset of
+    coordinates, and at another grid (fractional coordinates) still a sum of a row and a column part."""
+    torch.manual_seed(0)
+    model = create_model("vit-n/2", img_size=(8, 12), pos_embed="factorized", depth=1, dim=16, heads=2)
+    assert model.pos_rows.shape == (4, 16) and model.pos_cols.shape == (6, 16) and model.pos_table is None
+    full = model.position_embedding((4, 6)).reshape(4, 6, 16)
+    torch.testing.assert_close(full, model.pos_rows[:, None] + model.pos_cols[None])
+    coords = torch.tensor([[3, 5], [0, 2], [1, 1]])
+    torch.testing.assert_close(model.position_embedding((4, 6), coords), full[coords[:, 0], coords[:, 1]])
+    other = model.position_embedding((7, 3)).reshape(7, 3, 16)                       # an unseen grid
+    torch.testing.assert_close(other - other[:, :1] - other[:1] + other[:1, :1], torch.zeros_like(other),
+                               atol=1e-6, rtol=0)
+    assert model(torch.randn(2, 3, 14, 6)).shape == (2, 10)
+
+
+def test_init_from_resamples_factorized_tables_to_another_size(tmp_path):
+    from pixformer import TrainConfig, train
+    from pixformer.engine.checkpoint import init_from
+    train(TrainConfig(model="vit-n/2", data="digits", model_args=dict(depth=1, dim=16, heads=2, pos_embed="factorized"),
+                      epochs=1, train_subset=64, progress=False, out=str(tmp_path / "r")))
+    bigger = create_model("vit-n/2", img_size=12, in_chans=1, num_classes=10, depth=1, dim=16, heads=2,
+                          pos_embed="factorized")
+    got = init_from(bigger, tmp_path / "r")
+    assert {"pos_rows", "pos_cols"} <= set(got["loaded"]) and bigger.pos_rows.shape == (6, 16)

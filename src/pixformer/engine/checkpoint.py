@@ -175,6 +175,9 @@ def init_from(model: nn.Module, path: str | Path) -> dict[str, list[str]]:
         if value.shape != target.shape and key.endswith("pos_table") and value.ndim == 3 == target.ndim \
                 and value.shape[-1] == target.shape[-1]:
             value = resample_table(value.float(), tuple(target.shape[:2])).to(value.dtype)
+        if value.shape != target.shape and key.endswith(("pos_rows", "pos_cols")) and value.ndim == 2 == target.ndim \
+                and value.shape[-1] == target.shape[-1]:                   # a factorized table: along its axis
+            value = resample_table(value.float()[:, None], (target.shape[0], 1))[:, 0].to(value.dtype)
         if value.shape != target.shape and key.endswith("patch_embed.weight") and value.ndim == 2 == target.ndim \
                 and value.shape[0] == target.shape[0]:
             vit = model.get_submodule(key.removesuffix("patch_embed.weight").rstrip("."))   # the ViT it belongs to
@@ -235,6 +238,9 @@ def convert_patch_size(path: str | Path, patch: int, out: str | Path, mode: str 
         model = build("vit", cfg)
         if "pos_table" in tensors:
             tensors["pos_table"] = resample_table(tensors["pos_table"], model.pos_grid)
+        for name, n in (("pos_rows", model.pos_grid[0]), ("pos_cols", model.pos_grid[1])):
+            if name in tensors:
+                tensors[name] = resample_table(tensors[name][:, None], (n, 1))[:, 0]
         return load_state(model, tensors, file)
 
     model = converted(ckpt / "model.safetensors")

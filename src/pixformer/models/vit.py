@@ -40,7 +40,8 @@ class ViTConfig:
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
     pool: str = "cls"                     # "cls" token or "mean" (global average pooling)
-    pos_embed: str = "learned"            # "learned", "sincos2d" or "none"
+    pos_embed: str = "learned"            # "learned" (a 2-D table), "factorized" (NaViT's rows + columns),
+                                          # "sincos2d" or "none"
     drop_path: float = 0.0                # stochastic depth rate of the last block (linear in depth)
     fc_norm: bool = False                 # pool="mean" only: a norm of the pooled mean instead of one per
                                           # token (MAE's fine-tuning head)
@@ -53,8 +54,8 @@ class ViTConfig:
             raise PixformerError(f"pool must be 'cls' or 'mean', got {self.pool!r}")
         if self.fc_norm and self.pool != "mean":
             raise PixformerError("fc_norm normalises the mean of the tokens: it needs pool='mean'")
-        if self.pos_embed not in ("learned", "sincos2d", "none"):
-            raise PixformerError(f"pos_embed must be 'learned', 'sincos2d' or 'none', got {self.pos_embed!r}")
+        if self.pos_embed not in ("learned", "factorized", "sincos2d", "none"):
+            raise PixformerError(f"pos_embed must be 'learned', 'factorized', 'sincos2d' or 'none', got {self.pos_embed!r}")
         if self.dim % self.heads:
             raise PixformerError(f"width {self.dim} is not divisible by {self.heads} heads")
         if self.pos_embed == "sincos2d" and self.dim % 4:
@@ -170,6 +171,9 @@ class VisionTransformer(nn.Module):
         self.patch_embed = nn.Linear(cfg.in_chans * p * p, D)  # p = 1: a linear map of the pixel's channels
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.pool == "cls" else None
         self.pos_table = nn.Parameter(torch.zeros(*self.pos_grid, D)) if cfg.pos_embed == "learned" else None
+        factorized = cfg.pos_embed == "factorized"                       # phi_row(r) + phi_col(c)
+        self.pos_rows = nn.Parameter(torch.zeros(self.pos_grid[0], D)) if factorized else None
+        self.pos_cols = nn.Parameter(torch.zeros(self.pos_grid[1], D)) if factorized else None
         rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(Block(D, cfg.heads, cfg.mlp_ratio, cfg.qkv_bias, r) for r in rates)
         self.norm = nn.Identity() if cfg.fc_norm else nn.LayerNorm(D, eps=1e-6)
@@ -179,9 +183,9 @@ class VisionTransformer(nn.Module):
 
     def init_weights(self):
         """All initialisation in one place: the Transformer's (init_transformer), truncated normal
-        (std 0.02) class token and position table, and a zero classifier (the ViT recipe)."""
+        (std 0.02) class token and position tables, and a zero classifier (the ViT recipe)."""
         init_transformer(self)
-        for prm in (self.cls_token, self.pos_table):
+        for prm in (self.cls_token, self.pos_table, self.pos_rows, self.pos_cols):
             if prm is not None:
                 nn.init.trunc_normal_(prm, std=0.02)
         if isinstance(self.head, nn.Linear):
@@ -202,8 +206,9 @@ class VisionTransformer(nn.Module):
         """Embedding (..., D) of tokens at `coords` (..., 2) (row, col) on a `grid` (default: every grid
         cell, row-major: (N, D)), or None for pos_embed='none'. Any subset, order or batch of
         coordinates gets the rows the full grid would give them. A learned table is resampled
-        bilinearly on its 2-D grid when `grid` differs from the one trained at; sincos is computed
-        for the coordinates as they are."""
+        bilinearly on its 2-D grid when `grid` differs from the one trained at (factorized tables
+        linearly, each on its axis: coordinates are fractions of the image's side); sincos is
+        computed for the coordinates as they are."""
         if self.cfg.pos_embed == "none":
             return None
         if self.pos_table is not None and grid == self.pos_grid and coords is None:
@@ -214,7 +219,13 @@ class VisionTransformer(nn.Module):
         if self.cfg.pos_embed == "sincos2d":
             pe = sincos_2d(flat, self.cfg.dim).to(self.patch_embed.weight.dtype)
         else:
-            pe = sample_table(self.pos_table, flat if grid == self.pos_grid else rescale_coords(flat, grid, self.pos_grid))
+            at = flat if grid == self.pos_grid else rescale_coords(flat, grid, self.pos_grid)   # fractional
+            if self.pos_table is not None:
+                pe = sample_table(self.pos_table, at)
+            else:                                                          # 1-D tables, sampled as (n, 1, D)
+                zero = torch.zeros_like(at[:, :1])
+                pe = (sample_table(self.pos_rows[:, None], torch.cat([at[:, :1], zero], 1))
+                      + sample_table(self.pos_cols[:, None], torch.cat([at[:, 1:], zero], 1)))
         return pe.reshape(*coords.shape[:-1], self.cfg.dim)                # (..., D)
 
     def embed(self, images: Tensor, coords: Tensor | None = None) -> tuple[Tensor, tuple[int, int]]:
