@@ -26,9 +26,11 @@ def diffusion_task(state: dict[str, Any], where: str) -> Diffusion:
 
 @torch.no_grad()
 def sample_images(task: Diffusion, model: nn.Module, num: int, classes: list[int] | None, cfg_scale: float,
-                  sampler: str | None, steps: int | None, eta: float, seed: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+                  sampler: str | None, steps: int | None, eta: float, seed: int,
+                  batch_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`num` images (num, C, H, W) on 0..1 and their labels (or None). The start noise of image i does not
-    depend on the batch size: all of it is drawn from `seed` first."""
+    depend on the batch size (all of it is drawn from `seed` first), so neither do the deterministic
+    samplers' images (DDIM with eta 0, DPM-Solver++); DDPM's per-step noise is drawn per batch."""
     c = model.cfg
     labels = None
     if classes or c.num_classes:
