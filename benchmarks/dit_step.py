@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from harness import run_configs, time_steps
+from harness import run_configs, time_steps, train_step
 
 DIMS = dict(img=32, chans=4, depth=12, dim=384, heads=6, classes=1000)
 CONFIGS = {"pixformer": dict(impl="pixformer", precision="auto"),
@@ -71,14 +71,7 @@ def worker(name: str, patch: int, batch: int, steps: int) -> dict:
         t = time_steps(step, steps, warmup=1)
     else:
         model.train()
-
-        def step(i):
-            with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
-                loss = loss_of(i)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        t = time_steps(step, steps)
+        t = time_steps(train_step(loss_of, opt, amp), steps)
     return {"config": name, "patch": patch, "batch": batch, **t, "images_s": batch / t["step_s"],
             "precision": str(amp or torch.float32)[6:], "params": params, "torch": torch.__version__}
 

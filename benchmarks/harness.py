@@ -27,6 +27,20 @@ def time_steps(step: Callable[[int], None], steps: int, warmup: int = 2) -> dict
             "rss_before_steps_gib": rss0 / 2 ** 20}
 
 
+def train_step(loss_of: Callable[[int], "torch.Tensor"], opt, amp) -> Callable[[int], None]:
+    """One training step for `time_steps`: the loss of step i under autocast `amp` (None: fp32),
+    backward, and the optimizer step."""
+    import torch
+
+    def step(i: int) -> None:
+        with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+            loss = loss_of(i)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
 def run_configs(script: str, configs: list[str], worker_args: list[str], out: str, meta: dict, reference: str,
                 merge: bool = False) -> list[dict]:
     """Run `script --worker NAME *worker_args` per configuration, each in its own process (its last

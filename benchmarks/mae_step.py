@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from harness import run_configs, time_steps
+from harness import run_configs, time_steps, train_step
 
 DIMS = dict(img=32, patch=1, depth=12, dim=192, heads=3, mlp=768, dec_depth=4, dec_dim=128, dec_heads=4, dec_mlp=512,
             mask_ratio=0.75)
@@ -65,14 +65,7 @@ def worker(name: str, batch: int, steps: int) -> dict:
             noise = torch.from_numpy(np.random.default_rng(i).random((batch, n))).float()
             return model(pixel_values=x, noise=noise).loss
     model.train()
-
-    def step(i):
-        with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
-            loss = loss_of(i)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return {"config": name, "batch": batch, **(t := time_steps(step, steps)), "images_s": batch / t["step_s"],
+    return {"config": name, "batch": batch, **(t := time_steps(train_step(loss_of, opt, amp), steps)), "images_s": batch / t["step_s"],
             "precision": str(amp or torch.float32)[6:], "params": sum(p.numel() for p in model.parameters()),
             "torch": torch.__version__}
 

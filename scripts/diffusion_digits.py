@@ -2,8 +2,8 @@
 patches (`dit-n/2`, 16 tokens), the same small model (4 blocks of width 64) and recipe. Each is
 judged by a separately trained digits classifier (a ViT with 4x4 patches): the accuracy of that
 classifier on 500 class-conditional samples (50 per digit), with the final weights and with their
-EMA, at several guidance scales (DDIM 50 steps), then with three samplers (guidance 2); a sample grid
-per model. A run folder per model under OUT; finished parts are read back.
+EMA, at several guidance scales (DDIM 50 steps), then with two more samplers (guidance 2); sample
+grids. A run folder per model under OUT; finished parts are read back.
 
     .venv/bin/python scripts/diffusion_digits.py --model dit-n/1      # train + sample + judge one model
     .venv/bin/python scripts/diffusion_digits.py --model dit-n/2
@@ -28,7 +28,7 @@ from pixformer.tasks.figures import save_png, tile, to_uint8
 MODELS = ("dit-n/1", "dit-n/2")
 SCALES = (1.0, 2.0, 4.0)
 WEIGHTS = ("model", "ema")
-SAMPLERS = (("ddim", 50), ("dpm-solver", 20), ("ddpm", 250))
+SAMPLERS = (("dpm-solver", 20), ("ddpm", 250))   # DDIM 50 at guidance 2 is the guidance sweep's column
 DIT = dict(task="diffusion", data="digits", model_args=dict(depth=4, dim=64, heads=4), epochs=100, batch_size=32,
            lr=1e-3, min_lr=1e-5, weight_decay=0.0, warmup_epochs=2, clip_grad=1.0, ema_decay=0.999,
            precision="fp32", progress=False, task_args=dict(samples=10, sample_steps=20, cfg_scale=2.0))
@@ -92,8 +92,8 @@ def table(out: Path) -> str:
     runs = {name: json.loads(f.read_text()) for name in MODELS
             if (f := out / name.replace("/", "-") / "judged.json").exists()}
     rows = [f"| model | tokens | train ({DIT['epochs']} epochs) | val loss | weights | "
-            + " | ".join(f"guidance {s:g}" for s in SCALES) + " | "
-            + " | ".join(f"{sampler} {steps}" for sampler, steps in SAMPLERS) + " |",
+            + " | ".join(f"DDIM 50, guidance {s:g}" for s in SCALES) + " | "
+            + " | ".join(f"{sampler} {steps}, guidance 2" for sampler, steps in SAMPLERS) + " |",
             "|" + "---|" * (5 + len(SCALES) + len(SAMPLERS))]
     for name, r in runs.items():
         for w in WEIGHTS:

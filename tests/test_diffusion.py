@@ -168,26 +168,11 @@ DIFF_RUN = dict(task="diffusion", model="dit-n/2", data="digits", model_args=dic
                 eval_batch_size=64, ema_decay=0.9)
 
 
-def test_diffusion_run_writes_samples_resumes_exactly_and_samples_from_the_cli(tmp_path, monkeypatch, capsys):
-    import os
-    import signal
-
-    import pixformer.engine.loop as loop
+def test_diffusion_run_writes_samples_resumes_exactly_and_samples_from_the_cli(tmp_path, resumes_exactly, capsys):
     full = train(TrainConfig(**DIFF_RUN, epochs=2, out=str(tmp_path / "full")))
     assert (tmp_path / "full" / "samples" / "epoch002.png").exists()
     assert full["model_name"] == "dit-d1w16/2" and 0 < full["val_loss"] < 2
-    real = loop.lr_at
-    monkeypatch.setattr(loop, "lr_at", lambda s, *a: (os.kill(os.getpid(), signal.SIGTERM) if s == 5 else None)
-                        or real(s, *a))
-    with pytest.raises(PixformerError, match="stopped"):
-        train(TrainConfig(**DIFF_RUN, epochs=2, out=str(tmp_path / "cut")))
-    monkeypatch.undo()
-    resumed = train(TrainConfig(**DIFF_RUN, epochs=2, out=str(tmp_path / "cut"), resume=True))
-    for (name, a), (_, b) in zip(full["ema"].state_dict().items(), resumed["ema"].state_dict().items()):
-        assert torch.equal(a, b), name
-    rows = lambda d: [{k: v for k, v in json.loads(l).items() if k != "img_per_s"}  # noqa: E731
-                      for l in (d / "metrics.jsonl").read_text().splitlines()]
-    assert rows(tmp_path / "full") == rows(tmp_path / "cut")
+    resumes_exactly({**DIFF_RUN, "epochs": 2}, full)
 
     out = tmp_path / "gen"
     assert main(["sample", "--checkpoint", str(tmp_path / "full"), "--num", "5", "--classes", "7,8", "--steps", "3",

@@ -130,26 +130,11 @@ MAE_RUN = dict(task="mae", model="pit-n", data="digits", model_args=dict(depth=1
                train_subset=256, progress=False, eval_batch_size=64)
 
 
-def test_mae_run_writes_reconstructions_reports_pixel_loss_and_resumes_exactly(tmp_path, monkeypatch):
-    import os
-    import signal
-
-    import pixformer.engine.loop as loop
+def test_mae_run_writes_reconstructions_reports_pixel_loss_and_resumes_exactly(tmp_path, resumes_exactly):
     full = train(TrainConfig(**MAE_RUN, epochs=2, out=str(tmp_path / "full")))      # 4 steps per epoch
     assert (tmp_path / "full" / "reconstructions" / "epoch002.png").exists()
     assert full["model_name"] == "mae-pit-d1w16" and full["val_loss"] < 1 and "val_target_loss" in full
-    real = loop.lr_at
-    monkeypatch.setattr(loop, "lr_at", lambda s, *a: (os.kill(os.getpid(), signal.SIGTERM) if s == 5 else None)
-                        or real(s, *a))
-    with pytest.raises(PixformerError, match="stopped"):
-        train(TrainConfig(**MAE_RUN, epochs=2, out=str(tmp_path / "cut")))
-    monkeypatch.undo()
-    resumed = train(TrainConfig(**MAE_RUN, epochs=2, out=str(tmp_path / "cut"), resume=True))
-    for (name, a), (_, b) in zip(full["model"].state_dict().items(), resumed["model"].state_dict().items()):
-        assert torch.equal(a, b), name
-    rows = lambda d: [{k: v for k, v in json.loads(l).items() if k != "img_per_s"}  # noqa: E731
-                      for l in (d / "metrics.jsonl").read_text().splitlines()]
-    assert rows(tmp_path / "full") == rows(tmp_path / "cut")
+    resumes_exactly({**MAE_RUN, "epochs": 2}, full)
 
 
 def test_eval_of_an_mae_run_reports_loss_and_n(tmp_path, capsys):

@@ -231,13 +231,11 @@ def cmd_eval(ns) -> int:
     from .data.splits import run_split
     from .engine import Runtime, evaluate, load_model
     from .engine.perf import autocast_dtype
-    from .tasks import DataFacts, get_task, task_config
+    from .tasks import task_of
 
     model, state = load_model(ns.checkpoint, ns.weights)
     data, where = run_split(state, ns.data, ns.data_root, ns.split)
-    saved_task = state.get("task", {"name": "classify", "config": {}})   # runs of 0.1 were all classify
-    task = get_task(saved_task["name"])(task_config(saved_task["name"], saved_task["config"]),
-                                        DataFacts.from_dict(state["data"]))
+    task = task_of(state)
     if task.uses_labels:
         trained = state["data"]["classes"]
         unknown = [c for c in data.classes if c not in trained]

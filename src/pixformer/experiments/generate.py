@@ -11,17 +11,17 @@ from torch import nn
 
 from ..engine.checkpoint import find_checkpoint
 from ..errors import PixformerError
-from ..tasks import DataFacts, get_task, task_config
+from ..tasks import task_of
 from ..tasks.diffusion import Diffusion
 from ..tasks.figures import save_png, tile, to_uint8
 
 
 def diffusion_task(state: dict[str, Any], where: str) -> Diffusion:
     """The diffusion task of a run's saved state, or a clear error for a run of another task."""
-    saved = state.get("task", {"name": "classify", "config": {}})
-    if saved["name"] != "diffusion":
-        raise PixformerError(f"{where} is a {saved['name']} run; sampling needs a diffusion run (--task diffusion)")
-    return get_task("diffusion")(task_config("diffusion", saved["config"]), DataFacts.from_dict(state["data"]))
+    task = task_of(state)
+    if not isinstance(task, Diffusion):
+        raise PixformerError(f"{where} is a {task.name} run; sampling needs a diffusion run (--task diffusion)")
+    return task
 
 
 @torch.no_grad()

@@ -40,6 +40,12 @@ def task_config(name: str, task_args: dict[str, Any] | None = None) -> Any:
     return cls(**(task_args or {}))
 
 
+def task_of(state: dict[str, Any]) -> Task:
+    """The task of a saved run (its state.json), with its settings and data facts."""
+    saved = state.get("task", {"name": "classify", "config": {}})   # runs of 0.1 were all classify
+    return get_task(saved["name"])(task_config(saved["name"], saved["config"]), DataFacts.from_dict(state["data"]))
+
+
 def task_settings() -> dict[str, Any]:
     """Every task setting (field name -> type), the union over the tasks: the CLI's shortcuts."""
     out: dict[str, Any] = {}
@@ -50,5 +56,5 @@ def task_settings() -> dict[str, Any]:
     return out
 
 
-__all__ = ["Task", "DataFacts", "TASKS", "get_task", "task_config", "task_settings", "Classify", "ClassifyConfig", "MAE", "MAETaskConfig", "Probe", "ProbeConfig", "Diffusion",
+__all__ = ["Task", "DataFacts", "TASKS", "get_task", "task_config", "task_of", "task_settings", "Classify", "ClassifyConfig", "MAE", "MAETaskConfig", "Probe", "ProbeConfig", "Diffusion",
            "DiffusionConfig"]

@@ -53,12 +53,18 @@ class ExampleRandom:
     from a generator seeded by the index of example b in its split. Shapes are the batch's (B, ...)."""
 
     def __init__(self, indices):
-        self.gens = [np.random.default_rng([0, int(k)]) for k in indices]
+        self.indices, self._gens = list(indices), None
+
+    @property
+    def gens(self) -> list[np.random.Generator]:
+        if self._gens is None:                 # made at the first draw: a task that draws nothing pays nothing
+            self._gens = [np.random.default_rng([0, int(k)]) for k in self.indices]
+        return self._gens
 
     def _each(self, shape, draw):
         shape = (shape,) if isinstance(shape, int) else tuple(shape)
-        if shape[0] != len(self.gens):
-            raise ValueError(f"a draw of shape {shape} for a batch of {len(self.gens)} examples")
+        if shape[0] != len(self.indices):
+            raise ValueError(f"a draw of shape {shape} for a batch of {len(self.indices)} examples")
         return np.stack([draw(g, shape[1:]) for g in self.gens])
 
     def random(self, shape):
