@@ -83,6 +83,12 @@ def build_parser():
     ev.add_argument("--device", type=str, default="auto")
     ev.add_argument("--skip_bad_images", type=bool, default=False)
     ev.add_argument("--json", type=bool, default=False, help="print one JSON object as the last line")
+    ev.add_argument("--resolutions", type=typing.Optional[str], default=None,
+                    help="evaluate at each of these resolutions (pixels, comma-separated, e.g. 32,48,64): accuracy "
+                         "and cost per image; a native-resolution run's images keep their aspect ratio (longer "
+                         "side = the resolution), a square run's are resized to it")
+    ev.add_argument("--out", type=typing.Optional[str], default=None,
+                    help="with --resolutions: where resolutions.json / .png go (default: <run>/resolutions)")
     commands.add_subcommand("eval", ev, help="evaluate a checkpoint")
 
     sample = ArgumentParser(exit_on_error=False, description="Generate images with a diffusion run: a PNG grid, "
@@ -225,16 +231,21 @@ def cmd_train(ns) -> int:
 
 
 def cmd_eval(ns) -> int:
+    from pathlib import Path
+
     import torch
 
-    from .data import ImageSet
     from .data.splits import run_split
     from .engine import Runtime, evaluate, load_model
+    from .engine.checkpoint import find_checkpoint
+    from .engine.loop import native_batcher
     from .engine.perf import autocast_dtype
+    from .experiments.resolution import format_rows, parse_resolutions, resolution_sweep, write_sweep
     from .tasks import task_of
 
     model, state = load_model(ns.checkpoint, ns.weights)
-    data, where = run_split(state, ns.data, ns.data_root, ns.split)
+    resolutions = parse_resolutions(ns.resolutions) if ns.resolutions else None
+    data, where = run_split(state, ns.data, ns.data_root, ns.split, max(resolutions) if resolutions else None)
     task = task_of(state)
     if task.uses_labels:
         trained = state["data"]["classes"]
@@ -242,11 +253,22 @@ def cmd_eval(ns) -> int:
         if unknown:
             raise PixformerError(f"classes {unknown[:5]} of {where} were not seen in training ({len(trained)} classes)")
         labels = torch.tensor([trained.index(c) for c in data.classes])[data.labels]   # the model's class indices
-        data = ImageSet(data.images, labels, trained)
+        data = type(data)(data.images, labels, trained)
     data = task.prepare(data)                                           # e.g. a latent diffusion run's encoding
     runtime = Runtime.create(ns.device)
     amp = autocast_dtype(state["train_config"]["precision"], runtime.device)
-    metrics = evaluate(task, model.to(runtime.device), data, ns.batch_size, runtime, amp)
+    model = model.to(runtime.device)
+    if resolutions:
+        if not hasattr(model, "patch_embed") or not hasattr(model, "flops"):
+            raise PixformerError("--resolutions evaluates a ViT classifier at other resolutions; this run is not one")
+        rows = resolution_sweep(task, model, state, data, resolutions, ns.batch_size, runtime, amp)
+        metric = task.best[0]
+        out = Path(ns.out) if ns.out else find_checkpoint(ns.checkpoint).parent / "resolutions"
+        files = write_sweep(rows, out, metric, f"{state['model_name']} on {where}")
+        print(format_rows(rows, metric))
+        print(json.dumps(rows) if ns.json else f"wrote {', '.join(map(str, files))}")
+        return 0
+    metrics = evaluate(task, model, data, ns.batch_size, runtime, amp, batcher=native_batcher(state["train_config"], model))
     if not ns.json:
         print(f"{where} " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
     else:

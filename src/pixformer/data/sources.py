@@ -16,6 +16,7 @@ import json
 import os
 import pickle
 import struct
+import sys
 import tarfile
 import tempfile
 import urllib.request
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import PixformerError
+from .native import NativeSet
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 SPLIT_NAMES = {"train": "train", "test": "test", "val": "val", "validation": "val"}
@@ -270,19 +272,25 @@ def _list_image_folder(path: Path) -> tuple[list[tuple[str, str, str]], callable
     return entries, reader
 
 
-def load_image_folder(path: str | Path, img_size: tuple[int, int] | None, skip_bad_images: bool) -> dict[str, ImageSet]:
+def load_image_folder(path: str | Path, img_size: tuple[int, int] | None, skip_bad_images: bool,
+                      native: bool = False, max_side: int | None = None) -> dict[str, ImageSet | NativeSet]:
     """ImageFolder directory or archive -> splits ('train', 'val', 'test' as split folders exist, else
-    'all'). Images of different sizes need `img_size` (they are resized to it). Decoded once into a
-    uint8 cache file keyed by every source file (source_fingerprint) and the image size."""
+    'all'). Images of different sizes need `img_size` (they are resized to it), or `native`: each kept at
+    its own size and aspect ratio (a NativeSet), scaled down to `max_side` pixels on its longer side if
+    larger. Decoded once into a uint8 cache file keyed by every source file (source_fingerprint) and
+    the sizes asked for."""
     from PIL import Image
     path = Path(path)
     if not path.exists():
         raise PixformerError(f"dataset path {path} does not exist")
-    key = json.dumps([str(path.resolve()), source_fingerprint(path), img_size, skip_bad_images])
+    key = json.dumps([str(path.resolve()), source_fingerprint(path), img_size, skip_bad_images]
+                     + ([native, max_side] if native else []))
     cached = cache_dir() / (hashlib.sha1(key.encode()).hexdigest()[:20] + ".npz")
     if cached.exists():
         z = np.load(cached, allow_pickle=False)
         meta = json.loads(str(z["meta"]))
+        if native:
+            return {s: _native_from_flat(z[f"{s}_x"], z[f"{s}_shapes"], z[f"{s}_y"], meta["classes"]) for s in meta["splits"]}
         return {s: ImageSet(torch.from_numpy(z[f"{s}_x"]), torch.from_numpy(z[f"{s}_y"]), meta["classes"])
                 for s in meta["splits"]}
 
@@ -294,16 +302,23 @@ def load_image_folder(path: str | Path, img_size: tuple[int, int] | None, skip_b
     bad: list[str] = []
     from tqdm import tqdm
     for split, cls, member in tqdm(entries, desc=f"decoding {path.name}", unit="img", leave=False,
-                                   disable=len(entries) < 2000):
+                                   disable=len(entries) < 2000 or not sys.stderr.isatty()):
         try:
             with Image.open(io.BytesIO(reader(member))) as im:
+                if native and max_side:
+                    im.draft("RGB", (max_side, max_side))   # JPEG: decode at a reduced scale when it can
                 im = im.convert("RGB")
-                if img_size is None and first is None:
+                if native:
+                    if max_side and max(im.size) > max_side:
+                        f = max_side / max(im.size)
+                        im = im.resize((max(1, round(im.width * f)), max(1, round(im.height * f))), Image.BICUBIC)
+                elif img_size is None and first is None:
                     first = (im.height, im.width, member)
-                if img_size is None and (im.height, im.width) != first[:2]:
+                if not native and img_size is None and (im.height, im.width) != first[:2]:
                     raise PixformerError(
                         f"{path} holds images of different sizes ({first[0]}x{first[1]} {first[2]}, "
-                        f"{im.height}x{im.width} {member}); pass --img-size N to resize them all to NxN")
+                        f"{im.height}x{im.width} {member}); pass --img-size N to resize them all to NxN, or "
+                        "--max-side S / --max-tokens N to train at native resolution")
                 if target is not None and (im.height, im.width) != tuple(target):
                     im = im.resize((target[1], target[0]), Image.BICUBIC)
                 arr = np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
@@ -321,21 +336,47 @@ def load_image_folder(path: str | Path, img_size: tuple[int, int] | None, skip_b
         print(f"skipped {len(bad)} unreadable image(s) in {path}, e.g. {bad[0]}")
     if not xs:
         raise PixformerError(f"no readable images in {path}")
-    out = {s: ImageSet(torch.from_numpy(np.stack(xs[s])), torch.tensor(ys[s], dtype=torch.int64), classes) for s in xs}
     cached.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=cached.parent, suffix=".npz")
+    if native:   # one flat array of pixels and each image's shape
+        arrays = {**{f"{s}_x": np.concatenate([a.ravel() for a in xs[s]]) for s in xs},
+                  **{f"{s}_shapes": np.array([a.shape for a in xs[s]], dtype=np.int64) for s in xs}}
+    else:
+        arrays = {f"{s}_x": np.stack(xs[s]) for s in xs}
     with os.fdopen(fd, "wb") as f:
-        np.savez(f, meta=json.dumps({"classes": classes, "splits": list(out)}),
-                 **{f"{s}_x": v.images.numpy() for s, v in out.items()},
-                 **{f"{s}_y": v.labels.numpy() for s, v in out.items()})
+        np.savez(f, meta=json.dumps({"classes": classes, "splits": list(xs)}), **arrays,
+                 **{f"{s}_y": np.array(ys[s], dtype=np.int64) for s in xs})
     os.replace(tmp, cached)
-    return out
+    if native:
+        return {s: _native_from_flat(arrays[f"{s}_x"], arrays[f"{s}_shapes"], np.array(ys[s]), classes) for s in xs}
+    return {s: ImageSet(torch.from_numpy(arrays[f"{s}_x"]), torch.tensor(ys[s], dtype=torch.int64), classes) for s in xs}
+
+
+def _native_from_flat(flat: np.ndarray, shapes: np.ndarray, labels: np.ndarray, classes: list[str]) -> NativeSet:
+    """A NativeSet from its cached form: all pixels in one flat array and each image's (C, H, W)."""
+    data = torch.from_numpy(np.ascontiguousarray(flat))
+    ends = np.cumsum([int(np.prod(s)) for s in shapes])
+    images = [data[e - int(np.prod(s)): e].view(*(int(v) for v in s)) for s, e in zip(shapes, ends)]
+    return NativeSet(images, torch.from_numpy(labels.astype(np.int64)), classes)
+
+
+def as_native(data: ImageSet, max_side: int | None) -> NativeSet:
+    """Images of one size as a NativeSet (each scaled down to `max_side` on its longer side if larger)."""
+    H, W = data.images.shape[-2:]
+    if max_side and max(H, W) > max_side:
+        f = max_side / max(H, W)
+        data = ImageSet(resize(data.images, (max(1, round(H * f)), max(1, round(W * f)))), data.labels, data.classes)
+    return NativeSet(list(data.images), data.labels, data.classes)
 
 
 def load_source(source: str, root: str | None = None, img_size: tuple[int, int] | None = None,
-                skip_bad_images: bool = False, allow_download: bool = True) -> dict[str, ImageSet]:
+                skip_bad_images: bool = False, allow_download: bool = True, native: bool = False,
+                max_side: int | None = None) -> dict[str, ImageSet | NativeSet]:
     """Any data source -> its splits ('train' and 'test', or 'all' for a plain class-folder tree),
-    images resized to `img_size` if given."""
+    images resized to `img_size` if given; with `native`, NativeSets of the images at their own sizes
+    (scaled down to `max_side` on the longer side if larger)."""
+    if native and img_size is not None:
+        raise PixformerError("native resolution (--max-side / --max-tokens) keeps each image's size: drop --img-size")
     key = source.lower()
     if key == "digits":
         splits = load_digits_splits()
@@ -343,6 +384,8 @@ def load_source(source: str, root: str | None = None, img_size: tuple[int, int] 
         splits = load_cifar_splits(key, root, allow_download)
     elif key in IDX:
         splits = load_idx_splits(key, root, allow_download)
+    elif (os.sep in source or Path(source).exists() or Path(source).suffix) and native:
+        return load_image_folder(source, None, skip_bad_images, native=True, max_side=max_side)
     elif os.sep in source or Path(source).exists() or Path(source).suffix:
         splits = load_image_folder(source, img_size, skip_bad_images)
     else:
@@ -350,6 +393,8 @@ def load_source(source: str, root: str | None = None, img_size: tuple[int, int] 
                              "ImageFolder directory or .tar/.tar.gz archive")
     if img_size is not None:
         splits = {s: ImageSet(resize(v.images, img_size), v.labels, v.classes) for s, v in splits.items()}
+    if native:
+        splits = {s: as_native(v, max_side) for s, v in splits.items()}
     return splits
 
 

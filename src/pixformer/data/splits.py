@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ..errors import PixformerError
 from .ablations import permuted
+from .native import NativeSet
 from .sources import NAMED_SOURCES, ImageSet, load_source
 
 
@@ -72,30 +73,37 @@ def source_id(source: str) -> str:
     return source.lower() if source.lower() in NAMED_SOURCES else str(Path(source).expanduser().resolve())
 
 
-def channel_stats(images: Tensor, chunk: int = 4096) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of uint8 images (N, C, H, W) on the 0..1 scale, in float64 sums over
-    chunks of images (never a float copy of the whole set)."""
-    C = images.shape[1]
+def channel_stats(images: Tensor | list[Tensor], chunk: int = 4096) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 images (N, C, H, W), or a list of (C, H_i, W_i) of any sizes
+    (every pixel counts once), on the 0..1 scale, in float64 sums over chunks of images (never a float
+    copy of the whole set)."""
+    parts = images.split(chunk) if isinstance(images, Tensor) else [im[None] for im in images]
+    C = parts[0].shape[1]
     total = torch.zeros(C, dtype=torch.float64)
     squares = torch.zeros(C, dtype=torch.float64)
-    for part in images.split(chunk):
+    n = 0
+    for part in parts:
         x = part.transpose(0, 1).reshape(C, -1).double() / 255.0
         total += x.sum(1)
         squares += (x * x).sum(1)
-    n = images.numel() // C
+        n += x.shape[1]
     mean = total / n
     var = (squares - n * mean * mean) / max(n - 1, 1)
     return mean.tolist(), var.clamp_min(0).sqrt().clamp_min(1e-3).tolist()
 
 
-def run_split(state: dict[str, Any], source: str | None, root: str | None, split: str) -> tuple[ImageSet, str]:
+def run_split(state: dict[str, Any], source: str | None, root: str | None, split: str,
+              max_side: int | None = None) -> tuple[ImageSet | NativeSet, str]:
     """The images `eval` and `analyze` score for a trained run (`state`: its state.json): one split of
     `source` (default: the run's own data), laid out as the run trained (image size, pixel
-    permutation). A plain class-folder tree that is not the run's training source is a folder of test
-    images; the training source never is."""
+    permutation; a native-resolution run's images at their own sizes, scaled down to `max_side`,
+    default the run's). A plain class-folder tree that is not the run's training source is a folder
+    of test images; the training source never is."""
     tc, info = state["train_config"], state["data"]
     source = source or tc["data"]
-    found = load_source(source, root or tc.get("data_root"), tuple(info["img_size"]))
+    native = bool(tc.get("max_side") or tc.get("max_tokens"))
+    found = load_source(source, root or tc.get("data_root"), None if native else tuple(info["img_size"]),
+                        native=native, max_side=max_side or tc.get("max_side"))
     own = source_id(source) == info.get("source", source_id(tc["data"]))
     if set(found) == {"all"} and not own:
         if split != "test":
@@ -108,6 +116,7 @@ def run_split(state: dict[str, Any], source: str | None, root: str | None, split
             raise PixformerError(f"{source} has no test split, and the run trained on the rest of it: "
                                  "use --split val for the images it held out")
     data = splits.get(split)
-    if data.images.shape[1] != info["in_chans"]:
-        raise PixformerError(f"{source} has {data.images.shape[1]} channels; the model was trained on {info['in_chans']}")
-    return permuted(data, tc), f"{source} [{split}]"
+    chans = data.in_chans if native else data.images.shape[1]
+    if chans != info["in_chans"]:
+        raise PixformerError(f"{source} has {chans} channels; the model was trained on {info['in_chans']}")
+    return (data if native else permuted(data, tc)), f"{source} [{split}]"

@@ -45,6 +45,15 @@ class TrainConfig:
     # augmentation of the uint8 images, before normalisation (every image task)
     crop_padding: int = 0               # random crop with this zero (black) padding; 0 = off
     hflip: bool = False                 # random horizontal flip
+    # native resolution (NaViT's Patch n' Pack, data/native.py): images keep their size and aspect ratio,
+    # several are packed into one sequence; a ViT attends and pools within each image. On when a budget is set.
+    max_side: int | None = None         # scale each image down so its longer side is at most this (pixels)
+    max_tokens: int | None = None       # scale each image down to at most this many tokens
+    resolution_range: tuple[int, int] | None = None  # training: each image's longer side drawn from [LO, HI]
+    pack_length: int | None = None      # tokens per packed sequence (unset: a row per image, padded to the largest)
+    max_per_pack: int = 64              # images per packed sequence at most
+    token_drop: float = 0.0             # training: rate of each image's tokens dropped before packing
+    token_drop_beta: tuple[float, float] | None = None  # training: the rate drawn per image from Beta(A, B)
     # data handling
     val_fraction: float = 0.1           # held out of train (seed 0) when the data has no val split
     train_subset: int | None = None     # train on a seeded random subset of this many images
@@ -68,6 +77,11 @@ class TrainConfig:
             self.speed = Speed(**self.speed)
         self.model_args = dict(self.model_args or {})
         self.task_args = dict(self.task_args or {})
+
+    @property
+    def native(self) -> bool:
+        """Whether images keep their own sizes (a --max-side or --max-tokens budget is set)."""
+        return bool(self.max_side or self.max_tokens)
 
 
 # Settings that change how a run executes but not what it computes (beyond float rounding): a run may

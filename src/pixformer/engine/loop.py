@@ -28,13 +28,14 @@ from tqdm import tqdm
 
 from ..data.ablations import permuted
 from ..data.augment import batch_indices, random_crop, random_flip
+from ..data.native import NativeBatcher, NativeSet, batcher_from_config
 from ..data.sources import ImageSet, load_source
 from ..data.splits import Splits, channel_stats, resolve_splits, source_id
 from ..errors import PixformerError
 from ..models import blocks_of
 from ..models.attention import set_attention_backend
 from ..models.imports import foreign_format
-from ..models.registry import check_model_args, model_name, model_spec
+from ..models.registry import check_model_args, model_name, model_spec, resolve
 from ..tasks import DataFacts, Task, get_task, task_config
 from ..tasks.base import ExampleRandom
 from .checkpoint import (find_checkpoint, init_from, load_tensors, load_weights, optimizer_from_files, read_state,
@@ -54,19 +55,45 @@ class Prepared:
 
 def prepare_data(cfg: TrainConfig) -> Prepared:
     """Load the source, resolve its train / val / test splits, apply a subset and a pixel permutation
-    if asked, and compute the normalisation on the training images."""
+    if asked, and compute the normalisation on the training images. At native resolution the splits
+    are NativeSets and the facts' image size is the square the position table is laid out for: the
+    --max-side budget (else the largest side in train), in whole patches."""
     size = (cfg.img_size, cfg.img_size) if cfg.img_size else None
-    s = resolve_splits(load_source(cfg.data, cfg.data_root, size, cfg.skip_bad_images), cfg.val_fraction, cfg.data)
+    found = load_source(cfg.data, cfg.data_root, size, cfg.skip_bad_images, native=cfg.native, max_side=cfg.max_side)
+    s = resolve_splits(found, cfg.val_fraction, cfg.data)
     train = s.train
     if cfg.train_subset:
         if cfg.train_subset > len(train):
             raise PixformerError(f"--train-subset {cfg.train_subset} exceeds the {len(train)} training images")
         idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.train_subset]
         train = train.subset(idx.sort().values)
+    mean, std = channel_stats(train.images)
+    if cfg.native:
+        patch = native_patch(cfg)
+        side = cfg.max_side or max(max(im.shape[-2:]) for im in train.images)
+        side = patch * max(1, -(-side // patch))
+        return Prepared(Splits(train, s.val, s.test, s.val_from), DataFacts(train.classes, train.in_chans, (side, side), mean, std))
     s = Splits(permuted(train, cfg), permuted(s.val, cfg), None if s.test is None else permuted(s.test, cfg), s.val_from)
     mean, std = channel_stats(s.train.images)
     facts = DataFacts(s.train.classes, s.train.images.shape[1], tuple(s.train.images.shape[-2:]), mean, std)
     return Prepared(s, facts)
+
+
+def native_patch(cfg: TrainConfig) -> int:
+    """The patch size of a native-resolution run's model, or a clear error for what cannot run there."""
+    arch, fields = resolve(cfg.model)
+    if arch != "vit" or cfg.task != "classify":
+        raise PixformerError(f"native resolution (--max-side / --max-tokens) packs images for a ViT classifier "
+                             f"(--task classify, vit-*/p or pit-*); got --task {cfg.task} with {cfg.model}")
+    if cfg.img_size:
+        raise PixformerError("native resolution (--max-side / --max-tokens) keeps each image's size: drop --img-size")
+    if cfg.crop_padding:
+        raise PixformerError("--crop-padding pads square images; at native resolution use --resolution-range instead")
+    if cfg.permute_pixels or cfg.local_swaps:
+        raise PixformerError("pixel permutations (--permute-pixels, --local-swaps) need images of one size")
+    if cfg.task_args.get("mixup") or cfg.task_args.get("cutmix"):
+        raise PixformerError("mixup and CutMix mix images of one size; turn them off at native resolution")
+    return int(cfg.model_args.get("patch_size", fields["patch_size"]))
 
 
 # ---- pieces of the loop --------------------------------------------------------------------
@@ -104,17 +131,28 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
             for (wd, scale), ps in sorted(groups.items(), key=lambda kv: (-kv[0][0], -kv[0][1]))]
 
 
+def native_batcher(cfg: TrainConfig | dict, model: nn.Module) -> NativeBatcher | None:
+    """The batcher that packs a native-resolution run's images for `model` (None for square images)."""
+    cfg = as_json(cfg) if isinstance(cfg, TrainConfig) else cfg
+    return batcher_from_config(cfg, model.cfg.patch_size, getattr(model, "cls_token", None) is not None)
+
+
 @torch.no_grad()
-def evaluate(task: Task, model: nn.Module, data: ImageSet, batch_size: int, runtime: Runtime,
-             amp: torch.dtype | None = None, stop: "StopFlag | None" = None) -> dict[str, float]:
-    """The task's metrics over `data` (made inputs as in training, not augmented); the same numbers
-    whatever the batch size: what a task draws at random is drawn per example (ExampleRandom)."""
+def evaluate(task: Task, model: nn.Module, data: ImageSet | NativeSet, batch_size: int, runtime: Runtime,
+             amp: torch.dtype | None = None, stop: "StopFlag | None" = None,
+             batcher: NativeBatcher | None = None) -> dict[str, float]:
+    """The task's metrics over `data` (made inputs as in training, not augmented; images of any sizes
+    packed by `batcher`); the same numbers whatever the batch size: what a task draws at random is
+    drawn per example (ExampleRandom), and a packed image sees only itself."""
     model.eval()
     device, sums = runtime.device, {}
     for idx in batch_indices(len(data), batch_size, 0, 0, shuffle=False):
         if stop is not None:
             stop.check()
-        x = task.inputs(data.images[idx].to(device))
+        if batcher is not None:
+            x = batcher([data.images[i] for i in idx.tolist()], task.inputs).to(device)
+        else:
+            x = task.inputs(data.images[idx].to(device))
         with torch.autocast(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None):
             batch = task.eval_sums(model, x, data.labels[idx].to(device), ExampleRandom(idx.tolist()))
         for k, v in batch.items():
@@ -206,6 +244,7 @@ def train(cfg: TrainConfig, data: Prepared | None = None) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     model = task.build_model(cfg.model, cfg.model_args)
     name = model_name(model)
+    batcher = native_batcher(cfg, model)                               # None for images of one size
     if cfg.init and saved is None:                                       # a resumed run has its own weights
         got = init_from(model, cfg.init)
         print(f"init from {cfg.init} ({got['format']}): loaded {len(got['loaded'])} tensors; new: "
@@ -293,7 +332,7 @@ def train(cfg: TrainConfig, data: Prepared | None = None) -> dict[str, Any]:
             while True:
                 epochs_done = step // steps_per_epoch
                 if state["epochs_logged"] < epochs_done:     # an epoch ended; validate it (again, after a stop)
-                    val = evaluate(task, eval_model, splits.val, cfg.eval_batch_size, runtime, amp, stop)
+                    val = evaluate(task, eval_model, splits.val, cfg.eval_batch_size, runtime, amp, stop, batcher)
                     best = state[f"best_{metric}"]
                     if best is None or (val[metric] > best if better == "max" else val[metric] < best):
                         state[f"best_{metric}"] = val[metric]
@@ -320,10 +359,16 @@ def train(cfg: TrainConfig, data: Prepared | None = None) -> dict[str, Any]:
                     torch.manual_seed(cfg.seed * 1_000_003 + step)          # dropout / drop-path, per step
                     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
                     rng = np.random.default_rng([cfg.seed, step])
-                    images = splits.train.images[idx].to(device, non_blocking=True)   # uint8 (B, C, H, W)
-                    images = random_crop(images, cfg.crop_padding, g)
-                    images = random_flip(images, g) if cfg.hflip else images
-                    x = task.inputs(images)
+                    if batcher is not None:                                 # images of any sizes, packed
+                        images = [splits.train.images[i] for i in idx.tolist()]
+                        flips = torch.rand(len(images), generator=g) < 0.5 if cfg.hflip else [False] * len(images)
+                        images = [im.flip(-1) if f else im for im, f in zip(images, flips)]
+                        x = batcher(images, task.inputs, g, train=True).to(device)
+                    else:
+                        images = splits.train.images[idx].to(device, non_blocking=True)   # uint8 (B, C, H, W)
+                        images = random_crop(images, cfg.crop_padding, g)
+                        images = random_flip(images, g) if cfg.hflip else images
+                        x = task.inputs(images)
                     y = splits.train.labels[idx].to(device)
 
                     lr = lr_at(step, total_steps, warmup, cfg.lr, cfg.min_lr)
@@ -356,7 +401,7 @@ def train(cfg: TrainConfig, data: Prepared | None = None) -> dict[str, Any]:
                     if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step % steps_per_epoch:
                         checkpoint()
             if splits.test is not None and state["test"] is None:  # once, at the end
-                state["test"] = evaluate(task, eval_model, splits.test, cfg.eval_batch_size, runtime, amp, stop)
+                state["test"] = evaluate(task, eval_model, splits.test, cfg.eval_batch_size, runtime, amp, stop, batcher)
                 log({"step": step, "epoch": cfg.epochs, **{f"test_{k}": v for k, v in state["test"].items() if k != "n"}})
                 checkpoint()
     except _Stop as why:
@@ -372,7 +417,7 @@ def train(cfg: TrainConfig, data: Prepared | None = None) -> dict[str, Any]:
         if tb is not None:
             tb.close()
     if val is None:  # resumed a run whose last epoch was validated before
-        val = evaluate(task, eval_model, splits.val, cfg.eval_batch_size, runtime, amp)
+        val = evaluate(task, eval_model, splits.val, cfg.eval_batch_size, runtime, amp, batcher=batcher)
     return {"run_dir": str(run_dir), "model_name": name, "step": step, f"best_{metric}": state[f"best_{metric}"],
             **{f"val_{k}": v for k, v in val.items()},
             **{f"test_{k}": v for k, v in (state["test"] or {}).items()}, "model": model, "ema": ema}

@@ -26,9 +26,20 @@ Backends
   batch); its backward recomputes each block's probabilities. On CPUs with native bf16 it runs
   bf16 attention about twice as fast as torch's CPU flash kernel, which computes in fp32 inside
   (benchmarks/attention.py). Scores are rounded to the input dtype before the softmax, as in "math".
-- "auto" (the default): for bf16 / fp16 on CPU "math" while a layer's scores are few
-  (AUTO_MATH_SCORES: B*H*N*N <= 16 Mi, 32 MiB in bf16; faster there, and bounded), "blocked" beyond;
-  "sdpa" everywhere else (fp32 on CPU, where the flash kernel is the faster; GPUs).
+- "varlen": packed images attended one at a time: each contiguous run of one segment id attends over
+  itself only (what FlashAttention's variable-length kernel and FlexAttention's document mask do on
+  GPUs), so a pack costs the sum of its images' N_i^2, not L^2; each run goes through "math" or
+  "sdpa" as "auto" would pick for it. Padding (negative ids) gets zeros, not attention among
+  padding. Needs self-attention with contiguous segments; otherwise it runs "blocked".
+- "flex": torch's FlexAttention with a block mask made from the segment ids (and a boolean mask):
+  blocks where no query shares a segment with a key are skipped, so packed images cost what they
+  would alone. Compiled on GPUs; on CPU torch runs it forward only (eager), so there a call that
+  needs gradients falls back to "blocked" with a one-line notice.
+- "auto" (the default): with segment ids (packed images), "varlen" on CPU and "flex" on GPUs, so
+  packing never forms a dense (L x L) mask and skips the scores between images. Otherwise, for bf16 / fp16 on CPU "math" while a
+  layer's scores are few (AUTO_MATH_SCORES: B*H*N*N <= 16 Mi, 32 MiB in bf16; faster there, and
+  bounded), "blocked" beyond; "sdpa" everywhere else (fp32 on CPU, where the flash kernel is the
+  faster; GPUs).
 - "flash", "efficient", "cudnn": SDPA restricted to one fused kernel. On CPU only "flash" exists;
   a kernel the device (or these inputs) cannot run falls back to "sdpa" with a one-line notice,
   printed once.
@@ -42,7 +53,7 @@ from __future__ import annotations
 import math
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -67,6 +78,8 @@ class AttnSpec:
     segment_ids: Tensor | None = None      # (B, Nq) integer segment of each query
     kv_segment_ids: Tensor | None = None   # (B, Nk) segment of each key; default: segment_ids
     group: Any = None                      # process group the keys are sharded over (no backend yet)
+    cache: dict = field(default_factory=dict, compare=False, repr=False)   # what a backend derives once
+    #                                        per spec and reuses in every layer (flex's block mask)
 
     def key_segments(self) -> Tensor | None:
         return self.segment_ids if self.kv_segment_ids is None else self.kv_segment_ids
@@ -229,11 +242,107 @@ def _blocked(q, k, v, spec, need_weights):
     return blocked_attention(q, k, v, mask, q_seg, None if q_seg is None else spec.key_segments()), None
 
 
+# ---- variable-length runs ------------------------------------------------------------------------
+def segment_runs(segments: Tensor) -> list[tuple[int, int, int, int]] | None:
+    """(row, start, end, id) of each maximal run of one id in (B, N) segment ids, or None when some id
+    occurs in more than one run (its tokens are not contiguous)."""
+    B, N = segments.shape
+    start = torch.ones(B, N, dtype=torch.bool, device=segments.device)
+    start[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    rows, cols = start.nonzero(as_tuple=True)
+    rows, cols, ids = rows.tolist(), cols.tolist(), segments[start].tolist()
+    ends = [cols[i + 1] if i + 1 < len(cols) and rows[i + 1] == rows[i] else N for i in range(len(cols))]
+    seen = [(r, i) for r, i in zip(rows, ids) if i >= 0]
+    if len(set(seen)) != len(seen):
+        return None
+    return list(zip(rows, cols, ends, ids))
+
+
+@register_backend("varlen")
+def _varlen(q, k, v, spec, need_weights):
+    if need_weights or spec.segment_ids is None:
+        return _BACKENDS["math" if need_weights else "auto"](q, k, v, spec, need_weights)
+    key = ("varlen", spec.segment_ids.shape)
+    if key not in spec.cache:
+        self_attn = spec.kv_segment_ids is None or spec.kv_segment_ids is spec.segment_ids
+        spec.cache[key] = segment_runs(spec.segment_ids) if self_attn and spec.mask is None else None
+    runs = spec.cache[key]
+    if runs is None or q.shape[2] != k.shape[2]:
+        return _blocked(q, k, v, spec, need_weights)
+    H = q.shape[1]
+    lengths: list[list[int]] = [[] for _ in range(q.shape[0])]
+    for b, s, e, _ in runs:
+        lengths[b].append(e - s)
+    ids = iter(seg for *_, seg in runs)
+    rows = []
+    # unbind and split, not indexing: their backward is one stack / cat, where each slice's would
+    # write a zero-filled gradient of the whole tensor
+    for qb, kb, vb, ls in zip(q.unbind(0), k.unbind(0), v.unbind(0), lengths):
+        outs = []
+        for qr, kr, vr in zip(qb.split(ls, 1), kb.split(ls, 1), vb.split(ls, 1)):   # (H, n, Dh) each
+            if next(ids) < 0:                                                      # padding: zeros
+                outs.append(qr.new_zeros(H, qr.shape[1], vr.shape[-1]))
+                continue
+            inner = auto_backend(q.device.type, q.dtype, H * qr.shape[1] ** 2)
+            outs.append(_BACKENDS[inner](qr[None], kr[None], vr[None], AttnSpec(), False)[0][0])  # (H, n, Dv)
+        rows.append(torch.cat(outs, dim=1))                                # (H, N, Dv)
+    return torch.stack(rows), None                                         # (B, H, N, Dv)
+
+
+# ---- FlexAttention --------------------------------------------------------------------------------
+_FLEX: dict[str, Callable] = {}
+
+
+def _flex_fn(device_type: str) -> Callable:
+    """flex_attention, compiled once on GPUs (uncompiled it is a slow reference); eager on CPU."""
+    if device_type not in _FLEX:
+        from torch.nn.attention.flex_attention import flex_attention
+        _FLEX[device_type] = torch.compile(flex_attention, dynamic=False) if device_type == "cuda" else flex_attention
+    return _FLEX[device_type]
+
+
+def _flex_block_mask(q: Tensor, k: Tensor, spec: AttnSpec):
+    """The block mask of `spec` (segment ids and a boolean mask) for these shapes, made once per spec."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    key = ("flex", q.shape[0], q.shape[2], k.shape[2], q.device)
+    if key not in spec.cache:
+        q_seg, k_seg = spec.segment_ids, spec.key_segments()
+        dense = None if spec.mask is None else spec.mask.expand(q.shape[0], -1, q.shape[2], k.shape[2])
+        heads = None if dense is None or dense.shape[1] == 1 else dense.shape[1]
+
+        def mask_mod(b, h, i, j):
+            ok = q_seg[b, i] == k_seg[b, j] if q_seg is not None else torch.ones((), dtype=torch.bool, device=q.device)
+            return ok if dense is None else ok & dense[b, 0 if heads is None else h, i, j]
+        spec.cache[key] = create_block_mask(mask_mod, q.shape[0], heads, q.shape[2], k.shape[2], device=q.device,
+                                            _compile=q.device.type == "cuda")
+    return spec.cache[key]
+
+
+@register_backend("flex")
+def _flex(q, k, v, spec, need_weights):
+    if need_weights:
+        return _math(q, k, v, spec, True)
+    if spec.mask is not None and spec.mask.dtype != torch.bool:
+        notice("attention backend 'flex' takes segment ids and boolean masks only; an additive mask runs on 'sdpa'")
+        return _sdpa(q, k, v, spec, need_weights)
+    if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        notice("FlexAttention has no backward on CPU; attention that needs gradients runs on 'blocked'")
+        return _blocked(q, k, v, spec, need_weights)
+    if spec.segment_ids is None and spec.mask is None:
+        return _flex_fn(q.device.type)(q, k, v), None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")        # torch warns that eager (CPU) flex is a reference implementation
+        return _flex_fn(q.device.type)(q, k, v, block_mask=_flex_block_mask(q, k, spec)), None
+
+
 AUTO_MATH_SCORES = 1 << 24
 
 
-def auto_backend(device_type: str, dtype: torch.dtype, scores: int) -> str:
-    """The backend "auto" runs for a layer of `scores` = B*H*Nq*Nk attention scores (see the module doc)."""
+def auto_backend(device_type: str, dtype: torch.dtype, scores: int, segments: bool = False) -> str:
+    """The backend "auto" runs for a layer of `scores` = B*H*Nq*Nk attention scores (see the module doc),
+    `segments`: whether the spec has segment ids (packed images)."""
+    if segments:
+        return "varlen" if device_type == "cpu" else "flex"
     if device_type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
         return "sdpa"
     return "math" if scores <= AUTO_MATH_SCORES else "blocked"
@@ -241,7 +350,8 @@ def auto_backend(device_type: str, dtype: torch.dtype, scores: int) -> str:
 
 @register_backend("auto")
 def _auto(q, k, v, spec, need_weights):
-    name = auto_backend(q.device.type, q.dtype, q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2])
+    name = auto_backend(q.device.type, q.dtype, q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2],
+                        spec.segment_ids is not None)
     return _BACKENDS[name](q, k, v, spec, need_weights)
 
 

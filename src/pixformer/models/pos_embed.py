@@ -34,11 +34,13 @@ def sincos_2d(coords: Tensor, dim: int, temperature: float = 10000.0) -> Tensor:
                       sincos_1d(coords[:, 1], dim // 2, temperature)], dim=1)
 
 
-def rescale_coords(coords: Tensor, grid: tuple[int, int], ref_grid: tuple[int, int]) -> Tensor:
-    """Map coordinates on `grid` to the same relative image location on `ref_grid`
-    (pixel-centre alignment, the convention of bilinear resizing with align_corners=False)."""
-    scale = torch.tensor([ref_grid[0] / grid[0], ref_grid[1] / grid[1]], device=coords.device)
-    return (coords + 0.5) * scale - 0.5
+def rescale_coords(coords: Tensor, grid: tuple[int, int] | Tensor, ref_grid: tuple[int, int]) -> Tensor:
+    """Map coordinates on `grid` (one (rows, cols), or each coordinate's own grid, a tensor shaped like
+    `coords`) to the same relative image location on `ref_grid` (pixel-centre alignment, the
+    convention of bilinear resizing with align_corners=False)."""
+    ref = torch.tensor(ref_grid, dtype=torch.float32, device=coords.device)
+    grid = torch.as_tensor(grid, dtype=torch.float32, device=coords.device)
+    return (coords + 0.5) * (ref / grid) - 0.5
 
 
 def resample_table(table: Tensor, grid: tuple[int, int]) -> Tensor:

@@ -9,6 +9,9 @@ Tasks (classification, MAE, diffusion) use the encoder through this interface:
     pooled = model.pool(feats)              # (B, D)
     logits = model.head(pooled)             # (B, classes)
 
+Images of different sizes travel packed into shared sequences (`Packed`, NaViT): `model(packed)`
+embeds each token at its coordinates, attends within each image (segment ids) and pools per image.
+
 Position embeddings are functions of token coordinates (`position_embedding(grid, coords)`), so a
 subset of tokens (MAE's visible ones, dropped tokens, a shard, packed images) gets the rows it
 would have in the full grid. `Block` is the one Transformer block of the package: pre-norm, or
@@ -25,6 +28,7 @@ from torch import Tensor, nn
 
 from .attention import AttnSpec, attention
 from ..errors import PixformerError
+from .packed import Packed, segment_first, segment_mean
 from .pos_embed import grid_coords, rescale_coords, sample_table, sincos_2d
 
 
@@ -45,6 +49,10 @@ class ViTConfig:
     drop_path: float = 0.0                # stochastic depth rate of the last block (linear in depth)
     fc_norm: bool = False                 # pool="mean" only: a norm of the pooled mean instead of one per
                                           # token (MAE's fine-tuning head)
+    pos_coords: str = "fractional"        # learned tables ("learned", "factorized"): "fractional" (a token's
+                                          # place relative to its image's side; any grid) or "absolute" (its
+                                          # own row and column; grids beyond the table cannot be embedded).
+                                          # sincos2d always takes the coordinates as they are.
 
     def __post_init__(self):
         if isinstance(self.img_size, int):
@@ -56,6 +64,8 @@ class ViTConfig:
             raise PixformerError("fc_norm normalises the mean of the tokens: it needs pool='mean'")
         if self.pos_embed not in ("learned", "factorized", "sincos2d", "none"):
             raise PixformerError(f"pos_embed must be 'learned', 'factorized', 'sincos2d' or 'none', got {self.pos_embed!r}")
+        if self.pos_coords not in ("fractional", "absolute"):
+            raise PixformerError(f"pos_coords must be 'fractional' or 'absolute', got {self.pos_coords!r}")
         if self.dim % self.heads:
             raise PixformerError(f"width {self.dim} is not divisible by {self.heads} heads")
         if self.pos_embed == "sincos2d" and self.dim % 4:
@@ -202,24 +212,25 @@ class VisionTransformer(nn.Module):
         """(B, N, p*p*C) -> (B, C, H, W), the inverse of `patchify`."""
         return unpatchify(patches, self.cfg.patch_size, grid)
 
-    def position_embedding(self, grid: tuple[int, int], coords: Tensor | None = None) -> Tensor | None:
+    def position_embedding(self, grid: tuple[int, int] | Tensor, coords: Tensor | None = None) -> Tensor | None:
         """Embedding (..., D) of tokens at `coords` (..., 2) (row, col) on a `grid` (default: every grid
-        cell, row-major: (N, D)), or None for pos_embed='none'. Any subset, order or batch of
-        coordinates gets the rows the full grid would give them. A learned table is resampled
-        bilinearly on its 2-D grid when `grid` differs from the one trained at (factorized tables
-        linearly, each on its axis: coordinates are fractions of the image's side); sincos is
-        computed for the coordinates as they are."""
+        cell, row-major: (N, D)), or None for pos_embed='none'. `grid` is one (rows, cols) or, for tokens
+        of different images (packed), each token's own image grid (..., 2). Any subset, order or batch
+        of coordinates gets the rows the full grid would give them. With fractional coordinates a
+        learned table is resampled bilinearly when a grid differs from the one trained at (factorized
+        tables linearly, each on its axis); absolute coordinates index the table as they are and
+        refuse what lies beyond it; sincos is computed for the coordinates as they are."""
         if self.cfg.pos_embed == "none":
             return None
-        if self.pos_table is not None and grid == self.pos_grid and coords is None:
-            return self.pos_table.reshape(-1, self.cfg.dim)                # the table itself
         if coords is None:
+            if self.pos_table is not None and tuple(grid) == self.pos_grid:
+                return self.pos_table.reshape(-1, self.cfg.dim)            # the table itself
             coords = grid_coords(*grid, device=self.patch_embed.weight.device)
         flat = coords.reshape(-1, 2).float()                               # (M, 2)
         if self.cfg.pos_embed == "sincos2d":
             pe = sincos_2d(flat, self.cfg.dim).to(self.patch_embed.weight.dtype)
         else:
-            at = flat if grid == self.pos_grid else rescale_coords(flat, grid, self.pos_grid)   # fractional
+            at = self._table_coords(flat, grid)                            # (M, 2) in table units
             if self.pos_table is not None:
                 pe = sample_table(self.pos_table, at)
             else:                                                          # 1-D tables, sampled as (n, 1, D)
@@ -227,6 +238,21 @@ class VisionTransformer(nn.Module):
                 pe = (sample_table(self.pos_rows[:, None], torch.cat([at[:, :1], zero], 1))
                       + sample_table(self.pos_cols[:, None], torch.cat([at[:, 1:], zero], 1)))
         return pe.reshape(*coords.shape[:-1], self.cfg.dim)                # (..., D)
+
+    def _table_coords(self, flat: Tensor, grid: tuple[int, int] | Tensor) -> Tensor:
+        """Token coordinates (M, 2) on `grid` -> where a learned table is sampled (table units)."""
+        if self.cfg.pos_coords == "absolute":
+            beyond = flat.amax(0) > torch.tensor(self.pos_grid, device=flat.device) - 1 if len(flat) else None
+            if beyond is not None and bool(beyond.any()):
+                top = flat.amax(0).long().tolist()
+                raise PixformerError(
+                    f"pos_embed {self.cfg.pos_embed!r} with absolute coordinates cannot extrapolate: a token at row "
+                    f"{top[0]}, column {top[1]} lies beyond the {self.pos_grid[0]}x{self.pos_grid[1]} table; use a "
+                    "smaller image, pos_coords 'fractional' or sincos2d")
+            return flat
+        if not isinstance(grid, Tensor):
+            return flat if tuple(grid) == self.pos_grid else rescale_coords(flat, grid, self.pos_grid)
+        return rescale_coords(flat, grid.reshape(-1, 2), self.pos_grid)   # each token on its own image's grid
 
     def embed(self, images: Tensor, coords: Tensor | None = None) -> tuple[Tensor, tuple[int, int]]:
         """(B, C, H, W) -> (B, N, D) patch tokens with position embedding added, and the grid."""
@@ -254,7 +280,30 @@ class VisionTransformer(nn.Module):
         pooled = feats.mean(dim=1)                                        # (B, D)
         return pooled if self.fc_norm is None else self.fc_norm(pooled)
 
-    def forward(self, images: Tensor) -> Tensor:
+    def embed_packed(self, packed: Packed) -> Tensor:
+        """Packed images -> (P, L, D) tokens: each patch embedded at its coordinates on its own image's
+        grid, each image's class-token slot (if the model has a class token) holding the class token."""
+        x = self.patch_embed(packed.patches)                              # (P, L, D)
+        pos = self.position_embedding(packed.grids, packed.coords)        # (P, L, D) or None
+        x = x if pos is None else x + pos                                 # (P, L, D)
+        if self.cls_token is None:
+            return x
+        if packed.cls_slots is None:
+            raise PixformerError("this model pools a class token: pack its images with a class-token slot each")
+        return torch.where(packed.cls_slots[..., None], self.cls_token.to(x.dtype), x)   # (P, L, D)
+
+    def pool_packed(self, feats: Tensor, packed: Packed) -> Tensor:
+        """(P, L, D) -> (M, D), one row per image: its class token, or the mean of its own patch tokens."""
+        if self.cls_token is not None:
+            return segment_first(feats, packed.segments, packed.cls_slots, packed.n_images)
+        pooled = segment_mean(feats, packed.segments, packed.image_tokens(), packed.n_images)   # (M, D)
+        return pooled if self.fc_norm is None else self.fc_norm(pooled)
+
+    def forward(self, images: Tensor | Packed) -> Tensor:
+        if isinstance(images, Packed):                                    # images of any sizes, packed
+            x = self.embed_packed(images)                                 # (P, L, D)
+            feats = self.encode(x, AttnSpec(segment_ids=images.segments))  # (P, L, D), within each image
+            return self.head(self.pool_packed(feats, images))             # (M, classes)
         tokens, _ = self.embed(images)                                    # (B, N, D)
         x = self.prepend_cls(tokens)                                      # (B, T, D), T = N (+1 class token)
         feats = self.encode(x)                                            # (B, T, D)

@@ -1,0 +1,153 @@
+"""Packing (NaViT's Patch n' Pack) against padding: one classification training step (batching,
+forward, backward, AdamW) over the same mixed-resolution images, three ways:
+
+    packed     pixformer: images packed greedily into sequences of --pack-length tokens; attention within
+               each image through segment ids ("auto": the "varlen" kernel on CPU, FlexAttention on GPUs)
+    pad        pixformer: every image in a row of its own, padded to the largest in the batch, a key
+               padding mask through SDPA (a padded ViT)
+    navit      vit-pytorch's NaViT (lucidrains, `na_vit.py`, loaded by file path: its package imports
+               torchvision), packing its own way (group_images, the same --pack-length), dense masks
+
+Identical dimensions: depth 6, width 128, 4 heads of 32, MLP 512 (pixformer's vit-n), patch --patch,
+101 classes, mean pooling for pixformer (NaViT pools by attention). The images: Caltech-101's shared
+training photos (--data), each resized to a longer side drawn from [--lo, --hi] (NaViT's resolution
+sampling; aspect kept, whole patches), the same draws for every configuration. The figure of merit is
+useful (image, non-padding) tokens per second; packing efficiency is useful tokens / sequence slots.
+
+    .venv/bin/python benchmarks/packing.py [--batch 32] [--steps 3] [--out benchmarks/results/packing.json]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import platform
+import sys
+from pathlib import Path
+
+from harness import run_configs, time_steps, train_step
+
+DIMS = dict(depth=6, dim=128, heads=4, mlp=512, classes=101)
+CONFIGS = ["packed", "pad", "navit"]
+
+
+def load_navit():
+    spec = importlib.util.find_spec("vit_pytorch")
+    if spec is None:
+        sys.exit("vit-pytorch is not installed: .venv/bin/pip install --no-deps vit-pytorch")
+    path = Path(spec.submodule_search_locations[0]) / "na_vit.py"
+    mod_spec = importlib.util.spec_from_file_location("vit_pytorch_na_vit", path)
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    return mod.NaViT
+
+
+def batches(a, n_steps: int):
+    """`n_steps` batches of uint8 images at sampled resolutions, the same for every configuration."""
+    import torch
+
+    from pixformer.data.native import fit_grid, resize_image
+    from pixformer.data.sources import load_source
+    data = load_source(a.data, native=True, max_side=a.hi)
+    data = data.get("train", data.get("all"))
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for s in range(n_steps):
+        idx = torch.randperm(len(data), generator=g)[: a.batch].tolist()
+        imgs = []
+        for i in idx:
+            im = data.images[i]
+            side = int(torch.randint(a.lo, a.hi + 1, (1,), generator=g))
+            gh, gw = fit_grid(im.shape[-2], im.shape[-1], a.patch, a.hi, None, side)
+            imgs.append(resize_image(im, (gh * a.patch, gw * a.patch)))
+        out.append((imgs, torch.randint(0, DIMS["classes"], (a.batch,), generator=g)))
+    return out
+
+
+def worker(name: str, a) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    from pixformer import create_model, set_attention_backend
+    from pixformer.data.augment import normalize
+    from pixformer.data.native import NativeBatcher
+    from pixformer.engine.perf import autocast_dtype
+
+    torch.manual_seed(0)
+    amp = autocast_dtype(a.precision, torch.device("cpu"))
+    data = batches(a, a.steps + 2)
+    norm = lambda x: normalize(x, [0.5] * 3, [0.25] * 3)              # noqa: E731
+    useful = [sum((im.shape[1] // a.patch) * (im.shape[2] // a.patch) for im in imgs) for imgs, _ in data]
+    slots = []
+    if name == "navit":
+        NaViT = load_navit()
+        model = NaViT(image_size=a.hi, patch_size=a.patch, num_classes=DIMS["classes"], dim=DIMS["dim"],
+                      depth=DIMS["depth"], heads=DIMS["heads"], mlp_dim=DIMS["mlp"], dim_head=DIMS["dim"] // DIMS["heads"])
+
+        def loss_of(i):
+            imgs, y = data[i]
+            logits = model([norm(im[None])[0] for im in imgs], group_images=True, group_max_seq_len=a.pack_length)
+            return F.cross_entropy(logits.float(), y)
+    else:
+        model = create_model("vit-n/1", img_size=a.hi, patch_size=a.patch, num_classes=DIMS["classes"], pool="mean",
+                             mlp_ratio=DIMS["mlp"] / DIMS["dim"])
+        set_attention_backend(model, "auto" if name == "packed" else "sdpa")
+        batcher = NativeBatcher(a.patch, False, a.hi, None, a.pack_length if name == "packed" else None)
+
+        def loss_of(i):
+            imgs, y = data[i]
+            packed = batcher(imgs, norm)
+            if len(slots) < len(data):
+                slots.append(packed.segments.numel())
+            return F.cross_entropy(model(packed).float(), y)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    t = time_steps(train_step(loss_of, opt, amp), a.steps)
+    seconds = t["step_s"]
+    tokens = sum(useful[2:]) / a.steps
+    row = {"config": name, "precision": str(amp or torch.float32)[6:], "images_s": a.batch / seconds,
+           "useful_tokens_s": tokens / seconds, "useful_tokens_per_step": tokens, "step_s": seconds,
+           "peak_rss_gib": t["peak_rss_gib"]}
+    if slots:
+        row["packing_efficiency"] = sum(useful[: len(slots)]) / sum(slots)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--worker", default=None)
+    ap.add_argument("--configs", nargs="+", default=CONFIGS)
+    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[1].parent / "shared/data/caltech101.tar.gz"))
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--patch", type=int, default=4)
+    ap.add_argument("--lo", type=int, default=32)
+    ap.add_argument("--hi", type=int, default=96)
+    ap.add_argument("--pack-length", type=int, default=1024)
+    ap.add_argument("--precision", default="auto")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--out", default="benchmarks/results/packing.json")
+    a = ap.parse_args()
+    if a.threads:
+        import torch
+        torch.set_num_threads(a.threads)
+    if a.worker:
+        print(json.dumps(worker(a.worker, a)))
+        return
+    if not Path(a.data).exists():
+        sys.exit(f"{a.data} not found: the benchmark needs mixed-resolution images (Caltech-101's shared training photos)")
+    passed = [f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items() if k not in ("worker", "configs", "out")]
+    rows = run_configs(__file__, a.configs, passed, a.out, {"machine": platform.processor() or platform.machine(),
+                       "settings": {k: v for k, v in vars(a).items() if k not in ("worker", "configs")}}, "pad")
+    for r in rows:
+        eff = f"  packing efficiency {r['packing_efficiency']:.1%}" if "packing_efficiency" in r else ""
+        print(f"{r['config']:<8} {r['useful_tokens_s']:9.0f} useful tokens/s{eff}")
+    packed = next((r for r in rows if r["config"] == "packed"), None)
+    if packed:
+        for other in ("pad", "navit"):
+            o = next((r for r in rows if r["config"] == other), None)
+            if o:
+                print(f"packed: {packed['useful_tokens_s'] / o['useful_tokens_s']:.2f}x the useful tokens/s of {other}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""Images at their native resolution and aspect ratio, as NaViT trains on them ("Patch n' Pack").
+
+    --max-side S / --max-tokens N    each image scaled down (aspect kept) until its longer side is at
+                                     most S pixels / its patch grid at most N tokens; never up
+    --resolution-range LO HI         training only: each image's longer side drawn uniformly from
+                                     [LO, HI] per step (NaViT's resolution sampling), then the budgets
+    --token-drop R / --token-drop-beta A B
+                                     training only: a per-image rate of tokens dropped at random before
+                                     packing (constant, or drawn from Beta(A, B)); ceil(N (1 - r)) kept
+    --pack-length L, --max-per-pack K
+                                     images' token sequences packed greedily (first fit, longest first)
+                                     into sequences of L tokens, at most K images each; without a pack
+                                     length every image has a row of its own, padded to the batch's largest
+
+A batch becomes one `Packed` (models/packed.py): the model attends within each image by segment ids
+and pools per image. Sides are rounded to whole patches.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import PixformerError
+from ..models.packed import Packed
+from ..models.pos_embed import grid_coords
+from ..models.vit import patchify
+
+
+@dataclass
+class NativeSet:
+    """A split of images of different sizes: a list of uint8 (C, H_i, W_i), int64 labels (N,), class names."""
+    images: list[Tensor]
+    labels: Tensor
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, idx: Tensor) -> "NativeSet":
+        return NativeSet([self.images[i] for i in idx.tolist()], self.labels[idx], self.classes)
+
+    @property
+    def in_chans(self) -> int:
+        return self.images[0].shape[0]
+
+
+def fit_grid(h: int, w: int, patch: int, max_side: int | None = None, max_tokens: int | None = None,
+             side: int | None = None) -> tuple[int, int]:
+    """The token grid (rows, cols) an h x w image is given: its longer side set to `side` (if given) or
+    kept, then scaled down to at most `max_side` pixels and `max_tokens` tokens; aspect ratio kept,
+    each side a whole number of patches (at least one)."""
+    scale = (side / max(h, w)) if side else 1.0
+    if max_side:
+        scale = min(scale, max_side / max(h, w))
+    gh, gw = max(1, round(h * scale / patch)), max(1, round(w * scale / patch))
+    if max_side:                                  # rounding may not cross the cap
+        gh, gw = min(gh, max(max_side // patch, 1)), min(gw, max(max_side // patch, 1))
+    if max_tokens and gh * gw > max_tokens:
+        f = math.sqrt(max_tokens / (gh * gw))
+        gh, gw = max(1, math.floor(gh * f)), max(1, math.floor(gw * f))
+        while gh * gw > max_tokens:               # floors keep the aspect; trim the longer side if need be
+            gh, gw = (gh - 1, gw) if gh >= gw else (gh, gw - 1)
+    return gh, gw
+
+
+def resize_image(img: Tensor, size: tuple[int, int]) -> Tensor:
+    """uint8 (C, H, W) -> uint8 (C, *size), antialiased bilinear; unchanged at its own size."""
+    if tuple(img.shape[-2:]) == tuple(size):
+        return img
+    out = F.interpolate(img[None].float(), size=tuple(size), mode="bilinear", antialias=True, align_corners=False)
+    return out[0].round().clamp(0, 255).to(torch.uint8)
+
+
+def kept_tokens(n: int, rate: float, g: torch.Generator | None) -> Tensor:
+    """Indices (sorted) of the ceil(n (1 - rate)) tokens of n kept when dropping at `rate`, drawn by `g`."""
+    keep = max(1, math.ceil(n * (1.0 - rate) - 1e-9))
+    if keep >= n:
+        return torch.arange(n)
+    return torch.randperm(n, generator=g)[:keep].sort().values
+
+
+def pack_sequences(lengths: list[int], pack_length: int, max_per_pack: int) -> list[list[int]]:
+    """Greedy first-fit packing, longest first: lists of sequence indices whose lengths sum to at most
+    `pack_length`, at most `max_per_pack` each; every sequence in exactly one pack."""
+    too_long = [(i, n) for i, n in enumerate(lengths) if n > pack_length]
+    if too_long:
+        i, n = too_long[0]
+        raise PixformerError(f"an image of {n} tokens does not fit --pack-length {pack_length}: set --max-tokens "
+                             f"(at most {pack_length}) or a smaller --max-side, or a longer --pack-length")
+    packs: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        j = next((j for j in range(len(packs)) if room[j] >= lengths[i] and len(packs[j]) < max_per_pack), None)
+        if j is None:
+            packs.append([])
+            room.append(pack_length)
+            j = len(packs) - 1
+        packs[j].append(i)
+        room[j] -= lengths[i]
+    return packs
+
+
+@dataclass
+class NativeBatcher:
+    """Turns a list of uint8 images of any sizes into a `Packed` batch (see the module doc)."""
+    patch: int
+    cls: bool                                   # a class-token slot per image
+    max_side: int | None = None
+    max_tokens: int | None = None
+    pack_length: int | None = None
+    max_per_pack: int = 64
+    resolution_range: tuple[int, int] | None = None
+    token_drop: float = 0.0
+    token_drop_beta: tuple[float, float] | None = None
+    side: int | None = None                     # every image's longer side set to this (evaluation at a resolution)
+
+    def __post_init__(self):
+        if not (self.max_side or self.max_tokens):
+            raise PixformerError("native resolution needs a budget: --max-side S or --max-tokens N")
+        if not 0 <= self.token_drop < 1:
+            raise PixformerError(f"--token-drop is a rate in [0, 1), got {self.token_drop}")
+        if self.resolution_range is not None:
+            lo, hi = self.resolution_range
+            if not 0 < lo <= hi:
+                raise PixformerError(f"--resolution-range needs 0 < LO <= HI, got {lo} {hi}")
+        if self.token_drop_beta is not None and min(self.token_drop_beta) <= 0:
+            raise PixformerError(f"--token-drop-beta takes two Beta parameters > 0, got {self.token_drop_beta}")
+        if self.pack_length is not None:
+            side = (self.max_side or 10 ** 9) // self.patch
+            worst = min(self.max_tokens or side * side, side * side) + self.cls
+            if self.max_per_pack < 1:
+                raise PixformerError(f"--max-per-pack must be at least 1, got {self.max_per_pack}")
+            if worst > self.pack_length:
+                raise PixformerError(f"--pack-length {self.pack_length} is shorter than one image's tokens (up to "
+                                     f"{worst} with these budgets); use a longer pack or a smaller --max-tokens")
+
+    def grid(self, img: Tensor, side: int | None = None) -> tuple[int, int]:
+        """The token grid `img` gets (at evaluation: side = self.side)."""
+        return fit_grid(img.shape[-2], img.shape[-1], self.patch, self.max_side, self.max_tokens, side or self.side)
+
+    def __call__(self, images: list[Tensor], normalize: Callable[[Tensor], Tensor],
+                 g: torch.Generator | None = None, train: bool = False) -> Packed:
+        """Pack `images` (uint8 (C, H, W) each); `normalize` maps uint8 (1, C, H, W) to floats. With
+        `train`, resolution sampling and token dropping draw from `g`; otherwise neither is applied."""
+        p = self.patch
+        seqs = []                                                          # (patches, coords, grid) per image
+        for img in images:
+            side = self.side
+            if train and self.resolution_range is not None:
+                lo, hi = self.resolution_range
+                side = int(torch.randint(lo, hi + 1, (1,), generator=g))
+            gh, gw = self.grid(img, side)
+            x = normalize(resize_image(img, (gh * p, gw * p))[None])[0]    # (C, gh*p, gw*p) floats
+            patches = patchify(x[None], p)[0][0]                           # (N, p*p*C), the model's layout
+            coords = grid_coords(gh, gw)                                   # (N, 2)
+            rate = self.drop_rate(g) if train else 0.0
+            if rate > 0:
+                keep = kept_tokens(gh * gw, rate, g)
+                patches, coords = patches[keep], coords[keep]
+            seqs.append((patches, coords, (gh, gw)))
+        lengths = [len(s[0]) + self.cls for s in seqs]
+        if self.pack_length is None:                                       # a row per image, padded
+            packs, L = [[i] for i in range(len(seqs))], max(lengths)
+        else:
+            packs, L = pack_sequences(lengths, self.pack_length, self.max_per_pack), self.pack_length
+        dim = seqs[0][0].shape[1]
+        P = len(packs)
+        patches = torch.zeros(P, L, dim, dtype=seqs[0][0].dtype)
+        coords = torch.zeros(P, L, 2)
+        grids = torch.ones(P, L, 2)
+        segments = torch.full((P, L), -1, dtype=torch.long)
+        cls_slots = torch.zeros(P, L, dtype=torch.bool) if self.cls else None
+        for row, members in enumerate(packs):
+            at = 0
+            for i in members:
+                x, c, grid = seqs[i]
+                n = len(x) + self.cls
+                segments[row, at: at + n] = i
+                grids[row, at: at + n] = torch.tensor(grid, dtype=torch.float32)
+                if self.cls:
+                    cls_slots[row, at] = True
+                patches[row, at + self.cls: at + n] = x
+                coords[row, at + self.cls: at + n] = c
+                at += n
+        return Packed(patches, coords, grids, segments, len(images), cls_slots)
+
+    def drop_rate(self, g: torch.Generator | None) -> float:
+        """This image's drop rate: the constant, or a Beta(a, b) draw seeded from `g` (torch's Beta
+        sampler takes no generator, so numpy's draws it)."""
+        if self.token_drop_beta is None:
+            return self.token_drop
+        seed = int(torch.randint(0, 2 ** 62, (1,), generator=g))
+        return float(np.random.default_rng(seed).beta(*self.token_drop_beta))
+
+    def table_size(self) -> tuple[int, int]:
+        """The image size a model's learned position table is laid out for under these budgets."""
+        side = self.max_side or self.patch * math.ceil(math.sqrt(self.max_tokens))
+        return side, side
+
+
+def batcher_from_config(cfg: dict, patch: int, cls: bool) -> NativeBatcher | None:
+    """The batcher of a run's settings (a TrainConfig as a mapping), or None for a square-image run."""
+    if not (cfg.get("max_side") or cfg.get("max_tokens")):
+        return None
+    rr, beta = cfg.get("resolution_range"), cfg.get("token_drop_beta")
+    return NativeBatcher(patch, cls, cfg.get("max_side"), cfg.get("max_tokens"), cfg.get("pack_length"),
+                         cfg.get("max_per_pack", 64), None if rr is None else tuple(rr), cfg.get("token_drop", 0.0),
+                         None if beta is None else tuple(beta))

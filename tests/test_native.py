@@ -1,0 +1,183 @@
+"""Native resolution (NaViT's Patch n' Pack): packing, per-image attention and pooling, token dropping,
+budgets, absolute / fractional position coordinates, training and any-resolution evaluation."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pixformer import PixformerError, create_model, set_attention_backend
+from pixformer.data.augment import normalize
+from pixformer.data.native import NativeBatcher, fit_grid, kept_tokens, pack_sequences
+from pixformer.models.attention import AttnSpec, attention, segment_runs
+from pixformer.models.packed import segment_mean
+
+SIZES = [(12, 20), (16, 16), (8, 28), (20, 8), (4, 4)]   # (H, W), all multiples of patch 4
+NORM = lambda x: normalize(x, [0.5, 0.5, 0.5], [0.25, 0.25, 0.25])  # noqa: E731
+
+
+def images(sizes=SIZES, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8) for h, w in sizes]
+
+
+@pytest.mark.parametrize("backend", ["auto", "varlen", "blocked", "math", "sdpa", "flex"])
+@pytest.mark.parametrize("pool,pos", [("cls", "learned"), ("mean", "factorized"), ("mean", "sincos2d")])
+def test_packed_images_give_what_each_gives_alone(backend, pool, pos):
+    """Each image's logits from a pack equal the image run alone (fp32, 1e-5), for every backend
+    that takes segment ids, with a class token or mean pooling and each kind of position embedding."""
+    torch.manual_seed(0)
+    model = create_model("vit-n/4", img_size=16, num_classes=7, depth=2, dim=32, heads=4, pool=pool, pos_embed=pos).eval()
+    imgs = images()
+    batcher = NativeBatcher(4, pool == "cls", max_side=28, pack_length=50, max_per_pack=3)
+    packed = batcher(imgs, NORM)
+    assert packed.segments.shape[0] < len(imgs)                 # several images share a sequence
+    set_attention_backend(model, backend)
+    with torch.no_grad():
+        together = model(packed)                                # (M, 7)
+        set_attention_backend(model, "math")
+        alone = torch.cat([model(NORM(im[None])) for im in imgs])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_gradients_match_alone_through_the_default_kernel():
+    torch.manual_seed(0)
+    model = create_model("vit-n/4", img_size=16, num_classes=5, depth=2, dim=32, heads=4, pool="mean")
+    imgs = images()
+    y = torch.arange(len(imgs)) % 5
+    loss = torch.nn.functional.cross_entropy(model(NativeBatcher(4, False, max_side=28, pack_length=64)(imgs, NORM)), y)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    alone = torch.cat([model(NORM(im[None])) for im in imgs])
+    ref = torch.autograd.grad(torch.nn.functional.cross_entropy(alone, y), list(model.parameters()))
+    for a, b in zip(grads, ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_pooling_ignores_padding_and_other_images():
+    feats = torch.randn(2, 6, 3)
+    seg = torch.tensor([[0, 0, 1, 1, 1, -1], [2, 2, 2, 2, -1, -1]])
+    keep = seg >= 0
+    out = segment_mean(feats, seg, keep, 3)
+    torch.testing.assert_close(out[1], feats[0, 2:5].mean(0))
+    changed = feats.clone()
+    changed[0, 5] = 1e6                                     # padding
+    changed[0, :2] += 5                                     # image 0
+    assert torch.equal(segment_mean(changed, seg, keep, 3)[1:], out[1:])
+
+
+def test_every_image_lands_in_exactly_one_pack_within_the_caps():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 60, 200).tolist()
+    packs = pack_sequences(lengths, 64, 5)
+    assert sorted(i for p in packs for i in p) == list(range(200))
+    assert all(sum(lengths[i] for i in p) <= 64 and len(p) <= 5 for p in packs)
+    packed = NativeBatcher(4, True, max_side=28, pack_length=50)(images(), NORM)
+    counts = torch.bincount(packed.segments[packed.segments >= 0], minlength=len(SIZES))
+    assert counts.tolist() == [h * w // 16 + 1 for h, w in SIZES]      # every token (and a class slot) once
+    assert packed.cls_slots.sum() == len(SIZES)
+    assert packed.useful == sum(counts.tolist())
+
+
+def test_token_dropping_keeps_the_ceiling_and_the_kept_coordinates():
+    g = torch.Generator().manual_seed(0)
+    assert len(kept_tokens(10, 0.25, g)) == math.ceil(10 * 0.75) == 8
+    imgs = images()
+    batcher = NativeBatcher(4, False, max_side=28, pack_length=64, token_drop=0.3)
+    packed = batcher(imgs, NORM, torch.Generator().manual_seed(1), train=True)
+    full = NativeBatcher(4, False, max_side=28, pack_length=64)(imgs, NORM)    # evaluation: nothing dropped
+    for i, (h, w) in enumerate(SIZES):
+        n = h * w // 16
+        mine = packed.segments == i
+        assert int(mine.sum()) == math.ceil(n * 0.7)
+        assert int((full.segments == i).sum()) == n
+        # each kept token carries the patch of its coordinates in the whole image
+        ref = {tuple(c.tolist()): p for c, p in zip(full.coords[full.segments == i], full.patches[full.segments == i])}
+        for c, p in zip(packed.coords[mine], packed.patches[mine]):
+            assert torch.equal(ref[tuple(c.tolist())], p)
+
+
+def test_budgets_keep_the_aspect_and_never_exceed():
+    assert fit_grid(300, 200, 4, max_side=48) == (12, 8)
+    gh, gw = fit_grid(300, 200, 4, max_tokens=50)
+    assert gh * gw <= 50 and gh > gw
+    assert fit_grid(20, 20, 4, max_side=100) == (5, 5)          # never up without a side
+    assert fit_grid(20, 40, 4, max_side=100, side=80) == (10, 20)
+
+
+def test_bad_packing_inputs_are_one_line_each():
+    with pytest.raises(PixformerError, match="shorter than one image"):
+        NativeBatcher(4, False, max_side=64, pack_length=100)       # a 16x16 grid is 256 tokens
+    with pytest.raises(PixformerError, match="does not fit --pack-length"):
+        pack_sequences([10, 70], 64, 4)
+    with pytest.raises(PixformerError, match="needs a budget"):
+        NativeBatcher(4, False)
+
+
+def test_absolute_coordinates_refuse_to_extrapolate_and_fractional_ones_do_not():
+    model = create_model("vit-n/4", img_size=16, num_classes=3, depth=1, dim=16, heads=2, pos_embed="factorized",
+                         pos_coords="absolute")
+    model(torch.randn(1, 3, 16, 8))                             # within the 4x4 table
+    with pytest.raises(PixformerError, match="cannot extrapolate"):
+        model(torch.randn(1, 3, 24, 16))
+    frac = create_model("vit-n/4", img_size=16, num_classes=3, depth=1, dim=16, heads=2, pos_embed="factorized")
+    assert frac(torch.randn(1, 3, 24, 16)).shape == (1, 3)
+
+
+def test_packed_sequences_never_take_a_dense_mask_by_default():
+    from pixformer.models.attention import auto_backend
+    assert auto_backend("cpu", torch.float32, 10 ** 9, segments=True) == "varlen"
+    assert auto_backend("cpu", torch.bfloat16, 10, segments=True) == "varlen"
+    assert auto_backend("cuda", torch.bfloat16, 10, segments=True) == "flex"
+
+
+def test_varlen_runs_need_contiguous_segments():
+    assert segment_runs(torch.tensor([[0, 0, 1, -1]])) == [(0, 0, 2, 0), (0, 2, 3, 1), (0, 3, 4, -1)]
+    assert segment_runs(torch.tensor([[0, 1, 0]])) is None
+    q = torch.randn(1, 2, 3, 4)
+    spec = AttnSpec(segment_ids=torch.tensor([[0, 1, 0]]))                  # falls back to "blocked"
+    torch.testing.assert_close(attention(q, q, q, spec, backend="varlen")[0], attention(q, q, q, spec, backend="math")[0])
+
+
+def _mixed_folder(root, per_class=10):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            h, w = int(rng.integers(10, 40)), int(rng.integers(10, 40))
+            arr = np.full((h, w, 3), 200 if c == "a" else 40, np.uint8) + rng.integers(0, 30, (h, w, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(root / c / f"{i}.png")
+    return root
+
+
+NATIVE_RUN = dict(model="vit-n/4", model_args=dict(depth=1, dim=16, heads=2), batch_size=4, epochs=3,
+                  max_side=24, pack_length=48, resolution_range=(12, 24), token_drop_beta=(2.0, 5.0), hflip=True,
+                  val_fraction=0.25, progress=False)
+
+
+def test_native_run_trains_resumes_exactly_and_evaluates_at_any_resolution(tmp_path, resumes_exactly, capsys):
+    from pixformer import TrainConfig, train
+    from pixformer.cli import main
+    data = str(_mixed_folder(tmp_path / "photos"))
+    full = train(TrainConfig(**NATIVE_RUN, data=data, out=str(tmp_path / "full")))
+    assert full["val_n"] == 5
+    resumes_exactly({**NATIVE_RUN, "data": data}, full)
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(tmp_path / "full"), "--split", "val", "--resolutions", "12,24,32"]) == 0
+    table = capsys.readouterr().out
+    assert "GFLOPs" in table and "32" in table
+    rows = json.loads((tmp_path / "full" / "resolutions" / "resolutions.json").read_text())
+    assert [r["resolution"] for r in rows] == [12, 24, 32]
+    assert rows[0]["tokens"] < rows[1]["tokens"] < rows[2]["tokens"]
+    assert (tmp_path / "full" / "resolutions" / "resolutions.png").exists()
+
+
+def test_native_settings_refused_where_they_cannot_apply(tmp_path):
+    from pixformer import TrainConfig, train
+    with pytest.raises(PixformerError, match="ViT classifier"):
+        train(TrainConfig(model="convmixer-256/8", data="digits", max_side=8, progress=False))
+    with pytest.raises(PixformerError, match="crop-padding"):
+        train(TrainConfig(model="vit-n/2", data="digits", max_side=8, crop_padding=2, progress=False))
+    with pytest.raises(PixformerError, match="different sizes"):
+        train(TrainConfig(model="vit-n/4", data=str(_mixed_folder(tmp_path / "p")), progress=False))
