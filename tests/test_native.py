@@ -162,6 +162,8 @@ def test_native_run_trains_resumes_exactly_and_evaluates_at_any_resolution(tmp_p
     data = str(_mixed_folder(tmp_path / "photos"))
     full = train(TrainConfig(**NATIVE_RUN, data=data, out=str(tmp_path / "full")))
     assert full["val_n"] == 5
+    logged = [json.loads(l) for l in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 <= r["train_padding"] < 1 for r in logged if "train_loss" in r)   # padding reported
     resumes_exactly({**NATIVE_RUN, "data": data}, full)
     capsys.readouterr()
     assert main(["eval", "--checkpoint", str(tmp_path / "full"), "--split", "val", "--resolutions", "12,24,32"]) == 0

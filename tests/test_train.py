@@ -225,12 +225,15 @@ def test_bad_task_and_model_settings_are_refused_before_any_work(tmp_path):
     assert not any((tmp_path / n).exists() for n in "abcd")
 
 
-def test_a_multi_process_launch_is_refused_until_training_across_processes_exists(monkeypatch):
+def test_one_process_runtime_and_a_launch_without_torchrun_refused(monkeypatch):
     from pixformer import Runtime
     rt = Runtime.create("cpu")
     assert rt.is_main and rt.world_size == 1 and rt.all_reduce({"n": 3, "top1": 2.0}) == {"n": 3, "top1": 2.0}
+    assert rt.part(64) == slice(0, 64)
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(PixformerError, match="launched as 2 processes"):
+    for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR"):
+        monkeypatch.delenv(k, raising=False)
+    with pytest.raises(PixformerError, match="without torchrun"):
         Runtime.create("cpu")
     with pytest.raises(PixformerError, match="unknown device 'gpu0'"):
         monkeypatch.delenv("WORLD_SIZE") or Runtime.create("gpu0")

@@ -145,23 +145,29 @@ class NativeBatcher:
         return fit_grid(img.shape[-2], img.shape[-1], self.patch, self.max_side, self.max_tokens, side or self.side)
 
     def __call__(self, images: list[Tensor], normalize: Callable[[Tensor], Tensor],
-                 g: torch.Generator | None = None, train: bool = False) -> Packed:
+                 g: torch.Generator | None = None, train: bool = False, part: slice | None = None) -> Packed:
         """Pack `images` (uint8 (C, H, W) each); `normalize` maps uint8 (1, C, H, W) to floats. With
-        `train`, resolution sampling and token dropping draw from `g`; otherwise neither is applied."""
+        `train`, resolution sampling and token dropping draw from a generator per image, seeded from `g`
+        for the whole list, so packing only the images in `part` (a rank's share) draws what packing
+        them all would; otherwise neither is applied."""
         p = self.patch
+        seeds = torch.randint(0, 2 ** 62, (len(images),), generator=g).tolist() if train else [0] * len(images)
+        if part is not None:
+            images, seeds = images[part], seeds[part]
         seqs = []                                                          # (patches, coords, grid) per image
-        for img in images:
+        for img, seed in zip(images, seeds):
+            gi = torch.Generator().manual_seed(seed)                       # this image's draws
             side = self.side
             if train and self.resolution_range is not None:
                 lo, hi = self.resolution_range
-                side = int(torch.randint(lo, hi + 1, (1,), generator=g))
+                side = int(torch.randint(lo, hi + 1, (1,), generator=gi))
             gh, gw = self.grid(img, side)
             x = normalize(resize_image(img, (gh * p, gw * p))[None])[0]    # (C, gh*p, gw*p) floats
             patches = patchify(x[None], p)[0][0]                           # (N, p*p*C), the model's layout
             coords = grid_coords(gh, gw)                                   # (N, 2)
-            rate = self.drop_rate(g) if train else 0.0
+            rate = self.drop_rate(gi) if train else 0.0
             if rate > 0:
-                keep = kept_tokens(gh * gw, rate, g)
+                keep = kept_tokens(gh * gw, rate, gi)
                 patches, coords = patches[keep], coords[keep]
             seqs.append((patches, coords, (gh, gw)))
         lengths = [len(s[0]) + self.cls for s in seqs]

@@ -43,7 +43,7 @@ from .checkpoint import (find_checkpoint, init_from, load_tensors, load_weights,
 from .config import TrainConfig, as_json, changed_settings
 from .perf import apply_speed_settings, autocast_dtype, onednn_pays
 from .plan import selective_pays
-from .runtime import Runtime
+from .runtime import RankRandom, Runtime
 
 
 # ---- data ----------------------------------------------------------------------------------
@@ -134,6 +134,8 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
 def native_batcher(cfg: TrainConfig | dict, model: nn.Module) -> NativeBatcher | None:
     """The batcher that packs a native-resolution run's images for `model` (None for square images)."""
     cfg = as_json(cfg) if isinstance(cfg, TrainConfig) else cfg
+    if not (cfg.get("max_side") or cfg.get("max_tokens")):
+        return None
     return batcher_from_config(cfg, model.cfg.patch_size, getattr(model, "cls_token", None) is not None)
 
 
@@ -149,6 +151,9 @@ def evaluate(task: Task, model: nn.Module, data: ImageSet | NativeSet, batch_siz
     for idx in batch_indices(len(data), batch_size, 0, 0, shuffle=False):
         if stop is not None:
             stop.check()
+        idx = idx.tensor_split(runtime.world_size)[runtime.rank]        # this process's share; sums all-reduced
+        if len(idx) == 0:
+            continue
         if batcher is not None:
             x = batcher([data.images[i] for i in idx.tolist()], task.inputs).to(device)
         else:
@@ -234,6 +239,16 @@ def train(cfg: TrainConfig, data: Prepared | None = None) -> dict[str, Any]:
                              "transformers ViT folder (config.json and safetensors) or a timm ViT state dict (.safetensors)")
     saved = _resumable_state(cfg)                                        # before any data is loaded
     runtime = Runtime.create(cfg.device)
+    try:
+        result = _train(cfg, data, runtime, task_cls, task_cfg, saved)
+    except BaseException:
+        runtime.close(barrier=False)     # the other ranks may be inside a collective: do not wait for them
+        raise
+    runtime.close()
+    return result
+
+
+def _train(cfg: TrainConfig, data: Prepared | None, runtime: Runtime, task_cls, task_cfg, saved) -> dict[str, Any]:
     device, amp = runtime.device, autocast_dtype(cfg.precision, runtime.device)
     data = data or prepare_data(cfg)
     splits, facts = data.splits, data.facts
@@ -241,13 +256,14 @@ def train(cfg: TrainConfig, data: Prepared | None = None) -> dict[str, Any]:
     prep = lambda s: None if s is None else task.prepare(s)            # noqa: E731
     splits = Splits(prep(splits.train), prep(splits.val), prep(splits.test), splits.val_from)
 
+    say = tqdm.write if runtime.is_main else (lambda *a, **k: None)     # one process speaks (above the bar)
     torch.manual_seed(cfg.seed)
     model = task.build_model(cfg.model, cfg.model_args)
     name = model_name(model)
     batcher = native_batcher(cfg, model)                               # None for images of one size
     if cfg.init and saved is None:                                       # a resumed run has its own weights
         got = init_from(model, cfg.init)
-        print(f"init from {cfg.init} ({got['format']}): loaded {len(got['loaded'])} tensors; new: "
+        say(f"init from {cfg.init} ({got['format']}): loaded {len(got['loaded'])} tensors; new: "
               f"{summarize_keys(got['new'])}; not used: {summarize_keys(got['unused'])}"
               + (f"; converted: {', '.join(got['converted'])}" if got["converted"] else ""))
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(name, cfg.data)
@@ -263,6 +279,8 @@ def train(cfg: TrainConfig, data: Prepared | None = None) -> dict[str, Any]:
     apply_speed_settings(model, **speed)                                 # from outside the model
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.layer_decay), lr=cfg.lr, betas=tuple(cfg.betas),
                             foreach=True)   # torch's CPU default updates the tensors one by one
+    part = runtime.part(cfg.batch_size)                                  # this process's rows of each batch
+    step_model = runtime.wrap(model)                                     # DDP across processes
 
     steps_per_epoch = max(len(splits.train) // cfg.batch_size, 1)
     total_steps = cfg.epochs * steps_per_epoch
@@ -295,9 +313,9 @@ def train(cfg: TrainConfig, data: Prepared | None = None) -> dict[str, Any]:
             rows = [json.loads(l) for l in metrics_path.read_text().splitlines()]
             keep = [r for r in rows if (state["test"] is not None if _is_test_row(r) else r["epoch"] <= state["epochs_logged"])]
             metrics_path.write_text("".join(json.dumps(r) + "\n" for r in keep))
-        print(f"resuming {run_dir} at step {step}/{total_steps}")
+        say(f"resuming {run_dir} at step {step}/{total_steps}")
     elif cfg.resume:
-        print(f"no checkpoint in {run_dir}; starting from scratch")
+        say(f"no checkpoint in {run_dir}; starting from scratch")
     elif ckpt is not None:
         raise PixformerError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
     tb = None
@@ -325,7 +343,7 @@ def train(cfg: TrainConfig, data: Prepared | None = None) -> dict[str, Any]:
     ema_other = [(e, m) for e, m in ema_pairs if not e.is_floating_point()]   # e.g. BatchNorm's batch count
     eval_model = ema or model
     val, lr = None, lr_at(max(step - 1, 0), total_steps, warmup, cfg.lr, cfg.min_lr)   # of the last step taken
-    bar = tqdm(total=total_steps, initial=step, disable=not cfg.progress, dynamic_ncols=True,
+    bar = tqdm(total=total_steps, initial=step, disable=not (cfg.progress and runtime.is_main), dynamic_ncols=True,
                desc=f"{name} {Path(cfg.data).name}")
     try:
         with StopFlag() as stop:
@@ -338,11 +356,12 @@ def train(cfg: TrainConfig, data: Prepared | None = None) -> dict[str, Any]:
                         state[f"best_{metric}"] = val[metric]
                     n = max(running.get("n", 0), 1)
                     record = {"step": step, "epoch": epochs_done, "lr": lr,
-                              **{f"train_{k}": v / n for k, v in running.items() if k not in ("n", "_seconds")},
+                              **{f"train_{k}": v / n for k, v in running.items() if not k.startswith("_") and k != "n"},
                               "img_per_s": running.get("n", 0) / max(running.get("_seconds", 0), 1e-9),
+                              **({"train_padding": 1 - running["_useful"] / running["_slots"]} if "_slots" in running else {}),
                               **{f"val_{k}": v for k, v in val.items() if k != "n"}}
                     log(record)
-                    bar.write(f"{name} epoch {epochs_done}/{cfg.epochs}  train loss {record.get('train_loss', 0):.4f}  "
+                    say(f"{name} epoch {epochs_done}/{cfg.epochs}  train loss {record.get('train_loss', 0):.4f}  "
                               + "  ".join(f"val {k} {v:.4f}" for k, v in val.items() if k != "n"))
                     if runtime.is_main:
                         task.report(eval_model, splits.val, run_dir, epochs_done)
@@ -359,23 +378,26 @@ def train(cfg: TrainConfig, data: Prepared | None = None) -> dict[str, Any]:
                     torch.manual_seed(cfg.seed * 1_000_003 + step)          # dropout / drop-path, per step
                     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
                     rng = np.random.default_rng([cfg.seed, step])
+                    # the global batch is drawn and augmented as one process would, then this rank's rows kept
                     if batcher is not None:                                 # images of any sizes, packed
                         images = [splits.train.images[i] for i in idx.tolist()]
                         flips = torch.rand(len(images), generator=g) < 0.5 if cfg.hflip else [False] * len(images)
                         images = [im.flip(-1) if f else im for im, f in zip(images, flips)]
-                        x = batcher(images, task.inputs, g, train=True).to(device)
+                        x = batcher(images, task.inputs, g, train=True, part=part).to(device)
                     else:
                         images = splits.train.images[idx].to(device, non_blocking=True)   # uint8 (B, C, H, W)
                         images = random_crop(images, cfg.crop_padding, g)
                         images = random_flip(images, g) if cfg.hflip else images
-                        x = task.inputs(images)
-                    y = splits.train.labels[idx].to(device)
+                        x = task.inputs(images[part])
+                    y = splits.train.labels[idx][part].to(device)
+                    if runtime.world_size > 1:
+                        rng = RankRandom(rng, part, len(idx))
 
                     lr = lr_at(step, total_steps, warmup, cfg.lr, cfg.min_lr)
                     for group in opt.param_groups:
                         group["lr"] = lr * group["lr_scale"]
                     with torch.autocast(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                        loss, stats = task.loss(model, x, y, rng)
+                        loss, stats = task.loss(step_model, x, y, rng)
                     if not torch.isfinite(loss):
                         raise PixformerError(f"loss became {loss.item()} at step {step}; lower --lr or use --precision fp32")
                     opt.zero_grad(set_to_none=True)
@@ -389,13 +411,18 @@ def train(cfg: TrainConfig, data: Prepared | None = None) -> dict[str, Any]:
                             for e, m in ema_other:
                                 e.copy_(m)
                     step += 1
+                    stats = runtime.all_reduce(stats)                     # the global batch's statistics
 
                     for k, v in stats.items():
                         running[k] = running.get(k, 0) + v
                     running["_seconds"] = running.get("_seconds", 0.0) + time.perf_counter() - t0
+                    if batcher is not None:                               # the share of packed slots left empty
+                        slots = runtime.all_reduce({"_useful": x.useful, "_slots": x.segments.numel()})
+                        for k, v in slots.items():
+                            running[k] = running.get(k, 0) + v
                     n = max(running.get("n", 0), 1)
                     bar.update(1)
-                    bar.set_postfix(epoch=epoch + 1, **{k: f"{v / n:.3f}" for k, v in running.items() if k not in ("n", "_seconds")},
+                    bar.set_postfix(epoch=epoch + 1, **{k: f"{v / n:.3f}" for k, v in running.items() if not k.startswith("_") and k != "n"},
                                     img_s=f"{running.get('n', 0) / running['_seconds']:.0f}", lr=f"{lr:.1e}")
                     stop.check()
                     if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step % steps_per_epoch:

@@ -60,7 +60,7 @@ class DiffusionConfig:
     sampler: str = "ddim"               # sampler of the per-epoch grid (and `pixformer sample`'s default)
     sample_steps: int = 50
     cfg_scale: float = 1.5              # guidance of the per-epoch grid (1 = none; DiT's FID setting is 1.5)
-    samples: int = 16                   # images in each epoch's grid
+    samples: int = 16                   # images in each epoch's grid (0: no grid)
     latent_vae: str | None = None       # a local folder with a diffusers AutoencoderKL: train on its latents
 
     def __post_init__(self):
@@ -289,11 +289,13 @@ class Diffusion(Task):
         return labels.to(device)
 
     @torch.no_grad()
-    def report(self, model: nn.Module, data: ImageSet, run_dir: Path, epoch: int) -> Path:
+    def report(self, model: nn.Module, data: ImageSet, run_dir: Path, epoch: int) -> Path | None:
         """A grid of `samples` images from a fixed seed (classes 0, 1, 2, ... in turn), so a run shows
-        the same noise turning into images epoch by epoch."""
-        model.eval()
+        the same noise turning into images epoch by epoch; none with samples = 0."""
         n = self.cfg.samples
+        if n == 0:
+            return None
+        model.eval()
         scale = self.cfg.cfg_scale if self.cfg.conditional else 1.0
         images = self.to_images(self.sample(model, n, cfg_scale=scale, seed=0)).cpu()
         per_row = n if n <= 8 else next(d for d in (8, 7, 6, 5, 4, 3, 2, 1) if n % d == 0)
