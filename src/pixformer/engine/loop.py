@@ -67,9 +67,9 @@ def prepare_data(cfg: TrainConfig) -> Prepared:
             raise PixformerError(f"--train-subset {cfg.train_subset} exceeds the {len(train)} training images")
         idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.train_subset]
         train = train.subset(idx.sort().values)
-    mean, std = channel_stats(train.images)
     if cfg.native:
         patch = native_patch(cfg)
+        mean, std = channel_stats(train.images)
         side = cfg.max_side or max(max(im.shape[-2:]) for im in train.images)
         side = patch * max(1, -(-side // patch))
         return Prepared(Splits(train, s.val, s.test, s.val_from), DataFacts(train.classes, train.in_chans, (side, side), mean, std))
