@@ -2,6 +2,7 @@
 in a fresh process (so peak memory is its own), comparing against a reference configuration."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import resource
 import statistics
@@ -10,6 +11,19 @@ import sys
 import time
 from pathlib import Path
 from typing import Callable
+
+
+def vit_pytorch_file(name: str):
+    """A module of vit-pytorch loaded by file path (`vit.py`, `na_vit.py`): its package `__init__` imports
+    torchvision, which does not work with the CPU torch here."""
+    spec = importlib.util.find_spec("vit_pytorch")
+    if spec is None:
+        sys.exit("vit-pytorch is not installed: .venv/bin/pip install --no-deps vit-pytorch")
+    path = Path(spec.submodule_search_locations[0]) / name
+    mod_spec = importlib.util.spec_from_file_location(f"vit_pytorch_{path.stem}", path)
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    return mod
 
 
 def time_steps(step: Callable[[int], None], steps: int, warmup: int = 2) -> dict:

@@ -19,27 +19,15 @@ useful (image, non-padding) tokens per second; packing efficiency is useful toke
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import platform
 import sys
 from pathlib import Path
 
-from harness import run_configs, time_steps, train_step
+from harness import run_configs, time_steps, train_step, vit_pytorch_file
 
 DIMS = dict(depth=6, dim=128, heads=4, mlp=512, classes=101)
 CONFIGS = ["packed", "pad", "navit"]
-
-
-def load_navit():
-    spec = importlib.util.find_spec("vit_pytorch")
-    if spec is None:
-        sys.exit("vit-pytorch is not installed: .venv/bin/pip install --no-deps vit-pytorch")
-    path = Path(spec.submodule_search_locations[0]) / "na_vit.py"
-    mod_spec = importlib.util.spec_from_file_location("vit_pytorch_na_vit", path)
-    mod = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(mod)
-    return mod.NaViT
 
 
 def batches(a, n_steps: int):
@@ -80,7 +68,7 @@ def worker(name: str, a) -> dict:
     useful = [sum((im.shape[1] // a.patch) * (im.shape[2] // a.patch) for im in imgs) for imgs, _ in data]
     slots = []
     if name == "navit":
-        NaViT = load_navit()
+        NaViT = vit_pytorch_file("na_vit.py").NaViT
         model = NaViT(image_size=a.hi, patch_size=a.patch, num_classes=DIMS["classes"], dim=DIMS["dim"],
                       depth=DIMS["depth"], heads=DIMS["heads"], mlp_dim=DIMS["mlp"], dim_head=DIMS["dim"] // DIMS["heads"])
 

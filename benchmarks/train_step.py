@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from harness import vit_pytorch_file
 
 DIMS = dict(depth=12, dim=192, heads=3, mlp_dim=768, num_classes=10)   # PiT-T
 GiB = 2 ** 30
@@ -45,14 +46,7 @@ GiB = 2 ** 30
 
 # ---- the two models ------------------------------------------------------------------------
 def reference_vit(img: int):
-    spec = importlib.util.find_spec("vit_pytorch")
-    if spec is None:
-        sys.exit("vit-pytorch is not installed: .venv/bin/pip install --no-deps vit-pytorch")
-    path = Path(spec.submodule_search_locations[0]) / "vit.py"
-    mod_spec = importlib.util.spec_from_file_location("vit_pytorch_vit", path)
-    mod = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(mod)
-    return mod.ViT(image_size=img, patch_size=1, num_classes=DIMS["num_classes"], dim=DIMS["dim"],
+    return vit_pytorch_file("vit.py").ViT(image_size=img, patch_size=1, num_classes=DIMS["num_classes"], dim=DIMS["dim"],
                    depth=DIMS["depth"], heads=DIMS["heads"], mlp_dim=DIMS["mlp_dim"],
                    dim_head=DIMS["dim"] // DIMS["heads"], pool="cls")
 

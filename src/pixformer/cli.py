@@ -238,7 +238,7 @@ def cmd_eval(ns) -> int:
     from .data.splits import run_split
     from .engine import Runtime, evaluate, load_model
     from .engine.checkpoint import find_checkpoint
-    from .engine.loop import native_batcher
+    from .data.native import batcher_for
     from .engine.perf import autocast_dtype
     from .experiments.resolution import format_rows, parse_resolutions, resolution_sweep, write_sweep
     from .tasks import task_of
@@ -268,7 +268,7 @@ def cmd_eval(ns) -> int:
         print(format_rows(rows, metric))
         print(json.dumps(rows) if ns.json else f"wrote {', '.join(map(str, files))}")
         return 0
-    metrics = evaluate(task, model, data, ns.batch_size, runtime, amp, batcher=native_batcher(state["train_config"], model))
+    metrics = evaluate(task, model, data, ns.batch_size, runtime, amp, batcher=batcher_for(state["train_config"], model))
     if not ns.json:
         print(f"{where} " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
     else:

@@ -156,7 +156,7 @@ class NativeBatcher:
             images, seeds = images[part], seeds[part]
         seqs = []                                                          # (patches, coords, grid) per image
         for img, seed in zip(images, seeds):
-            gi = torch.Generator().manual_seed(seed)                       # this image's draws
+            gi = torch.Generator().manual_seed(seed) if train else None    # this image's draws
             side = self.side
             if train and self.resolution_range is not None:
                 lo, hi = self.resolution_range
@@ -204,17 +204,34 @@ class NativeBatcher:
         seed = int(torch.randint(0, 2 ** 62, (1,), generator=g))
         return float(np.random.default_rng(seed).beta(*self.token_drop_beta))
 
-    def table_size(self) -> tuple[int, int]:
-        """The image size a model's learned position table is laid out for under these budgets."""
-        side = self.max_side or self.patch * math.ceil(math.sqrt(self.max_tokens))
-        return side, side
+
+def is_native(settings: dict) -> bool:
+    """Whether a run's settings (a TrainConfig as a mapping) keep images at their own sizes: a budget is set."""
+    return bool(settings.get("max_side") or settings.get("max_tokens"))
 
 
-def batcher_from_config(cfg: dict, patch: int, cls: bool) -> NativeBatcher | None:
-    """The batcher of a run's settings (a TrainConfig as a mapping), or None for a square-image run."""
-    if not (cfg.get("max_side") or cfg.get("max_tokens")):
+def table_side(max_side: int | None, max_tokens: int | None, patch: int) -> int:
+    """The side (pixels, whole patches) of the square a learned position table is laid out for under
+    these budgets: the --max-side, else the side of a square of --max-tokens tokens."""
+    side = max_side or patch * math.ceil(math.sqrt(max_tokens))
+    return patch * max(1, -(-side // patch))
+
+
+def shrunk(h: int, w: int, max_side: int | None) -> tuple[int, int]:
+    """(h, w) scaled down, aspect kept, so the longer side is at most `max_side` (unchanged if it is)."""
+    if not max_side or max(h, w) <= max_side:
+        return h, w
+    f = max_side / max(h, w)
+    return max(1, round(h * f)), max(1, round(w * f))
+
+
+def batcher_for(settings: dict, model) -> NativeBatcher | None:
+    """The batcher that packs a run's images for `model` (its patch size, and a class-token slot if it
+    has a class token), from the run's settings (a TrainConfig as a mapping); None for square images."""
+    if not is_native(settings):
         return None
-    rr, beta = cfg.get("resolution_range"), cfg.get("token_drop_beta")
-    return NativeBatcher(patch, cls, cfg.get("max_side"), cfg.get("max_tokens"), cfg.get("pack_length"),
-                         cfg.get("max_per_pack", 64), None if rr is None else tuple(rr), cfg.get("token_drop", 0.0),
+    rr, beta = settings.get("resolution_range"), settings.get("token_drop_beta")
+    return NativeBatcher(model.cfg.patch_size, getattr(model, "cls_token", None) is not None, settings.get("max_side"),
+                         settings.get("max_tokens"), settings.get("pack_length"), settings.get("max_per_pack", 64),
+                         None if rr is None else tuple(rr), settings.get("token_drop", 0.0),
                          None if beta is None else tuple(beta))

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import PixformerError
-from .native import NativeSet
+from .native import NativeSet, shrunk
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 SPLIT_NAMES = {"train": "train", "test": "test", "val": "val", "validation": "val"}
@@ -309,9 +309,8 @@ def load_image_folder(path: str | Path, img_size: tuple[int, int] | None, skip_b
                     im.draft("RGB", (max_side, max_side))   # JPEG: decode at a reduced scale when it can
                 im = im.convert("RGB")
                 if native:
-                    if max_side and max(im.size) > max_side:
-                        f = max_side / max(im.size)
-                        im = im.resize((max(1, round(im.width * f)), max(1, round(im.height * f))), Image.BICUBIC)
+                    h, w = shrunk(im.height, im.width, max_side)
+                    im = im if (h, w) == (im.height, im.width) else im.resize((w, h), Image.BICUBIC)
                 elif img_size is None and first is None:
                     first = (im.height, im.width, member)
                 if not native and img_size is None and (im.height, im.width) != first[:2]:
@@ -362,11 +361,8 @@ def _native_from_flat(flat: np.ndarray, shapes: np.ndarray, labels: np.ndarray, 
 
 def as_native(data: ImageSet, max_side: int | None) -> NativeSet:
     """Images of one size as a NativeSet (each scaled down to `max_side` on its longer side if larger)."""
-    H, W = data.images.shape[-2:]
-    if max_side and max(H, W) > max_side:
-        f = max_side / max(H, W)
-        data = ImageSet(resize(data.images, (max(1, round(H * f)), max(1, round(W * f)))), data.labels, data.classes)
-    return NativeSet(list(data.images), data.labels, data.classes)
+    images = resize(data.images, shrunk(*data.images.shape[-2:], max_side))
+    return NativeSet(list(images), data.labels, data.classes)
 
 
 def load_source(source: str, root: str | None = None, img_size: tuple[int, int] | None = None,
@@ -384,9 +380,9 @@ def load_source(source: str, root: str | None = None, img_size: tuple[int, int] 
         splits = load_cifar_splits(key, root, allow_download)
     elif key in IDX:
         splits = load_idx_splits(key, root, allow_download)
-    elif (os.sep in source or Path(source).exists() or Path(source).suffix) and native:
-        return load_image_folder(source, None, skip_bad_images, native=True, max_side=max_side)
     elif os.sep in source or Path(source).exists() or Path(source).suffix:
+        if native:                    # decoded at native size (below max_side) straight into NativeSets
+            return load_image_folder(source, None, skip_bad_images, native=True, max_side=max_side)
         splits = load_image_folder(source, img_size, skip_bad_images)
     else:
         raise PixformerError(f"unknown data source {source!r}: use one of {NAMED_SOURCES} or a path to an "

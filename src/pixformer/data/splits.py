@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..errors import PixformerError
 from .ablations import permuted
-from .native import NativeSet
+from .native import NativeSet, is_native
 from .sources import NAMED_SOURCES, ImageSet, load_source
 
 
@@ -101,7 +101,7 @@ def run_split(state: dict[str, Any], source: str | None, root: str | None, split
     of test images; the training source never is."""
     tc, info = state["train_config"], state["data"]
     source = source or tc["data"]
-    native = bool(tc.get("max_side") or tc.get("max_tokens"))
+    native = is_native(tc)
     found = load_source(source, root or tc.get("data_root"), None if native else tuple(info["img_size"]),
                         native=native, max_side=max_side or tc.get("max_side"))
     own = source_id(source) == info.get("source", source_id(tc["data"]))

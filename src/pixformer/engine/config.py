@@ -9,6 +9,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..data.native import is_native
 from ..models.registry import model_settings
 from ..tasks import task_settings
 from .perf import Speed
@@ -81,7 +82,7 @@ class TrainConfig:
     @property
     def native(self) -> bool:
         """Whether images keep their own sizes (a --max-side or --max-tokens budget is set)."""
-        return bool(self.max_side or self.max_tokens)
+        return is_native(vars(self))
 
 
 # Settings that change how a run executes but not what it computes (beyond float rounding): a run may

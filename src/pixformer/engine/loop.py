@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from ..data.ablations import permuted
 from ..data.augment import batch_indices, random_crop, random_flip
-from ..data.native import NativeBatcher, NativeSet, batcher_from_config
+from ..data.native import NativeBatcher, NativeSet, batcher_for, table_side
 from ..data.sources import ImageSet, load_source
 from ..data.splits import Splits, channel_stats, resolve_splits, source_id
 from ..errors import PixformerError
@@ -56,8 +56,8 @@ class Prepared:
 def prepare_data(cfg: TrainConfig) -> Prepared:
     """Load the source, resolve its train / val / test splits, apply a subset and a pixel permutation
     if asked, and compute the normalisation on the training images. At native resolution the splits
-    are NativeSets and the facts' image size is the square the position table is laid out for: the
-    --max-side budget (else the largest side in train), in whole patches."""
+    are NativeSets and the facts' image size is the square the position table is laid out for under
+    the budgets (native.table_side)."""
     size = (cfg.img_size, cfg.img_size) if cfg.img_size else None
     found = load_source(cfg.data, cfg.data_root, size, cfg.skip_bad_images, native=cfg.native, max_side=cfg.max_side)
     s = resolve_splits(found, cfg.val_fraction, cfg.data)
@@ -68,10 +68,8 @@ def prepare_data(cfg: TrainConfig) -> Prepared:
         idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.train_subset]
         train = train.subset(idx.sort().values)
     if cfg.native:
-        patch = native_patch(cfg)
+        side = table_side(cfg.max_side, cfg.max_tokens, native_patch(cfg))
         mean, std = channel_stats(train.images)
-        side = cfg.max_side or max(max(im.shape[-2:]) for im in train.images)
-        side = patch * max(1, -(-side // patch))
         return Prepared(Splits(train, s.val, s.test, s.val_from), DataFacts(train.classes, train.in_chans, (side, side), mean, std))
     s = Splits(permuted(train, cfg), permuted(s.val, cfg), None if s.test is None else permuted(s.test, cfg), s.val_from)
     mean, std = channel_stats(s.train.images)
@@ -129,14 +127,6 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
         groups.setdefault(key, []).append(p)
     return [{"params": ps, "weight_decay": wd, "lr_scale": scale}
             for (wd, scale), ps in sorted(groups.items(), key=lambda kv: (-kv[0][0], -kv[0][1]))]
-
-
-def native_batcher(cfg: TrainConfig | dict, model: nn.Module) -> NativeBatcher | None:
-    """The batcher that packs a native-resolution run's images for `model` (None for square images)."""
-    cfg = as_json(cfg) if isinstance(cfg, TrainConfig) else cfg
-    if not (cfg.get("max_side") or cfg.get("max_tokens")):
-        return None
-    return batcher_from_config(cfg, model.cfg.patch_size, getattr(model, "cls_token", None) is not None)
 
 
 @torch.no_grad()
@@ -260,7 +250,7 @@ def _train(cfg: TrainConfig, data: Prepared | None, runtime: Runtime, task_cls, 
     torch.manual_seed(cfg.seed)
     model = task.build_model(cfg.model, cfg.model_args)
     name = model_name(model)
-    batcher = native_batcher(cfg, model)                               # None for images of one size
+    batcher = batcher_for(as_json(cfg), model)                         # None for images of one size
     if cfg.init and saved is None:                                       # a resumed run has its own weights
         got = init_from(model, cfg.init)
         say(f"init from {cfg.init} ({got['format']}): loaded {len(got['loaded'])} tensors; new: "
@@ -411,15 +401,13 @@ def _train(cfg: TrainConfig, data: Prepared | None, runtime: Runtime, task_cls, 
                             for e, m in ema_other:
                                 e.copy_(m)
                     step += 1
+                    if batcher is not None:                               # packed slots, and those holding tokens
+                        stats = {**stats, "_useful": x.useful, "_slots": x.segments.numel()}
                     stats = runtime.all_reduce(stats)                     # the global batch's statistics
 
                     for k, v in stats.items():
                         running[k] = running.get(k, 0) + v
                     running["_seconds"] = running.get("_seconds", 0.0) + time.perf_counter() - t0
-                    if batcher is not None:                               # the share of packed slots left empty
-                        slots = runtime.all_reduce({"_useful": x.useful, "_slots": x.segments.numel()})
-                        for k, v in slots.items():
-                            running[k] = running.get(k, 0) + v
                     n = max(running.get("n", 0), 1)
                     bar.update(1)
                     bar.set_postfix(epoch=epoch + 1, **{k: f"{v / n:.3f}" for k, v in running.items() if not k.startswith("_") and k != "n"},

@@ -50,7 +50,6 @@ class Runtime:
     device: torch.device
     rank: int = 0
     world_size: int = 1
-    owns_group: bool = False      # this runtime joined the group, so it leaves it
 
     @classmethod
     def create(cls, device: str = "auto") -> "Runtime":
@@ -66,11 +65,10 @@ class Runtime:
         if dev.type == "cuda":
             dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(dev)
-        owns = not dist.is_initialized()
-        if owns:    # joined once per process and left at its exit: a second run in the process reuses it
+        if not dist.is_initialized():  # joined once per process, left at its exit: a second run reuses it
             dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
             atexit.register(_leave_group)
-        return cls(dev, dist.get_rank(), dist.get_world_size(), owns)
+        return cls(dev, dist.get_rank(), dist.get_world_size())
 
     @property
     def is_main(self) -> bool:

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..data.native import NativeSet
+from ..data.native import NativeSet, batcher_for
 from ..data.sources import ImageSet, resize
-from ..engine.loop import evaluate, native_batcher
+from ..engine.loop import evaluate
 from ..engine.runtime import Runtime
 from ..errors import PixformerError
 from ..tasks.base import Task
@@ -39,7 +39,7 @@ def resolution_sweep(task: Task, model: nn.Module, state: dict, data: ImageSet |
                      batch_size: int, runtime: Runtime, amp) -> list[dict]:
     """One row per resolution: the task's metrics, mean tokens and GFLOPs per image, images/s."""
     p = model.cfg.patch_size
-    base = native_batcher(state["train_config"], model)
+    base = batcher_for(state["train_config"], model)
     warm = data.subset(torch.arange(min(len(data), batch_size)))
     evaluate(task, model, warm, batch_size, runtime, amp, batcher=base)   # first-call costs out of the timings
     rows = []
