@@ -1,5 +1,6 @@
-"""Data parallelism under torchrun (2 processes over gloo): every task follows the one-process
-trajectory for the same global batch, only rank 0 writes, and the checkpoint loads in one process."""
+"""torchrun with 2 processes over gloo: data parallelism (DDP, FSDP2) and sequence parallelism follow the
+one-process trajectory for the same global batch, only rank 0 writes, checkpoints load in one process,
+a killed rank's restart resumes to the same result, and bad settings are one line."""
 import json
 import os
 import subprocess
@@ -17,7 +18,10 @@ RUNS = {
     "classify": dict(SMALL, model="vit-n/2", crop_padding=1, hflip=True),
     "mae": dict(SMALL, model="vit-n/2", task="mae", task_args=dict(decoder_depth=1, decoder_dim=16, decoder_heads=2)),
     "diffusion": dict(SMALL, model="dit-n/2", task="diffusion", task_args=dict(timesteps=50, samples=0)),
+    "sequence-parallel": dict(SMALL, model="pit-n", img_size=5, seq_parallel=2, seq_sharding="strided", ema_decay=0.9),
+    "fsdp": dict(SMALL, model="vit-n/2", fsdp=True, hflip=True),
 }
+ALONE = dict(seq_parallel=1, fsdp=False)   # the same run in one process
 
 SCRIPT = textwrap.dedent("""
     import json, sys
@@ -42,8 +46,8 @@ def test_two_ranks_follow_one_process_for_every_task(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("epoch 1/1") == len(RUNS)               # one process speaks
     for name, run in RUNS.items():
-        alone = train(TrainConfig(**run, out=str(tmp_path / "one" / name)))
-        model, state = load_model(tmp_path / "ddp" / name)               # a plain checkpoint, one process
+        alone = train(TrainConfig(**{**run, **ALONE}, out=str(tmp_path / "one" / name)))
+        model, state = load_model(tmp_path / "ddp" / name, weights="model")   # a plain checkpoint, one process
         for (k, a), b in zip(alone["model"].state_dict().items(), model.state_dict().values()):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=f"{name}: {k}")
         rows = lambda d: [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
@@ -65,3 +69,126 @@ def test_world_size_without_torchrun_is_refused(monkeypatch):
         monkeypatch.delenv(k, raising=False)
     with pytest.raises(PixformerError, match="launch with `torchrun"):
         train(TrainConfig(**RUNS["classify"]))
+
+
+SEQUENCE_CHECK = textwrap.dedent("""
+    import itertools, json
+    import torch, torch.distributed as dist
+    from pixformer.engine.sequence import SequenceParallel, average_gradients
+    from pixformer.models.attention import set_attention_backend
+    from pixformer.models.vit import ViTConfig, VisionTransformer
+
+    dist.init_process_group("gloo")
+    failures, checked = [], 0
+    for P in (1, 2):
+        group = dist.new_subgroups(group_size=P)[0]
+        for pool, pos, sharding, side, backend in itertools.product(
+                ("cls", "mean"), ("learned", "sincos2d"), ("contiguous", "strided", "random"), (5, 6), ("auto", "blocked")):
+            torch.manual_seed(0)
+            model = VisionTransformer(ViTConfig(img_size=(side, side), patch_size=1, num_classes=4, depth=2, dim=16,
+                                                heads=2, pool=pool, pos_embed=pos, fc_norm=pool == "mean"))
+            set_attention_backend(model, backend)
+            images, weights = torch.randn(3, 3, side, side), torch.randn(3, 4)
+            ref = model(images)                                    # the whole sequence in this process
+            (ref * weights).sum().backward()
+            want = {k: p.grad.clone() for k, p in model.named_parameters()}
+            model.zero_grad(set_to_none=True)
+            out = SequenceParallel(model, group, sharding, seed=3)(images)
+            (out * weights).sum().backward()
+            average_gradients(model)
+            name = f"P={P} {pool} {pos} {sharding} {side}x{side} {backend}"
+            checked += 1
+            if not torch.allclose(out, ref, atol=1e-5, rtol=1e-5):
+                failures.append(f"{name}: outputs differ by {(out - ref).abs().max():.2e}")
+            failures += [f"{name}: grad of {k} differs by {(p.grad - want[k]).abs().max():.2e}"
+                         for k, p in model.named_parameters() if not torch.allclose(p.grad, want[k], atol=1e-5, rtol=1e-4)]
+    print(json.dumps({"checked": checked, "failures": failures[:10]}))
+    dist.barrier()
+    dist.destroy_process_group()
+""")
+
+
+def test_sequence_parallel_outputs_and_gradients_equal_one_process(tmp_path):
+    """p = 1 and 2 ranks per sequence, class token and mean pooling, learned and sincos positions, each
+    shard assignment, shards of equal and unequal length (5x5 pixels), two attention backends."""
+    script = tmp_path / "sequence_check.py"
+    script.write_text(SEQUENCE_CHECK)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script)], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reports = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(reports) == 2
+    for r in reports:
+        assert r["checked"] == 96 and r["failures"] == [], r["failures"]
+
+
+def test_shard_assignments_cover_every_token_once():
+    from pixformer.engine.sequence import shard_tokens
+    for sharding in ("contiguous", "strided", "random"):
+        for cls in (False, True):
+            shards = shard_tokens(25, 4, sharding, cls=cls, seed=1)
+            every = torch.cat(shards).sort().values
+            assert torch.equal(every, torch.arange(25 + cls))
+            assert max(map(len, shards)) - min(map(len, shards)) <= 1 + cls
+            if cls:
+                assert shards[0][0] == 0
+    assert torch.equal(shard_tokens(8, 2, "strided")[1], torch.tensor([1, 3, 5, 7]))
+    assert not torch.equal(shard_tokens(64, 2, "random", seed=0)[0], shard_tokens(64, 2, "random", seed=1)[0])
+    with pytest.raises(PixformerError, match="cannot be split over 4"):
+        shard_tokens(3, 4)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(seq_parallel=2), "launch with `torchrun"),
+    (dict(fsdp=True), "launch with `torchrun"),
+    (dict(seq_parallel=2, task="mae"), "--seq-parallel splits the tokens of a ViT classifier"),
+    (dict(seq_parallel=2, speed={"attn_backend": "varlen"}), "cannot attend over keys gathered"),
+    (dict(fsdp=True, ema_decay=0.99), "cannot be combined with --fsdp"),
+    (dict(seq_parallel=0), "--seq-parallel must be at least 1"),
+    (dict(seq_sharding="diagonal"), "--seq-sharding must be one of"),
+])
+def test_parallel_settings_refused_in_one_line(settings, message):
+    with pytest.raises(PixformerError, match=message):
+        train(TrainConfig(**{**RUNS["classify"], **settings}))
+
+
+def test_bad_parallel_settings_under_torchrun_are_one_line(tmp_path):
+    runs = {"indivisible": dict(RUNS["classify"], seq_parallel=3),
+            "few-tokens": dict(RUNS["sequence-parallel"], model="vit-n/4", img_size=4, seq_parallel=2)}
+    for name, run in runs.items():
+        done = torchrun(tmp_path, {name: run}, tmp_path / name)
+        assert done.returncode != 0
+        assert ("does not divide the world size 2" if name == "indivisible" else "cannot be split over 2") in done.stderr
+
+
+RESTART = textwrap.dedent("""
+    import json, os, signal, sys, threading, time
+    from pathlib import Path
+    from pixformer import TrainConfig, train
+    run, out = json.loads(sys.argv[1]), Path(sys.argv[2])
+    if os.environ["RANK"] == "1" and os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
+        def kill_after_first_checkpoint():       # a rank dies mid-run, after a checkpoint was written
+            while not (out / "checkpoint" / "state.json").exists():
+                time.sleep(0.005)
+            os.kill(os.getpid(), signal.SIGKILL)
+        threading.Thread(target=kill_after_first_checkpoint, daemon=True).start()
+    train(TrainConfig(**run, out=str(out), resume=True))
+""")
+
+
+def test_killed_rank_restarts_and_resumes_to_the_same_result(tmp_path):
+    run = dict(RUNS["fsdp"], epochs=3, checkpoint_every=3, train_subset=512)   # FSDP2: resumes a sharded optimizer
+    script = tmp_path / "restart.py"
+    script.write_text(RESTART)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "--max-restarts", "1", str(script), json.dumps(run), str(tmp_path / "killed")],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming" in done.stdout and "exitcode: -9" in done.stderr       # killed, restarted, resumed
+    alone = train(TrainConfig(**{**run, **ALONE}, out=str(tmp_path / "whole")))
+    model, _ = load_model(tmp_path / "killed")
+    for (k, a), b in zip(alone["model"].state_dict().items(), model.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=k)
+    last = json.loads((tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["test_top1"] == pytest.approx(alone["test_top1"], abs=1e-6)

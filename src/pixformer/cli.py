@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 import types
 import typing
@@ -391,13 +392,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[ns.command](ns[ns.command])
     except PixformerError as e:
-        print(f"pixformer: error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":     # under torchrun every rank meets the same bad input: one speaks
+            print(f"pixformer: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("pixformer: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # output piped into `head` and the like
-        import os
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
 

@@ -24,6 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..errors import PixformerError
 from ..models.flexi import pi_resize
@@ -36,8 +37,8 @@ def _tensors(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
 
 
-def optimizer_to_files(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    sd = opt.state_dict()
+def optimizer_to_files(opt: torch.optim.Optimizer | dict) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = opt if isinstance(opt, dict) else opt.state_dict()
     tensors = {f"{i}.{name}": v for i, st in sd["state"].items() for name, v in st.items()
                if isinstance(v, torch.Tensor)}
     scalars = {f"{i}.{name}": v for i, st in sd["state"].items() for name, v in st.items()
@@ -51,17 +52,25 @@ def optimizer_from_files(opt: torch.optim.Optimizer, tensors: dict[str, torch.Te
         i, name = key.split(".", 1)
         state.setdefault(int(i), {})[name] = v
     groups = [{**g, **({"betas": tuple(g["betas"])} if "betas" in g else {})} for g in meta["param_groups"]]
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for i, st in state.items():          # parameters sharded by FSDP2 take their shard of each full tensor
+        p = params[i]
+        if isinstance(p, DTensor):
+            st.update({k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+                       for k, v in st.items() if isinstance(v, torch.Tensor) and v.shape == p.shape})
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
-def save_checkpoint(run_dir: str | Path, state: dict[str, Any], model: nn.Module,
-                    optimizer: torch.optim.Optimizer | None = None, ema: nn.Module | None = None) -> Path:
+def save_checkpoint(run_dir: str | Path, state: dict[str, Any], model: nn.Module | dict[str, torch.Tensor],
+                    optimizer: torch.optim.Optimizer | dict | None = None, ema: nn.Module | None = None) -> Path:
+    """Write a checkpoint of `model` (a module or its state dict), the optimizer (or its state dict),
+    the EMA weights and `state` (JSON) into RUN/checkpoint, atomically."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     final, old = run_dir / "checkpoint", run_dir / "checkpoint.old"
     tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=".checkpoint.tmp-"))
     try:
-        save_file(_tensors(model.state_dict()), tmp / "model.safetensors")
+        save_file(_tensors(model if isinstance(model, dict) else model.state_dict()), tmp / "model.safetensors")
         if ema is not None:
             save_file(_tensors(ema.state_dict()), tmp / "ema.safetensors")
         state = dict(state)

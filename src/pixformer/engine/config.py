@@ -64,6 +64,10 @@ class TrainConfig:
     local_swaps: int = 0                # the PiT paper's T: swaps of pixel pairs ...
     swap_distance: int | None = None    # ... at most δ apart (Chebyshev); unset = anywhere
     permute_seed: int = 0               # draws the permutation
+    # parallelism under torchrun (engine/runtime.py): data parallel (DDP) by default
+    seq_parallel: int = 1               # ranks that split each image's tokens (LSS; world = P x data-parallel D)
+    seq_sharding: str = "contiguous"    # which tokens a rank holds: contiguous | strided | random (seeded)
+    fsdp: bool = False                  # shard weights, gradients and optimizer state (FSDP2) instead of DDP
     # run control
     seed: int = 0
     precision: str = "auto"             # auto (bf16 where native: GPUs, AMX / AVX512-BF16 CPUs) | fp32 | bf16
@@ -87,7 +91,8 @@ class TrainConfig:
 
 # Settings that change how a run executes but not what it computes (beyond float rounding): a run may
 # be resumed, or a cached sweep point reused, with these changed; any other change is refused.
-RUN_ONLY = ("out", "resume", "progress", "device", "eval_batch_size", "checkpoint_every", "data_root", "speed")
+RUN_ONLY = ("out", "resume", "progress", "device", "eval_batch_size", "checkpoint_every", "data_root", "speed",
+            "seq_parallel", "seq_sharding", "fsdp")
 
 
 def as_json(cfg: TrainConfig) -> dict[str, Any]:

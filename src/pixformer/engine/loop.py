@@ -94,6 +94,27 @@ def native_patch(cfg: TrainConfig) -> int:
     return int(cfg.model_args.get("patch_size", fields["patch_size"]))
 
 
+def check_parallel(cfg: TrainConfig) -> None:
+    """A clear error for what sequence parallelism and FSDP2 cannot run (before any data is loaded)."""
+    if cfg.seq_parallel > 1:
+        arch, _ = resolve(cfg.model)
+        if arch != "vit" or cfg.task != "classify" or cfg.native:
+            raise PixformerError(f"--seq-parallel splits the tokens of a ViT classifier's square images (--task "
+                                 f"classify, vit-*/p or pit-*, no --max-side / --max-tokens); got --task {cfg.task} "
+                                 f"with {cfg.model}" + (" at native resolution" if cfg.native else ""))
+        from ..models.attention import SEQUENCE_PARALLEL_BACKENDS
+        if cfg.speed.attn_backend not in SEQUENCE_PARALLEL_BACKENDS:
+            raise PixformerError(f"attention backend {cfg.speed.attn_backend!r} cannot attend over keys gathered from "
+                                 f"a sequence's shards; use one of {list(SEQUENCE_PARALLEL_BACKENDS)} with --seq-parallel")
+    if cfg.fsdp:
+        if cfg.task != "classify":
+            raise PixformerError(f"--fsdp trains classifiers for now (--task {cfg.task}'s figures run the model on "
+                                 "one process); use data parallelism (the default) for it")
+        if cfg.ema_decay > 0:
+            raise PixformerError("--ema-decay keeps a full copy of the weights on every rank; it cannot be combined "
+                                 "with --fsdp")
+
+
 # ---- pieces of the loop --------------------------------------------------------------------
 def lr_at(step: int, total: int, warmup: int, peak: float, floor: float) -> float:
     """Linear warm-up to `peak`, then cosine decay to `floor`; a pure function of the step."""
@@ -141,9 +162,11 @@ def evaluate(task: Task, model: nn.Module, data: ImageSet | NativeSet, batch_siz
     for idx in batch_indices(len(data), batch_size, 0, 0, shuffle=False):
         if stop is not None:
             stop.check()
-        idx = idx.tensor_split(runtime.world_size)[runtime.rank]        # this process's share; sums all-reduced
-        if len(idx) == 0:
+        share = idx.tensor_split(runtime.data_parallel)[runtime.data_rank]   # this process's; sums all-reduced
+        counted = len(share) > 0
+        if not counted and not runtime.fsdp:
             continue
+        idx = share if counted else idx[:1]   # FSDP2 gathers weights in each forward: every rank runs as many
         if batcher is not None:
             x = batcher([data.images[i] for i in idx.tolist()], task.inputs).to(device)
         else:
@@ -151,7 +174,7 @@ def evaluate(task: Task, model: nn.Module, data: ImageSet | NativeSet, batch_siz
         with torch.autocast(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None):
             batch = task.eval_sums(model, x, data.labels[idx].to(device), ExampleRandom(idx.tolist()))
         for k, v in batch.items():
-            sums[k] = sums.get(k, 0) + v
+            sums[k] = sums.get(k, 0) + (v if counted else 0)
     return task.metrics(runtime.all_reduce(sums))
 
 
@@ -228,7 +251,8 @@ def train(cfg: TrainConfig, data: Prepared | None = None) -> dict[str, Any]:
         raise PixformerError(f"--init {cfg.init}: not a pixformer run (state.json and model.safetensors), a "
                              "transformers ViT folder (config.json and safetensors) or a timm ViT state dict (.safetensors)")
     saved = _resumable_state(cfg)                                        # before any data is loaded
-    runtime = Runtime.create(cfg.device)
+    check_parallel(cfg)
+    runtime = Runtime.create(cfg.device, cfg.seq_parallel, cfg.seq_sharding, cfg.fsdp, cfg.seed)
     try:
         result = _train(cfg, data, runtime, task_cls, task_cfg, saved)
     except BaseException:
@@ -267,10 +291,7 @@ def _train(cfg: TrainConfig, data: Prepared | None, runtime: Runtime, task_cls, 
                                                        "bf16" if amp else "fp32", cfg.speed.attn_backend,
                                                        len(facts.classes), facts.in_chans, **cfg.model_args)
     apply_speed_settings(model, **speed)                                 # from outside the model
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.layer_decay), lr=cfg.lr, betas=tuple(cfg.betas),
-                            foreach=True)   # torch's CPU default updates the tensors one by one
     part = runtime.part(cfg.batch_size)                                  # this process's rows of each batch
-    step_model = runtime.wrap(model)                                     # DDP across processes
 
     steps_per_epoch = max(len(splits.train) // cfg.batch_size, 1)
     total_steps = cfg.epochs * steps_per_epoch
@@ -295,7 +316,6 @@ def _train(cfg: TrainConfig, data: Prepared | None, runtime: Runtime, task_cls, 
         load_weights(model, ckpt / "model.safetensors")
         if ema is not None:
             load_weights(ema, ckpt / "ema.safetensors")
-        optimizer_from_files(opt, load_tensors(ckpt / "optimizer.safetensors"), saved["optimizer"])
         for k in ("step", "epochs_logged", f"best_{metric}", "test"):
             state[k] = saved[k]
         step, running = saved["step"], saved["running"]
@@ -308,6 +328,12 @@ def _train(cfg: TrainConfig, data: Prepared | None, runtime: Runtime, task_cls, 
         say(f"no checkpoint in {run_dir}; starting from scratch")
     elif ckpt is not None:
         raise PixformerError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+    step_model = runtime.wrap(model)            # DDP, FSDP2 (shards `model` in place) or sequence-parallel
+    eval_forward = runtime.wrap(ema or model, train=False)
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.layer_decay), lr=cfg.lr, betas=tuple(cfg.betas),
+                            foreach=True)   # torch's CPU default updates the tensors one by one
+    if saved is not None:
+        optimizer_from_files(opt, load_tensors(ckpt / "optimizer.safetensors"), saved["optimizer"])
     tb = None
     if runtime.is_main:                  # only the main process writes checkpoints and logs
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -315,8 +341,9 @@ def _train(cfg: TrainConfig, data: Prepared | None, runtime: Runtime, task_cls, 
         tb = _tensorboard(run_dir)
 
     def checkpoint():
+        weights, opt_state = runtime.full_state(model, opt)             # FSDP2: gathered on every rank
         if runtime.is_main:
-            save_checkpoint(run_dir, {**state, "step": step, "running": running}, model, opt, ema)
+            save_checkpoint(run_dir, {**state, "step": step, "running": running}, weights, opt_state, ema)
 
     def log(record: dict):
         if not runtime.is_main:
@@ -340,7 +367,7 @@ def _train(cfg: TrainConfig, data: Prepared | None, runtime: Runtime, task_cls, 
             while True:
                 epochs_done = step // steps_per_epoch
                 if state["epochs_logged"] < epochs_done:     # an epoch ended; validate it (again, after a stop)
-                    val = evaluate(task, eval_model, splits.val, cfg.eval_batch_size, runtime, amp, stop, batcher)
+                    val = evaluate(task, eval_forward, splits.val, cfg.eval_batch_size, runtime, amp, stop, batcher)
                     best = state[f"best_{metric}"]
                     if best is None or (val[metric] > best if better == "max" else val[metric] < best):
                         state[f"best_{metric}"] = val[metric]
@@ -392,6 +419,7 @@ def _train(cfg: TrainConfig, data: Prepared | None, runtime: Runtime, task_cls, 
                         raise PixformerError(f"loss became {loss.item()} at step {step}; lower --lr or use --precision fp32")
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
+                    runtime.sync_gradients(model)                          # sequence parallel: LSS's averaging
                     if cfg.clip_grad > 0:
                         nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
                     opt.step()
@@ -416,7 +444,7 @@ def _train(cfg: TrainConfig, data: Prepared | None, runtime: Runtime, task_cls, 
                     if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step % steps_per_epoch:
                         checkpoint()
             if splits.test is not None and state["test"] is None:  # once, at the end
-                state["test"] = evaluate(task, eval_model, splits.test, cfg.eval_batch_size, runtime, amp, stop, batcher)
+                state["test"] = evaluate(task, eval_forward, splits.test, cfg.eval_batch_size, runtime, amp, stop, batcher)
                 log({"step": step, "epoch": cfg.epochs, **{f"test_{k}": v for k, v in state["test"].items() if k != "n"}})
                 checkpoint()
     except _Stop as why:
@@ -432,7 +460,7 @@ def _train(cfg: TrainConfig, data: Prepared | None, runtime: Runtime, task_cls, 
         if tb is not None:
             tb.close()
     if val is None:  # resumed a run whose last epoch was validated before
-        val = evaluate(task, eval_model, splits.val, cfg.eval_batch_size, runtime, amp, batcher=batcher)
+        val = evaluate(task, eval_forward, splits.val, cfg.eval_batch_size, runtime, amp, batcher=batcher)
     return {"run_dir": str(run_dir), "model_name": name, "step": step, f"best_{metric}": state[f"best_{metric}"],
             **{f"val_{k}": v for k, v in val.items()},
             **{f"test_{k}": v for k, v in (state["test"] or {}).items()}, "model": model, "ema": ema}

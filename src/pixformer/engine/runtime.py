@@ -1,11 +1,18 @@
 """Where a run executes: the device, this process's rank among the world's, and the few collectives
 the engine needs. One process by default; under torchrun (`torchrun --nproc-per-node N -m pixformer
 train ...`) every process joins torch.distributed's default group (gloo on CPU, NCCL on GPUs) and
-trains its part of each global batch, gradients averaged by DistributedDataParallel.
+trains its part of each global batch:
+- data parallel (default): gradients averaged by DistributedDataParallel;
+- `fsdp`: FSDP2 (`fully_shard` per block and at the root) shards weights, gradients and optimizer
+  state over the ranks; checkpoints are gathered into plain full tensors;
+- `seq_parallel` P: consecutive groups of P ranks share their images and split each image's tokens
+  (engine/sequence.py, LSS); the world is P x D, D data-parallel groups.
 
     rt = Runtime.create("auto")          # cuda if available, else cpu; joins the group under torchrun
     rt.is_main                           # only the main process writes checkpoints and logs
     rt.part(64)                          # this rank's rows of a global batch of 64
+    step_model = rt.wrap(model)          # DDP, FSDP2 or sequence-parallel around `model`
+    rt.sync_gradients(model)             # after backward: what DDP / FSDP2 do not do themselves
     sums = rt.all_reduce({"n": 10, "correct": 7.0})
     rt.close()                           # a run's last call: a barrier (the group is left at exit)
 """
@@ -14,11 +21,14 @@ from __future__ import annotations
 import atexit
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
 
 from ..errors import PixformerError
 
@@ -50,12 +60,31 @@ class Runtime:
     device: torch.device
     rank: int = 0
     world_size: int = 1
+    seq_parallel: int = 1            # ranks splitting each image's tokens (consecutive ranks form a group)
+    seq_sharding: str = "contiguous"
+    seq_seed: int = 0                # draws a "random" sharding
+    seq_group: Any = None            # this rank's sequence group
+    fsdp: bool = False
 
     @classmethod
-    def create(cls, device: str = "auto") -> "Runtime":
+    def create(cls, device: str = "auto", seq_parallel: int = 1, seq_sharding: str = "contiguous",
+               fsdp: bool = False, seed: int = 0) -> "Runtime":
         """The runtime of this process: one process, or a rank of a torchrun launch (WORLD_SIZE > 1)."""
+        from .sequence import SHARDINGS
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() \
             else int(os.environ.get("WORLD_SIZE", "1"))
+        if seq_parallel < 1:
+            raise PixformerError(f"--seq-parallel must be at least 1, got {seq_parallel}")
+        if seq_sharding not in SHARDINGS:
+            raise PixformerError(f"--seq-sharding must be one of {list(SHARDINGS)}, got {seq_sharding!r}")
+        if world == 1 and (seq_parallel > 1 or fsdp):
+            what = f"--seq-parallel {seq_parallel} splits each image over {seq_parallel}" if seq_parallel > 1 \
+                else "--fsdp shards the model over several"
+            raise PixformerError(f"{what} processes: launch with `torchrun --nproc-per-node N -m pixformer train ...`")
+        if world % seq_parallel:
+            raise PixformerError(f"--seq-parallel {seq_parallel} does not divide the world size {world}")
+        if seq_parallel > 1 and fsdp:
+            raise PixformerError("--fsdp and --seq-parallel cannot be combined yet; choose one")
         if world == 1:
             return cls(pick_device(device))
         if not dist.is_initialized() and not all(k in os.environ for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR")):
@@ -66,34 +95,77 @@ class Runtime:
             dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(dev)
         if not dist.is_initialized():  # joined once per process, left at its exit: a second run reuses it
-            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+            _join_group("nccl" if dev.type == "cuda" else "gloo")
             atexit.register(_leave_group)
-        return cls(dev, dist.get_rank(), dist.get_world_size())
+        group = _sequence_group(seq_parallel) if seq_parallel > 1 else None
+        return cls(dev, dist.get_rank(), dist.get_world_size(), seq_parallel, seq_sharding, seed, group, fsdp)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def part(self, n: int) -> slice:
-        """This rank's contiguous rows of a global batch of `n` (the world size must divide it)."""
-        if n % self.world_size:
-            raise PixformerError(f"the global batch of {n} does not split evenly over {self.world_size} processes; "
-                                 f"use a --batch-size divisible by {self.world_size}")
-        k = n // self.world_size
-        return slice(self.rank * k, (self.rank + 1) * k)
+    @property
+    def data_parallel(self) -> int:
+        """D: the number of groups that train different rows of each batch."""
+        return self.world_size // self.seq_parallel
 
-    def wrap(self, model: nn.Module) -> nn.Module:
-        """The module a training step calls: `model` itself, or across processes DDP around it (its
-        gradients averaged over the ranks in backward; weights stay `model`'s, checkpoints plain)."""
-        if self.world_size == 1:
+    @property
+    def data_rank(self) -> int:
+        return self.rank // self.seq_parallel
+
+    def part(self, n: int) -> slice:
+        """This rank's contiguous rows of a global batch of `n` (the ranks of one sequence group hold the
+        same rows; the data-parallel size D must divide `n`)."""
+        D = self.data_parallel
+        if n % D:
+            over = f"{D} processes" if self.seq_parallel == 1 else f"{D} data-parallel groups"
+            raise PixformerError(f"the global batch of {n} does not split evenly over {over}; "
+                                 f"use a --batch-size divisible by {D}")
+        k = n // D
+        return slice(self.data_rank * k, (self.data_rank + 1) * k)
+
+    def wrap(self, model: nn.Module, train: bool = True) -> nn.Module:
+        """The module a step calls: `model` itself, or across processes the sequence-parallel view of it,
+        FSDP2 (applied to `model` in place; build the optimizer after) or, for training, DDP around it.
+        Weights stay `model`'s; checkpoints stay plain."""
+        if self.seq_parallel > 1:
+            from .sequence import SequenceParallel
+            return SequenceParallel(model, self.seq_group, self.seq_sharding, self.seq_seed)
+        if self.fsdp:
+            if not any(isinstance(m, FSDPModule) for m in model.modules()):
+                from ..models import blocks_of
+                for block in blocks_of(model):
+                    fully_shard(block)                     # one all-gather per block: the memory of one at a time
+                fully_shard(model)
+            return model
+        if self.world_size == 1 or not train:
             return model
         return _DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
+    def sync_gradients(self, model: nn.Module) -> None:
+        """After backward: average the gradients where no wrapper did (sequence parallelism's double
+        averaging, engine/sequence.py); DDP and FSDP2 average in backward."""
+        if self.seq_parallel > 1:
+            from .sequence import average_gradients
+            average_gradients(model)
+
+    def full_state(self, model: nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+        """The state dicts of `model` and `opt` as plain full tensors, what a checkpoint holds. Under FSDP2
+        each sharded tensor is all-gathered: every rank must call this, rank 0 writes."""
+        weights, state = model.state_dict(), opt.state_dict()
+        if not self.fsdp:
+            return weights, state
+        full = lambda v: v.full_tensor() if isinstance(v, DTensor) else v      # noqa: E731
+        return ({k: full(v) for k, v in weights.items()},
+                {**state, "state": {i: {k: full(v) for k, v in st.items()} for i, st in state["state"].items()}})
+
     def all_reduce(self, sums: dict[str, float]) -> dict[str, float]:
-        """Each value summed over the processes (in float64), by key."""
+        """Each value summed over the data-parallel groups (in float64), by key: the ranks of a sequence
+        group hold the same sums, and one of them counts."""
         if self.world_size == 1:
             return dict(sums)
-        t = torch.tensor(list(sums.values()), dtype=torch.float64, device=self.device)
+        own = self.rank % self.seq_parallel == 0
+        t = torch.tensor([v if own else 0.0 for v in sums.values()], dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return dict(zip(sums, t.tolist()))
 
@@ -107,6 +179,29 @@ class Runtime:
         error, since the others may be inside a collective."""
         if self.world_size > 1 and dist.is_initialized() and barrier:
             dist.barrier()
+
+
+def _join_group(backend: str) -> None:
+    """Join torchrun's group. After a restart (--max-restarts), torchrun's shared store still holds the
+    last attempt's keys, and gloo would dial the addresses of the ranks that died: the keys of each
+    attempt are kept apart by a prefix."""
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if attempt == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        dist.init_process_group(backend)
+        return
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
+    dist.init_process_group(backend, store=dist.PrefixStore(f"pixformer-attempt-{attempt}", store),
+                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+
+
+_SEQUENCE_GROUPS: dict[int, Any] = {}
+
+
+def _sequence_group(size: int):
+    """This rank's group of `size` consecutive ranks, made once per process (every rank makes all)."""
+    if size not in _SEQUENCE_GROUPS:
+        _SEQUENCE_GROUPS[size] = dist.new_subgroups(group_size=size)[0]
+    return _SEQUENCE_GROUPS[size]
 
 
 def _leave_group() -> None:

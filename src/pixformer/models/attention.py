@@ -11,8 +11,11 @@ What may attend to what is an `AttnSpec`, not only a dense mask:
 - `segment_ids` (B, Nq) and `kv_segment_ids` (B, Nk): a query attends only to keys of its own
   segment (several images packed into one sequence). Padding is a segment of its own: give padding
   tokens an id no image has (e.g. -1) and no image token ever attends to them;
-- `group`: a process group the keys are sharded over (sequence parallelism). No backend here
-  gathers keys yet, so each refuses such a spec with one line.
+- `group`: a process group the keys are sharded over (sequence parallelism, engine/sequence.py):
+  each rank holds its shard of queries, keys and values; `attention` all-gathers the keys and values
+  of the group's ranks (in rank order, autograd-aware: the backward reduce-scatters their gradients)
+  and the backend attends this rank's queries over them. `mask` and `kv_segment_ids` then describe
+  the gathered keys. Backends that need self-attention ("varlen") or one fused kernel are refused.
 
 Backends
 - "sdpa": torch.nn.functional.scaled_dot_product_attention; torch picks the kernel. Never
@@ -77,7 +80,7 @@ class AttnSpec:
     mask: Tensor | None = None             # bool (True = attend) or additive, broadcastable to (B, H, Nq, Nk)
     segment_ids: Tensor | None = None      # (B, Nq) integer segment of each query
     kv_segment_ids: Tensor | None = None   # (B, Nk) segment of each key; default: segment_ids
-    group: Any = None                      # process group the keys are sharded over (no backend yet)
+    group: Any = None                      # process group the keys are sharded over (gathered here)
     cache: dict = field(default_factory=dict, compare=False, repr=False)   # what a backend derives once
     #                                        per spec and reuses in every layer (flex's block mask)
 
@@ -418,6 +421,22 @@ def check_backend(backend: str) -> str:
     return backend
 
 
+SEQUENCE_PARALLEL_BACKENDS = ("auto", "sdpa", "math", "blocked", "flex")
+
+
+def gather_keys(k: Tensor, v: Tensor, group) -> tuple[Tensor, Tensor]:
+    """Keys and values (B, H, S, Dh) of every rank of `group`, concatenated in rank order along the
+    sequence: (B, H, P*S, Dh) each, in one collective whose backward reduce-scatters the gradients."""
+    import torch.distributed as dist
+    from torch.distributed._functional_collectives import all_gather_single_autograd
+    if dist.get_world_size(group) == 1:
+        return k, v
+    kv = torch.stack([k, v]).permute(3, 0, 1, 2, 4).contiguous()           # (S, 2, B, H, Dh): torch gathers dim 0
+    kv = all_gather_single_autograd(kv, 0, group)                           # (P*S, 2, B, H, Dh)
+    k, v = kv.permute(1, 2, 3, 0, 4).unbind(0)                              # (B, H, P*S, Dh) each
+    return k, v
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec | Tensor | None = None, *,
               backend: str = "auto", need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
     """Scaled dot-product attention of q (B, H, Nq, Dh) over k, v (B, H, Nk, Dh) under `spec` (an
@@ -425,8 +444,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec | Tensor | None = 
     if spec is None or isinstance(spec, Tensor):
         spec = AttnSpec(mask=spec)
     if spec.group is not None:
-        raise PixformerError(f"attention backend {backend!r} cannot attend over keys sharded across a process "
-                             "group (sequence parallelism); no backend here gathers keys yet")
+        if backend not in SEQUENCE_PARALLEL_BACKENDS:
+            raise PixformerError(f"attention backend {backend!r} cannot attend over keys gathered from a sequence's "
+                                 f"shards (sequence parallelism); use one of {list(SEQUENCE_PARALLEL_BACKENDS)}")
+        k, v = gather_keys(k, v, spec.group)
     if spec.segment_ids is not None and spec.key_segments().shape[-1] != k.shape[2]:
         raise PixformerError(f"segment ids for {spec.key_segments().shape[-1]} keys given with {k.shape[2]} keys")
     return _BACKENDS[check_backend(backend)](q, k, v, spec, need_weights)

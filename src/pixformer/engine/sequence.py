@@ -1,0 +1,132 @@
+"""Sequence parallelism for long pixel sequences: the Ultra-Long Sequence Distributed Transformer
+(LSS, arXiv 2311.02382), applied from outside the model.
+
+The P ranks of a sequence group hold the same images. Each rank holds a shard of every image's
+tokens (the class token lives on rank 0): it embeds only those (the position embedding is a function
+of each token's coordinates, so a shard needs no neighbours), and runs the norms and MLPs on them
+alone. In attention its queries attend over the keys and values all-gathered from the P ranks
+(`AttnSpec.group`; the backward reduce-scatters their gradients). Pooling is a sum over the shards
+(an all-reduce), so every rank ends with the same logits and the same loss.
+
+    model = SequenceParallel(vit, group, sharding="strided")
+    logits = model(images)          # (B, classes) on every rank of the group; weights stay vit's
+
+Gradients (LSS's double averaging). The all-reduce of pooling sums its gradients in backward, so
+every rank's gradients are P times its shard's share of the sequence's gradient; the head, which
+every rank runs on the same pooled vector, gets the whole gradient on each. Averaging over the P
+shards of a sequence therefore gives each parameter exactly the one-process gradient: the blocks',
+and the position table's and class token's, whose rows a rank touches only in part. Averaging
+then over the D data-parallel copies gives the gradient of the global batch. Both averages are one
+all-reduce (mean) over the P x D ranks: `average_gradients`.
+
+Shards: "contiguous" runs of tokens in row-major order, "strided" (every P-th token), or "random" (a
+seeded set: PiT treats an image as a set of pixels). Shards are padded to one length; the padding
+keys are masked out of attention and the padding queries out of pooling.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.distributed._functional_collectives import all_reduce
+
+from ..errors import PixformerError
+from ..models.attention import AttnSpec
+from ..models.pos_embed import grid_coords
+from ..models.vit import VisionTransformer
+
+SHARDINGS = ("contiguous", "strided", "random")
+
+
+def shard_tokens(n_tokens: int, parts: int, sharding: str = "contiguous", cls: bool = False,
+                 seed: int = 0) -> list[Tensor]:
+    """The tokens each of `parts` ranks holds, as indices into the sequence [class token] + n_tokens
+    image tokens (the class token, if any, is index 0 and goes to rank 0)."""
+    if sharding not in SHARDINGS:
+        raise PixformerError(f"sharding must be one of {list(SHARDINGS)}, got {sharding!r}")
+    if n_tokens < parts:
+        raise PixformerError(f"an image of {n_tokens} tokens cannot be split over {parts} sequence-parallel ranks; "
+                             f"use --seq-parallel at most {n_tokens} or larger images")
+    image = torch.arange(int(cls), int(cls) + n_tokens)
+    if sharding == "contiguous":
+        shards = list(image.tensor_split(parts))
+    elif sharding == "strided":
+        shards = [image[r::parts] for r in range(parts)]
+    else:
+        order = image[torch.randperm(n_tokens, generator=torch.Generator().manual_seed(seed))]
+        shards = [s.sort().values for s in order.tensor_split(parts)]
+    if cls:
+        shards[0] = torch.cat([torch.zeros(1, dtype=torch.long), shards[0]])
+    return shards
+
+
+@lru_cache(maxsize=8)
+def _layout(grid: tuple[int, int], parts: int, sharding: str, cls: bool, seed: int):
+    """Per rank: (image-token indices, whether it holds the class token), the padded shard length and
+    the key mask over the gathered shards ((1, 1, 1, P*S) bool, None when no shard is padded)."""
+    shards = shard_tokens(grid[0] * grid[1], parts, sharding, cls, seed)
+    length = max(len(s) for s in shards)
+    valid = torch.zeros(parts, length, dtype=torch.bool)
+    for r, s in enumerate(shards):
+        valid[r, :len(s)] = True
+    mine = [(s[s >= int(cls)] - int(cls), cls and r == 0) for r, s in enumerate(shards)]
+    return mine, length, None if bool(valid.all()) else valid.reshape(1, 1, 1, -1)
+
+
+class SequenceParallel(nn.Module):
+    """A ViT classifier whose every image is split over the ranks of `group` (see the module doc).
+    Its parameters are the wrapped model's; other attributes are read through to it."""
+
+    def __init__(self, model: VisionTransformer, group, sharding: str = "contiguous", seed: int = 0):
+        super().__init__()
+        if not isinstance(model, VisionTransformer):
+            raise PixformerError(f"sequence parallelism splits a ViT's tokens; got a {type(model).__name__}")
+        if sharding not in SHARDINGS:
+            raise PixformerError(f"sharding must be one of {list(SHARDINGS)}, got {sharding!r}")
+        self.module, self.group, self.sharding, self.seed = model, group, sharding, seed
+        self.rank, self.parts = dist.get_rank(group), dist.get_world_size(group)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.module, name)
+
+    def forward(self, images: Tensor) -> Tensor:
+        vit = self.module
+        patches, grid = vit.patchify(images)                                  # (B, N, p*p*C)
+        shards, length, key_mask = _layout(grid, self.parts, self.sharding, vit.cls_token is not None, self.seed)
+        idx, has_cls = shards[self.rank]
+        idx = idx.to(patches.device)
+        x = vit.patch_embed(patches[:, idx])                                  # (B, n, D) this rank's tokens
+        pos = vit.position_embedding(grid, grid_coords(*grid, device=patches.device)[idx])   # (n, D) or None
+        x = x if pos is None else x + pos                                     # (B, n, D)
+        x = vit.prepend_cls(x) if has_cls else x                              # (B, n', D), class token on rank 0
+        held = x.shape[1]
+        x = F.pad(x, (0, 0, 0, length - held))                                # (B, S, D) padded to the shard length
+        mask = None if key_mask is None else key_mask.to(x.device)
+        feats = vit.encode(x, AttnSpec(mask=mask, group=self.group))          # (B, S, D) queries over gathered keys
+        if vit.cls_token is not None:                                         # rank 0's first token
+            mine = feats[:, 0] * float(has_cls)   # (B, D), zeros off rank 0 (in the graph: every rank's
+            #                                       backward then joins the all-reduce's)
+            pooled = all_reduce(mine, "sum", self.group)                      # (B, D), summed over the shards
+        else:
+            n = grid[0] * grid[1]
+            pooled = all_reduce(feats[:, :held].sum(1) / n, "sum", self.group)  # (B, D), mean of all tokens
+            pooled = pooled if vit.fc_norm is None else vit.fc_norm(pooled)
+        return vit.head(pooled)                                               # (B, classes), same on every rank
+
+
+def average_gradients(model: nn.Module, group=None) -> None:
+    """LSS's double gradient averaging, over the shards of each sequence and then the data-parallel
+    copies, as one all-reduce (mean) of every gradient over `group` (default: the world). A parameter
+    a rank did not touch (the class token off rank 0) counts as a zero gradient there."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    dist.all_reduce(flat, group=group)
+    flat /= dist.get_world_size(group)
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad = g.view_as(p).to(p.dtype)
