@@ -215,3 +215,16 @@ def test_speed_shortcuts_only_where_the_speed_group_is(capsys):
                             "--batch-size", "2", "--json")
     assert code == 0, err
     assert json.loads(stdout)["attn"] == "math"
+
+
+def test_plan_per_rank_with_sequence_and_data_parallel(capsys):
+    code, stdout, err = run(capsys, "plan", "--model", "pit-t", "--img-size", "64", "--memory", "4GiB",
+                            "--precision", "fp32", "--seq-parallel", "4", "--data-parallel", "2")
+    assert code == 0, err
+    assert "per rank of 8 (sequence parallel 4 x data parallel 2): 1,025 tokens of each image" in stdout
+    assert "key value gathers" in stdout and "longest square side whose step fits 4.00 GiB a rank" in stdout
+    code, stdout, err = run(capsys, "plan", "--model", "pit-t", "--img-size", "64", "--seq-parallel", "4", "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["comm"]["key_value_gathers"] > 0
+    code, _, err = run(capsys, "plan", "--model", "pit-n", "--img-size", "2", "--seq-parallel", "8")
+    assert code == 2 and err.strip() == "pixformer: error: 4 tokens cannot be split over 8 sequence-parallel ranks"

@@ -14,7 +14,7 @@ from pixformer import PixformerError, attention, create_model, set_attention_bac
 from pixformer.models.attention import available_backends
 from pixformer.engine.perf import (apply_activation_checkpointing, apply_compile, apply_onednn_linear, apply_speed_settings,
                             autocast_dtype, Speed, checkpointed_blocks, onednn_available, set_allocator)
-from pixformer.engine.plan import parse_bytes, plan, selective_pays, vit_block_bytes
+from pixformer.engine.plan import largest_side, parse_bytes, plan, selective_pays, vit_block_bytes
 
 A = importlib.import_module("pixformer.models.attention")  # the module (the package exports a function of that name)
 FUSED = [b for b in available_backends() if b != "math"]
@@ -201,6 +201,34 @@ def test_planner_memory_sizes_and_impossible_budget():
     small = plan("pit-t", img_size=64, batch_size=8, memory="50MiB")
     assert small.max_batch("full") == 0
     assert "nothing fits in 50.00 MiB" in small.verdict() and "needs" in small.verdict()
+
+
+
+def test_planner_sequence_and_data_parallel_by_hand():
+    """Per rank: a shard of ceil(T/P) tokens plus every block's gathered keys and values; D divides the
+    batch, FSDP2 divides the fixed state; ring collectives' volumes as in the module doc."""
+    kw = dict(depth=2, dim=8, heads=2, mlp_ratio=2.0, precision="fp32", attn_backend="sdpa")
+    one = plan("pit-n", img_size=5, batch_size=4, **kw)                       # 25 tokens + cls = 26
+    sp = plan("pit-n", img_size=5, batch_size=4, seq_parallel=2, data_parallel=2, **kw)
+    Ts, T, D = 13, 26, 8
+    kept, work = vit_block_bytes(Ts, D, 16, 2, 4, "fused", "none", keys=T)
+    assert kept - vit_block_bytes(Ts, D, 16, 2, 4, "fused", "none")[0] == 4 * 2 * T * D    # gathered K, V
+    assert sp.image_bytes["none"] == 2 * kept + work + 4 * Ts * D + 4 * 3 * 25
+    assert sp.peak_bytes(4) == sp.fixed_bytes + 2 * sp.image_bytes["none"]    # 2 images a data-parallel group
+    assert sp.fixed_bytes == one.fixed_bytes
+    assert sp.comm["gradient_all_reduce"] == 2 * 3 * 4 * one.params // 4
+    assert sp.comm["key_value_gathers"] == 2 * 2 * 1 * Ts * 2 * D * 4 * 2
+    fsdp = plan("pit-n", img_size=5, batch_size=4, data_parallel=4, fsdp=True, **kw)
+    assert fsdp.fixed_bytes == one.fixed_bytes // 4
+    assert fsdp.comm == {"fsdp_weights_and_gradients": 3 * 3 * 4 * one.params // 4}
+    # the longest side grows with P and with checkpointing; one that fits at P is refused at 2 of its tokens
+    sides = [largest_side("pit-t", "1GiB", "none", precision="fp32", seq_parallel=P) for P in (1, 2, 4)]
+    assert 0 < sides[0] < sides[1] < sides[2]
+    assert largest_side("pit-t", "1GiB", "full", precision="fp32") > sides[0]
+    big = plan("pit-t", sides[0] + 1, 1, "1GiB", precision="fp32")
+    assert big.peak_bytes(1) > 2 ** 30 >= plan("pit-t", sides[0], 1, precision="fp32").peak_bytes(1)
+    with pytest.raises(PixformerError, match="cannot be split over 8"):
+        plan("pit-n", img_size=2, seq_parallel=8)
 
 
 # ---- blocked attention, auto backend ------------------------------------------------------------

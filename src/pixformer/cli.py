@@ -161,6 +161,9 @@ def build_parser():
     plan.add_argument("--attn_backend", type=str, default="auto", help="as for train; math keeps the N x N probabilities")
     plan.add_argument("--num_classes", type=int, default=10)
     plan.add_argument("--in_chans", type=int, default=3)
+    plan.add_argument("--seq_parallel", type=int, default=1, help="ranks splitting each image's tokens (train --seq-parallel)")
+    plan.add_argument("--data_parallel", type=int, default=1, help="data-parallel groups (world = seq x data)")
+    plan.add_argument("--fsdp", type=bool, default=False, help="weights, grads, optimizer sharded over data-parallel ranks")
     plan.add_argument("--json", type=bool, default=False, help="print one JSON object instead of the table")
     commands.add_subcommand("plan", plan, help="FLOPs, memory and the largest batch for a memory budget")
 
@@ -332,9 +335,23 @@ def cmd_models(ns) -> int:
 
 def cmd_plan(ns) -> int:
     from .engine.plan import plan
+    from .engine.plan import format_bytes, largest_side
+    parallel = dict(seq_parallel=ns.seq_parallel, data_parallel=ns.data_parallel, fsdp=ns.fsdp)
     p = plan(ns.model, ns.img_size, ns.batch_size, ns.memory, ns.precision, ns.attn_backend, ns.num_classes,
-             ns.in_chans)
-    print(json.dumps(p.to_dict()) if ns.json else p)
+             ns.in_chans, **parallel)
+    sides = {}
+    if p.memory and p.image_bytes:        # the longest square side whose step fits the budget, per rank
+        kw = dict(batch_size=ns.batch_size, precision=ns.precision, attn_backend=ns.attn_backend,
+                  num_classes=ns.num_classes, in_chans=ns.in_chans, **parallel)
+        sides = {m: largest_side(ns.model, p.memory, m, **kw) for m in ("none", "full")}
+    if ns.json:
+        print(json.dumps({**p.to_dict(), "largest_side": sides or None}))
+        return 0
+    print(p)
+    if sides:
+        images = f"batch {ns.batch_size}" if ns.batch_size else "one image per data-parallel group"
+        print(f"longest square side whose step fits {format_bytes(p.memory)} a rank ({images}): {sides['none']} px, "
+              f"{sides['full']} px with --checkpoint-blocks all")
     return 0
 
 

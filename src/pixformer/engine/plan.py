@@ -31,6 +31,17 @@ backward is running (the MLP hidden gradient e*T*M and the residual gradient r*T
 two T x T gradients e*2*H*T*T; the recomputed tensors of that block under checkpointing).
 Not counted: allocator overhead and fragmentation (the process's RSS is higher; see the benchmark),
 per-thread kernel workspaces, the data pipeline.
+
+Across ranks (`seq_parallel` P, `data_parallel` D, `fsdp`), everything is per rank. Under sequence
+parallelism (engine/sequence.py) a rank holds Ts = ceil(T / P) tokens: every tensor above is counted
+for Ts tokens, and each block also keeps the keys and values gathered from the P shards (e*2*T*D,
+their gradient e*2*T*D in the working set); "math" keeps e*H*Ts*T probabilities. The weights,
+gradients and AdamW state are replicated (DDP, sequence parallel) or divided by D (FSDP2).
+Communication per rank and step, for ring collectives ((W-1)/W of the data each way):
+    gradient all-reduce (DDP, sequence parallel; W = P*D ranks)   2*(W-1)/W * 4*params
+    FSDP2 (W = D): weight all-gather in forward and in backward, gradient reduce-scatter  3*(D-1)/D * 4*params
+    sequence parallel, per block and image: key/value all-gather in forward, reduce-scatter of their
+    gradients in backward, 2 * (P-1)*Ts * 2*D*e (one more all-gather under full checkpointing)
 """
 from __future__ import annotations
 
@@ -71,19 +82,23 @@ def format_bytes(n: float) -> str:
     return f"{int(n)} B"
 
 
-def vit_block_bytes(T: int, D: int, M: int, H: int, e: int, attn: str, mode: str) -> tuple[int, int]:
-    """(bytes kept, bytes of the working set while its backward runs) of one ViT block, one image."""
+def vit_block_bytes(T: int, D: int, M: int, H: int, e: int, attn: str, mode: str,
+                    keys: int | None = None) -> tuple[int, int]:
+    """(bytes kept, bytes of the working set while its backward runs) of one ViT block, one image; T
+    tokens, or under sequence parallelism T of a shard attending over `keys` gathered keys."""
     r = 4
+    Tk = keys or T
     lse = 4 * H * T if attn == "fused" else 0   # the fused kernels' log-sum-exp (fp32)
     stats = 2 * 2 * 4 * T                # mean and 1/std of the two LayerNorms (fp32)
-    probs = e * H * T * T if attn == "math" else 0
-    work = e * T * M + r * T * D + (2 * probs if attn == "math" else 0)
+    probs = e * H * T * Tk if attn == "math" else 0
+    gathered = e * 2 * Tk * D if keys else 0   # the keys and values of every shard (and later their gradient)
+    work = e * T * M + r * T * D + (2 * probs if attn == "math" else 0) + gathered
     full = r * T * D + e * T * D + e * 3 * T * D + e * T * D + lse + r * T * D + e * T * D + e * 2 * T * M + probs \
-        + stats
+        + stats + gathered
     if mode == "none":
         return full, work
     if mode == "selective":
-        kept = r * T * D + e * (3 * T * D + T * D + T * D + T * M + T * D) + lse + probs
+        kept = r * T * D + e * (3 * T * D + T * D + T * D + T * M + T * D) + lse + probs + gathered
         return kept, work + (full - kept)    # the recomputed tensors of the running block
     if mode == "full":
         return r * T * D, work + full        # the running block's forward is redone
@@ -104,8 +119,12 @@ class Plan:
     attn: str                    # fused | blocked | math
     fixed_bytes: int             # weights, grads, optimizer state (independent of the batch)
     image_bytes: dict[str, int] = field(default_factory=dict)  # per image, by checkpoint mode
-    batch_size: int | None = None
-    memory: int | None = None
+    batch_size: int | None = None  # the global batch (each data-parallel group trains batch / D images)
+    memory: int | None = None      # per rank
+    seq_parallel: int = 1          # P ranks per image (sequence parallelism)
+    data_parallel: int = 1         # D groups training different images
+    fsdp: bool = False             # weights, gradients and optimizer state sharded over D
+    comm: dict[str, int] = field(default_factory=dict)   # bytes sent per rank per step, by kind
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -115,11 +134,16 @@ class Plan:
             d["max_batch"] = {m: self.max_batch(m) for m in CHECKPOINT_MODES} if self.memory else None
         return d
 
+    @property
+    def images_per_rank(self) -> int:
+        return -(-self.batch_size // self.data_parallel) if self.batch_size else 1
+
     def peak_bytes(self, batch_size: int, mode: str = "none") -> int:
-        """Estimated peak memory of one training step (forward, backward, AdamW)."""
+        """Estimated peak memory of one rank in one training step (forward, backward, AdamW) for a global
+        batch of `batch_size` (each rank holds batch / D images, or its shard of each)."""
         if not self.image_bytes:
             raise PixformerError(f"the memory planner does not model {self.model!r}")
-        return self.fixed_bytes + batch_size * self.image_bytes[mode]
+        return self.fixed_bytes + -(-batch_size // self.data_parallel) * self.image_bytes[mode]
 
     def max_batch(self, mode: str = "none", memory: int | str | None = None) -> int:
         """Largest batch whose training step fits `memory` (default: the plan's); 0 if none does."""
@@ -128,7 +152,7 @@ class Plan:
             raise PixformerError("no memory budget given")
         if not self.image_bytes:
             raise PixformerError(f"the memory planner does not model {self.model!r}")
-        return max((memory - self.fixed_bytes) // self.image_bytes[mode], 0)
+        return max((memory - self.fixed_bytes) // self.image_bytes[mode], 0) * self.data_parallel
 
     def __str__(self) -> str:
         h, w = self.img_size
@@ -155,6 +179,12 @@ class Plan:
             lines.append(row + ("   <- train's default" if b and mode == self.default_mode() else ""))
         if self.memory:
             lines.append(self.verdict())
+        if self.seq_parallel * self.data_parallel > 1:
+            lines.append(f"per rank of {self.seq_parallel * self.data_parallel} (sequence parallel {self.seq_parallel} x "
+                         f"data parallel {self.data_parallel}{', FSDP2' if self.fsdp else ''}): "
+                         f"{-(-self.seq_len // self.seq_parallel):,} tokens of each image, {self.images_per_rank} "
+                         f"image(s) a step; communication a step: "
+                         + ", ".join(f"{k.replace('_', ' ')} {format_bytes(v)}" for k, v in self.comm.items()))
         return "\n".join(lines)
 
     def default_mode(self) -> str:
@@ -194,13 +224,20 @@ def attention_memory_kind(backend: str, e: int, scores: int | None) -> str:
 
 def plan(model: str, img_size: int | tuple[int, int] = 32, batch_size: int | None = None,
          memory: int | str | None = None, precision: str = "fp32", attn_backend: str = "auto",
-         num_classes: int = 10, in_chans: int = 3, **overrides) -> Plan:
-    """Tokens, parameters, FLOPs and training-memory estimate of a named model (see the module doc).
-    `precision` is fp32, bf16 or auto (what `train` would use on this machine's CPU)."""
+         num_classes: int = 10, in_chans: int = 3, seq_parallel: int = 1, data_parallel: int = 1,
+         fsdp: bool = False, **overrides) -> Plan:
+    """Tokens, parameters, FLOPs and training-memory estimate of a named model (see the module doc),
+    per rank of `seq_parallel` x `data_parallel` ranks. `precision` is fp32, bf16 or auto (what
+    `train` would use on this machine's CPU)."""
     from ..models.registry import create_model
 
     if batch_size is not None and batch_size < 1:
         raise PixformerError(f"batch size must be at least 1, got {batch_size}")
+    if seq_parallel < 1 or data_parallel < 1:
+        raise PixformerError(f"--seq-parallel and --data-parallel count ranks (at least 1), got {seq_parallel}, "
+                             f"{data_parallel}")
+    if fsdp and seq_parallel > 1:
+        raise PixformerError("--fsdp and --seq-parallel cannot be combined yet; choose one")
     img = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
     with torch.device("meta"):
         net = create_model(model, img_size=img, num_classes=num_classes, in_chans=in_chans, **overrides)
@@ -208,24 +245,63 @@ def plan(model: str, img_size: int | tuple[int, int] = 32, batch_size: int | Non
     e = 2 if autocast_dtype(precision, "cpu") == torch.bfloat16 else 4
     n = (img[0] // cfg.patch_size) * (img[1] // cfg.patch_size)
     T = n + (getattr(cfg, "pool", None) == "cls")
+    if seq_parallel > 1 and not hasattr(cfg, "heads"):
+        raise PixformerError(f"sequence parallelism splits a ViT's tokens; {model} is not a ViT")
+    if n < seq_parallel:
+        raise PixformerError(f"{n} tokens cannot be split over {seq_parallel} sequence-parallel ranks")
+    Ts = -(-T // seq_parallel)                  # the tokens of each image a rank holds
     heads = getattr(cfg, "heads", 1)
-    attn = attention_memory_kind(attn_backend, e, batch_size * heads * T * T if batch_size else None)
+    local = -(-batch_size // data_parallel) if batch_size else None
+    attn = attention_memory_kind(attn_backend, e, local * heads * Ts * T if local else None)
     params = sum(p.numel() for p in net.parameters())
     fwd = net.flops(img)
     with torch.device("meta"):
         blocks_fwd = fwd - create_model(model, img_size=img, num_classes=num_classes, in_chans=in_chans,
                                         **{**overrides, "depth": 0}).flops(img)  # what full checkpointing redoes
-    fixed, image_bytes = 16 * params + (2 * params if e == 2 else 0), {}
+    fixed, image_bytes = (16 * params + (2 * params if e == 2 else 0)) // (data_parallel if fsdp else 1), {}
+    depth = len(blocks_of(net))
     if hasattr(cfg, "heads"):                   # a ViT / PiT: count what its blocks keep
         D, H, M = cfg.dim, cfg.heads, int(cfg.dim * cfg.mlp_ratio)
-        outside = 4 * T * D + 4 * in_chans * img[0] * img[1]   # the final norm's input, and the images
+        outside = 4 * Ts * D + 4 * in_chans * img[0] * img[1]   # the final norm's input, and the images
         for mode in CHECKPOINT_MODES:
-            kept, work = vit_block_bytes(T, D, M, H, e, attn, mode)
-            image_bytes[mode] = len(blocks_of(net)) * kept + work + outside
+            kept, work = vit_block_bytes(Ts, D, M, H, e, attn, mode, T if seq_parallel > 1 else None)
+            image_bytes[mode] = depth * kept + work + outside
+    world, grads, comm = seq_parallel * data_parallel, 4 * params, {}
+    if fsdp:
+        comm["fsdp_weights_and_gradients"] = 3 * (data_parallel - 1) * grads // data_parallel
+    elif world > 1:
+        comm["gradient_all_reduce"] = 2 * (world - 1) * grads // world
+    if seq_parallel > 1 and hasattr(cfg, "heads"):
+        comm["key_value_gathers"] = depth * 2 * (seq_parallel - 1) * Ts * 2 * cfg.dim * e * (local or 1)
     return Plan(model=model, img_size=img, tokens=n, seq_len=T, params=params, fwd_flops=fwd,
                 train_flops=3 * fwd, train_flops_full_ckpt=3 * fwd + blocks_fwd,
                 precision="bf16" if e == 2 else "fp32", attn=attn, fixed_bytes=fixed, image_bytes=image_bytes,
-                batch_size=batch_size, memory=parse_bytes(memory) if memory is not None else None)
+                batch_size=batch_size, memory=parse_bytes(memory) if memory is not None else None,
+                seq_parallel=seq_parallel, data_parallel=data_parallel, fsdp=fsdp, comm=comm)
+
+
+def largest_side(model: str, memory: int | str, mode: str = "full", **settings) -> int:
+    """The longest side of a square image (a multiple of the patch) whose training step fits `memory`
+    per rank under plan's `settings` (one image per data-parallel group unless `batch_size` is set);
+    0 if none does."""
+    from ..models.registry import resolve
+    budget = parse_bytes(memory)
+    step = settings.get("patch_size") or resolve(model)[1].get("patch_size", 1)
+    batch = settings.pop("batch_size", None) or settings.get("data_parallel", 1)
+
+    def fits(k: int) -> bool:                 # side k * step
+        if k * k < settings.get("seq_parallel", 1):
+            return True                       # below one token per rank: smaller than anything asked
+        return plan(model, k * step, batch, budget, **settings).peak_bytes(batch, mode) <= budget
+
+    hi = 1
+    while fits(hi) and hi < 1 << 14:
+        hi *= 2
+    lo = hi // 2                              # fits(lo) or lo == 0; not fits(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo * step if lo and fits(lo) and lo * lo >= settings.get("seq_parallel", 1) else 0
 
 
 def selective_pays(model: str, img_size: int | tuple[int, int], batch_size: int, precision: str = "auto",
