@@ -18,7 +18,8 @@ RUNS = {
     "classify": dict(SMALL, model="vit-n/2", crop_padding=1, hflip=True),
     "mae": dict(SMALL, model="vit-n/2", task="mae", task_args=dict(decoder_depth=1, decoder_dim=16, decoder_heads=2)),
     "diffusion": dict(SMALL, model="dit-n/2", task="diffusion", task_args=dict(timesteps=50, samples=0)),
-    "sequence-parallel": dict(SMALL, model="pit-n", img_size=5, seq_parallel=2, seq_sharding="strided", ema_decay=0.9),
+    "sequence-parallel": dict(SMALL, model="pit-n", img_size=5, seq_parallel=2, seq_sharding="strided", ema_decay=0.9,
+                              seq_regather=True),
     "fsdp": dict(SMALL, model="vit-n/2", fsdp=True, hflip=True),
 }
 ALONE = dict(seq_parallel=1, fsdp=False)   # the same run in one process
@@ -74,6 +75,7 @@ def test_world_size_without_torchrun_is_refused(monkeypatch):
 SEQUENCE_CHECK = textwrap.dedent("""
     import itertools, json
     import torch, torch.distributed as dist
+    from pixformer.engine.perf import apply_activation_checkpointing
     from pixformer.engine.sequence import SequenceParallel, average_gradients
     from pixformer.models.attention import set_attention_backend
     from pixformer.models.vit import ViTConfig, VisionTransformer
@@ -82,8 +84,11 @@ SEQUENCE_CHECK = textwrap.dedent("""
     failures, checked = [], 0
     for P in (1, 2):
         group = dist.new_subgroups(group_size=P)[0]
-        for pool, pos, sharding, side, backend in itertools.product(
-                ("cls", "mean"), ("learned", "sincos2d"), ("contiguous", "strided", "random"), (5, 6), ("auto", "blocked")):
+        for pool, pos, sharding, regather, backend, ckpt in [*itertools.product(
+                ("cls", "mean"), ("learned", "sincos2d"), ("contiguous", "strided", "random"), (False, True),
+                ("auto", "blocked"), (None,)), ("cls", "learned", "strided", False, "auto", "selective"),
+                ("cls", "learned", "strided", False, "auto", "full")]:
+            side = 5                                                # 26 tokens with a class token, 25 without
             torch.manual_seed(0)
             model = VisionTransformer(ViTConfig(img_size=(side, side), patch_size=1, num_classes=4, depth=2, dim=16,
                                                 heads=2, pool=pool, pos_embed=pos, fc_norm=pool == "mean"))
@@ -93,24 +98,29 @@ SEQUENCE_CHECK = textwrap.dedent("""
             (ref * weights).sum().backward()
             want = {k: p.grad.clone() for k, p in model.named_parameters()}
             model.zero_grad(set_to_none=True)
-            out = SequenceParallel(model, group, sharding, seed=3)(images)
+            if ckpt:                                                # the collectives run again in the recompute
+                apply_activation_checkpointing(model, "all" if ckpt == "full" else 0, selective=ckpt == "selective")
+            out = SequenceParallel(model, group, sharding, seed=3, regather=regather)(images)
             (out * weights).sum().backward()
             average_gradients(model)
-            name = f"P={P} {pool} {pos} {sharding} {side}x{side} {backend}"
+            name = f"P={P} {pool} {pos} {sharding} regather={regather} {backend} checkpoint={ckpt}"
             checked += 1
             if not torch.allclose(out, ref, atol=1e-5, rtol=1e-5):
                 failures.append(f"{name}: outputs differ by {(out - ref).abs().max():.2e}")
             failures += [f"{name}: grad of {k} differs by {(p.grad - want[k]).abs().max():.2e}"
                          for k, p in model.named_parameters() if not torch.allclose(p.grad, want[k], atol=1e-5, rtol=1e-4)]
-    print(json.dumps({"checked": checked, "failures": failures[:10]}))
-    dist.barrier()
+    for rank in range(dist.get_world_size()):               # one line each, never interleaved
+        if rank == dist.get_rank():
+            print(json.dumps({"checked": checked, "failures": failures[:10]}), flush=True)
+        dist.barrier()
     dist.destroy_process_group()
 """)
 
 
 def test_sequence_parallel_outputs_and_gradients_equal_one_process(tmp_path):
     """p = 1 and 2 ranks per sequence, class token and mean pooling, learned and sincos positions, each
-    shard assignment, shards of equal and unequal length (5x5 pixels), two attention backends."""
+    shard assignment, shards of equal (class token: 26) and unequal (25) length, gathered keys kept
+    or gathered again in the backward, two attention backends, blocks checkpointed selectively or in full."""
     script = tmp_path / "sequence_check.py"
     script.write_text(SEQUENCE_CHECK)
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -120,7 +130,7 @@ def test_sequence_parallel_outputs_and_gradients_equal_one_process(tmp_path):
     reports = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert len(reports) == 2
     for r in reports:
-        assert r["checked"] == 96 and r["failures"] == [], r["failures"]
+        assert r["checked"] == 100 and r["failures"] == [], r["failures"]
 
 
 def test_shard_assignments_cover_every_token_once():

@@ -218,6 +218,10 @@ def test_planner_sequence_and_data_parallel_by_hand():
     assert sp.fixed_bytes == one.fixed_bytes
     assert sp.comm["gradient_all_reduce"] == 2 * 3 * 4 * one.params // 4
     assert sp.comm["key_value_gathers"] == 2 * 2 * 1 * Ts * 2 * D * 4 * 2
+    again = plan("pit-n", img_size=5, batch_size=4, seq_parallel=2, data_parallel=2, seq_regather=True, **kw)
+    gathered = 4 * 2 * T * D
+    assert sp.image_bytes["none"] - again.image_bytes["none"] == 2 * gathered - gathered   # kept by 2 blocks,
+    assert again.comm["key_value_gathers"] * 2 == sp.comm["key_value_gathers"] * 3         # once more in backward
     fsdp = plan("pit-n", img_size=5, batch_size=4, data_parallel=4, fsdp=True, **kw)
     assert fsdp.fixed_bytes == one.fixed_bytes // 4
     assert fsdp.comm == {"fsdp_weights_and_gradients": 3 * 3 * 4 * one.params // 4}

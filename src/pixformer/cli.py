@@ -164,6 +164,7 @@ def build_parser():
     plan.add_argument("--seq_parallel", type=int, default=1, help="ranks splitting each image's tokens (train --seq-parallel)")
     plan.add_argument("--data_parallel", type=int, default=1, help="data-parallel groups (world = seq x data)")
     plan.add_argument("--fsdp", type=bool, default=False, help="weights, grads, optimizer sharded over data-parallel ranks")
+    plan.add_argument("--seq_regather", type=bool, default=False, help="gathered keys / values not kept (train --seq-regather)")
     plan.add_argument("--json", type=bool, default=False, help="print one JSON object instead of the table")
     commands.add_subcommand("plan", plan, help="FLOPs, memory and the largest batch for a memory budget")
 
@@ -336,7 +337,8 @@ def cmd_models(ns) -> int:
 def cmd_plan(ns) -> int:
     from .engine.plan import plan
     from .engine.plan import format_bytes, largest_side
-    parallel = dict(seq_parallel=ns.seq_parallel, data_parallel=ns.data_parallel, fsdp=ns.fsdp)
+    parallel = dict(seq_parallel=ns.seq_parallel, data_parallel=ns.data_parallel, fsdp=ns.fsdp,
+                    seq_regather=ns.seq_regather)
     p = plan(ns.model, ns.img_size, ns.batch_size, ns.memory, ns.precision, ns.attn_backend, ns.num_classes,
              ns.in_chans, **parallel)
     sides = {}

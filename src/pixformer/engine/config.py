@@ -67,6 +67,7 @@ class TrainConfig:
     # parallelism under torchrun (engine/runtime.py): data parallel (DDP) by default
     seq_parallel: int = 1               # ranks that split each image's tokens (LSS; world = P x data-parallel D)
     seq_sharding: str = "contiguous"    # which tokens a rank holds: contiguous | strided | random (seeded)
+    seq_regather: bool = False          # gather keys / values again in backward instead of keeping them (memory)
     fsdp: bool = False                  # shard weights, gradients and optimizer state (FSDP2) instead of DDP
     # run control
     seed: int = 0
@@ -92,7 +93,7 @@ class TrainConfig:
 # Settings that change how a run executes but not what it computes (beyond float rounding): a run may
 # be resumed, or a cached sweep point reused, with these changed; any other change is refused.
 RUN_ONLY = ("out", "resume", "progress", "device", "eval_batch_size", "checkpoint_every", "data_root", "speed",
-            "seq_parallel", "seq_sharding", "fsdp")
+            "seq_parallel", "seq_sharding", "seq_regather", "fsdp")
 
 
 def as_json(cfg: TrainConfig) -> dict[str, Any]:

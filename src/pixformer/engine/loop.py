@@ -252,7 +252,7 @@ def train(cfg: TrainConfig, data: Prepared | None = None) -> dict[str, Any]:
                              "transformers ViT folder (config.json and safetensors) or a timm ViT state dict (.safetensors)")
     saved = _resumable_state(cfg)                                        # before any data is loaded
     check_parallel(cfg)
-    runtime = Runtime.create(cfg.device, cfg.seq_parallel, cfg.seq_sharding, cfg.fsdp, cfg.seed)
+    runtime = Runtime.create(cfg.device, cfg.seq_parallel, cfg.seq_sharding, cfg.fsdp, cfg.seed, cfg.seq_regather)
     try:
         result = _train(cfg, data, runtime, task_cls, task_cfg, saved)
     except BaseException:
@@ -289,7 +289,9 @@ def _train(cfg: TrainConfig, data: Prepared | None, runtime: Runtime, task_cls, 
     if speed["selective_checkpoint"] is None:
         speed["selective_checkpoint"] = selective_pays(cfg.model, facts.img_size, cfg.batch_size,
                                                        "bf16" if amp else "fp32", cfg.speed.attn_backend,
-                                                       len(facts.classes), facts.in_chans, **cfg.model_args)
+                                                       len(facts.classes), facts.in_chans, **cfg.model_args,
+                                                       seq_parallel=runtime.seq_parallel,      # per rank
+                                                       data_parallel=runtime.data_parallel)
     apply_speed_settings(model, **speed)                                 # from outside the model
     part = runtime.part(cfg.batch_size)                                  # this process's rows of each batch
 

@@ -41,7 +41,8 @@ Communication per rank and step, for ring collectives ((W-1)/W of the data each 
     gradient all-reduce (DDP, sequence parallel; W = P*D ranks)   2*(W-1)/W * 4*params
     FSDP2 (W = D): weight all-gather in forward and in backward, gradient reduce-scatter  3*(D-1)/D * 4*params
     sequence parallel, per block and image: key/value all-gather in forward, reduce-scatter of their
-    gradients in backward, 2 * (P-1)*Ts * 2*D*e (one more all-gather under full checkpointing)
+    gradients in backward, 2 * (P-1)*Ts * 2*D*e (one more all-gather under full checkpointing or with
+    seq_regather, which keeps no gathered keys and values: they are gathered again in the backward)
 """
 from __future__ import annotations
 
@@ -83,16 +84,18 @@ def format_bytes(n: float) -> str:
 
 
 def vit_block_bytes(T: int, D: int, M: int, H: int, e: int, attn: str, mode: str,
-                    keys: int | None = None) -> tuple[int, int]:
+                    keys: int | None = None, regather: bool = False) -> tuple[int, int]:
     """(bytes kept, bytes of the working set while its backward runs) of one ViT block, one image; T
-    tokens, or under sequence parallelism T of a shard attending over `keys` gathered keys."""
+    tokens, or under sequence parallelism T of a shard attending over `keys` gathered keys (kept, or
+    with `regather` gathered again in the backward)."""
     r = 4
     Tk = keys or T
     lse = 4 * H * T if attn == "fused" else 0   # the fused kernels' log-sum-exp (fp32)
     stats = 2 * 2 * 4 * T                # mean and 1/std of the two LayerNorms (fp32)
     probs = e * H * T * Tk if attn == "math" else 0
     gathered = e * 2 * Tk * D if keys else 0   # the keys and values of every shard (and later their gradient)
-    work = e * T * M + r * T * D + (2 * probs if attn == "math" else 0) + gathered
+    work = e * T * M + r * T * D + (2 * probs if attn == "math" else 0) + gathered * (1 + regather)
+    gathered = 0 if regather else gathered
     full = r * T * D + e * T * D + e * 3 * T * D + e * T * D + lse + r * T * D + e * T * D + e * 2 * T * M + probs \
         + stats + gathered
     if mode == "none":
@@ -192,7 +195,7 @@ class Plan:
         activations of a step exceed SELECTIVE_ABOVE (see selective_pays), else none."""
         if not self.batch_size or not self.image_bytes:
             raise PixformerError("train's default checkpointing needs a batch size and a modelled architecture")
-        return "selective" if self.batch_size * self.image_bytes["none"] > SELECTIVE_ABOVE else "none"
+        return "selective" if self.images_per_rank * self.image_bytes["none"] > SELECTIVE_ABOVE else "none"
 
     def verdict(self) -> str:
         """One line: whether (and how) the batch fits the memory budget, or what would be needed."""
@@ -225,7 +228,7 @@ def attention_memory_kind(backend: str, e: int, scores: int | None) -> str:
 def plan(model: str, img_size: int | tuple[int, int] = 32, batch_size: int | None = None,
          memory: int | str | None = None, precision: str = "fp32", attn_backend: str = "auto",
          num_classes: int = 10, in_chans: int = 3, seq_parallel: int = 1, data_parallel: int = 1,
-         fsdp: bool = False, **overrides) -> Plan:
+         fsdp: bool = False, seq_regather: bool = False, **overrides) -> Plan:
     """Tokens, parameters, FLOPs and training-memory estimate of a named model (see the module doc),
     per rank of `seq_parallel` x `data_parallel` ranks. `precision` is fp32, bf16 or auto (what
     `train` would use on this machine's CPU)."""
@@ -264,7 +267,7 @@ def plan(model: str, img_size: int | tuple[int, int] = 32, batch_size: int | Non
         D, H, M = cfg.dim, cfg.heads, int(cfg.dim * cfg.mlp_ratio)
         outside = 4 * Ts * D + 4 * in_chans * img[0] * img[1]   # the final norm's input, and the images
         for mode in CHECKPOINT_MODES:
-            kept, work = vit_block_bytes(Ts, D, M, H, e, attn, mode, T if seq_parallel > 1 else None)
+            kept, work = vit_block_bytes(Ts, D, M, H, e, attn, mode, T if seq_parallel > 1 else None, seq_regather)
             image_bytes[mode] = depth * kept + work + outside
     world, grads, comm = seq_parallel * data_parallel, 4 * params, {}
     if fsdp:
@@ -272,7 +275,7 @@ def plan(model: str, img_size: int | tuple[int, int] = 32, batch_size: int | Non
     elif world > 1:
         comm["gradient_all_reduce"] = 2 * (world - 1) * grads // world
     if seq_parallel > 1 and hasattr(cfg, "heads"):
-        comm["key_value_gathers"] = depth * 2 * (seq_parallel - 1) * Ts * 2 * cfg.dim * e * (local or 1)
+        comm["key_value_gathers"] = depth * (2 + seq_regather) * (seq_parallel - 1) * Ts * 2 * cfg.dim * e * (local or 1)
     return Plan(model=model, img_size=img, tokens=n, seq_len=T, params=params, fwd_flops=fwd,
                 train_flops=3 * fwd, train_flops_full_ckpt=3 * fwd + blocks_fwd,
                 precision="bf16" if e == 2 else "fp32", attn=attn, fixed_bytes=fixed, image_bytes=image_bytes,

@@ -22,6 +22,10 @@ all-reduce (mean) over the P x D ranks: `average_gradients`.
 Shards: "contiguous" runs of tokens in row-major order, "strided" (every P-th token), or "random" (a
 seeded set: PiT treats an image as a set of pixels). Shards are padded to one length; the padding
 keys are masked out of attention and the padding queries out of pooling.
+
+Memory: each attention layer keeps the keys and values gathered from all P shards for its backward
+(2*T*D values a layer, whatever P). `regather=True` keeps only the rank's own and gathers again in
+the backward (one more all-gather and attention forward a layer).
 """
 from __future__ import annotations
 
@@ -80,13 +84,14 @@ class SequenceParallel(nn.Module):
     """A ViT classifier whose every image is split over the ranks of `group` (see the module doc).
     Its parameters are the wrapped model's; other attributes are read through to it."""
 
-    def __init__(self, model: VisionTransformer, group, sharding: str = "contiguous", seed: int = 0):
+    def __init__(self, model: VisionTransformer, group, sharding: str = "contiguous", seed: int = 0,
+                 regather: bool = False):
         super().__init__()
         if not isinstance(model, VisionTransformer):
             raise PixformerError(f"sequence parallelism splits a ViT's tokens; got a {type(model).__name__}")
         if sharding not in SHARDINGS:
             raise PixformerError(f"sharding must be one of {list(SHARDINGS)}, got {sharding!r}")
-        self.module, self.group, self.sharding, self.seed = model, group, sharding, seed
+        self.module, self.group, self.sharding, self.seed, self.regather = model, group, sharding, seed, regather
         self.rank, self.parts = dist.get_rank(group), dist.get_world_size(group)
 
     def __getattr__(self, name):
@@ -108,7 +113,8 @@ class SequenceParallel(nn.Module):
         held = x.shape[1]
         x = F.pad(x, (0, 0, 0, length - held))                                # (B, S, D) padded to the shard length
         mask = None if key_mask is None else key_mask.to(x.device)
-        feats = vit.encode(x, AttnSpec(mask=mask, group=self.group))          # (B, S, D) queries over gathered keys
+        spec = AttnSpec(mask=mask, group=self.group, regather=self.regather)
+        feats = vit.encode(x, spec)                                           # (B, S, D) queries over gathered keys
         if vit.cls_token is not None:                                         # rank 0's first token
             mine = feats[:, 0] * float(has_cls)   # (B, D), zeros off rank 0 (in the graph: every rank's
             #                                       backward then joins the all-reduce's)

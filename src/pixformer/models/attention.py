@@ -16,6 +16,9 @@ What may attend to what is an `AttnSpec`, not only a dense mask:
   of the group's ranks (in rank order, autograd-aware: the backward reduce-scatters their gradients)
   and the backend attends this rank's queries over them. `mask` and `kv_segment_ids` then describe
   the gathered keys. Backends that need self-attention ("varlen") or one fused kernel are refused.
+  With `regather`, the gathered keys and values are not kept for the backward: the gather and the
+  attention run again there (activation checkpointing of this one step), so a layer keeps only its
+  own shard's, for one more all-gather per layer.
 
 Backends
 - "sdpa": torch.nn.functional.scaled_dot_product_attention; torch picks the kernel. Never
@@ -63,6 +66,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.checkpoint import checkpoint
 
 from ..errors import PixformerError
 
@@ -81,6 +85,7 @@ class AttnSpec:
     segment_ids: Tensor | None = None      # (B, Nq) integer segment of each query
     kv_segment_ids: Tensor | None = None   # (B, Nk) segment of each key; default: segment_ids
     group: Any = None                      # process group the keys are sharded over (gathered here)
+    regather: bool = False                 # with group: gather again in the backward instead of keeping
     cache: dict = field(default_factory=dict, compare=False, repr=False)   # what a backend derives once
     #                                        per spec and reuses in every layer (flex's block mask)
 
@@ -447,10 +452,18 @@ def attention(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec | Tensor | None = 
         if backend not in SEQUENCE_PARALLEL_BACKENDS:
             raise PixformerError(f"attention backend {backend!r} cannot attend over keys gathered from a sequence's "
                                  f"shards (sequence parallelism); use one of {list(SEQUENCE_PARALLEL_BACKENDS)}")
+        if spec.regather and not need_weights and torch.is_grad_enabled():
+            return checkpoint(_over_gathered, q, k, v, spec, backend, use_reentrant=False), None
         k, v = gather_keys(k, v, spec.group)
     if spec.segment_ids is not None and spec.key_segments().shape[-1] != k.shape[2]:
         raise PixformerError(f"segment ids for {spec.key_segments().shape[-1]} keys given with {k.shape[2]} keys")
     return _BACKENDS[check_backend(backend)](q, k, v, spec, need_weights)
+
+
+def _over_gathered(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec, backend: str) -> Tensor:
+    """This rank's queries over the keys and values gathered from the shards of `spec.group` (what
+    `regather` runs again in the backward)."""
+    return _BACKENDS[backend](q, *gather_keys(k, v, spec.group), spec, False)[0]
 
 
 def set_attention_backend(model: nn.Module, backend: str) -> nn.Module:
