@@ -2,7 +2,8 @@
 P = 8 ... 1,024 GPUs of 80 GB by sequence parallelism, one image per sequence group, bf16, fused (flash)
 attention, from the planner (engine/plan.py; counted, not measured: see its module doc for what it
 leaves out). Per rank: tokens held, memory of one training step without checkpointing and with every
-block checkpointed, whether each fits 80 GB, and the bytes each rank sends a step.
+block checkpointed, whether each fits 80 GB, the bytes each rank sends a step, and its share of the
+training FLOPs (the queries, so the matmuls and attention scores, divide evenly over the ranks).
 
     .venv/bin/python benchmarks/lss_projection.py [--out benchmarks/results/lss_projection.json]
 """
@@ -26,9 +27,9 @@ def main() -> None:
     a = ap.parse_args()
     budget = parse_bytes(a.memory)
     rows = []
-    print(f"| model | P | tokens a rank | memory a rank, none | full checkpointing | fits {a.memory} | "
-          "key/value traffic a rank | gradient all-reduce |")
-    print("|---|---:|---:|---:|---:|---|---:|---:|")
+    print(f"| model | P | tokens a rank | training TFLOP a rank | memory a rank, none | full checkpointing | "
+          f"fits {a.memory} | key/value traffic a rank | gradient all-reduce |")
+    print("|---|---:|---:|---:|---:|---:|---|---:|---:|")
     for model in a.models:
         for P in a.ranks:
             p = plan(model, a.side, 1, budget, precision="bf16", attn_backend="sdpa", num_classes=1000, seq_parallel=P)
@@ -36,9 +37,11 @@ def main() -> None:
             fits = "yes" if none <= budget else "with full checkpointing" if full <= budget else "no"
             row = {"model": model, "P": P, "tokens_per_rank": -(-p.seq_len // P), "peak_none": none, "peak_full": full,
                    "fits": fits, "key_value_bytes": p.comm.get("key_value_gathers", 0),
-                   "gradient_bytes": p.comm.get("gradient_all_reduce", 0), "params": p.params}
+                   "gradient_bytes": p.comm.get("gradient_all_reduce", 0), "params": p.params,
+                   "train_flops_per_rank": p.train_flops / P}
             rows.append(row)
-            print(f"| {model} | {P:,} | {row['tokens_per_rank']:,} | {format_bytes(none)} | {format_bytes(full)} | "
+            print(f"| {model} | {P:,} | {row['tokens_per_rank']:,} | {row['train_flops_per_rank'] / 1e12:,.2f} | "
+                  f"{format_bytes(none)} | {format_bytes(full)} | "
                   f"{fits} | {format_bytes(row['key_value_bytes'])} | {format_bytes(row['gradient_bytes'])} |")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"command": "python " + " ".join(sys.argv), "side": a.side,
