@@ -90,8 +90,9 @@ def test_a_learned_additive_mask_gets_its_gradient_or_is_refused():
 
 def test_specs_no_backend_can_honour_are_refused_in_one_line():
     q, k, v, ids = packed([3, 3])
-    with pytest.raises(PixformerError, match="sharded across a process group"):
-        attention(q, k, v, AttnSpec(group=object()), backend="math")
+    for backend in ("varlen", "flash"):           # self-attention only, one fused kernel: not over gathered keys
+        with pytest.raises(PixformerError, match="cannot attend over keys gathered from a sequence's shards"):
+            attention(q, k, v, AttnSpec(group=object()), backend=backend)
     with pytest.raises(PixformerError, match="segment ids for 4 keys given with 6 keys"):
         attention(q, k, v, AttnSpec(segment_ids=ids[:, :4]), backend="blocked")
 
