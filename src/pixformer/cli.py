@@ -230,8 +230,9 @@ def cmd_train(ns) -> int:
     from .engine import train
     from .engine.config import config_from_options
     result = train(config_from_options(ns.as_dict()))
-    print(f"run folder: {result['run_dir']}")
-    print(json.dumps({k: v for k, v in result.items() if k not in ("model", "ema", "run_dir")}))
+    if os.environ.get("RANK", "0") == "0":      # under torchrun one process reports
+        print(f"run folder: {result['run_dir']}")
+        print(json.dumps({k: v for k, v in result.items() if k not in ("model", "ema", "run_dir")}))
     return 0
 
 
