@@ -202,3 +202,16 @@ def test_killed_rank_restarts_and_resumes_to_the_same_result(tmp_path):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=k)
     last = json.loads((tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["test_top1"] == pytest.approx(alone["test_top1"], abs=1e-6)
+
+
+def test_sequence_and_data_parallel_compose_over_four_ranks(tmp_path):
+    """P = 2 ranks per image x D = 2 data-parallel groups (4 processes) == one process."""
+    run = dict(RUNS["sequence-parallel"], seq_sharding="random", crop_padding=1, hflip=True, ema_decay=0.0)
+    done = torchrun(tmp_path, {"composed": run}, tmp_path / "pd", nproc=4)
+    assert done.returncode == 0, done.stderr[-3000:]
+    alone = train(TrainConfig(**{**run, **ALONE}, out=str(tmp_path / "one")))
+    model, _ = load_model(tmp_path / "pd" / "composed")
+    for (k, a), b in zip(alone["model"].state_dict().items(), model.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=k)
+    last = json.loads((tmp_path / "pd" / "composed" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["test_top1"] == pytest.approx(alone["test_top1"], abs=1e-6)
