@@ -165,3 +165,28 @@ def test_unknown_or_mismatched_import_formats_are_one_line(tmp_path, hf_vit, cap
     assert main(["train", "--model", "vit-n/2", "--dim", "64", "--init", str(folder), "--epochs", "1",
                  "--data", str(tmp_path / "rgb"), "--progress", "false", "--out", str(tmp_path / "w")]) == 2
     assert re.search(r"does not fit this model.*\(32", capsys.readouterr().err)   # another width: keys named
+
+
+def test_init_keeps_absolute_rows_where_they_are(tmp_path):
+    """A table indexed by absolute coordinates is not stretched onto another grid: the rows and columns
+    both grids have are copied, the others keep the new model's own; fractional tables are resampled."""
+    from pixformer.engine.checkpoint import init_from, save_checkpoint
+    saved = {}
+    for kind in ("learned", "factorized"):
+        saved[kind] = create_model("pit-n", img_size=6, pos_embed=kind, pos_coords="absolute", depth=1)
+        save_checkpoint(tmp_path / kind, {}, saved[kind])
+        for side in (9, 4):
+            new = create_model("pit-n", img_size=side, pos_embed=kind, pos_coords="absolute", depth=1)
+            own = {k: v.clone() for k, v in new.state_dict().items()}
+            init_from(new, tmp_path / kind)
+            got, src, n = new.state_dict(), saved[kind].state_dict(), min(6, side)
+            for name in (["pos_table"] if kind == "learned" else ["pos_rows", "pos_cols"]):
+                common = (slice(0, n),) * (got[name].ndim - 1)
+                assert torch.equal(got[name][common], src[name][common]), (kind, side, name)
+                if side > 6:
+                    assert torch.equal(got[name][6:], own[name][6:]), (kind, side, name)
+    stretched = create_model("pit-n", img_size=9, depth=1)      # fractional: resampled, the corners kept
+    init_from(stretched, tmp_path / "learned")
+    table, src = stretched.state_dict()["pos_table"], saved["learned"].state_dict()["pos_table"]
+    torch.testing.assert_close(table[8, 8], src[5, 5])
+    assert not torch.equal(table[5, 5], src[5, 5])

@@ -181,15 +181,17 @@ def init_from(model: nn.Module, path: str | Path) -> dict[str, list[str]]:
             new.append(key)
             continue
         value = source[name]
-        if value.shape != target.shape and key.endswith("pos_table") and value.ndim == 3 == target.ndim \
-                and value.shape[-1] == target.shape[-1]:
+        table = key.endswith(("pos_table", "pos_rows", "pos_cols")) and value.ndim == target.ndim \
+            and value.shape[-1] == target.shape[-1] and value.shape != target.shape
+        if table and _owner(model, key).cfg.pos_coords == "absolute":     # a row is a place: keep those both have
+            value = _overlap(value, target)
+        elif table and key.endswith("pos_table"):
             value = resample_table(value.float(), tuple(target.shape[:2])).to(value.dtype)
-        if value.shape != target.shape and key.endswith(("pos_rows", "pos_cols")) and value.ndim == 2 == target.ndim \
-                and value.shape[-1] == target.shape[-1]:                   # a factorized table: along its axis
+        elif table:                                                        # a factorized table: along its axis
             value = resample_table(value.float()[:, None], (target.shape[0], 1))[:, 0].to(value.dtype)
         if value.shape != target.shape and key.endswith("patch_embed.weight") and value.ndim == 2 == target.ndim \
                 and value.shape[0] == target.shape[0]:
-            vit = model.get_submodule(key.removesuffix("patch_embed.weight").rstrip("."))   # the ViT it belongs to
+            vit = _owner(model, key)
             C, p = vit.cfg.in_chans, math.isqrt(value.shape[1] // vit.cfg.in_chans)
             if p * p * C == value.shape[1]:                                 # another patch size: FlexiViT's resize
                 value = pi_resize(value.float(), C, p, vit.cfg.patch_size).to(value.dtype)
@@ -210,6 +212,21 @@ def init_from(model: nn.Module, path: str | Path) -> dict[str, list[str]]:
     model.load_state_dict({**own, **loaded})
     return {"loaded": sorted(loaded), "unused": sorted(set(source) - used), "new": sorted(new),
             "converted": converted, "format": foreign[3] if foreign else "pixformer"}
+
+
+def _owner(model: nn.Module, key: str) -> nn.Module:
+    """The ViT a position table or a patch-embedding weight (`key`) belongs to."""
+    path = key.removesuffix("patch_embed.weight") if key.endswith("patch_embed.weight") else key.rpartition(".")[0]
+    return model.get_submodule(path.rstrip("."))
+
+
+def _overlap(value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """An absolute-coordinate table moved onto another grid: the rows (and columns) both grids have are
+    `value`'s, the rest keep `target`'s own initialisation."""
+    out = target.clone()
+    common = tuple(slice(0, min(a, b)) for a, b in zip(value.shape[:-1], target.shape[:-1]))
+    out[common] = value[common].to(out.dtype)
+    return out
 
 
 def summarize_keys(keys: list[str], most: int = 4) -> str:
