@@ -304,7 +304,7 @@ def largest_side(model: str, memory: int | str, mode: str = "full", **settings) 
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo * step if lo and fits(lo) and lo * lo >= settings.get("seq_parallel", 1) else 0
+    return lo * step if lo * lo >= settings.get("seq_parallel", 1) else 0    # 0: nothing fits
 
 
 def selective_pays(model: str, img_size: int | tuple[int, int], batch_size: int, precision: str = "auto",
