@@ -21,6 +21,10 @@ RUNS = {
     "sequence-parallel": dict(SMALL, model="pit-n", img_size=5, seq_parallel=2, seq_sharding="strided", ema_decay=0.9,
                               seq_regather=True),
     "fsdp": dict(SMALL, model="vit-n/2", fsdp=True, hflip=True),
+    "fsdp-mae": dict(SMALL, model="vit-n/2", task="mae", fsdp=True,
+                     task_args=dict(decoder_depth=1, decoder_dim=16, decoder_heads=2, samples=2)),
+    "fsdp-diffusion": dict(SMALL, model="dit-n/2", task="diffusion", fsdp=True,
+                           task_args=dict(timesteps=50, samples=2, sample_steps=5)),
 }
 ALONE = dict(seq_parallel=1, fsdp=False)   # the same run in one process
 
@@ -51,6 +55,9 @@ def test_two_ranks_follow_one_process_for_every_task(tmp_path):
         model, state = load_model(tmp_path / "ddp" / name, weights="model")   # a plain checkpoint, one process
         for (k, a), b in zip(alone["model"].state_dict().items(), model.state_dict().values()):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=f"{name}: {k}")
+        figure = {"fsdp-mae": "reconstructions", "fsdp-diffusion": "samples"}.get(name)
+        if figure:                                  # every rank ran the figure's forwards, rank 0 wrote it
+            assert (tmp_path / "ddp" / name / figure / "epoch001.png").exists()
         rows = lambda d: [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
         for a, b in zip(rows(tmp_path / "one" / name), rows(tmp_path / "ddp" / name)):
             for k in a:

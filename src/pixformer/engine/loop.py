@@ -106,13 +106,9 @@ def check_parallel(cfg: TrainConfig) -> None:
         if cfg.speed.attn_backend not in SEQUENCE_PARALLEL_BACKENDS:
             raise PixformerError(f"attention backend {cfg.speed.attn_backend!r} cannot attend over keys gathered from "
                                  f"a sequence's shards; use one of {list(SEQUENCE_PARALLEL_BACKENDS)} with --seq-parallel")
-    if cfg.fsdp:
-        if cfg.task != "classify":
-            raise PixformerError(f"--fsdp trains classifiers for now (--task {cfg.task}'s figures run the model on "
-                                 "one process); use data parallelism (the default) for it")
-        if cfg.ema_decay > 0:
-            raise PixformerError("--ema-decay keeps a full copy of the weights on every rank; it cannot be combined "
-                                 "with --fsdp")
+    if cfg.fsdp and cfg.ema_decay > 0:
+        raise PixformerError("--ema-decay keeps a full copy of the weights on every rank; it cannot be combined "
+                             "with --fsdp")
 
 
 # ---- pieces of the loop --------------------------------------------------------------------
@@ -382,8 +378,8 @@ def _train(cfg: TrainConfig, data: Prepared | None, runtime: Runtime, task_cls, 
                     log(record)
                     say(f"{name} epoch {epochs_done}/{cfg.epochs}  train loss {record.get('train_loss', 0):.4f}  "
                               + "  ".join(f"val {k} {v:.4f}" for k, v in val.items() if k != "n"))
-                    if runtime.is_main:
-                        task.report(eval_model, splits.val, run_dir, epochs_done)
+                    if runtime.is_main or runtime.fsdp:   # FSDP2: every rank runs the figures' forwards
+                        task.report(eval_model, splits.val, run_dir if runtime.is_main else None, epochs_done)
                     state["epochs_logged"] = epochs_done
                     checkpoint()
                 if step >= total_steps:

@@ -117,8 +117,10 @@ class Task:
                   rng: np.random.Generator) -> dict[str, float]:
         raise NotImplementedError
 
-    def report(self, model: nn.Module, data: Any, run_dir: Path, epoch: int) -> Path | None:
-        """Write the task's figures of an epoch (the validation split `data`) under `run_dir`; none by default."""
+    def report(self, model: nn.Module, data: Any, run_dir: Path | None, epoch: int) -> Path | None:
+        """Write the task's figures of an epoch (the validation split `data`) under `run_dir`; none by default.
+        With `run_dir` None, run the same forwards and write nothing (the other ranks of a sharded model:
+        FSDP2 gathers the weights of each forward from every rank)."""
         return None
 
     def metrics(self, sums: dict[str, float]) -> dict[str, float]:

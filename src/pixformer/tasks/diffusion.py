@@ -289,7 +289,7 @@ class Diffusion(Task):
         return labels.to(device)
 
     @torch.no_grad()
-    def report(self, model: nn.Module, data: ImageSet, run_dir: Path, epoch: int) -> Path | None:
+    def report(self, model: nn.Module, data: ImageSet, run_dir: Path | None, epoch: int) -> Path | None:
         """A grid of `samples` images from a fixed seed (classes 0, 1, 2, ... in turn), so a run shows
         the same noise turning into images epoch by epoch; none with samples = 0."""
         n = self.cfg.samples
@@ -298,6 +298,8 @@ class Diffusion(Task):
         model.eval()
         scale = self.cfg.cfg_scale if self.cfg.conditional else 1.0
         images = self.to_images(self.sample(model, n, cfg_scale=scale, seed=0)).cpu()
+        if run_dir is None:
+            return None
         per_row = n if n <= 8 else next(d for d in (8, 7, 6, 5, 4, 3, 2, 1) if n % d == 0)
         rows = [images[i:i + per_row] for i in range(0, n, per_row)]
         K = len(self.facts.classes)

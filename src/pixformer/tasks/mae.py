@@ -136,7 +136,7 @@ class MAE(Task):
                 "target_loss": ((((pred - target) ** 2).mean(-1) * mask).sum(1) / hidden).sum().item()}
 
     @torch.no_grad()
-    def report(self, model: nn.Module, data: ImageSet, run_dir: Path, epoch: int) -> Path:
+    def report(self, model: nn.Module, data: ImageSet, run_dir: Path | None, epoch: int) -> Path | None:
         """A PNG of the first validation images: original, the visible tokens (hidden ones grey), and
         the reconstruction with the visible pixels pasted back (masks drawn with seed 0)."""
         model.eval()
@@ -149,6 +149,8 @@ class MAE(Task):
         hidden = mask[..., None].bool()
         rows = [unpatchify(v.clamp(0, 1), p, grid).cpu() for v in
                 (original, torch.where(hidden, 0.5, original), torch.where(hidden, recon, original))]
+        if run_dir is None:
+            return None
         path = run_dir / "reconstructions" / f"epoch{epoch:03d}.png"
         image_grid(rows, ["original", f"visible ({100 * (1 - self.cfg.mask_ratio):.0f} %)", "reconstruction"],
                    path, f"MAE, epoch {epoch}: validation images")
