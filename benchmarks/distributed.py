@@ -6,6 +6,8 @@ configuration a torchrun launch over gloo with one thread per rank.
     ddp2            two ranks, one image each (DistributedDataParallel)
     sp2-regather, sp4-regather   the same as sp2, sp4 keeping no gathered keys and values (--seq-regather)
     collectives     2 ranks: bytes sent for an 8 MiB all-gather, reduce-scatter and all-reduce (not per side)
+    ddp2-vit-b, fsdp2-vit-b   ViT-B/8 at the first side, 2 ranks: DDP against FSDP2 (train --fsdp), where the
+                    weights, gradients and AdamW state are most of the memory
 
 Per rank: the activation memory (bytes autograd keeps for the backward after the forward, counted by
 saved_tensors_hooks, each storage once, weights and their bf16 copies left out), the peak resident memory of the process (all of it: torch,
@@ -27,8 +29,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-CONFIGS = {"collectives": (2, 1, False), "sp1": (1, 1, False), "sp2": (2, 2, False), "sp4": (4, 4, False), "ddp2": (2, 1, False),
+BIG = "vit-b/8"   # 86 M parameters: its weights, gradients and AdamW state outweigh the activations at 32x32
+CONFIGS = {"collectives": (2, 1, False), "ddp2-vit-b": (2, 1, False), "fsdp2-vit-b": (2, 1, False),
+           "sp1": (1, 1, False), "sp2": (2, 2, False), "sp4": (4, 4, False), "ddp2": (2, 1, False),
            "sp2-regather": (2, 2, True), "sp4-regather": (4, 4, True)}   # name: (ranks, ranks per image, regather)
+ONCE = ("collectives", "ddp2-vit-b", "fsdp2-vit-b")                      # at the first side only
 
 
 def loopback_bytes() -> int:
@@ -69,6 +74,7 @@ def worker(a) -> None:
     import torch.nn.functional as F
 
     from harness import time_steps
+    from pixformer.engine.runtime import Runtime
     from pixformer.engine.sequence import SequenceParallel, average_gradients
     from pixformer.models.registry import create_model
     from pixformer.models.attention import set_attention_backend
@@ -77,10 +83,15 @@ def worker(a) -> None:
     dist.init_process_group("gloo")
     ranks, P, regather = CONFIGS[a.worker]
     torch.manual_seed(0)
-    model = set_attention_backend(create_model("pit-t", img_size=a.side, num_classes=10), a.attn_backend)
+    name = BIG if a.worker.endswith("vit-b") else "pit-t"
+    model = set_attention_backend(create_model(name, img_size=a.side, num_classes=10), a.attn_backend)
     group = dist.new_subgroups(group_size=P)[0]
-    ddp = torch.nn.parallel.DistributedDataParallel
-    step_model = SequenceParallel(model, group, regather=regather) if P > 1 else ddp(model)
+    if a.worker.startswith("fsdp2"):
+        step_model = Runtime.create("cpu", fsdp=True).wrap(model)   # what train --fsdp runs: shards in place
+    elif P > 1:
+        step_model = SequenceParallel(model, group, regather=regather)
+    else:
+        step_model = torch.nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
     images, labels = torch.randn(1, 3, a.side, a.side), torch.tensor([3])
     amp = torch.bfloat16 if a.precision == "bf16" else None
@@ -124,6 +135,7 @@ def worker(a) -> None:
     sent = (loopback_bytes() - sent0) / a.steps / ranks   # the machine's loopback: every rank's traffic
     row = {"rank": dist.get_rank(), "activation_bytes": activation, "step_s": timing["step_s"],
            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
+           "rss_before_steps_gib": timing["rss_before_steps_gib"],
            "loopback_bytes_per_rank_step": sent}
     (Path(a.results) / f"rank{dist.get_rank()}.json").write_text(json.dumps(row))
     dist.barrier()
@@ -143,15 +155,18 @@ def launch(a, name: str) -> dict:
         per_rank = [json.loads(f.read_text()) for f in Path(results).glob("rank*.json")]
     if name == "collectives":
         return {"config": name, "ranks": ranks, **per_rank[0]}
-    p = plan("pit-t", a.side, ranks // P, precision=a.precision, attn_backend=a.attn_backend, seq_parallel=P,
-             data_parallel=ranks // P, seq_regather=regather)
+    p = plan(BIG if name.endswith("vit-b") else "pit-t", a.side, ranks // P, precision=a.precision,
+             attn_backend=a.attn_backend, seq_parallel=P, data_parallel=ranks // P, seq_regather=regather,
+             fsdp=name.startswith("fsdp2"))
     return {"config": name, "side": a.side, "tokens": a.side ** 2, "ranks": ranks, "seq_parallel": P,
             "activation_mib": max(r["activation_bytes"] for r in per_rank) / 2 ** 20,
             "peak_rss_gib": max(r["peak_rss_gib"] for r in per_rank),
+            "peak_rss_before_steps_gib": max(r["rss_before_steps_gib"] for r in per_rank),
             "step_s": max(r["step_s"] for r in per_rank),
             "comm_mib_measured": sum(r["loopback_bytes_per_rank_step"] for r in per_rank) / len(per_rank) / 2 ** 20,
             "comm_mib_planned": sum(p.comm.values()) / 2 ** 20,
-            "planned_image_mib": p.image_bytes["none"] / 2 ** 20, "planned_peak_gib": p.peak_bytes(ranks // P) / 2 ** 30}
+            "planned_image_mib": p.image_bytes["none"] / 2 ** 20, "planned_peak_gib": p.peak_bytes(ranks // P) / 2 ** 30,
+            "planned_fixed_mib": p.fixed_bytes / 2 ** 20}
 
 
 def main() -> None:
@@ -176,7 +191,7 @@ def main() -> None:
         rows = [r for r in json.loads(Path(a.out).read_text())["rows"] if r["config"] not in a.configs]
     for side in a.sides:
         a.side = side
-        for name in [c for c in a.configs if c != "collectives" or side == a.sides[0]]:
+        for name in [c for c in a.configs if c not in ONCE or side == a.sides[0]]:
             r = launch(a, name)
             rows.append(r)
             if name == "collectives":
