@@ -84,10 +84,12 @@ def worker(a) -> None:
     ranks, P, regather = CONFIGS[a.worker]
     torch.manual_seed(0)
     name = BIG if a.worker.endswith("vit-b") else "pit-t"
-    model = set_attention_backend(create_model(name, img_size=a.side, num_classes=10), a.attn_backend)
+    runtime = Runtime.create("cpu", fsdp=a.worker.startswith("fsdp2"))
+    with runtime.building():                      # as train builds it: under FSDP2 whole on rank 0 alone
+        model = set_attention_backend(create_model(name, img_size=a.side, num_classes=10), a.attn_backend)
     group = dist.new_subgroups(group_size=P)[0]
-    if a.worker.startswith("fsdp2"):
-        step_model = Runtime.create("cpu", fsdp=True).wrap(model)   # what train --fsdp runs: shards in place
+    if runtime.fsdp:
+        step_model = runtime.wrap(model)          # what train --fsdp runs: shards in place
     elif P > 1:
         step_model = SequenceParallel(model, group, regather=regather)
     else:
@@ -161,6 +163,7 @@ def launch(a, name: str) -> dict:
     return {"config": name, "side": a.side, "tokens": a.side ** 2, "ranks": ranks, "seq_parallel": P,
             "activation_mib": max(r["activation_bytes"] for r in per_rank) / 2 ** 20,
             "peak_rss_gib": max(r["peak_rss_gib"] for r in per_rank),
+            "peak_rss_gib_by_rank": [r["peak_rss_gib"] for r in sorted(per_rank, key=lambda r: r["rank"])],
             "peak_rss_before_steps_gib": max(r["rss_before_steps_gib"] for r in per_rank),
             "step_s": max(r["step_s"] for r in per_rank),
             "comm_mib_measured": sum(r["loopback_bytes_per_rank_step"] for r in per_rank) / len(per_rank) / 2 ** 20,

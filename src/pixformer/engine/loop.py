@@ -268,16 +268,19 @@ def _train(cfg: TrainConfig, data: Prepared | None, runtime: Runtime, task_cls, 
 
     say = tqdm.write if runtime.is_main else (lambda *a, **k: None)     # one process speaks (above the bar)
     torch.manual_seed(cfg.seed)
-    model = task.build_model(cfg.model, cfg.model_args)
+    with runtime.building():                     # FSDP2: only rank 0 holds the whole model (the others: meta)
+        model = task.build_model(cfg.model, cfg.model_args)
     name = model_name(model)
     batcher = batcher_for(as_json(cfg), model)                         # None for images of one size
-    if cfg.init and saved is None:                                       # a resumed run has its own weights
+    if cfg.init and saved is None and runtime.holds_weights:            # a resumed run has its own weights
         got = init_from(model, cfg.init)
         say(f"init from {cfg.init} ({got['format']}): loaded {len(got['loaded'])} tensors; new: "
               f"{summarize_keys(got['new'])}; not used: {summarize_keys(got['unused'])}"
               + (f"; converted: {', '.join(got['converted'])}" if got["converted"] else ""))
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(name, cfg.data)
-    set_attention_backend(model, cfg.speed.attn_backend).to(device)  # before the copy: EMA evaluates with it too
+    set_attention_backend(model, cfg.speed.attn_backend)             # before the copy: EMA evaluates with it too
+    if not runtime.fsdp:
+        model.to(device)                         # (FSDP2 moves each block's shard there when it shards it)
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay > 0 else None
     speed = asdict(cfg.speed)
     if speed["onednn_linear"] is None:
@@ -311,7 +314,8 @@ def _train(cfg: TrainConfig, data: Prepared | None, runtime: Runtime, task_cls, 
             diff = sorted(k for k in set(saved["model"]["config"]) | set(spec["config"])
                           if saved["model"]["config"].get(k) != spec["config"].get(k))
             raise PixformerError(f"cannot resume {run_dir}: its checkpoint is a different model (differs in {diff})")
-        load_weights(model, ckpt / "model.safetensors")
+        if runtime.holds_weights:                # FSDP2: rank 0 loads, wrap hands each rank its shard
+            load_weights(model, ckpt / "model.safetensors")
         if ema is not None:
             load_weights(ema, ckpt / "ema.safetensors")
         for k in ("step", "epochs_logged", f"best_{metric}", "test"):

@@ -4,7 +4,9 @@ train ...`) every process joins torch.distributed's default group (gloo on CPU, 
 trains its part of each global batch:
 - data parallel (default): gradients averaged by DistributedDataParallel;
 - `fsdp`: FSDP2 (`fully_shard` per block and at the root) shards weights, gradients and optimizer
-  state over the ranks; checkpoints are gathered into plain full tensors;
+  state over the ranks; only rank 0 builds the whole model (`building`), the others build it on the
+  meta device and receive their shards from rank 0 in `wrap`; checkpoints are gathered into plain
+  full tensors;
 - `seq_parallel` P: consecutive groups of P ranks share their images and split each image's tokens
   (engine/sequence.py, LSS); the world is P x D, D data-parallel groups.
 
@@ -19,6 +21,7 @@ trains its part of each global batch:
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.tensor import DTensor
 
 from ..errors import PixformerError
@@ -136,13 +140,28 @@ class Runtime:
         if self.fsdp:
             if not any(isinstance(m, FSDPModule) for m in model.modules()):
                 from ..models import blocks_of
+                full = model.state_dict() if self.rank == 0 else {}
                 for block in blocks_of(model):
                     fully_shard(block)                     # one all-gather per block: the memory of one at a time
                 fully_shard(model)
+                if self.rank != 0:
+                    model.to_empty(device=self.device)     # its shards, still to be filled
+                set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True,
+                                                                           broadcast_from_rank0=True))
             return model
         if self.world_size == 1 or not train:
             return model
         return _DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    @property
+    def holds_weights(self) -> bool:
+        """Whether this rank's model has real weights before `wrap`: under FSDP2 only rank 0 builds the
+        whole model; the others build it on the meta device and receive their shards in `wrap`."""
+        return not self.fsdp or self.rank == 0
+
+    def building(self):
+        """The context to build the model in: the meta device on the ranks that do not hold weights."""
+        return contextlib.nullcontext() if self.holds_weights else torch.device("meta")
 
     def sync_gradients(self, model: nn.Module) -> None:
         """After backward: average the gradients where no wrapper did (sequence parallelism's double
