@@ -223,3 +223,14 @@ def test_sequence_and_data_parallel_compose_over_four_ranks(tmp_path):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=k)
     last = json.loads((tmp_path / "pd" / "composed" / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["test_top1"] == pytest.approx(alone["test_top1"], abs=1e-6)
+
+
+def test_under_fsdp_only_rank_zero_builds_the_whole_model():
+    from pixformer.engine.runtime import Runtime
+    from pixformer.models.registry import create_model
+    for rank, device in ((0, "cpu"), (1, "meta")):
+        runtime = Runtime(torch.device("cpu"), rank=rank, world_size=2, fsdp=True)
+        with runtime.building():
+            model = create_model("pit-n", img_size=4, depth=1)
+        assert runtime.holds_weights == (rank == 0)
+        assert {p.device.type for p in model.parameters()} == {device}
