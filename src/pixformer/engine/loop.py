@@ -33,7 +33,7 @@ from ..data.sources import ImageSet, load_source
 from ..data.splits import Splits, channel_stats, resolve_splits, source_id
 from ..errors import PixformerError
 from ..models import blocks_of
-from ..models.attention import set_attention_backend
+from ..models.attention import check_sequence_backend, set_attention_backend
 from ..models.imports import foreign_format
 from ..models.registry import check_model_args, model_name, model_spec, resolve
 from ..tasks import DataFacts, Task, get_task, task_config
@@ -102,10 +102,7 @@ def check_parallel(cfg: TrainConfig) -> None:
             raise PixformerError(f"--seq-parallel splits the tokens of a ViT classifier's square images (--task "
                                  f"classify, vit-*/p or pit-*, no --max-side / --max-tokens); got --task {cfg.task} "
                                  f"with {cfg.model}" + (" at native resolution" if cfg.native else ""))
-        from ..models.attention import SEQUENCE_PARALLEL_BACKENDS
-        if cfg.speed.attn_backend not in SEQUENCE_PARALLEL_BACKENDS:
-            raise PixformerError(f"attention backend {cfg.speed.attn_backend!r} cannot attend over keys gathered from "
-                                 f"a sequence's shards; use one of {list(SEQUENCE_PARALLEL_BACKENDS)} with --seq-parallel")
+        check_sequence_backend(cfg.speed.attn_backend)              # before any data is loaded
     if cfg.fsdp and cfg.ema_decay > 0:
         raise PixformerError("--ema-decay keeps a full copy of the weights on every rank; it cannot be combined "
                              "with --fsdp")

@@ -160,7 +160,7 @@ class Plan:
     def __str__(self) -> str:
         h, w = self.img_size
         lines = [f"{self.model} at {h}x{w}: {self.tokens:,} tokens"
-                 + (f" (+1 class token)" if self.seq_len > self.tokens else "") + f", {self.params:,} parameters",
+                 + (" (+1 class token)" if self.seq_len > self.tokens else "") + f", {self.params:,} parameters",
                  f"GFLOPs per image: forward {self.fwd_flops / 1e9:.3f}, training {self.train_flops / 1e9:.3f} "
                  f"({self.train_flops_full_ckpt / 1e9:.3f} with every block checkpointed)"]
         if not self.image_bytes:

@@ -75,13 +75,12 @@ class Runtime:
     def create(cls, device: str = "auto", seq_parallel: int = 1, seq_sharding: str = "contiguous",
                fsdp: bool = False, seed: int = 0, seq_regather: bool = False) -> "Runtime":
         """The runtime of this process: one process, or a rank of a torchrun launch (WORLD_SIZE > 1)."""
-        from .sequence import SHARDINGS
+        from .sequence import check_sharding
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() \
             else int(os.environ.get("WORLD_SIZE", "1"))
         if seq_parallel < 1:
             raise PixformerError(f"--seq-parallel must be at least 1, got {seq_parallel}")
-        if seq_sharding not in SHARDINGS:
-            raise PixformerError(f"--seq-sharding must be one of {list(SHARDINGS)}, got {seq_sharding!r}")
+        check_sharding(seq_sharding)
         if world == 1 and (seq_parallel > 1 or fsdp):
             what = f"--seq-parallel {seq_parallel} splits each image over {seq_parallel}" if seq_parallel > 1 \
                 else "--fsdp shards the model over several"

@@ -45,12 +45,18 @@ from ..models.vit import VisionTransformer
 SHARDINGS = ("contiguous", "strided", "random")
 
 
+def check_sharding(sharding: str) -> str:
+    """`sharding`, or a clear error naming the shard assignments there are."""
+    if sharding not in SHARDINGS:
+        raise PixformerError(f"--seq-sharding must be one of {list(SHARDINGS)}, got {sharding!r}")
+    return sharding
+
+
 def shard_tokens(n_tokens: int, parts: int, sharding: str = "contiguous", cls: bool = False,
                  seed: int = 0) -> list[Tensor]:
     """The tokens each of `parts` ranks holds, as indices into the sequence [class token] + n_tokens
     image tokens (the class token, if any, is index 0 and goes to rank 0)."""
-    if sharding not in SHARDINGS:
-        raise PixformerError(f"sharding must be one of {list(SHARDINGS)}, got {sharding!r}")
+    check_sharding(sharding)
     if n_tokens < parts:
         raise PixformerError(f"an image of {n_tokens} tokens cannot be split over {parts} sequence-parallel ranks; "
                              f"use --seq-parallel at most {n_tokens} or larger images")
@@ -82,23 +88,16 @@ def _layout(grid: tuple[int, int], parts: int, sharding: str, cls: bool, seed: i
 
 class SequenceParallel(nn.Module):
     """A ViT classifier whose every image is split over the ranks of `group` (see the module doc).
-    Its parameters are the wrapped model's; other attributes are read through to it."""
+    Its parameters are the wrapped model's."""
 
     def __init__(self, model: VisionTransformer, group, sharding: str = "contiguous", seed: int = 0,
                  regather: bool = False):
         super().__init__()
         if not isinstance(model, VisionTransformer):
             raise PixformerError(f"sequence parallelism splits a ViT's tokens; got a {type(model).__name__}")
-        if sharding not in SHARDINGS:
-            raise PixformerError(f"sharding must be one of {list(SHARDINGS)}, got {sharding!r}")
-        self.module, self.group, self.sharding, self.seed, self.regather = model, group, sharding, seed, regather
+        self.module, self.group, self.sharding = model, group, check_sharding(sharding)
+        self.seed, self.regather = seed, regather
         self.rank, self.parts = dist.get_rank(group), dist.get_world_size(group)
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.module, name)
 
     def forward(self, images: Tensor) -> Tensor:
         vit = self.module

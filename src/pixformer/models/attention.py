@@ -429,6 +429,14 @@ def check_backend(backend: str) -> str:
 SEQUENCE_PARALLEL_BACKENDS = ("auto", "sdpa", "math", "blocked", "flex")
 
 
+def check_sequence_backend(backend: str) -> str:
+    """`backend`, or a clear error if it cannot attend over keys gathered from a sequence's shards."""
+    if backend not in SEQUENCE_PARALLEL_BACKENDS:
+        raise PixformerError(f"attention backend {backend!r} cannot attend over keys gathered from a sequence's "
+                             f"shards (sequence parallelism); use one of {list(SEQUENCE_PARALLEL_BACKENDS)}")
+    return backend
+
+
 def gather_keys(k: Tensor, v: Tensor, group) -> tuple[Tensor, Tensor]:
     """Keys and values (B, H, S, Dh) of every rank of `group`, concatenated in rank order along the
     sequence: (B, H, P*S, Dh) each, in one collective whose backward reduce-scatters the gradients."""
@@ -449,9 +457,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec | Tensor | None = 
     if spec is None or isinstance(spec, Tensor):
         spec = AttnSpec(mask=spec)
     if spec.group is not None:
-        if backend not in SEQUENCE_PARALLEL_BACKENDS:
-            raise PixformerError(f"attention backend {backend!r} cannot attend over keys gathered from a sequence's "
-                                 f"shards (sequence parallelism); use one of {list(SEQUENCE_PARALLEL_BACKENDS)}")
+        check_sequence_backend(backend)
         if spec.regather and not need_weights and torch.is_grad_enabled():
             return checkpoint(_over_gathered, q, k, v, spec, backend, use_reentrant=False), None
         k, v = gather_keys(k, v, spec.group)
