@@ -292,7 +292,8 @@ class HFImages:
     """A split's images, decoded when indexed. The store protocol: len, `shape` (N, C, H, W) (not at
     native resolution), `store[idx]` for an int (one image (C, H, W)), a slice, a list, a numpy array
     or an int64 / bool tensor (uint8 (B, C, H, W) in memory; at native resolution a list of images),
-    `subset(idx)` (a view through composed indices, nothing copied or decoded), iteration.
+    `subset(idx)` (a view through composed indices, nothing copied or decoded), iteration, and
+    `materialize()` as store.ImageStore has them (duck-typed: there is no base tensor to hold).
     `decodes_on_the_fly` marks a store whose every full pass decodes every image: statistics should
     be taken over `sample_indices()`. Thread-safe: any number of threads may index it at once."""
     decodes_on_the_fly = True
@@ -351,6 +352,27 @@ class HFImages:
 
     def subset(self, idx) -> "HFImages":
         return HFImages(self.decoder, self.index[self.positions(idx)])
+
+    @property
+    def ndim(self) -> int:
+        return 4
+
+    @property
+    def owned_bytes(self) -> int:
+        """Memory this store holds: its row index (the images stay encoded on disk)."""
+        return self.index.nbytes
+
+    def materialize(self) -> Tensor:
+        """All these images decoded into one (N, C, H, W) tensor: for callers that need the whole set at
+        once (FID statistics, a pixel permutation); it decodes every image, training never calls it."""
+        return self[:]
+
+    def numpy(self) -> np.ndarray:
+        return self.materialize().numpy()
+
+    def __array__(self, dtype=None, copy=None):
+        a = self.numpy()
+        return a if dtype is None else a.astype(dtype)
 
     def sample_indices(self, limit: int = 10_000, seed: int = 0) -> Tensor:
         """Sorted positions of at most `limit` images, seeded; drawn by whole row groups for parquet

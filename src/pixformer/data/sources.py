@@ -381,6 +381,9 @@ def load_source(source: str, root: str | None = None, img_size: tuple[int, int] 
     elif key in IDX:
         splits = load_idx_splits(key, root, allow_download)
     elif os.sep in source or Path(source).exists() or Path(source).suffix:
+        from .hf import is_hf_dataset, load_hf
+        if is_hf_dataset(source):     # Hugging Face parquet / save_to_disk: streamed, decoded per batch
+            return load_hf(source, img_size, native=native, max_side=max_side, skip_bad_images=skip_bad_images)
         if native:                    # decoded at native size (below max_side) straight into NativeSets
             return load_image_folder(source, None, skip_bad_images, native=True, max_side=max_side)
         splits = load_image_folder(source, img_size, skip_bad_images)
