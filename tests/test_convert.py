@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from pixformer import TrainConfig, create_model, train
 from pixformer.cli import main
-from pixformer.models.flexi import pi_resize, resize_matrix
+from pixformer.engine.flexi import pi_resize, resize_matrix
 
 
 def test_the_same_patch_size_is_the_identity():

@@ -27,10 +27,10 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..errors import PixformerError
-from ..models.flexi import pi_resize
-from ..models.imports import read_foreign
 from ..models.pos_embed import resample_table
 from ..models.registry import ARCHITECTURES, build
+from .flexi import pi_resize
+from .imports import read_foreign
 
 
 def _tensors(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -158,7 +158,7 @@ def load_model(path: str | Path, weights: str = "auto") -> tuple[nn.Module, dict
 
 def init_from(model: nn.Module, path: str | Path) -> dict[str, list[str]]:
     """Start `model` from a trained run's weights (EMA weights when it kept them), or from a transformers
-    ViT folder or a timm ViT state dict (models/imports.py), matched by name:
+    ViT folder or a timm ViT state dict (engine/imports.py), matched by name:
     a key may also match with or without an `encoder.` prefix, so an MAE run's encoder starts a
     classifier or a probe. A learned position table trained on another grid is resampled bilinearly,
     a patch embedding of another patch size is converted (FlexiViT's pseudo-inverse resize).
