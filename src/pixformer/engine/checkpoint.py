@@ -8,10 +8,18 @@
 
 A new checkpoint is written to a temporary folder and swapped in by renames; a run killed at any
 moment leaves either the old or the new checkpoint whole (`checkpoint.old` is picked up if the kill
-fell between the two renames).
+fell between the two renames). A write that fails (a full disk, a read-only folder) is one error line,
+and the previous checkpoint stays.
+
+state.json records the size and SHA-256 of every tensor file beside it ("checksums"; `sha256sum`
+checks them too). A checkpoint is verified when it is chosen (find_checkpoint) and its files when they
+are loaded, each file hashed once per process while it is unchanged: a damaged checkpoint/ is passed
+over for a whole checkpoint.old, and a damaged file is never read into a model. Checkpoints written
+before checksums existed still load (their safetensors files are checked for truncation only).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -24,13 +32,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..errors import PixformerError
 from ..models.pos_embed import resample_table
 from ..models.registry import ARCHITECTURES, build
 from .flexi import pi_resize
 from .imports import read_foreign
+from .rundir import claim, notice
 
 
 def _tensors(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -46,59 +54,179 @@ def optimizer_to_files(opt: torch.optim.Optimizer | dict) -> tuple[dict[str, tor
     return _tensors(tensors), {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def optimizer_from_files(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]):
+def optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    """An optimizer state dict (plain, keyed by parameter position) from its checkpoint files."""
     state: dict[int, dict[str, Any]] = {}
     for key, v in list(tensors.items()) + list(meta["scalars"].items()):
         i, name = key.split(".", 1)
         state.setdefault(int(i), {})[name] = v
     groups = [{**g, **({"betas": tuple(g["betas"])} if "betas" in g else {})} for g in meta["param_groups"]]
-    params = [p for g in opt.param_groups for p in g["params"]]
-    for i, st in state.items():          # parameters sharded by FSDP2 take their shard of each full tensor
-        p = params[i]
-        if isinstance(p, DTensor):
-            st.update({k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
-                       for k, v in st.items() if isinstance(v, torch.Tensor) and v.shape == p.shape})
-    opt.load_state_dict({"state": state, "param_groups": groups})
+    return {"state": state, "param_groups": groups}
 
 
 def save_checkpoint(run_dir: str | Path, state: dict[str, Any], model: nn.Module | dict[str, torch.Tensor],
                     optimizer: torch.optim.Optimizer | dict | None = None, ema: nn.Module | None = None) -> Path:
     """Write a checkpoint of `model` (a module or its state dict), the optimizer (or its state dict),
-    the EMA weights and `state` (JSON) into RUN/checkpoint, atomically."""
+    the EMA weights and `state` (JSON, with the tensor files' checksums added) into RUN/checkpoint,
+    atomically. A failed write (a full disk, a read-only folder) is one error line naming the folder; the
+    previous checkpoint stays whole."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     final, old = run_dir / "checkpoint", run_dir / "checkpoint.old"
-    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=".checkpoint.tmp-"))
     try:
-        save_file(_tensors(model if isinstance(model, dict) else model.state_dict()), tmp / "model.safetensors")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=".checkpoint.tmp-"))
+    except OSError as e:
+        raise _unwritten(final, e) from None
+    try:
+        state, checksums = dict(state), {}
+
+        def put(name: str, tensors: dict[str, torch.Tensor]):      # one file at a time: one copy in memory
+            save_file(tensors, tmp / name)
+            checksums[name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+
+        put("model.safetensors", _tensors(model if isinstance(model, dict) else model.state_dict()))
         if ema is not None:
-            save_file(_tensors(ema.state_dict()), tmp / "ema.safetensors")
-        state = dict(state)
+            put("ema.safetensors", _tensors(ema.state_dict()))
         if optimizer is not None:
-            tensors, meta = optimizer_to_files(optimizer)
-            save_file(tensors, tmp / "optimizer.safetensors")
-            state["optimizer"] = meta
+            tensors, state["optimizer"] = optimizer_to_files(optimizer)
+            put("optimizer.safetensors", tensors)
+            del tensors
+        state["checksums"] = checksums
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
         for f in tmp.iterdir():  # make the bytes durable before the rename makes them visible
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         if final.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
+            if old.exists() and checkpoint_problem(final) is not None:
+                shutil.rmtree(final)             # a damaged checkpoint/ beside the whole one this run resumed from
+            else:
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
+    except (OSError, SafetensorError) as e:
+        if old.exists() and not final.exists():  # failed between the renames: the previous one back in its place
+            try:
+                os.replace(old, final)
+            except OSError:
+                pass                             # it stays whole as checkpoint.old, which find_checkpoint reads
+        raise _unwritten(final, e) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
-def find_checkpoint(path: str | Path) -> Path | None:
-    """A checkpoint folder from a run folder or the checkpoint folder itself; None if there is none."""
-    path = Path(path)
-    for cand in (path, path / "checkpoint", path / "checkpoint.old"):
-        if (cand / "state.json").exists() and (cand / "model.safetensors").exists():
-            return cand
+def _unwritten(final: Path, e: Exception) -> PixformerError:
+    why = (e.strerror or str(e)) if isinstance(e, OSError) else str(e)
+    kept = "the previous checkpoint is kept" if final.exists() or final.with_name("checkpoint.old").exists() \
+        else "no checkpoint was written"
+    return PixformerError(f"cannot write the checkpoint {final} ({why}); {kept}")
+
+
+# ---- verification ---------------------------------------------------------------------------------
+_verified: dict[tuple, str | None] = {}    # (file, its identity and size and mtime, expected) -> problem
+_said: set[tuple[str, str]] = set()        # fallbacks already announced by this process
+
+
+def _sha256(path: Path) -> str:
+    h, buf = hashlib.sha256(), bytearray(1 << 20)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def _safetensors_problem(path: Path, size: int) -> str | None:
+    """For a file without a recorded checksum: whether its header reads and its length is the header's."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n > size - 8:
+                return "damaged (no safetensors header)"
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        return f"damaged (its safetensors header is unreadable: {e})"
+    if 8 + n + end != size:
+        return f"damaged (truncated: {size} bytes of {8 + n + end})" if size < 8 + n + end \
+            else f"damaged ({size - 8 - n - end} bytes after its tensors)"
     return None
+
+
+def file_problem(path: Path, expected: dict[str, Any] | None) -> str | None:
+    """Why the tensor file `path` is not the one written ('model.safetensors is damaged (checksum
+    mismatch)', '... is missing'), None when it is. `expected`: its entry in state.json's "checksums"
+    (None for a checkpoint written before checksums). Each file is hashed once while it is unchanged."""
+    try:
+        st = path.stat()
+    except OSError:
+        return f"{path.name} is missing"
+    key = (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, json.dumps(expected, sort_keys=True))
+    if key not in _verified:
+        if expected is None:
+            why = _safetensors_problem(path, st.st_size)
+        elif st.st_size != expected["bytes"]:
+            why = f"damaged ({'truncated: ' if st.st_size < expected['bytes'] else ''}{st.st_size} bytes, " \
+                  f"written as {expected['bytes']})"
+        elif _sha256(path) != expected["sha256"]:
+            why = "damaged (checksum mismatch)"
+        else:
+            why = None
+        _verified[key] = None if why is None else f"{path.name} is {why}"
+    return _verified[key]
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why the checkpoint folder `ckpt` cannot be used (state.json unreadable, a tensor file missing,
+    truncated or failing its checksum), named from the folder: 'model.safetensors is damaged (checksum
+    mismatch)'; None when it is whole."""
+    try:
+        state = json.loads((ckpt / "state.json").read_text())
+    except FileNotFoundError:
+        return "state.json is missing"
+    except (OSError, ValueError) as e:
+        return f"state.json is unreadable ({e})"
+    if not isinstance(state, dict) or not isinstance(state.get("checksums", {}), dict):
+        return "state.json is not a checkpoint's state"
+    sums = state.get("checksums", {})
+    names = ["model.safetensors"] + sorted(({*sums} | {p.name for p in ckpt.glob("*.safetensors")}) - {"model.safetensors"})
+    for name in names:
+        if (problem := file_problem(ckpt / name, sums.get(name))) is not None:
+            return problem
+    return None
+
+
+def find_checkpoint(path: str | Path) -> Path | None:
+    """The checkpoint to read: from a run folder, checkpoint/ (or checkpoint.old, left by a kill between
+    the two renames of a save); or a checkpoint folder itself. None when there is none.
+    The one chosen is verified (checkpoint_problem); a damaged checkpoint/ is passed over for a whole
+    checkpoint.old, said in one line; with none whole, the damage is a one-line error."""
+    path = Path(path)
+    if (path / "state.json").exists() or (path.name in ("checkpoint", "checkpoint.old") and path.is_dir()):
+        # the checkpoint folder itself
+        candidates = [path] + ([path.with_name("checkpoint.old")] if path.name == "checkpoint" else [])
+    else:
+        candidates = [path / "checkpoint", path / "checkpoint.old"]
+    candidates = [c for c in candidates if (c / "state.json").exists() or (c / "model.safetensors").exists()]
+    damaged = []
+    for cand in candidates:
+        problem = checkpoint_problem(cand)
+        if problem is None:
+            for bad, why in damaged:
+                if (str(bad), why) not in _said:
+                    _said.add((str(bad), why))
+                    notice(f"{bad} is unreadable ({why}); using {cand.name}")
+            return cand
+        damaged.append((cand, problem))
+    if not damaged:
+        return None
+    bad, why = damaged[0]
+    if len(damaged) > 1:
+        rest = f", and {damaged[1][0].name} is unreadable too ({damaged[1][1]})"
+    else:
+        rest = " and there is no checkpoint.old beside it" if bad.name == "checkpoint" else ""
+    raise PixformerError(f"{bad}{os.sep}{why}: this checkpoint cannot be used{rest}")
 
 
 def read_state(ckpt: Path) -> dict[str, Any]:
@@ -108,7 +236,23 @@ def read_state(ckpt: Path) -> dict[str, Any]:
         raise PixformerError(f"{ckpt / 'state.json'} is unreadable ({e})") from None
 
 
+def _recorded(path: Path) -> dict[str, Any] | None:
+    """The checksum state.json beside `path` records for it; None when there is none to check against."""
+    try:
+        sums = json.loads((path.parent / "state.json").read_text()).get("checksums", {})
+        return sums.get(path.name) if isinstance(sums, dict) else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a file of a checkpoint is checked against its recorded checksum
+    first (once per process while unchanged), so that numbers from a damaged file are never used."""
+    path = Path(path)
+    expected = _recorded(path)
+    if expected is not None and (problem := file_problem(path, expected)) is not None:
+        raise PixformerError(f"{path.parent}{os.sep}{problem}: its bytes are not those written (a disk or copy fault); "
+                             "restore it, or resume from an earlier checkpoint")
     try:
         return load_file(path)
     except (OSError, SafetensorError) as e:
@@ -244,7 +388,6 @@ def convert_patch_size(path: str | Path, patch: int, out: str | Path, mode: str 
     resampled by FlexiViT's pseudo-inverse resize, the learned position table bilinearly to the new
     grid of the same image size, every other tensor as it is (model and EMA weights). The result
     evaluates like any run and starts new runs (--init); it is not a stopped run to resume."""
-    from ..models.registry import model_name
     from ..models.vit import check_grid
     ckpt = find_checkpoint(path)
     if ckpt is None:
@@ -253,10 +396,19 @@ def convert_patch_size(path: str | Path, patch: int, out: str | Path, mode: str 
     if state["model"]["arch"] != "vit":
         raise PixformerError(f"{path} holds a {state['model']['arch']} model; patch-size conversion is for ViT / PiT")
     cfg = {**state["model"]["config"], "patch_size": patch}
-    old_patch, C = state["model"]["config"]["patch_size"], cfg["in_chans"]
+    old_patch = state["model"]["config"]["patch_size"]
     check_grid(tuple(cfg["img_size"]), patch)                             # the new patch must tile the training size
-    if find_checkpoint(out) is not None:
-        raise PixformerError(f"{out} already holds a checkpoint; choose another --out")
+    with claim(out):                                                     # no other process writes into `out` meanwhile
+        if find_checkpoint(out) is not None:
+            raise PixformerError(f"{out} already holds a checkpoint; choose another --out")
+        return _convert(ckpt, state, cfg, old_patch, patch, mode, path, out)
+
+
+def _convert(ckpt: Path, state: dict[str, Any], cfg: dict[str, Any], old_patch: int, patch: int, mode: str,
+             path: str | Path, out: str | Path) -> dict[str, Any]:
+    """convert_patch_size's work, once `out` is held."""
+    from ..models.registry import model_name
+    C = cfg["in_chans"]
 
     def converted(file: Path) -> nn.Module:
         tensors = load_tensors(file)
