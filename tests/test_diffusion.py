@@ -192,7 +192,7 @@ def test_diffusion_run_writes_samples_resumes_exactly_and_samples_from_the_cli(t
 
 
 @pytest.mark.parametrize("args,match", [
-    (["--model", "vit-n/2"], "--task diffusion trains a DiT"),
+    (["--model", "vit-n/2"], "--task diffusion trains dit models"),
     (["--schedule", "quadratic"], "schedule must be one of"),
     (["--sampler", "euler"], "sampler must be one of"),
     (["--class-dropout", "1.0"], "class_dropout must be in"),

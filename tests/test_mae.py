@@ -150,7 +150,7 @@ def test_eval_of_an_mae_run_reports_loss_and_n(tmp_path, capsys):
     (["--mask-ratio", "0.999"], "leaves no visible token of 64"),
     (["--target", "pixels"], "target must be one of"),
     (["--target", "patch"], "a 1x1 patch of one channel is a single value"),       # digits: 1 channel
-    (["--model", "convmixer-16/1"], "--task mae needs a ViT encoder"),
+    (["--model", "convmixer-16/1"], "--task mae trains vit models"),
     (["--label-smoothing", "0.1"], "task 'mae' has no setting.*label_smoothing belongs to classify"),
 ])
 def test_bad_mae_settings_are_one_line_errors_before_training(tmp_path, capsys, args, match):

@@ -18,7 +18,7 @@ TINY = dict(model="vit-n/2", data="digits", model_args=dict(depth=1, dim=16, hea
 
 def metrics(run_dir):
     rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k != "img_per_s"} for r in rows]
+    return [{k: v for k, v in r.items() if k not in ("img_per_s", "data_wait")} for r in rows]
 
 
 def test_short_training_run_validates_on_val_and_tests_once_at_the_end(tmp_path):

@@ -412,7 +412,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[ns.command](ns[ns.command])
     except PixformerError as e:
-        if os.environ.get("RANK", "0") == "0":     # under torchrun every rank meets the same bad input: one speaks
+        if e.rank is not None:                     # met by this rank alone: it speaks, named
+            print(f"pixformer: error: rank {e.rank}: {e}", file=sys.stderr)
+        elif os.environ.get("RANK", "0") == "0":   # under torchrun every rank meets the same bad input: one speaks
             print(f"pixformer: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

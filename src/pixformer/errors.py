@@ -2,4 +2,11 @@
 
 
 class PixformerError(Exception):
-    """Bad input or configuration. The CLI prints the message alone and exits non-zero."""
+    """Bad input or configuration. The CLI prints the message alone and exits non-zero.
+
+    Under torchrun every rank meets the same bad input and rank 0 alone speaks; an error that one rank
+    met alone (`rank` set) is printed by that rank, named."""
+
+    def __init__(self, message: str, rank: int | None = None):
+        super().__init__(message)
+        self.rank = rank

@@ -59,6 +59,9 @@ class TrainConfig:
     val_fraction: float = 0.1           # held out of train (seed 0) when the data has no val split
     train_subset: int | None = None     # train on a seeded random subset of this many images
     skip_bad_images: bool = False       # count and skip unreadable images instead of stopping
+    workers: int | None = None          # processes decoding images into the cache (default: every core)
+    loader_threads: int = 2             # threads making the next batches while the step runs
+    prefetch: int = 4                   # batches made ahead of the step (0: each made when the step asks)
     # locality ablations: one fixed pixel permutation of every image (data/ablations.py)
     permute_pixels: bool = False        # shuffle all pixel positions
     local_swaps: int = 0                # the PiT paper's T: swaps of pixel pairs ...
@@ -93,7 +96,7 @@ class TrainConfig:
 # Settings that change how a run executes but not what it computes (beyond float rounding): a run may
 # be resumed, or a cached sweep point reused, with these changed; any other change is refused.
 RUN_ONLY = ("out", "resume", "progress", "device", "eval_batch_size", "checkpoint_every", "data_root", "speed",
-            "seq_parallel", "seq_sharding", "seq_regather", "fsdp")
+            "seq_parallel", "seq_sharding", "seq_regather", "fsdp", "workers", "loader_threads", "prefetch")
 
 
 def as_json(cfg: TrainConfig) -> dict[str, Any]:

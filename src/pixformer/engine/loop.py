@@ -1,13 +1,24 @@
-"""The training loop every task shares, one plain function you can read in one sitting.
+"""The training loop every task shares, in small named functions you can read in one sitting.
 
     import pixformer
     result = pixformer.train(pixformer.TrainConfig(model="pit-n", data="digits", epochs=30, out="runs/pit"))
 
+    train  checks the settings, joins the runtime        start  data, task, model, optimizer, resume
+    fit    the loop: epochs end, steps run, stops taken   step   one optimizer step on one batch
+    end_of_epoch  validate, log, figures, checkpoint      checkpoint / log   the run folder's files
+
 The loop owns AdamW and its parameter groups, warm-up + cosine, precision, the speed switches, EMA,
 gradient clipping, checkpoints and exact resume, SIGTERM / Ctrl-C, metrics.jsonl and TensorBoard,
-the progress bar and the validation cadence. The task (pixformer.tasks) owns the model it trains,
-the loss of a batch and its evaluation metrics. Validation uses the val split (never test); the test
-split, where the data has one, is evaluated once at the end and reported apart (`test_*`).
+the progress bar and the validation cadence. Batches come from one place, a `Prefetcher` that makes
+the next ones on background threads while the step runs (data/loader.py); each is a pure function of
+the run's seed and its step, so prefetching changes when a batch is made, not what it holds. The task
+(pixformer.tasks) owns the model it trains, the loss of a batch and its evaluation metrics.
+Validation uses the val split (never test); the test split, where the data has one, is evaluated once
+at the end and reported apart (`test_*`).
+
+Under torchrun the ranks decide together: a stop asked (SIGTERM, Ctrl-C) and a non-finite loss ride
+in the step's one all-reduce of statistics, so every rank stops after the same step; a rank whose
+peer died gets one line, not a collective's traceback.
 """
 from __future__ import annotations
 
@@ -17,17 +28,19 @@ import math
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from ..data.ablations import permuted
 from ..data.augment import batch_indices, random_crop, random_flip
+from ..data.loader import Prefetcher
 from ..data.native import NativeBatcher, NativeSet, batcher_for, table_side
 from ..data.sources import ImageSet, load_source
 from ..data.splits import Splits, channel_stats, resolve_splits, source_id
@@ -35,15 +48,18 @@ from ..errors import PixformerError
 from ..models import blocks_of
 from ..models.attention import check_sequence_backend, set_attention_backend
 from ..models.imports import foreign_format
+from ..models.packed import Packed
 from ..models.registry import check_model_args, model_name, model_spec, resolve
 from ..tasks import DataFacts, Task, get_task, task_config
 from ..tasks.base import ExampleRandom
-from .checkpoint import (find_checkpoint, init_from, load_tensors, load_weights, optimizer_from_files, read_state,
+from .checkpoint import (find_checkpoint, init_from, load_tensors, load_weights, optimizer_state, read_state,
                          save_checkpoint, summarize_keys)
 from .config import TrainConfig, as_json, changed_settings
 from .perf import apply_speed_settings, autocast_dtype, onednn_pays
 from .plan import selective_pays
-from .runtime import RankRandom, Runtime
+from .runtime import RankRandom, Runtime, lost_peer
+
+TIMING_KEYS = ("img_per_s", "data_wait")    # metrics that measure the machine, not the run
 
 
 # ---- data ----------------------------------------------------------------------------------
@@ -68,7 +84,7 @@ def prepare_data(cfg: TrainConfig) -> Prepared:
         idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.train_subset]
         train = train.subset(idx.sort().values)
     if cfg.native:
-        side = table_side(cfg.max_side, cfg.max_tokens, native_patch(cfg))
+        side = table_side(cfg.max_side, cfg.max_tokens, native_patch(cfg, get_task(cfg.task)))
         mean, std = channel_stats(train.images)
         return Prepared(Splits(train, s.val, s.test, s.val_from), DataFacts(train.classes, train.in_chans, (side, side), mean, std))
     s = Splits(permuted(train, cfg), permuted(s.val, cfg), None if s.test is None else permuted(s.test, cfg), s.val_from)
@@ -77,12 +93,12 @@ def prepare_data(cfg: TrainConfig) -> Prepared:
     return Prepared(s, facts)
 
 
-def native_patch(cfg: TrainConfig) -> int:
+def native_patch(cfg: TrainConfig, task_cls: type[Task]) -> int:
     """The patch size of a native-resolution run's model, or a clear error for what cannot run there."""
     arch, fields = resolve(cfg.model)
-    if arch != "vit" or cfg.task != "classify":
-        raise PixformerError(f"native resolution (--max-side / --max-tokens) packs images for a ViT classifier "
-                             f"(--task classify, vit-*/p or pit-*); got --task {cfg.task} with {cfg.model}")
+    if arch not in task_cls.packs:
+        raise PixformerError(f"native resolution (--max-side / --max-tokens) packs images of any sizes; --task "
+                             f"{cfg.task} cannot train {cfg.model} on them" + _which("those that can", "packs"))
     if cfg.img_size:
         raise PixformerError("native resolution (--max-side / --max-tokens) keeps each image's size: drop --img-size")
     if cfg.crop_padding:
@@ -94,15 +110,27 @@ def native_patch(cfg: TrainConfig) -> int:
     return int(cfg.model_args.get("patch_size", fields["patch_size"]))
 
 
-def check_parallel(cfg: TrainConfig) -> None:
-    """A clear error for what sequence parallelism and FSDP2 cannot run (before any data is loaded)."""
+def _which(what: str, capability: str) -> str:
+    """' (what: --task T with A models; ...)': the tasks that have a capability, for an error message."""
+    from ..tasks import TASKS
+    have = [f"--task {t.name} with {' / '.join(getattr(t, capability))} models" for t in TASKS.values()
+            if getattr(t, capability)]
+    return f" ({what}: {'; '.join(have)})" if have else ""
+
+
+def check_run(cfg: TrainConfig, task_cls: type[Task]) -> None:
+    """A clear error, before any data is loaded, for an architecture the task does not train and for
+    what sequence parallelism and FSDP2 cannot run."""
+    arch, _ = resolve(cfg.model)
+    if task_cls.architectures and arch not in task_cls.architectures:
+        raise PixformerError(f"--task {cfg.task} trains {' / '.join(task_cls.architectures)} models; {cfg.model} is "
+                             f"a {arch} model" + (" (use --task diffusion)" if arch == "dit" else ""))
     if cfg.seq_parallel > 1:
-        arch, _ = resolve(cfg.model)
-        if arch != "vit" or cfg.task != "classify" or cfg.native:
-            raise PixformerError(f"--seq-parallel splits the tokens of a ViT classifier's square images (--task "
-                                 f"classify, vit-*/p or pit-*, no --max-side / --max-tokens); got --task {cfg.task} "
-                                 f"with {cfg.model}" + (" at native resolution" if cfg.native else ""))
-        check_sequence_backend(cfg.speed.attn_backend)              # before any data is loaded
+        if arch not in task_cls.splits_tokens or cfg.native:
+            raise PixformerError(f"--seq-parallel splits each square image's tokens over ranks; --task {cfg.task} "
+                                 f"cannot do that with {cfg.model}" + (" at native resolution" if cfg.native else "")
+                                 + _which("it can", "splits_tokens"))
+        check_sequence_backend(cfg.speed.attn_backend)
     if cfg.fsdp and cfg.ema_decay > 0:
         raise PixformerError("--ema-decay keeps a full copy of the weights on every rank; it cannot be combined "
                              "with --fsdp")
@@ -143,42 +171,15 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
             for (wd, scale), ps in sorted(groups.items(), key=lambda kv: (-kv[0][0], -kv[0][1]))]
 
 
-@torch.no_grad()
-def evaluate(task: Task, model: nn.Module, data: ImageSet | NativeSet, batch_size: int, runtime: Runtime,
-             amp: torch.dtype | None = None, stop: "StopFlag | None" = None,
-             batcher: NativeBatcher | None = None) -> dict[str, float]:
-    """The task's metrics over `data` (made inputs as in training, not augmented; images of any sizes
-    packed by `batcher`); the same numbers whatever the batch size: what a task draws at random is
-    drawn per example (ExampleRandom), and a packed image sees only itself."""
-    model.eval()
-    device, sums = runtime.device, {}
-    for idx in batch_indices(len(data), batch_size, 0, 0, shuffle=False):
-        if stop is not None:
-            stop.check()
-        share = idx.tensor_split(runtime.data_parallel)[runtime.data_rank]   # this process's; sums all-reduced
-        counted = len(share) > 0
-        if not counted and not runtime.fsdp:
-            continue
-        idx = share if counted else idx[:1]   # FSDP2 gathers weights in each forward: every rank runs as many
-        if batcher is not None:
-            x = batcher([data.images[i] for i in idx.tolist()], task.inputs).to(device)
-        else:
-            x = task.inputs(data.images[idx].to(device))
-        with torch.autocast(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            batch = task.eval_sums(model, x, data.labels[idx].to(device), ExampleRandom(idx.tolist()))
-        for k, v in batch.items():
-            sums[k] = sums.get(k, 0) + (v if counted else 0)
-    return task.metrics(runtime.all_reduce(sums))
-
-
 class _Stop(Exception):
     """A stop asked by SIGTERM or Ctrl-C, raised at the next safe point."""
 
 
 class StopFlag:
     """SIGTERM and Ctrl-C ask the loop to stop at its next safe point: after a whole optimizer step
-    (counted), or between evaluation batches. So a checkpoint never holds a step applied but not
-    counted. A second Ctrl-C stops at once (the last checkpoint is kept)."""
+    (counted) that every rank agreed to stop at, or, in one process, between evaluation batches. So a
+    checkpoint never holds a step applied but not counted. A second Ctrl-C stops at once (the last
+    checkpoint is kept)."""
 
     def __init__(self):
         self.asked: str | None = None
@@ -227,7 +228,146 @@ def _is_test_row(row: dict) -> bool:
     return any(k.startswith("test_") for k in row)
 
 
-# ---- the loop ------------------------------------------------------------------------------
+# ---- batches -------------------------------------------------------------------------------
+@dataclass
+class Batch:
+    """One step's inputs on the CPU: uint8 images (B, C, H, W) of this rank's rows, or packed model
+    inputs for images of any sizes; the labels of the same rows; the global batch's size."""
+    x: Tensor | Packed
+    y: Tensor
+    size: int
+
+    def to(self, device: torch.device) -> "Batch":
+        x = self.x.to(device) if isinstance(self.x, Packed) else self.x.to(device, non_blocking=True)   # Packed: non-blocking
+        return Batch(x, self.y.to(device, non_blocking=True), self.size)
+
+
+@lru_cache(maxsize=2)
+def _epoch_batches(n: int, batch_size: int, epoch: int, seed: int) -> list[Tensor]:
+    return batch_indices(n, batch_size, epoch, seed)
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The generator a step's augmentation and packing draw from: a function of (seed, step) alone."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def train_batch(run: "Run", step: int) -> Batch:
+    """The batch of training step `step` (made on a loader thread): the global batch drawn and augmented
+    as one process would, then this rank's rows kept."""
+    data, cfg = run.splits.train, run.cfg
+    idx = _epoch_batches(len(data), cfg.batch_size, step // run.steps_per_epoch, cfg.seed)[step % run.steps_per_epoch]
+    g = step_generator(cfg.seed, step)
+    if run.batcher is not None:                                         # images of any sizes, packed
+        images = [data.images[i] for i in idx.tolist()]
+        flips = torch.rand(len(images), generator=g) < 0.5 if cfg.hflip else [False] * len(images)
+        images = [im.flip(-1) if f else im for im, f in zip(images, flips)]
+        x = run.batcher(images, run.task.inputs, g, train=True, part=run.part)
+    else:
+        images = data.images[idx]                                       # uint8 (B, C, H, W)
+        images = random_crop(images, cfg.crop_padding, g)
+        images = random_flip(images, g) if cfg.hflip else images
+        x = images[run.part]
+    return _pinned(Batch(x, data.labels[idx][run.part], len(idx)), run.runtime.device)
+
+
+def eval_batch(data: ImageSet | NativeSet, idx: Tensor, task: Task, batcher: NativeBatcher | None,
+               device: torch.device) -> Batch:
+    """An evaluation batch (rows `idx` of `data`), made as in training but not augmented."""
+    if batcher is not None:
+        x = batcher([data.images[i] for i in idx.tolist()], task.inputs)
+    else:
+        x = data.images[idx]
+    return _pinned(Batch(x, data.labels[idx], len(idx)), device)
+
+
+def _pinned(batch: Batch, device: torch.device) -> Batch:
+    """On a GPU, the batch in page-locked memory so that the copy to the device overlaps the step."""
+    if device.type != "cuda":
+        return batch
+    pin = lambda t: t.pin_memory()                                      # noqa: E731
+    x = batch.x if isinstance(batch.x, Packed) else pin(batch.x)
+    return Batch(x, pin(batch.y), batch.size)
+
+
+def batches(make: Callable[[Any], Batch], keys, cfg: TrainConfig) -> Prefetcher:
+    """Batches made ahead on --loader-threads threads, --prefetch of them (0: made when asked)."""
+    return Prefetcher(make, keys, threads=cfg.loader_threads, depth=cfg.prefetch)
+
+
+def model_inputs(task: Task, batch: Batch, device: torch.device) -> tuple[Tensor | Packed, Tensor]:
+    """A batch on the device as the model takes it: images made inputs by the task (packed batches
+    already are)."""
+    batch = batch.to(device)
+    return (batch.x if isinstance(batch.x, Packed) else task.inputs(batch.x)), batch.y
+
+
+@torch.no_grad()
+def evaluate(task: Task, model: nn.Module, data: ImageSet | NativeSet, batch_size: int, runtime: Runtime,
+             amp: torch.dtype | None = None, stop: "StopFlag | None" = None,
+             batcher: NativeBatcher | None = None, cfg: TrainConfig | None = None) -> dict[str, float]:
+    """The task's metrics over `data` (made inputs as in training, not augmented; images of any sizes
+    packed by `batcher`); the same numbers whatever the batch size: what a task draws at random is
+    drawn per example (ExampleRandom), and a packed image sees only itself. Each process scores its
+    share of every batch; the sums are all-reduced."""
+    model.eval()
+    device, sums = runtime.device, {}
+    shares = []
+    for idx in batch_indices(len(data), batch_size, 0, 0, shuffle=False):
+        share = idx.tensor_split(runtime.data_parallel)[runtime.data_rank]   # this process's; sums all-reduced
+        if len(share) or runtime.fsdp:     # FSDP2 gathers weights in each forward: every rank runs as many
+            shares.append((share if len(share) else idx[:1], len(share) > 0))
+    make = lambda s: (eval_batch(data, s[0], task, batcher, device), s)   # noqa: E731
+    with Prefetcher(make, shares, threads=cfg.loader_threads if cfg else 1, depth=cfg.prefetch if cfg else 2) as made:
+        for batch, (idx, counted) in made:
+            if stop is not None and runtime.world_size == 1:   # under torchrun the step's all-reduce decides
+                stop.check()
+            x, y = model_inputs(task, batch, device)
+            with torch.autocast(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                got = task.eval_sums(model, x, y, ExampleRandom(idx.tolist()))
+            for k, v in got.items():
+                sums[k] = sums.get(k, 0) + (v if counted else 0)
+    return task.metrics(runtime.all_reduce(sums))
+
+
+# ---- the run -------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """Everything a training run holds between steps."""
+    cfg: TrainConfig
+    runtime: Runtime
+    task: Task
+    splits: Splits
+    model: nn.Module                         # the weights (checkpointed)
+    step_model: nn.Module                    # what a step calls: the model, or DDP / FSDP2 / sequence-parallel
+    eval_model: nn.Module                    # what evaluation calls (EMA weights when kept)
+    ema: nn.Module | None
+    opt: torch.optim.Optimizer
+    batcher: NativeBatcher | None            # packs images of any sizes; None for square images
+    part: slice                              # this process's rows of each global batch
+    amp: torch.dtype | None
+    state: dict[str, Any]                    # what state.json holds (step and running added at each save)
+    run_dir: Path
+    steps_per_epoch: int
+    total_steps: int
+    warmup: int
+    say: Callable[..., None]                 # the main process prints (above the bar); the others are quiet
+    step: int = 0
+    running: dict[str, float] = field(default_factory=dict)   # this epoch's statistics so far (sums), "_..." timings
+    lr: float = 0.0
+    val: dict[str, float] | None = None
+    tb: Any = None
+    bar: Any = None
+
+    @property
+    def name(self) -> str:
+        return self.state["model_name"]
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
+
+
 def train(cfg: TrainConfig, data: Prepared | None = None) -> dict[str, Any]:
     """Train `cfg.model` on `cfg.data` for `cfg.task`; returns the final metrics (`val_*`, `test_*`),
     the run folder and the trained model(s). A run with `resume=True` continues from the checkpoint in
@@ -244,225 +384,285 @@ def train(cfg: TrainConfig, data: Prepared | None = None) -> dict[str, Any]:
         raise PixformerError(f"--init {cfg.init}: not a pixformer run (state.json and model.safetensors), a "
                              "transformers ViT folder (config.json and safetensors) or a timm ViT state dict (.safetensors)")
     saved = _resumable_state(cfg)                                        # before any data is loaded
-    check_parallel(cfg)
+    check_run(cfg, task_cls)
     runtime = Runtime.create(cfg.device, cfg.seq_parallel, cfg.seq_sharding, cfg.fsdp, cfg.seed, cfg.seq_regather)
+    run = None
     try:
-        result = _train(cfg, data, runtime, task_cls, task_cfg, saved)
-    except BaseException:
+        run = start(cfg, data, runtime, task_cls, task_cfg, saved)
+        result = fit(run)
+    except BaseException as e:
         runtime.close(barrier=False)     # the other ranks may be inside a collective: do not wait for them
+        if runtime.world_size > 1 and lost_peer(e):
+            where = f"; the last checkpoint in {run.run_dir} is kept" if run is not None else ""
+            raise PixformerError(f"another process of this run stopped or died (this rank's collective failed: "
+                                 f"{str(e).splitlines()[0][:120]}){where}") from None
         raise
     runtime.close()
     return result
 
 
-def _train(cfg: TrainConfig, data: Prepared | None, runtime: Runtime, task_cls, task_cfg, saved) -> dict[str, Any]:
-    device, amp = runtime.device, autocast_dtype(cfg.precision, runtime.device)
+def start(cfg: TrainConfig, data: Prepared | None, runtime: Runtime, task_cls: type[Task], task_cfg,
+          saved: dict[str, Any] | None) -> Run:
+    """The run, ready for its first (or resumed) step: data, task, model and its speed switches,
+    optimizer, the run folder, and the saved state loaded when resuming."""
+    amp = autocast_dtype(cfg.precision, runtime.device)
     data = data or prepare_data(cfg)
-    splits, facts = data.splits, data.facts
-    task = task_cls(task_cfg, facts)
+    task = task_cls(task_cfg, data.facts)
     prep = lambda s: None if s is None else task.prepare(s)            # noqa: E731
-    splits = Splits(prep(splits.train), prep(splits.val), prep(splits.test), splits.val_from)
-
+    splits = Splits(prep(data.splits.train), prep(data.splits.val), prep(data.splits.test), data.splits.val_from)
     say = tqdm.write if runtime.is_main else (lambda *a, **k: None)     # one process speaks (above the bar)
+
     torch.manual_seed(cfg.seed)
     with runtime.building():                     # FSDP2: only rank 0 holds the whole model (the others: meta)
         model = task.build_model(cfg.model, cfg.model_args)
-    name = model_name(model)
-    batcher = batcher_for(as_json(cfg), model)                         # None for images of one size
     if cfg.init and saved is None and runtime.holds_weights:            # a resumed run has its own weights
         got = init_from(model, cfg.init)
         say(f"init from {cfg.init} ({got['format']}): loaded {len(got['loaded'])} tensors; new: "
-              f"{summarize_keys(got['new'])}; not used: {summarize_keys(got['unused'])}"
-              + (f"; converted: {', '.join(got['converted'])}" if got["converted"] else ""))
-    run_dir = Path(cfg.out) if cfg.out else default_run_dir(name, cfg.data)
+            f"{summarize_keys(got['new'])}; not used: {summarize_keys(got['unused'])}"
+            + (f"; converted: {', '.join(got['converted'])}" if got["converted"] else ""))
     set_attention_backend(model, cfg.speed.attn_backend)             # before the copy: EMA evaluates with it too
     if not runtime.fsdp:
-        model.to(device)                         # (FSDP2 moves each block's shard there when it shards it)
+        model.to(runtime.device)                 # (FSDP2 moves each block's shard there when it shards it)
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay > 0 else None
+    speed = resolved_speed(cfg, runtime, data.facts, amp)
+    apply_speed_settings(model, **speed)                                 # from outside the model
+
+    name = model_name(model)
+    steps_per_epoch = max(len(splits.train) // cfg.batch_size, 1)
+    facts = data.facts
+    state = {"train_config": as_json(cfg), "task": {"name": task.name, "config": asdict(task_cfg)},
+             "model": model_spec(model), "model_name": name, "step": 0, "epochs_logged": 0,
+             "data": {**asdict(facts), "source": source_id(cfg.data), "val_from": splits.val_from,
+                      "val_fraction": cfg.val_fraction, "has_test": splits.test is not None},
+             f"best_{task.best[0]}": None, "test": None, "weights": "ema" if ema is not None else "model",
+             "speed": {**speed, "precision": str(amp or torch.float32)[6:]}}  # as resolved for this run
+    run = Run(cfg, runtime, task, splits, model, model, model, ema, None, batcher_for(as_json(cfg), model),
+              runtime.part(cfg.batch_size), amp, state, Path(cfg.out) if cfg.out else default_run_dir(name, cfg.data),
+              steps_per_epoch, cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch), say)
+    ckpt = find_checkpoint(run.run_dir)
+    if saved is None and ckpt is not None and not cfg.resume:
+        raise PixformerError(f"{run.run_dir} already holds a run; pass --resume to continue it or choose another --out")
+    if saved is not None:
+        load_saved(run, saved, ckpt)
+    elif cfg.resume:
+        say(f"no checkpoint in {run.run_dir}; starting from scratch")
+    run.step_model = runtime.wrap(model)       # DDP, FSDP2 (shards `model` in place) or sequence-parallel
+    run.eval_model = runtime.wrap(ema or model, train=False)
+    run.opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.layer_decay), lr=cfg.lr,
+                                betas=tuple(cfg.betas), foreach=True)   # torch's CPU default: tensor by tensor
+    if saved is not None:
+        load_optimizer(run, ckpt, saved)
+        if not runtime.same_everywhere(run.step):
+            raise PixformerError(f"the processes of this run resume {run.run_dir} at different steps; they must "
+                                 "all read the same run folder")
+    if runtime.is_main:                  # only the main process writes checkpoints and logs
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        (run.run_dir / "config.json").write_text(json.dumps(state["train_config"], indent=1))
+        if saved is None:
+            run.metrics_path.unlink(missing_ok=True)      # rows of an attempt that never checkpointed
+        run.tb = _tensorboard(run.run_dir)
+    run.lr = lr_at(max(run.step - 1, 0), run.total_steps, run.warmup, cfg.lr, cfg.min_lr)   # of the last step taken
+    return run
+
+
+def resolved_speed(cfg: TrainConfig, runtime: Runtime, facts: DataFacts, amp) -> dict[str, Any]:
+    """The run's speed switches with the automatic ones decided for this machine and run."""
     speed = asdict(cfg.speed)
     if speed["onednn_linear"] is None:
-        speed["onednn_linear"] = device.type == "cpu" and onednn_pays()
+        speed["onednn_linear"] = runtime.device.type == "cpu" and onednn_pays()
     if speed["selective_checkpoint"] is None:
         speed["selective_checkpoint"] = selective_pays(cfg.model, facts.img_size, cfg.batch_size,
                                                        "bf16" if amp else "fp32", cfg.speed.attn_backend,
                                                        len(facts.classes), facts.in_chans, **cfg.model_args,
                                                        seq_parallel=runtime.seq_parallel,      # per rank
                                                        data_parallel=runtime.data_parallel)
-    apply_speed_settings(model, **speed)                                 # from outside the model
-    part = runtime.part(cfg.batch_size)                                  # this process's rows of each batch
+    return speed
 
-    steps_per_epoch = max(len(splits.train) // cfg.batch_size, 1)
-    total_steps = cfg.epochs * steps_per_epoch
-    warmup = round(cfg.warmup_epochs * steps_per_epoch)
-    metric, better = task.best
-    state = {"train_config": as_json(cfg), "task": {"name": task.name, "config": asdict(task_cfg)},
-             "model": model_spec(model), "model_name": name, "step": 0, "epochs_logged": 0,
-             "data": {**asdict(facts), "source": source_id(cfg.data), "val_from": splits.val_from,
-                      "val_fraction": cfg.val_fraction, "has_test": splits.test is not None},
-             f"best_{metric}": None, "test": None, "weights": "ema" if ema is not None else "model",
-             "speed": {**speed, "precision": str(amp or torch.float32)[6:]}}  # as resolved for this run
-    running: dict[str, float] = {}       # this epoch's training statistics so far (sums), and "_seconds"
 
-    step, metrics_path = 0, run_dir / "metrics.jsonl"
-    ckpt = find_checkpoint(run_dir)
-    if saved is not None:
-        spec = json.loads(json.dumps(state["model"]))  # as stored: JSON turns tuples (img_size) into lists
-        if saved["model"] != spec:
-            diff = sorted(k for k in set(saved["model"]["config"]) | set(spec["config"])
-                          if saved["model"]["config"].get(k) != spec["config"].get(k))
-            raise PixformerError(f"cannot resume {run_dir}: its checkpoint is a different model (differs in {diff})")
-        if runtime.holds_weights:                # FSDP2: rank 0 loads, wrap hands each rank its shard
-            load_weights(model, ckpt / "model.safetensors")
-        if ema is not None:
-            load_weights(ema, ckpt / "ema.safetensors")
-        for k in ("step", "epochs_logged", f"best_{metric}", "test"):
-            state[k] = saved[k]
-        step, running = saved["step"], saved["running"]
-        if metrics_path.exists():  # forget rows logged after the checkpoint; they are computed again
-            rows = [json.loads(l) for l in metrics_path.read_text().splitlines()]
-            keep = [r for r in rows if (state["test"] is not None if _is_test_row(r) else r["epoch"] <= state["epochs_logged"])]
-            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in keep))
-        say(f"resuming {run_dir} at step {step}/{total_steps}")
-    elif cfg.resume:
-        say(f"no checkpoint in {run_dir}; starting from scratch")
-    elif ckpt is not None:
-        raise PixformerError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
-    step_model = runtime.wrap(model)            # DDP, FSDP2 (shards `model` in place) or sequence-parallel
-    eval_forward = runtime.wrap(ema or model, train=False)
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.layer_decay), lr=cfg.lr, betas=tuple(cfg.betas),
-                            foreach=True)   # torch's CPU default updates the tensors one by one
-    if saved is not None:
-        optimizer_from_files(opt, load_tensors(ckpt / "optimizer.safetensors"), saved["optimizer"])
-    tb = None
-    if runtime.is_main:                  # only the main process writes checkpoints and logs
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(state["train_config"], indent=1))
-        tb = _tensorboard(run_dir)
+def load_saved(run: Run, saved: dict[str, Any], ckpt: Path) -> None:
+    """Continue from a checkpoint: the same model (or a clear error), its weights, the counters, and
+    the metrics log without the rows logged after the checkpoint (they are computed again)."""
+    spec = json.loads(json.dumps(run.state["model"]))   # as stored: JSON turns tuples (img_size) into lists
+    if saved["model"] != spec:
+        diff = sorted(k for k in set(saved["model"]["config"]) | set(spec["config"])
+                      if saved["model"]["config"].get(k) != spec["config"].get(k))
+        raise PixformerError(f"cannot resume {run.run_dir}: its checkpoint is a different model (differs in {diff})")
+    if run.runtime.holds_weights:              # FSDP2: rank 0 loads, wrap hands each rank its shard
+        load_weights(run.model, ckpt / "model.safetensors")
+    if run.ema is not None:
+        load_weights(run.ema, ckpt / "ema.safetensors")
+    metric = run.task.best[0]
+    for k in ("step", "epochs_logged", f"best_{metric}", "test"):
+        run.state[k] = saved[k]
+    run.step, run.running = saved["step"], saved["running"]
+    if run.runtime.is_main and run.metrics_path.exists():
+        rows = [json.loads(line) for line in run.metrics_path.read_text().splitlines()]
+        keep = [r for r in rows if (run.state["test"] is not None if _is_test_row(r)
+                                    else r["epoch"] <= run.state["epochs_logged"])]
+        run.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+    run.say(f"resuming {run.run_dir} at step {run.step}/{run.total_steps}")
 
-    def checkpoint():
-        weights, opt_state = runtime.full_state(model, opt)             # FSDP2: gathered on every rank
-        if runtime.is_main:
-            save_checkpoint(run_dir, {**state, "step": step, "running": running}, weights, opt_state, ema)
 
-    def log(record: dict):
-        if not runtime.is_main:
-            return
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if tb is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
-                    tb.add_scalar(k, v, record["step"])
+def load_optimizer(run: Run, ckpt: Path, saved: dict[str, Any]) -> None:
+    """The optimizer's state from the checkpoint: read by every process, or under FSDP2 by rank 0
+    alone, each rank receiving only its shard."""
+    if run.runtime.fsdp and not run.runtime.is_main:
+        run.runtime.load_optimizer(run.model, run.opt, None)
+        return
+    state = optimizer_state(load_tensors(ckpt / "optimizer.safetensors"), saved["optimizer"])
+    run.runtime.load_optimizer(run.model, run.opt, state)
 
-    ema_pairs = list(zip(ema.state_dict().values(), model.state_dict().values())) if ema is not None else []
-    ema_float = [[e for e, _ in ema_pairs if e.is_floating_point()], [m for e, m in ema_pairs if e.is_floating_point()]]
-    ema_other = [(e, m) for e, m in ema_pairs if not e.is_floating_point()]   # e.g. BatchNorm's batch count
-    eval_model = ema or model
-    val, lr = None, lr_at(max(step - 1, 0), total_steps, warmup, cfg.lr, cfg.min_lr)   # of the last step taken
-    bar = tqdm(total=total_steps, initial=step, disable=not (cfg.progress and runtime.is_main), dynamic_ncols=True,
-               desc=f"{name} {Path(cfg.data).name}")
+
+def fit(run: Run) -> dict[str, Any]:
+    """Steps until the run's last, validating at the end of each epoch and testing once at the end; a
+    stop asked is taken after a whole step (checkpointed, with the command that continues it)."""
+    cfg, metric = run.cfg, run.task.best[0]
+    run.bar = tqdm(total=run.total_steps, initial=run.step, disable=not (cfg.progress and run.runtime.is_main),
+                   dynamic_ncols=True, desc=f"{run.name} {Path(cfg.data).name}")
     try:
-        with StopFlag() as stop:
+        with StopFlag() as stop, batches(lambda s: train_batch(run, s), range(run.step, run.total_steps), cfg) as feed:
             while True:
-                epochs_done = step // steps_per_epoch
-                if state["epochs_logged"] < epochs_done:     # an epoch ended; validate it (again, after a stop)
-                    val = evaluate(task, eval_forward, splits.val, cfg.eval_batch_size, runtime, amp, stop, batcher)
-                    best = state[f"best_{metric}"]
-                    if best is None or (val[metric] > best if better == "max" else val[metric] < best):
-                        state[f"best_{metric}"] = val[metric]
-                    n = max(running.get("n", 0), 1)
-                    record = {"step": step, "epoch": epochs_done, "lr": lr,
-                              **{f"train_{k}": v / n for k, v in running.items() if not k.startswith("_") and k != "n"},
-                              "img_per_s": running.get("n", 0) / max(running.get("_seconds", 0), 1e-9),
-                              **({"train_padding": 1 - running["_useful"] / running["_slots"]} if "_slots" in running else {}),
-                              **{f"val_{k}": v for k, v in val.items() if k != "n"}}
-                    log(record)
-                    say(f"{name} epoch {epochs_done}/{cfg.epochs}  train loss {record.get('train_loss', 0):.4f}  "
-                              + "  ".join(f"val {k} {v:.4f}" for k, v in val.items() if k != "n"))
-                    if runtime.is_main or runtime.fsdp:   # FSDP2: every rank runs the figures' forwards
-                        task.report(eval_model, splits.val, run_dir if runtime.is_main else None, epochs_done)
-                    state["epochs_logged"] = epochs_done
-                    checkpoint()
-                if step >= total_steps:
+                if run.state["epochs_logged"] < run.step // run.steps_per_epoch:   # an epoch ended (again, after a stop)
+                    end_of_epoch(run, stop)
+                if run.step >= run.total_steps:
                     break
-                if step % steps_per_epoch == 0:
-                    running = {}
-                model.train()
-                epoch = step // steps_per_epoch
-                for idx in batch_indices(len(splits.train), cfg.batch_size, epoch, cfg.seed)[step % steps_per_epoch:]:
-                    t0 = time.perf_counter()
-                    torch.manual_seed(cfg.seed * 1_000_003 + step)          # dropout / drop-path, per step
-                    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-                    rng = np.random.default_rng([cfg.seed, step])
-                    # the global batch is drawn and augmented as one process would, then this rank's rows kept
-                    if batcher is not None:                                 # images of any sizes, packed
-                        images = [splits.train.images[i] for i in idx.tolist()]
-                        flips = torch.rand(len(images), generator=g) < 0.5 if cfg.hflip else [False] * len(images)
-                        images = [im.flip(-1) if f else im for im, f in zip(images, flips)]
-                        x = batcher(images, task.inputs, g, train=True, part=part).to(device)
-                    else:
-                        images = splits.train.images[idx].to(device, non_blocking=True)   # uint8 (B, C, H, W)
-                        images = random_crop(images, cfg.crop_padding, g)
-                        images = random_flip(images, g) if cfg.hflip else images
-                        x = task.inputs(images[part])
-                    y = splits.train.labels[idx][part].to(device)
-                    if runtime.world_size > 1:
-                        rng = RankRandom(rng, part, len(idx))
-
-                    lr = lr_at(step, total_steps, warmup, cfg.lr, cfg.min_lr)
-                    for group in opt.param_groups:
-                        group["lr"] = lr * group["lr_scale"]
-                    with torch.autocast(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                        loss, stats = task.loss(step_model, x, y, rng)
-                    if not torch.isfinite(loss):
-                        raise PixformerError(f"loss became {loss.item()} at step {step}; lower --lr or use --precision fp32")
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    runtime.sync_gradients(model)                          # sequence parallel: LSS's averaging
-                    if cfg.clip_grad > 0:
-                        nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-                    opt.step()
-                    if ema is not None:
-                        with torch.no_grad():
-                            torch._foreach_lerp_(*ema_float, 1 - cfg.ema_decay)
-                            for e, m in ema_other:
-                                e.copy_(m)
-                    step += 1
-                    if batcher is not None:                               # packed slots, and those holding tokens
-                        stats = {**stats, "_useful": x.useful, "_slots": x.segments.numel()}
-                    stats = runtime.all_reduce(stats)                     # the global batch's statistics
-
-                    for k, v in stats.items():
-                        running[k] = running.get(k, 0) + v
-                    running["_seconds"] = running.get("_seconds", 0.0) + time.perf_counter() - t0
-                    n = max(running.get("n", 0), 1)
-                    bar.update(1)
-                    bar.set_postfix(epoch=epoch + 1, **{k: f"{v / n:.3f}" for k, v in running.items() if not k.startswith("_") and k != "n"},
-                                    img_s=f"{running.get('n', 0) / running['_seconds']:.0f}", lr=f"{lr:.1e}")
-                    stop.check()
-                    if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step % steps_per_epoch:
-                        checkpoint()
-            if splits.test is not None and state["test"] is None:  # once, at the end
-                state["test"] = evaluate(task, eval_forward, splits.test, cfg.eval_batch_size, runtime, amp, stop, batcher)
-                log({"step": step, "epoch": cfg.epochs, **{f"test_{k}": v for k, v in state["test"].items() if k != "n"}})
-                checkpoint()
+                waited = feed.waited
+                batch = next(feed)
+                step(run, batch, stop, feed.waited - waited)
+                if cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0 and run.step % run.steps_per_epoch:
+                    checkpoint(run)
+            if run.splits.test is not None and run.state["test"] is None:   # once, at the end
+                run.state["test"] = evaluate(run.task, run.eval_model, run.splits.test, cfg.eval_batch_size,
+                                             run.runtime, run.amp, stop, run.batcher, cfg)
+                log(run, {"step": run.step, "epoch": cfg.epochs,
+                          **{f"test_{k}": v for k, v in run.state["test"].items() if k != "n"}})
+                checkpoint(run)
     except _Stop as why:
-        bar.close()
-        checkpoint()
-        raise PixformerError(f"stopped ({why}) at step {step}/{total_steps}; checkpoint saved. Continue with: "
-                             f"pixformer train --out {run_dir} --resume (and the same settings)") from None
+        run.bar.close()
+        checkpoint(run)
+        raise PixformerError(f"stopped ({why}) at step {run.step}/{run.total_steps}; checkpoint saved. Continue with: "
+                             f"pixformer train --out {run.run_dir} --resume (and the same settings)") from None
     except KeyboardInterrupt:
-        raise PixformerError(f"stopped at once at step {step}/{total_steps}; the last checkpoint in {run_dir} "
-                             "is kept (continue with --resume)") from None
+        raise PixformerError(f"stopped at once at step {run.step}/{run.total_steps}; the last checkpoint in "
+                             f"{run.run_dir} is kept (continue with --resume)") from None
     finally:
-        bar.close()
-        if tb is not None:
-            tb.close()
-    if val is None:  # resumed a run whose last epoch was validated before
-        val = evaluate(task, eval_forward, splits.val, cfg.eval_batch_size, runtime, amp, batcher=batcher)
-    return {"run_dir": str(run_dir), "model_name": name, "step": step, f"best_{metric}": state[f"best_{metric}"],
-            **{f"val_{k}": v for k, v in val.items()},
-            **{f"test_{k}": v for k, v in (state["test"] or {}).items()}, "model": model, "ema": ema}
+        run.bar.close()
+        if run.tb is not None:
+            run.tb.close()
+    if run.val is None:  # resumed a run whose last epoch was validated before
+        run.val = evaluate(run.task, run.eval_model, run.splits.val, cfg.eval_batch_size, run.runtime, run.amp,
+                           batcher=run.batcher, cfg=cfg)
+    return {"run_dir": str(run.run_dir), "model_name": run.name, "step": run.step,
+            f"best_{metric}": run.state[f"best_{metric}"], **{f"val_{k}": v for k, v in run.val.items()},
+            **{f"test_{k}": v for k, v in (run.state["test"] or {}).items()}, "model": run.model, "ema": run.ema}
+
+
+def step(run: Run, batch: Batch, stop: StopFlag, waited: float) -> None:
+    """One optimizer step on `batch`. Its statistics, and the flags every rank decides by (a stop
+    asked, a non-finite loss), are summed over the ranks in one all-reduce before the update: all
+    ranks then update, or none; all stop after this step, or none."""
+    cfg, runtime, s = run.cfg, run.runtime, run.step
+    t0 = time.perf_counter()
+    run.model.train()
+    torch.manual_seed(cfg.seed * 1_000_003 + s)                          # dropout / drop-path, per step
+    rng = np.random.default_rng([cfg.seed, s])                           # the task's draws, per step
+    if runtime.world_size > 1:
+        rng = RankRandom(rng, run.part, batch.size)
+    x, y = model_inputs(run.task, batch, runtime.device)
+    run.lr = lr_at(s, run.total_steps, run.warmup, cfg.lr, cfg.min_lr)
+    for group in run.opt.param_groups:
+        group["lr"] = run.lr * group["lr_scale"]
+    with torch.autocast(device_type=runtime.device.type, dtype=run.amp or torch.float32, enabled=run.amp is not None):
+        loss, stats = run.task.loss(run.step_model, x, y, rng)
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()                              # also when non-finite: the ranks' collectives stay in step
+    runtime.sync_gradients(run.model)                                    # sequence parallel: LSS's averaging
+    if isinstance(x, Packed):                                            # packed slots, and those holding tokens
+        stats = {**stats, "_useful": x.useful, "_slots": x.segments.numel()}
+    stats = runtime.all_reduce({**stats, "_nonfinite": float(not torch.isfinite(loss)),
+                                "_stop": float(stop.asked is not None)}, every_rank=("_nonfinite", "_stop"))
+    if stats.pop("_nonfinite"):
+        raise PixformerError(f"the loss became non-finite ({loss.item()} here) at step {s}; nothing of this step "
+                             "was applied. Lower --lr or use --precision fp32")
+    stop_now = stats.pop("_stop") > 0
+    if cfg.clip_grad > 0:
+        nn.utils.clip_grad_norm_(run.model.parameters(), cfg.clip_grad)
+    run.opt.step()
+    if run.ema is not None:
+        update_ema(run.ema, run.model, cfg.ema_decay)
+    run.step += 1
+    if s % run.steps_per_epoch == 0:
+        run.running = {}
+    for k, v in {**stats, "_seconds": time.perf_counter() - t0 + waited, "_wait": waited}.items():
+        run.running[k] = run.running.get(k, 0) + v
+    show_progress(run, s // run.steps_per_epoch)
+    if stop_now or (runtime.world_size == 1 and stop.asked):             # one process: a signal in this step too
+        stop.check()
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model for floating tensors; the others (BatchNorm's count) copied."""
+    pairs = list(zip(ema.state_dict().values(), model.state_dict().values()))
+    floats = [(e, m) for e, m in pairs if e.is_floating_point()]
+    torch._foreach_lerp_([e for e, _ in floats], [m for _, m in floats], 1 - decay)
+    for e, m in pairs:
+        if not e.is_floating_point():
+            e.copy_(m)
+
+
+def show_progress(run: Run, epoch: int) -> None:
+    r = run.running
+    n = max(r.get("n", 0), 1)
+    run.bar.update(1)
+    run.bar.set_postfix(epoch=epoch + 1, **{k: f"{v / n:.3f}" for k, v in r.items() if not k.startswith("_") and k != "n"},
+                        img_s=f"{r.get('n', 0) / max(r['_seconds'], 1e-9):.0f}",
+                        wait=f"{100 * r['_wait'] / max(r['_seconds'], 1e-9):.0f}%", lr=f"{run.lr:.1e}")
+
+
+def end_of_epoch(run: Run, stop: StopFlag) -> None:
+    """Validate the epoch that ended, keep the best metric, log a row, write the task's figures and
+    checkpoint."""
+    cfg, r, epoch = run.cfg, run.running, run.step // run.steps_per_epoch
+    metric, better = run.task.best
+    run.val = evaluate(run.task, run.eval_model, run.splits.val, cfg.eval_batch_size, run.runtime, run.amp, stop,
+                       run.batcher, cfg)
+    best = run.state[f"best_{metric}"]
+    if best is None or (run.val[metric] > best if better == "max" else run.val[metric] < best):
+        run.state[f"best_{metric}"] = run.val[metric]
+    n, seconds = max(r.get("n", 0), 1), max(r.get("_seconds", 0), 1e-9)
+    record = {"step": run.step, "epoch": epoch, "lr": run.lr,
+              **{f"train_{k}": v / n for k, v in r.items() if not k.startswith("_") and k != "n"},
+              "img_per_s": r.get("n", 0) / seconds, "data_wait": r.get("_wait", 0.0) / seconds,
+              **({"train_padding": 1 - r["_useful"] / r["_slots"]} if "_slots" in r else {}),
+              **{f"val_{k}": v for k, v in run.val.items() if k != "n"}}
+    log(run, record)
+    run.say(f"{run.name} epoch {epoch}/{cfg.epochs}  train loss {record.get('train_loss', 0):.4f}  "
+            + "  ".join(f"val {k} {v:.4f}" for k, v in run.val.items() if k != "n")
+            + f"  (data wait {100 * record['data_wait']:.0f} %)")
+    if run.runtime.is_main or run.runtime.fsdp:   # FSDP2: every rank runs the figures' forwards
+        run.task.report(run.ema or run.model, run.splits.val, run.run_dir if run.runtime.is_main else None, epoch)
+    run.state["epochs_logged"] = epoch
+    checkpoint(run)
+
+
+def checkpoint(run: Run) -> None:
+    """Write the run's checkpoint (every rank takes part: FSDP2 gathers to rank 0, which writes)."""
+    full = run.runtime.checkpoint_state(run.model, run.opt)
+    if full is not None:
+        save_checkpoint(run.run_dir, {**run.state, "step": run.step, "running": run.running}, full[0], full[1], run.ema)
+
+
+def log(run: Run, record: dict) -> None:
+    """One row of metrics.jsonl (and TensorBoard's scalars), written by the main process alone."""
+    if not run.runtime.is_main:
+        return
+    with open(run.metrics_path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if run.tb is not None:
+        for k, v in record.items():
+            if isinstance(v, (int, float)) and k not in ("step", "epoch"):
+                run.tb.add_scalar(k, v, record["step"])
 
 
 def _tensorboard(run_dir: Path):

@@ -31,8 +31,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, fully_shard
-from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-from torch.distributed.tensor import DTensor
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 
 from ..errors import PixformerError
 
@@ -169,25 +169,54 @@ class Runtime:
             from .sequence import average_gradients
             average_gradients(model)
 
-    def full_state(self, model: nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
-        """The state dicts of `model` and `opt` as plain full tensors, what a checkpoint holds. Under FSDP2
-        each sharded tensor is all-gathered: every rank must call this, rank 0 writes."""
-        weights, state = model.state_dict(), opt.state_dict()
+    def checkpoint_state(self, model: nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, dict] | None:
+        """The state dicts of `model` and `opt` as plain full tensors, what a checkpoint holds, on the main
+        process; None on the others. Every rank must call it: under FSDP2 the sharded tensors are gathered
+        one at a time to rank 0 and moved to its CPU (torch.distributed.checkpoint's full state dict with
+        CPU offload), so no other rank ever holds more than its shard and one gathered tensor."""
         if not self.fsdp:
-            return weights, state
-        full = lambda v: v.full_tensor() if isinstance(v, DTensor) else v      # noqa: E731
-        return ({k: full(v) for k, v in weights.items()},
-                {**state, "state": {i: {k: full(v) for k, v in st.items()} for i, st in state["state"].items()}})
+            return (model.state_dict(), opt.state_dict()) if self.is_main else None
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        weights = get_model_state_dict(model, options=options)
+        optim = get_optimizer_state_dict(model, opt, options=options)   # keyed by parameter name
+        if not self.is_main:
+            return None
+        index = {name: i for i, name in enumerate(_param_names(model, opt))}   # the plain layout: by position
+        return weights, {"state": {index[k]: v for k, v in optim["state"].items()},
+                         "param_groups": [{**g, "params": [index[k] for k in g["params"]]} for g in optim["param_groups"]]}
 
-    def all_reduce(self, sums: dict[str, float]) -> dict[str, float]:
+    def load_optimizer(self, model: nn.Module, opt: torch.optim.Optimizer, state: dict | None) -> None:
+        """Load an optimizer state dict of plain full tensors (`state`, read by the main process; None on
+        the others under FSDP2, where each rank receives only its shard, broadcast from rank 0)."""
+        if not self.fsdp:
+            opt.load_state_dict(state)
+            return
+        names = _param_names(model, opt)
+        by_name = {} if state is None else {
+            "state": {names[i]: v for i, v in state["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
+        set_optimizer_state_dict(model, opt, by_name, options=StateDictOptions(full_state_dict=True,
+                                                                               broadcast_from_rank0=True))
+
+    def all_reduce(self, sums: dict[str, float], every_rank: tuple[str, ...] = ()) -> dict[str, float]:
         """Each value summed over the data-parallel groups (in float64), by key: the ranks of a sequence
-        group hold the same sums, and one of them counts."""
+        group hold the same sums, and one of them counts; the keys in `every_rank` (flags every rank
+        decides by: a stop asked, a non-finite loss) are summed over every rank."""
         if self.world_size == 1:
             return dict(sums)
         own = self.rank % self.seq_parallel == 0
-        t = torch.tensor([v if own else 0.0 for v in sums.values()], dtype=torch.float64, device=self.device)
+        t = torch.tensor([v if own or k in every_rank else 0.0 for k, v in sums.items()], dtype=torch.float64,
+                         device=self.device)
         dist.all_reduce(t)
         return dict(zip(sums, t.tolist()))
+
+    def same_everywhere(self, value: float) -> bool:
+        """Whether every rank holds the same `value` (e.g. the step a resumed run starts at)."""
+        if self.world_size == 1:
+            return True
+        t = torch.tensor([value, -value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t[0].item() == -t[1].item()
 
     def barrier(self) -> None:
         if self.world_size > 1:
@@ -212,6 +241,21 @@ def _join_group(backend: str) -> None:
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
     dist.init_process_group(backend, store=dist.PrefixStore(f"pixformer-attempt-{attempt}", store),
                             rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+
+
+def _param_names(model: nn.Module, opt: torch.optim.Optimizer) -> list[str]:
+    """The name of each parameter the optimizer holds, in its order (a plain optimizer state dict's keys)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for g in opt.param_groups for p in g["params"]]
+
+
+def lost_peer(error: BaseException) -> bool:
+    """Whether `error` is a collective failing because another process of the run stopped or died."""
+    if isinstance(error, dist.DistError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(s in text for s in (
+        "Connection closed by peer", "Connection reset by peer", "Broken pipe", "Socket Timeout", "gloo"))
 
 
 _SEQUENCE_GROUPS: dict[int, Any] = {}

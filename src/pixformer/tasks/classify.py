@@ -33,11 +33,14 @@ class Classify(Task):
     name = "classify"
     Config = ClassifyConfig
     best = ("top1", "max")
+    architectures = ("vit", "convmixer")
+    packs = ("vit",)
+    splits_tokens = ("vit",)
 
     def build_model(self, name: str, model_args: dict[str, Any]) -> nn.Module:
         f = self.facts
         arch, _ = resolve(name)
-        if arch not in ("vit", "convmixer"):
+        if arch not in self.architectures:
             raise PixformerError(f"--task {self.name} trains a classifier (vit-*/p, pit-*, convmixer-*); {name} is "
                                  f"a {arch} model" + (" (use --task diffusion)" if arch == "dit" else ""))
         return create_model(name, img_size=f.img_size, num_classes=len(f.classes), in_chans=f.in_chans, **model_args)

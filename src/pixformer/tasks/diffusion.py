@@ -84,6 +84,7 @@ class Diffusion(Task):
     name = "diffusion"
     Config = DiffusionConfig
     best = ("loss", "min")
+    architectures = ("dit",)
 
     def __init__(self, cfg: DiffusionConfig, facts):
         super().__init__(cfg, facts)

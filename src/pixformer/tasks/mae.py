@@ -79,6 +79,7 @@ class MAE(Task):
     Config = MAETaskConfig
     best = ("loss", "min")
     uses_labels = False
+    architectures = ("vit",)
 
     def build_model(self, name: str, model_args: dict[str, Any]) -> nn.Module:
         encoder = self.vit_encoder(name, model_args)

@@ -21,6 +21,9 @@ class Probe(Classify):
     name = "probe"
     Config = ProbeConfig
     needs_init = True
+    architectures = ("vit",)
+    packs = ()
+    splits_tokens = ()
 
     def build_model(self, name: str, model_args: dict[str, Any]) -> nn.Module:
         return LinearProbe(ProbeModelConfig(encoder=self.vit_encoder(name, model_args),
