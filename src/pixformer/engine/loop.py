@@ -47,7 +47,6 @@ from ..data.splits import Splits, channel_stats, resolve_splits, source_id
 from ..errors import PixformerError
 from ..models import blocks_of
 from ..models.attention import check_sequence_backend, set_attention_backend
-from ..models.imports import foreign_format
 from ..models.packed import Packed
 from ..models.registry import check_model_args, model_name, model_spec, resolve
 from ..tasks import DataFacts, Task, get_task, task_config
@@ -55,8 +54,10 @@ from ..tasks.base import ExampleRandom
 from .checkpoint import (find_checkpoint, init_from, load_tensors, load_weights, optimizer_state, read_state,
                          save_checkpoint, summarize_keys)
 from .config import TrainConfig, as_json, changed_settings
+from .imports import foreign_format
 from .perf import apply_speed_settings, autocast_dtype, onednn_pays
 from .plan import selective_pays
+from .rundir import RunFolder, append_metrics, claim, trim_metrics, write_atomically
 from .runtime import RankRandom, Runtime, lost_peer
 
 TIMING_KEYS = ("img_per_s", "data_wait")    # metrics that measure the machine, not the run
@@ -347,7 +348,7 @@ class Run:
     part: slice                              # this process's rows of each global batch
     amp: torch.dtype | None
     state: dict[str, Any]                    # what state.json holds (step and running added at each save)
-    run_dir: Path
+    folder: RunFolder                        # the run folder, held by the main process alone
     steps_per_epoch: int
     total_steps: int
     warmup: int
@@ -364,8 +365,12 @@ class Run:
         return self.state["model_name"]
 
     @property
+    def run_dir(self) -> Path:
+        return self.folder.path
+
+    @property
     def metrics_path(self) -> Path:
-        return self.run_dir / "metrics.jsonl"
+        return self.folder.metrics
 
 
 def train(cfg: TrainConfig, data: Prepared | None = None) -> dict[str, Any]:
@@ -386,9 +391,10 @@ def train(cfg: TrainConfig, data: Prepared | None = None) -> dict[str, Any]:
     saved = _resumable_state(cfg)                                        # before any data is loaded
     check_run(cfg, task_cls)
     runtime = Runtime.create(cfg.device, cfg.seq_parallel, cfg.seq_sharding, cfg.fsdp, cfg.seed, cfg.seq_regather)
+    folder = claim(cfg.out, rank=runtime.rank) if cfg.out else None    # a folder in use: one line, no work
     run = None
     try:
-        run = start(cfg, data, runtime, task_cls, task_cfg, saved)
+        run = start(cfg, data, runtime, task_cls, task_cfg, saved, folder)
         result = fit(run)
     except BaseException as e:
         runtime.close(barrier=False)     # the other ranks may be inside a collective: do not wait for them
@@ -397,12 +403,16 @@ def train(cfg: TrainConfig, data: Prepared | None = None) -> dict[str, Any]:
             raise PixformerError(f"another process of this run stopped or died (this rank's collective failed: "
                                  f"{str(e).splitlines()[0][:120]}){where}") from None
         raise
+    finally:
+        held = run.folder if run is not None else folder
+        if held is not None:
+            held.close()
     runtime.close()
     return result
 
 
 def start(cfg: TrainConfig, data: Prepared | None, runtime: Runtime, task_cls: type[Task], task_cfg,
-          saved: dict[str, Any] | None) -> Run:
+          saved: dict[str, Any] | None, folder: RunFolder | None) -> Run:
     """The run, ready for its first (or resumed) step: data, task, model and its speed switches,
     optimizer, the run folder, and the saved state loaded when resuming."""
     amp = autocast_dtype(cfg.precision, runtime.device)
@@ -436,9 +446,10 @@ def start(cfg: TrainConfig, data: Prepared | None, runtime: Runtime, task_cls: t
                       "val_fraction": cfg.val_fraction, "has_test": splits.test is not None},
              f"best_{task.best[0]}": None, "test": None, "weights": "ema" if ema is not None else "model",
              "speed": {**speed, "precision": str(amp or torch.float32)[6:]}}  # as resolved for this run
+    folder = folder or claim(default_run_dir(name, cfg.data), rank=runtime.rank)
     run = Run(cfg, runtime, task, splits, model, model, model, ema, None, batcher_for(as_json(cfg), model),
-              runtime.part(cfg.batch_size), amp, state, Path(cfg.out) if cfg.out else default_run_dir(name, cfg.data),
-              steps_per_epoch, cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch), say)
+              runtime.part(cfg.batch_size), amp, state, folder, steps_per_epoch, cfg.epochs * steps_per_epoch,
+              round(cfg.warmup_epochs * steps_per_epoch), say)
     ckpt = find_checkpoint(run.run_dir)
     if saved is None and ckpt is not None and not cfg.resume:
         raise PixformerError(f"{run.run_dir} already holds a run; pass --resume to continue it or choose another --out")
@@ -457,9 +468,9 @@ def start(cfg: TrainConfig, data: Prepared | None, runtime: Runtime, task_cls: t
                                  "all read the same run folder")
     if runtime.is_main:                  # only the main process writes checkpoints and logs
         run.run_dir.mkdir(parents=True, exist_ok=True)
-        (run.run_dir / "config.json").write_text(json.dumps(state["train_config"], indent=1))
+        write_atomically(run.run_dir / "config.json", json.dumps(state["train_config"], indent=1))
         if saved is None:
-            run.metrics_path.unlink(missing_ok=True)      # rows of an attempt that never checkpointed
+            trim_metrics(run.metrics_path, None)     # rows of an attempt that never checkpointed
         run.tb = _tensorboard(run.run_dir)
     run.lr = lr_at(max(run.step - 1, 0), run.total_steps, run.warmup, cfg.lr, cfg.min_lr)   # of the last step taken
     return run
@@ -495,11 +506,9 @@ def load_saved(run: Run, saved: dict[str, Any], ckpt: Path) -> None:
     for k in ("step", "epochs_logged", f"best_{metric}", "test"):
         run.state[k] = saved[k]
     run.step, run.running = saved["step"], saved["running"]
-    if run.runtime.is_main and run.metrics_path.exists():
-        rows = [json.loads(line) for line in run.metrics_path.read_text().splitlines()]
-        keep = [r for r in rows if (run.state["test"] is not None if _is_test_row(r)
-                                    else r["epoch"] <= run.state["epochs_logged"])]
-        run.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+    if run.runtime.is_main:
+        trim_metrics(run.metrics_path, lambda r: (run.state["test"] is not None if _is_test_row(r)
+                                                  else r.get("epoch", 0) <= run.state["epochs_logged"]))
     run.say(f"resuming {run.run_dir} at step {run.step}/{run.total_steps}")
 
 
@@ -657,8 +666,7 @@ def log(run: Run, record: dict) -> None:
     """One row of metrics.jsonl (and TensorBoard's scalars), written by the main process alone."""
     if not run.runtime.is_main:
         return
-    with open(run.metrics_path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    append_metrics(run.metrics_path, record)
     if run.tb is not None:
         for k, v in record.items():
             if isinstance(v, (int, float)) and k not in ("step", "epoch"):
