@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from pixformer import PixformerError, attention, create_model, list_models
-from pixformer.models.pos_embed import grid_coords, sample_table, sincos_2d
+from pixformer.layout import grid_coords
+from pixformer.models.pos_embed import sample_table, sincos_2d
 
 
 @pytest.mark.parametrize("name", list_models())

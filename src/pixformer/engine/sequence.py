@@ -38,8 +38,8 @@ from torch import Tensor, nn
 from torch.distributed._functional_collectives import all_reduce
 
 from ..errors import PixformerError
+from ..layout import grid_coords
 from ..models.attention import AttnSpec
-from ..models.pos_embed import grid_coords
 from ..models.vit import VisionTransformer
 
 SHARDINGS = ("contiguous", "strided", "random")
@@ -105,9 +105,8 @@ class SequenceParallel(nn.Module):
         shards, length, key_mask = _layout(grid, self.parts, self.sharding, vit.cls_token is not None, self.seed)
         idx, has_cls = shards[self.rank]
         idx = idx.to(patches.device)
-        x = vit.patch_embed(patches[:, idx])                                  # (B, n, D) this rank's tokens
-        pos = vit.position_embedding(grid, grid_coords(*grid, device=patches.device)[idx])   # (n, D) or None
-        x = x if pos is None else x + pos                                     # (B, n, D)
+        coords = grid_coords(*grid, device=patches.device)[idx]               # (n, 2) this rank's tokens
+        x = vit.embed_tokens(patches[:, idx], grid, coords)                   # (B, n, D)
         x = vit.prepend_cls(x) if has_cls else x                              # (B, n', D), class token on rank 0
         held = x.shape[1]
         x = F.pad(x, (0, 0, 0, length - held))                                # (B, S, D) padded to the shard length

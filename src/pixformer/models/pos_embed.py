@@ -1,7 +1,8 @@
 """Position encodings as pure functions of token coordinates.
 
-A token's coordinate is its (row, col) on the token grid, as floats. Nothing here assumes a square
-grid or a particular sequence length, so any patch size, resolution, aspect ratio or packing works.
+A token's coordinate is its (row, col) on the token grid, as floats (`pixformer.layout.grid_coords`
+gives a whole grid's). Nothing here assumes a square grid or a particular sequence length, so any
+patch size, resolution, aspect ratio or packing works.
 """
 from __future__ import annotations
 
@@ -9,12 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
-def grid_coords(rows: int, cols: int, device=None) -> Tensor:
-    """(rows*cols, 2) float coordinates (row, col) of a row-major token grid."""
-    r = torch.arange(rows, device=device, dtype=torch.float32)
-    c = torch.arange(cols, device=device, dtype=torch.float32)
-    return torch.cartesian_prod(r, c)
+from ..layout import grid_coords
 
 
 def sincos_1d(pos: Tensor, dim: int, temperature: float = 10000.0) -> Tensor:

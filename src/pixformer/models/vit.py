@@ -9,8 +9,10 @@ Tasks (classification, MAE, diffusion) use the encoder through this interface:
     pooled = model.pool(feats)              # (B, D)
     logits = model.head(pooled)             # (B, classes)
 
-Images of different sizes travel packed into shared sequences (`Packed`, NaViT): `model(packed)`
-embeds each token at its coordinates, attends within each image (segment ids) and pools per image.
+Images of different sizes travel packed into shared sequences (`pixformer.layout.Packed`, NaViT):
+`model(packed)` embeds each token at its coordinates, attends within each image (segment ids) and
+pools per image. Whole images, packs and sequence-parallel shards are all embedded by one step,
+`embed_tokens(patches, grid, coords)`; patchify and the token grid are `pixformer.layout`'s.
 
 Position embeddings are functions of token coordinates (`position_embedding(grid, coords)`), so a
 subset of tokens (MAE's visible ones, dropped tokens, a shard, packed images) gets the rows it
@@ -26,10 +28,11 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .attention import AttnSpec, attention
 from ..errors import PixformerError
-from .packed import Packed, segment_first, segment_mean
-from .pos_embed import grid_coords, rescale_coords, sample_table, sincos_2d
+from ..layout import Packed, check_grid, grid_coords, patchify, unpatchify
+from .attention import AttnSpec, attention
+from .packed import segment_first, segment_mean
+from .pos_embed import rescale_coords, sample_table, sincos_2d
 
 
 @dataclass
@@ -71,28 +74,6 @@ class ViTConfig:
         if self.pos_embed == "sincos2d" and self.dim % 4:
             raise PixformerError(f"sincos2d position embedding needs a width divisible by 4, got {self.dim}")
         check_grid(self.img_size, self.patch_size)
-
-
-def check_grid(img_size: tuple[int, int], patch: int) -> tuple[int, int]:
-    """Token grid (rows, cols) of an image size, or a clear error if the patch does not tile it."""
-    h, w = img_size
-    if patch < 1 or h % patch or w % patch:
-        raise PixformerError(f"image size {h}x{w} is not divisible by patch size {patch}")
-    return h // patch, w // patch
-
-
-def patchify(images: Tensor, p: int) -> tuple[Tensor, tuple[int, int]]:
-    """(B, C, H, W) -> (B, N, p*p*C) patch vectors in row-major grid order, and the grid (H/p, W/p)."""
-    grid = check_grid(tuple(images.shape[-2:]), p)
-    return rearrange(images, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=p, p2=p), grid
-
-
-def unpatchify(patches: Tensor, p: int, grid: tuple[int, int]) -> Tensor:
-    """The exact inverse of `patchify`: (B, N, p*p*C) on a (rows, cols) grid -> (B, C, rows*p, cols*p)."""
-    if patches.shape[1] != grid[0] * grid[1] or patches.shape[2] % (p * p):
-        raise PixformerError(f"{patches.shape[1]} patches of {patches.shape[2]} values do not make a "
-                             f"{grid[0]}x{grid[1]} grid of {p}x{p} patches")
-    return rearrange(patches, "b (h w) (p1 p2 c) -> b c (h p1) (w p2)", h=grid[0], w=grid[1], p1=p, p2=p)
 
 
 def drop_path(x: Tensor, rate: float, training: bool) -> Tensor:
@@ -254,12 +235,19 @@ class VisionTransformer(nn.Module):
             return flat if tuple(grid) == self.pos_grid else rescale_coords(flat, grid, self.pos_grid)
         return rescale_coords(flat, grid.reshape(-1, 2), self.pos_grid)   # each token on its own image's grid
 
+    def embed_tokens(self, patches: Tensor, grid: tuple[int, int] | Tensor, coords: Tensor | None = None) -> Tensor:
+        """The one embedding step of whole images, packs and shards: patch vectors (B, N, p*p*C) -> tokens
+        (B, N, D), each a linear map of its patch plus the position embedding of its coordinates `coords`
+        ((N, 2) or (B, N, 2); default every cell of `grid`, row-major) on `grid` (one (rows, cols), or
+        each token's own image grid (B, N, 2)): see `position_embedding`."""
+        x = self.patch_embed(patches)                                     # (B, N, D)
+        pos = self.position_embedding(grid, coords)                       # (N, D), (B, N, D) or None
+        return x if pos is None else x + pos                              # (B, N, D)
+
     def embed(self, images: Tensor, coords: Tensor | None = None) -> tuple[Tensor, tuple[int, int]]:
         """(B, C, H, W) -> (B, N, D) patch tokens with position embedding added, and the grid."""
         patches, grid = self.patchify(images)                             # (B, N, p*p*C)
-        x = self.patch_embed(patches)                                     # (B, N, D)
-        pos = self.position_embedding(grid, coords)                       # (N, D), (B, N, D) or None
-        return (x if pos is None else x + pos), grid                      # (B, N, D)
+        return self.embed_tokens(patches, grid, coords), grid             # (B, N, D)
 
     def prepend_cls(self, tokens: Tensor) -> Tensor:
         """(B, N, D) -> (B, 1+N, D) with the class token first; unchanged for a model without one."""
@@ -283,9 +271,7 @@ class VisionTransformer(nn.Module):
     def embed_packed(self, packed: Packed) -> Tensor:
         """Packed images -> (P, L, D) tokens: each patch embedded at its coordinates on its own image's
         grid, each image's class-token slot (if the model has a class token) holding the class token."""
-        x = self.patch_embed(packed.patches)                              # (P, L, D)
-        pos = self.position_embedding(packed.grids, packed.coords)        # (P, L, D) or None
-        x = x if pos is None else x + pos                                 # (P, L, D)
+        x = self.embed_tokens(packed.patches, packed.grids, packed.coords)   # (P, L, D)
         if self.cls_token is None:
             return x
         if packed.cls_slots is None:
