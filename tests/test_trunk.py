@@ -8,8 +8,8 @@ from torch import nn
 
 from pixformer import AttnSpec, PixformerError, attention, create_model
 from pixformer.engine.perf import apply_activation_checkpointing, apply_speed_settings, checkpointed_blocks
-from pixformer.models import Block, blocks_of, patchify, unpatchify
-from pixformer.models.pos_embed import grid_coords
+from pixformer.layout import grid_coords, patchify, unpatchify
+from pixformer.models import Block, blocks_of
 
 A = importlib.import_module("pixformer.models.attention")
 SPEC_BACKENDS = ["math", "sdpa", "blocked"]
@@ -149,6 +149,53 @@ def test_embed_at_given_coordinates_places_each_token():
     shuffled = torch.randperm(16)
     moved, _ = model.embed(x, coords=grid_coords(*grid)[shuffled])         # token i placed at cell shuffled[i]
     torch.testing.assert_close(moved, model.patch_embed(patches) + model.position_embedding(grid)[shuffled])
+
+
+def test_images_packs_and_shards_are_embedded_by_one_step(monkeypatch):
+    """`embed_tokens` is the one embedding of a ViT: whole images (embed), packs (embed_packed) and a
+    sequence-parallel shard (here one rank holding every token) all call it, and it is the patch
+    embedding plus the position embedding of the given coordinates."""
+    import torch.distributed as dist
+
+    from pixformer.data.native import NativeBatcher
+    from pixformer.engine.sequence import SequenceParallel
+    model = create_model("vit-n/2", img_size=(4, 6), depth=1, dim=16, heads=2, num_classes=3).eval()
+    x = torch.randn(2, 3, 4, 6)
+    patches, grid = model.patchify(x)
+    coords = grid_coords(*grid).flip(0)                                      # (N, 2) reversed order
+    assert torch.equal(model.embed_tokens(patches, grid, coords),
+                       model.patch_embed(patches) + model.position_embedding(grid, coords))
+    calls = []
+    embed_tokens = type(model).embed_tokens
+    monkeypatch.setattr(type(model), "embed_tokens", lambda self, *a: calls.append(a) or embed_tokens(self, *a))
+    with torch.no_grad():
+        want = model(x)
+        packed = NativeBatcher(2, True, max_side=6)([(im * 255).clamp(0, 255).byte() for im in x], lambda u: u.float())
+        model(packed)
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        try:
+            got = SequenceParallel(model, dist.group.WORLD, "strided")(x)
+        finally:
+            dist.destroy_process_group()
+    assert len(calls) == 3 and calls[1][0] is packed.patches
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+def test_flex_hides_only_torchs_cpu_reference_notice(monkeypatch):
+    """The flex backend silences torch's notice that uncompiled (CPU) flex_attention is a reference
+    implementation, and nothing else: another warning raised inside it still shows."""
+    import warnings
+
+    def noisy(q, k, v, block_mask=None):
+        warnings.warn(A._FLEX_EAGER_WARNING + "() - this will use an unfused implementation")
+        warnings.warn("something else")
+        return q
+    monkeypatch.setitem(A._FLEX, ("flex_attention", "cpu"), noisy)
+    q, k, v, ids = packed([3, 4])
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        attention(q, k, v, AttnSpec(segment_ids=ids), backend="flex")
+    assert [str(w.message) for w in seen] == ["something else"]
 
 
 # ---- the block, the class token, blocks by type ------------------------------------------------

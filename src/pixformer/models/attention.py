@@ -39,8 +39,10 @@ Backends
   padding. Needs self-attention with contiguous segments; otherwise it runs "blocked".
 - "flex": torch's FlexAttention with a block mask made from the segment ids (and a boolean mask):
   blocks where no query shares a segment with a key are skipped, so packed images cost what they
-  would alone. Compiled on GPUs; on CPU torch runs it forward only (eager), so there a call that
-  needs gradients falls back to "blocked" with a one-line notice.
+  would alone, and padding (negative ids) attends to nothing (zeros, as in "varlen"), so a row of
+  padding costs no attention. Compiled on GPUs, once, with dynamic shapes; on CPU torch runs it
+  forward only (eager), so there a call that needs gradients falls back to "blocked" with a one-line
+  notice.
 - "auto" (the default): with segment ids (packed images), "varlen" on CPU and "flex" on GPUs, so
   packing never forms a dense (L x L) mask and skips the scores between images. Otherwise, for bf16 / fp16 on CPU "math" while a
   layer's scores are few (AUTO_MATH_SCORES: B*H*N*N <= 16 Mi, 32 MiB in bf16; faster there, and
@@ -298,20 +300,27 @@ def _varlen(q, k, v, spec, need_weights):
 
 
 # ---- FlexAttention --------------------------------------------------------------------------------
-_FLEX: dict[str, Callable] = {}
+_FLEX: dict[tuple[str, str], Callable] = {}
+# torch's notice that uncompiled (CPU) flex_attention is a reference implementation: the one warning hidden
+_FLEX_EAGER_WARNING = "flex_attention called without torch.compile"
 
 
-def _flex_fn(device_type: str) -> Callable:
-    """flex_attention, compiled once on GPUs (uncompiled it is a slow reference); eager on CPU."""
-    if device_type not in _FLEX:
-        from torch.nn.attention.flex_attention import flex_attention
-        _FLEX[device_type] = torch.compile(flex_attention, dynamic=False) if device_type == "cuda" else flex_attention
-    return _FLEX[device_type]
+def _flex_fn(name: str, device_type: str) -> Callable:
+    """torch's `flex_attention` or `create_block_mask` (`name`), compiled once on GPUs (uncompiled,
+    flex_attention is a slow reference); as it is on CPU. Dynamic shapes: a few graphs serve every
+    pack shape of training and evaluation, where static ones compile per (shape, grad mode) and past
+    dynamo's recompile limit (8) fall back to the unfused reference, with only a log line."""
+    if (name, device_type) not in _FLEX:
+        import torch.nn.attention.flex_attention as fa
+        fn = getattr(fa, name)
+        _FLEX[name, device_type] = torch.compile(fn, dynamic=True) if device_type == "cuda" else fn
+    return _FLEX[name, device_type]
 
 
 def _flex_block_mask(q: Tensor, k: Tensor, spec: AttnSpec):
-    """The block mask of `spec` (segment ids and a boolean mask) for these shapes, made once per spec."""
-    from torch.nn.attention.flex_attention import create_block_mask
+    """The block mask of `spec` (segment ids and a boolean mask) for these shapes, made once per spec.
+    A padding query (negative id) attends to nothing and gets zeros, as in "varlen": the blocks of a
+    row of padding are all skipped."""
     key = ("flex", q.shape[0], q.shape[2], k.shape[2], q.device)
     if key not in spec.cache:
         q_seg, k_seg = spec.segment_ids, spec.key_segments()
@@ -319,10 +328,13 @@ def _flex_block_mask(q: Tensor, k: Tensor, spec: AttnSpec):
         heads = None if dense is None or dense.shape[1] == 1 else dense.shape[1]
 
         def mask_mod(b, h, i, j):
-            ok = q_seg[b, i] == k_seg[b, j] if q_seg is not None else torch.ones((), dtype=torch.bool, device=q.device)
+            if q_seg is None:
+                ok = torch.ones((), dtype=torch.bool, device=q.device)
+            else:
+                ok = (q_seg[b, i] == k_seg[b, j]) & (q_seg[b, i] >= 0)
             return ok if dense is None else ok & dense[b, 0 if heads is None else h, i, j]
-        spec.cache[key] = create_block_mask(mask_mod, q.shape[0], heads, q.shape[2], k.shape[2], device=q.device,
-                                            _compile=q.device.type == "cuda")
+        spec.cache[key] = _flex_fn("create_block_mask", q.device.type)(mask_mod, q.shape[0], heads, q.shape[2],
+                                                                       k.shape[2], device=q.device)
     return spec.cache[key]
 
 
@@ -336,11 +348,11 @@ def _flex(q, k, v, spec, need_weights):
     if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         notice("FlexAttention has no backward on CPU; attention that needs gradients runs on 'blocked'")
         return _blocked(q, k, v, spec, need_weights)
-    if spec.segment_ids is None and spec.mask is None:
-        return _flex_fn(q.device.type)(q, k, v), None
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")        # torch warns that eager (CPU) flex is a reference implementation
-        return _flex_fn(q.device.type)(q, k, v, block_mask=_flex_block_mask(q, k, spec)), None
+        warnings.filterwarnings("ignore", message=_FLEX_EAGER_WARNING)
+        if spec.segment_ids is None and spec.mask is None:
+            return _flex_fn("flex_attention", q.device.type)(q, k, v), None
+        return _flex_fn("flex_attention", q.device.type)(q, k, v, block_mask=_flex_block_mask(q, k, spec)), None
 
 
 AUTO_MATH_SCORES = 1 << 24
