@@ -288,6 +288,15 @@ def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_previous_checkpoint
     assert str(err.value) == (f"cannot write the checkpoint {tmp_path / 'checkpoint'} (No space left on device); "
                               "the previous checkpoint is kept")
     monkeypatch.undo()
+    real_save = checkpoint.save_file
+
+    def short(tensors, path, *args):                         # a write that lost its tail without an error
+        real_save(tensors, path, *args)
+        os.truncate(path, os.path.getsize(path) - 3)
+    monkeypatch.setattr(checkpoint, "save_file", short)
+    with pytest.raises(PixformerError, match=r"\(model.safetensors came out damaged \(truncated: .*; the previous"):
+        save(tmp_path, step=2)
+    monkeypatch.undo()
     real_replace = os.replace
 
     def fail_the_second_rename(src, dst):                   # the old one moved aside, the new one refused

@@ -19,6 +19,7 @@ before checksums existed still load (their safetensors files are checked for tru
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -82,7 +83,10 @@ def save_checkpoint(run_dir: str | Path, state: dict[str, Any], model: nn.Module
 
         def put(name: str, tensors: dict[str, torch.Tensor]):      # one file at a time: one copy in memory
             save_file(tensors, tmp / name)
-            checksums[name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+            size = (tmp / name).stat().st_size
+            if (problem := _safetensors_problem(tmp / name, size)) is not None:     # a short write not reported
+                raise OSError(errno.EIO, f"{name} came out {problem}")
+            checksums[name] = {"bytes": size, "sha256": _sha256(tmp / name)}
 
         put("model.safetensors", _tensors(model if isinstance(model, dict) else model.state_dict()))
         if ema is not None:
@@ -117,7 +121,8 @@ def save_checkpoint(run_dir: str | Path, state: dict[str, Any], model: nn.Module
 
 
 def _unwritten(final: Path, e: Exception) -> PixformerError:
-    why = (e.strerror or str(e)) if isinstance(e, OSError) else str(e)
+    why = (e.strerror or str(e)) if isinstance(e, OSError) else \
+        str(e).removeprefix("Error while serializing: ").removeprefix("I/O error: ")     # safetensors' words
     kept = "the previous checkpoint is kept" if final.exists() or final.with_name("checkpoint.old").exists() \
         else "no checkpoint was written"
     return PixformerError(f"cannot write the checkpoint {final} ({why}); {kept}")
