@@ -1,11 +1,13 @@
-"""Data sources, read into uint8 tensors in memory and decoded once.
+"""Data sources as uint8 images: small named sets read into memory, image folders decoded once and mapped.
 
 Sources (`--data`): `digits` (scikit-learn's bundled 8x8 digits, offline), `cifar10`, `cifar100`
 (official python-pickle release), `mnist`, `fashion-mnist` (idx files), or a path to an ImageFolder:
 a directory of class folders, or a .tar / .tar.gz of one (optionally with train/, val/ and test/
-split folders above the class folders). A reader returns the splits it finds, by name: "train",
-"val", "test", or "all" for a plain tree of class folders; `splits.resolve_splits` decides from
-these what a run trains, validates and tests on.
+split folders above the class folders, as ImageNet's train/ and val/; an image nested deeper belongs
+to the class folder it lies under). A reader returns the splits it finds, by name: "train", "val",
+"test", or "all" for a plain tree of class folders; `splits.resolve_splits` decides from these what a
+run trains, validates and tests on. Named sets are tensors; an image folder's splits are stores over
+its memory-mapped decode cache (data/store.py, data/cache.py), decoded in parallel, once per machine.
 """
 from __future__ import annotations
 
@@ -13,14 +15,15 @@ import gzip
 import hashlib
 import io
 import json
+import math
 import os
 import pickle
+import stat
 import struct
-import sys
 import tarfile
 import tempfile
 import urllib.request
-from dataclasses import dataclass
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +32,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import PixformerError
-from .native import NativeSet, shrunk
+from .cache import build_once, decode_splits, map_splits, worker_count
+from .native import shrunk
+from .store import ImageSet, ImageStore, NativeSet, NativeStore, as_tensor
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 SPLIT_NAMES = {"train": "train", "test": "test", "val": "val", "validation": "val"}
@@ -62,20 +67,6 @@ IDX = {
                  "Bag", "Ankle boot"]),
 }
 NAMED_SOURCES = ["digits", *CIFAR, *IDX]
-
-
-@dataclass
-class ImageSet:
-    """A split in memory: uint8 images (N, C, H, W), int64 labels (N,), class names."""
-    images: Tensor
-    labels: Tensor
-    classes: list[str]
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def subset(self, idx: Tensor) -> "ImageSet":
-        return ImageSet(self.images[idx], self.labels[idx], self.classes)
 
 
 # ---- locations, download -------------------------------------------------------------------
@@ -229,150 +220,140 @@ def load_idx_splits(name: str, root: str | None, allow_download: bool = True) ->
     return out
 
 
-def _folder_images(path: Path) -> list[str]:
-    """The image files under a directory, relative to it, sorted."""
-    return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+# ---- image folders ---------------------------------------------------------------------------
+CACHE_FORMAT = 2        # the decode cache's layout (1: one .npz read into memory; 2: mapped .npy entries)
 
 
-def source_fingerprint(path: Path) -> list:
-    """What the decode cache is keyed on: a directory's every image file (path, size, modification
-    time), so adding, removing or replacing one image is seen; an archive's own size and time."""
+def _scan_folder(path: Path) -> list[tuple[str, os.stat_result]]:
+    """The image files under a directory (relative paths, sorted) with their stat."""
+    found = []
+    for folder, _, names in os.walk(path, followlinks=True):
+        for name in names:
+            if os.path.splitext(name)[1].lower() in IMAGE_EXTS:
+                full = os.path.join(folder, name)
+                st = os.stat(full)
+                if stat.S_ISREG(st.st_mode):
+                    found.append((os.path.relpath(full, path), st))
+    return sorted(found)
+
+
+def source_fingerprint(path: Path, files: list[tuple[str, os.stat_result]] | None = None) -> str:
+    """What the decode cache is keyed on, as a digest: a directory's every image file (path, size,
+    modification time and change time), so adding, removing or replacing one image is seen; an
+    archive's own size and times. The change time (ctime) is set by the kernel on every write and
+    cannot be set back (as `touch -d` or os.utime can the modification time), so a file replaced by
+    another of the same size with its old mtime restored is still seen."""
+    h = hashlib.sha1()
     if path.is_dir():
-        return [[m, (st := (path / m).stat()).st_size, st.st_mtime_ns] for m in _folder_images(path)]
-    st = path.stat()
-    return [st.st_size, st.st_mtime_ns]
-
-
-def _list_image_folder(path: Path) -> tuple[list[tuple[str, str, str]], callable]:
-    """Entries (split, class, member) of a directory or tar archive, and a function reading a member."""
-    if path.is_dir():
-        members = _folder_images(path)
-        reader = lambda m: (path / m).read_bytes()  # noqa: E731
+        for rel, st in (_scan_folder(path) if files is None else files):
+            h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\n".encode())
     else:
-        try:
-            tar = tarfile.open(path)
-        except (tarfile.TarError, OSError) as e:
-            raise PixformerError(f"{path} is neither a directory nor a readable tar archive ({e})") from None
-        infos = {i.name: i for i in tar.getmembers() if i.isfile() and Path(i.name).suffix.lower() in IMAGE_EXTS}
-        members = sorted(infos)
-        reader = lambda m: tar.extractfile(infos[m]).read()  # noqa: E731
-    parts = [Path(m).parts for m in members]
-    # strip a single common top folder that is neither a split nor a class folder with images in it
+        st = path.stat()
+        h.update(f"{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}".encode())
+    return h.hexdigest()
+
+
+def image_layout(members: list[str], source: Path) -> list[tuple[str, str, str]]:
+    """(split, class, member) for each image member (sorted paths relative to the source) that lies in
+    a class folder. The class is the first folder level under a split folder (train/, val/, test/),
+    or under the root for a plain tree, however deep the image lies below it (as torchvision's
+    ImageFolder: `cat/2019/a.png` is a cat), after stripping a single common top folder."""
+    parts = [m.split("/") for m in members]
     while parts and all(len(p) > 2 for p in parts) and len({p[0] for p in parts}) == 1 \
             and parts[0][0].lower() not in SPLIT_NAMES:
         parts = [p[1:] for p in parts]
-    entries = []
+    entries, loose = [], []
     for m, p in zip(members, parts):
-        if len(p) >= 3 and p[0].lower() in SPLIT_NAMES:
-            entries.append((SPLIT_NAMES[p[0].lower()], p[-2], m))
+        if len(p) >= 2 and p[0].lower() in SPLIT_NAMES:
+            if len(p) == 2:
+                loose.append(m)
+            else:
+                entries.append((SPLIT_NAMES[p[0].lower()], p[1], m))
         elif len(p) >= 2:
-            entries.append(("all", p[-2], m))
+            entries.append(("all", p[0], m))
+    if loose:
+        raise PixformerError(f"{len(loose)} image(s) in {source} lie directly in a split folder, not in a class "
+                             f"folder (e.g. {loose[0]}): put each in <split>/<class>/ (ImageNet's val images need "
+                             "sorting into class folders by their ground-truth labels)")
     if not entries:
-        raise PixformerError(f"{path} holds no images in class folders (expected {path}/<class>/<image>)")
-    return entries, reader
+        raise PixformerError(f"{source} holds no images in class folders (expected {source}/<class>/<image>)")
+    return entries
+
+
+def _tar_members(path: Path) -> dict[str, int]:
+    """An archive's image members: name -> header offset (the last one of a repeated name)."""
+    try:
+        with tarfile.open(path) as tar:
+            return {i.name: i.offset for i in tar if i.isfile() and Path(i.name).suffix.lower() in IMAGE_EXTS}
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        raise PixformerError(f"{path} is neither a directory nor a readable tar archive ({e})") from None
+
+
+def _tar_jobs(path: Path, position: dict[int, int]):
+    """(position, bytes) of the members at the header offsets in `position`, read in archive order
+    in one pass: a gzip stream is never rewound, however the members are ordered in it."""
+    try:
+        with tarfile.open(path, "r|*") as tar:
+            for info in tar:
+                pos = position.get(info.offset)
+                if pos is not None and info.isfile():
+                    yield pos, tar.extractfile(info).read()
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        raise PixformerError(f"cannot read the archive {path} ({e})") from None
 
 
 def load_image_folder(path: str | Path, img_size: tuple[int, int] | None, skip_bad_images: bool,
-                      native: bool = False, max_side: int | None = None) -> dict[str, ImageSet | NativeSet]:
+                      native: bool = False, max_side: int | None = None,
+                      workers: int | None = None) -> dict[str, ImageSet | NativeSet]:
     """ImageFolder directory or archive -> splits ('train', 'val', 'test' as split folders exist, else
     'all'). Images of different sizes need `img_size` (they are resized to it), or `native`: each kept at
     its own size and aspect ratio (a NativeSet), scaled down to `max_side` pixels on its longer side if
-    larger. Decoded once into a uint8 cache file keyed by every source file (source_fingerprint) and
-    the sizes asked for."""
-    from PIL import Image
+    larger. Decoded once (by `workers` processes; None: every core) into a memory-mapped cache entry
+    keyed by every source file (source_fingerprint) and the sizes asked for (data/cache.py)."""
     path = Path(path)
     if not path.exists():
         raise PixformerError(f"dataset path {path} does not exist")
-    key = json.dumps([str(path.resolve()), source_fingerprint(path), img_size, skip_bad_images]
+    worker_count(workers)
+    files = _scan_folder(path) if path.is_dir() else None
+    layout = image_layout([rel for rel, _ in files], path) if files is not None else None
+    key = json.dumps([CACHE_FORMAT, str(path.resolve()), source_fingerprint(path, files),
+                      None if img_size is None else list(img_size), skip_bad_images]
                      + ([native, max_side] if native else []))
-    cached = cache_dir() / (hashlib.sha1(key.encode()).hexdigest()[:20] + ".npz")
-    if cached.exists():
-        z = np.load(cached, allow_pickle=False)
-        meta = json.loads(str(z["meta"]))
-        if native:
-            return {s: _native_from_flat(z[f"{s}_x"], z[f"{s}_shapes"], z[f"{s}_y"], meta["classes"]) for s in meta["splits"]}
-        return {s: ImageSet(torch.from_numpy(z[f"{s}_x"]), torch.from_numpy(z[f"{s}_y"]), meta["classes"])
-                for s in meta["splits"]}
 
-    entries, reader = _list_image_folder(path)
-    classes = sorted({c for _, c, _ in entries})
-    target, first = img_size, None
-    xs: dict[str, list] = {}
-    ys: dict[str, list] = {}
-    bad: list[str] = []
-    from tqdm import tqdm
-    for split, cls, member in tqdm(entries, desc=f"decoding {path.name}", unit="img", leave=False,
-                                   disable=len(entries) < 2000 or not sys.stderr.isatty()):
-        try:
-            with Image.open(io.BytesIO(reader(member))) as im:
-                if native and max_side:
-                    im.draft("RGB", (max_side, max_side))   # JPEG: decode at a reduced scale when it can
-                im = im.convert("RGB")
-                if native:
-                    h, w = shrunk(im.height, im.width, max_side)
-                    im = im if (h, w) == (im.height, im.width) else im.resize((w, h), Image.BICUBIC)
-                elif img_size is None and first is None:
-                    first = (im.height, im.width, member)
-                if not native and img_size is None and (im.height, im.width) != first[:2]:
-                    raise PixformerError(
-                        f"{path} holds images of different sizes ({first[0]}x{first[1]} {first[2]}, "
-                        f"{im.height}x{im.width} {member}); pass --img-size N to resize them all to NxN, or "
-                        "--max-side S / --max-tokens N to train at native resolution")
-                if target is not None and (im.height, im.width) != tuple(target):
-                    im = im.resize((target[1], target[0]), Image.BICUBIC)
-                arr = np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
-        except PixformerError:
-            raise
-        except Exception as e:  # PIL raises many types for corrupt files
-            if not skip_bad_images:
-                raise PixformerError(f"cannot read image {path / member if path.is_dir() else f'{path}:{member}'} "
-                                     f"({type(e).__name__}: {e}); pass --skip-bad-images to skip such files") from None
-            bad.append(member)
-            continue
-        xs.setdefault(split, []).append(arr)
-        ys.setdefault(split, []).append(classes.index(cls))
-    if bad:
-        print(f"skipped {len(bad)} unreadable image(s) in {path}, e.g. {bad[0]}")
-    if not xs:
-        raise PixformerError(f"no readable images in {path}")
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cached.parent, suffix=".npz")
-    if native:   # one flat array of pixels and each image's shape
-        arrays = {**{f"{s}_x": np.concatenate([a.ravel() for a in xs[s]]) for s in xs},
-                  **{f"{s}_shapes": np.array([a.shape for a in xs[s]], dtype=np.int64) for s in xs}}
-    else:
-        arrays = {f"{s}_x": np.stack(xs[s]) for s in xs}
-    with os.fdopen(fd, "wb") as f:
-        np.savez(f, meta=json.dumps({"classes": classes, "splits": list(xs)}), **arrays,
-                 **{f"{s}_y": np.array(ys[s], dtype=np.int64) for s in xs})
-    os.replace(tmp, cached)
-    if native:
-        return {s: _native_from_flat(arrays[f"{s}_x"], arrays[f"{s}_shapes"], np.array(ys[s]), classes) for s in xs}
-    return {s: ImageSet(torch.from_numpy(arrays[f"{s}_x"]), torch.tensor(ys[s], dtype=torch.int64), classes) for s in xs}
+    def build(tmp: Path) -> None:
+        nonlocal layout
+        if layout is None:                    # an archive: listed (one pass), then read in its own order
+            members = _tar_members(path)
+            layout = image_layout(sorted(members), path)
+            jobs = _tar_jobs(path, {members[m]: pos for pos, (_, _, m) in enumerate(layout)})
+            where = lambda m: f"{path}:{m}"  # noqa: E731
+        else:                                 # a directory: the workers read the files themselves
+            jobs = ((pos, str(path / m)) for pos, (_, _, m) in enumerate(layout))
+            where = lambda m: str(path / m)  # noqa: E731
+        decode_splits(tmp, layout, jobs, size=img_size, max_side=max_side if native else None, native=native,
+                      skip_bad_images=skip_bad_images, workers=workers, source=str(path), where=where)
 
-
-def _native_from_flat(flat: np.ndarray, shapes: np.ndarray, labels: np.ndarray, classes: list[str]) -> NativeSet:
-    """A NativeSet from its cached form: all pixels in one flat array and each image's (C, H, W)."""
-    data = torch.from_numpy(np.ascontiguousarray(flat))
-    ends = np.cumsum([int(np.prod(s)) for s in shapes])
-    images = [data[e - int(np.prod(s)): e].view(*(int(v) for v in s)) for s, e in zip(shapes, ends)]
-    return NativeSet(images, torch.from_numpy(labels.astype(np.int64)), classes)
+    entry = build_once(cache_dir() / hashlib.sha1(key.encode()).hexdigest()[:20], build,
+                       what=f"the decode cache of {path}")
+    return map_splits(entry)
 
 
 def as_native(data: ImageSet, max_side: int | None) -> NativeSet:
     """Images of one size as a NativeSet (each scaled down to `max_side` on its longer side if larger)."""
     images = resize(data.images, shrunk(*data.images.shape[-2:], max_side))
-    return NativeSet(list(images), data.labels, data.classes)
+    return NativeSet(NativeStore.of_tensor(as_tensor(images)), data.labels, data.classes)
 
 
 def load_source(source: str, root: str | None = None, img_size: tuple[int, int] | None = None,
                 skip_bad_images: bool = False, allow_download: bool = True, native: bool = False,
-                max_side: int | None = None) -> dict[str, ImageSet | NativeSet]:
+                max_side: int | None = None, workers: int | None = None) -> dict[str, ImageSet | NativeSet]:
     """Any data source -> its splits ('train' and 'test', or 'all' for a plain class-folder tree),
     images resized to `img_size` if given; with `native`, NativeSets of the images at their own sizes
-    (scaled down to `max_side` on the longer side if larger)."""
+    (scaled down to `max_side` on the longer side if larger). An image folder is decoded once by
+    `workers` processes (None: every core; 1: in this process) and mapped (see load_image_folder)."""
     if native and img_size is not None:
         raise PixformerError("native resolution (--max-side / --max-tokens) keeps each image's size: drop --img-size")
+    worker_count(workers)
     key = source.lower()
     if key == "digits":
         splits = load_digits_splits()
@@ -381,12 +362,9 @@ def load_source(source: str, root: str | None = None, img_size: tuple[int, int] 
     elif key in IDX:
         splits = load_idx_splits(key, root, allow_download)
     elif os.sep in source or Path(source).exists() or Path(source).suffix:
-        from .hf import is_hf_dataset, load_hf
-        if is_hf_dataset(source):     # Hugging Face parquet / save_to_disk: streamed, decoded per batch
-            return load_hf(source, img_size, native=native, max_side=max_side, skip_bad_images=skip_bad_images)
         if native:                    # decoded at native size (below max_side) straight into NativeSets
-            return load_image_folder(source, None, skip_bad_images, native=True, max_side=max_side)
-        splits = load_image_folder(source, img_size, skip_bad_images)
+            return load_image_folder(source, None, skip_bad_images, native=True, max_side=max_side, workers=workers)
+        splits = load_image_folder(source, img_size, skip_bad_images, workers=workers)
     else:
         raise PixformerError(f"unknown data source {source!r}: use one of {NAMED_SOURCES} or a path to an "
                              "ImageFolder directory or .tar/.tar.gz archive")
@@ -397,10 +375,13 @@ def load_source(source: str, root: str | None = None, img_size: tuple[int, int] 
     return splits
 
 
-def resize(images: Tensor, size: tuple[int, int]) -> Tensor:
-    """uint8 (N, C, H, W) -> uint8 (N, C, *size), antialiased bilinear; a no-op at the same size."""
+def resize(images: Tensor | ImageStore, size: tuple[int, int], chunk_values: int = 1 << 24) -> Tensor | ImageStore:
+    """uint8 (N, C, H, W) (a tensor or a store) -> uint8 (N, C, *size) in memory, antialiased bilinear,
+    in chunks of about `chunk_values` pixel values; the same object at the same size."""
     if tuple(images.shape[-2:]) == tuple(size):
         return images
-    out = [F.interpolate(chunk.float(), size=tuple(size), mode="bilinear", antialias=True, align_corners=False)
-           for chunk in images.split(4096)]
-    return torch.cat(out).round().clamp(0, 255).to(torch.uint8)
+    step = max(1, chunk_values // max(1, math.prod(images.shape[1:])))
+    out = [F.interpolate(images[i: i + step].float(), size=tuple(size), mode="bilinear", antialias=True,
+                         align_corners=False).round().clamp(0, 255).to(torch.uint8)
+           for i in range(0, len(images), step)]
+    return torch.cat(out) if out else torch.empty(0, images.shape[1], *size, dtype=torch.uint8)

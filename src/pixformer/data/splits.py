@@ -9,6 +9,7 @@ The same hold-out is drawn by `train`, `eval --split val`, `analyze` and scripts
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,9 @@ from torch import Tensor
 
 from ..errors import PixformerError
 from .ablations import permuted
-from .native import NativeSet, is_native
-from .sources import NAMED_SOURCES, ImageSet, load_source
+from .native import is_native
+from .sources import NAMED_SOURCES, load_source
+from .store import ImageSet, ImageStore, NativeSet, NativeStore
 
 
 @dataclass
@@ -73,23 +75,45 @@ def source_id(source: str) -> str:
     return source.lower() if source.lower() in NAMED_SOURCES else str(Path(source).expanduser().resolve())
 
 
-def channel_stats(images: Tensor | list[Tensor], chunk: int = 4096) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of uint8 images (N, C, H, W), or a list of (C, H_i, W_i) of any sizes
-    (every pixel counts once), on the 0..1 scale, in float64 sums over chunks of images (never a float
-    copy of the whole set)."""
-    parts = images.split(chunk) if isinstance(images, Tensor) else [im[None] for im in images]
-    C = parts[0].shape[1]
-    total = torch.zeros(C, dtype=torch.float64)
-    squares = torch.zeros(C, dtype=torch.float64)
+def channel_stats(images: Tensor | ImageStore | NativeStore | list[Tensor], chunk: int | None = None,
+                  chunk_values: int = 1 << 20) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 images (N, C, H, W) (a tensor or a store), or of images of any
+    sizes (C, H_i, W_i) (a NativeStore or a list: every pixel counts once), on the 0..1 scale. Exact
+    integer sums over chunks of `chunk` images (default: about `chunk_values` pixel values a chunk),
+    so neither a float copy of the whole set nor of a large chunk is ever made, and a mapped store
+    is read once, a chunk at a time."""
+    if isinstance(images, (Tensor, ImageStore)):
+        step = chunk or max(1, chunk_values // max(1, math.prod(images.shape[1:])))
+        parts = (images[i: i + step] for i in range(0, len(images), step))
+    else:
+        parts = _grouped(images, chunk, chunk_values)
+    total = squares = None
     n = 0
-    for part in parts:
-        x = part.transpose(0, 1).reshape(C, -1).double() / 255.0
-        total += x.sum(1)
-        squares += (x * x).sum(1)
+    for part in parts:      # float64 sums of a chunk's integers are exact (< 2^53), then kept as integers
+        x = (part.transpose(0, 1).reshape(part.shape[1], -1) if part.dim() == 4 else part).double()
+        if total is None:
+            total, squares = torch.zeros(len(x), dtype=torch.int64), torch.zeros(len(x), dtype=torch.int64)
+        total += x.sum(1).long()
+        squares += (x * x).sum(1).long()
         n += x.shape[1]
-    mean = total / n
-    var = (squares - n * mean * mean) / max(n - 1, 1)
+    if total is None:
+        raise PixformerError("channel statistics need at least one image")
+    mean = total.double() / (255.0 * n)
+    var = (squares.double() / 255.0 ** 2 - n * mean * mean) / max(n - 1, 1)
     return mean.tolist(), var.clamp_min(0).sqrt().clamp_min(1e-3).tolist()
+
+
+def _grouped(images, chunk: int | None, chunk_values: int):
+    """Images of any sizes as (C, pixels) groups of `chunk` images (default: about `chunk_values` values)."""
+    group, values = [], 0
+    for im in images:
+        group.append(im.reshape(im.shape[0], -1))
+        values += im.numel()
+        if len(group) == chunk or (chunk is None and values >= chunk_values):
+            yield torch.cat(group, 1)
+            group, values = [], 0
+    if group:
+        yield torch.cat(group, 1)
 
 
 def run_split(state: dict[str, Any], source: str | None, root: str | None, split: str,

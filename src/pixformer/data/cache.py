@@ -1,0 +1,411 @@
+"""Decode once, map everywhere: cache entries built by one process per machine and memory-mapped by all.
+
+A cache entry is a folder of .npy files (plus meta.json and a manifest). `build_once(path, build)`
+returns it mapped copy-on-write (np.load(mmap_mode="c")): pages come from the page cache and are
+shared by every process mapping the file, so a rank's own (anonymous) memory does not grow with the
+data, and torch sees the arrays without a copy. It is built at most once per machine: an fcntl lock
+per entry (`<path>.lock`) lets the first process build while the others block on the lock, then find
+the finished entry and map it. This serves torchrun's local ranks and two separate runs alike, with
+no collective (so no process-group timeout while one rank decodes for an hour). The builder writes
+into a fresh temporary folder, renamed into place only when complete. An entry that fails its check
+(a file missing, truncated, or differing in sampled blocks from the manifest written with it) is said
+to be unreadable in one line and built again.
+
+The image decode cache (`decode_splits`, `map_splits`) is such an entry: per split, fixed-size
+images as one uint8 array (N, C, H, W) (`<split>.x.npy`), or images at their own sizes as one flat
+uint8 buffer with each image's offset and (C, H, W); labels beside. Decoding runs over a pool of
+processes (`workers`: None = every core this process may use, 1 = in this process), JPEGs decoded at
+a reduced scale (PIL's draft mode) whenever the image is shrunk.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import io
+import json
+import math
+import multiprocessing as mp
+import os
+import shutil
+import struct
+import sys
+import tempfile
+import time
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import closing, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..errors import PixformerError
+from .native import shrunk
+from .store import ImageSet, ImageStore, NativeSet, NativeStore
+
+CHUNK_IMAGES = 64            # images sent to a decoding worker at a time (at most)
+CHUNK_BYTES = 16 << 20       # ... or this many bytes of encoded images read from an archive
+SAMPLE_BLOCKS, SAMPLE_BLOCK = 64, 16 << 10   # the manifest's digest: 64 blocks of 16 KiB spread over a file
+
+
+# ---- build once, map everywhere --------------------------------------------------------------
+class Unreadable(Exception):
+    """A cache entry that does not pass its check (why, in the message)."""
+
+
+@dataclass
+class Entry:
+    """A finished cache entry: its folder, its meta.json (or {}), and every <name>.npy mapped copy-on-write."""
+    path: Path
+    meta: dict
+    arrays: dict[str, np.ndarray]
+
+    def tensor(self, name: str) -> Tensor:
+        """The array `name` as a tensor over the mapped file (no copy; writes stay in this process)."""
+        return torch.from_numpy(self.arrays[name])
+
+
+@contextmanager
+def locked(path: Path, what: str):
+    """Hold the machine-wide lock of the cache entry `path` (an fcntl lock on `<path>.lock`); say so
+    in one line when another process holds it and this one waits."""
+    fd = os.open(path.parent / (path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another process building {what} ({path})", flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)                          # closing the descriptor releases the lock
+
+
+def sampled_digest(file: Path) -> str:
+    """sha1 of a file's size and of SAMPLE_BLOCKS blocks spread evenly over it (all of it when small):
+    reads at most 1 MiB, so checking a large entry stays cheap; catches truncation, a damaged header
+    and damage in the sampled blocks, not every flipped byte."""
+    size = file.stat().st_size
+    h = hashlib.sha1(str(size).encode())
+    with open(file, "rb") as f:
+        if size <= SAMPLE_BLOCKS * SAMPLE_BLOCK:
+            h.update(f.read())
+        else:
+            for k in range(SAMPLE_BLOCKS):
+                f.seek((size - SAMPLE_BLOCK) * k // (SAMPLE_BLOCKS - 1))
+                h.update(f.read(SAMPLE_BLOCK))
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """manifest.json: each file's size and sampled digest, checked when the entry is opened."""
+    files = sorted(p.name for p in folder.iterdir() if p.is_file())
+    manifest = {n: {"size": (folder / n).stat().st_size, "digest": sampled_digest(folder / n)} for n in files}
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
+
+
+def open_entry(path: Path) -> Entry:
+    """Check the entry at `path` against its manifest and map its arrays; Unreadable if it fails."""
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except (OSError, ValueError) as e:
+        raise Unreadable(f"no readable manifest: {e}") from None
+    for name, want in manifest.items():
+        file = path / name
+        if not file.is_file():
+            raise Unreadable(f"{name} is missing")
+        if file.stat().st_size != want["size"]:
+            raise Unreadable(f"{name} has {file.stat().st_size} bytes, {want['size']} were written")
+        if sampled_digest(file) != want["digest"]:
+            raise Unreadable(f"{name} differs from what was written")
+    arrays = {}
+    for name in manifest:
+        if name.endswith(".npy"):
+            try:
+                arrays[name[:-4]] = np.load(path / name, mmap_mode="c", allow_pickle=False)
+            except (OSError, ValueError) as e:
+                raise Unreadable(f"{name}: {e}") from None
+    try:
+        meta = json.loads((path / "meta.json").read_text()) if "meta.json" in manifest else {}
+    except ValueError as e:
+        raise Unreadable(f"meta.json: {e}") from None
+    return Entry(path, meta, arrays)
+
+
+def build_once(path: str | Path, build: Callable[[Path], dict[str, np.ndarray] | None],
+               what: str = "a cache entry") -> Entry:
+    """The cache entry (a folder) at `path`, mapped; built first by `build(tmp)` if it is absent or
+    unreadable. `build` writes its files into the empty folder `tmp` (.npy arrays, e.g. through
+    np.lib.format.open_memmap to fill a large one in place, and optionally meta.json) and/or returns
+    arrays by name, saved as <name>.npy. Exactly one process per machine builds a given entry; the
+    others wait on its lock and map what it wrote (see the module doc). `what` names the entry in
+    the lines said while waiting or rebuilding."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with locked(path, what):
+        if path.exists():
+            try:
+                return open_entry(path)
+            except Unreadable as e:
+                print(f"{what} at {path} is unreadable ({e}): building it again", flush=True)
+                aside = Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + ".bad-"))
+                os.replace(path, aside / "entry")    # processes that mapped it keep their mapping
+                shutil.rmtree(aside, ignore_errors=True)
+        for stale in path.parent.glob(path.name + ".tmp-*"):   # left by a builder that was killed
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + ".tmp-"))
+        try:
+            for name, array in (build(tmp) or {}).items():
+                np.save(tmp / f"{name}.npy", np.ascontiguousarray(array), allow_pickle=False)
+            write_manifest(tmp)
+            os.rename(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return open_entry(path)
+
+
+def npy_header(shape: tuple[int, ...], dtype=np.uint8) -> bytes:
+    """A .npy header of a fixed 128 bytes, so it can be written after the data it describes."""
+    text = repr({"descr": np.dtype(dtype).str, "fortran_order": False, "shape": tuple(shape)})
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", 118) + (text.ljust(117) + "\n").encode("latin1")
+
+
+class FlatWriter:
+    """A 1-D uint8 .npy file appended to piece by piece (images of different sizes): each `append`
+    returns the piece's offset; `close` writes the header with the final length."""
+
+    def __init__(self, file: Path):
+        self.f = open(file, "wb")
+        self.f.write(npy_header((0,)))
+        self.n = 0
+
+    def append(self, array: np.ndarray) -> int:
+        offset = self.n
+        self.f.write(array.tobytes())
+        self.n += array.size
+        return offset
+
+    def close(self) -> None:
+        self.f.seek(0)
+        self.f.write(npy_header((self.n,)))
+        self.f.close()
+
+
+# ---- decoding images, in parallel ------------------------------------------------------------
+def worker_count(workers: int | None) -> int:
+    """Decoding processes: all cores this process may run on (None), or the number asked for."""
+    if workers is None:
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if not isinstance(workers, int) or workers < 1:
+        raise PixformerError(f"--workers must be a whole number >= 1 (or unset for every core), got {workers!r}")
+    return workers
+
+
+def decode_image(src: bytes | str, size: tuple[int, int] | None, max_side: int | None) -> np.ndarray:
+    """Encoded image bytes (or a file path) -> uint8 RGB (3, H, W): resized to `size` (H, W) if given,
+    else scaled down so its longer side is at most `max_side`, else as stored. A JPEG that is shrunk
+    is decoded at a reduced scale (draft mode: 1/2, 1/4 or 1/8, never below the target size)."""
+    from PIL import Image
+    with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
+        w, h = im.size
+        th, tw = size if size else shrunk(h, w, max_side)
+        if (tw, th) != (w, h) and tw <= w and th <= h:
+            im.draft("RGB", (tw, th))
+        im = im.convert("RGB")
+        if im.size != (tw, th):
+            im = im.resize((tw, th), Image.BICUBIC)
+        return np.ascontiguousarray(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1))
+
+
+def decode_chunk(chunk: list[tuple[int, bytes | str]], size, max_side) -> list[tuple[int, np.ndarray | str]]:
+    """Decode a chunk of (position, source); an image that cannot be decoded gives its error as text."""
+    out = []
+    for pos, src in chunk:
+        try:
+            out.append((pos, decode_image(src, size, max_side)))
+        except Exception as e:                 # PIL raises many types for corrupt files
+            out.append((pos, f"{type(e).__name__}: {e}"))
+    return out
+
+
+class Progress:
+    """Images done: a tqdm bar on a terminal; elsewhere (a log, torchrun) a plain line every `every`
+    seconds. Silent below 2,000 images."""
+
+    def __init__(self, total: int, desc: str, every: float = 30.0):
+        self.total, self.desc, self.every, self.done = total, desc, every, 0
+        self.t0 = self.last = time.monotonic()
+        self.bar = None
+        self.quiet = total < 2000
+        if not self.quiet and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, desc=desc, unit="img", leave=False)
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif not self.quiet and time.monotonic() - self.last >= self.every:
+            self.last = time.monotonic()
+            print(f"{self.desc}: {self.done:,}/{self.total:,} images ({100 * self.done // self.total}%), "
+                  f"{self.done / (self.last - self.t0):,.0f} img/s", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _chunks(jobs: Iterable[tuple[int, bytes | str]], per: int) -> Iterator[list]:
+    chunk, size = [], 0
+    for job in jobs:
+        chunk.append(job)
+        size += len(job[1]) if isinstance(job[1], bytes) else 0
+        if len(chunk) >= per or size >= CHUNK_BYTES:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+def pool_plan(total: int, workers: int | None) -> tuple[int, int]:
+    """(processes, images a chunk) to decode `total` images with: a set that fits one chunk is decoded
+    in this process, as is everything with workers=1."""
+    n = worker_count(workers)
+    per = min(CHUNK_IMAGES, max(16, math.ceil(total / (4 * n))))
+    return (1 if total <= per else n), per
+
+
+def decode_all(jobs: Iterable[tuple[int, bytes | str]], total: int, size: tuple[int, int] | None,
+               max_side: int | None, workers: int | None, desc: str) -> Iterator[tuple[int, np.ndarray | str]]:
+    """(position, array or error text) for every job (position, encoded bytes or a file path), in the
+    order of the jobs. Jobs are pulled lazily (an archive is read as the workers need it) and sent in
+    chunks to the worker processes (pool_plan), at most two chunks per worker in flight."""
+    n, per = pool_plan(total, workers)
+    progress = Progress(total, desc)
+    try:
+        if n == 1:
+            for chunk in _chunks(jobs, per):
+                out = decode_chunk(chunk, size, max_side)
+                progress.update(len(out))
+                yield from out
+            return
+        context = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+        pool = ProcessPoolExecutor(n, mp_context=context)
+        pending: deque = deque()
+        try:
+            for chunk in _chunks(jobs, per):
+                pending.append(pool.submit(decode_chunk, chunk, size, max_side))
+                while len(pending) >= 2 * n:
+                    out = pending.popleft().result()
+                    progress.update(len(out))
+                    yield from out
+            while pending:
+                out = pending.popleft().result()
+                progress.update(len(out))
+                yield from out
+        except BrokenProcessPool:
+            raise PixformerError(f"a decoding worker died while {desc} (out of memory?): try fewer --workers") from None
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+    finally:
+        progress.close()
+
+
+# ---- the image decode cache ------------------------------------------------------------------
+def decode_splits(out: Path, layout: list[tuple[str, str, str]], jobs: Iterable[tuple[int, bytes | str]], *,
+                  size: tuple[int, int] | None, max_side: int | None, native: bool, skip_bad_images: bool,
+                  workers: int | None, source: str, where: Callable[[str], str]) -> None:
+    """Decode the images of `layout` (split, class, member), in sorted member order, into the cache
+    entry folder `out`. `jobs` are (position in layout, bytes or file path) in whatever order the
+    source is best read in (an archive's own); each image is put at its place in the sorted order,
+    so the dataset's order does not depend on the archive's. `where(member)` names a member in errors."""
+    classes = sorted({c for _, c, _ in layout})
+    label = {c: i for i, c in enumerate(classes)}
+    count: dict[str, int] = {}
+    slot = []                                                        # layout position -> (split, row)
+    for split, _, _ in layout:
+        slot.append((split, count.get(split, 0)))
+        count[split] = count.get(split, 0) + 1
+    kept = {s: np.zeros(n, dtype=bool) for s, n in count.items()}
+    images: dict = {}                                                # split -> memmap (fixed) or FlatWriter (native)
+    offsets = {s: np.zeros(n, dtype=np.int64) for s, n in count.items()} if native else {}
+    shapes = {s: np.zeros((n, 3), dtype=np.int64) for s, n in count.items()} if native else {}
+    first = None                                                     # (shape, member) of the first image (one size)
+    bad: list[str] = []
+    t0 = time.perf_counter()
+    try:
+        with closing(decode_all(jobs, len(layout), size, max_side, workers, f"decoding {source}")) as results:
+            for pos, arr in results:
+                split, row = slot[pos]
+                member = layout[pos][2]
+                if isinstance(arr, str):
+                    if not skip_bad_images:
+                        raise PixformerError(f"cannot read image {where(member)} ({arr}); pass --skip-bad-images "
+                                             "to skip such files")
+                    bad.append(member)
+                    continue
+                if native:
+                    if split not in images:
+                        images[split] = FlatWriter(out / f"{split}.x.npy")
+                    offsets[split][row] = images[split].append(arr)
+                    shapes[split][row] = arr.shape
+                else:
+                    if first is None:
+                        first = (arr.shape, member)
+                    elif arr.shape != first[0]:
+                        (_, h0, w0), m0 = first
+                        raise PixformerError(
+                            f"{source} holds images of different sizes ({h0}x{w0} {m0}, {arr.shape[1]}x"
+                            f"{arr.shape[2]} {member}); pass --img-size N to resize them all to NxN, or "
+                            "--max-side S / --max-tokens N to train at native resolution")
+                    if split not in images:
+                        images[split] = np.lib.format.open_memmap(out / f"{split}.x.npy", mode="w+", dtype=np.uint8,
+                                                                  shape=(count[split], *arr.shape))
+                    images[split][row] = arr
+                kept[split][row] = True
+    finally:
+        for split, x in images.items():
+            x.close() if native else x.flush()
+    images.clear()
+    if bad:
+        print(f"skipped {len(bad)} unreadable image(s) in {source}, e.g. {bad[0]}")
+    splits = [s for s in count if kept[s].any()]
+    if not splits:
+        raise PixformerError(f"no readable images in {source}")
+    for split in count:
+        rows = np.flatnonzero(kept[split])
+        if split not in splits:
+            (out / f"{split}.x.npy").unlink(missing_ok=True)
+            continue
+        labels = np.array([label[c] for s, c, _ in layout if s == split], dtype=np.int64)
+        np.save(out / f"{split}.y.npy", labels[rows])
+        if native:
+            np.save(out / f"{split}.offsets.npy", offsets[split][rows])
+            np.save(out / f"{split}.shapes.npy", shapes[split][rows])
+        elif len(rows) < count[split]:               # skipped images leave their rows unused
+            np.save(out / f"{split}.rows.npy", rows.astype(np.int64))
+    (out / "meta.json").write_text(json.dumps({"source": source, "classes": classes, "splits": splits,
+                                               "native": native}))
+    n, procs = sum(int(k.sum()) for k in kept.values()), pool_plan(len(layout), workers)[0]
+    print(f"decoded {n:,} images of {source} in {time.perf_counter() - t0:.1f} s "
+          f"({procs} process{'es' if procs > 1 else ''}), cached in {out.parent}", flush=True)
+
+
+def map_splits(entry: Entry) -> dict[str, ImageSet | NativeSet]:
+    """The splits of a decode cache entry, their images mapped (see the module doc)."""
+    classes, out = entry.meta["classes"], {}
+    for s in entry.meta["splits"]:
+        labels = entry.tensor(f"{s}.y")
+        if entry.meta["native"]:
+            store = NativeStore(entry.tensor(f"{s}.x"), entry.arrays[f"{s}.offsets"], entry.arrays[f"{s}.shapes"])
+            out[s] = NativeSet(store, labels, classes)
+        else:
+            rows = entry.arrays.get(f"{s}.rows")
+            store = ImageStore(entry.tensor(f"{s}.x"), None if rows is None else torch.from_numpy(rows))
+            out[s] = ImageSet(store, labels, classes)
+    return out
