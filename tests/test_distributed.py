@@ -234,3 +234,58 @@ def test_under_fsdp_only_rank_zero_builds_the_whole_model():
             model = create_model("pit-n", img_size=4, depth=1)
         assert runtime.holds_weights == (rank == 0)
         assert {p.device.type for p in model.parameters()} == {device}
+
+
+FAULT = textwrap.dedent("""
+    import json, os, signal, sys
+    import numpy as np
+    import pixformer.engine.loop as loop
+    from pixformer.cli import main
+    from pixformer.tasks import Classify
+    rank, at, kind = int(os.environ["RANK"]), int(sys.argv[1]), sys.argv[2]
+    real_lr, real_loss = loop.lr_at, Classify.loss
+    def lr_at(step, *a):                            # on rank 1 alone, at step `at`
+        if rank == 1 and step == at and kind in ("SIGTERM", "SIGKILL"):
+            os.kill(os.getpid(), getattr(signal, kind))
+        return real_lr(step, *a)
+    def loss(self, model, x, y, rng):
+        value, stats = real_loss(self, model, x, y, rng)
+        nan = rank == 1 and kind == "nan" and loop.lr_at.step == at
+        return (value * float("nan") if nan else value), stats
+    def counting_lr(step, *a):
+        counting_lr.step = step
+        return lr_at(step, *a)
+    loop.lr_at = counting_lr
+    Classify.loss = loss
+    code = main(["train", *sys.argv[3:]])
+    print(f"rank {rank} exits {code}", flush=True)
+    sys.exit(code)
+""")
+
+
+@pytest.mark.parametrize("kind", ["nan", "SIGTERM", "SIGKILL"])
+def test_the_ranks_decide_together(kind, tmp_path):
+    """A non-finite loss or a stop signal on one rank of two: both stop after the same step, one line is
+    printed; a rank that dies leaves its peer one line, not a collective's traceback."""
+    script = tmp_path / "fault.py"
+    script.write_text(FAULT)
+    out = tmp_path / "run"
+    args = ["--model", "vit-n/2", "--data", "digits", "--depth", "1", "--dim", "16", "--heads", "2",
+            "--batch-size", "32", "--epochs", "2", "--train-subset", "256", "--precision", "fp32",
+            "--progress", "false", "--checkpoint-every", "2", "--out", str(out)]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script), "5", kind, *args], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    errors = [line for line in done.stderr.splitlines() if "pixformer: error:" in line]
+    assert len(errors) == 1, done.stderr[-3000:]
+    assert not any("Traceback" in line for line in done.stderr.splitlines() if line.startswith("[rank0]")), done.stderr[-3000:]
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    if kind == "nan":        # nothing of step 5 applied on any rank; the last checkpoint (step 4) kept
+        assert "loss became non-finite" in errors[0] and "at step 5" in errors[0]
+        assert done.stdout.count("exits 2") == 2 and state["step"] == 4
+    elif kind == "SIGTERM":  # both finish step 5 and stop after it, checkpointed
+        assert "stopped (asked of another process of this run) at step 6/" in errors[0]   # rank 0 speaks
+        assert done.stdout.count("exits 2") == 2 and state["step"] == 6
+    else:
+        assert "another process of this run stopped or died" in errors[0] and "rank 0" not in errors[0]
+        assert state["step"] == 4

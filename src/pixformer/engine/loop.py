@@ -606,7 +606,7 @@ def step(run: Run, batch: Batch, stop: StopFlag, waited: float) -> None:
         run.running[k] = run.running.get(k, 0) + v
     show_progress(run, s // run.steps_per_epoch)
     if stop_now or (runtime.world_size == 1 and stop.asked):             # one process: a signal in this step too
-        stop.check()
+        raise _Stop(stop.asked or "asked of another process of this run")
 
 
 @torch.no_grad()
