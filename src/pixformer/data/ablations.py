@@ -28,6 +28,7 @@ from torch import Tensor
 
 from ..errors import PixformerError
 from .sources import ImageSet
+from .store import as_tensor
 
 
 def random_permutation(h: int, w: int, seed: int) -> Tensor:
@@ -97,4 +98,6 @@ def permuted(data: ImageSet, settings: Any) -> ImageSet:
     """`data` with the pixel permutation that a run's settings ask for (see pixel_permutation) applied;
     unchanged when no ablation is on."""
     perm = pixel_permutation(settings, *data.images.shape[-2:])
-    return data if perm is None else ImageSet(apply_permutation(data.images, perm), data.labels, data.classes)
+    if perm is None:
+        return data
+    return ImageSet(apply_permutation(as_tensor(data.images), perm), data.labels, data.classes)

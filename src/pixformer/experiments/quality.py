@@ -136,6 +136,7 @@ def score(checkpoint: str, samples: str | None, num: int, cfg_scale: float, samp
     reference images (a split of a data source, by default the run's held-out validation images) or
     saved reference statistics; with `classifier`, that classifier's accuracy on the samples."""
     from ..data.splits import run_split
+    from ..data.store import as_tensor
     from ..engine.checkpoint import load_model
     from ..tasks.diffusion import check_sampler
     from .generate import diffusion_task, sample_images
@@ -161,7 +162,7 @@ def score(checkpoint: str, samples: str | None, num: int, cfg_scale: float, samp
         where = ref_stats
     else:
         data, where = run_split(state, ref, None, ref_split)
-        reference = net.stats(data.images.float() / 255)
+        reference = net.stats(as_tensor(data.images).float() / 255)       # a mapped split as one tensor
         if save_ref_stats:
             reference.save(Path(save_ref_stats))
     if samples:

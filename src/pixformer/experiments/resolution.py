@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..data.native import NativeSet, batcher_for
-from ..data.sources import ImageSet, resize
+from ..data.native import batcher_for
+from ..data.sources import resize
+from ..data.store import ImageSet, NativeSet
 from ..engine.loop import evaluate
 from ..engine.runtime import Runtime
 from ..errors import PixformerError
