@@ -30,24 +30,7 @@ from ..errors import PixformerError
 from ..models.packed import Packed
 from ..models.pos_embed import grid_coords
 from ..models.vit import patchify
-
-
-@dataclass
-class NativeSet:
-    """A split of images of different sizes: a list of uint8 (C, H_i, W_i), int64 labels (N,), class names."""
-    images: list[Tensor]
-    labels: Tensor
-    classes: list[str]
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def subset(self, idx: Tensor) -> "NativeSet":
-        return NativeSet([self.images[i] for i in idx.tolist()], self.labels[idx], self.classes)
-
-    @property
-    def in_chans(self) -> int:
-        return self.images[0].shape[0]
+from .store import NativeSet  # noqa: F401  (moved to data/store.py; engine/loop.py imports it from here)
 
 
 def fit_grid(h: int, w: int, patch: int, max_side: int | None = None, max_tokens: int | None = None,
