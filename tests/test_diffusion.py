@@ -353,3 +353,37 @@ def test_evaluation_draws_per_example_so_the_batch_size_does_not_change_the_numb
         assert np.array_equal(draw(whole, 6), np.concatenate([draw(parts[0], 4), draw(parts[1], 2)]))
     with pytest.raises(ValueError, match="for a batch of 6"):
         whole.random((5, 3))
+
+
+LATENT_RANKS = """
+import json, os, sys
+from pixformer import TrainConfig, train
+from pixformer.tasks.diffusion import LatentSpace
+real = LatentSpace.encode
+def encode(self, images, *a, **k):
+    with open(sys.argv[2] + ".log", "a") as f:
+        f.write(f"{os.environ['RANK']} {len(images)}\\n")
+    return real(self, images, *a, **k)
+LatentSpace.encode = encode
+train(TrainConfig(**json.loads(sys.argv[1]), out=sys.argv[2]))
+"""
+
+
+def test_under_two_ranks_one_process_encodes_each_split_and_both_map_it(tmp_path, tiny_vae):
+    import os
+    import subprocess
+    import sys
+    script = tmp_path / "latent_ranks.py"
+    script.write_text(LATENT_RANKS)
+    cache = tmp_path / "cache"
+    run = dict(DIFF_RUN, epochs=1, train_subset=64, batch_size=32, ema_decay=0.0,
+               task_args={**DIFF_RUN["task_args"], "latent_vae": tiny_vae, "samples": 0})
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script), json.dumps(run), str(tmp_path / "run")], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PIXFORMER_CACHE": str(cache)}, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    encoded = (tmp_path / "run.log").read_text().split()
+    counts = sorted(int(n) for n in encoded[1::2])
+    assert len(counts) == 3 and 64 in counts           # train (the subset), val and test: each encoded once
+    entries = sorted(p.name for p in (cache / "latents").iterdir())
+    assert len([e for e in entries if not e.endswith(".lock")]) == 3 and not any(".tmp-" in e for e in entries)

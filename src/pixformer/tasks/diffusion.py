@@ -379,18 +379,17 @@ class LatentSpace:
             out.append(self.vae.encode(x).latent_dist.mean * self.scale)
         return torch.cat(out)
 
-    def encode_cached(self, images: Tensor) -> Tensor:
-        from safetensors.torch import load_file, save_file
-        digest = hashlib.sha256(images.numpy().tobytes()).hexdigest()[:16]
-        path = cache_dir() / "latents" / f"{self.key}-{digest}.safetensors"
-        if path.exists():
-            return load_file(path)["latents"]
-        latents = self.encode(images)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({"latents": latents.contiguous()}, tmp)
-        tmp.replace(path)
-        return latents
+    def encode_cached(self, images) -> Tensor:
+        """The latents of uint8 images (a tensor or a mapped store), encoded once per machine and mapped
+        from the cache: keyed by the VAE's files and a digest of the images' bytes; one process encodes
+        (under torchrun the others wait on the entry's lock), every process maps the same file."""
+        from ..data.cache import build_once
+        h = hashlib.sha256(str(tuple(images.shape)).encode())
+        for i in range(0, len(images), 4096):                       # a chunk at a time: never a copy of the set
+            h.update(np.ascontiguousarray(images[i:i + 4096].numpy()).tobytes())
+        entry = build_once(cache_dir() / "latents" / f"{self.key}-{h.hexdigest()[:16]}",
+                           lambda tmp: {"latents": self.encode(images).numpy()}, what="the latents of a split")
+        return entry.tensor("latents")
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
