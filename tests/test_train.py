@@ -49,6 +49,18 @@ def assert_same_run(a, b, dir_a, dir_b):
     assert (a["val_top1"], a["test_top1"]) == (b["val_top1"], b["test_top1"])
 
 
+def test_prefetching_changes_when_a_batch_is_made_never_what_it_holds(uninterrupted, tmp_path):
+    """Batches made on the step's thread (prefetch 0) or 1 / 3 threads ahead: the same run, bit for bit
+    (crop, mixup, drop-path and EMA on), with the share of time spent waiting for data logged."""
+    full, full_dir = uninterrupted
+    for prefetch, threads in ((0, 1), (1, 1), (6, 3)):
+        out = tmp_path / f"p{prefetch}"
+        got = train(TrainConfig(**KILL_CFG, out=str(out), prefetch=prefetch, loader_threads=threads))
+        assert_same_run(full, got, full_dir, out)
+        rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+        assert all(0 <= r["data_wait"] <= 1 for r in rows if "epoch" in r and "val_loss" in r)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("full") / "run"

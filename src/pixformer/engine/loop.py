@@ -76,7 +76,8 @@ def prepare_data(cfg: TrainConfig) -> Prepared:
     are NativeSets and the facts' image size is the square the position table is laid out for under
     the budgets (native.table_side)."""
     size = (cfg.img_size, cfg.img_size) if cfg.img_size else None
-    found = load_source(cfg.data, cfg.data_root, size, cfg.skip_bad_images, native=cfg.native, max_side=cfg.max_side)
+    found = load_source(cfg.data, cfg.data_root, size, cfg.skip_bad_images, native=cfg.native, max_side=cfg.max_side,
+                        workers=cfg.workers)
     s = resolve_splits(found, cfg.val_fraction, cfg.data)
     train = s.train
     if cfg.train_subset:
@@ -86,12 +87,18 @@ def prepare_data(cfg: TrainConfig) -> Prepared:
         train = train.subset(idx.sort().values)
     if cfg.native:
         side = table_side(cfg.max_side, cfg.max_tokens, native_patch(cfg, get_task(cfg.task)))
-        mean, std = channel_stats(train.images)
+        mean, std = channel_stats(stats_sample(train.images))
         return Prepared(Splits(train, s.val, s.test, s.val_from), DataFacts(train.classes, train.in_chans, (side, side), mean, std))
     s = Splits(permuted(train, cfg), permuted(s.val, cfg), None if s.test is None else permuted(s.test, cfg), s.val_from)
-    mean, std = channel_stats(s.train.images)
+    mean, std = channel_stats(stats_sample(s.train.images))
     facts = DataFacts(s.train.classes, s.train.images.shape[1], tuple(s.train.images.shape[-2:]), mean, std)
     return Prepared(s, facts)
+
+
+def stats_sample(images):
+    """The images the normalisation is computed on: all of them, or for a source that decodes each image
+    when it is read (a Hugging Face dataset) a seeded sample of at most 10,000."""
+    return images.subset(images.sample_indices()) if getattr(images, "decodes_on_the_fly", False) else images
 
 
 def native_patch(cfg: TrainConfig, task_cls: type[Task]) -> int:
@@ -536,8 +543,7 @@ def fit(run: Run) -> dict[str, Any]:
                 if run.step >= run.total_steps:
                     break
                 waited = feed.waited
-                batch = next(feed)
-                step(run, batch, stop, feed.waited - waited)
+                step(run, next_batch(run, feed), stop, feed.waited - waited)
                 if cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0 and run.step % run.steps_per_epoch:
                     checkpoint(run)
             if run.splits.test is not None and run.state["test"] is None:   # once, at the end
@@ -564,6 +570,17 @@ def fit(run: Run) -> dict[str, Any]:
     return {"run_dir": str(run.run_dir), "model_name": run.name, "step": run.step,
             f"best_{metric}": run.state[f"best_{metric}"], **{f"val_{k}": v for k, v in run.val.items()},
             **{f"test_{k}": v for k, v in (run.state["test"] or {}).items()}, "model": run.model, "ema": run.ema}
+
+
+def next_batch(run: Run, feed: Prefetcher) -> Batch:
+    """The next training batch. A batch this rank could not make (an image that fails to decode) is its
+    own error: it says so, named, and its peers stop on its departure."""
+    try:
+        return next(feed)
+    except PixformerError as e:
+        if run.runtime.world_size > 1:
+            e.rank = run.runtime.rank
+        raise
 
 
 def step(run: Run, batch: Batch, stop: StopFlag, waited: float) -> None:
