@@ -2,6 +2,9 @@
 budgets, absolute / fractional position coordinates, training and any-resolution evaluation."""
 import json
 import math
+import subprocess
+import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -9,7 +12,8 @@ import torch
 
 from pixformer import PixformerError, create_model, set_attention_backend
 from pixformer.data.augment import normalize
-from pixformer.data.native import NativeBatcher, fit_grid, kept_tokens, pack_sequences
+from pixformer.data.native import NativeBatcher, bucket_size, fit_grid, kept_tokens, pack_sequences
+from pixformer.layout import Packed
 from pixformer.models.attention import AttnSpec, attention, segment_runs
 from pixformer.models.packed import segment_mean
 
@@ -77,6 +81,88 @@ def test_every_image_lands_in_exactly_one_pack_within_the_caps():
     assert counts.tolist() == [h * w // 16 + 1 for h, w in SIZES]      # every token (and a class slot) once
     assert packed.cls_slots.sum() == len(SIZES)
     assert packed.useful == sum(counts.tolist())
+
+
+def random_batches(n_batches: int, per_batch: int, seed: int = 0) -> list[list[torch.Tensor]]:
+    """Batches of images with sides drawn from [8, 48], and a last, partial batch (a third as many)."""
+    g = torch.Generator().manual_seed(seed)
+    side = lambda: int(torch.randint(8, 49, (1,), generator=g))  # noqa: E731
+    return [[torch.randint(0, 256, (3, side(), side()), generator=g, dtype=torch.uint8) for _ in range(n)]
+            for n in [per_batch] * n_batches + [per_batch // 3]]
+
+
+LADDER = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128]
+
+
+@pytest.mark.parametrize("pack_length", [None, 40])
+def test_bucketing_bounds_the_shapes_a_run_sees(pack_length):
+    """20 batches of 48 images of random sizes and a partial batch, with resolution sampling and Beta
+    token dropping: bucketed, at most 4 distinct (P, L) shapes, on the ladder (L at most the pack length /
+    the longest sequence); unbucketed at least twice as many (12 without a pack length, where L follows
+    each batch's longest image; 6 with one). The same tokens either way."""
+    assert [bucket_size(n) for n in range(1, 15)] == [1, 2, 3, 4, 6, 6, 8, 8, 12, 12, 12, 12, 16, 16]
+    assert bucket_size(50, cap=49) == 64 and bucket_size(40, cap=45) == 45 and bucket_size(30, cap=45) == 32
+    batcher = NativeBatcher(4, True, max_side=24, pack_length=pack_length, resolution_range=(12, 24),
+                            token_drop_beta=(2.0, 5.0))                   # at most 6x6 tokens + a class token
+    shapes = {True: set(), False: set()}
+    for step, imgs in enumerate(random_batches(20, 48)):
+        tight = replace(batcher, bucket=False)(imgs, NORM, torch.Generator().manual_seed(step), train=True)
+        packed = batcher(imgs, NORM, torch.Generator().manual_seed(step), train=True)
+        P, L = packed.segments.shape
+        assert P in LADDER and (L == pack_length if pack_length else L in LADDER + [37])
+        assert packed.useful == tight.useful and torch.equal(packed.patches[packed.segments >= 0],
+                                                             tight.patches[tight.segments >= 0])
+        shapes[True].add((P, L))
+        shapes[False].add(tuple(tight.segments.shape))
+    assert len(shapes[True]) <= 4, sorted(shapes[True])
+    assert len(shapes[False]) >= 2 * len(shapes[True]), sorted(shapes[False])
+
+
+def pad_row(packed: Packed) -> Packed:
+    """`packed` with one more pack, all padding (segment -1, no class slot, zero patches)."""
+    extra = lambda t, fill: torch.cat([t, torch.full_like(t[:1], fill)])  # noqa: E731
+    return Packed(extra(packed.patches, 0), extra(packed.coords, 0), extra(packed.grids, 1),
+                  extra(packed.segments, -1), packed.n_images,
+                  None if packed.cls_slots is None else extra(packed.cls_slots, False))
+
+
+@pytest.mark.parametrize("backend", ["varlen", "flex", "sdpa", "blocked"])
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+def test_padding_rows_and_slots_leave_every_images_logits_unchanged(backend, pool):
+    """Each image's logits and the gradients are the same from a tight pack, a bucketed one (more rows
+    and slots of padding) and one with an all-padding row added, under each CPU backend (flex: forward;
+    its backward runs "blocked"), with a class token or mean pooling, with and without a pack length."""
+    torch.manual_seed(0)
+    model = create_model("vit-n/4", img_size=16, num_classes=7, depth=2, dim=32, heads=4, pool=pool)
+    set_attention_backend(model, backend)
+    imgs, y = images(SIZES * 2, seed=1), torch.arange(2 * len(SIZES)) % 7
+    for pack_length in (None, 50):
+        tight = NativeBatcher(4, pool == "cls", max_side=28, pack_length=pack_length, max_per_pack=2, bucket=False)
+        packs = [tight(imgs, NORM), replace(tight, bucket=True)(imgs, NORM)]
+        packs.append(pad_row(packs[0]))
+        assert packs[1].segments.numel() > packs[0].segments.numel()          # bucketing padded
+        assert len({p.useful for p in packs}) == 1
+        with torch.no_grad():
+            want = model.eval()(packs[0])
+            for p in packs[1:]:
+                torch.testing.assert_close(model(p), want, atol=1e-6, rtol=1e-6)
+        model.train()
+        grads = [torch.autograd.grad(torch.nn.functional.cross_entropy(model(p), y), list(model.parameters())) for p in packs]
+        for other in grads[1:]:
+            for a, b in zip(other, grads[0]):
+                torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_data_and_layout_import_no_model():
+    """pixformer.data.native and pixformer.layout load nothing of pixformer.models. A fresh interpreter,
+    and the top-level package stood in for by a bare one (its __init__ imports the whole library)."""
+    code = ("import importlib.util, sys, types; spec = importlib.util.find_spec('pixformer'); "
+            "pkg = types.ModuleType('pixformer'); pkg.__path__ = list(spec.submodule_search_locations); "
+            "sys.modules['pixformer'] = pkg; import pixformer.layout, pixformer.data.native; "
+            "print([m for m in sys.modules if m.startswith('pixformer.models')])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
 
 
 def test_token_dropping_keeps_the_ceiling_and_the_kept_coordinates():
@@ -177,7 +263,7 @@ def test_native_run_trains_resumes_exactly_and_evaluates_at_any_resolution(tmp_p
 
 def test_native_settings_refused_where_they_cannot_apply(tmp_path):
     from pixformer import TrainConfig, train
-    with pytest.raises(PixformerError, match="ViT classifier"):
+    with pytest.raises(PixformerError, match="cannot train convmixer-256/8 on them"):
         train(TrainConfig(model="convmixer-256/8", data="digits", max_side=8, progress=False))
     with pytest.raises(PixformerError, match="crop-padding"):
         train(TrainConfig(model="vit-n/2", data="digits", max_side=8, crop_padding=2, progress=False))

@@ -12,8 +12,15 @@
                                      into sequences of L tokens, at most K images each; without a pack
                                      length every image has a row of its own, padded to the batch's largest
 
-A batch becomes one `Packed` (models/packed.py): the model attends within each image by segment ids
+A batch becomes one `Packed` (pixformer.layout): the model attends within each image by segment ids
 and pools per image. Sides are rounded to whole patches.
+
+Bounded shapes (`bucket`, on by default): the number of packs P and their length L are rounded up the
+ladder 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, ... (`bucket_size`: under a third of a padded size is
+padding), L at most the pack length or, without one, the longest sequence the budgets allow. A run
+then sees a few distinct (P, L) shapes, so what is compiled per shape (compiled blocks, FlexAttention's
+block masks) is not rebuilt every batch. Added rows are all padding (segment -1); padding never
+changes an image's result.
 """
 from __future__ import annotations
 
@@ -27,9 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import PixformerError
-from ..models.packed import Packed
-from ..models.pos_embed import grid_coords
-from ..models.vit import patchify
+from ..layout import Packed, grid_coords, patchify
 from .store import NativeSet  # noqa: F401  (moved to data/store.py; engine/loop.py imports it from here)
 
 
@@ -68,6 +73,14 @@ def kept_tokens(n: int, rate: float, g: torch.Generator | None) -> Tensor:
     return torch.randperm(n, generator=g)[:keep].sort().values
 
 
+def bucket_size(n: int, cap: int | None = None) -> int:
+    """The smallest size >= n on the ladder 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, ... (powers of two and
+    1.5 times them: two sizes an octave, under a third of the size padding), at most `cap` (if n is)."""
+    k = (max(n, 1) - 1).bit_length()                                   # 2^(k-1) < n <= 2^k
+    size = 3 << (k - 2) if k >= 2 and 3 << (k - 2) >= n else 1 << k
+    return min(size, cap) if cap is not None and n <= cap else size
+
+
 def pack_sequences(lengths: list[int], pack_length: int, max_per_pack: int) -> list[list[int]]:
     """Greedy first-fit packing, longest first: lists of sequence indices whose lengths sum to at most
     `pack_length`, at most `max_per_pack` each; every sequence in exactly one pack."""
@@ -102,6 +115,7 @@ class NativeBatcher:
     token_drop: float = 0.0
     token_drop_beta: tuple[float, float] | None = None
     side: int | None = None                     # every image's longer side set to this (evaluation at a resolution)
+    bucket: bool = True                         # pad P and L up to a few sizes (bounded shapes, see the module doc)
 
     def __post_init__(self):
         if not (self.max_side or self.max_tokens):
@@ -115,13 +129,17 @@ class NativeBatcher:
         if self.token_drop_beta is not None and min(self.token_drop_beta) <= 0:
             raise PixformerError(f"--token-drop-beta takes two Beta parameters > 0, got {self.token_drop_beta}")
         if self.pack_length is not None:
-            side = (self.max_side or 10 ** 9) // self.patch
-            worst = min(self.max_tokens or side * side, side * side) + self.cls
             if self.max_per_pack < 1:
                 raise PixformerError(f"--max-per-pack must be at least 1, got {self.max_per_pack}")
-            if worst > self.pack_length:
+            if self.longest > self.pack_length:
                 raise PixformerError(f"--pack-length {self.pack_length} is shorter than one image's tokens (up to "
-                                     f"{worst} with these budgets); use a longer pack or a smaller --max-tokens")
+                                     f"{self.longest} with these budgets); use a longer pack or a smaller --max-tokens")
+
+    @property
+    def longest(self) -> int:
+        """The most tokens one image's sequence can have under the budgets (its class token included)."""
+        side = max((self.max_side or 10 ** 9) // self.patch, 1)
+        return min(self.max_tokens or side * side, side * side) + self.cls
 
     def grid(self, img: Tensor, side: int | None = None) -> tuple[int, int]:
         """The token grid `img` gets (at evaluation: side = self.side)."""
@@ -155,11 +173,14 @@ class NativeBatcher:
             seqs.append((patches, coords, (gh, gw)))
         lengths = [len(s[0]) + self.cls for s in seqs]
         if self.pack_length is None:                                       # a row per image, padded
-            packs, L = [[i] for i in range(len(seqs))], max(lengths)
+            packs, L, cap = [[i] for i in range(len(seqs))], max(lengths), self.longest
         else:
-            packs, L = pack_sequences(lengths, self.pack_length, self.max_per_pack), self.pack_length
-        dim = seqs[0][0].shape[1]
+            packs = pack_sequences(lengths, self.pack_length, self.max_per_pack)
+            L = cap = self.pack_length
         P = len(packs)
+        if self.bucket:                                                    # bounded shapes: up the ladder
+            P, L = bucket_size(P), bucket_size(L, cap)
+        dim = seqs[0][0].shape[1]
         patches = torch.zeros(P, L, dim, dtype=seqs[0][0].dtype)
         coords = torch.zeros(P, L, 2)
         grids = torch.ones(P, L, 2)
