@@ -393,7 +393,7 @@ def convert_patch_size(path: str | Path, patch: int, out: str | Path, mode: str 
     resampled by FlexiViT's pseudo-inverse resize, the learned position table bilinearly to the new
     grid of the same image size, every other tensor as it is (model and EMA weights). The result
     evaluates like any run and starts new runs (--init); it is not a stopped run to resume."""
-    from ..models.vit import check_grid
+    from ..layout import check_grid
     ckpt = find_checkpoint(path)
     if ckpt is None:
         raise PixformerError(f"no checkpoint in {path} (expected state.json and model.safetensors)")

@@ -45,9 +45,9 @@ from ..data.native import NativeBatcher, NativeSet, batcher_for, table_side
 from ..data.sources import ImageSet, load_source
 from ..data.splits import Splits, channel_stats, resolve_splits, source_id
 from ..errors import PixformerError
+from ..layout import Packed
 from ..models import blocks_of
 from ..models.attention import check_sequence_backend, set_attention_backend
-from ..models.packed import Packed
 from ..models.registry import check_model_args, model_name, model_spec, resolve
 from ..tasks import DataFacts, Task, get_task, task_config
 from ..tasks.base import ExampleRandom

@@ -33,8 +33,7 @@ from ..engine.checkpoint import find_checkpoint, load_model
 from ..engine.runtime import pick_device
 from ..errors import PixformerError
 from ..models.attention import record_attention
-from ..models.pos_embed import grid_coords
-from ..models.vit import check_grid
+from ..layout import check_grid, grid_coords
 
 CLS_NOTE = ("class token excluded as query and as key; each patch query's weights over the patch keys "
             "renormalised to sum to 1")

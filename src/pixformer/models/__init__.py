@@ -4,7 +4,8 @@ from torch import nn
 
 from .attention import AttnSpec, attention, record_attention, set_attention_backend
 from .convmixer import ConvMixer, ConvMixerConfig, MixerBlock
-from .vit import Block, VisionTransformer, ViTConfig, patchify, unpatchify
+from ..layout import patchify, unpatchify
+from .vit import Block, VisionTransformer, ViTConfig
 
 # What the speed switches, the planner and the analyses treat as "a block", found by type anywhere in
 # a model (an encoder, a decoder, a wrapped model), never through a `model.blocks` attribute.

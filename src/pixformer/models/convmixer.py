@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from ..errors import PixformerError
-from .vit import check_grid
+from ..layout import check_grid
 
 
 @dataclass

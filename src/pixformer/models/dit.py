@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import PixformerError
-from .pos_embed import grid_coords, sincos_2d
-from .vit import Block, check_grid, init_transformer, patchify, unpatchify
+from ..layout import check_grid, grid_coords, patchify, unpatchify
+from .pos_embed import sincos_2d
+from .vit import Block, init_transformer
 
 
 @dataclass

@@ -21,7 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import PixformerError
-from .pos_embed import grid_coords, sincos_2d
+from ..layout import grid_coords
+from .pos_embed import sincos_2d
 from .vit import Block, ViTConfig, VisionTransformer, init_transformer
 
 # Decoder sizes by encoder size letter: (depth, width, heads). b and l are the MAE reference's

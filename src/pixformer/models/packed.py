@@ -6,7 +6,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..layout import Packed  # noqa: F401  re-exported only for engine/loop.py, until it imports pixformer.layout
 
 
 def segment_mean(feats: Tensor, segments: Tensor, keep: Tensor, n: int) -> Tensor:

@@ -30,7 +30,7 @@ from ..data.augment import normalize
 from ..data.sources import ImageSet
 from ..errors import PixformerError
 from ..models.mae import DECODER_SIZES, MAEConfig, MaskedAutoencoder, random_keep, visible_count
-from ..models.vit import check_grid, patchify, unpatchify
+from ..layout import check_grid, patchify, unpatchify
 from .base import Task
 from .figures import image_grid
 
