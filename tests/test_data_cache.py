@@ -288,3 +288,28 @@ def test_two_processes_loading_one_folder_decode_it_once(tmp_path):
     said = [out for out, _ in got]
     assert sum("decoded 400 images" in out for out in said) == 1, said
     assert got[0][1] == got[1][1]
+
+
+def test_skipped_images_leave_no_row_behind(tmp_path, cache, capsys):
+    root = write_folder(tmp_path / "imgs", 6, sizes=((5, 7),), classes=("a", "b"))
+    (root / "a" / "00002b.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")    # sorted between two good ones
+    found = load_source(str(root), skip_bad_images=True)["all"]
+    assert "skipped 1 unreadable image(s)" in capsys.readouterr().out
+    want = [np.array(Image.open(p)).transpose(2, 0, 1) for p in sorted(root.rglob("*.png"))]
+    assert len(found) == 6 and found.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert torch.equal(found.images[:], torch.from_numpy(np.stack(want)))
+
+
+def test_a_cache_folder_that_cannot_be_written_still_serves_its_finished_entries(tmp_path, monkeypatch):
+    build_once(tmp_path / "done", lambda tmp: {"a": np.arange(3)})
+    real = os.open
+
+    def refuse(file, *args, **kwargs):
+        if str(file).endswith(".lock"):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real(file, *args, **kwargs)
+    monkeypatch.setattr(os, "open", refuse)
+    assert build_once(tmp_path / "done", lambda tmp: pytest.fail("built again")).arrays["a"].tolist() == [0, 1, 2]
+    with pytest.raises(PixformerError, match=r"cannot write a cache entry in .* \(Permission denied\): set "
+                                             "PIXFORMER_CACHE to a writable folder"):
+        build_once(tmp_path / "new", lambda tmp: {"a": np.arange(3)})

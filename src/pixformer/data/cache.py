@@ -19,6 +19,7 @@ a reduced scale (PIL's draft mode) whenever the image is shrunk.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import io
@@ -70,19 +71,18 @@ class Entry:
 
 
 @contextmanager
-def locked(path: Path, what: str):
-    """Hold the machine-wide lock of the cache entry `path` (an fcntl lock on `<path>.lock`); say so
-    in one line when another process holds it and this one waits."""
-    fd = os.open(path.parent / (path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+def locked(path: Path, lock: int, what: str):
+    """Hold the machine-wide lock of the cache entry `path` (an fcntl lock on the open file `lock`,
+    `<path>.lock`); say so in one line when another process holds it and this one waits."""
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             print(f"waiting for another process building {what} ({path})", flush=True)
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            fcntl.flock(lock, fcntl.LOCK_EX)
         yield
     finally:
-        os.close(fd)                          # closing the descriptor releases the lock
+        os.close(lock)                        # closing the descriptor releases the lock
 
 
 def sampled_digest(file: Path) -> str:
@@ -139,14 +139,22 @@ def open_entry(path: Path) -> Entry:
 def build_once(path: str | Path, build: Callable[[Path], dict[str, np.ndarray] | None],
                what: str = "a cache entry") -> Entry:
     """The cache entry (a folder) at `path`, mapped; built first by `build(tmp)` if it is absent or
-    unreadable. `build` writes its files into the empty folder `tmp` (.npy arrays, e.g. through
-    np.lib.format.open_memmap to fill a large one in place, and optionally meta.json) and/or returns
-    arrays by name, saved as <name>.npy. Exactly one process per machine builds a given entry; the
-    others wait on its lock and map what it wrote (see the module doc). `what` names the entry in
-    the lines said while waiting or rebuilding."""
+    unreadable. `build` writes its files into the empty folder `tmp` (.npy arrays, e.g. filled in place
+    through `new_array`, and optionally meta.json) and/or returns arrays by name, saved as <name>.npy.
+    Exactly one process per machine builds a given entry; the others wait on its lock and map what it
+    wrote (see the module doc). `what` names the entry in the lines said while waiting or rebuilding.
+    A cache folder this process cannot write still serves the finished entries in it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with locked(path, what):
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = os.open(path.parent / (path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        try:
+            return open_entry(path)
+        except Unreadable:
+            raise PixformerError(f"cannot write {what} in {path.parent} ({e.strerror}): set PIXFORMER_CACHE to a "
+                                 "writable folder") from None
+    with locked(path, lock, what):
         if path.exists():
             try:
                 return open_entry(path)
@@ -163,10 +171,23 @@ def build_once(path: str | Path, build: Callable[[Path], dict[str, np.ndarray] |
                 np.save(tmp / f"{name}.npy", np.ascontiguousarray(array), allow_pickle=False)
             write_manifest(tmp)
             os.rename(tmp, path)
-        except BaseException:
+        except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise PixformerError(f"no space left for {what} in {path.parent}: free some, or set "
+                                     "PIXFORMER_CACHE to a folder with room") from None
             raise
         return open_entry(path)
+
+
+def new_array(file: Path, shape: tuple[int, ...], dtype=np.uint8) -> np.memmap:
+    """A .npy file of `shape` mapped for filling in place, its disk space reserved first: a full disk
+    is an error here, not a crash (SIGBUS) while writing through the mapping later."""
+    array = np.lib.format.open_memmap(file, mode="w+", dtype=dtype, shape=shape)
+    if hasattr(os, "posix_fallocate"):
+        with open(file, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+    return array
 
 
 def npy_header(shape: tuple[int, ...], dtype=np.uint8) -> bytes:
@@ -222,14 +243,32 @@ def decode_image(src: bytes | str, size: tuple[int, int] | None, max_side: int |
         return np.ascontiguousarray(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1))
 
 
-def decode_chunk(chunk: list[tuple[int, bytes | str]], size, max_side) -> list[tuple[int, np.ndarray | str]]:
-    """Decode a chunk of (position, source); an image that cannot be decoded gives its error as text."""
-    out = []
+def decode_chunk(chunk: list[tuple[int, bytes | str]], size, max_side) -> tuple[list[tuple[int, tuple | str]], bytes]:
+    """Decode a chunk of (position, source): each position with its image's (C, H, W), or the error
+    text of an image that cannot be decoded; and all the pixels in one buffer (one object to send
+    back from a worker, not one per image)."""
+    shapes, pixels = [], []
     for pos, src in chunk:
         try:
-            out.append((pos, decode_image(src, size, max_side)))
+            arr = decode_image(src, size, max_side)
         except Exception as e:                 # PIL raises many types for corrupt files
-            out.append((pos, f"{type(e).__name__}: {e}"))
+            shapes.append((pos, f"{type(e).__name__}: {e}"))
+            continue
+        shapes.append((pos, arr.shape))
+        pixels.append(memoryview(arr).cast("B"))
+    return shapes, b"".join(pixels)
+
+
+def unpacked(result: tuple[list[tuple[int, tuple | str]], bytes]) -> list[tuple[int, np.ndarray | str]]:
+    """decode_chunk's result as (position, array or error text), the arrays views of its buffer."""
+    (shapes, pixels), out, at = result, [], 0
+    for pos, shape in shapes:
+        if isinstance(shape, str):
+            out.append((pos, shape))
+            continue
+        n = math.prod(shape)
+        out.append((pos, np.frombuffer(pixels, np.uint8, n, at).reshape(shape)))
+        at += n
     return out
 
 
@@ -290,7 +329,7 @@ def decode_all(jobs: Iterable[tuple[int, bytes | str]], total: int, size: tuple[
     try:
         if n == 1:
             for chunk in _chunks(jobs, per):
-                out = decode_chunk(chunk, size, max_side)
+                out = unpacked(decode_chunk(chunk, size, max_side))
                 progress.update(len(out))
                 yield from out
             return
@@ -301,11 +340,11 @@ def decode_all(jobs: Iterable[tuple[int, bytes | str]], total: int, size: tuple[
             for chunk in _chunks(jobs, per):
                 pending.append(pool.submit(decode_chunk, chunk, size, max_side))
                 while len(pending) >= 2 * n:
-                    out = pending.popleft().result()
+                    out = unpacked(pending.popleft().result())
                     progress.update(len(out))
                     yield from out
             while pending:
-                out = pending.popleft().result()
+                out = unpacked(pending.popleft().result())
                 progress.update(len(out))
                 yield from out
         except BrokenProcessPool:
@@ -364,8 +403,7 @@ def decode_splits(out: Path, layout: list[tuple[str, str, str]], jobs: Iterable[
                             f"{arr.shape[2]} {member}); pass --img-size N to resize them all to NxN, or "
                             "--max-side S / --max-tokens N to train at native resolution")
                     if split not in images:
-                        images[split] = np.lib.format.open_memmap(out / f"{split}.x.npy", mode="w+", dtype=np.uint8,
-                                                                  shape=(count[split], *arr.shape))
+                        images[split] = new_array(out / f"{split}.x.npy", (count[split], *arr.shape))
                     images[split][row] = arr
                 kept[split][row] = True
     finally:
