@@ -274,7 +274,8 @@ def cmd_eval(ns) -> int:
         print(format_rows(rows, metric))
         print(json.dumps(rows) if ns.json else f"wrote {', '.join(map(str, files))}")
         return 0
-    metrics = evaluate(task, model, data, ns.batch_size, runtime, amp, batcher=batcher_for(state["train_config"], model))
+    metrics = evaluate(task, model, data, ns.batch_size, runtime, amp, batcher=batcher_for(state["train_config"], model,
+                                                                                      bucket=runtime.device.type == "cuda"))
     if not ns.json:
         print(f"{where} " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
     else:

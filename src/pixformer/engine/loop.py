@@ -454,7 +454,8 @@ def start(cfg: TrainConfig, data: Prepared | None, runtime: Runtime, task_cls: t
              f"best_{task.best[0]}": None, "test": None, "weights": "ema" if ema is not None else "model",
              "speed": {**speed, "precision": str(amp or torch.float32)[6:]}}  # as resolved for this run
     folder = folder or claim(default_run_dir(name, cfg.data), rank=runtime.rank)
-    run = Run(cfg, runtime, task, splits, model, model, model, ema, None, batcher_for(as_json(cfg), model),
+    compiled = runtime.device.type == "cuda" or cfg.speed.compile     # FlexAttention / blocks compiled per shape
+    run = Run(cfg, runtime, task, splits, model, model, model, ema, None, batcher_for(as_json(cfg), model, compiled),
               runtime.part(cfg.batch_size), amp, state, folder, steps_per_epoch, cfg.epochs * steps_per_epoch,
               round(cfg.warmup_epochs * steps_per_epoch), say)
     ckpt = find_checkpoint(run.run_dir)
