@@ -117,17 +117,18 @@ def _grouped(images, chunk: int | None, chunk_values: int):
 
 
 def run_split(state: dict[str, Any], source: str | None, root: str | None, split: str,
-              max_side: int | None = None) -> tuple[ImageSet | NativeSet, str]:
+              max_side: int | None = None, workers: int | None = None) -> tuple[ImageSet | NativeSet, str]:
     """The images `eval` and `analyze` score for a trained run (`state`: its state.json): one split of
     `source` (default: the run's own data), laid out as the run trained (image size, pixel
     permutation; a native-resolution run's images at their own sizes, scaled down to `max_side`,
-    default the run's). A plain class-folder tree that is not the run's training source is a folder
-    of test images; the training source never is."""
+    default the run's; an image folder decoded by `workers` processes, None: every core). A plain
+    class-folder tree that is not the run's training source is a folder of test images; the training
+    source never is."""
     tc, info = state["train_config"], state["data"]
     source = source or tc["data"]
     native = is_native(tc)
     found = load_source(source, root or tc.get("data_root"), None if native else tuple(info["img_size"]),
-                        native=native, max_side=max_side or tc.get("max_side"))
+                        native=native, max_side=max_side or tc.get("max_side"), workers=workers)
     own = source_id(source) == info.get("source", source_id(tc["data"]))
     if set(found) == {"all"} and not own:
         if split != "test":
