@@ -313,3 +313,15 @@ def test_a_cache_folder_that_cannot_be_written_still_serves_its_finished_entries
     with pytest.raises(PixformerError, match=r"cannot write a cache entry in .* \(Permission denied\): set "
                                              "PIXFORMER_CACHE to a writable folder"):
         build_once(tmp_path / "new", lambda tmp: {"a": np.arange(3)})
+
+
+def test_a_store_indexes_like_the_tensor_it_stands_for():
+    x = torch.randint(0, 256, (10, 3, 4, 5), dtype=torch.uint8)
+    store = ImageStore(x).subset(torch.tensor([9, 2, 4, 4, 0]))
+    want = x[[9, 2, 4, 4, 0]]
+    assert store.shape == want.shape and len(store) == 5
+    for key in (1, -1, torch.tensor(3), slice(1, 4), torch.tensor([0, 4]), [2, 2], torch.tensor([1, 0, 0, 1, 1]).bool(),
+                (1, 0), (slice(0, 2), 2), (torch.tensor([3, 1]), slice(None), 0)):
+        assert torch.equal(store[key], want[key]), key
+    assert torch.equal(torch.stack(list(store)), want) and torch.equal(torch.as_tensor(np.asarray(store)), want)
+    assert torch.equal(store.subset(torch.tensor([4, 0])).materialize(), want[[4, 0]])

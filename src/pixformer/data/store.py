@@ -70,6 +70,11 @@ class ImageStore:
         return 0 if self.index is None else self.index.numel() * self.index.element_size()
 
     def __getitem__(self, key) -> Tensor:
+        if isinstance(key, tuple):                                # rows first, then within them
+            rows = self[key[0]]
+            return rows[key[1:]] if rows.dim() == 3 else rows[(slice(None), *key[1:])]
+        if isinstance(key, Tensor) and key.dim() == 0:
+            key = int(key)
         if isinstance(key, (int, np.integer)):                    # one image: a view, (C, H, W)
             return self.base[int(key) if self.index is None else int(self.index[key])]
         if isinstance(key, slice):
