@@ -83,7 +83,7 @@ def test_batch_equals_the_image_folder_reader(tmp_path):
     order = sorted(range(9), key=lambda i: (CLASSES[labels[i]], i))       # the folder reader's order
     hf_dataset(imgs, labels).to_parquet(str(tmp_path / "d.parquet"))
     s = load_hf(tmp_path / "d.parquet", img_size=(8, 8))["train"]
-    assert torch.equal(s.images[torch.tensor(order)], folder.images)
+    assert torch.equal(s.images[torch.tensor(order)], folder.images.materialize())
     assert s.labels[order].tolist() == folder.labels.tolist()
 
 

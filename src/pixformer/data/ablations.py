@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from ..errors import PixformerError
-from .sources import ImageSet
+from .store import ImageSet
 from .store import as_tensor
 
 

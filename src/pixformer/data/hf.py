@@ -39,8 +39,8 @@ import torch
 from torch import Tensor
 
 from ..errors import PixformerError
-from .native import NativeSet, shrunk
-from .sources import ImageSet
+from .native import shrunk
+from .store import ImageSet, NativeSet
 
 IMAGE_NAMES = ("image", "img")
 LABEL_NAMES = ("label", "labels", "fine_label")
@@ -59,8 +59,8 @@ def is_hf_dataset(path: str | Path) -> bool:
         return p.suffix == ".parquet"
     if not p.is_dir():
         return False
-    return ((p / "dataset_dict.json").is_file() or (p / "state.json").is_file()
-            or any(p.rglob("*.parquet")))
+    return ((p / "dataset_dict.json").is_file() or (p / "state.json").is_file()   # parquet files at the top
+            or any(p.glob("*.parquet")) or any(p.glob("*/*.parquet")))                # or one folder down (data/)
 
 
 # ---- rows of one split's image column ------------------------------------------------------

@@ -36,7 +36,6 @@ from torch import Tensor
 
 from ..errors import PixformerError
 from ..layout import Packed, grid_coords, patchify
-from .store import NativeSet  # noqa: F401  (moved to data/store.py; engine/loop.py imports it from here)
 
 
 def fit_grid(h: int, w: int, patch: int, max_side: int | None = None, max_tokens: int | None = None,

@@ -346,11 +346,14 @@ def as_native(data: ImageSet, max_side: int | None) -> NativeSet:
 
 def load_source(source: str, root: str | None = None, img_size: tuple[int, int] | None = None,
                 skip_bad_images: bool = False, allow_download: bool = True, native: bool = False,
-                max_side: int | None = None, workers: int | None = None) -> dict[str, ImageSet | NativeSet]:
+                max_side: int | None = None, workers: int | None = None, image_column: str | None = None,
+                label_column: str | None = None) -> dict[str, ImageSet | NativeSet]:
     """Any data source -> its splits ('train' and 'test', or 'all' for a plain class-folder tree),
     images resized to `img_size` if given; with `native`, NativeSets of the images at their own sizes
     (scaled down to `max_side` on the longer side if larger). An image folder is decoded once by
-    `workers` processes (None: every core; 1: in this process) and mapped (see load_image_folder)."""
+    `workers` processes (None: every core; 1: in this process) and mapped (see load_image_folder); a
+    Hugging Face dataset on disk (parquet, save_to_disk) is read where it lies and each image decoded
+    when a batch reads it (data/hf.py; `image_column` / `label_column` name its columns)."""
     if native and img_size is not None:
         raise PixformerError("native resolution (--max-side / --max-tokens) keeps each image's size: drop --img-size")
     worker_count(workers)
@@ -362,6 +365,10 @@ def load_source(source: str, root: str | None = None, img_size: tuple[int, int] 
     elif key in IDX:
         splits = load_idx_splits(key, root, allow_download)
     elif os.sep in source or Path(source).exists() or Path(source).suffix:
+        from .hf import is_hf_dataset, load_hf
+        if is_hf_dataset(source):     # never resized or copied whole: each image is decoded when read
+            return load_hf(source, img_size, native, max_side, image_column, label_column,
+                           skip_bad_images=skip_bad_images)
         if native:                    # decoded at native size (below max_side) straight into NativeSets
             return load_image_folder(source, None, skip_bad_images, native=True, max_side=max_side, workers=workers)
         splits = load_image_folder(source, img_size, skip_bad_images, workers=workers)

@@ -128,7 +128,8 @@ def run_split(state: dict[str, Any], source: str | None, root: str | None, split
     source = source or tc["data"]
     native = is_native(tc)
     found = load_source(source, root or tc.get("data_root"), None if native else tuple(info["img_size"]),
-                        native=native, max_side=max_side or tc.get("max_side"), workers=workers)
+                        native=native, max_side=max_side or tc.get("max_side"), workers=workers,
+                        image_column=tc.get("image_column"), label_column=tc.get("label_column"))
     own = source_id(source) == info.get("source", source_id(tc["data"]))
     if set(found) == {"all"} and not own:
         if split != "test":

@@ -156,6 +156,14 @@ class NativeStore:
         return f"NativeStore({len(self)} images of their own sizes)"
 
 
+def pick(images, idx: Tensor) -> list[Tensor]:
+    """Images `idx` of a split of images of different sizes, as a list of (C, H_i, W_i): views of a
+    NativeStore or a list, or the images a store that decodes when read decodes together (in parallel)."""
+    if isinstance(images, (list, NativeStore)):
+        return [images[i] for i in idx.tolist()]
+    return list(images[idx])
+
+
 def as_tensor(images: Tensor | ImageStore) -> Tensor:
     """Images of one size as a single (N, C, H, W) tensor, for code that needs all of them at once."""
     return images if isinstance(images, Tensor) else images.materialize()
@@ -174,7 +182,7 @@ class ImageSet:
     def subset(self, idx: Tensor) -> "ImageSet":
         """The images `idx` (indices or a bool mask): a store composes the index and copies no pixels;
         an in-memory tensor is indexed (a copy of the rows, as small named sources are)."""
-        images = self.images.subset(idx) if isinstance(self.images, ImageStore) else self.images[idx]
+        images = self.images.subset(idx) if hasattr(self.images, "subset") else self.images[idx]
         return ImageSet(images, self.labels[idx], self.classes)
 
 
@@ -190,7 +198,7 @@ class NativeSet:
         return len(self.labels)
 
     def subset(self, idx: Tensor) -> "NativeSet":
-        if isinstance(self.images, NativeStore):
+        if hasattr(self.images, "subset"):
             return NativeSet(self.images.subset(idx), self.labels[idx], self.classes)
         rows = _rows(idx, len(self)).tolist()
         return NativeSet([self.images[i] for i in rows], self.labels[idx], self.classes)

@@ -59,6 +59,8 @@ class TrainConfig:
     val_fraction: float = 0.1           # held out of train (seed 0) when the data has no val split
     train_subset: int | None = None     # train on a seeded random subset of this many images
     skip_bad_images: bool = False       # count and skip unreadable images instead of stopping
+    image_column: str | None = None     # a Hugging Face dataset's image column (default: image / img)
+    label_column: str | None = None     # its label column (default: label / labels / fine_label)
     workers: int | None = None          # processes decoding images into the cache (default: every core)
     loader_threads: int = 2             # threads making the next batches while the step runs
     prefetch: int = 4                   # batches made ahead of the step (0: each made when the step asks)

@@ -41,8 +41,9 @@ from tqdm import tqdm
 from ..data.ablations import permuted
 from ..data.augment import batch_indices, random_crop, random_flip
 from ..data.loader import Prefetcher
-from ..data.native import NativeBatcher, NativeSet, batcher_for, table_side
-from ..data.sources import ImageSet, load_source
+from ..data.native import NativeBatcher, batcher_for, table_side
+from ..data.sources import load_source
+from ..data.store import ImageSet, NativeSet, pick
 from ..data.splits import Splits, channel_stats, resolve_splits, source_id
 from ..errors import PixformerError
 from ..layout import Packed
@@ -77,7 +78,7 @@ def prepare_data(cfg: TrainConfig) -> Prepared:
     the budgets (native.table_side)."""
     size = (cfg.img_size, cfg.img_size) if cfg.img_size else None
     found = load_source(cfg.data, cfg.data_root, size, cfg.skip_bad_images, native=cfg.native, max_side=cfg.max_side,
-                        workers=cfg.workers)
+                        workers=cfg.workers, image_column=cfg.image_column, label_column=cfg.label_column)
     s = resolve_splits(found, cfg.val_fraction, cfg.data)
     train = s.train
     if cfg.train_subset:
@@ -267,7 +268,7 @@ def train_batch(run: "Run", step: int) -> Batch:
     idx = _epoch_batches(len(data), cfg.batch_size, step // run.steps_per_epoch, cfg.seed)[step % run.steps_per_epoch]
     g = step_generator(cfg.seed, step)
     if run.batcher is not None:                                         # images of any sizes, packed
-        images = [data.images[i] for i in idx.tolist()]
+        images = pick(data.images, idx)
         flips = torch.rand(len(images), generator=g) < 0.5 if cfg.hflip else [False] * len(images)
         images = [im.flip(-1) if f else im for im, f in zip(images, flips)]
         x = run.batcher(images, run.task.inputs, g, train=True, part=run.part)
@@ -283,7 +284,7 @@ def eval_batch(data: ImageSet | NativeSet, idx: Tensor, task: Task, batcher: Nat
                device: torch.device) -> Batch:
     """An evaluation batch (rows `idx` of `data`), made as in training but not augmented."""
     if batcher is not None:
-        x = batcher([data.images[i] for i in idx.tolist()], task.inputs)
+        x = batcher(pick(data.images, idx), task.inputs)
     else:
         x = data.images[idx]
     return _pinned(Batch(x, data.labels[idx], len(idx)), device)

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ..data.ablations import pixel_permutation
 from ..data.augment import normalize
-from ..data.sources import ImageSet
+from ..data.store import ImageSet
 from ..data.splits import run_split
 from ..engine.checkpoint import find_checkpoint, load_model
 from ..engine.runtime import pick_device

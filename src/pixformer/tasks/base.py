@@ -27,7 +27,7 @@ import numpy as np
 from torch import Tensor, nn
 
 from ..data.augment import normalize
-from ..data.sources import ImageSet
+from ..data.store import ImageSet
 from ..errors import PixformerError
 from ..models.registry import resolve
 

@@ -32,7 +32,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..data.sources import ImageSet, cache_dir
+from ..data.sources import cache_dir
+from ..data.store import ImageSet
 from ..errors import PixformerError
 from ..models.registry import create_model, resolve
 from .base import Task

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.augment import normalize
-from ..data.sources import ImageSet
+from ..data.store import ImageSet
 from ..errors import PixformerError
 from ..models.mae import DECODER_SIZES, MAEConfig, MaskedAutoencoder, random_keep, visible_count
 from ..layout import check_grid, patchify, unpatchify
