@@ -18,6 +18,7 @@ RUNS = {
     "classify": dict(SMALL, model="vit-n/2", crop_padding=1, hflip=True),
     "mae": dict(SMALL, model="vit-n/2", task="mae", task_args=dict(decoder_depth=1, decoder_dim=16, decoder_heads=2)),
     "diffusion": dict(SMALL, model="dit-n/2", task="diffusion", task_args=dict(timesteps=50, samples=0)),
+    "batch-over-the-set": dict(SMALL, model="vit-n/2", batch_size=512, train_subset=96),   # a batch of all 96
     "native": dict(SMALL, model="vit-n/2", max_side=8, resolution_range=[4, 8], token_drop=0.25, pack_length=40),
     "sequence-parallel": dict(SMALL, model="pit-n", img_size=5, seq_parallel=2, seq_sharding="strided", ema_decay=0.9,
                               seq_regather=True),

@@ -456,8 +456,9 @@ def start(cfg: TrainConfig, data: Prepared | None, runtime: Runtime, task_cls: t
              "speed": {**speed, "precision": str(amp or torch.float32)[6:]}}  # as resolved for this run
     folder = folder or claim(default_run_dir(name, cfg.data), rank=runtime.rank)
     compiled = runtime.device.type == "cuda" or cfg.speed.compile     # FlexAttention / blocks compiled per shape
+    batch = min(cfg.batch_size, len(splits.train))                     # a batch larger than the set: the whole set
     run = Run(cfg, runtime, task, splits, model, model, model, ema, None, batcher_for(as_json(cfg), model, compiled),
-              runtime.part(cfg.batch_size), amp, state, folder, steps_per_epoch, cfg.epochs * steps_per_epoch,
+              runtime.part(batch), amp, state, folder, steps_per_epoch, cfg.epochs * steps_per_epoch,
               round(cfg.warmup_epochs * steps_per_epoch), say)
     ckpt = find_checkpoint(run.run_dir)
     if saved is None and ckpt is not None and not cfg.resume:
