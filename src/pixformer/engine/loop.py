@@ -247,7 +247,7 @@ class Batch:
     size: int
 
     def to(self, device: torch.device) -> "Batch":
-        x = self.x.to(device) if isinstance(self.x, Packed) else self.x.to(device, non_blocking=True)   # Packed: non-blocking
+        x = self.x.to(device) if isinstance(self.x, Packed) else self.x.to(device, non_blocking=True)  # Packed's: too
         return Batch(x, self.y.to(device, non_blocking=True), self.size)
 
 
@@ -299,8 +299,10 @@ def _pinned(batch: Batch, device: torch.device) -> Batch:
     return Batch(x, pin(batch.y), batch.size)
 
 
-def batches(make: Callable[[Any], Batch], keys, cfg: TrainConfig) -> Prefetcher:
-    """Batches made ahead on --loader-threads threads, --prefetch of them (0: made when asked)."""
+def batches(make: Callable[[Any], Any], keys, cfg: TrainConfig | None) -> Prefetcher:
+    """make(key) for each key, made ahead on --loader-threads threads, --prefetch of them (0: each made
+    when asked); the defaults' without a run config."""
+    cfg = cfg or TrainConfig()
     return Prefetcher(make, keys, threads=cfg.loader_threads, depth=cfg.prefetch)
 
 
@@ -327,7 +329,7 @@ def evaluate(task: Task, model: nn.Module, data: ImageSet | NativeSet, batch_siz
         if len(share) or runtime.fsdp:     # FSDP2 gathers weights in each forward: every rank runs as many
             shares.append((share if len(share) else idx[:1], len(share) > 0))
     make = lambda s: (eval_batch(data, s[0], task, batcher, device), s)   # noqa: E731
-    with Prefetcher(make, shares, threads=cfg.loader_threads if cfg else 1, depth=cfg.prefetch if cfg else 2) as made:
+    with batches(make, shares, cfg) as made:
         for batch, (idx, counted) in made:
             if stop is not None and runtime.world_size == 1:   # under torchrun the step's all-reduce decides
                 stop.check()
@@ -402,6 +404,8 @@ def train(cfg: TrainConfig, data: Prepared | None = None) -> dict[str, Any]:
     folder = claim(cfg.out, rank=runtime.rank) if cfg.out else None    # a folder in use: one line, no work
     run = None
     try:
+        if folder is not None and not cfg.resume and find_checkpoint(cfg.out) is not None:
+            raise PixformerError(f"{cfg.out} already holds a run; pass --resume to continue it or choose another --out")
         run = start(cfg, data, runtime, task_cls, task_cfg, saved, folder)
         result = fit(run)
     except BaseException as e:
@@ -461,8 +465,6 @@ def start(cfg: TrainConfig, data: Prepared | None, runtime: Runtime, task_cls: t
               runtime.part(batch), amp, state, folder, steps_per_epoch, cfg.epochs * steps_per_epoch,
               round(cfg.warmup_epochs * steps_per_epoch), say)
     ckpt = find_checkpoint(run.run_dir)
-    if saved is None and ckpt is not None and not cfg.resume:
-        raise PixformerError(f"{run.run_dir} already holds a run; pass --resume to continue it or choose another --out")
     if saved is not None:
         load_saved(run, saved, ckpt)
     elif cfg.resume:

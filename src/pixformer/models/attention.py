@@ -405,6 +405,9 @@ def kernel_available(name: str, device: torch.device | str) -> bool:
     return True
 
 
+KERNEL_REFUSALS = r"(Memory efficient kernel|Flash attention|CuDNN attention|Torch was not compiled|.*kernel not used)"
+
+
 def _kernel_backend(name: str) -> Backend:
     def run(q, k, v, spec, need_weights):
         mask = spec.dense_mask()
@@ -416,7 +419,8 @@ def _kernel_backend(name: str) -> Backend:
         else:
             try:
                 with sdpa_kernel(_KERNELS[name]), warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # torch explains the refusal over many lines
+                    warnings.filterwarnings("ignore", category=UserWarning,   # torch's many-line reasons for a refusal,
+                                            message=KERNEL_REFUSALS)          # said here in one line instead
                     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask), None
             except RuntimeError:
                 reason = f"refused these inputs ({q.device.type}, {str(q.dtype)[6:]}, " \

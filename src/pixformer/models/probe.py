@@ -47,7 +47,6 @@ class LinearProbe(nn.Module):
         with torch.no_grad():
             tokens, _ = self.encoder.embed(images)                                  # (B, N, D)
             feats = self.encoder.encode(self.encoder.prepend_cls(tokens))           # (B, T, D)
-            prefix = feats.shape[1] - tokens.shape[1]
-            use_cls = self.cfg.features == "cls" or (self.cfg.features == "auto" and prefix)
-            pooled = feats[:, 0] if use_cls else feats[:, prefix:].mean(dim=1)      # (B, D)
+            how = None if self.cfg.features == "auto" else self.cfg.features       # auto: the encoder's own
+            pooled = self.encoder.pool(feats, how)                                  # (B, D)
         return self.head(self.bn(pooled.float()))                                   # (B, classes)

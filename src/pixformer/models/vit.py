@@ -261,11 +261,13 @@ class VisionTransformer(nn.Module):
             x = block(x, spec)                                            # (B, T, D)
         return self.norm(x)                                               # (B, T, D)
 
-    def pool(self, feats: Tensor) -> Tensor:
-        """(B, T, D) -> (B, D): the class token, or the mean of the patch tokens (then fc_norm, if any)."""
-        if self.cls_token is not None:
+    def pool(self, feats: Tensor, how: str | None = None) -> Tensor:
+        """(B, T, D) -> (B, D): the class token ("cls"), or the mean of the patch tokens ("mean", then
+        fc_norm, if any); by default the model's own pooling (a probe may ask for the other)."""
+        how = how or ("cls" if self.cls_token is not None else "mean")
+        if how == "cls":
             return feats[:, 0]
-        pooled = feats.mean(dim=1)                                        # (B, D)
+        pooled = feats[:, int(self.cls_token is not None):].mean(dim=1)   # (B, D), patch tokens only
         return pooled if self.fc_norm is None else self.fc_norm(pooled)
 
     def embed_packed(self, packed: Packed) -> Tensor:
