@@ -142,10 +142,15 @@ def test_an_image_replaced_by_one_of_the_same_size_and_mtime_is_seen(tmp_path, c
 
 
 # ---- parallel decoding -----------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["folder, fixed size", "archive, native"])
+@pytest.mark.parametrize("kind", ["folder, fixed size", "archive, native", "folder, one own size, bad first"])
 def test_parallel_decoding_is_byte_identical_to_one_worker(tmp_path, monkeypatch, kind):
-    root = write_folder(tmp_path / "imgs", 160, sizes=((40, 30), (24, 36), (30, 30)), fmt="jpg")
-    source, kwargs = str(root), dict(img_size=(16, 16))
+    if kind.endswith("bad first"):           # the shape is learnt past a bad image; its row is left unused
+        root = write_folder(tmp_path / "imgs", 160, sizes=((20, 14),), fmt="jpg")
+        (root / "a" / "!bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")    # sorted first of all
+        source, kwargs = str(root), dict(skip_bad_images=True)
+    else:
+        root = write_folder(tmp_path / "imgs", 160, sizes=((40, 30), (24, 36), (30, 30)), fmt="jpg")
+        source, kwargs = str(root), dict(img_size=(16, 16))
     if kind.startswith("archive"):
         source, kwargs = str(tmp_path / "imgs.tar"), dict(native=True, max_side=20)
         with tarfile.open(source, "w") as tar:
@@ -158,6 +163,39 @@ def test_parallel_decoding_is_byte_identical_to_one_worker(tmp_path, monkeypatch
         entry = entry_of(tmp_path / f"cache{workers}")
         files[workers] = {p.name: p.read_bytes() for p in entry.iterdir()}
     assert files[1] == files[2] and len([n for n in files[1] if n.endswith(".npy")]) >= 2
+    if kind.endswith("bad first"):
+        assert np.load(io.BytesIO(files[2]["all.rows.npy"])).tolist() == list(range(1, 161))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_an_image_of_another_size_is_named_with_the_first_whoever_decodes_it(tmp_path, cache, workers):
+    root = write_folder(tmp_path / "imgs", 160, sizes=((12, 10),))
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(root / "c" / "00150b.png")
+    with pytest.raises(PixformerError, match=r"holds images of different sizes \(12x10 a/00000\.png, 20x30 "
+                                             r"c/00150b\.png\); pass --img-size N"):
+        load_source(str(root), workers=workers)
+    assert [p.name for p in cache.iterdir()] == [p.name for p in cache.iterdir() if p.name.endswith(".lock")]
+    assert load_source(str(root), img_size=(8, 8), workers=workers)["all"].images.shape == (161, 3, 8, 8)
+
+
+def test_a_decoding_worker_that_dies_fails_the_build_and_leaves_nothing(tmp_path, cache, monkeypatch):
+    import pixformer.data.cache as cache_module
+    root = write_folder(tmp_path / "imgs", 160, sizes=((12, 10),))
+    parent, decode = os.getpid(), cache_module.decode_image
+
+    def dies_on_one(src, size, max_side):        # forked workers inherit this
+        if os.getpid() != parent and str(src).endswith("00100.png"):
+            os._exit(1)
+        return decode(src, size, max_side)
+    monkeypatch.setattr(cache_module, "decode_image", dies_on_one)
+    with pytest.raises(PixformerError, match="a decoding worker died while decoding"):
+        load_source(str(root), workers=2)
+    assert [p.name for p in cache.iterdir()] == [p.name for p in cache.iterdir() if p.name.endswith(".lock")]
+    monkeypatch.setattr(cache_module, "decode_image", decode)
+    members = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png"))
+    want = np.array(Image.open(root / "b" / "00100.png")).transpose(2, 0, 1)
+    found = load_source(str(root), workers=2)["all"]
+    assert torch.equal(found.images[members.index("b/00100.png")], torch.from_numpy(want))
 
 
 def test_shrunk_jpegs_are_drafted_to_the_size_asked(tmp_path, cache):

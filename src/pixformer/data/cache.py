@@ -15,7 +15,8 @@ The image decode cache (`decode_splits`, `map_splits`) is such an entry: per spl
 images as one uint8 array (N, C, H, W) (`<split>.x.npy`), or images at their own sizes as one flat
 uint8 buffer with each image's offset and (C, H, W); labels beside. Decoding runs over a pool of
 processes (`workers`: None = every core this process may use, 1 = in this process), JPEGs decoded at
-a reduced scale (PIL's draft mode) whenever the image is shrunk.
+a reduced scale (PIL's draft mode) whenever the image is shrunk. Fixed-size images are written into
+the array by the process that decodes them, so the parent's work does not grow with the pixels.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -243,16 +245,21 @@ def decode_image(src: bytes | str, size: tuple[int, int] | None, max_side: int |
         return np.ascontiguousarray(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1))
 
 
+def failure(e: Exception) -> str:
+    """The error text of an image that cannot be decoded (PIL raises many types for corrupt files)."""
+    return f"{type(e).__name__}: {e}"
+
+
 def decode_chunk(chunk: list[tuple[int, bytes | str]], size, max_side) -> tuple[list[tuple[int, tuple | str]], bytes]:
     """Decode a chunk of (position, source): each position with its image's (C, H, W), or the error
     text of an image that cannot be decoded; and all the pixels in one buffer (one object to send
-    back from a worker, not one per image)."""
+    back from a worker, not one per image). For images of different sizes; see decode_into."""
     shapes, pixels = [], []
     for pos, src in chunk:
         try:
             arr = decode_image(src, size, max_side)
-        except Exception as e:                 # PIL raises many types for corrupt files
-            shapes.append((pos, f"{type(e).__name__}: {e}"))
+        except Exception as e:
+            shapes.append((pos, failure(e)))
             continue
         shapes.append((pos, arr.shape))
         pixels.append(memoryview(arr).cast("B"))
@@ -269,6 +276,46 @@ def unpacked(result: tuple[list[tuple[int, tuple | str]], bytes]) -> list[tuple[
         n = math.prod(shape)
         out.append((pos, np.frombuffer(pixels, np.uint8, n, at).reshape(shape)))
         at += n
+    return out
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Where images of one shape go when each decoder writes them itself (decode_into): row `r` of
+    split `s` is the `math.prod(shape)` bytes at `offsets[s] + r * math.prod(shape)` of the file
+    `files[s]` (a .npy made by new_array, its space reserved). Small, so it is sent with each chunk."""
+    shape: tuple[int, int, int]
+    files: dict[str, str]
+    offsets: dict[str, int]
+
+
+def decode_into(chunk: list[tuple[int, bytes | str, str, int]], size, max_side, rows: Rows) -> list[tuple[int, tuple | str]]:
+    """Decode a chunk of (position, source, split, row), writing each image of `rows.shape` straight into
+    its row of its split's file (one pwrite at the row's offset): each position comes back with its
+    image's (C, H, W) or error text, and no pixels. Sending every image back through a pipe for the
+    parent to copy into place cost the parent as much CPU as a third decoder, on the cores the
+    decoders need. An image of another shape is not written; its shape tells the parent why."""
+    row_bytes = math.prod(rows.shape)
+    files: dict[str, int] = {}                 # split -> open descriptor, for this chunk
+    out = []
+    try:
+        for pos, src, split, row in chunk:
+            try:
+                arr = decode_image(src, size, max_side)
+            except Exception as e:
+                out.append((pos, failure(e)))
+                continue
+            if arr.shape == rows.shape:
+                if split not in files:
+                    files[split] = os.open(rows.files[split], os.O_WRONLY)
+                view, at = memoryview(arr).cast("B"), rows.offsets[split] + row * row_bytes
+                while view:                    # a regular file takes it whole; a short write is not lost
+                    done = os.pwrite(files[split], view, at)
+                    view, at = view[done:], at + done
+            out.append((pos, arr.shape))
+    finally:
+        for fd in files.values():
+            os.close(fd)
     return out
 
 
@@ -319,17 +366,21 @@ def pool_plan(total: int, workers: int | None) -> tuple[int, int]:
     return (1 if total <= per else n), per
 
 
-def decode_all(jobs: Iterable[tuple[int, bytes | str]], total: int, size: tuple[int, int] | None,
-               max_side: int | None, workers: int | None, desc: str) -> Iterator[tuple[int, np.ndarray | str]]:
+def decode_all(jobs: Iterable[tuple], total: int, size: tuple[int, int] | None, max_side: int | None,
+               workers: int | None, desc: str, rows: Rows | None = None) -> Iterator[tuple[int, np.ndarray | tuple | str]]:
     """(position, array or error text) for every job (position, encoded bytes or a file path), in the
-    order of the jobs. Jobs are pulled lazily (an archive is read as the workers need it) and sent in
-    chunks to the worker processes (pool_plan), at most two chunks per worker in flight."""
+    order of the jobs; with `rows`, jobs are (position, source, split, row), each image is written
+    into its row where it is decoded (decode_into), and what comes back is (position, shape or error
+    text). Jobs are pulled lazily (an archive is read as the workers need it) and sent in chunks to
+    the worker processes (pool_plan), at most two chunks per worker in flight."""
     n, per = pool_plan(total, workers)
+    task, args = (decode_chunk, (size, max_side)) if rows is None else (decode_into, (size, max_side, rows))
+    finish = unpacked if rows is None else list
     progress = Progress(total, desc)
     try:
         if n == 1:
             for chunk in _chunks(jobs, per):
-                out = unpacked(decode_chunk(chunk, size, max_side))
+                out = finish(task(chunk, *args))
                 progress.update(len(out))
                 yield from out
             return
@@ -338,13 +389,13 @@ def decode_all(jobs: Iterable[tuple[int, bytes | str]], total: int, size: tuple[
         pending: deque = deque()
         try:
             for chunk in _chunks(jobs, per):
-                pending.append(pool.submit(decode_chunk, chunk, size, max_side))
+                pending.append(pool.submit(task, chunk, *args))
                 while len(pending) >= 2 * n:
-                    out = unpacked(pending.popleft().result())
+                    out = finish(pending.popleft().result())
                     progress.update(len(out))
                     yield from out
             while pending:
-                out = unpacked(pending.popleft().result())
+                out = finish(pending.popleft().result())
                 progress.update(len(out))
                 yield from out
         except BrokenProcessPool:
@@ -362,7 +413,12 @@ def decode_splits(out: Path, layout: list[tuple[str, str, str]], jobs: Iterable[
     """Decode the images of `layout` (split, class, member), in sorted member order, into the cache
     entry folder `out`. `jobs` are (position in layout, bytes or file path) in whatever order the
     source is best read in (an archive's own); each image is put at its place in the sorted order,
-    so the dataset's order does not depend on the archive's. `where(member)` names a member in errors."""
+    so the dataset's order does not depend on the archive's. `where(member)` names a member in errors.
+
+    Images of one shape (`size` given, or all of the first image's) are written into each split's
+    (N, C, H, W) array by the process that decodes them (decode_into); this one learns the shape by
+    decoding the first image itself, and hears back only which images were written. Native images
+    (each its own size) come back to this process, which appends them to a flat buffer in turn."""
     classes = sorted({c for _, c, _ in layout})
     label = {c: i for i, c in enumerate(classes)}
     count: dict[str, int] = {}
@@ -371,45 +427,71 @@ def decode_splits(out: Path, layout: list[tuple[str, str, str]], jobs: Iterable[
         slot.append((split, count.get(split, 0)))
         count[split] = count.get(split, 0) + 1
     kept = {s: np.zeros(n, dtype=bool) for s, n in count.items()}
-    images: dict = {}                                                # split -> memmap (fixed) or FlatWriter (native)
     offsets = {s: np.zeros(n, dtype=np.int64) for s, n in count.items()} if native else {}
     shapes = {s: np.zeros((n, 3), dtype=np.int64) for s, n in count.items()} if native else {}
-    first = None                                                     # (shape, member) of the first image (one size)
     bad: list[str] = []
+    desc = f"decoding {source}"
+
+    def decoded(pos: int, got: np.ndarray | tuple | str) -> bool:
+        """Whether the image at `pos` was decoded; one that was not is an error, or with
+        skip_bad_images is noted as skipped."""
+        if not isinstance(got, str):
+            return True
+        if not skip_bad_images:
+            raise PixformerError(f"cannot read image {where(layout[pos][2])} ({got}); pass --skip-bad-images "
+                                 "to skip such files")
+        bad.append(layout[pos][2])
+        return False
+
     t0 = time.perf_counter()
-    try:
-        with closing(decode_all(jobs, len(layout), size, max_side, workers, f"decoding {source}")) as results:
-            for pos, arr in results:
-                split, row = slot[pos]
-                member = layout[pos][2]
-                if isinstance(arr, str):
-                    if not skip_bad_images:
-                        raise PixformerError(f"cannot read image {where(member)} ({arr}); pass --skip-bad-images "
-                                             "to skip such files")
-                    bad.append(member)
+    if native:
+        writers: dict[str, FlatWriter] = {}
+        try:
+            with closing(decode_all(jobs, len(layout), size, max_side, workers, desc)) as results:
+                for pos, arr in results:
+                    if decoded(pos, arr):
+                        split, row = slot[pos]
+                        if split not in writers:
+                            writers[split] = FlatWriter(out / f"{split}.x.npy")
+                        offsets[split][row] = writers[split].append(arr)
+                        shapes[split][row] = arr.shape
+                        kept[split][row] = True
+        finally:
+            for writer in writers.values():
+                writer.close()
+    else:
+        jobs, shape, first = iter(jobs), None if size is None else (3, *size), None
+        if shape is None:                    # the first image that decodes sets the shape of all
+            for pos, src in jobs:
+                try:
+                    shape = decode_image(src, None, max_side).shape
+                except Exception as e:
+                    decoded(pos, failure(e))
                     continue
-                if native:
-                    if split not in images:
-                        images[split] = FlatWriter(out / f"{split}.x.npy")
-                    offsets[split][row] = images[split].append(arr)
-                    shapes[split][row] = arr.shape
-                else:
-                    if first is None:
-                        first = (arr.shape, member)
-                    elif arr.shape != first[0]:
-                        (_, h0, w0), m0 = first
+                first = layout[pos][2]
+                jobs = chain([(pos, src)], jobs)   # decoded again by a worker, which writes it
+                break
+        if shape is not None:
+            files = {s: out / f"{s}.x.npy" for s in count}
+            at = {}
+            for s, file in files.items():
+                array = new_array(file, (count[s], *shape))
+                at[s] = array.offset
+                del array                      # unmapped: the decoders write the file
+            into = Rows(shape, {s: str(f) for s, f in files.items()}, at)
+            placed = ((pos, src, *slot[pos]) for pos, src in jobs)
+            with closing(decode_all(placed, len(layout), size, max_side, workers, desc, into)) as results:
+                for pos, got in results:
+                    if not decoded(pos, got):
+                        continue
+                    if got != shape:
+                        (_, h0, w0), (_, h, w) = shape, got
                         raise PixformerError(
-                            f"{source} holds images of different sizes ({h0}x{w0} {m0}, {arr.shape[1]}x"
-                            f"{arr.shape[2]} {member}); pass --img-size N to resize them all to NxN, or "
+                            f"{source} holds images of different sizes ({h0}x{w0} {first}, {h}x{w} "
+                            f"{layout[pos][2]}); pass --img-size N to resize them all to NxN, or "
                             "--max-side S / --max-tokens N to train at native resolution")
-                    if split not in images:
-                        images[split] = new_array(out / f"{split}.x.npy", (count[split], *arr.shape))
-                    images[split][row] = arr
-                kept[split][row] = True
-    finally:
-        for split, x in images.items():
-            x.close() if native else x.flush()
-    images.clear()
+                    split, row = slot[pos]
+                    kept[split][row] = True
     if bad:
         print(f"skipped {len(bad)} unreadable image(s) in {source}, e.g. {bad[0]}")
     splits = [s for s in count if kept[s].any()]
