@@ -142,7 +142,8 @@ def test_an_image_replaced_by_one_of_the_same_size_and_mtime_is_seen(tmp_path, c
 
 
 # ---- parallel decoding -----------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["folder, fixed size", "archive, native", "folder, one own size, bad first"])
+@pytest.mark.parametrize("kind", ["folder, fixed size", "archive, fixed size", "archive, native",
+                                  "folder, one own size, bad first"])
 def test_parallel_decoding_is_byte_identical_to_one_worker(tmp_path, monkeypatch, kind):
     if kind.endswith("bad first"):           # the shape is learnt past a bad image; its row is left unused
         root = write_folder(tmp_path / "imgs", 160, sizes=((20, 14),), fmt="jpg")
@@ -152,7 +153,9 @@ def test_parallel_decoding_is_byte_identical_to_one_worker(tmp_path, monkeypatch
         root = write_folder(tmp_path / "imgs", 160, sizes=((40, 30), (24, 36), (30, 30)), fmt="jpg")
         source, kwargs = str(root), dict(img_size=(16, 16))
     if kind.startswith("archive"):
-        source, kwargs = str(tmp_path / "imgs.tar"), dict(native=True, max_side=20)
+        source = str(tmp_path / "imgs.tar")
+        if kind.endswith("native"):
+            kwargs = dict(native=True, max_side=20)
         with tarfile.open(source, "w") as tar:
             for p in random.Random(0).sample(sorted(root.rglob("*.jpg")), 160):   # not in sorted order
                 tar.add(p, arcname=str(p.relative_to(tmp_path)))
@@ -163,6 +166,10 @@ def test_parallel_decoding_is_byte_identical_to_one_worker(tmp_path, monkeypatch
         entry = entry_of(tmp_path / f"cache{workers}")
         files[workers] = {p.name: p.read_bytes() for p in entry.iterdir()}
     assert files[1] == files[2] and len([n for n in files[1] if n.endswith(".npy")]) >= 2
+    if kind == "archive, fixed size":        # rows written out of order land where the folder's are
+        monkeypatch.setenv("PIXFORMER_CACHE", str(tmp_path / "cache-folder"))
+        load_source(str(root), workers=2, img_size=(16, 16))
+        assert (entry_of(tmp_path / "cache-folder") / "all.x.npy").read_bytes() == files[2]["all.x.npy"]
     if kind.endswith("bad first"):
         assert np.load(io.BytesIO(files[2]["all.rows.npy"])).tolist() == list(range(1, 161))
 
@@ -196,6 +203,26 @@ def test_a_decoding_worker_that_dies_fails_the_build_and_leaves_nothing(tmp_path
     want = np.array(Image.open(root / "b" / "00100.png")).transpose(2, 0, 1)
     found = load_source(str(root), workers=2)["all"]
     assert torch.equal(found.images[members.index("b/00100.png")], torch.from_numpy(want))
+
+
+def test_rows_written_together_survive_short_writes(tmp_path, monkeypatch):
+    from pixformer.data import cache as cache_module
+    arrays = [np.full((3, 4, 5), i, np.uint8) for i in range(1, 6)]
+    file = tmp_path / "rows.bin"
+    file.write_bytes(bytes(10 + 5 * 60))
+    calls = []
+
+    def short(fd, buffers, at):              # the kernel may write less than asked: 25 bytes at a time
+        calls.append(at)
+        return os.pwrite(fd, bytes(b"".join(bytes(b) for b in buffers)[:25]), at)
+    monkeypatch.setattr(os, "pwritev", short)
+    fd = os.open(file, os.O_WRONLY)
+    try:
+        cache_module.write_rows(fd, arrays, 10)
+    finally:
+        os.close(fd)
+    assert len(calls) == 12
+    assert file.read_bytes() == bytes(10) + b"".join(a.tobytes() for a in arrays)
 
 
 def test_shrunk_jpegs_are_drafted_to_the_size_asked(tmp_path, cache):
