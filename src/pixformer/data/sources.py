@@ -226,14 +226,15 @@ CACHE_FORMAT = 2        # the decode cache's layout (1: one .npz read into memor
 
 def _scan_folder(path: Path) -> list[tuple[str, os.stat_result]]:
     """The image files under a directory (relative paths, sorted) with their stat."""
-    found = []
-    for folder, _, names in os.walk(path, followlinks=True):
+    found, root = [], str(path)
+    for folder, _, names in os.walk(root, followlinks=True):
+        rel = os.path.relpath(folder, root)                  # once a folder, not once an image
+        prefix = "" if rel == "." else rel + os.sep
         for name in names:
             if os.path.splitext(name)[1].lower() in IMAGE_EXTS:
-                full = os.path.join(folder, name)
-                st = os.stat(full)
+                st = os.stat(os.path.join(folder, name))
                 if stat.S_ISREG(st.st_mode):
-                    found.append((os.path.relpath(full, path), st))
+                    found.append((prefix + name, st))
     return sorted(found)
 
 
@@ -328,7 +329,8 @@ def load_image_folder(path: str | Path, img_size: tuple[int, int] | None, skip_b
             jobs = _tar_jobs(path, {members[m]: pos for pos, (_, _, m) in enumerate(layout)})
             where = lambda m: f"{path}:{m}"  # noqa: E731
         else:                                 # a directory: the workers read the files themselves
-            jobs = ((pos, str(path / m)) for pos, (_, _, m) in enumerate(layout))
+            root = str(path)
+            jobs = ((pos, os.path.join(root, m)) for pos, (_, _, m) in enumerate(layout))
             where = lambda m: str(path / m)  # noqa: E731
         decode_splits(tmp, layout, jobs, size=img_size, max_side=max_side if native else None, native=native,
                       skip_bad_images=skip_bad_images, workers=workers, source=str(path), where=where)
