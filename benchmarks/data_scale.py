@@ -7,8 +7,9 @@
     (b) memory     a training set of >= 1 GB mapped by torchrun ranks (1 process, then 2): the same
                    synthetic JPEGs decoded at --size x --size (--images x 3 x size^2 bytes), and a tiny
                    set of --tiny images at the same size. Each rank runs load_source + resolve_splits
-                   + channel_stats + --batches batches of 256 rows (train.images[idx]), or a whole
-                   epoch of `pixformer.train` (a small ViT), and reports its anonymous memory (RssAnon,
+                   + channel_stats + --batches batches of 256 rows (train.images[idx]), or trains a small
+                   ViT with `pixformer.train` (an epoch of the large set, as many steps on the tiny
+                   one: the allocator keeps a run's busiest step), and reports its anonymous memory (RssAnon,
                    /proc/self/status). The large set may add at most 10 % of its size over the tiny
                    one, per rank. Both sets are decoded by this script first, so the ranks measure
                    mapping, not decoding.
@@ -144,9 +145,10 @@ def rank_worker(args) -> None:
     splits = resolve_splits(found, 0.1, args.data)
     if args.via == "train":        # a whole epoch of a small ViT through the training loop, as a user runs it
         from pixformer import TrainConfig, train
+        epochs = max(1, round(args.steps_of / len(splits.train)))   # the tiny set: as many steps as the large
         train(TrainConfig(model="vit-n/16", data=args.data, img_size=args.size, model_args=dict(depth=1, dim=32),
-                          epochs=1, batch_size=64, eval_batch_size=64, precision="fp32", progress=False,
-                          out=args.out_dir))        # the same batches for both sets: what differs is the data
+                          epochs=epochs, batch_size=64, eval_batch_size=64, precision="fp32", progress=False,
+                          out=args.out_dir))        # the same batches and steps for both sets: what differs is the data
     else:
         mean, std = channel_stats(splits.train.images)
         g = torch.Generator().manual_seed(int(os.environ.get("RANK", 0)))
@@ -161,11 +163,11 @@ def rank_worker(args) -> None:
         "dataset_bytes": splits.train.images.nbytes + splits.val.images.nbytes, "before": before, "after": after}))
 
 
-def run_ranks(folder: Path, size: int, nproc: int, batches: int, via: str, out_dir: Path) -> list[dict]:
+def run_ranks(folder: Path, size: int, nproc: int, batches: int, via: str, out_dir: Path, steps_of: int) -> list[dict]:
     shutil.rmtree(out_dir, ignore_errors=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
            __file__, "--rank-worker", "--data", str(folder), "--size", str(size), "--batches", str(batches),
-           "--via", via, "--out-dir", str(out_dir)]
+           "--via", via, "--out-dir", str(out_dir), "--steps-of", str(steps_of)]
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if done.returncode != 0:
         sys.exit(f"torchrun failed:\n{done.stderr[-3000:]}")
@@ -182,7 +184,7 @@ def part_b(args, work: Path) -> dict:
         load_source(str(folder), img_size=(args.size, args.size))
     rows, checks = [], []
     for via, nproc in ((v, n) for v in ("batches", "train") for n in (1, 2)):
-        got = {name: run_ranks(folder, args.size, nproc, args.batches, via, work / "run-b")
+        got = {name: run_ranks(folder, args.size, nproc, args.batches, via, work / "run-b", round(0.9 * args.images))
                for name, folder in sets.items()}
         for tiny, large in zip(got["tiny"], got["large"]):
             growth = large["after"]["RssAnon"] - tiny["after"]["RssAnon"]
@@ -201,8 +203,9 @@ def part_b(args, work: Path) -> dict:
     return {"images": args.images, "tiny_images": args.tiny, "size": args.size, "batches": args.batches,
             "source": "synthetic 64x64 JPEG folder decoded at --size (load_source, resize in the decoder)",
             "through": {"batches": "load_source + resolve_splits + channel_stats + --batches gathers of 256 rows",
-                        "train": "pixformer.train: vit-n/16 (1 block, width 32), one epoch, batch 64 (also "
-                                 "evaluation), fp32, default allocator policy and prefetching"},
+                        "train": "pixformer.train: vit-n/16 (1 block, width 32), batch 64 (also evaluation), fp32, "
+                                 "default allocator policy and prefetching; one epoch of the large set, as many "
+                                 "epochs of the tiny set as make the same number of steps"},
             "rows": rows, "ok": all(checks)}
 
 
@@ -324,6 +327,7 @@ def main() -> None:
     ap.add_argument("--way", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--via", default="batches", help=argparse.SUPPRESS)
+    ap.add_argument("--steps-of", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--out-dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.rank_worker:
