@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's CIFAR-10 CPU number: train the CPU recipe on the shared CIFAR-10 training JPEGs
+# The documentation's (docs/results.md) CIFAR-10 CPU number: train the CPU recipe on the shared CIFAR-10 training JPEGs
 # (10 % held out by the loader, seed 0), write the held-out images to a separate ImageFolder
 # directory, and evaluate the checkpoint there with `pixformer eval --json`.
 #   scripts/cifar10_cpu.sh [RUN_DIR]

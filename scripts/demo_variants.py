@@ -1,6 +1,6 @@
 """The demo recipe's neighbours, for the Pixel Transformer alone: how PiT's digits test accuracy moves
 with the schedule, EMA, mixup and a random crop. The figures quoted in experiments/demo.py and the
-README come from these variants, one thread per run, on machine C; runs made before `onednn_pays`
+docs come from these variants, one thread per run, on an Intel Xeon (AMX); runs made before `onednn_pays`
 (commit 80f36e8) computed their linear layers with oneDNN, later ones with torch's default GEMM, and
 that alone moves PiT by a point or two (float rounding changes the trajectory).
 

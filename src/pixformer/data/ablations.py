@@ -16,7 +16,7 @@ Two corruptions, each a permutation `perm` of the H*W pixel positions, drawn onc
 `permuted` applies a run's permutation to a split: training permutes its splits once, and `eval`
 and `analyze` re-apply the permutation saved with the run through the same function. Batch
 augmentation (random crop, flip, CutMix) then acts on the permuted images, so a crop is no longer a
-shift of the picture: run locality ablations without spatial augmentation, as the README's do.
+shift of the picture: run locality ablations without spatial augmentation, as the documented ones (docs/results.md) do.
 """
 from __future__ import annotations
 
