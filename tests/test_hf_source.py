@@ -13,7 +13,8 @@ pq = pytest.importorskip("pyarrow.parquet")
 
 from pixformer import PixformerError  # noqa: E402
 from pixformer.data import hf  # noqa: E402
-from pixformer.data.hf import HFImages, HFImageSet, HFNativeSet, load_hf, split_of  # noqa: E402
+from pixformer.data.hf import HFImages, load_hf, split_of  # noqa: E402
+from pixformer.data.store import ImageSet, NativeSet  # noqa: E402
 from pixformer.data.native import shrunk  # noqa: E402
 
 CLASSES = ["cat", "dog", "ship"]
@@ -59,7 +60,7 @@ def test_parquet_file_with_class_names_and_a_batch_equal_to_pil(tmp_path):
     found = load_hf(tmp_path / "d.parquet", img_size=(8, 8))
     assert list(found) == ["train"]
     s = found["train"]
-    assert isinstance(s, HFImageSet) and isinstance(s.images, HFImages) and s.images.decodes_on_the_fly
+    assert isinstance(s, ImageSet) and isinstance(s.images, HFImages) and s.images.decodes_on_the_fly
     assert s.classes == CLASSES and s.labels.tolist() == labels_of(20)
     assert s.images.shape == (20, 3, 8, 8) and len(s) == 20
     idx = torch.tensor([7, 0, 19, 3])
@@ -140,11 +141,11 @@ def test_native_resolution_keeps_each_size(tmp_path):
     with pytest.raises(PixformerError, match=r"different sizes \(10x30 .*row 0, 24x8 .*row 1\); pass --img-size"):
         load_hf(tmp_path / "d")
     s = load_hf(tmp_path / "d", native=True, max_side=16)["train"]
-    assert isinstance(s, HFNativeSet) and s.in_chans == 3
+    assert isinstance(s, NativeSet) and s.in_chans == 3
     for i, (h, w) in enumerate(sizes):
         assert torch.equal(s.images[i], by_hand(imgs[i], shrunk(h, w, 16)))
     sub = s.subset(torch.tensor([3, 1]))
-    assert isinstance(sub, HFNativeSet) and sub.labels.tolist() == [0, 1]
+    assert isinstance(sub, NativeSet) and sub.labels.tolist() == [0, 1]
     assert [tuple(im.shape) for im in sub.images] == [(3, 16, 8), (3, 16, 5)]
     assert [tuple(im.shape) for im in s.images[torch.tensor([2, 4])]] == [(3, 7, 7), (3, 12, 12)]
 
@@ -216,7 +217,7 @@ def test_subsets_compose_and_decode_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(hf.Decoder, "decode", lambda self, item, row: decoded.append(row) or real(self, item, row))
     sub = s.subset(torch.arange(10, 30)).subset(torch.tensor([5, 0, 19]))
     mask = s.subset(torch.arange(30) % 2 == 1)
-    assert decoded == [] and isinstance(sub, HFImageSet) and len(mask) == 15
+    assert decoded == [] and isinstance(sub, ImageSet) and len(mask) == 15
     assert sub.labels.tolist() == [labels_of(30)[i] for i in (15, 10, 29)]
     assert torch.equal(sub.images[torch.tensor([2, 0])], torch.stack([by_hand(imgs[i]) for i in (29, 15)]))
     assert sorted(decoded) == [15, 29]
@@ -370,7 +371,7 @@ def test_load_source_sends_hf_layouts_here(tmp_path):
         found = load_source(str(tmp_path / p), img_size=(8, 8))
         assert isinstance(found["train"].images, HFImages) and found["train"].images.shape == (6, 3, 8, 8)
     native = load_source(str(tmp_path / "saved"), native=True, max_side=4)["train"]
-    assert isinstance(native, HFNativeSet) and tuple(native.images[0].shape) == (3, 3, 4)
+    assert isinstance(native, NativeSet) and tuple(native.images[0].shape) == (3, 3, 4)
 
 
 def test_train_end_to_end_on_parquet(tmp_path):

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from ..errors import PixformerError
+from .cache import eight_bit
 from .native import shrunk
 from .store import ImageSet, NativeSet
 
@@ -253,7 +254,7 @@ class Decoder:
                 target = shrunk(h, w, lay.max_side) if lay.native else lay.size if lay.resize else (h, w)
                 if target != (h, w):
                     im.draft(lay.mode, (target[1], target[0]))   # JPEG: decode at a reduced scale
-                im = im.convert(lay.mode)
+                im = eight_bit(im).convert(lay.mode)             # 16-bit values scaled, not clipped
                 if (im.height, im.width) != target:
                     im = im.resize((target[1], target[0]), Image.BICUBIC)
                 arr = np.array(im, dtype=np.uint8)              # a writable copy
@@ -385,25 +386,6 @@ class HFImages:
         return f"HFImages({len(self)} images of {lay.source}, {what})"
 
 
-class HFImageSet(ImageSet):
-    """An ImageSet whose images are an HFImages store: a subset is a view, nothing decoded."""
-
-    def subset(self, idx: Tensor) -> "HFImageSet":
-        return HFImageSet(self.images.subset(idx), self.labels[idx], self.classes)
-
-
-class HFNativeSet(NativeSet):
-    """A NativeSet whose images are an HFImages store at native resolution: a subset is a view."""
-
-    def subset(self, idx: Tensor) -> "HFNativeSet":
-        return HFNativeSet(self.images.subset(idx), self.labels[idx], self.classes)
-
-    @property
-    def in_chans(self) -> int:
-        return self.images.channels
-
-
-# ---- finding splits, columns, labels ---------------------------------------------------------
 def split_of(relative: Path) -> str | None:
     """The split a parquet file's path (relative to the dataset folder) names, as `datasets` reads it:
     the file name, else the nearest folder, holding a split keyword as a word; None if none does."""
@@ -593,10 +575,10 @@ def _class_names(tables: dict[str, SplitTable]) -> list[str]:
 def load_hf(path: str | Path, img_size: tuple[int, int] | None = None, native: bool = False,
             max_side: int | None = None, image_column: str | None = None, label_column: str | None = None,
             decode_threads: int | None = None, row_group_cache_mb: int = 256,
-            skip_bad_images: bool = False) -> dict[str, HFImageSet | HFNativeSet]:
+            skip_bad_images: bool = False) -> dict[str, ImageSet | NativeSet]:
     """A Hugging Face dataset on disk (see the module doc) -> its splits by name ("train", "val",
-    "test"), each an HFImageSet (images resized to `img_size`, or all of one size without it) or,
-    with `native`, an HFNativeSet (each image at its size, scaled down to `max_side`). Nothing is
+    "test"), each an ImageSet over an HFImages store (images resized to `img_size`, or all of one size without it) or,
+    with `native`, a NativeSet over one (each image at its size, scaled down to `max_side`). Nothing is
     decoded but a probe of each split (a sample's headers and a few whole images), so bad input is
     a PixformerError here rather than mid-training. `decode_threads` (default: the CPU count, at
     most 8) decode a batch in parallel; `row_group_cache_mb` bounds the parquet row groups kept."""
@@ -651,5 +633,5 @@ def load_hf(path: str | Path, img_size: tuple[int, int] | None = None, native: b
         decoder.decode_rows(np.asarray([r for _, _, r in probes[s][:PROBE_DECODES]], dtype=np.int64))
         images = HFImages(decoder)
         labels = torch.from_numpy(t.labels)
-        out[s] = HFNativeSet(images, labels, classes) if native else HFImageSet(images, labels, classes)
+        out[s] = NativeSet(images, labels, classes) if native else ImageSet(images, labels, classes)
     return out

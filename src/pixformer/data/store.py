@@ -205,4 +205,4 @@ class NativeSet:
 
     @property
     def in_chans(self) -> int:
-        return self.images[0].shape[0]
+        return getattr(self.images, "channels", None) or self.images[0].shape[0]   # a store may know it undecoded
