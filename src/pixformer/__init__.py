@@ -25,6 +25,8 @@ _WHERE = {
     "AttnSpec": "models", "ViTConfig": "models", "VisionTransformer": "models", "attention": "models",
     "record_attention": "models", "set_attention_backend": "models",
     "create_model": "models.registry", "list_models": "models.registry",
+    "predict": "experiments.predict", "Predictor": "experiments.predict", "export": "experiments.export",
+    "export_onnx": "experiments.export", "HubModel": "experiments.hub", "load_hub": "experiments.hub",
 }
 
 __version__ = "0.2.0"
