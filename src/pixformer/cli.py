@@ -1,4 +1,4 @@
-"""The `pixformer` command: train, eval, sample, fid, convert, models, plan, demo, sweep, analyze.
+"""The `pixformer` command: train, eval, sample, fid, convert, models, plan, demo, sweep, analyze, predict, export.
 
 Options are the fields of the config dataclasses (`pixformer train --help`); `--config FILE.yaml`
 loads a recipe, later options override it, `--print_config` shows the merged result. Options may be
@@ -25,6 +25,7 @@ def _speed_fields() -> list[str]:
 
 
 SPEED_GROUP = ("train", "sweep")   # the subcommands whose options hold TrainConfig's `speed` group
+BOOL_WORDS = {"true", "false", "yes", "no", "on", "off"}   # what a boolean option takes as its value
 
 
 def _normalise_argv(argv: list[str], bool_options: set[str]) -> list[str]:
@@ -39,8 +40,8 @@ def _normalise_argv(argv: list[str], bool_options: set[str]) -> list[str]:
             tok = "--" + name + eq + val
             out.append(tok)
             nxt = argv[i + 1] if i + 1 < len(argv) else None
-            if not eq and name in bool_options and (nxt is None or nxt.startswith("-")):
-                out.append("true")
+            if not eq and name in bool_options and (nxt is None or nxt.startswith("-") or nxt.lower() not in BOOL_WORDS):
+                out.append("true")                       # bare: before another option, the end, or a path
         else:
             out.append(tok)
     return out
@@ -194,6 +195,35 @@ def build_parser():
     analyze.add_argument("--config", action=ActionConfigFile)
     analyze.add_class_arguments(AnalyzeConfig)
     commands.add_subcommand("analyze", analyze, help="figures of a checkpoint (attention, embeddings)")
+
+    predict = ArgumentParser(exit_on_error=False, description="Top-k classes with probabilities of images (files, "
+                             "folders searched recursively, glob patterns) by a classifier run, each image made the "
+                             "model's input exactly as the run's evaluation makes it. A table by default; --json: "
+                             "JSON Lines, one object an image; --csv: a row an image and rank.")
+    predict.add_argument("--checkpoint", type=str, required=True, help="a classifier run folder or its checkpoint/, "
+                         "a folder of `pixformer export --format hf`, or a Hugging Face Hub repository id")
+    predict.add_argument("paths", type=str, nargs="+", help="images, folders or glob patterns ('photos/*.jpg')")
+    predict.add_argument("--top_k", type=int, default=5, help="classes an image (at most the run's class count)")
+    predict.add_argument("--batch_size", type=int, default=64)
+    predict.add_argument("--device", type=str, default="auto")
+    predict.add_argument("--weights", type=typing.Literal["auto", "model", "ema"], default="auto")
+    predict.add_argument("--json", type=bool, default=False, help="JSON Lines: one object an image")
+    predict.add_argument("--csv", type=bool, default=False, help="CSV: image,rank,class,index,probability")
+    predict.add_argument("--skip_bad_images", type=bool, default=False, help="leave out (and name on stderr) an "
+                         "image that cannot be read, instead of stopping")
+    commands.add_subcommand("predict", predict, help="top-k classes of images with a classifier run")
+
+    export = ArgumentParser(exit_on_error=False, description="A trained run as an ONNX graph (--format onnx: a "
+                            "classifier, dynamic batch, normalised float inputs; the preprocessing written beside it "
+                            "in <name>.preprocess.json) or in the Hugging Face Hub layout (--format hf: a folder of "
+                            "config.json and model.safetensors that predict, pixformer.load_hub and push_to_hub take).")
+    export.add_argument("--checkpoint", type=str, required=True, help="a run folder or its checkpoint/")
+    export.add_argument("--format", type=typing.Literal["onnx", "hf"], required=True,
+                        help="onnx (an ONNX graph of a classifier) | hf (the Hugging Face Hub layout)")
+    export.add_argument("--out", type=str, required=True, help="the .onnx file, or the Hub layout's folder")
+    export.add_argument("--weights", type=typing.Literal["auto", "model", "ema"], default="auto")
+    export.add_argument("--opset", type=typing.Optional[int], default=None, help="ONNX opset (default: torch.onnx's)")
+    commands.add_subcommand("export", export, help="a run as ONNX or in the Hugging Face Hub layout")
     return parser
 
 
@@ -392,8 +422,22 @@ def cmd_analyze(ns) -> int:
     return 0
 
 
+def cmd_predict(ns) -> int:
+    from .experiments.predict import predict_command
+    return predict_command(ns.checkpoint, ns.paths, ns.top_k, ns.batch_size, ns.device, ns.weights, ns.json, ns.csv,
+                           ns.skip_bad_images)
+
+
+def cmd_export(ns) -> int:
+    from .experiments.export import export
+    written = export(ns.checkpoint, ns.format, ns.out, ns.weights, ns.opset)
+    print("wrote " + ", ".join(map(str, written)))
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "fid": cmd_fid, "convert": cmd_convert,
-            "models": cmd_models, "demo": cmd_demo, "analyze": cmd_analyze, "sweep": cmd_sweep, "plan": cmd_plan}
+            "models": cmd_models, "demo": cmd_demo, "analyze": cmd_analyze, "sweep": cmd_sweep, "plan": cmd_plan,
+            "predict": cmd_predict, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:
