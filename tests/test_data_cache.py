@@ -247,7 +247,8 @@ def test_progress_says_plain_lines_when_not_on_a_terminal(capsys):
     p = Progress(4000, "decoding x", every=0.0)
     p.update(1000)
     p.close()
-    assert "decoding x: 1,000/4,000 images (25%)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "decoding x: 1,000/4,000 images (25 %)" in err and "\r" not in err
 
 
 # ---- mapped stores ---------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 
 from ..errors import PixformerError
+from ..progress import Progress
 from .native import shrunk
 from .store import ImageSet, ImageStore, NativeSet, NativeStore
 
@@ -230,17 +231,33 @@ def worker_count(workers: int | None) -> int:
     return workers
 
 
+def eight_bit(im):
+    """A PIL image of more than 8 bits per value as an 8-bit grayscale one ("L"), scaled rather than
+    clipped (PIL's own convert clips every value above 255 to white): 16-bit values (PNG's "I;16",
+    or "I" within 0..65,535) by 1/257, so 65,535 is 255; other integer or float values (mode "F", 32-bit
+    "I") by their maximum, negatives as 0. Images of 8 bits per value are returned as they are."""
+    from PIL import Image
+    if im.mode not in ("I", "F") and not im.mode.startswith("I;16"):
+        return im
+    values = np.asarray(im, dtype=np.float64)
+    sixteen = im.mode.startswith("I;16") or (im.mode == "I" and values.size > 0 and 0 <= values.min()
+                                              and values.max() <= 65535)
+    top = 65535.0 if sixteen else max(float(values.max(initial=0.0)), 1e-12)
+    return Image.fromarray(np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8), "L")
+
+
 def decode_image(src: bytes | str, size: tuple[int, int] | None, max_side: int | None) -> np.ndarray:
     """Encoded image bytes (or a file path) -> uint8 RGB (3, H, W): resized to `size` (H, W) if given,
     else scaled down so its longer side is at most `max_side`, else as stored. A JPEG that is shrunk
-    is decoded at a reduced scale (draft mode: 1/2, 1/4 or 1/8, never below the target size)."""
+    is decoded at a reduced scale (draft mode: 1/2, 1/4 or 1/8, never below the target size); an image
+    of 16 bits per value is scaled to 8 (eight_bit)."""
     from PIL import Image
     with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
         w, h = im.size
         th, tw = size if size else shrunk(h, w, max_side)
         if (tw, th) != (w, h) and tw <= w and th <= h:
             im.draft("RGB", (tw, th))
-        im = im.convert("RGB")
+        im = eight_bit(im).convert("RGB")
         if im.size != (tw, th):
             im = im.resize((tw, th), Image.BICUBIC)
         return np.ascontiguousarray(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1))
@@ -340,33 +357,6 @@ def decode_into(chunk: list[tuple[int, bytes | str, str, int]], size, max_side, 
         for fd in files.values():
             os.close(fd)
     return out
-
-
-class Progress:
-    """Images done: a tqdm bar on a terminal; elsewhere (a log, torchrun) a plain line every `every`
-    seconds. Silent below 2,000 images."""
-
-    def __init__(self, total: int, desc: str, every: float = 30.0):
-        self.total, self.desc, self.every, self.done = total, desc, every, 0
-        self.t0 = self.last = time.monotonic()
-        self.bar = None
-        self.quiet = total < 2000
-        if not self.quiet and sys.stderr.isatty():
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, desc=desc, unit="img", leave=False)
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-        elif not self.quiet and time.monotonic() - self.last >= self.every:
-            self.last = time.monotonic()
-            print(f"{self.desc}: {self.done:,}/{self.total:,} images ({100 * self.done // self.total}%), "
-                  f"{self.done / (self.last - self.t0):,.0f} img/s", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def _chunks(jobs: Iterable[tuple[int, bytes | str]], per: int) -> Iterator[list]:
