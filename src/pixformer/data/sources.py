@@ -22,6 +22,7 @@ import stat
 import struct
 import tarfile
 import tempfile
+import unicodedata
 import urllib.request
 import zlib
 from pathlib import Path
@@ -221,7 +222,8 @@ def load_idx_splits(name: str, root: str | None, allow_download: bool = True) ->
 
 
 # ---- image folders ---------------------------------------------------------------------------
-CACHE_FORMAT = 2        # the decode cache's layout (1: one .npz read into memory; 2: mapped .npy entries)
+CACHE_FORMAT = 3        # the decode cache's layout (1: one .npz read into memory; 2: mapped .npy entries;
+                        # 3: class names Unicode NFC, 16-bit images scaled to 8 bits)
 
 
 def _scan_folder(path: Path) -> list[tuple[str, os.stat_result]]:
@@ -258,8 +260,16 @@ def image_layout(members: list[str], source: Path) -> list[tuple[str, str, str]]
     """(split, class, member) for each image member (sorted paths relative to the source) that lies in
     a class folder. The class is the first folder level under a split folder (train/, val/, test/),
     or under the root for a plain tree, however deep the image lies below it (as torchvision's
-    ImageFolder: `cat/2019/a.png` is a cat), after stripping a single common top folder."""
-    parts = [m.split("/") for m in members]
+    ImageFolder: `cat/2019/a.png` is a cat), after stripping a single common top folder. Class names
+    are Unicode NFC: folders named alike but for their normalisation ("café" typed on Linux and copied
+    from macOS, which writes NFD) are one class. Refused in one line: a member whose path leaves the
+    source (absolute, or with a `..` part: an archive's), and images beside the split folders of a
+    source that has them (they belong to no split)."""
+    unsafe = next((m for m in members if m.startswith("/") or ".." in m.split("/")), None)
+    if unsafe is not None:
+        raise PixformerError(f"{source} holds the member {unsafe!r}, a path that leads out of it (absolute or "
+                             "with '..'): refusing to read it")
+    parts = [[p for p in m.split("/") if p not in ("", ".")] for m in members]
     while parts and all(len(p) > 2 for p in parts) and len({p[0] for p in parts}) == 1 \
             and parts[0][0].lower() not in SPLIT_NAMES:
         parts = [p[1:] for p in parts]
@@ -269,16 +279,29 @@ def image_layout(members: list[str], source: Path) -> list[tuple[str, str, str]]
             if len(p) == 2:
                 loose.append(m)
             else:
-                entries.append((SPLIT_NAMES[p[0].lower()], p[1], m))
+                entries.append((SPLIT_NAMES[p[0].lower()], unicodedata.normalize("NFC", p[1]), m))
         elif len(p) >= 2:
-            entries.append(("all", p[0], m))
+            entries.append(("all", unicodedata.normalize("NFC", p[0]), m))
     if loose:
         raise PixformerError(f"{len(loose)} image(s) in {source} lie directly in a split folder, not in a class "
                              f"folder (e.g. {loose[0]}): put each in <split>/<class>/ (ImageNet's val images need "
                              "sorting into class folders by their ground-truth labels)")
     if not entries:
         raise PixformerError(f"{source} holds no images in class folders (expected {source}/<class>/<image>)")
+    outside = [m for s, _, m in entries if s == "all"]
+    if outside and len(outside) < len(entries):
+        raise PixformerError(f"{len(outside)} image(s) in {source} lie outside its split folders (e.g. {outside[0]}), "
+                             "in no split: put every image in <split>/<class>/ (train/, val/, test/)")
     return entries
+
+
+def check_classes(classes: list[str], min_classes: int, source) -> None:
+    """A one-line error when a source has fewer than `min_classes` classes (a classifier needs 2)."""
+    if len(classes) < min_classes:
+        named = f" ({', '.join(classes[:3])})" if classes else ""
+        raise PixformerError(f"{source} has {len(classes)} class{'es' if len(classes) != 1 else ''}{named}; a "
+                             f"classifier needs at least {min_classes} to tell apart: put each class's images in a "
+                             "folder of its own (<class>/<image>)")
 
 
 def _tar_members(path: Path) -> dict[str, int]:
@@ -304,19 +327,22 @@ def _tar_jobs(path: Path, position: dict[int, int]):
 
 
 def load_image_folder(path: str | Path, img_size: tuple[int, int] | None, skip_bad_images: bool,
-                      native: bool = False, max_side: int | None = None,
-                      workers: int | None = None) -> dict[str, ImageSet | NativeSet]:
+                      native: bool = False, max_side: int | None = None, workers: int | None = None,
+                      min_classes: int = 0) -> dict[str, ImageSet | NativeSet]:
     """ImageFolder directory or archive -> splits ('train', 'val', 'test' as split folders exist, else
     'all'). Images of different sizes need `img_size` (they are resized to it), or `native`: each kept at
     its own size and aspect ratio (a NativeSet), scaled down to `max_side` pixels on its longer side if
     larger. Decoded once (by `workers` processes; None: every core) into a memory-mapped cache entry
-    keyed by every source file (source_fingerprint) and the sizes asked for (data/cache.py)."""
+    keyed by every source file (source_fingerprint) and the sizes asked for (data/cache.py). Fewer than
+    `min_classes` class folders is refused before any image is decoded."""
     path = Path(path)
     if not path.exists():
         raise PixformerError(f"dataset path {path} does not exist")
     worker_count(workers)
     files = _scan_folder(path) if path.is_dir() else None
     layout = image_layout([rel for rel, _ in files], path) if files is not None else None
+    if layout is not None:                    # a directory: its classes known before any image is decoded
+        check_classes(sorted({c for _, c, _ in layout}), min_classes, path)
     key = json.dumps([CACHE_FORMAT, str(path.resolve()), source_fingerprint(path, files),
                       None if img_size is None else list(img_size), skip_bad_images]
                      + ([native, max_side] if native else []))
@@ -326,6 +352,7 @@ def load_image_folder(path: str | Path, img_size: tuple[int, int] | None, skip_b
         if layout is None:                    # an archive: listed (one pass), then read in its own order
             members = _tar_members(path)
             layout = image_layout(sorted(members), path)
+            check_classes(sorted({c for _, c, _ in layout}), min_classes, path)    # before decoding
             jobs = _tar_jobs(path, {members[m]: pos for pos, (_, _, m) in enumerate(layout)})
             where = lambda m: f"{path}:{m}"  # noqa: E731
         else:                                 # a directory: the workers read the files themselves
@@ -337,6 +364,7 @@ def load_image_folder(path: str | Path, img_size: tuple[int, int] | None, skip_b
 
     entry = build_once(cache_dir() / hashlib.sha1(key.encode()).hexdigest()[:20], build,
                        what=f"the decode cache of {path}")
+    check_classes(entry.meta["classes"], min_classes, path)   # an archive decoded before (for a task needing none)
     return map_splits(entry)
 
 
@@ -349,13 +377,14 @@ def as_native(data: ImageSet, max_side: int | None) -> NativeSet:
 def load_source(source: str, root: str | None = None, img_size: tuple[int, int] | None = None,
                 skip_bad_images: bool = False, allow_download: bool = True, native: bool = False,
                 max_side: int | None = None, workers: int | None = None, image_column: str | None = None,
-                label_column: str | None = None) -> dict[str, ImageSet | NativeSet]:
+                label_column: str | None = None, min_classes: int = 0) -> dict[str, ImageSet | NativeSet]:
     """Any data source -> its splits ('train' and 'test', or 'all' for a plain class-folder tree),
     images resized to `img_size` if given; with `native`, NativeSets of the images at their own sizes
     (scaled down to `max_side` on the longer side if larger). An image folder is decoded once by
     `workers` processes (None: every core; 1: in this process) and mapped (see load_image_folder); a
     Hugging Face dataset on disk (parquet, save_to_disk) is read where it lies and each image decoded
-    when a batch reads it (data/hf.py; `image_column` / `label_column` name its columns)."""
+    when a batch reads it (data/hf.py; `image_column` / `label_column` name its columns). A source with
+    fewer than `min_classes` classes is refused (check_classes), an image folder before it is decoded."""
     if native and img_size is not None:
         raise PixformerError("native resolution (--max-side / --max-tokens) keeps each image's size: drop --img-size")
     worker_count(workers)
@@ -369,11 +398,14 @@ def load_source(source: str, root: str | None = None, img_size: tuple[int, int] 
     elif os.sep in source or Path(source).exists() or Path(source).suffix:
         from .hf import is_hf_dataset, load_hf
         if is_hf_dataset(source):     # never resized or copied whole: each image is decoded when read
-            return load_hf(source, img_size, native, max_side, image_column, label_column,
-                           skip_bad_images=skip_bad_images)
+            found = load_hf(source, img_size, native, max_side, image_column, label_column,
+                            skip_bad_images=skip_bad_images)
+            check_classes(next(iter(found.values())).classes, min_classes, source)
+            return found
         if native:                    # decoded at native size (below max_side) straight into NativeSets
-            return load_image_folder(source, None, skip_bad_images, native=True, max_side=max_side, workers=workers)
-        splits = load_image_folder(source, img_size, skip_bad_images, workers=workers)
+            return load_image_folder(source, None, skip_bad_images, native=True, max_side=max_side, workers=workers,
+                                     min_classes=min_classes)
+        splits = load_image_folder(source, img_size, skip_bad_images, workers=workers, min_classes=min_classes)
     else:
         raise PixformerError(f"unknown data source {source!r}: use one of {NAMED_SOURCES} or a path to an "
                              "ImageFolder directory or .tar/.tar.gz archive")

@@ -123,9 +123,10 @@ def run_split(state: dict[str, Any], source: str | None, root: str | None, split
     permutation; a native-resolution run's images at their own sizes, scaled down to `max_side`,
     default the run's; an image folder decoded by `workers` processes, None: every core). A plain
     class-folder tree that is not the run's training source is a folder of test images; the training
-    source never is."""
+    source never is. The run's own data is found by the absolute path stored when it trained
+    (`data.source`), so from any working directory."""
     tc, info = state["train_config"], state["data"]
-    source = source or tc["data"]
+    source = source or info.get("source") or tc["data"]          # runs of 0.1 stored only what was typed
     native = is_native(tc)
     found = load_source(source, root or tc.get("data_root"), None if native else tuple(info["img_size"]),
                         native=native, max_side=max_side or tc.get("max_side"), workers=workers,

@@ -78,7 +78,8 @@ def prepare_data(cfg: TrainConfig) -> Prepared:
     the budgets (native.table_side)."""
     size = (cfg.img_size, cfg.img_size) if cfg.img_size else None
     found = load_source(cfg.data, cfg.data_root, size, cfg.skip_bad_images, native=cfg.native, max_side=cfg.max_side,
-                        workers=cfg.workers, image_column=cfg.image_column, label_column=cfg.label_column)
+                        workers=cfg.workers, image_column=cfg.image_column, label_column=cfg.label_column,
+                        min_classes=get_task(cfg.task).min_classes)
     s = resolve_splits(found, cfg.val_fraction, cfg.data)
     train = s.train
     if cfg.train_subset:

@@ -33,6 +33,7 @@ class Classify(Task):
     name = "classify"
     Config = ClassifyConfig
     best = ("top1", "max")
+    min_classes = 2
     architectures = ("vit", "convmixer")
     packs = ("vit",)
     splits_tokens = ("vit",)
