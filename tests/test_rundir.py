@@ -64,7 +64,9 @@ def save(run_dir: Path, step: int = 1, ema: bool = False, optimizer: bool = Fals
         opt = torch.optim.AdamW(model.parameters())
         model(torch.zeros(2, 3, 8, 8)).sum().backward()
         opt.step()
-    save_checkpoint(run_dir, {"step": step, "model": model_spec(model)}, model, opt, tiny_model() if ema else None)
+    facts = {"classes": ["a", "b"], "in_chans": 3, "img_size": [8, 8], "mean": [0.5] * 3, "std": [0.25] * 3}
+    save_checkpoint(run_dir, {"step": step, "model": model_spec(model), "data": facts, "train_config": {}}, model, opt,
+                    tiny_model() if ema else None)
     return model
 
 

@@ -234,11 +234,41 @@ def find_checkpoint(path: str | Path) -> Path | None:
     raise PixformerError(f"{bad}{os.sep}{why}: this checkpoint cannot be used{rest}")
 
 
+def check_out_folder(out: str | Path) -> None:
+    """A one-line error when a run's --out is a checkpoint folder or lies inside one (RUN/checkpoint):
+    the saves of the run that owns it replace that folder whole, and with it whatever was put inside."""
+    path = Path(os.path.abspath(out))           # '..' resolved as the shell would, links kept
+    for folder in (path, *path.parents):
+        if (folder / "state.json").is_file() and (folder / "model.safetensors").is_file():
+            raise PixformerError(f"--out {out} lies inside the checkpoint folder {folder} of the run {folder.parent}, "
+                                 f"which its saves replace whole: continue that run with --out {folder.parent} "
+                                 "--resume, or give a new run a folder of its own")
+
+
+# The fields of state.json that the loaders read, with their JSON types ("data.classes": within "data").
+STATE_FIELDS = {"model": dict, "model.arch": str, "model.config": dict, "data": dict, "data.classes": list,
+                "data.in_chans": int, "data.img_size": list, "data.mean": list, "data.std": list, "step": int,
+                "train_config": dict}
+
+
 def read_state(ckpt: Path) -> dict[str, Any]:
+    """A checkpoint's state.json, checked for the fields the loaders read (STATE_FIELDS): a file that is
+    not a JSON object, or lacks one of them, is one line naming the file and the field."""
+    path = ckpt / "state.json"
     try:
-        return json.loads((ckpt / "state.json").read_text())
+        state = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise PixformerError(f"{ckpt / 'state.json'} is unreadable ({e})") from None
+        raise PixformerError(f"{path} is unreadable ({e})") from None
+    if not isinstance(state, dict):
+        raise PixformerError(f"{path} holds a JSON {type(state).__name__}, not a checkpoint's state (an object)")
+    for name, kind in STATE_FIELDS.items():
+        value = state
+        for part in name.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            what = "lacks the field" if value is None else f"has a {type(value).__name__} for the {kind.__name__} field"
+            raise PixformerError(f"{path} {what} {name!r}: not a pixformer checkpoint's state")
+    return state
 
 
 def _recorded(path: Path) -> dict[str, Any] | None:

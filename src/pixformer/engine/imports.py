@@ -121,9 +121,12 @@ def foreign_format(path: str | Path) -> str | None:
             raise PixformerError(f"{path} holds a transformers {kind!r} model, not a ViT (model_type 'vit')")
         return "transformers"
     if path.is_file() and path.suffix == ".safetensors":
-        from safetensors import safe_open
-        with safe_open(str(path), "pt") as f:
-            keys = set(f.keys())
+        from safetensors import SafetensorError, safe_open
+        try:
+            with safe_open(str(path), "pt") as f:
+                keys = set(f.keys())
+        except (SafetensorError, OSError) as e:
+            raise PixformerError(f"{path} is not a readable safetensors file ({e})") from None
         if not {"patch_embed.proj.weight", "pos_embed"} <= keys:
             raise PixformerError(f"{path} is not a timm VisionTransformer state dict (no patch_embed.proj.weight / "
                                  f"pos_embed; it has {sorted(keys)[:4]} ...)")

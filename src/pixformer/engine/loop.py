@@ -52,8 +52,8 @@ from ..models.attention import check_sequence_backend, set_attention_backend
 from ..models.registry import check_model_args, model_name, model_spec, resolve
 from ..tasks import DataFacts, Task, get_task, task_config
 from ..tasks.base import ExampleRandom
-from .checkpoint import (find_checkpoint, init_from, load_tensors, load_weights, optimizer_state, read_state,
-                         save_checkpoint, summarize_keys)
+from .checkpoint import (check_out_folder, find_checkpoint, init_from, load_tensors, load_weights, optimizer_state,
+                         read_state, save_checkpoint, summarize_keys)
 from .config import TrainConfig, as_json, changed_settings
 from .imports import foreign_format
 from .perf import apply_speed_settings, autocast_dtype, onednn_pays
@@ -391,6 +391,8 @@ def train(cfg: TrainConfig, data: Prepared | None = None) -> dict[str, Any]:
     are seeded by (seed, step), and a stop is only taken between whole steps."""
     if cfg.resume and not cfg.out:
         raise PixformerError("--resume needs --out, the folder of the run to continue")
+    if cfg.out:
+        check_out_folder(cfg.out)                                        # not RUN/checkpoint
     cfg.speed.check()                                                    # bad names before any work
     task_cls, task_cfg = get_task(cfg.task), task_config(cfg.task, cfg.task_args)
     check_model_args(cfg.model, cfg.model_args)
