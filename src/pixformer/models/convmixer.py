@@ -17,22 +17,26 @@ from torch import Tensor, nn
 
 from ..errors import PixformerError
 from ..layout import check_grid
+from ..settings import require
 
 
 @dataclass
 class ConvMixerConfig:
     img_size: tuple[int, int] = (32, 32)  # size trained at (the model itself runs at any size)
     patch_size: int = 2                   # stem stride; 1 = a per-pixel linear stem, as PiT
-    in_chans: int = 3
+    in_chans: int = 3                     # image channels (set by the data)
     num_classes: int = 10                 # 0 = no head
     dim: int = 256                        # width D: channels at every layer
-    depth: int = 8
+    depth: int = 8                        # mixer blocks
     kernel_size: int = 5                  # of the depthwise (spatial mixing) convolution
 
     def __post_init__(self):
         if isinstance(self.img_size, int):
             self.img_size = (self.img_size, self.img_size)
         self.img_size = tuple(int(s) for s in self.img_size)
+        for name in ("patch_size", "dim"):
+            require(name, getattr(self, name), getattr(self, name) >= 1, "at least 1")
+        require("depth", self.depth, self.depth >= 0, "at least 0")
         if self.kernel_size < 1:
             raise PixformerError(f"kernel size must be at least 1, got {self.kernel_size}")
         check_grid(self.img_size, self.patch_size)

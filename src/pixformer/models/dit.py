@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from ..errors import PixformerError
 from ..layout import check_grid, grid_coords, patchify, unpatchify
+from ..settings import require
 from .pos_embed import sincos_2d
 from .vit import Block, init_transformer
 
@@ -32,12 +33,12 @@ from .vit import Block, init_transformer
 class DiTConfig:
     img_size: tuple[int, int] = (32, 32)  # size trained at (any other size also runs: sincos positions)
     patch_size: int = 2                   # 1 = one token per pixel / latent cell (PiT)
-    in_chans: int = 4
+    in_chans: int = 4                     # image (or latent) channels (set by the data)
     num_classes: int = 1000               # 0 = unconditional; index num_classes is the null class
-    depth: int = 28
-    dim: int = 1152
-    heads: int = 16
-    mlp_ratio: float = 4.0
+    depth: int = 28                       # Transformer blocks
+    dim: int = 1152                       # width: features per token
+    heads: int = 16                       # attention heads (dividing the width)
+    mlp_ratio: float = 4.0                # MLP hidden width / width
     learn_sigma: bool = False             # also predict the variance (DiT's hybrid loss), 2C outputs
     freq_dim: int = 256                   # sinusoid frequencies of the timestep embedding
 
@@ -45,6 +46,10 @@ class DiTConfig:
         if isinstance(self.img_size, int):
             self.img_size = (self.img_size, self.img_size)
         self.img_size = tuple(int(s) for s in self.img_size)
+        for name in ("patch_size", "dim", "heads", "freq_dim"):
+            require(name, getattr(self, name), getattr(self, name) >= 1, "at least 1")
+        require("depth", self.depth, self.depth >= 0, "at least 0")
+        require("mlp_ratio", self.mlp_ratio, self.mlp_ratio > 0, "> 0")
         if self.dim % self.heads:
             raise PixformerError(f"width {self.dim} is not divisible by {self.heads} heads")
         if self.dim % 4:

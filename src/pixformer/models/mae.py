@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from ..errors import PixformerError
 from ..layout import grid_coords
+from ..settings import require
 from .pos_embed import sincos_2d
 from .vit import Block, ViTConfig, VisionTransformer, init_transformer
 
@@ -46,6 +47,10 @@ class MAEConfig:
 
     def __post_init__(self):
         self.encoder = {**self.encoder, "num_classes": 0}
+        for name in ("decoder_dim", "decoder_heads"):
+            require(name, getattr(self, name), getattr(self, name) >= 1, "at least 1")
+        require("decoder_depth", self.decoder_depth, self.decoder_depth >= 0, "at least 0")
+        require("decoder_mlp_ratio", self.decoder_mlp_ratio, self.decoder_mlp_ratio > 0, "> 0")
         if self.decoder_dim % self.decoder_heads:
             raise PixformerError(f"decoder width {self.decoder_dim} is not divisible by {self.decoder_heads} heads")
         if self.decoder_dim % 4:

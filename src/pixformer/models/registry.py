@@ -2,6 +2,7 @@
 
     vit-t/2     ViT-Tiny with 2x2 patches
     pit-s       ViT-Small with 1x1 patches: the Pixel Transformer (same as vit-s/1)
+    vit-d4w64/2 a run's printed name for a size of no letter: depth 4, width 64 (heads: width / 64)
     convmixer-256/8   ConvMixer of width 256 and depth 8 (kernel_size and patch_size are settings)
     dit-s/2     DiT-S with 2x2 patches (diffusion); dit-l/1 is the PiT paper's pixel-token DiT-L
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import re
 import typing
 from typing import Any, Callable
@@ -16,6 +18,7 @@ from typing import Any, Callable
 from torch import nn
 
 from ..errors import PixformerError
+from ..settings import check_type
 from .convmixer import ConvMixer, ConvMixerConfig
 from .dit import DiT, DiTConfig
 from .mae import MAEConfig, MaskedAutoencoder
@@ -59,14 +62,25 @@ def register_family(pattern: str, parse: Callable[[re.Match], tuple[str, dict[st
     _LISTED.extend(names)
 
 
-register_family(r"vit-([ntsbl])/(\d+)", lambda m: ("vit", {**VIT_SIZES[m[1]], "patch_size": int(m[2])}),
+def _size(size: str, table: dict[str, dict[str, int]]) -> dict[str, int]:
+    """A size letter's depth, width and heads; or those of a size model_name prints for a model of no
+    listed size, `dDwW`: depth D, width W, and W / 64 heads (ViT's head width; at least one)."""
+    if size in table:
+        return dict(table[size])
+    depth, dim = (int(g) for g in re.fullmatch(r"d(\d+)w(\d+)", size).groups())
+    heads = max(dim // 64, 1)
+    return dict(depth=depth, dim=dim, heads=heads if dim % heads == 0 else 1)
+
+
+_ANY_SIZE = r"d\d+w\d+"
+register_family(rf"vit-([ntsbl]|{_ANY_SIZE})/(\d+)", lambda m: ("vit", {**_size(m[1], VIT_SIZES), "patch_size": int(m[2])}),
                 [f"vit-{s}/{p}" for s in VIT_SIZES for p in VIT_PATCHES])
-register_family(r"pit-([ntsbl])", lambda m: ("vit", {**VIT_SIZES[m[1]], "patch_size": 1}),
+register_family(rf"pit-([ntsbl]|{_ANY_SIZE})", lambda m: ("vit", {**_size(m[1], VIT_SIZES), "patch_size": 1}),
                 [f"pit-{s}" for s in VIT_SIZES])
 # convmixer-<width>/<depth>; kernel 5 and patch 2 by default (the authors' CIFAR-10 setting)
 register_family(r"convmixer-(\d+)/(\d+)", lambda m: ("convmixer", {"dim": int(m[1]), "depth": int(m[2])}),
                 ["convmixer-256/8", "convmixer-256/16"])
-register_family(r"dit-(n|t|s|b|l|xl)/(\d+)", lambda m: ("dit", {**DIT_SIZES[m[1]], "patch_size": int(m[2])}),
+register_family(rf"dit-(n|t|s|b|l|xl|{_ANY_SIZE})/(\d+)", lambda m: ("dit", {**_size(m[1], DIT_SIZES), "patch_size": int(m[2])}),
                 [f"dit-{s}/{p}" for s in DIT_SIZES for p in (1, 2, 4)])
 
 
@@ -129,13 +143,44 @@ def model_settings() -> dict[str, Any]:
 
 
 def check_model_args(name: str, model_args: dict[str, Any]) -> dict[str, Any]:
-    """`model_args` for the model `name`, or a clear error naming the settings its architecture lacks."""
-    arch, _ = resolve(name)
-    known = {f.name for f in dataclasses.fields(ARCHITECTURES[arch][0])} - set(DATA_FIELDS)
+    """`model_args` for the model `name`, or a clear error: a setting its architecture lacks, a value of
+    the wrong type, or one its config dataclass refuses (checked before any data is loaded: the image
+    size, which the data sets, is one token here)."""
+    arch, fields = resolve(name)
+    cfg_cls = ARCHITECTURES[arch][0]
+    known = {f.name for f in dataclasses.fields(cfg_cls)} - set(DATA_FIELDS)
     unknown = sorted(set(model_args) - known)
     if unknown:
         raise PixformerError(f"{name} ({arch}) has no setting(s) {unknown}; its settings are {sorted(known)}")
+    hints = typing.get_type_hints(cfg_cls)
+    merged = {**fields, **{k: check_type(k, v, hints[k]) for k, v in model_args.items()}}
+    patch = merged.get("patch_size")
+    cfg_cls(**merged, **({"img_size": (patch, patch)} if isinstance(patch, int) and patch >= 1 else {}))
     return dict(model_args)
+
+
+def architecture(spec: dict[str, Any], name: str | None = None) -> tuple[str, dict[str, Any]]:
+    """A model name and the model_args that build a saved model's architecture (`spec`: a checkpoint's
+    "model", its arch and config; an MAE or probe run's encoder for theirs): `name` (the one the run
+    started from) when it names that architecture, and every setting in which the saved model differs
+    from what the name builds. The data's fields (image size, channels, classes) are left to the data."""
+    arch, config = spec["arch"], spec["config"]
+    if arch in ("mae", "probe"):
+        arch, config = "vit", config["encoder"]
+    try:
+        same = name is not None and resolve(name)[0] == arch
+    except PixformerError:
+        same = False
+    if not same:
+        p = config.get("patch_size", 2)
+        name = {"vit": "pit-n" if p == 1 else f"vit-n/{p}", "dit": f"dit-n/{p}",
+                "convmixer": f"convmixer-{config.get('dim', 256)}/{config.get('depth', 8)}"}[arch]
+    cfg_cls = ARCHITECTURES[arch][0]
+    built = {**{f.name: f.default for f in dataclasses.fields(cfg_cls) if f.default is not dataclasses.MISSING},
+             **resolve(name)[1]}
+    args = {k: v for k, v in config.items()
+            if k in built and k not in DATA_FIELDS and json.loads(json.dumps(built[k])) != v}
+    return name, args
 
 
 def model_name(model: nn.Module) -> str:

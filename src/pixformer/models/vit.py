@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from ..errors import PixformerError
 from ..layout import Packed, check_grid, grid_coords, patchify, unpatchify
+from ..settings import require
 from .attention import AttnSpec, attention
 from .packed import segment_first, segment_mean
 from .pos_embed import rescale_coords, sample_table, sincos_2d
@@ -38,14 +39,14 @@ from .pos_embed import rescale_coords, sample_table, sincos_2d
 @dataclass
 class ViTConfig:
     img_size: tuple[int, int] = (32, 32)  # size trained at; sets the learned position table's grid
-    patch_size: int = 16                  # 1 = one token per pixel (PiT)
-    in_chans: int = 3
+    patch_size: int = 16                  # patch side in pixels; 1 = one token per pixel (PiT)
+    in_chans: int = 3                     # image channels (set by the data)
     num_classes: int = 10                 # 0 = no head (an encoder for other tasks)
-    depth: int = 12
-    dim: int = 192
-    heads: int = 3
-    mlp_ratio: float = 4.0
-    qkv_bias: bool = True
+    depth: int = 12                       # Transformer blocks
+    dim: int = 192                        # width: features per token
+    heads: int = 3                        # attention heads (dividing the width)
+    mlp_ratio: float = 4.0                # MLP hidden width / width
+    qkv_bias: bool = True                 # biases in the query / key / value projection
     pool: str = "cls"                     # "cls" token or "mean" (global average pooling)
     pos_embed: str = "learned"            # "learned" (a 2-D table), "factorized" (NaViT's rows + columns),
                                           # "sincos2d" or "none"
@@ -61,6 +62,11 @@ class ViTConfig:
         if isinstance(self.img_size, int):
             self.img_size = (self.img_size, self.img_size)
         self.img_size = tuple(int(s) for s in self.img_size)
+        for name in ("patch_size", "dim", "heads"):
+            require(name, getattr(self, name), getattr(self, name) >= 1, "at least 1")
+        require("depth", self.depth, self.depth >= 0, "at least 0")
+        require("mlp_ratio", self.mlp_ratio, self.mlp_ratio > 0, "> 0")
+        require("drop_path", self.drop_path, 0 <= self.drop_path < 1, "in [0, 1)")
         if self.pool not in ("cls", "mean"):
             raise PixformerError(f"pool must be 'cls' or 'mean', got {self.pool!r}")
         if self.fc_norm and self.pool != "mean":

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from ..data.augment import mix
 from ..errors import PixformerError
 from ..models.registry import create_model, resolve
+from ..settings import check_fields
 from .base import Task
 
 
@@ -23,6 +24,7 @@ class ClassifyConfig:
     cutmix: float = 0.0                 # CutMix Beta alpha; 0 = off (with both on, one is drawn per batch)
 
     def __post_init__(self):
+        check_fields(self)                                          # types; every float finite
         if not 0 <= self.label_smoothing < 1:
             raise PixformerError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.mixup < 0 or self.cutmix < 0:

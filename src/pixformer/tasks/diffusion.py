@@ -36,6 +36,7 @@ from ..data.sources import cache_dir
 from ..data.store import ImageSet
 from ..errors import PixformerError
 from ..models.registry import create_model, resolve
+from ..settings import check_fields, require
 from .base import Task
 from .figures import image_grid
 
@@ -59,12 +60,14 @@ class DiffusionConfig:
     class_dropout: float = 0.1          # probability a label is replaced by the null class in training
     clip_denoised: bool = True          # clip predicted x_0 to -1..1 when sampling (pixel space)
     sampler: str = "ddim"               # sampler of the per-epoch grid (and `pixformer sample`'s default)
-    sample_steps: int = 50
+    sample_steps: int = 50              # sampling steps of the per-epoch grid (and `pixformer sample`'s default)
     cfg_scale: float = 1.5              # guidance of the per-epoch grid (1 = none; DiT's FID setting is 1.5)
     samples: int = 16                   # images in each epoch's grid (0: no grid)
     latent_vae: str | None = None       # a local folder with a diffusers AutoencoderKL: train on its latents
 
     def __post_init__(self):
+        check_fields(self)                                          # types; every float finite
+        require("samples", self.samples, self.samples >= 0, "at least 0")
         if self.schedule not in SCHEDULES:
             raise PixformerError(f"schedule must be one of {sorted(SCHEDULES)}, got {self.schedule!r}")
         if self.timesteps < 2:

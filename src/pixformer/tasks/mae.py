@@ -31,6 +31,7 @@ from ..data.store import ImageSet
 from ..errors import PixformerError
 from ..models.mae import DECODER_SIZES, MAEConfig, MaskedAutoencoder, random_keep, visible_count
 from ..layout import check_grid, patchify, unpatchify
+from ..settings import check_fields, require
 from .base import Task
 from .figures import image_grid
 
@@ -43,11 +44,16 @@ class MAETaskConfig:
     target: str = "auto"                # auto | patch | none | local (see the module doc)
     local_kernel: int = 3               # neighbourhood side for target=local (odd)
     decoder_depth: int | None = None    # decoder size; unset: by the encoder's size (models/mae.DECODER_SIZES)
-    decoder_dim: int | None = None
-    decoder_heads: int | None = None
+    decoder_dim: int | None = None      # decoder width; unset: by the encoder's size
+    decoder_heads: int | None = None    # decoder attention heads; unset: by the encoder's size
     samples: int = 8                    # validation images in each epoch's reconstructions PNG
 
     def __post_init__(self):
+        check_fields(self)                                          # types; every float finite
+        for name, least in (("decoder_depth", 0), ("decoder_dim", 1), ("decoder_heads", 1)):
+            value = getattr(self, name)
+            require(name, value, value is None or value >= least, f"at least {least} (or unset)")
+        require("samples", self.samples, self.samples >= 0, "at least 0")
         visible_count(10 ** 6, self.mask_ratio)                     # the ratio itself must be in (0, 1)
         if self.target not in TARGETS:
             raise PixformerError(f"target must be one of {TARGETS}, got {self.target!r}")

@@ -8,6 +8,7 @@ from typing import Any
 from torch import nn
 
 from ..models.probe import LinearProbe, ProbeModelConfig
+from ..settings import require
 from .classify import Classify, ClassifyConfig
 
 
@@ -15,6 +16,10 @@ from .classify import Classify, ClassifyConfig
 class ProbeConfig(ClassifyConfig):
     label_smoothing: float = 0.0        # the MAE probe recipe: plain cross-entropy
     features: str = "auto"              # cls | mean | auto (the class token if the encoder has one)
+
+    def __post_init__(self):
+        super().__post_init__()
+        require("features", self.features, self.features in ("auto", "cls", "mean"), "auto, cls or mean")
 
 
 class Probe(Classify):
