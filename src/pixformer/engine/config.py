@@ -81,7 +81,9 @@ class TrainConfig:
     eval_batch_size: int = 512
     checkpoint_every: int = 0           # also checkpoint every N steps (0: at the end of each epoch only)
     resume: bool = False                # continue the run in `out` from its checkpoint
-    progress: bool = True               # show the tqdm bar
+    progress: bool = True               # show progress: a bar on a terminal, plain periodic lines in a log
+    tensorboard: bool | None = None     # TensorBoard logs in RUN/tb: unset = when tensorboard is installed,
+    #                                     true = asked for (a one-line notice if it is not installed), false = off
 
     def __post_init__(self):
         if isinstance(self.speed, dict):
@@ -97,7 +99,7 @@ class TrainConfig:
 
 # Settings that change how a run executes but not what it computes (beyond float rounding): a run may
 # be resumed, or a cached sweep point reused, with these changed; any other change is refused.
-RUN_ONLY = ("out", "resume", "progress", "device", "eval_batch_size", "checkpoint_every", "data_root", "speed",
+RUN_ONLY = ("out", "resume", "progress", "tensorboard", "device", "eval_batch_size", "checkpoint_every", "data_root", "speed",
             "seq_parallel", "seq_sharding", "seq_regather", "fsdp", "workers", "loader_threads", "prefetch")
 
 

@@ -50,6 +50,7 @@ from ..layout import Packed
 from ..models import blocks_of
 from ..models.attention import check_sequence_backend, set_attention_backend
 from ..models.registry import check_model_args, model_name, model_spec, resolve
+from ..progress import Progress
 from ..tasks import DataFacts, Task, get_task, task_config
 from ..tasks.base import ExampleRandom
 from .checkpoint import (check_out_folder, find_checkpoint, init_from, load_tensors, load_weights, optimizer_state,
@@ -317,21 +318,24 @@ def model_inputs(task: Task, batch: Batch, device: torch.device) -> tuple[Tensor
 @torch.no_grad()
 def evaluate(task: Task, model: nn.Module, data: ImageSet | NativeSet, batch_size: int, runtime: Runtime,
              amp: torch.dtype | None = None, stop: "StopFlag | None" = None,
-             batcher: NativeBatcher | None = None, cfg: TrainConfig | None = None) -> dict[str, float]:
+             batcher: NativeBatcher | None = None, cfg: TrainConfig | None = None,
+             desc: str | None = "evaluating") -> dict[str, float]:
     """The task's metrics over `data` (made inputs as in training, not augmented; images of any sizes
     packed by `batcher`); the same numbers whatever the batch size: what a task draws at random is
     drawn per example (ExampleRandom), and a packed image sees only itself. Each process scores its
-    share of every batch; the sums are all-reduced."""
+    share of every batch; the sums are all-reduced. The main process shows its progress as `desc`
+    (pixformer.progress; None: silent)."""
     model.eval()
     device, sums = runtime.device, {}
     shares = []
     for idx in batch_indices(len(data), batch_size, 0, 0, shuffle=False):
         share = idx.tensor_split(runtime.data_parallel)[runtime.data_rank]   # this process's; sums all-reduced
         if len(share) or runtime.fsdp:     # FSDP2 gathers weights in each forward: every rank runs as many
-            shares.append((share if len(share) else idx[:1], len(share) > 0))
+            shares.append((share if len(share) else idx[:1], len(share) > 0, len(idx)))
     make = lambda s: (eval_batch(data, s[0], task, batcher, device), s)   # noqa: E731
-    with batches(make, shares, cfg) as made:
-        for batch, (idx, counted) in made:
+    progress = Progress(len(data), desc or "", show=desc is not None and runtime.is_main)
+    with batches(make, shares, cfg) as made, progress:
+        for batch, (idx, counted, images) in made:
             if stop is not None and runtime.world_size == 1:   # under torchrun the step's all-reduce decides
                 stop.check()
             x, y = model_inputs(task, batch, device)
@@ -339,6 +343,7 @@ def evaluate(task: Task, model: nn.Module, data: ImageSet | NativeSet, batch_siz
                 got = task.eval_sums(model, x, y, ExampleRandom(idx.tolist()))
             for k, v in got.items():
                 sums[k] = sums.get(k, 0) + (v if counted else 0)
+            progress.update(images)
     return task.metrics(runtime.all_reduce(sums))
 
 
@@ -486,7 +491,7 @@ def start(cfg: TrainConfig, data: Prepared | None, runtime: Runtime, task_cls: t
         write_atomically(run.run_dir / "config.json", json.dumps(state["train_config"], indent=1))
         if saved is None:
             trim_metrics(run.metrics_path, None)     # rows of an attempt that never checkpointed
-        run.tb = _tensorboard(run.run_dir)
+        run.tb = _tensorboard(run.run_dir, cfg.tensorboard, say)
     run.lr = lr_at(max(run.step - 1, 0), run.total_steps, run.warmup, cfg.lr, cfg.min_lr)   # of the last step taken
     return run
 
@@ -541,8 +546,8 @@ def fit(run: Run) -> dict[str, Any]:
     """Steps until the run's last, validating at the end of each epoch and testing once at the end; a
     stop asked is taken after a whole step (checkpointed, with the command that continues it)."""
     cfg, metric = run.cfg, run.task.best[0]
-    run.bar = tqdm(total=run.total_steps, initial=run.step, disable=not (cfg.progress and run.runtime.is_main),
-                   dynamic_ncols=True, desc=f"{run.name} {Path(cfg.data).name}")
+    run.bar = Progress(run.total_steps, f"training {run.name} on {Path(cfg.data).name}", unit="steps", short="steps",
+                       show=cfg.progress and run.runtime.is_main, initial=run.step, leave=True)
     try:
         with StopFlag() as stop, batches(lambda s: train_batch(run, s), range(run.step, run.total_steps), cfg) as feed:
             while True:
@@ -554,9 +559,11 @@ def fit(run: Run) -> dict[str, Any]:
                 step(run, next_batch(run, feed), stop, feed.waited - waited)
                 if cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0 and run.step % run.steps_per_epoch:
                     checkpoint(run)
+            run.bar.close()                                                  # the steps are done
             if run.splits.test is not None and run.state["test"] is None:   # once, at the end
                 run.state["test"] = evaluate(run.task, run.eval_model, run.splits.test, cfg.eval_batch_size,
-                                             run.runtime, run.amp, stop, run.batcher, cfg)
+                                             run.runtime, run.amp, stop, run.batcher, cfg,
+                                             desc="testing" if cfg.progress else None)
                 log(run, {"step": run.step, "epoch": cfg.epochs,
                           **{f"test_{k}": v for k, v in run.state["test"].items() if k != "n"}})
                 checkpoint(run)
@@ -574,7 +581,7 @@ def fit(run: Run) -> dict[str, Any]:
             run.tb.close()
     if run.val is None:  # resumed a run whose last epoch was validated before
         run.val = evaluate(run.task, run.eval_model, run.splits.val, cfg.eval_batch_size, run.runtime, run.amp,
-                           batcher=run.batcher, cfg=cfg)
+                           batcher=run.batcher, cfg=cfg, desc="validating" if cfg.progress else None)
     return {"run_dir": str(run.run_dir), "model_name": run.name, "step": run.step,
             f"best_{metric}": run.state[f"best_{metric}"], **{f"val_{k}": v for k, v in run.val.items()},
             **{f"test_{k}": v for k, v in (run.state["test"] or {}).items()}, "model": run.model, "ema": run.ema}
@@ -646,12 +653,12 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 
 def show_progress(run: Run, epoch: int) -> None:
+    """One step more on the training bar (or its plain lines), with the epoch's running statistics."""
     r = run.running
     n = max(r.get("n", 0), 1)
-    run.bar.update(1)
-    run.bar.set_postfix(epoch=epoch + 1, **{k: f"{v / n:.3f}" for k, v in r.items() if not k.startswith("_") and k != "n"},
-                        img_s=f"{r.get('n', 0) / max(r['_seconds'], 1e-9):.0f}",
-                        wait=f"{100 * r['_wait'] / max(r['_seconds'], 1e-9):.0f}%", lr=f"{run.lr:.1e}")
+    run.bar.update(1, epoch=epoch + 1, **{k: f"{v / n:.3f}" for k, v in r.items() if not k.startswith("_") and k != "n"},
+                   img_s=f"{r.get('n', 0) / max(r['_seconds'], 1e-9):.0f}",
+                   wait=f"{100 * r['_wait'] / max(r['_seconds'], 1e-9):.0f}%", lr=f"{run.lr:.1e}")
 
 
 def end_of_epoch(run: Run, stop: StopFlag) -> None:
@@ -660,7 +667,7 @@ def end_of_epoch(run: Run, stop: StopFlag) -> None:
     cfg, r, epoch = run.cfg, run.running, run.step // run.steps_per_epoch
     metric, better = run.task.best
     run.val = evaluate(run.task, run.eval_model, run.splits.val, cfg.eval_batch_size, run.runtime, run.amp, stop,
-                       run.batcher, cfg)
+                       run.batcher, cfg, desc="validating" if cfg.progress else None)
     best = run.state[f"best_{metric}"]
     if best is None or (run.val[metric] > best if better == "max" else run.val[metric] < best):
         run.state[f"best_{metric}"] = run.val[metric]
@@ -675,7 +682,10 @@ def end_of_epoch(run: Run, stop: StopFlag) -> None:
             + "  ".join(f"val {k} {v:.4f}" for k, v in run.val.items() if k != "n")
             + f"  (data wait {100 * record['data_wait']:.0f} %)")
     if run.runtime.is_main or run.runtime.fsdp:   # FSDP2: every rank runs the figures' forwards
-        run.task.report(run.ema or run.model, run.splits.val, run.run_dir if run.runtime.is_main else None, epoch)
+        try:
+            run.task.report(run.ema or run.model, run.splits.val, run.run_dir if run.runtime.is_main else None, epoch)
+        except PixformerError as e:               # a figure that cannot be written costs the figure, not the run
+            run.say(f"{e}; training goes on")
     run.state["epochs_logged"] = epoch
     checkpoint(run)
 
@@ -698,9 +708,21 @@ def log(run: Run, record: dict) -> None:
                 run.tb.add_scalar(k, v, record["step"])
 
 
-def _tensorboard(run_dir: Path):
+_TENSORBOARD_SAID = []     # the notice that TensorBoard is missing, said once per process
+
+
+def _tensorboard(run_dir: Path, wanted: bool | None, say: Callable[..., None]):
+    """A TensorBoard writer into RUN/tb: when asked for (`wanted` True) or by default (None) when
+    tensorboard is installed; None when off. Asked for and missing: one notice (once per process),
+    and the run goes on with metrics.jsonl."""
+    if wanted is False:
+        return None
     try:
         from torch.utils.tensorboard import SummaryWriter
-    except Exception:  # tensorboard is optional
+    except Exception as e:  # tensorboard is optional: pip install 'pixformer[tensorboard]'
+        if wanted and not _TENSORBOARD_SAID:
+            _TENSORBOARD_SAID.append(True)
+            say(f"no TensorBoard logs: {'tensorboard is not installed' if isinstance(e, ImportError) else e} "
+                f"(pip install 'pixformer[tensorboard]'); the metrics are in {run_dir / 'metrics.jsonl'}")
         return None
     return SummaryWriter(str(run_dir / "tb"))
