@@ -297,11 +297,12 @@ def cmd_eval(ns) -> int:
     if resolutions:
         if not hasattr(model, "patch_embed") or not hasattr(model, "flops"):
             raise PixformerError("--resolutions evaluates a ViT classifier at other resolutions; this run is not one")
+        from .tasks.figures import output_folder
+        out = output_folder(Path(ns.out) if ns.out else find_checkpoint(ns.checkpoint).parent / "resolutions")
         rows = resolution_sweep(task, model, state, data, resolutions, ns.batch_size, runtime, amp)
         metric = task.best[0]
-        out = Path(ns.out) if ns.out else find_checkpoint(ns.checkpoint).parent / "resolutions"
+        print(format_rows(rows, metric), flush=True)                  # the numbers first: a failed write loses none
         files = write_sweep(rows, out, metric, f"{state['model_name']} on {where}")
-        print(format_rows(rows, metric))
         print(json.dumps(rows) if ns.json else f"wrote {', '.join(map(str, files))}")
         return 0
     metrics = evaluate(task, model, data, ns.batch_size, runtime, amp, batcher=batcher_for(state["train_config"], model,

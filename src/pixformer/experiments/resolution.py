@@ -24,6 +24,7 @@ from ..engine.loop import evaluate
 from ..engine.runtime import Runtime
 from ..errors import PixformerError
 from ..tasks.base import Task
+from ..tasks.figures import save_figure, write_text
 
 
 def parse_resolutions(text: str) -> list[int]:
@@ -42,7 +43,7 @@ def resolution_sweep(task: Task, model: nn.Module, state: dict, data: ImageSet |
     p = model.cfg.patch_size
     base = batcher_for(state["train_config"], model, bucket=runtime.device.type == "cuda")
     warm = data.subset(torch.arange(min(len(data), batch_size)))
-    evaluate(task, model, warm, batch_size, runtime, amp, batcher=base)   # first-call costs out of the timings
+    evaluate(task, model, warm, batch_size, runtime, amp, batcher=base, desc=None)   # first-call costs out of the timings
     rows = []
     for r in resolutions:
         if r % p and base is None:
@@ -58,7 +59,7 @@ def resolution_sweep(task: Task, model: nn.Module, state: dict, data: ImageSet |
             grids = [(r // p, r // p)] * len(data)
             scored = ImageSet(resize(data.images, (r, r)), data.labels, data.classes)
         t0 = time.perf_counter()
-        metrics = evaluate(task, model, scored, batch_size, runtime, amp, batcher=batcher)
+        metrics = evaluate(task, model, scored, batch_size, runtime, amp, batcher=batcher, desc=f"evaluating at {r} px")
         seconds = time.perf_counter() - t0
         n = len(grids)
         rows.append({"resolution": r, **{k: v for k, v in metrics.items()},
@@ -69,23 +70,24 @@ def resolution_sweep(task: Task, model: nn.Module, state: dict, data: ImageSet |
 
 
 def write_sweep(rows: list[dict], out: Path, metric: str, title: str) -> list[Path]:
-    """resolutions.json and resolutions.png (the metric against GFLOPs per image, each point labelled)."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "resolutions.json").write_text(json.dumps(rows, indent=1))
+    """resolutions.json and resolutions.png (the metric against GFLOPs per image, each point labelled
+    with its resolution in pixels) in the folder `out` (checked with output_folder before the sweep)."""
+    write_text(out / "resolutions.json", json.dumps(rows, indent=1))
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
     ax.plot([r["gflops"] for r in rows], [r[metric] for r in rows], "o-")
     for r in rows:
-        ax.annotate(str(r["resolution"]), (r["gflops"], r[metric]), textcoords="offset points", xytext=(4, -10), fontsize=8)
+        ax.annotate(f"{r['resolution']} px", (r["gflops"], r[metric]), textcoords="offset points", xytext=(0, 7),
+                    ha="center", fontsize=8)
+    ax.margins(x=0.12, y=0.2)                      # room for the first and last points' labels inside the axes
     ax.set_xlabel("GFLOPs per image (forward)")
     ax.set_ylabel(metric)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out / "resolutions.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, out / "resolutions.png")
     return [out / "resolutions.json", out / "resolutions.png"]
 
 

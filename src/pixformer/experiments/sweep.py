@@ -34,6 +34,7 @@ from ..engine.config import TrainConfig, changed_settings, config_from_options
 from ..engine.loop import Prepared, prepare_data, train
 from ..errors import PixformerError
 from ..models.registry import VIT_SIZES, create_model
+from ..tasks import get_task
 from .tables import format_table, plot
 
 REGIMES = ("fixed-input", "fixed-tokens")
@@ -223,6 +224,10 @@ def write_outputs(out_dir: Path, cfg: SweepConfig, rows: list[dict]):
 def run_sweep(cfg: SweepConfig) -> tuple[Path, list[dict]]:
     """Check every point, then train the ones not yet done; returns the sweep folder and one row per point."""
     t = cfg.train
+    metric, _ = get_task(t.task).best
+    if metric != "top1":                                   # before any data is read or point trained
+        raise PixformerError(f"the sweep compares top-1 accuracy across patch sizes; --task {t.task} measures "
+                             f"{metric}, not accuracy: train each patch size with pixformer train --task {t.task}")
     out_dir = Path(cfg.out) if cfg.out else \
         Path("runs") / f"sweep-{cfg.regime}-{Path(t.data).name.split('.')[0]}-{time.strftime('%Y%m%d-%H%M%S')}"
     # the data at its own (or the sweep's) size: the grid's reference, its channels and classes

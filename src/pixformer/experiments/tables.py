@@ -4,6 +4,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from ..tasks.figures import save_figure
+
 
 # A table column: (header, row key, width, format spec of the value).
 TABLE_COLUMNS = [("patch", "patch", 5, ""), ("tokens", "tokens", 6, ""), ("params", "params", 8, ","),
@@ -48,8 +50,7 @@ def plot(rows: list[dict], path: Path, title: str, x: str = "patch", xlabel: str
     if footnote:
         fig.text(0.01, 0.01, footnote, fontsize=7, color="0.25", ha="left", va="bottom", wrap=True)
     fig.tight_layout(rect=(0, 0.1 if footnote else 0, 1, 1))
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def binomial_se(accuracy: float, n: int) -> float:

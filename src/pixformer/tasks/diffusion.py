@@ -38,7 +38,7 @@ from ..errors import PixformerError
 from ..models.registry import create_model, resolve
 from ..settings import check_fields, require
 from .base import Task
-from .figures import image_grid
+from .figures import grid_captions, grid_columns, image_grid
 
 SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}   # ours -> diffusers' beta_schedule
 SAMPLERS = ("ddpm", "ddim", "dpm-solver")
@@ -295,8 +295,9 @@ class Diffusion(Task):
 
     @torch.no_grad()
     def report(self, model: nn.Module, data: ImageSet, run_dir: Path | None, epoch: int) -> Path | None:
-        """A grid of `samples` images from a fixed seed (classes 0, 1, 2, ... in turn), so a run shows
-        the same noise turning into images epoch by epoch; none with samples = 0."""
+        """A grid of `samples` images from a fixed seed (classes 0, 1, 2, ... in turn: one column per
+        class, named above it), so a run shows the same noise turning into images epoch by epoch; none
+        with samples = 0."""
         n = self.cfg.samples
         if n == 0:
             return None
@@ -305,14 +306,13 @@ class Diffusion(Task):
         images = self.to_images(self.sample(model, n, cfg_scale=scale, seed=0)).cpu()
         if run_dir is None:
             return None
-        per_row = n if n <= 8 else next(d for d in (8, 7, 6, 5, 4, 3, 2, 1) if n % d == 0)
-        rows = [images[i:i + per_row] for i in range(0, n, per_row)]
-        K = len(self.facts.classes)
-        labels = [f"classes {', '.join(str(j % K) for j in range(i, i + per_row))}" if self.cfg.conditional else ""
-                  for i in range(0, n, per_row)]
+        K = len(self.facts.classes) if self.cfg.conditional else 0
+        ncol = grid_columns(n, K)
+        rows = [images[i:i + ncol] for i in range(0, n, ncol)]
+        captions = grid_captions([self.facts.classes[j % K] for j in range(n)], ncol) if K else None
         path = run_dir / "samples" / f"epoch{epoch:03d}.png"
         what = f"{self.cfg.sampler} {self.cfg.sample_steps} steps" + (f", guidance {scale}" if scale != 1 else "")
-        image_grid(rows, labels, path, f"samples, epoch {epoch} ({what})")
+        image_grid(rows, [""] * len(rows), path, f"samples, epoch {epoch} ({what})", captions)
         return path
 
 

@@ -144,11 +144,13 @@ class MAE(Task):
 
     @torch.no_grad()
     def report(self, model: nn.Module, data: ImageSet, run_dir: Path | None, epoch: int) -> Path | None:
-        """A PNG of the first validation images: original, the visible tokens (hidden ones grey), and
-        the reconstruction with the visible pixels pasted back (masks drawn with seed 0)."""
+        """A PNG of `samples` validation images, one of each class first (spread_over_classes), each
+        named: original, the visible tokens (hidden ones grey), and the reconstruction with the visible
+        pixels pasted back (masks drawn with seed 0)."""
         model.eval()
         device = next(model.parameters()).device
-        x = normalize(data.images[: self.cfg.samples].to(device), self.facts.mean, self.facts.std)
+        shown = spread_over_classes(data.labels, self.cfg.samples)
+        x = normalize(data.images[shown].to(device), self.facts.mean, self.facts.std)
         pred, target, mask, mean, std = self.reconstruct(model, x, np.random.default_rng(0))
         p = self.patch_size(model)
         grid = (x.shape[-2] // p, x.shape[-1] // p)
@@ -159,7 +161,21 @@ class MAE(Task):
         if run_dir is None:
             return None
         path = run_dir / "reconstructions" / f"epoch{epoch:03d}.png"
+        names = [data.classes[k] for k in data.labels[shown].tolist()]
         image_grid(rows, ["original", f"visible ({100 * (1 - self.cfg.mask_ratio):.0f} %)", "reconstruction"],
-                   path, f"MAE, epoch {epoch}: validation images")
+                   path, f"MAE, epoch {epoch}: validation images", [names, [""] * len(names), [""] * len(names)])
         return path
 
+
+def spread_over_classes(labels: Tensor, n: int) -> Tensor:
+    """Indices of `n` images (at most all) to show: the first image of each class, in class order, then
+    the first of the others in order (a split sorted by class would otherwise show one class only)."""
+    labels = torch.as_tensor(labels).long()
+    if len(labels) == 0:
+        return labels
+    order = torch.arange(len(labels))
+    first = torch.full((int(labels.max()) + 1,), len(labels)).scatter_reduce(0, labels, order, "amin")
+    first = first[first < len(labels)]                                   # each present class's first image
+    taken = torch.zeros(len(labels), dtype=torch.bool)
+    taken[first] = True
+    return torch.cat([first, order[~taken]])[:n]
