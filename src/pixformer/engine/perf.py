@@ -174,7 +174,7 @@ def apply_compile(model: nn.Module, backend: str = "inductor") -> nn.Module:
 class Speed:
     """The speed and memory switches of a run (`train --attn-backend ...`); none changes what is computed
     beyond float rounding, and none is stored in the weights."""
-    attn_backend: str = "auto"          # auto | sdpa | blocked | math | flash | efficient | cudnn (models/attention.py)
+    attn_backend: str = "auto"          # the attention kernel (models/attention.py); auto: chosen by device and shape
     checkpoint_blocks: int | str = 0    # full activation checkpointing of the first N blocks, or "all"
     selective_checkpoint: bool | None = None  # other blocks recompute norms / GELU in backward: -30% activation
     #                                     memory; unset: on when the step's activations exceed 1 GiB (plan.selective_pays)

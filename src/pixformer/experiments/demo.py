@@ -60,7 +60,7 @@ def train_point(cfg: TrainConfig, threads: int, parent: int) -> dict:
         raise
     model, p = result["model"], result["model"].cfg.patch_size
     img = model.cfg.img_size
-    return {"patch": p, "model": cfg.model, "tokens": (img[0] // p) * (img[1] // p),
+    return {"patch": p, "model": result["model_name"], "tokens": (img[0] // p) * (img[1] // p),
             "params": sum(q.numel() for q in model.parameters()), "gflops": model.flops() / 1e9,
             "accuracy": result["test_top1"], "n": result["test_n"], "val_accuracy": result["val_top1"],
             "std": binomial_se(result["test_top1"], result["test_n"]), "seconds": round(time.time() - t0, 1)}

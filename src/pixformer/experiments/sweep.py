@@ -31,10 +31,11 @@ import torch
 
 from ..engine.checkpoint import find_checkpoint
 from ..engine.config import TrainConfig, changed_settings, config_from_options
-from ..engine.loop import Prepared, prepare_data, train
+from ..engine.loop import Prepared, Stopped, prepare_data, train
 from ..errors import PixformerError
 from ..models.registry import VIT_SIZES, create_model
-from ..tasks import get_task
+from ..models.registry import model_name as built_name
+from ..tasks import get_task, task_config
 from .tables import format_table, plot
 
 REGIMES = ("fixed-input", "fixed-tokens")
@@ -47,7 +48,7 @@ class SweepConfig:
     """A patch-size sweep: the grid (regime, patches, img_size or tokens, size or model, seeds) and the
     training recipe every point shares (`train`)."""
     regime: str = "fixed-input"          # fixed-input | fixed-tokens
-    patches: list[int] = field(default_factory=lambda: [8, 4, 2, 1])
+    patches: list[int] = field(default_factory=lambda: [8, 4, 2, 1])  # the patch sizes of the points
     img_size: int | None = None          # fixed-input: the input size (default: the data's own)
     tokens: int | None = None            # fixed-tokens: tokens per image (default: (img_size / largest patch)^2)
     size: str = "n"                      # model size letter: vit-<size>/<p>, and pit-<size> for p = 1
@@ -63,10 +64,11 @@ class Point:
     patch: int
     img: tuple[int, int]        # input size (H, W)
     resize: int | None          # TrainConfig.img_size of the point (None: the data's own size)
-    model: str
+    model: str                  # the name the point's model is made from (vit-n/4; --model)
     tokens: int
     params: int
     flops: int
+    built: str = ""             # the name of the model built, after every setting (vit-d2w32/4): the rows' label
 
     @property
     def name(self) -> str:
@@ -148,6 +150,7 @@ def plan(cfg: SweepConfig, native: tuple[int, int], in_chans: int, num_classes: 
         point.tokens = (img[0] // p) * (img[1] // p)
         point.params = sum(t.numel() for t in model.parameters())
         point.flops = model.flops()
+        point.built = built_name(model)
         points.append(point)
     return points
 
@@ -187,7 +190,7 @@ def summarize(point: Point, records: list[dict], regime: str) -> dict[str, Any]:
     std = statistics.stdev(accs) if len(accs) > 1 else 0.0
     mean = statistics.fmean(accs)
     acc = f"{100 * mean:.2f}" + (f" ± {100 * std:.2f}" if len(accs) > 1 else "")
-    return {"model": point.model, "patch": point.patch, "input": f"{point.img[0]}x{point.img[1]}",
+    return {"model": point.built or point.model, "patch": point.patch, "input": f"{point.img[0]}x{point.img[1]}",
             "tokens": point.tokens, "params": point.params, "gflops": point.flops / 1e9,
             "accuracy": mean, "std": std, "acc": acc, "seeds": len(accs),
             "accuracies": " ".join(f"{a:.4f}" for a in accs), "split": records[0]["split"],
@@ -228,6 +231,8 @@ def run_sweep(cfg: SweepConfig) -> tuple[Path, list[dict]]:
     if metric != "top1":                                   # before any data is read or point trained
         raise PixformerError(f"the sweep compares top-1 accuracy across patch sizes; --task {t.task} measures "
                              f"{metric}, not accuracy: train each patch size with pixformer train --task {t.task}")
+    t.speed.check()                                        # the shared settings too, before any data is read
+    task_config(t.task, t.task_args)
     out_dir = Path(cfg.out) if cfg.out else \
         Path("runs") / f"sweep-{cfg.regime}-{Path(t.data).name.split('.')[0]}-{time.strftime('%Y%m%d-%H%M%S')}"
     # the data at its own (or the sweep's) size: the grid's reference, its channels and classes
@@ -253,10 +258,14 @@ def run_sweep(cfg: SweepConfig) -> tuple[Path, list[dict]]:
     records: dict[str, list[dict]] = {}
     rows: list[dict] = []
     for i, (point, seed, run_cfg, data) in enumerate(runs, 1):
-        label = f"[{i}/{len(runs)}] {point.model} patch {point.patch}, {point.img[0]}x{point.img[1]}, seed {seed}"
+        label = f"[{i}/{len(runs)}] {point.built} patch {point.patch}, {point.img[0]}x{point.img[1]}, seed {seed}"
         print(f"{label} ...", flush=True)
         try:
             record = run_point(run_cfg, data)
+        except Stopped as e:                                 # asked to stop: the same exit, the sweep's command
+            raise Stopped(f"sweep stopped at {point.name} seed {seed}: {str(e).split('; ')[0]}; re-run the same "
+                          f"sweep command with --out {out_dir} to continue where it stopped",
+                          "SIGINT" if e.exit_code == 130 else "SIGTERM") from None
         except PixformerError as e:
             raise PixformerError(f"sweep stopped at {point.name} seed {seed}: {e}\nRe-run the same sweep "
                                  f"command with --out {out_dir} to continue where it stopped") from None
