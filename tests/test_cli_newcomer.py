@@ -196,3 +196,11 @@ def test_sweep_rows_are_labelled_with_the_model_built():
     from pixformer.experiments.sweep import SweepConfig, plan
     points = plan(SweepConfig(patches=[4, 1], train=TrainConfig(model_args=dict(depth=2, dim=32, heads=2))), (8, 8), 1, 10)
     assert [(p.model, p.built) for p in points] == [("vit-n/4", "vit-d2w32/4"), ("pit-n", "pit-d2w32")]
+
+
+def test_mae_of_a_printed_size_takes_the_decoder_of_the_listed_size_nearest_in_width():
+    from pixformer.tasks import MAE, DataFacts, MAETaskConfig
+    facts = DataFacts(["a", "b"], 1, (8, 8), [0.5], [0.25])
+    model = MAE(MAETaskConfig(), facts).build_model("pit-d1w32", {})
+    assert model.encoder.cfg.dim == 32 and model.cfg.decoder_dim == 64           # vit-n's decoder (width 128)
+    assert MAE(MAETaskConfig(), facts).build_model("vit-t/4", {}).cfg.decoder_dim == 128

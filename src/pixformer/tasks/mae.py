@@ -30,6 +30,7 @@ from ..data.augment import normalize
 from ..data.store import ImageSet
 from ..errors import PixformerError
 from ..models.mae import DECODER_SIZES, MAEConfig, MaskedAutoencoder, random_keep, visible_count
+from ..models.registry import VIT_SIZES
 from ..layout import check_grid, patchify, unpatchify
 from ..settings import check_fields, require
 from .base import Task
@@ -89,9 +90,11 @@ class MAE(Task):
 
     def build_model(self, name: str, model_args: dict[str, Any]) -> nn.Module:
         encoder = self.vit_encoder(name, model_args)
-        letter = re.match(r"(?:vit|pit)-([a-z])", name.lower())[1]
+        size = re.match(r"(?:vit|pit)-([a-z0-9]+)", name.lower())[1]
+        if size not in DECODER_SIZES:           # a run's printed size (pit-d4w64): the listed one nearest in width
+            size = min(DECODER_SIZES, key=lambda s: abs(VIT_SIZES[s]["dim"] - encoder["dim"]))
         decoder = {k: v if getattr(self.cfg, k) is None else getattr(self.cfg, k)
-                   for k, v in DECODER_SIZES[letter].items()}
+                   for k, v in DECODER_SIZES[size].items()}
         rows, cols = check_grid(self.facts.img_size, encoder["patch_size"])
         visible_count(rows * cols, self.cfg.mask_ratio)                      # at least one visible token
         if self.cfg.target == "patch" and encoder["patch_size"] ** 2 * self.facts.in_chans < 2:
