@@ -26,7 +26,6 @@ import json
 import os
 import re
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -36,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import PixformerError
+from ..progress import Progress
 
 ImageLike = Any                 # a path (str or Path), a PIL image, a numpy array (H, W[, C]) or a tensor (C, H, W)
 PROGRESS_FROM = 100             # images from which progress is shown
@@ -125,7 +125,7 @@ class Predictor:
             raise PixformerError(f"top_k and batch_size must be at least 1, got {top_k} and {batch_size}")
         show = len(items) >= PROGRESS_FROM if progress is None else progress
         return self._results(items, min(top_k, len(self.classes)), batch_size, skip_bad_images,
-                             Progress(len(items), "predict", show=show))
+                             Progress(len(items), "predicting", show=show))
 
     def _results(self, items: list[ImageLike], k: int, batch_size: int, skip_bad_images: bool,
                  progress) -> Iterator[dict[str, Any]]:
@@ -281,41 +281,6 @@ def encoded(im) -> bytes:
     buf = io.BytesIO()
     im.save(buf, format="TIFF")
     return buf.getvalue()
-
-
-class Progress:
-    """Images done, on stderr: a tqdm bar on a terminal; elsewhere (a log, a pipe) a plain line every
-    `every` seconds, and a last one if any was said. Nothing with `show` false."""
-
-    def __init__(self, total: int, desc: str, show: bool = True, every: float = 10.0):
-        self.total, self.desc, self.show, self.every, self.done, self.said = total, desc, show, every, 0, False
-        self.t0 = self.last = time.monotonic()
-        self.bar = None
-        if show and sys.stderr.isatty():
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, desc=desc, unit="img", leave=False, delay=1.0)
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-        elif self.show and time.monotonic() - self.last >= self.every:
-            self.say()
-
-    def say(self) -> None:
-        self.last, self.said = time.monotonic(), True
-        rate = self.done / max(self.last - self.t0, 1e-9)
-        print(f"{self.desc}: {self.done:,}/{self.total:,} images ({100 * self.done // self.total} %), {rate:,.1f} img/s",
-              file=sys.stderr, flush=True)
-
-    def __enter__(self) -> "Progress":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        elif self.said and self.done > 0:
-            self.say()
 
 
 # ---- the command ------------------------------------------------------------------------------
