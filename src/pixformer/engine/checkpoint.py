@@ -39,7 +39,7 @@ from ..models.pos_embed import resample_table
 from ..models.registry import ARCHITECTURES, build
 from .flexi import pi_resize
 from .imports import read_foreign
-from .rundir import claim, notice
+from .rundir import claim, notice, read_json_object
 
 
 def _tensors(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -255,12 +255,7 @@ def read_state(ckpt: Path) -> dict[str, Any]:
     """A checkpoint's state.json, checked for the fields the loaders read (STATE_FIELDS): a file that is
     not a JSON object, or lacks one of them, is one line naming the file and the field."""
     path = ckpt / "state.json"
-    try:
-        state = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise PixformerError(f"{path} is unreadable ({e})") from None
-    if not isinstance(state, dict):
-        raise PixformerError(f"{path} holds a JSON {type(state).__name__}, not a checkpoint's state (an object)")
+    state = read_json_object(path, "a checkpoint's state (an object)")
     for name, kind in STATE_FIELDS.items():
         value = state
         for part in name.split("."):

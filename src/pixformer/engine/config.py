@@ -245,13 +245,8 @@ def saved_settings(run: str | Path) -> dict[str, Any] | None:
     path = Path(run) / "config.json"
     if not path.is_file():
         return None
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise PixformerError(f"{path} is unreadable ({e})") from None
-    if not isinstance(saved, dict):
-        raise PixformerError(f"{path} holds a JSON {type(saved).__name__}, not a run's settings")
-    return saved
+    from .rundir import read_json_object
+    return read_json_object(path, "a run's settings")
 
 
 def resume_options(saved: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:

@@ -185,6 +185,19 @@ def write_atomically(path: str | Path, data: str | bytes) -> Path:
     return path
 
 
+def read_json_object(path: str | Path, what: str) -> dict[str, Any]:
+    """A JSON file that must hold an object (`what` names what it should be, for the error): its dict,
+    or one line naming the file when it is unreadable or holds something else."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise PixformerError(f"{path} is unreadable ({e})") from None
+    if not isinstance(value, dict):
+        raise PixformerError(f"{path} holds a JSON {type(value).__name__}, not {what}")
+    return value
+
+
 def read_metrics(path: str | Path, say: Callable[[str], None] = notice) -> list[dict[str, Any]]:
     """The rows of a metrics.jsonl ([] when there is none). A torn last line (a kill or a full disk in the
     middle of a write) is dropped, said in one line; a line that is not JSON elsewhere is an error naming it."""
