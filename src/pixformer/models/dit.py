@@ -5,7 +5,8 @@ pixel, or per cell of a VAE's latent grid), larger patches are DiT-S/2, DiT-L/2 
     out = model(x_t, t, y)    # x_t (B, C, H, W) noisy images, t (B,) timesteps, y (B,) class indices
                               # (index num_classes is the "null" class of classifier-free guidance)
                               # out (B, C, H, W) predicted noise, or (B, 2C, H, W) with learn_sigma
-                              # (the second half: the interpolation v of the learned variance)
+                              # (the second half: the interpolation v of the learned variance);
+                              # what the output means (noise, velocity or image) is the task's --prediction
 
 The blocks are the package's one `Block` in its adaLN-Zero form (models/vit.py); the conditioning
 vector is the timestep embedding (a 256-frequency sinusoid through an MLP) plus the class embedding.
@@ -41,6 +42,8 @@ class DiTConfig:
     mlp_ratio: float = 4.0                # MLP hidden width / width
     learn_sigma: bool = False             # also predict the variance (DiT's hybrid loss), 2C outputs
     freq_dim: int = 256                   # sinusoid frequencies of the timestep embedding
+    embed_rank: int = 0                   # JiT's bottleneck patch embedding: p*p*C -> r -> D, a low-rank linear
+                                          # pair (0: one linear map p*p*C -> D)
 
     def __post_init__(self):
         if isinstance(self.img_size, int):
@@ -48,6 +51,7 @@ class DiTConfig:
         self.img_size = tuple(int(s) for s in self.img_size)
         for name in ("patch_size", "dim", "heads", "freq_dim"):
             require(name, getattr(self, name), getattr(self, name) >= 1, "at least 1")
+        require("embed_rank", self.embed_rank, self.embed_rank >= 0, "at least 0 (0: no bottleneck)")
         require("depth", self.depth, self.depth >= 0, "at least 0")
         require("mlp_ratio", self.mlp_ratio, self.mlp_ratio > 0, "> 0")
         if self.dim % self.heads:
@@ -74,7 +78,11 @@ class DiT(nn.Module):
         self.cfg = cfg
         p, D, C = cfg.patch_size, cfg.dim, cfg.in_chans
         self.out_chans = 2 * C if cfg.learn_sigma else C
-        self.patch_embed = nn.Linear(C * p * p, D)                       # p = 1: a map of one pixel's channels
+        if cfg.embed_rank:                                                # JiT: p*p*C -> r (no bias) -> D
+            self.patch_embed = nn.Sequential(nn.Linear(C * p * p, cfg.embed_rank, bias=False),
+                                             nn.Linear(cfg.embed_rank, D))
+        else:
+            self.patch_embed = nn.Linear(C * p * p, D)                   # p = 1: a map of one pixel's channels
         self.t_embed = nn.Sequential(nn.Linear(cfg.freq_dim, D), nn.SiLU(), nn.Linear(D, D))
         self.y_embed = nn.Embedding(cfg.num_classes + 1, D) if cfg.num_classes else None   # + the null class
         self.blocks = nn.ModuleList(Block(D, cfg.heads, cfg.mlp_ratio, cond_dim=D) for _ in range(cfg.depth))
@@ -104,11 +112,11 @@ class DiT(nn.Module):
 
     def position_embedding(self, grid: tuple[int, int]) -> Tensor:
         """(N, D) fixed sincos embedding of every token of `grid` (row-major), for any grid."""
-        return sincos_2d(grid_coords(*grid, device=self.patch_embed.weight.device), self.cfg.dim)
+        return sincos_2d(grid_coords(*grid, device=self.t_embed[0].weight.device), self.cfg.dim)
 
     def condition(self, t: Tensor, y: Tensor | None) -> Tensor:
         """(B,) timesteps and (B,) class indices (or None) -> (B, D) conditioning vector."""
-        c = self.t_embed(timestep_embedding(t, self.cfg.freq_dim).to(self.patch_embed.weight.dtype))   # (B, D)
+        c = self.t_embed(timestep_embedding(t, self.cfg.freq_dim).to(self.t_embed[0].weight.dtype))   # (B, D)
         if self.y_embed is None:
             if y is not None:
                 raise PixformerError("this model is unconditional: it takes no class labels")
@@ -137,5 +145,8 @@ class DiT(nn.Module):
         gh, gw = check_grid(img_size or c.img_size, c.patch_size)
         n, hidden = gh * gw, int(c.dim * c.mlp_ratio)
         per_block = 2 * n * c.dim * (3 * c.dim + c.dim + 2 * hidden) + 2 * 2 * n * n * c.dim
-        io = 2 * n * c.patch_size ** 2 * (c.in_chans + self.out_chans) * c.dim
+        pixels = c.patch_size ** 2
+        r = c.embed_rank
+        embed = pixels * c.in_chans * r + r * c.dim if r else pixels * c.in_chans * c.dim   # the bottleneck's pair
+        io = 2 * n * (embed + pixels * self.out_chans * c.dim)
         return io + c.depth * per_block
