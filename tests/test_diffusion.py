@@ -194,7 +194,8 @@ def test_diffusion_run_writes_samples_resumes_exactly_and_samples_from_the_cli(t
 @pytest.mark.parametrize("args,match", [
     (["--model", "vit-n/2"], "--task diffusion trains dit models"),
     (["--schedule", "quadratic"], "schedule must be one of"),
-    (["--sampler", "euler"], "sampler must be one of"),
+    (["--sampler", "unipc"], "sampler must be one of"),
+    (["--sampler", "euler"], "sampler euler does not sample the gaussian process"),
     (["--class-dropout", "1.0"], "class_dropout must be in"),
 ])
 def test_bad_diffusion_settings_are_one_line_errors_before_training(tmp_path, capsys, args, match):

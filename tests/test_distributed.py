@@ -27,6 +27,8 @@ RUNS = {
                      task_args=dict(decoder_depth=1, decoder_dim=16, decoder_heads=2, samples=2)),
     "fsdp-diffusion": dict(SMALL, model="dit-n/2", task="diffusion", fsdp=True,
                            task_args=dict(timesteps=50, samples=2, sample_steps=5)),
+    "flow": dict(SMALL, model="dit-n/2", task="diffusion", model_args=dict(SMALL["model_args"], embed_rank=4),
+                 task_args=dict(process="flow", samples=2, sample_steps=3, cfg_interval=[0.1, 0.9])),
 }
 ALONE = dict(seq_parallel=1, fsdp=False)   # the same run in one process
 

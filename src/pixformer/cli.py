@@ -152,8 +152,10 @@ def build_parser():
     sample.add_argument("--classes", type=typing.Optional[str], default=None,
                         help="class indices, comma-separated, repeated to --num (default: 0, 1, 2, ... in turn)")
     sample.add_argument("--cfg_scale", type=float, default=1.5, help="classifier-free guidance (1 = none)")
+    sample.add_argument("--cfg_interval", type=typing.Optional[tuple[float, float]], default=None,
+                        help="guidance only for t in '[LO, HI]' (t: 0 noise .. 1 image; default: the run's)")
     sample.add_argument("--sampler", type=typing.Optional[str], default=None, help="ddpm | ddim | dpm-solver "
-                        "(default: the run's)")
+                        "(gaussian), euler | heun (flow); default: the run's")
     sample.add_argument("--steps", type=typing.Optional[int], default=None, help="sampling steps (default: the run's)")
     sample.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (0: deterministic)")
     sample.add_argument("--seed", type=int, default=0)
@@ -172,6 +174,8 @@ def build_parser():
                      help="score this samples.npz of `pixformer sample` instead of sampling now")
     fid.add_argument("--num", type=int, default=1000, help="images to generate (at least 100)")
     fid.add_argument("--cfg_scale", type=float, default=1.5)
+    fid.add_argument("--cfg_interval", type=typing.Optional[tuple[float, float]], default=None,
+                     help="guidance only for t in '[LO, HI]' (t: 0 noise .. 1 image; default: the run's)")
     fid.add_argument("--sampler", type=typing.Optional[str], default=None)
     fid.add_argument("--steps", type=typing.Optional[int], default=None)
     fid.add_argument("--seed", type=int, default=0)
@@ -305,7 +309,7 @@ SHARED_HELP = {
     "in_chans": "image channels",
     "num_classes": "classes of the classifier head",
     "cfg_scale": "classifier-free guidance (1 = none)",
-    "sampler": "ddpm | ddim | dpm-solver (default: the run's)",
+    "sampler": "ddpm | ddim | dpm-solver (gaussian), euler | heun (flow); default: the run's",
     "steps": "sampling steps (default: the run's)",
     "out": "the output folder",
     "train_subset": "train on a seeded random subset of this many images",
@@ -449,7 +453,7 @@ def cmd_sample(ns) -> int:
         raise PixformerError(f"--classes takes class indices, comma-separated (e.g. 0,3,7), got {ns.classes!r}") from None
     model, state = load_model(ns.checkpoint, ns.weights)
     out = generate(model, state, ns.checkpoint, ns.out, ns.num, classes, ns.cfg_scale, ns.sampler, ns.steps,
-                   ns.eta, ns.seed, ns.batch_size, pick_device(ns.device))
+                   ns.eta, ns.seed, ns.batch_size, pick_device(ns.device), ns.cfg_interval)
     print(f"{ns.num} samples: {out / 'grid.png'}, {out / 'images'}/, {out / 'samples.npz'}")
     return 0
 
@@ -459,7 +463,8 @@ def cmd_fid(ns) -> int:
     from .experiments.quality import score
     _counts(ns, "num", "batch_size", "steps")
     out = score(ns.checkpoint, ns.samples, ns.num, ns.cfg_scale, ns.sampler, ns.steps, ns.seed, ns.ref, ns.ref_split,
-                ns.ref_stats, ns.save_ref_stats, ns.network, ns.classifier, ns.batch_size, pick_device(ns.device))
+                ns.ref_stats, ns.save_ref_stats, ns.network, ns.classifier, ns.batch_size, pick_device(ns.device),
+                ns.cfg_interval)
     if ns.json:
         print(json.dumps(out))
     else:

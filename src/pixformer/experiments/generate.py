@@ -14,7 +14,7 @@ from ..engine.checkpoint import find_checkpoint
 from ..errors import PixformerError
 from ..progress import Progress
 from ..tasks import task_of
-from ..tasks.diffusion import Diffusion, check_sampler
+from ..tasks.diffusion import Diffusion
 from ..tasks.figures import grid_columns, labelled_tile, output_folder, save_png, to_uint8, written
 
 
@@ -41,10 +41,12 @@ def sample_labels(task: Diffusion, model: nn.Module, num: int, classes: list[int
 @torch.no_grad()
 def sample_images(task: Diffusion, model: nn.Module, num: int, classes: list[int] | None, cfg_scale: float,
                   sampler: str | None, steps: int | None, eta: float, seed: int,
-                  batch_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`num` images (num, C, H, W) on 0..1 and their labels (or None). The start noise of image i does not
-    depend on the batch size (all of it is drawn from `seed` first), so neither do the deterministic
-    samplers' images (DDIM with eta 0, DPM-Solver++); DDPM's per-step noise is drawn per batch."""
+                  batch_size: int, cfg_interval: tuple[float, float] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`num` images (num, C, H, W) on 0..1 and their labels (or None), guided for t in `cfg_interval`
+    (default: the run's). The start noise of image i does not depend on the batch size (all of it is
+    drawn from `seed` first), so neither do the deterministic samplers' images (DDIM with eta 0,
+    DPM-Solver++, the flow's Euler and Heun); DDPM's per-step noise is drawn per batch."""
     c = model.cfg
     labels = sample_labels(task, model, num, classes, cfg_scale)
     noise = torch.randn(num, c.in_chans, *c.img_size, generator=torch.Generator().manual_seed(seed))
@@ -53,7 +55,7 @@ def sample_images(task: Diffusion, model: nn.Module, num: int, classes: list[int
         for i, start in enumerate(range(0, num, batch_size)):
             part = slice(start, start + batch_size)
             x = task.sample(model, len(noise[part]), None if labels is None else labels[part], cfg_scale, sampler,
-                            steps, eta, seed=seed * 1_000_003 + i, noise=noise[part])
+                            steps, eta, seed=seed * 1_000_003 + i, noise=noise[part], cfg_interval=cfg_interval)
             out.append(task.to_images(x).cpu())
             progress.update(len(x))
     return torch.cat(out), labels
@@ -61,18 +63,18 @@ def sample_images(task: Diffusion, model: nn.Module, num: int, classes: list[int
 
 def generate(model: nn.Module, state: dict[str, Any], checkpoint: str, out: str | None, num: int,
              classes: list[int] | None, cfg_scale: float, sampler: str | None, steps: int | None, eta: float,
-             seed: int, batch_size: int, device: torch.device) -> Path:
+             seed: int, batch_size: int, device: torch.device, cfg_interval: tuple[float, float] | None = None) -> Path:
     """Sample `num` images and write them to `out` (default: RUN/generated): samples.npz, grid.png (one
     column per class, each named above its column) and images/NNNNN.png. Everything that can be
-    refused (the classes, the sampler, the folder) is, before any sampling."""
+    refused (the classes, the sampler and guidance interval, the folder) is, before any sampling."""
     if num < 1:
         raise PixformerError(f"--num must be at least 1, got {num}")
     task = diffusion_task(state, checkpoint)
-    check_sampler(sampler or task.cfg.sampler, steps or task.cfg.sample_steps, task.cfg.timesteps)
+    task.sampling(sampler, steps, cfg_interval)
     sample_labels(task, model, num, classes, cfg_scale)
     folder = output_folder(Path(out) if out else find_checkpoint(checkpoint).parent / "generated")
     images, labels = sample_images(task, model.to(device), num, classes, cfg_scale, sampler, steps, eta, seed,
-                                   batch_size)
+                                   batch_size, cfg_interval)
     pixels = to_uint8(images)                                          # (N, H, W, C)
     with written(folder / "samples.npz") as tmp, open(tmp, "wb") as f:  # the samples first: nothing else needs them
         np.savez(f, images=pixels, labels=np.full(num, -1) if labels is None else labels.numpy(),

@@ -164,14 +164,15 @@ def read_samples(path: str, num_classes: int, labelled: bool) -> tuple[torch.Ten
 
 def score(checkpoint: str, samples: str | None, num: int, cfg_scale: float, sampler: str | None, steps: int | None,
           seed: int, ref: str | None, ref_split: str, ref_stats: str | None, save_ref_stats: str | None,
-          network: str | None, classifier: str | None, batch_size: int, device: torch.device) -> dict:
+          network: str | None, classifier: str | None, batch_size: int, device: torch.device,
+          cfg_interval: tuple[float, float] | None = None) -> dict:
     """FID of a diffusion run's samples (generated now, or read from a `pixformer sample` .npz) against
     reference images (a split of a data source, by default the run's held-out validation images) or
-    saved reference statistics; with `classifier`, that classifier's accuracy on the samples."""
+    saved reference statistics; with `classifier`, that classifier's accuracy on the samples. Samples are
+    guided for t in `cfg_interval` (default: the run's)."""
     from ..data.splits import run_split
     from ..data.store import as_tensor
     from ..engine.checkpoint import load_model
-    from ..tasks.diffusion import check_sampler
     from .generate import diffusion_task, sample_images
     model, state = load_model(checkpoint)
     task = diffusion_task(state, checkpoint)
@@ -188,7 +189,7 @@ def score(checkpoint: str, samples: str | None, num: int, cfg_scale: float, samp
     else:
         if num < MIN_FID_IMAGES:
             raise PixformerError(f"FID needs at least {MIN_FID_IMAGES} images per set; --num is {num}")
-        check_sampler(sampler or task.cfg.sampler, steps or task.cfg.sample_steps, task.cfg.timesteps)
+        task.sampling(sampler, steps, cfg_interval)                     # the sampler fits the process
         task.check_labels(model, 1, None, cfg_scale)                    # guidance on an unconditional model
     if save_ref_stats:
         output_folder(Path(save_ref_stats).absolute().parent)
@@ -206,7 +207,7 @@ def score(checkpoint: str, samples: str | None, num: int, cfg_scale: float, samp
             reference.save(Path(save_ref_stats))
     if not samples:
         images, labels = sample_images(task, model.to(device), num, None, cfg_scale, sampler, steps, 0.0, seed,
-                                       batch_size)
+                                       batch_size, cfg_interval)
     generated = net.stats(images, "the samples")
     out = {"fid": frechet_distance(generated, reference), "n": generated.n, "n_ref": reference.n,
            "reference": where, "network": net.name}
