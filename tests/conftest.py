@@ -4,6 +4,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from pixformer.engine.loop import TIMING_KEYS
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_cache(tmp_path_factory):
@@ -36,7 +38,7 @@ def resumes_exactly(tmp_path, monkeypatch):
             if full[part] is not None:
                 for (name, a), (_, b) in zip(full[part].state_dict().items(), resumed[part].state_dict().items()):
                     assert torch.equal(a, b), f"{part}: {name}"
-        rows = lambda d: [{k: v for k, v in json.loads(l).items() if k not in ("img_per_s", "data_wait")}  # noqa: E731
+        rows = lambda d: [{k: v for k, v in json.loads(l).items() if k not in TIMING_KEYS}  # noqa: E731
                           for l in (d / "metrics.jsonl").read_text().splitlines()]
         assert rows(tmp_path / "cut") == rows(Path(full["run_dir"]))
     return check

@@ -116,9 +116,9 @@ def test_corrupt_image_named_then_skipped(tmp_path, capsys):
     (data / "a" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     code, _, err = run(capsys, "train", "--data", data, "--epochs", "1", "--out", tmp_path / "r", *TINY)
     assert code == 2 and "cannot read image" in err and "bad.png" in err
-    code, out, _ = run(capsys, "train", "--data", data, "--epochs", "1", "--out", tmp_path / "r2",
+    code, _, err = run(capsys, "train", "--data", data, "--epochs", "1", "--out", tmp_path / "r2",
                        "--skip-bad-images", *TINY)
-    assert code == 0 and "skipped 1 unreadable image(s)" in out
+    assert code == 0 and "skipped 1 unreadable image(s)" in err          # said on stderr: stdout stays the result
 
 
 def test_resume_with_another_model_is_refused(tmp_path, capsys):

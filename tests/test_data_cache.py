@@ -119,7 +119,7 @@ def test_an_unreadable_cache_entry_is_decoded_again_saying_so_once(tmp_path, cac
     else:
         (entry / "manifest.json").unlink()
     again = load_source(str(root))["all"]
-    said = [line for line in capsys.readouterr().out.splitlines() if "is unreadable (" in line]
+    said = [line for line in capsys.readouterr().err.splitlines() if "is unreadable (" in line]
     assert len(said) == 1 and "building it again" in said[0], said
     want = np.array(Image.open(root / "a" / "00000.png")).transpose(2, 0, 1)
     assert torch.equal(again.images[0], torch.from_numpy(want))
@@ -333,7 +333,7 @@ def _load_in_child(folder: str, cache: str, barrier, results) -> None:
     os.environ["PIXFORMER_CACHE"] = cache
     out = io.StringIO()
     barrier.wait()
-    with contextlib.redirect_stdout(out):
+    with contextlib.redirect_stderr(out):
         found = load_source(folder, workers=1)["all"]
     digest = hashlib.sha1(found.images[:].numpy().tobytes() + found.labels.numpy().tobytes()).hexdigest()
     results.put((out.getvalue(), digest))
@@ -360,7 +360,7 @@ def test_skipped_images_leave_no_row_behind(tmp_path, cache, capsys):
     root = write_folder(tmp_path / "imgs", 6, sizes=((5, 7),), classes=("a", "b"))
     (root / "a" / "00002b.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")    # sorted between two good ones
     found = load_source(str(root), skip_bad_images=True)["all"]
-    assert "skipped 1 unreadable image(s)" in capsys.readouterr().out
+    assert "skipped 1 unreadable image(s)" in capsys.readouterr().err
     want = [np.array(Image.open(p)).transpose(2, 0, 1) for p in sorted(root.rglob("*.png"))]
     assert len(found) == 6 and found.labels.tolist() == [0, 0, 0, 1, 1, 1]
     assert torch.equal(found.images[:], torch.from_numpy(np.stack(want)))

@@ -240,7 +240,7 @@ def test_eval_from_another_folder_finds_the_runs_own_data(tmp_path, capsys, monk
 def test_a_failed_write_keeps_the_old_file_and_names_the_path(tmp_path):
     path = tmp_path / "fig.png"
     path.write_text("old")
-    with pytest.raises(PixformerError, match=r"^cannot write .*fig.png \(No space left on device\)$"):
+    with pytest.raises(PixformerError, match=r"^cannot write .*fig.png \(No space left on device\); the previous file is kept$"):
         with written(path) as tmp:
             tmp.write_text("half")
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

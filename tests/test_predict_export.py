@@ -49,7 +49,7 @@ def reference(run, data_source, split="test"):
     from pixformer.tasks import task_of
     model, state = pixformer.load_model(run)
     data, _ = run_split(state, data_source, None, split)
-    task, batcher = task_of(state), batcher_for(state["train_config"], model, bucket=False)
+    task, batcher = task_of(state), batcher_for(state["train_config"], model, "cpu")
     amp = autocast_dtype(state["train_config"]["precision"], "cpu")
     x = batcher(pick(data.images, torch.arange(len(data))), task.inputs) if batcher else task.inputs(data.images[:])
     with torch.no_grad(), torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):

@@ -20,6 +20,7 @@ import pixformer.engine.checkpoint as checkpoint
 from pixformer import PixformerError, create_model
 from pixformer.engine.checkpoint import (find_checkpoint, load_model, load_tensors, load_weights, read_state,
                                          save_checkpoint)
+from pixformer.engine.loop import TIMING_KEYS
 from pixformer.engine.rundir import append_metrics, claim, read_metrics, trim_metrics, write_atomically
 from pixformer.models.registry import model_spec
 
@@ -325,7 +326,7 @@ TINY = dict(model="vit-n/2", data="digits", model_args=dict(depth=1, dim=16, hea
 
 def rows(run_dir: Path) -> list[dict]:
     """The rows of metrics.jsonl, less the timings."""
-    return [{k: v for k, v in json.loads(line).items() if k not in ("img_per_s", "data_wait")}
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS}
             for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 

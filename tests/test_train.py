@@ -11,6 +11,7 @@ from pixformer import PixformerError, TrainConfig, create_model, train
 from pixformer.engine.checkpoint import find_checkpoint, load_model, load_weights, save_checkpoint
 from pixformer.engine.loop import lr_at, param_groups
 from pixformer.tasks import Classify
+from pixformer.engine.loop import TIMING_KEYS
 
 TINY = dict(model="vit-n/2", data="digits", model_args=dict(depth=1, dim=16, heads=2), batch_size=32,
             train_subset=192, progress=False)
@@ -18,7 +19,7 @@ TINY = dict(model="vit-n/2", data="digits", model_args=dict(depth=1, dim=16, hea
 
 def metrics(run_dir):
     rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in ("img_per_s", "data_wait")} for r in rows]
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
 
 
 def test_short_training_run_validates_on_val_and_tests_once_at_the_end(tmp_path):

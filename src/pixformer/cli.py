@@ -417,7 +417,7 @@ def cmd_eval(ns) -> int:
     if resolutions:
         if not hasattr(model, "patch_embed") or not hasattr(model, "flops"):
             raise PixformerError("--resolutions evaluates a ViT classifier at other resolutions; this run is not one")
-        from .tasks.figures import output_folder
+        from .files import output_folder
         out = output_folder(Path(ns.out) if ns.out else find_checkpoint(ns.checkpoint).parent / "resolutions")
         rows = resolution_sweep(task, model, state, data, resolutions, ns.batch_size, runtime, amp)
         metric = task.best[0]
@@ -425,8 +425,8 @@ def cmd_eval(ns) -> int:
         files = write_sweep(rows, out, metric, f"{state['model_name']} on {where}")
         print(json.dumps(rows) if ns.json else f"wrote {', '.join(map(str, files))}")
         return 0
-    metrics = evaluate(task, model, data, ns.batch_size, runtime, amp, batcher=batcher_for(state["train_config"], model,
-                                                                                      bucket=runtime.device.type == "cuda"))
+    batcher = batcher_for(state["train_config"], model, runtime.device)
+    metrics = evaluate(task, model, data, ns.batch_size, runtime, amp, batcher=batcher)
     if not ns.json:
         print(f"{where} " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
     else:

@@ -71,9 +71,16 @@ class Packed:
     cls_slots: Tensor | None = None
 
     def to(self, device) -> "Packed":
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return replace(self, patches=move(self.patches), coords=move(self.coords), grids=move(self.grids),
-                       segments=move(self.segments), cls_slots=move(self.cls_slots))
+        return self._each(lambda t: t.to(device, non_blocking=True))
+
+    def pin_memory(self) -> "Packed":
+        """Every tensor in page-locked memory (a copy to a GPU then overlaps the step)."""
+        return self._each(lambda t: t.pin_memory())
+
+    def _each(self, f) -> "Packed":
+        g = lambda t: None if t is None else f(t)  # noqa: E731
+        return replace(self, patches=g(self.patches), coords=g(self.coords), grids=g(self.grids),
+                       segments=g(self.segments), cls_slots=g(self.cls_slots))
 
     @property
     def useful(self) -> int:

@@ -1,4 +1,5 @@
-"""Progress of work that takes seconds: the one helper every layer uses (it imports nothing of pixformer).
+"""Progress of work that takes seconds, and one-line notices: the helpers every layer uses (this module
+imports nothing of pixformer).
 
     with Progress(len(data), "validating") as progress:
         for batch in batches:
@@ -22,6 +23,16 @@ import sys
 import time
 
 DELAY = 1.0         # seconds before a bar is drawn
+_SAID: set[str] = set()
+
+
+def notice(message: str, once: bool = False) -> None:
+    """Say one line to the user on stderr (so that --json output stays clean); under torchrun rank 0
+    alone speaks. `once`: a message said before in this process is not said again."""
+    if os.environ.get("RANK", "0") != "0" or (once and message in _SAID):
+        return
+    _SAID.add(message)
+    print(message, file=sys.stderr, flush=True)
 
 
 def every_default() -> float:

@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 
 from ..errors import PixformerError
-from ..progress import Progress
+from ..progress import Progress, notice
 from .native import shrunk
 from .store import ImageSet, ImageStore, NativeSet, NativeStore
 
@@ -82,7 +82,7 @@ def locked(path: Path, lock: int, what: str):
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            print(f"waiting for another process building {what} ({path})", flush=True)
+            notice(f"waiting for another process building {what} ({path})")
             fcntl.flock(lock, fcntl.LOCK_EX)
         yield
     finally:
@@ -116,15 +116,16 @@ def open_entry(path: Path) -> Entry:
     """Check the entry at `path` against its manifest and map its arrays; Unreadable if it fails."""
     try:
         manifest = json.loads((path / "manifest.json").read_text())
-    except (OSError, ValueError) as e:
+        wanted = {str(name): (int(want["size"]), str(want["digest"])) for name, want in manifest.items()}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:   # not a manifest as written
         raise Unreadable(f"no readable manifest: {e}") from None
-    for name, want in manifest.items():
+    for name, (size, digest) in wanted.items():
         file = path / name
         if not file.is_file():
             raise Unreadable(f"{name} is missing")
-        if file.stat().st_size != want["size"]:
-            raise Unreadable(f"{name} has {file.stat().st_size} bytes, {want['size']} were written")
-        if sampled_digest(file) != want["digest"]:
+        if file.stat().st_size != size:
+            raise Unreadable(f"{name} has {file.stat().st_size} bytes, {size} were written")
+        if sampled_digest(file) != digest:
             raise Unreadable(f"{name} differs from what was written")
     arrays = {}
     for name in manifest:
@@ -163,7 +164,7 @@ def build_once(path: str | Path, build: Callable[[Path], dict[str, np.ndarray] |
             try:
                 return open_entry(path)
             except Unreadable as e:
-                print(f"{what} at {path} is unreadable ({e}): building it again", flush=True)
+                notice(f"{what} at {path} is unreadable ({e}): building it again")
                 aside = Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + ".bad-"))
                 os.replace(path, aside / "entry")    # processes that mapped it keep their mapping
                 shutil.rmtree(aside, ignore_errors=True)
@@ -506,7 +507,7 @@ def decode_splits(out: Path, layout: list[tuple[str, str, str]], jobs: Iterable[
                     split, row = slot[pos]
                     kept[split][row] = True
     if bad:
-        print(f"skipped {len(bad)} unreadable image(s) in {source}, e.g. {bad[0]}")
+        notice(f"skipped {len(bad)} unreadable image(s) in {source}, e.g. {bad[0]}")
     splits = [s for s in count if kept[s].any()]
     if not splits:
         raise PixformerError(f"no readable images in {source}")
@@ -525,8 +526,8 @@ def decode_splits(out: Path, layout: list[tuple[str, str, str]], jobs: Iterable[
     (out / "meta.json").write_text(json.dumps({"source": source, "classes": classes, "splits": splits,
                                                "native": native}))
     n, procs = sum(int(k.sum()) for k in kept.values()), pool_plan(len(layout), workers)[0]
-    print(f"decoded {n:,} images of {source} in {time.perf_counter() - t0:.1f} s "
-          f"({procs} process{'es' if procs > 1 else ''}), cached in {out.parent}", flush=True)
+    notice(f"decoded {n:,} images of {source} in {time.perf_counter() - t0:.1f} s "
+           f"({procs} process{'es' if procs > 1 else ''}), cached in {out.parent}")
 
 
 def map_splits(entry: Entry) -> dict[str, ImageSet | NativeSet]:

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from ..errors import PixformerError
+from ..files import read_json_object
 from .cache import eight_bit
 from .native import shrunk
 from .store import ImageSet, NativeSet
@@ -416,19 +417,16 @@ def _saved_dataset(folder: Path, where: Path) -> SplitFiles:
     state_file = folder / "state.json"
     if not state_file.is_file():
         raise PixformerError(f"{where} lists a split in {folder}, which holds no saved dataset (no state.json)")
+    state = read_json_object(state_file, "a save_to_disk state file")
     try:
-        state = json.loads(state_file.read_text())
         files = [folder / f["filename"] for f in state["_data_files"]]
-    except (ValueError, KeyError, TypeError) as e:
+    except (KeyError, TypeError) as e:
         raise PixformerError(f"{state_file} is not a save_to_disk state file ({e})") from None
     missing = [f for f in files if not f.is_file()]
     if missing or not files:
         raise PixformerError(f"{state_file} names arrow file {missing[0] if missing else '(none)'}, which is missing")
     info = folder / "dataset_info.json"
-    try:
-        features = json.loads(info.read_text()).get("features") or {} if info.is_file() else {}
-    except ValueError:
-        features = {}
+    features = read_json_object(info, "a dataset_info file").get("features") or {} if info.is_file() else {}
     return SplitFiles("arrow", files, features if isinstance(features, dict) else {})
 
 
@@ -439,10 +437,10 @@ def find_splits(path: Path) -> dict[str, SplitFiles]:
     if path.is_file():
         return {split_of(Path(path.name)) or "train": SplitFiles("parquet", [path], {})}
     if (path / "dataset_dict.json").is_file():
-        try:
-            names = json.loads((path / "dataset_dict.json").read_text())["splits"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise PixformerError(f"{path / 'dataset_dict.json'} is not a DatasetDict's split list ({e})") from None
+        names = read_json_object(path / "dataset_dict.json", "a DatasetDict's split list").get("splits")
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise PixformerError(f"{path / 'dataset_dict.json'} is not a DatasetDict's split list (no list of "
+                                 "split names under 'splits')")
         found = {}
         for name in names:
             split = SPLIT_WORDS.get(name.lower())
@@ -456,11 +454,7 @@ def find_splits(path: Path) -> dict[str, SplitFiles]:
                                  "validation or test")
         return found
     if (path / "state.json").is_file():
-        state_split = ""
-        try:
-            state_split = str(json.loads((path / "state.json").read_text()).get("_split") or "")
-        except ValueError:
-            pass
+        state_split = str(read_json_object(path / "state.json", "a save_to_disk state file").get("_split") or "")
         return {SPLIT_WORDS.get(state_split.lower(), "train"): _saved_dataset(path, path)}
     files = sorted(p for p in path.rglob("*.parquet") if p.is_file())
     if not files:

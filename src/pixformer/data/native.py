@@ -15,13 +15,13 @@
 A batch becomes one `Packed` (pixformer.layout): the model attends within each image by segment ids
 and pools per image. Sides are rounded to whole patches.
 
-Bounded shapes (`bucket`; train turns it on where attention is compiled: on GPUs, or with --compile;
-on CPU the varlen backend attends to each image as it is and padding would only cost): the number of packs P and their length L are rounded up the
-ladder 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, ... (`bucket_size`: under a third of a padded size is
-padding), L at most the pack length or, without one, the longest sequence the budgets allow. A run
-then sees a few distinct (P, L) shapes, so what is compiled per shape (compiled blocks, FlexAttention's
-block masks) is not rebuilt every batch. Added rows are all padding (segment -1); padding never
-changes an image's result.
+Bounded shapes (`bucket`; `batcher_for` turns it on where attention is compiled per shape: on GPUs,
+or with --compile; on CPU the varlen backend attends to each image as it is and padding would only
+cost): the number of packs P and their length L are rounded up the ladder 1, 2, 3, 4, 6, 8, 12, 16,
+24, 32, 48, ... (`bucket_size`: under a third of a padded size is padding), L at most the pack length
+or, without one, the longest sequence the budgets allow. A run then sees a few distinct (P, L)
+shapes, so what is compiled per shape (compiled blocks, FlexAttention's block masks) is not rebuilt
+every batch. Added rows are all padding (segment -1); padding never changes an image's result.
 """
 from __future__ import annotations
 
@@ -229,14 +229,15 @@ def shrunk(h: int, w: int, max_side: int | None) -> tuple[int, int]:
     return max(1, round(h * f)), max(1, round(w * f))
 
 
-def batcher_for(settings: dict, model, bucket: bool = True) -> NativeBatcher | None:
+def batcher_for(settings: dict, model, device="cpu", compiled: bool = False) -> NativeBatcher | None:
     """The batcher that packs a run's images for `model` (its patch size, and a class-token slot if it
     has a class token), from the run's settings (a TrainConfig as a mapping); None for square images.
-    `bucket`: bounded shapes (see the module doc), for a run whose attention is compiled."""
+    Shapes are bounded (see the module doc) where attention is compiled per shape: on a GPU `device`
+    (FlexAttention), or with `compiled` blocks (--compile)."""
     if not is_native(settings):
         return None
     rr, beta = settings.get("resolution_range"), settings.get("token_drop_beta")
     return NativeBatcher(model.cfg.patch_size, getattr(model, "cls_token", None) is not None, settings.get("max_side"),
                          settings.get("max_tokens"), settings.get("pack_length"), settings.get("max_per_pack", 64),
                          None if rr is None else tuple(rr), settings.get("token_drop", 0.0),
-                         None if beta is None else tuple(beta), bucket=bucket)
+                         None if beta is None else tuple(beta), bucket=str(device).startswith("cuda") or compiled)

@@ -399,7 +399,7 @@ def load_source(source: str, root: str | None = None, img_size: tuple[int, int] 
         from .hf import is_hf_dataset, load_hf
         if is_hf_dataset(source):     # never resized or copied whole: each image is decoded when read
             found = load_hf(source, img_size, native, max_side, image_column, label_column,
-                            skip_bad_images=skip_bad_images)
+                            decode_threads=min(8, worker_count(workers)), skip_bad_images=skip_bad_images)
             check_classes(next(iter(found.values())).classes, min_classes, source)
             return found
         if native:                    # decoded at native size (below max_side) straight into NativeSets

@@ -35,11 +35,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import PixformerError
+from ..files import read_json_object
 from ..models.pos_embed import resample_table
 from ..models.registry import ARCHITECTURES, build
+from ..progress import notice
 from .flexi import pi_resize
 from .imports import read_foreign
-from .rundir import claim, notice, read_json_object
+from .rundir import claim
 
 
 def _tensors(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

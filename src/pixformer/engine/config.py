@@ -245,7 +245,7 @@ def saved_settings(run: str | Path) -> dict[str, Any] | None:
     path = Path(run) / "config.json"
     if not path.is_file():
         return None
-    from .rundir import read_json_object
+    from ..files import read_json_object
     return read_json_object(path, "a run's settings")
 
 

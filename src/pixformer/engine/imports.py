@@ -11,7 +11,6 @@ a run's weights (a table on another grid is resampled, another patch size is con
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ..errors import PixformerError
+from ..files import read_json_object
 
 # transformers' names (after the "vit." prefix of ViTForImageClassification) -> pixformer's
 _HF = [(r"encoder\.layer\.(\d+)\.layernorm_before\.", r"blocks.\1.norm1."),
@@ -70,7 +70,7 @@ def _patch_embed(weight: Tensor) -> tuple[Tensor, int]:
 
 def from_transformers(folder: Path) -> tuple[dict[str, Tensor], tuple[int, int], int]:
     from safetensors.torch import load_file
-    config = json.loads((folder / "config.json").read_text())
+    config = read_json_object(folder / "config.json", "a transformers model's config")
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise PixformerError(f"{folder}: no .safetensors weights (save the model with safe_serialization=True)")
@@ -113,10 +113,7 @@ def foreign_format(path: str | Path) -> str | None:
     another model type, or a .safetensors file without timm's ViT keys, is a clear error."""
     path = Path(path)
     if path.is_dir() and (path / "config.json").exists():
-        try:
-            kind = json.loads((path / "config.json").read_text()).get("model_type")
-        except ValueError:
-            kind = None
+        kind = read_json_object(path / "config.json", "a transformers model's config").get("model_type")
         if kind != "vit":
             raise PixformerError(f"{path} holds a transformers {kind!r} model, not a ViT (model_type 'vit')")
         return "transformers"

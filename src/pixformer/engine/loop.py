@@ -3,7 +3,7 @@
     import pixformer
     result = pixformer.train(pixformer.TrainConfig(model="pit-n", data="digits", epochs=30, out="runs/pit"))
 
-    train  checks the settings, joins the runtime        start  data, task, model, optimizer, resume
+    train  checks the settings, joins the runtime        start  data, task, model; attach: folder, optimizer, resume
     fit    the loop: epochs end, steps run, stops taken   step   one optimizer step on one batch
     end_of_epoch  validate, log, figures, checkpoint      checkpoint / log   the run folder's files
 
@@ -46,6 +46,7 @@ from ..data.sources import load_source
 from ..data.store import ImageSet, NativeSet, pick
 from ..data.splits import Splits, channel_stats, resolve_splits, source_id
 from ..errors import PixformerError
+from ..files import write_atomically
 from ..layout import Packed
 from ..models import blocks_of
 from ..models.attention import check_sequence_backend, set_attention_backend
@@ -59,7 +60,7 @@ from .config import TrainConfig, as_json, changed_settings
 from .imports import foreign_format
 from .perf import apply_speed_settings, autocast_dtype, onednn_pays
 from .plan import selective_pays
-from .rundir import RunFolder, append_metrics, claim, trim_metrics, write_atomically
+from .rundir import RunFolder, append_metrics, claim, trim_metrics
 from .runtime import RankRandom, Runtime, lost_peer
 
 TIMING_KEYS = ("img_per_s", "data_wait")    # metrics that measure the machine, not the run
@@ -268,7 +269,7 @@ class Batch:
     size: int
 
     def to(self, device: torch.device) -> "Batch":
-        x = self.x.to(device) if isinstance(self.x, Packed) else self.x.to(device, non_blocking=True)  # Packed's: too
+        x = self.x.to(device) if isinstance(self.x, Packed) else self.x.to(device, non_blocking=True)  # (Packed's is)
         return Batch(x, self.y.to(device, non_blocking=True), self.size)
 
 
@@ -315,9 +316,7 @@ def _pinned(batch: Batch, device: torch.device) -> Batch:
     """On a GPU, the batch in page-locked memory so that the copy to the device overlaps the step."""
     if device.type != "cuda":
         return batch
-    pin = lambda t: t.pin_memory()                                      # noqa: E731
-    x = batch.x if isinstance(batch.x, Packed) else pin(batch.x)
-    return Batch(x, pin(batch.y), batch.size)
+    return Batch(batch.x.pin_memory(), batch.y.pin_memory(), batch.size)
 
 
 def batches(make: Callable[[Any], Any], keys, cfg: TrainConfig | None) -> Prefetcher:
@@ -485,19 +484,32 @@ def start(cfg: TrainConfig, data: Prepared | None, runtime: Runtime, task_cls: t
                       "val_fraction": cfg.val_fraction, "has_test": splits.test is not None},
              f"best_{task.best[0]}": None, "test": None, "weights": "ema" if ema is not None else "model",
              "speed": {**speed, "precision": str(amp or torch.float32)[6:]}}  # as resolved for this run
-    folder = folder or claim(default_run_dir(name, cfg.data), rank=runtime.rank)
-    compiled = runtime.device.type == "cuda" or cfg.speed.compile     # FlexAttention / blocks compiled per shape
+    batcher = batcher_for(as_json(cfg), model, runtime.device, cfg.speed.compile)   # bad packing settings: before any claim
     batch = min(cfg.batch_size, len(splits.train))                     # a batch larger than the set: the whole set
-    run = Run(cfg, runtime, task, splits, model, model, model, ema, None, batcher_for(as_json(cfg), model, compiled),
-              runtime.part(batch), amp, state, folder, steps_per_epoch, cfg.epochs * steps_per_epoch,
-              round(cfg.warmup_epochs * steps_per_epoch), say)
+    claimed = folder is None
+    folder = folder or claim(default_run_dir(name, cfg.data), rank=runtime.rank)
+    run = Run(cfg, runtime, task, splits, model, model, model, ema, None, batcher, runtime.part(batch), amp, state,
+              folder, steps_per_epoch, cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch), say)
+    try:
+        attach(run, saved)
+    except BaseException:
+        if claimed:                   # a folder this function claimed is released (removed if still empty)
+            folder.close()
+        raise
+    return run
+
+
+def attach(run: Run, saved: dict[str, Any] | None) -> None:
+    """The run's folder, optimizer and wrappers: the checkpoint loaded when resuming, the model wrapped
+    for this runtime (DDP, FSDP2, sequence parallel), AdamW built, config.json and the log prepared."""
+    cfg, runtime, model = run.cfg, run.runtime, run.model
     ckpt = find_checkpoint(run.run_dir)
     if saved is not None:
         load_saved(run, saved, ckpt)
     elif cfg.resume:
-        say(f"no checkpoint in {run.run_dir}; starting from scratch")
+        run.say(f"no checkpoint in {run.run_dir}; starting from scratch")
     run.step_model = runtime.wrap(model)       # DDP, FSDP2 (shards `model` in place) or sequence-parallel
-    run.eval_model = runtime.wrap(ema or model, train=False)
+    run.eval_model = runtime.wrap(run.ema or model, train=False)
     run.opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.layer_decay), lr=cfg.lr,
                                 betas=tuple(cfg.betas), foreach=True)   # torch's CPU default: tensor by tensor
     if saved is not None:
@@ -507,12 +519,11 @@ def start(cfg: TrainConfig, data: Prepared | None, runtime: Runtime, task_cls: t
                                  "all read the same run folder")
     if runtime.is_main:                  # only the main process writes checkpoints and logs
         run.run_dir.mkdir(parents=True, exist_ok=True)
-        write_atomically(run.run_dir / "config.json", json.dumps(state["train_config"], indent=1))
+        write_atomically(run.run_dir / "config.json", json.dumps(run.state["train_config"], indent=1))
         if saved is None:
             trim_metrics(run.metrics_path, None)     # rows of an attempt that never checkpointed
-        run.tb = _tensorboard(run.run_dir, cfg.tensorboard, say)
+        run.tb = _tensorboard(run.run_dir, cfg.tensorboard, run.say)
     run.lr = lr_at(max(run.step - 1, 0), run.total_steps, run.warmup, cfg.lr, cfg.min_lr)   # of the last step taken
-    return run
 
 
 def resolved_speed(cfg: TrainConfig, runtime: Runtime, facts: DataFacts, amp) -> dict[str, Any]:
@@ -592,7 +603,7 @@ def fit(run: Run) -> dict[str, Any]:
         raise Stopped(f"stopped ({why}) at step {run.step}/{run.total_steps}; checkpoint saved. Continue with: "
                       f"{continue_command(run)}", str(why)) from None
     except KeyboardInterrupt:                       # a second Ctrl-C: no checkpoint now
-        kept = (f"the checkpoint in {run.run_dir} is kept" if find_checkpoint(run.run_dir) is not None
+        kept = (f"the checkpoint in {run.run_dir} is kept" if (run.run_dir / "checkpoint" / "state.json").exists()
                 else "no checkpoint was written yet")
         raise Stopped(f"stopped at once (a second Ctrl-C) at step {run.step}/{run.total_steps}; {kept}. Continue "
                       f"with: {continue_command(run)}", "SIGINT") from None

@@ -25,24 +25,18 @@ import errno
 import fcntl
 import json
 import os
-import secrets
 import shutil
 import socket
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import PixformerError
+from ..files import write_atomically
+from ..progress import notice
 
 LOCK = ".lock"
 LEFTOVERS = ".*.tmp-*"          # the temporary names `write_atomically` and save_checkpoint write under
-
-
-def notice(message: str) -> None:
-    """Say one line to the user (stderr, so that --json output stays clean); under torchrun only rank 0."""
-    if os.environ.get("RANK", "0") == "0":
-        print(message, file=sys.stderr, flush=True)
 
 
 class RunFolder:
@@ -166,38 +160,6 @@ def remove_leftovers(run_dir: str | Path) -> list[str]:
 
 
 # ---- files replaced whole, and metrics.jsonl -------------------------------------------------------
-def write_atomically(path: str | Path, data: str | bytes) -> Path:
-    """Replace `path` with `data` (text or bytes) so that a reader, or a kill, sees the old file or the new
-    one, never a part: a temporary file beside it, flushed to disk, then renamed over it."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        raise PixformerError(f"cannot write {path} ({e.strerror or e}); the previous file is kept") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def read_json_object(path: str | Path, what: str) -> dict[str, Any]:
-    """A JSON file that must hold an object (`what` names what it should be, for the error): its dict,
-    or one line naming the file when it is unreadable or holds something else."""
-    path = Path(path)
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise PixformerError(f"{path} is unreadable ({e})") from None
-    if not isinstance(value, dict):
-        raise PixformerError(f"{path} holds a JSON {type(value).__name__}, not {what}")
-    return value
-
-
 def read_metrics(path: str | Path, say: Callable[[str], None] = notice) -> list[dict[str, Any]]:
     """The rows of a metrics.jsonl ([] when there is none). A torn last line (a kill or a full disk in the
     middle of a write) is dropped, said in one line; a line that is not JSON elsewhere is an error naming it."""

@@ -255,7 +255,7 @@ def lost_peer(error: BaseException) -> bool:
         return True
     text = str(error)
     return isinstance(error, RuntimeError) and any(s in text for s in (
-        "Connection closed by peer", "Connection reset by peer", "Broken pipe", "Socket Timeout", "gloo"))
+        "Connection closed by peer", "Connection reset by peer", "Broken pipe", "Socket Timeout"))
 
 
 _SEQUENCE_GROUPS: dict[int, Any] = {}

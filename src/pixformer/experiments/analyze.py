@@ -42,7 +42,8 @@ from ..models.attention import record_attention
 from ..layout import check_grid, grid_coords
 from ..progress import Progress
 from ..tasks import Classify, task_of
-from ..tasks.figures import output_folder, save_figure, write_text
+from ..files import output_folder
+from ..tasks.figures import save_figure, write_text
 
 CLS_NOTE = ("class token excluded as query and as key; each patch query's weights over the patch keys "
             "renormalised to sum to 1")

@@ -15,7 +15,8 @@ from ..errors import PixformerError
 from ..progress import Progress
 from ..tasks import task_of
 from ..tasks.diffusion import Diffusion
-from ..tasks.figures import grid_columns, labelled_tile, output_folder, save_png, to_uint8, written
+from ..files import output_folder, written
+from ..tasks.figures import grid_columns, labelled_tile, save_png, to_uint8
 
 
 def diffusion_task(state: dict[str, Any], where: str) -> Diffusion:

@@ -93,7 +93,7 @@ class Predictor:
         native = is_native(tc)
         self.size = None if native else tuple(facts.img_size)                # (H, W) of a square run
         self.max_side = tc.get("max_side") if native else None
-        self.batcher = batcher_for(tc, model, bucket=self.device.type == "cuda")
+        self.batcher = batcher_for(tc, model, self.device)
         self.perm = None if native else pixel_permutation(tc, *self.size)
         self.amp = autocast_dtype(tc.get("precision", "auto"), self.device)
 
@@ -129,7 +129,8 @@ class Predictor:
 
     def _results(self, items: list[ImageLike], k: int, batch_size: int, skip_bad_images: bool,
                  progress) -> Iterator[dict[str, Any]]:
-        with progress, ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        from ..data.cache import worker_count
+        with progress, ThreadPoolExecutor(max_workers=min(8, worker_count(None))) as pool:
             for start in range(0, len(items), batch_size):
                 chunk = items[start: start + batch_size]
                 read, kept = [], []

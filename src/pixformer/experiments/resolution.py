@@ -41,7 +41,7 @@ def resolution_sweep(task: Task, model: nn.Module, state: dict, data: ImageSet |
                      batch_size: int, runtime: Runtime, amp) -> list[dict]:
     """One row per resolution: the task's metrics, mean tokens and GFLOPs per image, images/s."""
     p = model.cfg.patch_size
-    base = batcher_for(state["train_config"], model, bucket=runtime.device.type == "cuda")
+    base = batcher_for(state["train_config"], model, runtime.device)
     warm = data.subset(torch.arange(min(len(data), batch_size)))
     evaluate(task, model, warm, batch_size, runtime, amp, batcher=base, desc=None)   # first-call costs out of the timings
     rows = []

@@ -59,7 +59,6 @@ with `register_backend`.
 from __future__ import annotations
 
 import math
-import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -71,6 +70,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import PixformerError
+from ..progress import notice
 
 
 def _restrict(mask: Tensor | None, same: Tensor) -> Tensor:
@@ -343,10 +343,12 @@ def _flex(q, k, v, spec, need_weights):
     if need_weights:
         return _math(q, k, v, spec, True)
     if spec.mask is not None and spec.mask.dtype != torch.bool:
-        notice("attention backend 'flex' takes segment ids and boolean masks only; an additive mask runs on 'sdpa'")
+        notice("pixformer: attention backend 'flex' takes segment ids and boolean masks only; an additive mask "
+               "runs on 'sdpa'", once=True)
         return _sdpa(q, k, v, spec, need_weights)
     if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        notice("FlexAttention has no backward on CPU; attention that needs gradients runs on 'blocked'")
+        notice("pixformer: FlexAttention has no backward on CPU; attention that needs gradients runs on 'blocked'",
+               once=True)
         return _blocked(q, k, v, spec, need_weights)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_FLEX_EAGER_WARNING)
@@ -380,14 +382,6 @@ def _auto(q, k, v, spec, need_weights):
 _KERNELS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
             "cudnn": SDPBackend.CUDNN_ATTENTION}
 _UNAVAILABLE: set[tuple] = set()
-_NOTICED: set[str] = set()
-
-
-def notice(message: str) -> None:
-    """Print a one-line notice to stderr, once per message."""
-    if message not in _NOTICED:
-        _NOTICED.add(message)
-        print(f"pixformer: {message}", file=sys.stderr)
 
 
 def kernel_available(name: str, device: torch.device | str) -> bool:
@@ -426,7 +420,7 @@ def _kernel_backend(name: str) -> Backend:
                 reason = f"refused these inputs ({q.device.type}, {str(q.dtype)[6:]}, " \
                          f"{'with' if mask is not None else 'no'} mask)"
         _UNAVAILABLE.add(key)
-        notice(f"attention kernel {name!r} {reason}; falling back to 'sdpa'")
+        notice(f"pixformer: attention kernel {name!r} {reason}; falling back to 'sdpa'", once=True)
         return _sdpa(q, k, v, spec, need_weights)
     return run
 

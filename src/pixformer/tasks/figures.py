@@ -8,60 +8,17 @@ naming the path. A command checks its output folder first (`output_folder`), bef
 """
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from torch import Tensor
 
-from ..errors import PixformerError
+from ..files import written
 
 MOST_COLUMNS = 16        # a grid has one column per class up to this many classes
 
 
 # ---- writing ----------------------------------------------------------------------------------
-def _why(e: OSError) -> str:
-    return e.strerror or str(e)
-
-
-@contextlib.contextmanager
-def written(path: str | Path) -> Iterator[Path]:
-    """A temporary path to write `path`'s new content to; it replaces `path` when the block ends
-    without error. An OSError (here or in the block) is one PixformerError naming `path`, and the
-    temporary file is removed."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        yield tmp
-        os.replace(tmp, path)
-    except OSError as e:
-        raise PixformerError(f"cannot write {path} ({_why(e)})") from None
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-
-
-def output_folder(path: str | Path) -> Path:
-    """The folder `path`, made if need be and checked writable, before any work is done: a file in its
-    place, a read-only or full disk, a name too long are one line naming it."""
-    path = Path(path)
-    try:
-        if path.exists() and not path.is_dir():
-            raise PixformerError(f"{path} is a file, not a folder: choose another --out")
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path) as f:
-            f.write(b"pixformer")
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        raise PixformerError(f"cannot write into {path} ({_why(e)})") from None
-    return path
-
-
 def write_text(path: str | Path, text: str) -> None:
     with written(path) as tmp:
         tmp.write_text(text)
