@@ -165,6 +165,20 @@ def test_one_channel_permuted_run_reads_any_image_mode(digits, tmp_path):
     assert Image.open(files[4]).mode.startswith("I;16")              # a 16-bit file: scaled, not clipped to white
 
 
+def test_a_named_dataset_resized_by_the_run_is_resized_alike(tmp_path):
+    """digits trained at --img-size 16 (its 8x8 arrays resized by torch, not by PIL): predict on the
+    8x8 images saved as PNG gives eval's probabilities, and the ONNX side file names that resize."""
+    from pixformer.data.sources import load_source
+    train(TrainConfig(model="vit-n/4", data="digits", img_size=16, epochs=1, train_subset=64, batch_size=32,
+                      out=str(tmp_path / "run"), **TINY))
+    probs, state = reference(tmp_path / "run", None)
+    files = []
+    for i, a in enumerate(load_source("digits")["test"].images[:4, 0].numpy()):
+        files.append(tmp_path / f"{i}.png")
+        Image.fromarray(a).save(files[-1])
+    assert_same(pixformer.predict(tmp_path / "run", files, top_k=3), probs[:4], state["data"]["classes"])
+
+
 def test_native_resolution_run_packs_as_eval(tmp_path):
     data = photo_folder(tmp_path / "photos", per_class=6)
     train(TrainConfig(model="vit-n/4", data=str(data), max_side=24, pack_length=48, epochs=1, batch_size=4,
@@ -237,6 +251,8 @@ def test_hub_layout_round_trips_offline(photos, tmp_path, capsys, monkeypatch):
     assert code == 0 and len(out.splitlines()) == 4
     assert run_cli(capsys, "export", "--checkpoint", run, "--format", "hf", "--out", folder)[0] == 0   # again: replaced
     code, _, err = run_cli(capsys, "export", "--checkpoint", run, "--format", "hf", "--out", test)
+    assert code == 2 and "holding other files" in err
+    code, _, err = run_cli(capsys, "export", "--checkpoint", folder, "--format", "hf", "--out", test)   # from a Hub folder
     assert code == 2 and "holding other files" in err
     (folder / "model.safetensors").unlink()
     with pytest.raises(PixformerError, match="no model.safetensors"):

@@ -28,9 +28,12 @@ from typing import Any
 import torch
 
 from ..errors import PixformerError
-from .predict import load_for_inference
+from .predict import load_for_inference, resize_of
 
 FORMATS = ("onnx", "hf")
+RESIZES = {"pil": "PIL bicubic to image_size (JPEGs first drafted at a reduced scale no smaller than it)",
+           "torch": "antialiased bilinear to image_size (torch.nn.functional.interpolate, antialias=True, "
+                    "align_corners=False), rounded and clipped to uint8"}
 
 
 def export(checkpoint: Any, fmt: str, out: str | Path, weights: str = "auto", opset: int | None = None) -> list[Path]:
@@ -41,15 +44,15 @@ def export(checkpoint: Any, fmt: str, out: str | Path, weights: str = "auto", op
     if fmt == "hf":
         if opset is not None:
             raise PixformerError("--opset is an ONNX setting; --format hf saves the weights as they are")
-        from .hub import HubModel, save_hub
+        from .hub import HubModel, hub_out, save_hub
         if isinstance(checkpoint, (str, Path)) and Path(checkpoint).is_dir() and _is_run(checkpoint):
             return [save_hub(checkpoint, out, weights)]
         model, state, _ = load_for_inference(checkpoint, weights)       # a Hub folder or repository saved again
         hub = HubModel(config=_config_of(state))
         hub.module.load_state_dict(model.state_dict())
-        Path(out).mkdir(parents=True, exist_ok=True)
+        out = hub_out(out)
         hub.save_pretrained(out)
-        return [Path(out)]
+        return [out]
     raise PixformerError(f"unknown export format {fmt!r}; choose from {list(FORMATS)}")
 
 
@@ -115,7 +118,7 @@ def export_onnx(checkpoint: Any, out: str | Path, weights: str = "auto", opset: 
         "input_shape": ["batch", C, H, W], "dtype": "float32",
         "channels": "RGB" if C == 3 else "L (PIL's luma of the RGB image)",
         "image_size": [H, W],
-        "resize": "PIL bicubic to image_size (JPEGs first drafted at a reduced scale no smaller than it)",
+        "resize": RESIZES[resize_of(state)],
         "normalise": "pixels = (uint8 image / 255 - mean[channel]) / std[channel]",
         "mean": facts.mean, "std": facts.std,
         "pixel_permutation": None if perm is None else perm.tolist(),

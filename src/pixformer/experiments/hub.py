@@ -182,6 +182,14 @@ def load_hub(source: str | Path, **kwargs) -> HubModel:
 def save_hub(run: str | Path, out: str | Path, weights: str = "auto") -> Path:
     """Write the run in `run` to the folder `out` in the Hub layout (config.json, model.safetensors,
     README.md). `out` must be empty, new, or a folder this wrote before (then replaced)."""
+    out = hub_out(out)
+    HubModel.from_run(run, weights).save_pretrained(out)
+    return out
+
+
+def hub_out(out: str | Path) -> Path:
+    """The folder a Hub layout is written to, checked first: empty, new, or a folder this wrote
+    before (then replaced); a file or a folder holding other files is one line."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise PixformerError(f"--out {out} is a file; the Hub layout is a folder")
@@ -189,5 +197,4 @@ def save_hub(run: str | Path, out: str | Path, weights: str = "auto") -> Path:
         if not is_hub_folder(out):
             raise PixformerError(f"--out {out} is a folder holding other files; choose a new or empty folder")
         (out / "README.md").unlink(missing_ok=True)             # the model card of the earlier export
-    HubModel.from_run(run, weights).save_pretrained(out)
     return out

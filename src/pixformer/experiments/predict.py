@@ -96,10 +96,11 @@ class Predictor:
         self.batcher = batcher_for(tc, model, self.device)
         self.perm = None if native else pixel_permutation(tc, *self.size)
         self.amp = autocast_dtype(tc.get("precision", "auto"), self.device)
+        self.resized_as = resize_of(state)
 
     def read(self, image: ImageLike) -> Tensor:
         """One image as the run's evaluation holds it: uint8 (C, H, W)."""
-        return read_image(image, self.size, self.max_side, self.chans)
+        return read_image(image, self.size, self.max_side, self.chans, self.resized_as)
 
     @torch.no_grad()
     def probabilities(self, images: list[Tensor]) -> Tensor:
@@ -235,18 +236,30 @@ def image_name(image: ImageLike, position: int) -> str | int:
     return str(image) if isinstance(image, (str, Path)) else position
 
 
-def read_image(image: ImageLike, size: tuple[int, int] | None, max_side: int | None, chans: int) -> Tensor:
+def resize_of(state: dict[str, Any]) -> str:
+    """How the run's images were brought to its size: "pil" (an image folder or dataset: the decode
+    cache's PIL bicubic) or "torch" (a named dataset's arrays: sources.resize, antialiased bilinear)."""
+    from ..data.sources import NAMED_SOURCES
+    return "torch" if state["data"].get("source") in NAMED_SOURCES else "pil"
+
+
+def read_image(image: ImageLike, size: tuple[int, int] | None, max_side: int | None, chans: int,
+               resized_as: str = "pil") -> Tensor:
     """An image as a run's evaluation holds it, uint8 (chans, H, W): decoded by the decode cache's
-    `decode_image` (resized to `size`, else scaled down to `max_side`; any mode, 16-bit images scaled
-    to 8 bits), then made one channel (PIL's luma) if `chans` is 1. An image given as an object goes
-    through decode_image too, as a lossless TIFF."""
+    `decode_image` (any mode, 16-bit images scaled to 8 bits), resized to `size` as the run's images
+    were (`resized_as`, see resize_of), else scaled down to `max_side`, then made one channel (PIL's
+    luma) if `chans` is 1. An image given as an object goes through decode_image too, as a lossless TIFF."""
     from PIL import Image
 
     from ..data.cache import decode_image
+    from ..data.sources import resize
     if chans not in (1, 3):
         raise PixformerError(f"the run takes {chans}-channel images; predict reads 1 (grey) or 3 (RGB)")
     src = str(image) if isinstance(image, (str, Path)) else encoded(as_pil(image))
-    rgb = decode_image(src, size, max_side)                                 # (3, H, W) uint8
+    if resized_as == "torch" and size is not None:                          # a named dataset's resize
+        rgb = resize(torch.from_numpy(decode_image(src, None, None))[None], size)[0].numpy()
+    else:
+        rgb = decode_image(src, size, max_side)                             # (3, H, W) uint8
     if chans == 3:
         return torch.from_numpy(rgb)
     grey = Image.fromarray(rgb.transpose(1, 2, 0)).convert("L")
