@@ -487,7 +487,7 @@ def _pick_column(names: list[str], features: dict, explicit: str | None, usual: 
 
 
 def _labels(sf: SplitFiles, column: str) -> np.ndarray:
-    """A split's label column, whole (one integer per row), checked to be integers without gaps."""
+    """A split's label column, whole (one integer per row), checked to be integers with none missing."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     parts = []

@@ -73,22 +73,23 @@ class FeatureNet:
             self.name = f"{Path(path).name} (sha256 {digest}..., 299x299, bilinear)"
 
     @torch.no_grad()
-    def features(self, images: torch.Tensor, what: str = "images") -> np.ndarray:
-        """(N, F) float64 features of `images`, with progress ("Inception features of <what>")."""
+    def features(self, images: torch.Tensor, what: str = "images", scale: float = 1.0) -> np.ndarray:
+        """(N, F) float64 features of `images` (a tensor or a store of uint8 rows: each batch read, made
+        float and multiplied by `scale` on its own), with progress ("Inception features of <what>")."""
         out = []
         with Progress(len(images), f"Inception features of {what}") as progress:
             for i in range(0, len(images), self.batch_size):
-                x = images[i:i + self.batch_size].float()
+                x = images[i:i + self.batch_size].float() * scale
                 x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x[:, :3]        # gray -> RGB
                 h = self.helper
                 out.append(h.extract_feats(x, (0, 1), resize_hw=h.resize_hw, resample_mode=h.resample_mode))
                 progress.update(len(x))
         return np.concatenate(out).astype(np.float64)
 
-    def stats(self, images: torch.Tensor, what: str = "images") -> Stats:
+    def stats(self, images: torch.Tensor, what: str = "images", scale: float = 1.0) -> Stats:
         if len(images) < MIN_FID_IMAGES:
             raise PixformerError(f"FID needs at least {MIN_FID_IMAGES} images per set, got {len(images)}")
-        f = self.features(images, what)
+        f = self.features(images, what, scale)
         return Stats(f.mean(0), np.cov(f, rowvar=False), len(f), self.name)
 
 
@@ -171,7 +172,6 @@ def score(checkpoint: str, samples: str | None, num: int, cfg_scale: float, samp
     saved reference statistics; with `classifier`, that classifier's accuracy on the samples. Samples are
     guided for t in `cfg_interval` (default: the run's)."""
     from ..data.splits import run_split
-    from ..data.store import as_tensor
     from ..engine.checkpoint import load_model
     from .generate import diffusion_task, sample_images
     model, state = load_model(checkpoint)
@@ -202,7 +202,7 @@ def score(checkpoint: str, samples: str | None, num: int, cfg_scale: float, samp
         where = ref_stats
     else:
         data, where = run_split(state, ref, None, ref_split)
-        reference = net.stats(as_tensor(data.images).float() / 255, where)   # a mapped split as one tensor
+        reference = net.stats(data.images, where, scale=1 / 255)    # uint8 rows, a batch at a time
         if save_ref_stats:
             reference.save(Path(save_ref_stats))
     if not samples:
