@@ -247,21 +247,24 @@ def eight_bit(im):
     return Image.fromarray(np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8), "L")
 
 
-def decode_image(src: bytes | str, size: tuple[int, int] | None, max_side: int | None) -> np.ndarray:
-    """Encoded image bytes (or a file path) -> uint8 RGB (3, H, W): resized to `size` (H, W) if given,
-    else scaled down so its longer side is at most `max_side`, else as stored. A JPEG that is shrunk
-    is decoded at a reduced scale (draft mode: 1/2, 1/4 or 1/8, never below the target size); an image
-    of 16 bits per value is scaled to 8 (eight_bit)."""
+def decode_image(src, size: tuple[int, int] | None, max_side: int | None, mode: str = "RGB") -> np.ndarray:
+    """Encoded image bytes, a file path or an opened PIL image -> uint8 (C, H, W) in `mode` ("RGB": 3
+    channels, "L": 1): resized to `size` (H, W) if given, else scaled down so its longer side is at most
+    `max_side`, else as stored; bicubic. A JPEG that is shrunk is decoded at a reduced scale (draft
+    mode: 1/2, 1/4 or 1/8, never below the target size); an image of 16 bits per value is scaled to 8
+    (eight_bit). The one decoder of image files: the decode cache, Hugging Face datasets, predict."""
     from PIL import Image
-    with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
+    im = src if hasattr(src, "getbands") else Image.open(io.BytesIO(src) if isinstance(src, bytes) else src)
+    with im:
         w, h = im.size
         th, tw = size if size else shrunk(h, w, max_side)
         if (tw, th) != (w, h) and tw <= w and th <= h:
-            im.draft("RGB", (tw, th))
-        im = eight_bit(im).convert("RGB")
+            im.draft(mode, (tw, th))
+        im = eight_bit(im).convert(mode)
         if im.size != (tw, th):
             im = im.resize((tw, th), Image.BICUBIC)
-        return np.ascontiguousarray(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1))
+        arr = np.asarray(im, dtype=np.uint8)
+        return np.ascontiguousarray(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
 
 
 def failure(e: Exception) -> str:

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from ..errors import PixformerError
 from ..files import read_json_object
-from .cache import eight_bit
+from .cache import decode_image
 from .native import shrunk
 from .store import ImageSet, NativeSet
 
@@ -247,26 +247,18 @@ class Decoder:
 
     def decode(self, item: tuple[bytes | None, str | None], row: int) -> Tensor:
         """One row -> uint8 (C, H, W) as the layout says; a one-line PixformerError if it cannot."""
-        from PIL import Image
         lay = self.layout
-        try:
-            with self.open(item, row) as im:
-                h, w = im.height, im.width
-                target = shrunk(h, w, lay.max_side) if lay.native else lay.size if lay.resize else (h, w)
-                if target != (h, w):
-                    im.draft(lay.mode, (target[1], target[0]))   # JPEG: decode at a reduced scale
-                im = eight_bit(im).convert(lay.mode)             # 16-bit values scaled, not clipped
-                if (im.height, im.width) != target:
-                    im = im.resize((target[1], target[0]), Image.BICUBIC)
-                arr = np.array(im, dtype=np.uint8)              # a writable copy
+        try:                                      # the decode cache's decoder: draft, 16-bit scaling, bicubic
+            arr = decode_image(self.open(item, row), lay.size if lay.resize and not lay.native else None,
+                               lay.max_side if lay.native else None, lay.mode)
         except PixformerError:
             raise
         except Exception as e:  # PIL raises many types for corrupt images
             raise PixformerError(f"cannot decode the image at {self.rows.where(row)} ({type(e).__name__}: {e})") from None
-        if not lay.native and target != lay.size:
-            raise PixformerError(different_sizes(lay.source, lay.size, "the first image", target, self.rows.where(row)))
-        arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-        return torch.from_numpy(np.ascontiguousarray(arr))
+        if not lay.native and tuple(arr.shape[1:]) != tuple(lay.size):
+            raise PixformerError(different_sizes(lay.source, lay.size, "the first image", tuple(arr.shape[1:]),
+                                                 self.rows.where(row)))
+        return torch.from_numpy(arr)
 
     def decode_rows(self, rows: np.ndarray, out: Tensor | None = None) -> list[Tensor] | Tensor:
         """Rows -> a list of images, or written into `out` (B, C, H, W); decoded in the pool."""
