@@ -327,9 +327,14 @@ def load_model(path: str | Path, weights: str = "auto") -> tuple[nn.Module, dict
     if spec["arch"] not in ARCHITECTURES:
         raise PixformerError(f"{ckpt} holds an unknown architecture {spec['arch']!r}")
     model = build(spec["arch"], spec["config"])
-    use_ema = weights == "ema" or (weights == "auto" and (ckpt / "ema.safetensors").exists())
-    load_weights(model, ckpt / ("ema.safetensors" if use_ema else "model.safetensors"))
+    load_weights(model, ckpt / f"{weights_used(state, weights)}.safetensors")
     return model.eval(), state
+
+
+def weights_used(state: dict[str, Any], weights: str = "auto") -> str:
+    """'model' or 'ema': the weights `weights` ('auto', 'model', 'ema') picks from a run whose state.json
+    is `state` ('auto': the EMA weights when the run kept them, as its state records)."""
+    return state.get("weights", "model") if weights == "auto" else weights
 
 
 def init_from(model: nn.Module, path: str | Path) -> dict[str, list[str]]:

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from ..engine.checkpoint import weights_used
 from ..errors import PixformerError
 from .predict import load_for_inference, resize_of
 
@@ -124,6 +125,6 @@ def export_onnx(checkpoint: Any, out: str | Path, weights: str = "auto", opset: 
         "pixel_permutation": None if perm is None else perm.tolist(),
         "pixel_permutation_note": "if set: image.reshape(C, H*W)[:, perm].reshape(C, H, W) before normalising",
         "classes": facts.classes, "probabilities": "softmax(logits)",
-        "weights": state.get("weights", "model") if weights == "auto" else weights,
+        "weights": weights_used(state, weights),
     }, indent=1))
     return out, side

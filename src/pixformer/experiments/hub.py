@@ -87,11 +87,9 @@ class HubModel(nn.Module, PyTorchModelHubMixin, library_name="pixformer", tags=[
     @classmethod
     def from_run(cls, run: str | Path, weights: str = "auto") -> "HubModel":
         """The run in `run` (a run folder or its checkpoint/) with its `weights` ('auto': EMA when kept)."""
-        from ..engine.checkpoint import find_checkpoint, load_model
+        from ..engine.checkpoint import load_model, weights_used
         model, state = load_model(run, weights)
-        kept = (find_checkpoint(run) / "ema.safetensors").exists()
-        used = "ema" if weights == "ema" or (weights == "auto" and kept) else "model"
-        hub = cls(config=hub_config(state, used))
+        hub = cls(config=hub_config(state, weights_used(state, weights)))
         hub.module.load_state_dict(model.state_dict())
         return hub.eval()
 
