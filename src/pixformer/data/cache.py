@@ -267,6 +267,14 @@ def decode_image(src, size: tuple[int, int] | None, max_side: int | None, mode: 
         return np.ascontiguousarray(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
 
 
+def different_sizes(source: str, size, first: str, other, at: str) -> str:
+    """The one-line error for a source whose images are not all of one size (`size` of image `first`,
+    `other` of image `at`) when no size or budget was asked for."""
+    return (f"{source} holds images of different sizes ({size[0]}x{size[1]} {first}, {other[0]}x{other[1]} "
+            f"{at}); pass --img-size N to resize them all to NxN, or --max-side S / --max-tokens N to "
+            "train at native resolution")
+
+
 def failure(e: Exception) -> str:
     """The error text of an image that cannot be decoded (PIL raises many types for corrupt files)."""
     return f"{type(e).__name__}: {e}"
@@ -502,11 +510,7 @@ def decode_splits(out: Path, layout: list[tuple[str, str, str]], jobs: Iterable[
                     if not decoded(pos, got):
                         continue
                     if got != shape:
-                        (_, h0, w0), (_, h, w) = shape, got
-                        raise PixformerError(
-                            f"{source} holds images of different sizes ({h0}x{w0} {first}, {h}x{w} "
-                            f"{layout[pos][2]}); pass --img-size N to resize them all to NxN, or "
-                            "--max-side S / --max-tokens N to train at native resolution")
+                        raise PixformerError(different_sizes(source, shape[1:], first, got[1:], layout[pos][2]))
                     split, row = slot[pos]
                     kept[split][row] = True
     if bad:

@@ -40,8 +40,8 @@ from torch import Tensor
 
 from ..errors import PixformerError
 from ..files import read_json_object
-from .cache import decode_image
-from .native import shrunk
+from .cache import decode_image, different_sizes
+from .native import check_native_size
 from .store import ImageSet, NativeSet
 
 IMAGE_NAMES = ("image", "img")
@@ -274,12 +274,6 @@ class Decoder:
         else:
             images = list(self.pool().map(one, range(len(rows))))
         return out if out is not None else images
-
-
-def different_sizes(source: str, size, first: str, other, at: str) -> str:
-    return (f"{source} holds images of different sizes ({size[0]}x{size[1]} {first}, {other[0]}x{other[1]} "
-            f"{at}); pass --img-size N to resize them all to NxN, or --max-side S / --max-tokens N to "
-            "train at native resolution")
 
 
 class HFImages:
@@ -568,8 +562,7 @@ def load_hf(path: str | Path, img_size: tuple[int, int] | None = None, native: b
     decoded but a probe of each split (a sample's headers and a few whole images), so bad input is
     a PixformerError here rather than mid-training. `decode_threads` (default: the CPU count, at
     most 8) decode a batch in parallel; `row_group_cache_mb` bounds the parquet row groups kept."""
-    if native and img_size is not None:
-        raise PixformerError("native resolution (--max-side / --max-tokens) keeps each image's size: drop --img-size")
+    check_native_size(native, img_size)
     if skip_bad_images:
         raise PixformerError(f"{path} is decoded on the fly, so bad images cannot be skipped up front: "
                              "drop --skip-bad-images (a bad image is reported when it is read)")

@@ -209,6 +209,12 @@ class NativeBatcher:
         return float(np.random.default_rng(seed).beta(*self.token_drop_beta))
 
 
+def check_native_size(native: bool, img_size) -> None:
+    """A clear error for a fixed image size asked together with native resolution."""
+    if native and img_size:
+        raise PixformerError("native resolution (--max-side / --max-tokens) keeps each image's size: drop --img-size")
+
+
 def is_native(settings: dict) -> bool:
     """Whether a run's settings (a TrainConfig as a mapping) keep images at their own sizes: a budget is set."""
     return bool(settings.get("max_side") or settings.get("max_tokens"))

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from ..errors import PixformerError
 from .cache import build_once, decode_splits, map_splits, worker_count
-from .native import shrunk
+from .native import check_native_size, shrunk
 from .store import ImageSet, ImageStore, NativeSet, NativeStore, as_tensor
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -385,8 +385,7 @@ def load_source(source: str, root: str | None = None, img_size: tuple[int, int] 
     Hugging Face dataset on disk (parquet, save_to_disk) is read where it lies and each image decoded
     when a batch reads it (data/hf.py; `image_column` / `label_column` name its columns). A source with
     fewer than `min_classes` classes is refused (check_classes), an image folder before it is decoded."""
-    if native and img_size is not None:
-        raise PixformerError("native resolution (--max-side / --max-tokens) keeps each image's size: drop --img-size")
+    check_native_size(native, img_size)
     worker_count(workers)
     key = source.lower()
     if key == "digits":

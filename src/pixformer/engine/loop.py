@@ -41,7 +41,7 @@ from tqdm import tqdm
 from ..data.ablations import permuted
 from ..data.augment import batch_indices, random_crop, random_flip
 from ..data.loader import Prefetcher
-from ..data.native import NativeBatcher, batcher_for, table_side
+from ..data.native import NativeBatcher, batcher_for, check_native_size, table_side
 from ..data.sources import load_source
 from ..data.store import ImageSet, NativeSet, pick
 from ..data.splits import Splits, channel_stats, resolve_splits, source_id
@@ -111,8 +111,7 @@ def native_patch(cfg: TrainConfig, task_cls: type[Task]) -> int:
     if arch not in task_cls.packs:
         raise PixformerError(f"native resolution (--max-side / --max-tokens) packs images of any sizes; --task "
                              f"{cfg.task} cannot train {cfg.model} on them" + _which("those that can", "packs"))
-    if cfg.img_size:
-        raise PixformerError("native resolution (--max-side / --max-tokens) keeps each image's size: drop --img-size")
+    check_native_size(True, cfg.img_size)
     if cfg.crop_padding:
         raise PixformerError("--crop-padding pads square images; at native resolution use --resolution-range instead")
     if cfg.permute_pixels or cfg.local_swaps:
@@ -137,6 +136,8 @@ def check_run(cfg: TrainConfig, task_cls: type[Task]) -> None:
     if task_cls.architectures and arch not in task_cls.architectures:
         raise PixformerError(f"--task {cfg.task} trains {' / '.join(task_cls.architectures)} models; {cfg.model} is "
                              f"a {arch} model" + (" (use --task diffusion)" if arch == "dit" else ""))
+    if cfg.native:
+        native_patch(cfg, task_cls)                  # what native resolution cannot run, before any data
     if cfg.seq_parallel > 1:
         if arch not in task_cls.splits_tokens or cfg.native:
             raise PixformerError(f"--seq-parallel splits each square image's tokens over ranks; --task {cfg.task} "
