@@ -63,7 +63,8 @@ def test_model_backends_match_math_forward_and_gradients(backend, patch, pool):
 
 def test_unavailable_kernel_falls_back_with_one_line_notice(capsys, monkeypatch):
     monkeypatch.setattr(A, "_UNAVAILABLE", set())
-    monkeypatch.setattr(A, "_NOTICED", set())
+    import pixformer.progress as progress
+    monkeypatch.setattr(progress, "_SAID", set())
     q = torch.randn(1, 2, 5, 4)
     want, _ = attention(q, q, q, backend="sdpa")
     for _ in range(3):   # CPU has no memory-efficient kernel
