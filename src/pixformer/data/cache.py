@@ -52,7 +52,8 @@ from .native import shrunk
 from .store import ImageSet, ImageStore, NativeSet, NativeStore
 
 CHUNK_IMAGES = 128           # images sent to a decoding worker at a time (at most): each chunk costs the
-                             # parent a submit and a wakeup; 128 small images are ~20 ms of a worker's time
+                             # parent a submit and a wakeup; 128 64x64 JPEGs are ~16 ms of a worker's time
+                             # (one worker decoded ~8,000 a second in benchmarks/data_scale.py)
 CHUNK_BYTES = 16 << 20       # ... or this many bytes of encoded images read from an archive
 SAMPLE_BLOCKS, SAMPLE_BLOCK = 64, 16 << 10   # the manifest's digest: 64 blocks of 16 KiB spread over a file
 
@@ -321,8 +322,8 @@ class Rows:
 
 def write_rows(fd: int, arrays: list[np.ndarray], at: int) -> None:
     """Write `arrays` (C-contiguous) one after another at byte `at` of the open file `fd`: in one
-    pwritev where there is one, which costs the kernel half what a pwrite per image does (64x64
-    images: 6 against 11 us each); a short write is carried on, not lost."""
+    pwritev where there is one (one system call for a run of rows, not one per image); a short
+    write is carried on, not lost."""
     views = [memoryview(a).cast("B") for a in arrays]
     while views:
         done = os.pwritev(fd, views, at) if hasattr(os, "pwritev") else os.pwrite(fd, views[0], at)
