@@ -60,6 +60,13 @@ class TrainConfig:
     # augmentation: of the uint8 images, before normalisation (every image task)
     crop_padding: int = 0               # random crop with this zero (black) padding; 0 = off
     hflip: bool = False                 # random horizontal flip
+    rand_augment: tuple[int, int] | None = None  # RandAugment: N ops per image at magnitude M (of 30), torchvision's
+    #                                     ops and ranges, e.g. [2, 9] (DeiT); unset = off
+    trivial_augment: bool = False       # TrivialAugmentWide: one op per image at a random magnitude of the wide ranges
+    random_erase: float = 0.0           # random erasing: with this probability an image gets a rectangle (2-33 %
+    #                                     of it) of uniform noise (DeiT: 0.25); 0 = off
+    repeat_aug: int = 1                 # repeated augmentation: each image K times in a batch, each copy augmented
+    #                                     on its own; as many steps an epoch (DeiT: 3); 1 = off
     # native resolution: NaViT's Patch n' Pack (data/native.py); images keep their size and aspect ratio,
     # several are packed into one sequence; a ViT attends and pools within each image. On when a budget is set.
     max_side: int | None = None         # scale each image down so its longer side is at most this (pixels)
@@ -132,6 +139,13 @@ class TrainConfig:
             require(name, getattr(self, name), 0 <= getattr(self, name) < 1, "in [0, 1)")
         require("lr", self.lr, self.lr > 0, "> 0")
         require("layer_decay", self.layer_decay, 0 < self.layer_decay <= 1, "in (0, 1]")
+        ra = self.rand_augment
+        require("rand_augment", ra, ra is None or (ra[0] >= 0 and 0 <= ra[1] <= 30), "N M with N >= 0, 0 <= M <= 30")
+        if ra is not None and self.trivial_augment:
+            raise PixformerError("--rand-augment and --trivial-augment are two augmentation policies; choose one")
+        require("random_erase", self.random_erase, 0 <= self.random_erase <= 1, "a probability in [0, 1]")
+        require("repeat_aug", self.repeat_aug, 1 <= self.repeat_aug <= self.batch_size,
+                f"in [1, --batch-size {self.batch_size}]")
         require("betas", list(self.betas), all(0 <= b < 1 for b in self.betas), "two numbers, each in [0, 1)")
         lo_hi = self.resolution_range
         require("resolution_range", lo_hi, lo_hi is None or 1 <= lo_hi[0] <= lo_hi[1], "LO HI with 1 <= LO <= HI")
@@ -170,8 +184,9 @@ def as_json(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def changed_settings(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
-    """'name: old -> new' for each setting (outside RUN_ONLY) in which `cfg` differs from a saved config."""
-    new = as_json(cfg)
+    """'name: old -> new' for each setting (outside RUN_ONLY) in which `cfg` differs from a saved config.
+    A setting newer than the saved run counts as its default (a new option's default is what ran before)."""
+    new, saved = as_json(cfg), {**as_json(TrainConfig()), **saved}
     return [f"{k}: {saved.get(k)} -> {new.get(k)}" for k in sorted(set(saved) | set(new))
             if k not in RUN_ONLY and saved.get(k) != new.get(k)]
 

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from ..data.ablations import permuted
-from ..data.augment import batch_indices, random_crop, random_flip
+from ..data.augment import batch_indices, rand_augment, random_crop, random_erase, random_flip, trivial_augment
 from ..data.loader import Prefetcher
 from ..data.native import NativeBatcher, batcher_for, check_native_size, table_side
 from ..data.sources import load_source
@@ -118,6 +118,9 @@ def native_patch(cfg: TrainConfig, task_cls: type[Task]) -> int:
         raise PixformerError("pixel permutations (--permute-pixels, --local-swaps) need images of one size")
     if cfg.task_args.get("mixup") or cfg.task_args.get("cutmix"):
         raise PixformerError("mixup and CutMix mix images of one size; turn them off at native resolution")
+    if cfg.rand_augment or cfg.trivial_augment or cfg.random_erase or cfg.repeat_aug > 1:
+        raise PixformerError("--rand-augment, --trivial-augment, --random-erase and --repeat-aug augment square "
+                             "batches of one size; turn them off at native resolution")
     return int(cfg.model_args.get("patch_size", fields["patch_size"]))
 
 
@@ -275,8 +278,8 @@ class Batch:
 
 
 @lru_cache(maxsize=2)
-def _epoch_batches(n: int, batch_size: int, epoch: int, seed: int) -> list[Tensor]:
-    return batch_indices(n, batch_size, epoch, seed)
+def _epoch_batches(n: int, batch_size: int, epoch: int, seed: int, repeats: int) -> list[Tensor]:
+    return batch_indices(n, batch_size, epoch, seed, repeats=repeats)
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -288,7 +291,8 @@ def train_batch(run: "Run", step: int) -> Batch:
     """The batch of training step `step` (made on a loader thread): the global batch drawn and augmented
     as one process would, then this rank's rows kept."""
     data, cfg = run.splits.train, run.cfg
-    idx = _epoch_batches(len(data), cfg.batch_size, step // run.steps_per_epoch, cfg.seed)[step % run.steps_per_epoch]
+    epoch, i = divmod(step, run.steps_per_epoch)
+    idx = _epoch_batches(len(data), cfg.batch_size, epoch, cfg.seed, cfg.repeat_aug)[i]
     g = step_generator(cfg.seed, step)
     if run.batcher is not None:                                         # images of any sizes, packed
         images = pick(data.images, idx)
@@ -299,6 +303,9 @@ def train_batch(run: "Run", step: int) -> Batch:
         images = data.images[idx]                                       # uint8 (B, C, H, W)
         images = random_crop(images, cfg.crop_padding, g)
         images = random_flip(images, g) if cfg.hflip else images
+        images = rand_augment(images, *cfg.rand_augment, g) if cfg.rand_augment else images
+        images = trivial_augment(images, g) if cfg.trivial_augment else images
+        images = random_erase(images, cfg.random_erase, g)   # last, as in DeiT (which erases normalised images)
         x = images[run.part]
     return _pinned(Batch(x, data.labels[idx][run.part], len(idx)), run.runtime.device)
 
