@@ -16,6 +16,7 @@ SMALL = dict(model_args=dict(depth=1, dim=16, heads=2), data="digits", batch_siz
              precision="fp32", train_subset=256)
 RUNS = {
     "classify": dict(SMALL, model="vit-n/2", crop_padding=1, hflip=True),
+    "repeat-aug": dict(SMALL, model="vit-n/2", hflip=True, rand_augment=[2, 9], random_erase=0.25, repeat_aug=3),
     "mae": dict(SMALL, model="vit-n/2", task="mae", task_args=dict(decoder_depth=1, decoder_dim=16, decoder_heads=2)),
     "diffusion": dict(SMALL, model="dit-n/2", task="diffusion", task_args=dict(timesteps=50, samples=0)),
     "batch-over-the-set": dict(SMALL, model="vit-n/2", batch_size=512, train_subset=96),   # a batch of all 96
