@@ -197,3 +197,44 @@ def test_init_from_resamples_factorized_tables_to_another_size(tmp_path):
                           pos_embed="factorized")
     got = init_from(bigger, tmp_path / "r")
     assert {"pos_rows", "pos_cols"} <= set(got["loaded"]) and bigger.pos_rows.shape == (6, 16)
+
+
+def test_conv_stem_halves_the_image_per_convolution_and_maps_to_the_width():
+    """stem='conv': log2(p) 3x3 stride-2 convolutions (one stride-1 one for p = 1), then a 1x1 map to the
+    width; the tokens are the stem's output cells in row-major order, as patchify's; any square size runs."""
+    torch.manual_seed(0)
+    for p, widths in ((1, [64]), (2, [64]), (4, [32, 64]), (8, [16, 32, 64])):
+        model = create_model(f"vit-d2w64/{p}", img_size=32, num_classes=3, stem="conv").eval()
+        assert [layer[0].out_channels for layer in model.stem] == widths
+        assert [layer[0].stride[0] for layer in model.stem] == [2 if p > 1 else 1] * len(widths)
+        x = torch.randn(2, 3, 32, 32)
+        tokens, grid = model.embed(x)
+        assert grid == (32 // p, 32 // p) and tokens.shape == (2, (32 // p) ** 2, 64)
+        cells = model.patch_embed(model.stem(x))                          # (B, D, h, w)
+        expect = cells[:, :, 1, 2] + model.pos_table[1, 2]                # the token of row 1, column 2
+        assert torch.allclose(tokens[:, 1 * (32 // p) + 2], expect, atol=1e-6)
+        assert model(torch.randn(2, 3, 16, 16)).shape == (2, 3)           # the position table resampled
+        convs = [m for m in model.stem.modules() if isinstance(m, torch.nn.Conv2d)]
+        side = [32 // (2 ** (i + 1)) if p > 1 else 32 for i in range(len(convs))]
+        by_hand = sum(2 * s * s * 9 * c.in_channels * c.out_channels for s, c in zip(side, convs))
+        linear = create_model(f"vit-d2w64/{p}", img_size=32, num_classes=3)
+        stem_linear = 2 * (32 // p) ** 2 * 3 * p * p * 64
+        assert model.flops() - linear.flops() == by_hand + 2 * (32 // p) ** 2 * widths[-1] * 64 - stem_linear
+
+
+def test_conv_stem_refuses_what_embeds_patches_one_by_one():
+    with pytest.raises(PixformerError, match="power of 2"):
+        create_model("vit-n/3", img_size=24, stem="conv")
+    with pytest.raises(PixformerError, match="stem must be"):
+        create_model("vit-n/4", img_size=32, stem="convolutional")
+    model = create_model("vit-n/4", img_size=32, stem="conv")
+    with pytest.raises(PixformerError, match="whole images"):
+        model.embed_tokens(torch.randn(1, 4, 48), (2, 2))
+    from pixformer import TrainConfig
+    from pixformer.engine.loop import check_run
+    from pixformer.tasks import TASKS
+    for cfg, task in ((TrainConfig(model="vit-n/4", model_args={"stem": "conv"}, task="mae"), "mae"),
+                      (TrainConfig(model="vit-n/4", model_args={"stem": "conv"}, max_side=32), "classify"),
+                      (TrainConfig(model="vit-n/4", model_args={"stem": "conv"}, seq_parallel=2), "classify")):
+        with pytest.raises(PixformerError, match="--stem conv embeds whole images"):
+            check_run(cfg, TASKS[task])

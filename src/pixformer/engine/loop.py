@@ -147,6 +147,9 @@ def check_run(cfg: TrainConfig, task_cls: type[Task]) -> None:
                                  f"cannot do that with {cfg.model}" + (" at native resolution" if cfg.native else "")
                                  + _which("it can", "splits_tokens"))
         check_sequence_backend(cfg.speed.attn_backend)
+    if cfg.model_args.get("stem") == "conv" and (cfg.native or cfg.seq_parallel > 1 or task_cls.embeds_subsets):
+        raise PixformerError("--stem conv embeds whole images of one size; packed images (--max-side / --max-tokens), "
+                             "sequence shards (--seq-parallel) and MAE's visible patches need --stem linear")
     if cfg.fsdp and cfg.ema_decay > 0:
         raise PixformerError("--ema-decay keeps a full copy of the weights on every rank; it cannot be combined "
                              "with --fsdp")

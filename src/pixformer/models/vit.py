@@ -57,6 +57,9 @@ class ViTConfig:
                                           # place relative to its image's side; any grid) or "absolute" (its
                                           # own row and column; grids beyond the table cannot be embedded).
                                           # sincos2d always takes the coordinates as they are.
+    stem: str = "linear"                  # "linear" (each patch a linear map: ViT, PiT) or "conv" (3x3
+                                          # convolutions, stride 2 each, BatchNorm and GELU, then a 1x1 map
+                                          # to the width: Xiao et al. 2021; whole square-batch images only)
 
     def __post_init__(self):
         if isinstance(self.img_size, int):
@@ -73,6 +76,11 @@ class ViTConfig:
             raise PixformerError("fc_norm normalises the mean of the tokens: it needs pool='mean'")
         if self.pos_embed not in ("learned", "factorized", "sincos2d", "none"):
             raise PixformerError(f"pos_embed must be 'learned', 'factorized', 'sincos2d' or 'none', got {self.pos_embed!r}")
+        if self.stem not in ("linear", "conv"):
+            raise PixformerError(f"stem must be 'linear' or 'conv', got {self.stem!r}")
+        if self.stem == "conv" and self.patch_size & (self.patch_size - 1):
+            raise PixformerError(f"a convolutional stem halves the image per convolution: patch size must be a power "
+                                 f"of 2, got {self.patch_size}")
         if self.pos_coords not in ("fractional", "absolute"):
             raise PixformerError(f"pos_coords must be 'fractional' or 'absolute', got {self.pos_coords!r}")
         if self.dim % self.heads:
@@ -142,6 +150,22 @@ class Block(nn.Module):
         return x + drop_path(gate2 * h, self.drop_path, self.training)         # (B, N, D)
 
 
+def conv_stem(in_chans: int, dim: int, patch: int) -> nn.Sequential:
+    """A convolutional stem (Xiao et al. 2021, "Early Convolutions Help Transformers See Better") for
+    patch size p = 2^k: k 3x3 convolutions of stride 2 (one of stride 1 for p = 1), each followed by
+    BatchNorm and GELU, the i-th of n with dim / 2^(n - i) channels; (B, C, H, W) ->
+    (B, c, H/p, W/p). The model's 1x1 `patch_embed` then maps c to the width."""
+    k = patch.bit_length() - 1
+    n = max(k, 1)
+    widths = [max(dim >> (n - i), 8) for i in range(1, n + 1)]
+    layers, c = [], in_chans
+    for w in widths:
+        layers.append(nn.Sequential(nn.Conv2d(c, w, 3, stride=2 if k else 1, padding=1, bias=False),
+                                    nn.BatchNorm2d(w), nn.GELU()))
+        c = w
+    return nn.Sequential(*layers)
+
+
 def init_transformer(model: nn.Module) -> None:
     """The weight initialisation of every Transformer built of `Block`s, in one place: truncated
     normal (std 0.02) for linear weights, zero biases, unit LayerNorm, and zero adaLN-Zero modulation
@@ -165,7 +189,11 @@ class VisionTransformer(nn.Module):
         self.cfg = cfg
         p, D = cfg.patch_size, cfg.dim
         self.pos_grid = check_grid(cfg.img_size, p)
-        self.patch_embed = nn.Linear(cfg.in_chans * p * p, D)  # p = 1: a linear map of the pixel's channels
+        self.stem = conv_stem(cfg.in_chans, D, p) if cfg.stem == "conv" else None
+        if self.stem is None:
+            self.patch_embed = nn.Linear(cfg.in_chans * p * p, D)  # p = 1: a linear map of the pixel's channels
+        else:                                                       # the stem's channels to the width
+            self.patch_embed = nn.Conv2d(self.stem[-1][0].out_channels, D, 1)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.pool == "cls" else None
         self.pos_table = nn.Parameter(torch.zeros(*self.pos_grid, D)) if cfg.pos_embed == "learned" else None
         factorized = cfg.pos_embed == "factorized"                       # phi_row(r) + phi_col(c)
@@ -180,8 +208,14 @@ class VisionTransformer(nn.Module):
 
     def init_weights(self):
         """All initialisation in one place: the Transformer's (init_transformer), truncated normal
-        (std 0.02) class token and position tables, and a zero classifier (the ViT recipe)."""
+        (std 0.02) class token and position tables, and a zero classifier (the ViT recipe); a
+        convolutional stem as PyTorch initialises convolutions (Kaiming-uniform) and unit BatchNorm."""
         init_transformer(self)
+        for m in (self.stem.modules() if self.stem is not None else ()):
+            if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)):
+                m.reset_parameters()
+        if self.stem is not None:
+            self.patch_embed.reset_parameters()
         for prm in (self.cls_token, self.pos_table, self.pos_rows, self.pos_cols):
             if prm is not None:
                 nn.init.trunc_normal_(prm, std=0.02)
@@ -246,14 +280,25 @@ class VisionTransformer(nn.Module):
         (B, N, D), each a linear map of its patch plus the position embedding of its coordinates `coords`
         ((N, 2) or (B, N, 2); default every cell of `grid`, row-major) on `grid` (one (rows, cols), or
         each token's own image grid (B, N, 2)): see `position_embedding`."""
+        if self.stem is not None:
+            raise PixformerError("a convolutional stem (stem='conv') embeds whole images of one size; packed images, "
+                                 "MAE's visible patches and sequence shards need the linear stem")
         x = self.patch_embed(patches)                                     # (B, N, D)
         pos = self.position_embedding(grid, coords)                       # (N, D), (B, N, D) or None
         return x if pos is None else x + pos                              # (B, N, D)
 
     def embed(self, images: Tensor, coords: Tensor | None = None) -> tuple[Tensor, tuple[int, int]]:
         """(B, C, H, W) -> (B, N, D) patch tokens with position embedding added, and the grid."""
-        patches, grid = self.patchify(images)                             # (B, N, p*p*C)
-        return self.embed_tokens(patches, grid, coords), grid             # (B, N, D)
+        if self.stem is None:
+            patches, grid = self.patchify(images)                         # (B, N, p*p*C)
+            return self.embed_tokens(patches, grid, coords), grid         # (B, N, D)
+        if images.ndim != 4 or images.shape[1] != self.cfg.in_chans or coords is not None:
+            raise PixformerError(f"a convolutional stem embeds every token of whole images (B, {self.cfg.in_chans}, H, "
+                                 f"W); got {tuple(images.shape)}{' and coords' if coords is not None else ''}")
+        grid = check_grid(tuple(images.shape[-2:]), self.cfg.patch_size)
+        x = self.patch_embed(self.stem(images)).flatten(2).transpose(1, 2)   # (B, N, D), row-major as patchify
+        pos = self.position_embedding(grid)                               # (N, D) or None
+        return x if pos is None else x + pos, grid                        # (B, N, D)
 
     def prepend_cls(self, tokens: Tensor) -> Tensor:
         """(B, N, D) -> (B, 1+N, D) with the class token first; unchanged for a model without one."""
@@ -312,4 +357,12 @@ class VisionTransformer(nn.Module):
         t = n + (c.pool == "cls")
         hidden = int(c.dim * c.mlp_ratio)
         per_block = 2 * t * c.dim * (3 * c.dim + c.dim + 2 * hidden) + 2 * 2 * t * t * c.dim
-        return 2 * n * c.in_chans * c.patch_size ** 2 * c.dim + c.depth * per_block + 2 * c.dim * c.num_classes
+        if self.stem is None:
+            embed = 2 * n * c.in_chans * c.patch_size ** 2 * c.dim
+        else:                             # each 3x3 conv at its output resolution, then the 1x1 map
+            convs = [m for m in self.stem.modules() if isinstance(m, nn.Conv2d)]
+            side = [(gh * c.patch_size // m.stride[0] ** (i + 1)) * (gw * c.patch_size // m.stride[0] ** (i + 1))
+                    for i, m in enumerate(convs)]
+            embed = sum(2 * s * 9 * m.in_channels * m.out_channels for s, m in zip(side, convs))
+            embed += 2 * n * convs[-1].out_channels * c.dim
+        return embed + c.depth * per_block + 2 * c.dim * c.num_classes

@@ -87,6 +87,7 @@ class Task:
     architectures: tuple[str, ...] = ()   # the model families it trains (registry names: vit, convmixer, dit)
     packs: tuple[str, ...] = ()           # those it trains on packed images of any sizes (native resolution)
     splits_tokens: tuple[str, ...] = ()   # those whose images' tokens it can split over ranks (--seq-parallel)
+    embeds_subsets: bool = False          # embeds a subset of each image's patches (MAE's visible ones)
 
     def __init__(self, cfg: Any, facts: DataFacts):
         self.cfg = cfg

@@ -87,6 +87,7 @@ class MAE(Task):
     best = ("loss", "min")
     uses_labels = False
     architectures = ("vit",)
+    embeds_subsets = True
 
     def build_model(self, name: str, model_args: dict[str, Any]) -> nn.Module:
         encoder = self.vit_encoder(name, model_args)
