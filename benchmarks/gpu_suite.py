@@ -12,11 +12,12 @@ cannot start, fails or runs out of time is recorded with its reason, and the res
                             bf16 GEMM measured here (the best n x n torch.mm, n = 4096, 8192), timm
   step/MODEL/eager          the classify training step (forward, cross-entropy, backward, clipping at
                             1.0, AdamW) of pit-t and vit-t/2 at 32x32 (batch 256) and pit-s at 64x64
-                            (batch 64) on random images, bf16 autocast, attention through SDPA's flash
-                            kernel, selective checkpointing as `pixformer train` decides it (--selective)
+                            (batch 64) on random images, bf16 autocast, attention through SDPA held to
+                            its flash kernel, selective checkpointing as `pixformer train` decides it
+                            (--selective)
   step/MODEL/compile        the same with `--compile` (each block through torch.compile)
   timm/pN/eager             timm's vit_tiny_patch16_224 at patch N (1: pit-t's peer, 2: vit-t/2's),
-                            32x32, 10 classes: the same dimensions and step, SDPA restricted to flash
+                            32x32, 10 classes: the same dimensions and step
   packed/eager              native-resolution training of vit-t/2 (random images, longer side drawn
                             from [32, 128], packed into sequences of 8,192 tokens, 64 images a step,
                             30 steps of differing packs), attention through FlexAttention; images/s and
@@ -38,7 +39,8 @@ again after every part, so a run cut short keeps what it measured.
 
 --dry-run runs every part on the CPU at tiny sizes (one block, 8x8 images, a batch of 2, one or two
 steps, a tiny CIFAR-like archive made on the spot, torch.compile with the "eager" backend so that
-dynamo traces but nothing is built): a test of the plumbing, whose figures mean nothing.
+dynamo traces but nothing is built): a test of the plumbing, whose figures mean nothing; there
+--jobs 2 runs two parts at once.
 """
 from __future__ import annotations
 
@@ -52,6 +54,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -191,6 +194,7 @@ def step_worker(job: dict) -> dict:
     ours = create_model(job["model"], img_size=img, num_classes=10, **job["model_args"])
     fwd = ours.flops()                                     # timm's peer has the same dimensions: one count
     row = {"model": job["model"], "impl": job["impl"], "img": img, "batch": batch, "precision": "bf16",
+           "attention": "SDPA, flash kernel only",
            "compile": job["compile"], "compile_backend": job["compile_backend"] if job["compile"] else None}
     if job["impl"] == "timm":
         import timm
@@ -201,17 +205,18 @@ def step_worker(job: dict) -> dict:
             for block in model.blocks:                     # block by block, as pixformer's --compile
                 block.compile(backend=job["compile_backend"])
         groups = model.parameters()
-        row.update(timm_model=f"vit_tiny_patch16_224 (patch {job['patch']})", attention="sdpa (flash only)",
-                   selective_checkpoint=False)
+        row.update(timm_model=f"vit_tiny_patch16_224 (patch {job['patch']})", selective_checkpoint=False)
     else:
         model = ours.to(dev)
-        selective = (selective_pays(job["model"], img, batch, "bf16", "flash", 10, 3, **job["model_args"])
+        selective = (selective_pays(job["model"], img, batch, "bf16", "sdpa", 10, 3, **job["model_args"])
                      if job["selective"] == "auto" else job["selective"] == "on")
-        apply_speed_settings(model, Speed(attn_backend="flash", selective_checkpoint=selective, onednn_linear=False))
+        # "sdpa" (what "auto" runs on GPUs), held to the flash kernel below: the "flash" backend's fallback
+        # (a try and a warnings filter) splits each compiled block into 4 graphs
+        apply_speed_settings(model, Speed(attn_backend="sdpa", selective_checkpoint=selective, onednn_linear=False))
         if job["compile"]:
             apply_compile(model, job["compile_backend"])
         groups = param_groups(model, 0.05)
-        row.update(attention="flash", selective_checkpoint=bool(checkpointed_blocks(model)["selective"]))
+        row.update(selective_checkpoint=bool(checkpointed_blocks(model)["selective"]))
     model.train()
     opt = torch.optim.AdamW(groups, lr=1e-4, foreach=True)     # as `pixformer train` builds it
     x = torch.randn(batch, 3, img, img, device=dev)
@@ -219,9 +224,7 @@ def step_worker(job: dict) -> dict:
     one = train_step(lambda i: F.cross_entropy(model(x).float(), y), opt, torch.bfloat16, dev.type, clip=1.0)
 
     def step(i):
-        if job["impl"] != "timm":
-            return one(i)
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):      # timm calls SDPA: restricted to the flash kernel
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):      # both models call SDPA: held to its flash kernel
             return one(i)
     sync, reset, peak, peak_kind = _device_timing(dev)
     warm = [timed(lambda: step(i), sync) for i in range(job["warmup"])]   # the first steps compile
@@ -467,12 +470,16 @@ def main():
     ap.add_argument("--parts", nargs="+", default=None, help="only these parts (glob patterns, e.g. 'step/*/eager' "
                                                              "train/pit-t); env always runs")
     ap.add_argument("--work", default=None, help="logs and run folders (default: a new temporary folder)")
+    ap.add_argument("--jobs", type=int, default=1, help="parts run at once; above 1 with --dry-run only (timings "
+                                                         "need the machine to themselves)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--job", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
         print(json.dumps(WORKERS[a.worker](json.loads(a.job))))
         return
+    if a.jobs < 1 or (a.jobs > 1 and not a.dry_run):
+        ap.error("--jobs: 1, or more with --dry-run (timings need the machine to themselves)")
     t_start = time.monotonic()
     default_out = "gpu-small.json" if a.dry_run else "gpu.json"
     out = Path(a.out or (Path(os.environ["OUT"]) / "gpu.json" if os.environ.get("OUT") else
@@ -489,22 +496,31 @@ def main():
     record = {"suite": "pixformer GPU suite", "command": "bash benchmarks/gpu.sh " + " ".join(sys.argv[1:]),
               "dry_run": a.dry_run, "budget_s": a.budget, "data": a.data, "work": a.work,
               "started": time.strftime("%Y-%m-%d %H:%M:%S"), "parts": {}}
+    todo = parts(a)
+    record["parts"] = {p["name"]: {"kind": p["kind"], "status": "pending"} for p in todo}   # a cut run shows these
     env: dict = {}
-    for part in parts(a):
+
+    def start(part: dict) -> dict:                     # when the part's turn comes: run it, or say why not
         left = a.budget - (time.monotonic() - t_start)
         why = skip_reason(part, env, left)
         if why:
-            result = {"status": "skipped", "reason": why}
-        else:
-            print(f"{part['name']} ...", flush=True)
-            result = run_part(part, min(part["cap"], left), logs)
-        if part["kind"] == "env":
-            env = result
+            return {"status": "skipped", "reason": why}
+        print(f"{part['name']} ...", flush=True)
+        return run_part(part, min(part["cap"], left), logs)
+
+    def finish(part: dict, result: dict) -> None:
         add_mfu(result, env)
         record["parts"][part["name"]] = {"kind": part["kind"], **result}
         record["wall_s"] = time.monotonic() - t_start
         write(out, record)
         print(summary(part["name"], result), flush=True)
+
+    env = start(todo[0])                               # every other part reads what env found
+    finish(todo[0], env)
+    with ThreadPoolExecutor(a.jobs) as pool:           # one at a time unless --jobs (dry runs)
+        running = {pool.submit(start, part): part for part in todo[1:]}
+        for done in as_completed(running):
+            finish(running[done], done.result())
     print(f"{out} ({record['wall_s']:.0f} s; logs in {logs})")
 
 

@@ -15,7 +15,7 @@ PARTS = {"env", *STEPS, *TIMM, "packed/eager", "packed/compile", "train/pit-t", 
 def test_the_gpu_suite_runs_every_part_on_cpu_in_a_dry_run(tmp_path):
     out = tmp_path / "gpu.json"
     done = subprocess.run(["bash", str(ROOT / "benchmarks/gpu.sh"), "--dry-run", "--out", str(out),
-                           "--work", str(tmp_path / "work")], capture_output=True, text=True, timeout=600,
+                           "--work", str(tmp_path / "work"), "--jobs", "2"], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     r = json.loads(out.read_text())
