@@ -3,7 +3,12 @@ diffusers' DiTTransformer2DModel at identical dimensions: DiT-S (depth 12, width
 1,536), class-conditional (1,000 classes), on a 32x32x4 latent grid, at patch 2 (`dit-s/2`, 256 tokens)
 and patch 1 (the PiT variant, 1,024 tokens); and sampling throughput (images/s) of pixformer's model
 with DDIM at 50 steps and DPM-Solver++ at 20, both with guidance (scale 1.5). Each configuration runs in a
-fresh process; the figures are the median step time (images/s) and the process's peak resident memory.
+fresh process; the figures are the median step time (images/s), the process's peak resident memory, and
+GFLOP/s with its share of this machine's matmul peak in the dtype the configuration ran (measured in the
+same run, harness.matmul_peaks). The FLOPs are pixformer's DiT.flops (the token path's matmuls, the same
+for diffusers' model at identical dimensions; the per-image timestep and class embeddings and adaLN
+modulation are left out): 3x forward per training image, and for sampling one forward per image the
+model is called on (a guided step calls it on each image twice).
 
     .venv/bin/python benchmarks/dit_step.py [--batch 8] [--steps 3] [--patches 2 1] [--out benchmarks/results/dit_step.json]
 """
@@ -12,7 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from harness import run_configs, time_steps, train_step
+from harness import matmul_peaks, peak_per_dtype, run_configs, say_peaks, time_steps, train_step
 
 DIMS = dict(img=32, chans=4, depth=12, dim=384, heads=6, classes=1000)
 CONFIGS = {"pixformer": dict(impl="pixformer", precision="auto"),
@@ -62,6 +67,8 @@ def worker(name: str, patch: int, batch: int, steps: int) -> dict:
             out = model(task.noise.add_noise(x0, noise, t), timestep=t, class_labels=y).sample
             return ((out.float() - noise) ** 2).mean()
     params = sum(p.numel() for p in model.parameters())
+    forwarded = [0]                                        # images the model is called on, over every step
+    model.register_forward_pre_hook(lambda m, args: forwarded.__setitem__(0, forwarded[0] + len(args[0])))
     if cfg["impl"] == "sample":
         model.eval()
 
@@ -72,7 +79,11 @@ def worker(name: str, patch: int, batch: int, steps: int) -> dict:
     else:
         model.train()
         t = time_steps(train_step(loss_of, opt, amp), steps)
+    per_step = forwarded[0] / (len(t["step_times"]) + len(t["warmup_s"]))   # images through the model per step
+    fwd = (model if cfg["impl"] != "diffusers" else task.build_model("dit-s/2", sizes)).flops()
+    flops = per_step * fwd * (1 if cfg["impl"] == "sample" else 3)          # training: forward + backward (2x)
     return {"config": name, "patch": patch, "batch": batch, **t, "images_s": batch / t["step_s"],
+            "forward_flops": fwd, "flop_s": flops / t["step_s"],
             "precision": str(amp or torch.float32)[6:], "params": params, "torch": torch.__version__}
 
 
@@ -89,11 +100,14 @@ def main():
     if args.worker:
         print(json.dumps(worker(args.worker, args.patch, args.batch, args.steps)))
         return
+    by_lib = matmul_peaks("cpu")
+    print(say_peaks(by_lib), flush=True)
     for p in args.patches:
         print(f"patch {p} ({(DIMS['img'] // p) ** 2} tokens), batch {args.batch}:")
         out = args.out.replace(".json", f"_p{p}.json")
         run_configs(__file__, args.configs, ["--patch", str(p), "--batch", str(args.batch), "--steps", str(args.steps)],
-                    out, {"dims": {**DIMS, "patch": p}}, "diffusers")
+                    out, {"dims": {**DIMS, "patch": p}, "matmul_flop_s_by_library": by_lib}, "diffusers",
+                    peak=peak_per_dtype(by_lib))
 
 
 if __name__ == "__main__":

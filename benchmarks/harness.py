@@ -1,5 +1,6 @@
-"""What the step benchmarks share: time a training step in this process, and run each configuration
-in a fresh process (so peak memory is its own), comparing against a reference configuration."""
+"""What the step benchmarks share: time a training step in this process, run each configuration
+in a fresh process (so peak memory is its own), comparing against a reference configuration, and
+measure this machine's matmul peak, the denominator of every benchmark's share of peak."""
 from __future__ import annotations
 
 import importlib.util
@@ -26,40 +27,103 @@ def vit_pytorch_file(name: str):
     return mod
 
 
-def time_steps(step: Callable[[int], None], steps: int, warmup: int = 2) -> dict:
-    """Median seconds of `step(i)` over `steps` calls after `warmup` untimed ones, and the process's
-    peak resident memory (GiB) before and after them."""
+def timed(fn: Callable[[], object], sync: Callable[[], None] | None = None) -> float:
+    """Seconds `fn()` takes; `sync` (e.g. torch.cuda.synchronize) waits for queued device work at both ends."""
+    if sync:
+        sync()
+    t = time.perf_counter()
+    fn()
+    if sync:
+        sync()
+    return time.perf_counter() - t
+
+
+def time_steps(step: Callable[[int], None], steps: int, warmup: int = 2, sync: Callable[[], None] | None = None) -> dict:
+    """Median seconds of `step(i)` over `steps` calls after `warmup` untimed ones (their seconds in
+    warmup_s), and the process's peak resident memory (GiB) before and after them. `sync`: as for `timed`."""
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times = []
+    times, warm = [], []
     for i in range(steps + warmup):
-        t0 = time.perf_counter()
-        step(i)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return {"step_s": statistics.median(times), "step_times": times,
+        (times if i >= warmup else warm).append(timed(lambda: step(i), sync))
+    return {"step_s": statistics.median(times), "step_times": times, "warmup_s": warm,
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
             "rss_before_steps_gib": rss0 / 2 ** 20}
 
 
-def train_step(loss_of: Callable[[int], "torch.Tensor"], opt, amp) -> Callable[[int], None]:
-    """One training step for `time_steps`: the loss of step i under autocast `amp` (None: fp32),
-    backward, and the optimizer step."""
+def train_step(loss_of: Callable[[int], "torch.Tensor"], opt, amp, device: str = "cpu",
+               clip: float = 0.0) -> Callable[[int], None]:
+    """One training step for `time_steps`: the loss of step i under autocast `amp` (None: fp32) on
+    `device`'s type, backward, gradient clipping to norm `clip` (0: none; `pixformer train` clips at
+    1.0) and the optimizer step."""
     import torch
 
     def step(i: int) -> None:
-        with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+        with torch.autocast(torch.device(device).type, dtype=amp or torch.float32, enabled=amp is not None):
             loss = loss_of(i)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], clip)
         opt.step()
     return step
 
 
+def dtype_key(dtype) -> str:
+    """"fp32" or "bf16" for a torch dtype or its name (torch.bfloat16, "bfloat16", "bf16", ...)."""
+    name = str(dtype).replace("torch.", "")
+    return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(name, name)
+
+
+def matmul_peaks(device: str = "cpu", sizes: tuple[int, ...] | None = None, reps: int = 10) -> dict[str, dict[str, float]]:
+    """{dtype: {library: FLOP/s}}: the best n x n x n matmul of each GEMM library torch ships, `reps`
+    tries of each size, with this process's threads. The peak of a dtype is its best library's (`peak_per_dtype`).
+    CPU: fp32 and bf16 through torch.mm (MKL in fp32, oneDNN in bf16) and oneDNN directly (on AMD CPUs
+    MKL's fp32 GEMM runs AVX2 code at half of oneDNN's AVX-512 rate), n = 1024, 2048 (bf16 without
+    native support: 512, 3 tries: emulated and slow). CUDA: bf16 through torch.mm (cuBLAS), n = 4096, 8192."""
+    import torch
+
+    from pixformer.engine.perf import native_bf16
+    mm = lambda a, b: a @ b                                                           # noqa: E731
+    if device.startswith("cuda"):
+        sync = torch.cuda.synchronize
+        plan = [(torch.bfloat16, sizes or (4096, 8192), reps, {"torch.mm": mm})]
+    else:
+        sync, native = None, native_bf16("cpu")
+        onednn = lambda a, b: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")   # noqa: E731
+        libs_cpu = {"torch.mm": mm, "oneDNN": onednn}
+        plan = [(torch.float32, sizes or (1024, 2048), reps, libs_cpu),
+                (torch.bfloat16, sizes or ((1024, 2048) if native else (512,)), reps if native else min(reps, 3), libs_cpu)]
+    out = {}
+    for dtype, ns, tries, libs in plan:
+        rates = {}
+        for lib, gemm in libs.items():
+            for n in ns:
+                a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
+                gemm(a, b)
+                best = min(timed(lambda: gemm(a, b), sync) for _ in range(tries))
+                rates[lib] = max(rates.get(lib, 0.0), 2 * n ** 3 / best)
+        out[dtype_key(dtype)] = rates
+    return out
+
+
+def peak_per_dtype(by_library: dict[str, dict[str, float]]) -> dict[str, float]:
+    """{dtype: FLOP/s} of the best library, from `matmul_peaks`."""
+    return {dt: max(rates.values()) for dt, rates in by_library.items()}
+
+
+def say_peaks(by_library: dict[str, dict[str, float]]) -> str:
+    """One line: each dtype's peak and what each library reached."""
+    return "matmul peak (best n x n GEMM): " + "; ".join(
+        f"{dt} {max(rates.values()) / 1e9:.0f} GFLOP/s (" + ", ".join(f"{lib} {r / 1e9:.0f}" for lib, r in rates.items())
+        + ")" for dt, rates in by_library.items())
+
+
 def run_configs(script: str, configs: list[str], worker_args: list[str], out: str, meta: dict, reference: str,
-                merge: bool = False) -> list[dict]:
+                merge: bool = False, peak: dict[str, float] | None = None) -> list[dict]:
     """Run `script --worker NAME *worker_args` per configuration, each in its own process (its last
-    stdout line: one JSON row with at least images_s and peak_rss_gib), print the figures and the
-    ratios against `reference`, and write {**meta, rows} to `out`."""
+    stdout line: one JSON row with at least images_s, peak_rss_gib and precision, and flop_s where the
+    benchmark counts FLOPs), print the figures (with `peak`, {dtype: FLOP/s} from `peak_per_dtype`, the share of
+    the peak in the dtype the row ran) and the ratios against `reference`, and write {**meta, rows} to `out`."""
     old = json.loads(Path(out).read_text())["rows"] if merge and Path(out).exists() else []
     rows = [r for r in old if r["config"] not in configs]
     for name in configs:
@@ -69,7 +133,12 @@ def run_configs(script: str, configs: list[str], worker_args: list[str], out: st
             continue
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         r = rows[-1]
-        print(f"{name:<22} {r['precision']:<9} {r['images_s']:8.2f} img/s  peak RSS {r['peak_rss_gib']:.2f} GiB", flush=True)
+        share = ""
+        if peak and r.get("flop_s") is not None and dtype_key(r["precision"]) in peak:
+            r["share_of_peak"] = r["flop_s"] / peak[dtype_key(r["precision"])]
+            share = f"  {r['flop_s'] / 1e9:8.1f} GFLOP/s = {r['share_of_peak']:5.1%} of the {dtype_key(r['precision'])} peak"
+        print(f"{name:<22} {r['precision']:<9} {r['images_s']:8.2f} img/s  peak RSS {r['peak_rss_gib']:.2f} GiB{share}",
+              flush=True)
     ref = next((r for r in rows if r["config"] == reference), None)
     if ref:
         for r in rows:
@@ -78,5 +147,5 @@ def run_configs(script: str, configs: list[str], worker_args: list[str], out: st
             print(f"{r['config']:<22} {r[f'speed_vs_{reference}']:.2f}x the images/s, "
                   f"{r[f'memory_vs_{reference}']:.2f}x the peak memory of {reference}")
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps({**meta, "rows": rows}, indent=1))
+    Path(out).write_text(json.dumps({**meta, **({"matmul_peak_flop_s": peak} if peak else {}), "rows": rows}, indent=1))
     return rows

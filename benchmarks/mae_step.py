@@ -9,14 +9,16 @@ resident memory of the process during the steps.
 
 Configurations: pixformer as `pixformer train --task mae` runs it (its default precision and speed
 settings), pixformer in fp32, transformers in fp32 with its SDPA attention, and transformers under
-bf16 autocast.
+bf16 autocast. Each prints its GFLOP/s (`mae_flops`, 3x forward, the same count for both: identical
+dimensions) and its share of this machine's matmul peak in the dtype it ran, measured in the same run
+(harness.matmul_peaks).
 """
 from __future__ import annotations
 
 import argparse
 import json
 
-from harness import run_configs, time_steps, train_step
+from harness import matmul_peaks, peak_per_dtype, run_configs, say_peaks, time_steps, train_step
 
 DIMS = dict(img=32, patch=1, depth=12, dim=192, heads=3, mlp=768, dec_depth=4, dec_dim=128, dec_heads=4, dec_mlp=512,
             mask_ratio=0.75)
@@ -24,6 +26,20 @@ CONFIGS = {"pixformer": dict(impl="pixformer", precision="auto"),
            "pixformer-fp32": dict(impl="pixformer", precision="fp32"),
            "transformers": dict(impl="transformers", precision="fp32"),
            "transformers-bf16": dict(impl="transformers", precision="bf16")}
+
+
+def mae_flops() -> int:
+    """Forward matmul FLOPs of one image (a multiply-add counts as 2): the patch embedding of all N tokens,
+    the encoder's blocks over the K visible tokens and the class token, the map to the decoder width,
+    the decoder's blocks over the class token and all N positions, and the prediction of each token's
+    pixels. A training step costs 3x this (the backward pass computes two products per forward one)."""
+    from pixformer.models.mae import visible_count
+    from pixformer.models.vit import block_flops
+    d = DIMS
+    n, pix = (d["img"] // d["patch"]) ** 2, 3 * d["patch"] ** 2
+    t_enc, t_dec = visible_count(n, d["mask_ratio"]) + 1, n + 1
+    return (2 * n * pix * d["dim"] + d["depth"] * block_flops(t_enc, d["dim"], d["mlp"]) + 2 * t_enc * d["dim"] * d["dec_dim"]
+            + d["dec_depth"] * block_flops(t_dec, d["dec_dim"], d["dec_mlp"]) + 2 * t_dec * d["dec_dim"] * pix)
 
 
 def worker(name: str, batch: int, steps: int) -> dict:
@@ -65,7 +81,9 @@ def worker(name: str, batch: int, steps: int) -> dict:
             noise = torch.from_numpy(np.random.default_rng(i).random((batch, n))).float()
             return model(pixel_values=x, noise=noise).loss
     model.train()
-    return {"config": name, "batch": batch, **(t := time_steps(train_step(loss_of, opt, amp), steps)), "images_s": batch / t["step_s"],
+    t = time_steps(train_step(loss_of, opt, amp), steps)
+    return {"config": name, "batch": batch, **t, "images_s": batch / t["step_s"],
+            "flop_s": 3 * mae_flops() * batch / t["step_s"],
             "precision": str(amp or torch.float32)[6:], "params": sum(p.numel() for p in model.parameters()),
             "torch": torch.__version__}
 
@@ -82,8 +100,11 @@ def main():
     if args.worker:
         print(json.dumps(worker(args.worker, args.batch, args.steps)))
         return
+    by_lib = matmul_peaks("cpu")
+    print(say_peaks(by_lib), flush=True)
     run_configs(__file__, args.configs, ["--batch", str(args.batch), "--steps", str(args.steps)], args.out,
-                {"dims": DIMS}, "transformers", args.merge)
+                {"dims": DIMS, "forward_flops": mae_flops(), "matmul_flop_s_by_library": by_lib}, "transformers",
+                args.merge, peak=peak_per_dtype(by_lib))
 
 
 if __name__ == "__main__":

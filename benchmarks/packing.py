@@ -13,6 +13,11 @@ Identical dimensions: depth 6, width 128, 4 heads of 32, MLP 512 (pixformer's vi
 training photos (--data), each resized to a longer side drawn from [--lo, --hi] (NaViT's resolution
 sampling; aspect kept, whole patches), the same draws for every configuration. The figure of merit is
 useful (image, non-padding) tokens per second; packing efficiency is useful tokens / sequence slots.
+Each configuration also prints its useful GFLOP/s and their share of this machine's matmul peak in the
+dtype it ran (measured in the same run, harness.matmul_peaks): the FLOPs are what the images themselves
+need, 3x the forward matmuls of pixformer's ViT at each image's own grid (VisionTransformer.flops, the
+same dimensions for every configuration); padding, attention across a pack and NaViT's attention
+pooling are not counted.
 
     .venv/bin/python benchmarks/packing.py [--batch 32] [--steps 3] [--out benchmarks/results/packing.json]
 """
@@ -24,7 +29,7 @@ import platform
 import sys
 from pathlib import Path
 
-from harness import run_configs, time_steps, train_step, vit_pytorch_file
+from harness import matmul_peaks, peak_per_dtype, run_configs, say_peaks, time_steps, train_step, vit_pytorch_file
 
 DIMS = dict(depth=6, dim=128, heads=4, mlp=512, classes=101)
 CONFIGS = ["packed", "pad", "navit"]
@@ -67,6 +72,9 @@ def worker(name: str, a) -> dict:
     norm = lambda x: normalize(x, [0.5] * 3, [0.25] * 3)              # noqa: E731
     useful = [sum((im.shape[1] // a.patch) * (im.shape[2] // a.patch) for im in imgs) for imgs, _ in data]
     slots = []
+    ours = create_model("vit-n/1", img_size=a.hi, patch_size=a.patch, num_classes=DIMS["classes"], pool="mean",
+                        mlp_ratio=DIMS["mlp"] / DIMS["dim"])
+    flops = sum(3 * ours.flops(tuple(im.shape[1:])) for imgs, _ in data[2:] for im in imgs) / a.steps  # a timed step's
     if name == "navit":
         NaViT = vit_pytorch_file("na_vit.py").NaViT
         model = NaViT(image_size=a.hi, patch_size=a.patch, num_classes=DIMS["classes"], dim=DIMS["dim"],
@@ -77,8 +85,7 @@ def worker(name: str, a) -> dict:
             logits = model([norm(im[None])[0] for im in imgs], group_images=True, group_max_seq_len=a.pack_length)
             return F.cross_entropy(logits.float(), y)
     else:
-        model = create_model("vit-n/1", img_size=a.hi, patch_size=a.patch, num_classes=DIMS["classes"], pool="mean",
-                             mlp_ratio=DIMS["mlp"] / DIMS["dim"])
+        model = ours
         set_attention_backend(model, "auto" if name == "packed" else "sdpa")
         batcher = NativeBatcher(a.patch, False, a.hi, None, a.pack_length if name == "packed" else None)
 
@@ -94,6 +101,7 @@ def worker(name: str, a) -> dict:
     tokens = sum(useful[2:]) / a.steps
     row = {"config": name, "precision": str(amp or torch.float32)[6:], "images_s": a.batch / seconds,
            "useful_tokens_s": tokens / seconds, "useful_tokens_per_step": tokens, "step_s": seconds,
+           "flop_s": flops / seconds,
            "peak_rss_gib": t["peak_rss_gib"]}
     if slots:
         row["packing_efficiency"] = sum(useful[: len(slots)]) / sum(slots)
@@ -124,8 +132,11 @@ def main() -> None:
     if not Path(a.data).exists():
         sys.exit(f"{a.data} not found: the benchmark needs mixed-resolution images (Caltech-101's shared training photos)")
     passed = [f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items() if k not in ("worker", "configs", "out")]
+    by_lib = matmul_peaks("cpu")
+    print(say_peaks(by_lib), flush=True)
     rows = run_configs(__file__, a.configs, passed, a.out, {"machine": platform.processor() or platform.machine(),
-                       "settings": {k: v for k, v in vars(a).items() if k not in ("worker", "configs")}}, "pad")
+                       "settings": {k: v for k, v in vars(a).items() if k not in ("worker", "configs")},
+                       "matmul_flop_s_by_library": by_lib}, "pad", peak=peak_per_dtype(by_lib))
     for r in rows:
         eff = f"  packing efficiency {r['packing_efficiency']:.1%}" if "packing_efficiency" in r else ""
         print(f"{r['config']:<8} {r['useful_tokens_s']:9.0f} useful tokens/s{eff}")

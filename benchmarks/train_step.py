@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from harness import vit_pytorch_file
+from harness import matmul_peaks, peak_per_dtype, say_peaks, timed, vit_pytorch_file
 
 DIMS = dict(depth=12, dim=192, heads=3, mlp_dim=768, num_classes=10)   # PiT-T
 GiB = 2 ** 30
@@ -104,32 +104,6 @@ def live_peak_bytes(fn) -> int:
     return peak
 
 
-GEMMS = {"torch.mm": lambda a, b: a @ b,   # MKL in fp32, oneDNN in bf16
-         "oneDNN": lambda a, b: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")}
-
-
-def matmul_peaks(native_bf16: bool) -> dict[str, dict[str, float]]:
-    """{dtype: {library: FLOP/s}}: the best n x n x n matmul (n = 1024, 2048; 10 tries each) of each GEMM
-    library torch ships, with this process's threads. The peak of a dtype is the best library's."""
-    out = {}
-    for dtype, sizes, reps in ((torch.float32, (1024, 2048), 10),
-                               (torch.bfloat16, (1024, 2048) if native_bf16 else (512,), 10 if native_bf16 else 3)):
-        rates = {}
-        for lib, mm in GEMMS.items():
-            for n in sizes:
-                a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-                mm(a, b)
-                rates[lib] = max(rates.get(lib, 0.0), 2 * n ** 3 / min(_timed(lambda: mm(a, b)) for _ in range(reps)))
-        out[str(dtype)[6:].replace("float32", "fp32").replace("bfloat16", "bf16")] = rates
-    return out
-
-
-def _timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
-
-
 def worker(job: dict) -> dict:
     """Build one configuration, run warm-up, timed and profiled steps; everything in this process."""
     from pixformer import create_model
@@ -178,7 +152,7 @@ def worker(job: dict) -> dict:
             step()
         open("/proc/self/clear_refs", "w").write("5")         # reset the RSS high-water mark
         busy0, total0, own0 = *cpu_jiffies(), sum(os.times()[:2])
-        times = [_timed(step) for _ in range(steps)]
+        times = [timed(step) for _ in range(steps)]
         busy1, total1, own1 = *cpu_jiffies(), sum(os.times()[:2])
         rss_peak = proc_status("VmHWM") - rss0
         held = sum(t.nbytes for t in model.parameters()) * 2 + x.nbytes + y.nbytes + sum(
@@ -348,11 +322,9 @@ def main():
           f"{'/'.join(info['isa'])}, {info['memory_gib']} GiB; torch {info['torch']}")
     print(f"load average at start: {load0:.2f} (waited {waited:.0f} s)", flush=True)
     from pixformer.engine.perf import autocast_dtype, native_bf16
-    by_lib = matmul_peaks(native_bf16("cpu"))
-    peaks = {dt: max(rates.values()) for dt, rates in by_lib.items()}
-    print(f"matmul peak ({info['threads']} threads, best n x n GEMM): " + "; ".join(
-        f"{dt} {peaks[dt] / 1e9:.0f} GFLOP/s (" + ", ".join(f"{lib} {r / 1e9:.0f}" for lib, r in rates.items()) + ")"
-        for dt, rates in by_lib.items()), flush=True)
+    by_lib = matmul_peaks("cpu")
+    peaks = peak_per_dtype(by_lib)
+    print(f"{say_peaks(by_lib)}, {info['threads']} threads", flush=True)
 
     all_cfgs, rows = configs(), []
     jobs = [(img, b, name) for img, b in zip(args.sizes, batches) for name in args.configs]

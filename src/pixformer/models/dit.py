@@ -27,7 +27,7 @@ from ..errors import PixformerError
 from ..layout import check_grid, grid_coords, patchify, unpatchify
 from ..settings import require
 from .pos_embed import sincos_2d
-from .vit import Block, init_transformer
+from .vit import Block, block_flops, init_transformer
 
 
 @dataclass
@@ -144,7 +144,7 @@ class DiT(nn.Module):
         c = self.cfg
         gh, gw = check_grid(img_size or c.img_size, c.patch_size)
         n, hidden = gh * gw, int(c.dim * c.mlp_ratio)
-        per_block = 2 * n * c.dim * (3 * c.dim + c.dim + 2 * hidden) + 2 * 2 * n * n * c.dim
+        per_block = block_flops(n, c.dim, hidden)
         pixels = c.patch_size ** 2
         r = c.embed_rank
         embed = pixels * c.in_chans * r + r * c.dim if r else pixels * c.in_chans * c.dim   # the bottleneck's pair

@@ -355,8 +355,7 @@ class VisionTransformer(nn.Module):
         gh, gw = check_grid(img_size or c.img_size, c.patch_size)
         n = gh * gw
         t = n + (c.pool == "cls")
-        hidden = int(c.dim * c.mlp_ratio)
-        per_block = 2 * t * c.dim * (3 * c.dim + c.dim + 2 * hidden) + 2 * 2 * t * t * c.dim
+        per_block = block_flops(t, c.dim, int(c.dim * c.mlp_ratio))
         if self.stem is None:
             embed = 2 * n * c.in_chans * c.patch_size ** 2 * c.dim
         else:                             # each 3x3 conv at its output resolution, then the 1x1 map
@@ -366,3 +365,9 @@ class VisionTransformer(nn.Module):
             embed = sum(2 * s * 9 * m.in_channels * m.out_channels for s, m in zip(side, convs))
             embed += 2 * n * convs[-1].out_channels * c.dim
         return embed + c.depth * per_block + 2 * c.dim * c.num_classes
+
+
+def block_flops(tokens: int, dim: int, hidden: int) -> int:
+    """Forward FLOPs of one Transformer block over `tokens` tokens (a multiply-add counts as 2), matmuls
+    only: the qkv and output projections, the MLP (`hidden` wide) and attention's QK^T and PV."""
+    return 2 * tokens * dim * (3 * dim + dim + 2 * hidden) + 2 * 2 * tokens * tokens * dim

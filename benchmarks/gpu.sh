@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The GPU suite (benchmarks/gpu_suite.py): pixformer's training step against timm's ViT, packed training
+# with FlexAttention and two 2-minute CIFAR-10 runs, into one JSON file.
+#
+#   bash benchmarks/gpu.sh --out gpu.json              # on a CUDA machine (at most --budget seconds, 690)
+#   bash benchmarks/gpu.sh --dry-run --out /tmp/g.json  # any CPU: every part at tiny sizes
+#
+# Options are gpu_suite.py's (--help). Wheels in .device/wheels (packages the machine lacks, e.g. from
+# ../shared/device/bundle.sh) are installed into a temporary folder first; src/ goes on PYTHONPATH, so
+# the checkout runs as it is, without installing pixformer. $PYTHON picks the interpreter (default python3).
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+py=${PYTHON:-python3}
+site=""
+if compgen -G ".device/wheels/*.whl" >/dev/null; then
+  site=$(mktemp -d /tmp/pixformer-site.XXXXXX)
+  "$py" -m pip install -q --no-index --no-deps --no-compile --target "$site" .device/wheels/*.whl
+fi
+export PYTHONPATH="$root/src${site:+:$site}${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+exec "$py" benchmarks/gpu_suite.py "$@"
