@@ -23,6 +23,7 @@ from ..errors import PixformerError
 from ..models.registry import ARCHITECTURES, DATA_FIELDS, NAMED, architecture
 from ..settings import check_fields, field_docs, require
 from ..tasks import TASKS
+from .optim import LR_SCHEDULES, OPTIMIZERS
 from .perf import ALLOCATOR_POLICIES, Speed
 
 MAX_IMG_SIZE = 8192     # --img-size at most: one 8192x8192 RGB image is 192 MiB decoded
@@ -69,16 +70,21 @@ class TrainConfig:
     max_per_pack: int = 64              # images per packed sequence at most
     token_drop: float = 0.0             # training: rate of each image's tokens dropped before packing
     token_drop_beta: tuple[float, float] | None = None  # training: the rate drawn per image from Beta(A, B)
-    # optimisation: AdamW, linear warm-up then cosine decay, per step
+    # optimisation: the optimizer and the learning rate per step (warm-up, then decay)
     epochs: int = 10                    # passes over the training images
     batch_size: int = 128               # images per optimizer step (all processes together)
-    lr: float = 1e-3                    # peak learning rate (AdamW)
-    min_lr: float = 1e-5                # end of the cosine
+    optimizer: str = "adamw"            # adamw | lamb (LAMB: AdamW scaled per tensor by a trust ratio, for large
+    #                                     batches) | muon (Muon for the blocks' weight matrices, AdamW for the rest)
+    lr: float = 1e-3                    # peak learning rate (Muon's scaled to AdamW's update size: one --lr for both)
+    min_lr: float = 1e-5                # the learning rate at the end of the decay
+    lr_schedule: str = "cosine"         # cosine | linear (warm-up, then cosine or linear decay to --min-lr) |
+    #                                     one-cycle (torch's OneCycleLR: cosine from lr/25 up to --lr over the
+    #                                     warm-up, cosine down to --min-lr at the last step)
     weight_decay: float = 0.05          # on the weights of linear and conv layers only
     layer_decay: float = 1.0            # layer-wise lr decay (MAE fine-tuning: 0.75): block i of L gets
     #                                     lr * decay^(L - i), what comes before the blocks decay^(L + 1)
-    betas: tuple[float, float] = (0.9, 0.999)  # AdamW's beta1, beta2, each in [0, 1)
-    warmup_epochs: float = 1.0          # linear warm-up to --lr over this many epochs (fractions allowed)
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam's beta1, beta2 (AdamW, LAMB, Muon's AdamW part), each in [0, 1)
+    warmup_epochs: float = 1.0          # warm-up to --lr over this many epochs (fractions allowed)
     clip_grad: float = 1.0              # max gradient norm; 0 = off
     ema_decay: float = 0.0              # weight EMA per step; 0 = off (e.g. 0.999)
     # run: where it is written, and how it runs
@@ -133,10 +139,8 @@ class TrainConfig:
         require("lr", self.lr, self.lr > 0, "> 0")
         require("layer_decay", self.layer_decay, 0 < self.layer_decay <= 1, "in (0, 1]")
         require("betas", list(self.betas), all(0 <= b < 1 for b in self.betas), "two numbers, each in [0, 1)")
-        lo_hi = self.resolution_range
-        require("resolution_range", lo_hi, lo_hi is None or 1 <= lo_hi[0] <= lo_hi[1], "LO HI with 1 <= LO <= HI")
-        require("token_drop_beta", self.token_drop_beta, self.token_drop_beta is None or min(self.token_drop_beta) > 0,
-                "two Beta parameters A B, each > 0")
+        require("optimizer", self.optimizer, self.optimizer in OPTIMIZERS, f"one of {' | '.join(OPTIMIZERS)}")
+        require("lr_schedule", self.lr_schedule, self.lr_schedule in LR_SCHEDULES, f"one of {' | '.join(LR_SCHEDULES)}")
         if self.img_size is not None and self.img_size > MAX_IMG_SIZE:
             raise PixformerError(f"--img-size {self.img_size} is too large: one {self.img_size}x{self.img_size} RGB "
                                  f"image takes {3 * self.img_size ** 2 / 2 ** 30:.1f} GiB decoded; at most "
@@ -211,7 +215,8 @@ def choices() -> dict[str, list[str]]:
     from ..tasks.mae import TARGETS
     return {"task": sorted(TASKS), "precision": ["auto", "fp32", "bf16"], "attn_backend": available_backends(),
             "allocator": list(ALLOCATOR_POLICIES), "seq_sharding": ["contiguous", "strided", "random"],
-            "sampler": list(SAMPLERS), "schedule": list(SCHEDULES), "target": list(TARGETS)}
+            "sampler": list(SAMPLERS), "schedule": list(SCHEDULES), "target": list(TARGETS),
+            "optimizer": list(OPTIMIZERS), "lr_schedule": list(LR_SCHEDULES)}
 
 
 def help_text(name: str, comment: str) -> str:
