@@ -1,4 +1,4 @@
-"""The optimizers (AdamW, LAMB, Muon + AdamW) and the learning-rate schedules:
+"""The optimizers (AdamW, LAMB, Muon + AdamW), the learning-rate schedules and progressive resizing:
 hand-computed steps and values, short runs that learn and resume exactly, and one-line refusals."""
 import json
 import math
@@ -8,6 +8,7 @@ import torch
 
 from pixformer import PixformerError, TrainConfig, create_model, train
 from pixformer.engine.optim import Lamb, Optimizers, build_optimizer, lr_at
+from pixformer.engine.progressive import resized, side_at
 
 TINY = dict(model="vit-n/2", data="digits", model_args=dict(depth=1, dim=16, heads=2), batch_size=32,
             train_subset=192, epochs=2, progress=False, precision="fp32", lr=3e-3)   # 6 steps an epoch
@@ -99,6 +100,45 @@ def test_one_cycle_is_torchs_one_cycle_lr():
         sched.step()
 
 
+# ---- progressive resizing ------------------------------------------------------------------
+def test_side_per_epoch_and_the_resize():
+    assert [side_at([16, 24, 32], e, 6) for e in range(6)] == [16, 16, 24, 24, 32, 32]
+    assert [side_at([8, 16], e, 3) for e in range(3)] == [8, 8, 16]
+    assert side_at(None, 0, 3) is None
+    images = torch.zeros(1, 1, 4, 4, dtype=torch.uint8)
+    images[..., 2:] = 255                                   # left half black, right half white
+    # 4 -> 2 antialiased bilinear: output column 0 (centre 0.5) weighs input columns 0, 1, 2 as
+    # 0.75, 0.75, 0.25 (a triangle twice as wide), so it is 255 * 0.25 / 1.75 = 36.4
+    out = resized(images, 2)
+    assert out.dtype == torch.uint8 and out[0, 0].tolist() == [[36, 219], [36, 219]]
+    assert resized(images, 4) is images and resized(images, None) is images
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(progressive=[8, 16]), "--progressive must be given with --img-size"),
+    (dict(progressive=[8, 16], img_size=32), "ending at --img-size 32"),
+    (dict(progressive=[8, 32, 16], img_size=16), "none larger"),
+    (dict(progressive=[4, 8, 16], img_size=16, epochs=2), r"at most one per epoch \(2\)"),
+])
+def test_bad_progressive_settings_are_one_line(settings, message):
+    with pytest.raises(PixformerError, match=message):
+        TrainConfig(**settings)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(model="vit-n/4", img_size=16, progressive=[6, 12, 16], epochs=3), r"side\(s\) \[6\] are not multiples "
+                                                                            r"of vit-n/4's patch size 4"),
+    (dict(img_size=16, progressive=[8, 16], permute_pixels=True), "a pixel permutation is fixed"),
+    (dict(img_size=8, progressive=[4, 8], max_side=8), "images keep their own sizes at native resolution"),
+    (dict(model="dit-n/2", task="diffusion", img_size=16, progressive=[8, 16], task_args=dict(latent_vae="vae")),
+     "latent diffusion trains on the VAE's latents"),
+])
+def test_progressive_refuses_what_cannot_resize_before_any_work(settings, message, tmp_path):
+    with pytest.raises(PixformerError, match=message):
+        train(TrainConfig(**{**TINY, **settings}, out=str(tmp_path / "run")))
+    assert not (tmp_path / "run").exists()
+
+
 # ---- runs ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("optimizer, lr", [("adamw", 3e-3), ("lamb", 0.1), ("muon", 3e-3)])
 def test_a_short_run_with_each_optimizer_learns(optimizer, lr, tmp_path):
@@ -114,11 +154,22 @@ def test_a_short_run_with_each_optimizer_learns(optimizer, lr, tmp_path):
 @pytest.mark.parametrize("settings", [
     dict(optimizer="lamb"),
     dict(optimizer="muon", lr_schedule="one-cycle"),
-    dict(optimizer="adamw", lr_schedule="linear"),
-], ids=["lamb", "muon-one-cycle", "adamw-linear"])
+    dict(optimizer="adamw", lr_schedule="linear", img_size=16, progressive=[8, 16]),
+], ids=["lamb", "muon-one-cycle", "adamw-linear-progressive"])
 def test_a_run_resumes_exactly(settings, tmp_path, resumes_exactly):
     run = {**TINY, **settings}
     resumes_exactly(run, train(TrainConfig(**run, out=str(tmp_path / "full"))))
+
+
+def test_progressive_trains_each_epoch_at_its_side_and_evaluates_at_img_size(tmp_path, monkeypatch):
+    import pixformer.engine.loop as loop
+    trained, evaluated = {}, set()
+    real_train, real_eval = loop.train_batch, loop.eval_batch
+    monkeypatch.setattr(loop, "train_batch", lambda run, step: trained.setdefault(step, real_train(run, step)))
+    monkeypatch.setattr(loop, "eval_batch", lambda *a: evaluated.add(real_eval(*a).x.shape[-1]) or real_eval(*a))
+    train(TrainConfig(**{**TINY, "epochs": 3, "img_size": 16, "progressive": [8, 16]}, out=str(tmp_path / "run")))
+    assert [trained[s].x.shape[-1] for s in range(18)] == [8] * 12 + [16] * 6     # epochs 0, 1 at 8; epoch 2 at 16
+    assert evaluated == {16}
 
 
 def test_help_names_the_optimizers_and_schedules_beside_diffusions_noise_schedule():

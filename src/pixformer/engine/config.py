@@ -70,7 +70,7 @@ class TrainConfig:
     max_per_pack: int = 64              # images per packed sequence at most
     token_drop: float = 0.0             # training: rate of each image's tokens dropped before packing
     token_drop_beta: tuple[float, float] | None = None  # training: the rate drawn per image from Beta(A, B)
-    # optimisation: the optimizer and the learning rate per step (warm-up, then decay)
+    # optimisation: the optimizer, the learning rate per step (warm-up, then decay) and the training image side per epoch
     epochs: int = 10                    # passes over the training images
     batch_size: int = 128               # images per optimizer step (all processes together)
     optimizer: str = "adamw"            # adamw | lamb (LAMB: AdamW scaled per tensor by a trust ratio, for large
@@ -87,6 +87,9 @@ class TrainConfig:
     warmup_epochs: float = 1.0          # warm-up to --lr over this many epochs (fractions allowed)
     clip_grad: float = 1.0              # max gradient norm; 0 = off
     ema_decay: float = 0.0              # weight EMA per step; 0 = off (e.g. 0.999)
+    progressive: list[int] | None = None  # progressive resizing: training image sides spread evenly over the
+    #                                     epochs, e.g. [16, 24, 32] (epoch e of E at side [e * n // E]); the last
+    #                                     is --img-size, which evaluation uses
     # run: where it is written, and how it runs
     out: str | None = None              # run folder (default runs/<model>-<data>-<time>)
     resume: bool = False                # continue the run in --out from its checkpoint, with its own settings
@@ -141,6 +144,16 @@ class TrainConfig:
         require("betas", list(self.betas), all(0 <= b < 1 for b in self.betas), "two numbers, each in [0, 1)")
         require("optimizer", self.optimizer, self.optimizer in OPTIMIZERS, f"one of {' | '.join(OPTIMIZERS)}")
         require("lr_schedule", self.lr_schedule, self.lr_schedule in LR_SCHEDULES, f"one of {' | '.join(LR_SCHEDULES)}")
+        sides = self.progressive
+        if sides is not None:
+            require("progressive", sides, self.img_size is not None, "given with --img-size, its last side")
+            require("progressive", sides, 0 < len(sides) <= self.epochs and sides[-1] == self.img_size
+                    and all(1 <= s <= self.img_size for s in sides), f"image sides ending at --img-size "
+                    f"{self.img_size}, none larger, at most one per epoch ({self.epochs})")
+        lo_hi = self.resolution_range
+        require("resolution_range", lo_hi, lo_hi is None or 1 <= lo_hi[0] <= lo_hi[1], "LO HI with 1 <= LO <= HI")
+        require("token_drop_beta", self.token_drop_beta, self.token_drop_beta is None or min(self.token_drop_beta) > 0,
+                "two Beta parameters A B, each > 0")
         if self.img_size is not None and self.img_size > MAX_IMG_SIZE:
             raise PixformerError(f"--img-size {self.img_size} is too large: one {self.img_size}x{self.img_size} RGB "
                                  f"image takes {3 * self.img_size ** 2 / 2 ** 30:.1f} GiB decoded; at most "

@@ -60,6 +60,7 @@ from .imports import foreign_format
 from .optim import Optimizers, build_optimizer, lr_at
 from .perf import apply_speed_settings, autocast_dtype, onednn_pays
 from .plan import selective_pays
+from .progressive import check_progressive, resized, side_at
 from .rundir import RunFolder, append_metrics, claim, trim_metrics
 from .runtime import RankRandom, Runtime, lost_peer
 
@@ -131,7 +132,8 @@ def _which(what: str, capability: str) -> str:
 
 def check_run(cfg: TrainConfig, task_cls: type[Task]) -> None:
     """A clear error, before any data is loaded, for an architecture the task does not train and for
-    what sequence parallelism and FSDP2 cannot run."""
+    what sequence parallelism, FSDP2 and progressive resizing cannot run."""
+    check_progressive(cfg)
     arch, _ = resolve(cfg.model)
     if task_cls.architectures and arch not in task_cls.architectures:
         raise PixformerError(f"--task {cfg.task} trains {' / '.join(task_cls.architectures)} models; {cfg.model} is "
@@ -263,6 +265,7 @@ def train_batch(run: "Run", step: int) -> Batch:
         x = run.batcher(images, run.task.inputs, g, train=True, part=run.part)
     else:
         images = data.images[idx]                                       # uint8 (B, C, H, W)
+        images = resized(images, side_at(cfg.progressive, step // run.steps_per_epoch, cfg.epochs))
         images = random_crop(images, cfg.crop_padding, g)
         images = random_flip(images, g) if cfg.hflip else images
         x = images[run.part]
