@@ -180,3 +180,14 @@ def test_help_names_the_optimizers_and_schedules_beside_diffusions_noise_schedul
     assert all(v in helps["--lr_schedule"] for v in ("cosine", "linear", "one-cycle"))
     assert "beta schedule" in helps["--schedule"] and "[diffusion]" in helps["--schedule"]   # the task's own
 
+
+def test_a_run_saved_before_these_settings_existed_resumes_with_their_defaults(tmp_path):
+    out = tmp_path / "run"
+    train(TrainConfig(**{**TINY, "epochs": 1}, out=str(out)))
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    for name in ("optimizer", "lr_schedule", "progressive"):
+        del state["train_config"][name]
+    (out / "checkpoint" / "state.json").write_text(json.dumps(state))
+    assert train(TrainConfig.from_run(str(out), resume=True))["step"] == 6
+    with pytest.raises(PixformerError, match=r"optimizer: adamw -> lamb"):
+        train(TrainConfig.from_run(str(out), resume=True, optimizer="lamb"))

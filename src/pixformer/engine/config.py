@@ -187,10 +187,12 @@ def as_json(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def changed_settings(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
-    """'name: old -> new' for each setting (outside RUN_ONLY) in which `cfg` differs from a saved config."""
-    new = as_json(cfg)
-    return [f"{k}: {saved.get(k)} -> {new.get(k)}" for k in sorted(set(saved) | set(new))
-            if k not in RUN_ONLY and saved.get(k) != new.get(k)]
+    """'name: old -> new' for each setting (outside RUN_ONLY) in which `cfg` differs from a saved config;
+    a setting the saved config lacks (a run of an earlier version, before the setting existed) counts
+    as its default, what that run computed with."""
+    new, old = as_json(cfg), {**as_json(TrainConfig()), **saved}
+    return [f"{k}: {old.get(k)} -> {new.get(k)}" for k in sorted(set(old) | set(new))
+            if k not in RUN_ONLY and old.get(k) != new.get(k)]
 
 
 class Shortcut(NamedTuple):
