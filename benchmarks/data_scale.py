@@ -244,7 +244,7 @@ def checkpoint_worker(args) -> None:
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
-    from pixformer.engine.loop import param_groups
+    from pixformer.engine.optim import param_groups
     from pixformer.engine.runtime import Runtime
     from pixformer.models.registry import create_model
 

@@ -46,7 +46,7 @@ def worker(name: str, patch: int, batch: int, steps: int) -> dict:
     amp = autocast_dtype(cfg["precision"], "cpu") if cfg["precision"] != "bf16" else torch.bfloat16
     sizes = dict(depth=d["depth"], dim=d["dim"], heads=d["heads"], patch_size=patch)
     if cfg["impl"] in ("pixformer", "sample"):
-        from pixformer.engine.loop import param_groups
+        from pixformer.engine.optim import param_groups
         model = task.build_model("dit-s/2", sizes)
         opt = torch.optim.AdamW(param_groups(model, 0.0), lr=1e-4, foreach=True)
 

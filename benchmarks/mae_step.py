@@ -52,7 +52,7 @@ def worker(name: str, batch: int, steps: int) -> dict:
     n = (d["img"] // d["patch"]) ** 2
     if cfg["impl"] == "pixformer":
         from pixformer import Speed
-        from pixformer.engine.loop import param_groups
+        from pixformer.engine.optim import param_groups
         from pixformer.engine.perf import apply_speed_settings, autocast_dtype
         from pixformer.tasks import DataFacts
         from pixformer.tasks.mae import MAE, MAETaskConfig

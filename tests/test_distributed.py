@@ -216,6 +216,84 @@ def test_killed_rank_restarts_and_resumes_to_the_same_result(tmp_path):
     assert last["test_top1"] == pytest.approx(alone["test_top1"], abs=1e-6)
 
 
+ONE_STEP = textwrap.dedent("""
+    import json, sys
+    import torch
+    import torch.optim._muon as muon
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from pixformer import TrainConfig, create_model, train
+    from pixformer.engine.optim import build_optimizer
+    from pixformer.engine.runtime import Runtime
+    def ns_fp32(grad, coefficients, steps, eps):   # torch's Newton-Schulz iteration, in fp32 instead of bf16
+        a, b, c = coefficients
+        tall = grad.size(0) > grad.size(1)
+        x = grad.float().T if tall else grad.float()
+        x = x / x.norm().clamp(min=eps)
+        for _ in range(steps):
+            gram = x @ x.T
+            x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+        return x.T if tall else x
+    runtime = Runtime.create("cpu", fsdp=True)
+    x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    def stepped(optimizer, sharded):             # one step of a ViT whose head is not zero
+        torch.manual_seed(0)
+        model = create_model("vit-n/2", img_size=8, num_classes=10, depth=1, dim=16, heads=2)
+        torch.nn.init.normal_(model.head.weight)
+        start = {k: v.clone() for k, v in model.state_dict().items()}
+        model = runtime.wrap(model) if sharded else model
+        opt = build_optimizer(model, TrainConfig(optimizer=optimizer, lr=0.05))
+        for group in opt.param_groups:
+            group["lr"] = 0.05 * group["lr_scale"]
+        model(x).square().mean().backward()
+        opt.step()
+        return start, get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    bf16, muon._zeropower_via_newtonschulz = muon._zeropower_via_newtonschulz, ns_fp32
+    out = {}                                     # per tensor: max |sharded - one process|, max |step|
+    for optimizer in ("lamb", "muon"):
+        _, sharded = stepped(optimizer, True)
+        start, plain = stepped(optimizer, False)
+        out[optimizer] = {k: [(sharded[k] - v).abs().max().item(), (v - start[k]).abs().max().item()]
+                          for k, v in plain.items()}
+    muon._zeropower_via_newtonschulz = bf16      # the run below: torch's own
+    if runtime.is_main:
+        print("STEP " + json.dumps(out), flush=True)
+    run, where = json.loads(sys.argv[1]), sys.argv[2]
+    train(TrainConfig(**run, out=where))
+""")
+
+
+def test_lamb_and_muon_shard_under_fsdp_and_resume_exactly(tmp_path):
+    """Under FSDP2, LAMB's norms and Muon's Newton-Schulz iteration are the whole tensors' (DTensor's
+    collectives): one step equals one process's to float rounding (an orthogonalisation of each shard
+    alone would be off by the size of the step). Muon's iteration is compared in fp32: torch runs it in
+    bf16, whose rounding the iteration amplifies in the directions a low-rank gradient leaves empty (on
+    this model bf16 and fp32 steps differ by most of a step), so in bf16 a sharded step differs from
+    one process's as much. A Muon run whose rank is killed restarts and resumes to the uninterrupted
+    run bit for bit: both optimizers' state gathered into one checkpoint and sharded again."""
+    run = dict(RUNS["fsdp"], optimizer="muon", epochs=2, checkpoint_every=3)
+    script = tmp_path / "one_step.py"
+    script.write_text(ONE_STEP)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([*launch, str(script), json.dumps(run), str(tmp_path / "whole")], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = json.loads(next(l for l in done.stdout.splitlines() if l.startswith("STEP "))[5:])
+    for optimizer, step in steps.items():
+        for name, (diff, moved) in step.items():
+            assert diff <= 1e-6 + 1e-4 * moved, f"{optimizer}: {name}"
+    assert all(steps["muon"][f"blocks.0.{m}.weight"][1] > 5e-3 for m in ("attn.qkv", "attn.proj", "mlp.0", "mlp.2"))
+    script = tmp_path / "restart.py"
+    script.write_text(RESTART)
+    done = subprocess.run([*launch, "--max-restarts", "1", str(script), json.dumps(run), str(tmp_path / "killed")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming" in done.stdout and "exitcode: -9" in done.stderr
+    (whole, _), (killed, _) = load_model(tmp_path / "whole"), load_model(tmp_path / "killed")
+    for (k, a), b in zip(whole.state_dict().items(), killed.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
 def test_sequence_and_data_parallel_compose_over_four_ranks(tmp_path):
     """P = 2 ranks per image x D = 2 data-parallel groups (4 processes) == one process."""
     run = dict(RUNS["sequence-parallel"], seq_sharding="random", crop_padding=1, hflip=True, ema_decay=0.0)

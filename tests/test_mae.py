@@ -213,7 +213,7 @@ def test_fine_tuning_starts_from_the_mae_encoder_exactly_and_names_what_it_skipp
 
 def test_layer_decay_gives_each_parameter_the_multiplier_computed_by_hand():
     from pixformer import create_model
-    from pixformer.engine.loop import param_groups
+    from pixformer.engine.optim import param_groups
     model = create_model("pit-n", img_size=4, depth=3, dim=16, heads=2)
     scale = {}
     for group in param_groups(model, 0.05, layer_decay=0.5):

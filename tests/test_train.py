@@ -9,7 +9,8 @@ from torch import nn
 import pixformer.engine.loop as loop
 from pixformer import PixformerError, TrainConfig, create_model, train
 from pixformer.engine.checkpoint import find_checkpoint, load_model, load_weights, save_checkpoint
-from pixformer.engine.loop import lr_at, param_groups
+from pixformer.engine.loop import lr_at
+from pixformer.engine.optim import param_groups
 from pixformer.tasks import Classify
 from pixformer.engine.loop import TIMING_KEYS
 

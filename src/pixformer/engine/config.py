@@ -23,6 +23,7 @@ from ..errors import PixformerError
 from ..models.registry import ARCHITECTURES, DATA_FIELDS, NAMED, architecture
 from ..settings import check_fields, field_docs, require
 from ..tasks import TASKS
+from .optim import LR_SCHEDULES, OPTIMIZERS
 from .perf import ALLOCATOR_POLICIES, Speed
 
 MAX_IMG_SIZE = 8192     # --img-size at most: one 8192x8192 RGB image is 192 MiB decoded
@@ -76,18 +77,26 @@ class TrainConfig:
     max_per_pack: int = 64              # images per packed sequence at most
     token_drop: float = 0.0             # training: rate of each image's tokens dropped before packing
     token_drop_beta: tuple[float, float] | None = None  # training: the rate drawn per image from Beta(A, B)
-    # optimisation: AdamW, linear warm-up then cosine decay, per step
+    # optimisation: the optimizer, the learning rate per step (warm-up, then decay) and the training image side per epoch
     epochs: int = 10                    # passes over the training images
     batch_size: int = 128               # images per optimizer step (all processes together)
-    lr: float = 1e-3                    # peak learning rate (AdamW)
-    min_lr: float = 1e-5                # end of the cosine
+    optimizer: str = "adamw"            # adamw | lamb (LAMB: AdamW scaled per tensor by a trust ratio, for large
+    #                                     batches) | muon (Muon for the blocks' weight matrices, AdamW for the rest)
+    lr: float = 1e-3                    # peak learning rate (Muon's scaled to AdamW's update size: one --lr for both)
+    min_lr: float = 1e-5                # the learning rate at the end of the decay
+    lr_schedule: str = "cosine"         # cosine | linear (warm-up, then cosine or linear decay to --min-lr) |
+    #                                     one-cycle (torch's OneCycleLR: cosine from lr/25 up to --lr over the
+    #                                     warm-up, cosine down to --min-lr at the last step)
     weight_decay: float = 0.05          # on the weights of linear and conv layers only
     layer_decay: float = 1.0            # layer-wise lr decay (MAE fine-tuning: 0.75): block i of L gets
     #                                     lr * decay^(L - i), what comes before the blocks decay^(L + 1)
-    betas: tuple[float, float] = (0.9, 0.999)  # AdamW's beta1, beta2, each in [0, 1)
-    warmup_epochs: float = 1.0          # linear warm-up to --lr over this many epochs (fractions allowed)
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam's beta1, beta2 (AdamW, LAMB, Muon's AdamW part), each in [0, 1)
+    warmup_epochs: float = 1.0          # warm-up to --lr over this many epochs (fractions allowed)
     clip_grad: float = 1.0              # max gradient norm; 0 = off
     ema_decay: float = 0.0              # weight EMA per step; 0 = off (e.g. 0.999)
+    progressive: list[int] | None = None  # progressive resizing: training image sides spread evenly over the
+    #                                     epochs, e.g. [16, 24, 32] (epoch e of E at side [e * n // E]); the last
+    #                                     is --img-size, which evaluation uses
     # run: where it is written, and how it runs
     out: str | None = None              # run folder (default runs/<model>-<data>-<time>)
     resume: bool = False                # continue the run in --out from its checkpoint, with its own settings
@@ -147,6 +156,14 @@ class TrainConfig:
         require("repeat_aug", self.repeat_aug, 1 <= self.repeat_aug <= self.batch_size,
                 f"in [1, --batch-size {self.batch_size}]")
         require("betas", list(self.betas), all(0 <= b < 1 for b in self.betas), "two numbers, each in [0, 1)")
+        require("optimizer", self.optimizer, self.optimizer in OPTIMIZERS, f"one of {' | '.join(OPTIMIZERS)}")
+        require("lr_schedule", self.lr_schedule, self.lr_schedule in LR_SCHEDULES, f"one of {' | '.join(LR_SCHEDULES)}")
+        sides = self.progressive
+        if sides is not None:
+            require("progressive", sides, self.img_size is not None, "given with --img-size, its last side")
+            require("progressive", sides, 0 < len(sides) <= self.epochs and sides[-1] == self.img_size
+                    and all(1 <= s <= self.img_size for s in sides), f"image sides ending at --img-size "
+                    f"{self.img_size}, none larger, at most one per epoch ({self.epochs})")
         lo_hi = self.resolution_range
         require("resolution_range", lo_hi, lo_hi is None or 1 <= lo_hi[0] <= lo_hi[1], "LO HI with 1 <= LO <= HI")
         require("token_drop_beta", self.token_drop_beta, self.token_drop_beta is None or min(self.token_drop_beta) > 0,
@@ -184,11 +201,12 @@ def as_json(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def changed_settings(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
-    """'name: old -> new' for each setting (outside RUN_ONLY) in which `cfg` differs from a saved config.
-    A setting newer than the saved run counts as its default (a new option's default is what ran before)."""
-    new, saved = as_json(cfg), {**as_json(TrainConfig()), **saved}
-    return [f"{k}: {saved.get(k)} -> {new.get(k)}" for k in sorted(set(saved) | set(new))
-            if k not in RUN_ONLY and saved.get(k) != new.get(k)]
+    """'name: old -> new' for each setting (outside RUN_ONLY) in which `cfg` differs from a saved config;
+    a setting the saved config lacks (a run of an earlier version, before the setting existed) counts
+    as its default, what that run computed with."""
+    new, old = as_json(cfg), {**as_json(TrainConfig()), **saved}
+    return [f"{k}: {old.get(k)} -> {new.get(k)}" for k in sorted(set(old) | set(new))
+            if k not in RUN_ONLY and old.get(k) != new.get(k)]
 
 
 class Shortcut(NamedTuple):
@@ -226,7 +244,8 @@ def choices() -> dict[str, list[str]]:
     from ..tasks.mae import TARGETS
     return {"task": sorted(TASKS), "precision": ["auto", "fp32", "bf16"], "attn_backend": available_backends(),
             "allocator": list(ALLOCATOR_POLICIES), "seq_sharding": ["contiguous", "strided", "random"],
-            "sampler": list(SAMPLERS), "schedule": list(SCHEDULES), "target": list(TARGETS)}
+            "sampler": list(SAMPLERS), "schedule": list(SCHEDULES), "target": list(TARGETS),
+            "optimizer": list(OPTIMIZERS), "lr_schedule": list(LR_SCHEDULES)}
 
 
 def help_text(name: str, comment: str) -> str:

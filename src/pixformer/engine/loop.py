@@ -7,7 +7,8 @@
     fit    the loop: epochs end, steps run, stops taken   step   one optimizer step on one batch
     end_of_epoch  validate, log, figures, checkpoint      checkpoint / log   the run folder's files
 
-The loop owns AdamW and its parameter groups, warm-up + cosine, precision, the speed switches, EMA,
+The loop owns the optimizer and its learning rate per step (engine/optim.py: AdamW, LAMB or Muon, their
+parameter groups, warm-up then cosine, linear or one-cycle decay), precision, the speed switches, EMA,
 gradient clipping, checkpoints and exact resume, SIGTERM / Ctrl-C, metrics.jsonl and TensorBoard,
 the progress bar and the validation cadence. Batches come from one place, a `Prefetcher` that makes
 the next ones on background threads while the step runs (data/loader.py); each is a pure function of
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import signal
 import threading
 import time
@@ -48,7 +48,6 @@ from ..data.splits import Splits, channel_stats, resolve_splits, source_id
 from ..errors import PixformerError
 from ..files import write_atomically
 from ..layout import Packed
-from ..models import blocks_of
 from ..models.attention import check_sequence_backend, set_attention_backend
 from ..models.registry import check_model_args, model_name, model_spec, resolve
 from ..progress import Progress
@@ -58,8 +57,10 @@ from .checkpoint import (check_out_folder, find_checkpoint, init_from, load_tens
                          read_state, save_checkpoint, summarize_keys)
 from .config import TrainConfig, as_json, changed_settings
 from .imports import foreign_format
+from .optim import Optimizers, build_optimizer, lr_at
 from .perf import apply_speed_settings, autocast_dtype, onednn_pays
 from .plan import selective_pays
+from .progressive import check_progressive, resized, side_at
 from .rundir import RunFolder, append_metrics, claim, trim_metrics
 from .runtime import RankRandom, Runtime, lost_peer
 
@@ -134,7 +135,8 @@ def _which(what: str, capability: str) -> str:
 
 def check_run(cfg: TrainConfig, task_cls: type[Task]) -> None:
     """A clear error, before any data is loaded, for an architecture the task does not train and for
-    what sequence parallelism and FSDP2 cannot run."""
+    what sequence parallelism, FSDP2 and progressive resizing cannot run."""
+    check_progressive(cfg)
     arch, _ = resolve(cfg.model)
     if task_cls.architectures and arch not in task_cls.architectures:
         raise PixformerError(f"--task {cfg.task} trains {' / '.join(task_cls.architectures)} models; {cfg.model} is "
@@ -156,40 +158,6 @@ def check_run(cfg: TrainConfig, task_cls: type[Task]) -> None:
 
 
 # ---- pieces of the loop --------------------------------------------------------------------
-def lr_at(step: int, total: int, warmup: int, peak: float, floor: float) -> float:
-    """Linear warm-up to `peak`, then cosine decay to `floor`; a pure function of the step."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    t = (step - warmup) / max(total - warmup, 1)
-    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * min(t, 1.0)))
-
-
-DECAYED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
-    """AdamW groups. Weight decay by role: on the weights of linear and convolution layers only; none
-    on biases, norms, position tables, class and mask tokens, whatever their shape. Layer-wise lr
-    decay by depth: with L blocks (found by type), a parameter of block i (0-based) gets
-    lr_scale = layer_decay^(L - i), one registered before the blocks (embeddings) layer_decay^(L + 1),
-    one after them (final norm, head) 1. Frozen parameters are left out."""
-    decay = {id(m.weight) for m in model.modules() if isinstance(m, DECAYED)}
-    blocks = blocks_of(model)
-    depth_of = {id(p): i + 1 for i, b in enumerate(blocks) for p in b.parameters()}
-    groups: dict[tuple[float, float], list] = {}
-    after_blocks = False
-    for p in model.parameters():
-        layer = depth_of.get(id(p))
-        after_blocks = after_blocks or layer is not None
-        if not p.requires_grad:
-            continue
-        layer = layer if layer is not None else (len(blocks) + 1 if after_blocks else 0)
-        key = (weight_decay if id(p) in decay else 0.0, layer_decay ** (len(blocks) + 1 - layer))
-        groups.setdefault(key, []).append(p)
-    return [{"params": ps, "weight_decay": wd, "lr_scale": scale}
-            for (wd, scale), ps in sorted(groups.items(), key=lambda kv: (-kv[0][0], -kv[0][1]))]
-
-
 class _Stop(Exception):
     """A stop asked by SIGTERM or Ctrl-C, raised at the next safe point."""
 
@@ -304,6 +272,7 @@ def train_batch(run: "Run", step: int) -> Batch:
         x = run.batcher(images, run.task.inputs, g, train=True, part=run.part)
     else:
         images = data.images[idx]                                       # uint8 (B, C, H, W)
+        images = resized(images, side_at(cfg.progressive, epoch, cfg.epochs))        # progressive resizing
         images = random_crop(images, cfg.crop_padding, g)
         images = random_flip(images, g) if cfg.hflip else images
         images = rand_augment(images, *cfg.rand_augment, g) if cfg.rand_augment else images
@@ -388,7 +357,7 @@ class Run:
     step_model: nn.Module                    # what a step calls: the model, or DDP / FSDP2 / sequence-parallel
     eval_model: nn.Module                    # what evaluation calls (EMA weights when kept)
     ema: nn.Module | None
-    opt: torch.optim.Optimizer
+    opt: torch.optim.Optimizer | Optimizers  # engine/optim.py: AdamW, LAMB, or Muon with AdamW (Optimizers)
     batcher: NativeBatcher | None            # packs images of any sizes; None for square images
     part: slice                              # this process's rows of each global batch
     amp: torch.dtype | None
@@ -512,7 +481,7 @@ def start(cfg: TrainConfig, data: Prepared | None, runtime: Runtime, task_cls: t
 
 def attach(run: Run, saved: dict[str, Any] | None) -> None:
     """The run's folder, optimizer and wrappers: the checkpoint loaded when resuming, the model wrapped
-    for this runtime (DDP, FSDP2, sequence parallel), AdamW built, config.json and the log prepared."""
+    for this runtime (DDP, FSDP2, sequence parallel), the optimizer built, config.json and the log prepared."""
     cfg, runtime, model = run.cfg, run.runtime, run.model
     ckpt = find_checkpoint(run.run_dir)
     if saved is not None:
@@ -521,8 +490,7 @@ def attach(run: Run, saved: dict[str, Any] | None) -> None:
         run.say(f"no checkpoint in {run.run_dir}; starting from scratch")
     run.step_model = runtime.wrap(model)       # DDP, FSDP2 (shards `model` in place) or sequence-parallel
     run.eval_model = runtime.wrap(run.ema or model, train=False)
-    run.opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.layer_decay), lr=cfg.lr,
-                                betas=tuple(cfg.betas), foreach=True)   # torch's CPU default: tensor by tensor
+    run.opt = build_optimizer(model, cfg)
     if saved is not None:
         load_optimizer(run, ckpt, saved)
         if not runtime.same_everywhere(run.step):
@@ -534,7 +502,7 @@ def attach(run: Run, saved: dict[str, Any] | None) -> None:
         if saved is None:
             trim_metrics(run.metrics_path, None)     # rows of an attempt that never checkpointed
         run.tb = _tensorboard(run.run_dir, cfg.tensorboard, run.say)
-    run.lr = lr_at(max(run.step - 1, 0), run.total_steps, run.warmup, cfg.lr, cfg.min_lr)   # of the last step taken
+    run.lr = lr_at(max(run.step - 1, 0), run.total_steps, run.warmup, cfg.lr, cfg.min_lr, cfg.lr_schedule)  # the last step's
 
 
 def resolved_speed(cfg: TrainConfig, runtime: Runtime, facts: DataFacts, amp) -> dict[str, Any]:
@@ -653,7 +621,7 @@ def step(run: Run, batch: Batch, stop: StopFlag, waited: float) -> None:
     if runtime.world_size > 1:
         rng = RankRandom(rng, run.part, batch.size)
     x, y = model_inputs(run.task, batch, runtime.device)
-    run.lr = lr_at(s, run.total_steps, run.warmup, cfg.lr, cfg.min_lr)
+    run.lr = lr_at(s, run.total_steps, run.warmup, cfg.lr, cfg.min_lr, cfg.lr_schedule)
     for group in run.opt.param_groups:
         group["lr"] = run.lr * group["lr_scale"]
     with torch.autocast(device_type=runtime.device.type, dtype=run.amp or torch.float32, enabled=run.amp is not None):

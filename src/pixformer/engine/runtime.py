@@ -170,15 +170,16 @@ class Runtime:
             average_gradients(model)
 
     def checkpoint_state(self, model: nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, dict] | None:
-        """The state dicts of `model` and `opt` as plain full tensors, what a checkpoint holds, on the main
-        process; None on the others. Every rank must call it: under FSDP2 the sharded tensors are gathered
-        one at a time to rank 0 and moved to its CPU (torch.distributed.checkpoint's full state dict with
-        CPU offload), so no other rank ever holds more than its shard and one gathered tensor."""
+        """The state dicts of `model` and `opt` (an optimizer, or engine.optim.Optimizers: several stepped
+        as one) as plain full tensors, what a checkpoint holds, on the main process; None on the others.
+        Every rank must call it: under FSDP2 the sharded tensors are gathered one at a time to rank 0 and
+        moved to its CPU (torch.distributed.checkpoint's full state dict with CPU offload), so no other
+        rank ever holds more than its shard and one gathered tensor."""
         if not self.fsdp:
             return (model.state_dict(), opt.state_dict()) if self.is_main else None
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         weights = get_model_state_dict(model, options=options)
-        optim = get_optimizer_state_dict(model, opt, options=options)   # keyed by parameter name
+        optim = get_optimizer_state_dict(model, _each(opt), options=options)   # keyed by parameter name
         if not self.is_main:
             return None
         index = {name: i for i, name in enumerate(_param_names(model, opt))}   # the plain layout: by position
@@ -195,8 +196,8 @@ class Runtime:
         by_name = {} if state is None else {
             "state": {names[i]: v for i, v in state["state"].items()},
             "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
-        set_optimizer_state_dict(model, opt, by_name, options=StateDictOptions(full_state_dict=True,
-                                                                               broadcast_from_rank0=True))
+        set_optimizer_state_dict(model, _each(opt), by_name,
+                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
     def all_reduce(self, sums: dict[str, float], every_rank: tuple[str, ...] = ()) -> dict[str, float]:
         """Each value summed over the data-parallel groups (in float64), by key: the ranks of a sequence
@@ -241,6 +242,11 @@ def _join_group(backend: str) -> None:
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
     dist.init_process_group(backend, store=dist.PrefixStore(f"pixformer-attempt-{attempt}", store),
                             rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+
+
+def _each(opt) -> list[torch.optim.Optimizer]:
+    """The optimizers of a run's optimizer: itself, or those of engine.optim.Optimizers (Muon + AdamW)."""
+    return getattr(opt, "optimizers", [opt])
 
 
 def _param_names(model: nn.Module, opt: torch.optim.Optimizer) -> list[str]:

@@ -1,0 +1,205 @@
+"""What a run's optimizer is and how its learning rate moves: the parameter groups (weight decay by
+role, layer-wise lr decay), the optimizer (--optimizer adamw | lamb | muon) and the learning rate at
+each step (--lr-schedule cosine | linear | one-cycle), a pure function of the step so that a resumed
+run takes the same steps as an uninterrupted one.
+
+    opt = build_optimizer(model, cfg)                  # over param_groups(model, ...), each with lr_scale
+    lr = lr_at(step, total, warmup, cfg.lr, cfg.min_lr, cfg.lr_schedule)
+    for group in opt.param_groups:
+        group["lr"] = lr * group["lr_scale"]
+
+Muon is two optimizers, Muon for the blocks' weight matrices and AdamW for the rest, which
+`Optimizers` steps and checkpoints as one.
+"""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ..errors import PixformerError
+from ..models import blocks_of
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
+
+OPTIMIZERS = ("adamw", "lamb", "muon")
+LR_SCHEDULES = ("cosine", "linear", "one-cycle")
+ONE_CYCLE_START = 25.0    # one-cycle starts at lr / 25 (torch's OneCycleLR div_factor)
+
+
+# ---- the learning rate at each step ----------------------------------------------------------
+def lr_at(step: int, total: int, warmup: int, peak: float, floor: float, shape: str = "cosine") -> float:
+    """The learning rate of step `step` of `total`, a pure function of the step. cosine: linear warm-up
+    to `peak` over `warmup` steps, then cosine decay to `floor` at step `total`; linear: the same
+    warm-up, then linear decay to `floor`; one-cycle: torch's OneCycleLR (cosine annealing from
+    peak / 25 up to `peak` at step warmup - 1, then cosine annealing down to `floor` at step total - 1)."""
+    if shape == "one-cycle":
+        return _one_cycle(step, total, warmup, peak, floor)
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = min((step - warmup) / max(total - warmup, 1), 1.0)
+    if shape == "linear":
+        return floor + (peak - floor) * (1 - t)
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * t))
+
+
+def _one_cycle(step: int, total: int, warmup: int, peak: float, floor: float) -> float:
+    """OneCycleLR's two cosine phases (pct_start = warmup / total, div_factor 25, its final lr `floor`)."""
+    top = max(warmup - 1, 0)                                            # the step at the peak
+    if step <= top:
+        return _anneal(peak / ONE_CYCLE_START, peak, step / top if top else 1.0)
+    return _anneal(peak, floor, min((step - top) / max(total - 1 - top, 1), 1.0))
+
+
+def _anneal(start: float, end: float, t: float) -> float:
+    """Cosine annealing from `start` (t = 0) to `end` (t = 1), as OneCycleLR's anneal_strategy='cos'."""
+    return end + (start - end) / 2.0 * (math.cos(math.pi * t) + 1)
+
+
+# ---- parameter groups ------------------------------------------------------------------------
+DECAYED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
+    """The optimizer's groups. Weight decay by role: on the weights of linear and convolution layers
+    only; none on biases, norms, position tables, class and mask tokens, whatever their shape.
+    Layer-wise lr decay by depth: with L blocks (found by type), a parameter of block i (0-based) gets
+    lr_scale = layer_decay^(L - i), one registered before the blocks (embeddings) layer_decay^(L + 1),
+    one after them (final norm, head) 1. Frozen parameters are left out."""
+    decay = {id(m.weight) for m in model.modules() if isinstance(m, DECAYED)}
+    blocks = blocks_of(model)
+    depth_of = {id(p): i + 1 for i, b in enumerate(blocks) for p in b.parameters()}
+    groups: dict[tuple[float, float], list] = {}
+    after_blocks = False
+    for p in model.parameters():
+        layer = depth_of.get(id(p))
+        after_blocks = after_blocks or layer is not None
+        if not p.requires_grad:
+            continue
+        layer = layer if layer is not None else (len(blocks) + 1 if after_blocks else 0)
+        key = (weight_decay if id(p) in decay else 0.0, layer_decay ** (len(blocks) + 1 - layer))
+        groups.setdefault(key, []).append(p)
+    return [{"params": ps, "weight_decay": wd, "lr_scale": scale}
+            for (wd, scale), ps in sorted(groups.items(), key=lambda kv: (-kv[0][0], -kv[0][1]))]
+
+
+def muon_matrices(model: nn.Module) -> set[int]:
+    """The ids of the parameters Muon updates: the weight matrices of the linear layers inside the
+    blocks (attention's projections, the MLPs, adaLN's modulation). Embeddings, the head, biases, norms,
+    tokens and position tables are AdamW's (the recipe of Muon's authors)."""
+    return {id(m.weight) for b in blocks_of(model) for m in b.modules()
+            if isinstance(m, nn.Linear) and m.weight.requires_grad}
+
+
+# ---- the optimizer ---------------------------------------------------------------------------
+def build_optimizer(model: nn.Module, cfg: "TrainConfig") -> "torch.optim.Optimizer | Optimizers":
+    """The run's optimizer (--optimizer) over param_groups(model, ...): AdamW, LAMB, or Muon for the
+    blocks' weight matrices with AdamW for the rest (one `Optimizers`). Muon's lr is adjusted per matrix
+    to give updates of AdamW's typical RMS (torch's adjust_lr_fn="match_rms_adamw": lr * 0.2 *
+    sqrt(max(rows, cols))), so one --lr, schedule and --weight-decay serve both."""
+    groups = param_groups(model, cfg.weight_decay, cfg.layer_decay)
+    betas = tuple(cfg.betas)
+    if cfg.optimizer == "lamb":
+        return Lamb(groups, lr=cfg.lr, betas=betas)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, foreach=True)   # torch's CPU default: one by one
+    matrices = muon_matrices(model)
+    mats = [{**g, "params": [p for p in g["params"] if id(p) in matrices]} for g in groups]
+    rest = [{**g, "params": [p for p in g["params"] if id(p) not in matrices]} for g in groups]
+    mats, rest = [g for g in mats if g["params"]], [g for g in rest if g["params"]]
+    if not mats:
+        raise PixformerError(f"--optimizer muon updates the weight matrices of the blocks' linear layers; this "
+                             f"{type(model).__name__} trains none: use --optimizer adamw or lamb")
+    muon = torch.optim.Muon(mats, lr=cfg.lr, adjust_lr_fn="match_rms_adamw")   # momentum 0.95, Nesterov, 5 NS steps
+    return Optimizers(muon, *([torch.optim.AdamW(rest, lr=cfg.lr, betas=betas, foreach=True)] if rest else []))
+
+
+class Optimizers:
+    """Several optimizers over disjoint parameters, stepped as one: their groups in turn as
+    `param_groups` (each keeps its lr_scale), and one state dict in the layout of a single optimizer
+    over all those groups (the parameters numbered on from one optimizer to the next), which is what a
+    checkpoint holds. `optimizers` is what torch.distributed.checkpoint's optimizer state dicts take."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer):
+        self.optimizers = list(optimizers)
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for o in self.optimizers:
+            o.step()
+
+    def _spans(self) -> list[tuple[torch.optim.Optimizer, int, int]]:
+        """(optimizer, its first parameter's number, its number of parameters) for each in turn."""
+        spans, first = [], 0
+        for o in self.optimizers:
+            n = sum(len(g["params"]) for g in o.param_groups)
+            spans.append((o, first, n))
+            first += n
+        return spans
+
+    def state_dict(self) -> dict[str, Any]:
+        state, groups = {}, []
+        for o, first, _ in self._spans():
+            sd = o.state_dict()
+            state.update({first + i: v for i, v in sd["state"].items()})
+            groups += [{**g, "params": [first + i for i in g["params"]]} for g in sd["param_groups"]]
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        groups = iter(state_dict["param_groups"])
+        for o, first, n in self._spans():
+            mine = [next(groups) for _ in o.param_groups]
+            o.load_state_dict({"state": {i - first: v for i, v in state_dict["state"].items() if first <= i < first + n},
+                               "param_groups": [{**g, "params": [i - first for i in g["params"]]} for g in mine]})
+
+
+class Lamb(torch.optim.Optimizer):
+    """LAMB (You et al. 2019, "Large Batch Optimization for Deep Learning"), as timm and apex implement
+    it: Adam's moments with bias correction, the decoupled weight decay added to the update, and on the
+    decayed parameters the update scaled by the trust ratio ||w|| / ||update|| (1 where either norm is
+    0); biases, norms and tokens (no decay) take Adam's step. Gradient clipping stays the loop's.
+    Written here because torch ships no LAMB and timm is not a dependency (one tensor at a time)."""
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
+                 weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            (beta1, beta2), wd = group["betas"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                t = state["step"].item()
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                m.mul_(beta1).add_(p.grad, alpha=1 - beta1)
+                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                denom = (v.sqrt() / math.sqrt(1 - beta2 ** t)).add_(group["eps"])
+                update = (m / (1 - beta1 ** t)).div_(denom)
+                if wd != 0:
+                    update.add_(p, alpha=wd)
+                    w_norm, u_norm = p.norm(), update.norm()
+                    update.mul_(torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, 1.0))
+                p.add_(update, alpha=-group["lr"])
+        return loss

@@ -1,0 +1,57 @@
+"""Progressive resizing (FFCV's): the training images start small and grow to --img-size over the
+run. `--progressive [16, 24, 32]` spreads the sides evenly over the epochs, epoch e of E (0-based)
+training at side sides[e * n // E] of n; the last side is --img-size, the size the data is stored at,
+evaluation runs at and checkpoints record. Each training batch is scaled down from the stored uint8
+images (antialiased bilinear), before the crop and flip. The side is a function of the step, so a
+resumed run resizes as an uninterrupted one. The models take the smaller side as they are: a ViT's or
+PiT's learned position table is sampled at the smaller grid's coordinates (pos_embed.sample_table,
+what --init's resampling uses), DiT's and MAE's decoder's sincos positions are computed for any grid,
+and ConvMixer runs at any size.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import PixformerError
+from ..models.registry import ARCHITECTURES, resolve
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
+
+
+def side_at(sides: list[int] | None, epoch: int, epochs: int) -> int | None:
+    """The training image side of epoch `epoch` (0-based) of `epochs`; None without --progressive."""
+    return None if not sides else sides[epoch * len(sides) // epochs]
+
+
+def resized(images: Tensor, side: int | None) -> Tensor:
+    """uint8 images (B, C, H, W) scaled to side x side (antialiased bilinear, rounded back to uint8);
+    as they are when `side` is None or already theirs."""
+    if side is None or tuple(images.shape[-2:]) == (side, side):
+        return images
+    out = F.interpolate(images.float(), size=(side, side), mode="bilinear", antialias=True, align_corners=False)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def check_progressive(cfg: "TrainConfig") -> None:
+    """A clear error, before any data is loaded, for a --progressive run that cannot train: images of
+    many sizes, pixel permutations, latent diffusion, or a side the model's patch does not divide."""
+    if not cfg.progressive:
+        return
+    why = ("images keep their own sizes at native resolution (--resolution-range varies them)" if cfg.native else
+           "a pixel permutation is fixed for --img-size" if cfg.permute_pixels or cfg.local_swaps else
+           "latent diffusion trains on the VAE's latents" if cfg.task == "diffusion" and cfg.task_args.get("latent_vae")
+           else None)
+    if why:
+        raise PixformerError(f"--progressive resizes the training images, but {why}")
+    arch, fields = resolve(cfg.model)
+    defaults = {f.name: f.default for f in dataclasses.fields(ARCHITECTURES[arch][0])}
+    patch = {**defaults, **fields, **cfg.model_args}["patch_size"]
+    bad = [s for s in cfg.progressive if s % patch]
+    if bad:
+        raise PixformerError(f"--progressive: side(s) {bad} are not multiples of {cfg.model}'s patch size {patch}")
