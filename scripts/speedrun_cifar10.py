@@ -1,0 +1,110 @@
+"""The CIFAR-10 speedrun on a CPU: train a recipe from configs/ on the shared CIFAR-10 training JPEGs
+(10 % held out, seed 0: the accuracy reported is on those 5,000 images, never trained on) and report
+the held-out top-1 and the wall time of the whole `pixformer train` command (data from the decoded
+cache, every epoch's validation included), with the CPU's model name and the exact command.
+
+    .venv/bin/python scripts/speedrun_cifar10.py                        # configs/cifar10-speedrun.yaml
+    .venv/bin/python scripts/speedrun_cifar10.py --ablate --epochs 4 --train-subset 10000 --ema-decay 0.99
+                                      # each ingredient taken out, at a small budget (4 epochs of 10,000 images)
+
+--ablate trains the recipe and one variant per ingredient (each taken out or replaced by the plain
+choice) at the same budget, one after the other, so the table says what each added. Results go to
+OUT/results.json; finished runs are read back. Run nothing else on the machine meanwhile: the wall
+times are the point.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DATA = "../shared/data/cifar10-train-jpg.tar.gz"
+# Each ingredient of the recipe, and the options that take it out (or put the plain choice in its place).
+ABLATIONS = {
+    "recipe": [],
+    "linear stem (no conv stem)": ["--stem", "linear"],
+    "no crop / flip": ["--crop-padding", "0", "--hflip", "false"],
+    "Muon (not AdamW)": ["--optimizer", "muon"],
+    "cosine schedule (not linear)": ["--lr-schedule", "cosine"],
+    "no EMA": ["--ema-decay", "0"],
+    "no progressive resizing": ["--progressive", "null"],
+}
+
+
+def cpu_name() -> str:
+    """The CPU's model name and its bf16 matmul instructions (AMX, AVX512-BF16), from /proc/cpuinfo."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    name = next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name")), platform.machine())
+    flags = next((l.split(":", 1)[1].split() for l in info.splitlines() if l.startswith("flags")), [])
+    isa = [n for f, n in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16")) if f in flags]
+    return f"{name} ({', '.join(isa)})" if isa else name
+
+
+def run(folder: Path, config: str, data: str, extra: list[str]) -> dict:
+    """Train `config` with `extra` options into `folder` (read back when finished): held-out top-1 (%),
+    wall time, command."""
+    done = folder / "speedrun.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    cmd = ["pixformer", "train", "--config", config, "--data", data, "--out", str(folder), "--progress", "false", *extra]
+    if (folder / "checkpoint").exists() or (folder / "metrics.jsonl").exists():
+        import shutil
+        shutil.rmtree(folder)                  # a timed run starts from scratch: a stopped one is not resumed
+    start = time.time()
+    subprocess.run([str(Path(sys.executable).parent / cmd[0]), *cmd[1:]], check=True)
+    wall = time.time() - start
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in rows if "val_top1" in r]
+    result = {"top1": 100 * epochs[-1]["val_top1"], "best_top1": 100 * max(r["val_top1"] for r in epochs),
+              "epochs": len(epochs), "wall_s": round(wall, 1), "command": shlex.join(cmd), "cpu": cpu_name(),
+              "threads": os.environ.get("OMP_NUM_THREADS", f"{os.cpu_count()} cores"),
+              "per_epoch_top1": [round(100 * r["val_top1"], 2) for r in epochs]}
+    done.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/cifar10-speedrun.yaml", help="the recipe")
+    p.add_argument("--data", default=DATA, help="the CIFAR-10 training images (10 %% held out, seed 0)")
+    p.add_argument("--out", default="runs/speedrun", help="a run folder per run, and results.json")
+    p.add_argument("--ablate", action="store_true", help="also train one variant per ingredient")
+    p.add_argument("--epochs", type=int, default=None, help="the budget (default: the recipe's)")
+    p.add_argument("--train-subset", type=int, default=None, help="train on a seeded subset of this many images")
+    p.add_argument("--ema-decay", type=float, default=None, help="the EMA decay of every run (default: the recipe's; "
+                   "a small budget needs a shorter average, e.g. 0.99 for a few hundred steps)")
+    a = p.parse_args()
+    if not Path(a.data).exists():
+        sys.exit(f"{a.data} not found (see ../shared/data/README.md)")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    budget = (["--epochs", str(a.epochs)] if a.epochs else []) + \
+        (["--train-subset", str(a.train_subset)] if a.train_subset else []) + \
+        (["--ema-decay", str(a.ema_decay)] if a.ema_decay is not None else [])     # (a variant's own comes after)
+    tag = Path(a.config).stem + (f"-{a.epochs}ep" if a.epochs else "") + (f"-{a.train_subset}" if a.train_subset else "") \
+        + (f"-ema{a.ema_decay}" if a.ema_decay is not None else "")
+    variants = ABLATIONS if a.ablate else {"recipe": []}
+    results_file = out / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.exists() else {}
+    print(f"CPU: {cpu_name()}", flush=True)
+    for name, extra in variants.items():
+        key = f"{tag}/{name}"
+        folder = out / tag / name.split(" (")[0].replace(" ", "-").replace("/", "")
+        results[key] = run(folder, a.config, a.data, [*budget, *extra])
+        r = results[key]
+        print(f"{name:<38} top-1 {r['top1']:5.2f} %  wall {r['wall_s'] / 60:5.1f} min", flush=True)
+        results_file.write_text(json.dumps(results, indent=1))
+    print(f"\n| {tag} | held-out top-1 | wall time |\n|---|---|---|")
+    for name in variants:
+        r = results[f"{tag}/{name}"]
+        print(f"| {name} | {r['top1']:.2f} % | {r['wall_s'] / 60:.1f} min |")
+
+
+if __name__ == "__main__":
+    main()
