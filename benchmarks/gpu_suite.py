@@ -185,7 +185,7 @@ def step_worker(job: dict) -> dict:
 
     from harness import time_steps, timed, train_step
     from pixformer import Speed, create_model
-    from pixformer.engine.loop import param_groups
+    from pixformer.engine.optim import param_groups
     from pixformer.engine.perf import apply_compile, apply_speed_settings, checkpointed_blocks
     from pixformer.engine.plan import selective_pays
 
@@ -249,7 +249,7 @@ def packed_worker(job: dict) -> dict:
     from pixformer import Speed, create_model
     from pixformer.data.augment import normalize
     from pixformer.data.native import batcher_for
-    from pixformer.engine.loop import param_groups
+    from pixformer.engine.optim import param_groups
     from pixformer.engine.perf import apply_compile, apply_speed_settings
 
     torch._logging.set_logs(recompiles=True)               # each recompile's reason on stderr (kept in the JSON)
