@@ -48,20 +48,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from pixformer.engine import perf
+
 RESULTS = Path(__file__).parent / "results"
 
 
 # ---- shared --------------------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
@@ -342,7 +334,7 @@ def main() -> None:
         args.images, args.size, args.tiny, args.batches, args.c_images, args.c_batch = 2_000, 64, 100, 5, 64, 16
     out = Path(args.out) if args.out else RESULTS / ("data_scale-small.json" if args.small else "data_scale.json")
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="pixformer-data-scale-"))
-    machine = {"cpu": cpu_model(), "cores": cores(), "python": platform.python_version()}
+    machine = {"cpu": perf.cpu_name(), "cores": cores(), "python": platform.python_version()}
     print(f"CPU: {machine['cpu']}, {machine['cores']} cores usable; scratch {work}")
     results = json.loads(out.read_text()) if out.exists() else {}
     try:

@@ -20,15 +20,10 @@ import sys
 import time
 from pathlib import Path
 
+from pixformer.engine import perf
+
 RESULTS = Path(__file__).parent / "results"
 CONFIGS = [("gaussian", "ddim"), ("flow", "euler"), ("flow", "heun")]
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def one(args) -> dict:
@@ -85,7 +80,7 @@ def main() -> None:
             sys.exit(f"{process}/{sampler} failed:\n{done.stderr[-3000:]}")
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     base = rows[0]["images_per_s"]
-    print(f"CPU: {cpu_model()}; {args.model} at {args.size}x{args.size}, {args.steps} steps, "
+    print(f"CPU: {perf.cpu_name()}; {args.model} at {args.size}x{args.size}, {args.steps} steps, "
           f"{args.num} images a batch, precision {args.precision}")
     print(f"{'process':10}{'sampler':9}{'seconds':>9}{'images/s':>10}{'vs DDIM':>9}")
     for r in rows:
@@ -93,7 +88,7 @@ def main() -> None:
         print(f"{r['process']:10}{r['sampler']:9}{r['seconds']:>9.2f}{r['images_per_s']:>10.2f}{r['vs_ddim']:>8.2f}x")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"cpu": cpu_model(), "model": args.model, "size": args.size, "steps": args.steps,
+    out.write_text(json.dumps({"cpu": perf.cpu_name(), "model": args.model, "size": args.size, "steps": args.steps,
                                "num": args.num, "precision": args.precision, "rows": rows,
                                "command": " ".join(["python", *sys.argv])}, indent=1))
     print(f"wrote {out}")

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from pixformer.engine import perf
 
 DATA = "../shared/data/cifar10-train-jpg.tar.gz"
 RECIPES = {   # the task settings of each recipe, and its sampler at an equal number of evaluations
@@ -71,15 +72,6 @@ def score_cell(folder: Path, recipe: str, ref_stats: Path, a: argparse.Namespace
     result = {**fid, "sampler": f"{sampler}-{a.steps}", "score_s": round(time.time() - start, 1)}
     result_file.write_text(json.dumps(result))
     return result
-
-
-def cpu_name() -> str:
-    """The CPU's model name and its bf16 matmul instructions (AMX, AVX512-BF16), from /proc/cpuinfo."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    name = next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name")), platform.machine())
-    flags = next((l.split(":", 1)[1].split() for l in info.splitlines() if l.startswith("flags")), [])
-    isa = [n for f, n in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16")) if f in flags]
-    return f"{name} ({', '.join(isa)})" if isa else name
 
 
 def table(out: Path, patches: list[int]) -> str:
@@ -150,7 +142,7 @@ def main() -> None:
             results[f"p{patch}-{recipe}"] = {"patch": patch, "recipe": recipe, "train_s": train_s, **scored}
             print(f"patch {patch} {recipe}: FID {scored['fid']:.1f} ({scored['sampler']}, guidance {a.cfg}; "
                   f"training {train_s:.0f} s)", flush=True)
-    meta = {"cpu": cpu_name(), "settings": vars(a)}
+    meta = {"cpu": perf.cpu_name(), "settings": vars(a)}
     (out / "results.json").write_text(json.dumps({"meta": meta, "cells": results}, indent=1))
     print(table(out, a.patches))
 

@@ -17,12 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from pixformer.engine import perf
 
 DATA = "../shared/data/cifar10-train-jpg.tar.gz"
 # Each ingredient of the recipe, and the options that take it out (or put the plain choice in its place).
@@ -35,15 +36,6 @@ ABLATIONS = {
     "no EMA": ["--ema-decay", "0"],
     "no progressive resizing": ["--progressive", "null"],
 }
-
-
-def cpu_name() -> str:
-    """The CPU's model name and its bf16 matmul instructions (AMX, AVX512-BF16), from /proc/cpuinfo."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    name = next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name")), platform.machine())
-    flags = next((l.split(":", 1)[1].split() for l in info.splitlines() if l.startswith("flags")), [])
-    isa = [n for f, n in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16")) if f in flags]
-    return f"{name} ({', '.join(isa)})" if isa else name
 
 
 def run(folder: Path, config: str, data: str, extra: list[str]) -> dict:
@@ -62,7 +54,7 @@ def run(folder: Path, config: str, data: str, extra: list[str]) -> dict:
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in rows if "val_top1" in r]
     result = {"top1": 100 * epochs[-1]["val_top1"], "best_top1": 100 * max(r["val_top1"] for r in epochs),
-              "epochs": len(epochs), "wall_s": round(wall, 1), "command": shlex.join(cmd), "cpu": cpu_name(),
+              "epochs": len(epochs), "wall_s": round(wall, 1), "command": shlex.join(cmd), "cpu": perf.cpu_name(),
               "threads": os.environ.get("OMP_NUM_THREADS", f"{os.cpu_count()} cores"),
               "per_epoch_top1": [round(100 * r["val_top1"], 2) for r in epochs]}
     done.write_text(json.dumps(result, indent=1))
@@ -92,7 +84,7 @@ def main() -> None:
     variants = ABLATIONS if a.ablate else {"recipe": []}
     results_file = out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
-    print(f"CPU: {cpu_name()}", flush=True)
+    print(f"CPU: {perf.cpu_name()}", flush=True)
     for name, extra in variants.items():
         key = f"{tag}/{name}"
         folder = out / tag / name.split(" (")[0].replace(" ", "-").replace("/", "")

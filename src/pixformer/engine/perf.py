@@ -217,6 +217,20 @@ def native_bf16(device: torch.device | str) -> bool:
     return False
 
 
+def cpu_name() -> str:
+    """This machine's CPU as figures name it: its model name and its bf16 matmul instructions, e.g.
+    'AMD EPYC (AVX512-BF16)' or 'Intel Xeon Platinum 8480+ (AMX, AVX512-BF16)' (from /proc/cpuinfo)."""
+    try:
+        info = open("/proc/cpuinfo").read(1 << 16)
+    except OSError:
+        return platform.processor() or platform.machine()
+    lines = info.splitlines()
+    name = next((l.split(":", 1)[1].strip() for l in lines if l.startswith("model name")), platform.machine())
+    flags = next((l.split(":", 1)[1].split() for l in lines if l.startswith("flags")), [])
+    isa = [n for f, n in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16")) if f in flags]
+    return f"{name} ({', '.join(isa)})" if isa else name
+
+
 def autocast_dtype(precision: str, device: torch.device | str) -> torch.dtype | None:
     """The autocast dtype for `precision` on `device`, or None for plain fp32.
     'auto' is bf16 where the hardware has it natively, else fp32; fp16 is never used on CPU."""
