@@ -31,11 +31,12 @@ RECIPES = {   # the task settings of each recipe, and its sampler at an equal nu
 }
 
 
-def cli(*args: str) -> dict:
-    """Run `pixformer ARGS --json` and return the JSON object its last line prints."""
-    out = subprocess.run([sys.executable, "-m", "pixformer", *args, "--json", "true"], check=True,
-                         capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+def cli(*args: str) -> str:
+    """Run `pixformer ARGS`; its standard output, or the script stops with the command's last error line."""
+    done = subprocess.run([sys.executable, "-m", "pixformer", *args], capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"pixformer {args[0]} failed: {done.stderr.strip().splitlines()[-1:]}")
+    return done.stdout
 
 
 def train_cell(folder: Path, patch: int, recipe: str, a: argparse.Namespace) -> float:
@@ -66,9 +67,8 @@ def score_cell(folder: Path, recipe: str, ref_stats: Path, a: argparse.Namespace
     common = ["--checkpoint", str(folder), "--sampler", sampler, "--steps", str(a.steps), "--cfg_scale", str(a.cfg)]
     ref = ["--ref_stats", str(ref_stats)] if ref_stats.exists() else ["--save_ref_stats", str(ref_stats)]
     start = time.time()
-    fid = cli("fid", *common, "--num", str(a.num), *ref)
-    subprocess.run([sys.executable, "-m", "pixformer", "sample", *common, "--num", "64", "--out", str(folder / "grid")],
-                   check=True, capture_output=True)
+    fid = json.loads(cli("fid", *common, "--num", str(a.num), *ref, "--json", "true").strip().splitlines()[-1])
+    cli("sample", *common, "--num", "64", "--out", str(folder / "grid"))
     result = {**fid, "sampler": f"{sampler}-{a.steps}", "score_s": round(time.time() - start, 1)}
     result_file.write_text(json.dumps(result))
     return result
@@ -108,7 +108,7 @@ def main() -> None:
     p.add_argument("--data", default=DATA, help="the CIFAR-10 training images (10 %% held out: the FID reference)")
     p.add_argument("--out", default="runs/flow-vs-eps", help="a run folder per cell, and results.json")
     p.add_argument("--patches", type=int, nargs="+", default=[8, 4, 2], help="patch sizes (32 must divide by each)")
-    p.add_argument("--epochs", type=float, default=2, help="the training budget of every cell")
+    p.add_argument("--epochs", type=int, default=2, help="the training budget of every cell")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--ema", type=float, default=0.995, help="EMA decay of the weights sampled from")
@@ -129,9 +129,6 @@ def main() -> None:
         return
     if not Path(a.data).exists():
         sys.exit(f"{a.data} not found (see ../shared/data/README.md)")
-    if a.epochs != int(a.epochs):
-        sys.exit("--epochs: a whole number of epochs")
-    a.epochs = int(a.epochs)
     out.mkdir(parents=True, exist_ok=True)
     results = {}
     for patch in a.patches:
