@@ -4,7 +4,7 @@ the held-out top-1 and the wall time of the whole `pixformer train` command (dat
 cache, every epoch's validation included), with the CPU's model name and the exact command.
 
     .venv/bin/python scripts/speedrun_cifar10.py                        # configs/cifar10-speedrun.yaml
-    .venv/bin/python scripts/speedrun_cifar10.py --ablate --epochs 4 --train-subset 10000 --ema-decay 0.99
+    .venv/bin/python scripts/speedrun_cifar10.py --ablate --epochs 4 --train-subset 10000
                                       # each ingredient taken out, at a small budget (4 epochs of 10,000 images)
 
 --ablate trains the recipe and one variant per ingredient (each taken out or replaced by the plain
@@ -31,9 +31,10 @@ ABLATIONS = {
     "recipe": [],
     "linear stem (no conv stem)": ["--stem", "linear"],
     "no crop / flip": ["--crop-padding", "0", "--hflip", "false"],
-    "Muon (not AdamW)": ["--optimizer", "muon"],
+    "AdamW (not Muon)": ["--optimizer", "adamw"],
     "cosine schedule (not linear)": ["--lr-schedule", "cosine"],
-    "no EMA": ["--ema-decay", "0"],
+    "no random erasing": ["--random-erase", "0"],
+    "no drop path": ["--drop-path", "0"],
     "no progressive resizing": ["--progressive", "null"],
 }
 
