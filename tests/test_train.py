@@ -251,3 +251,11 @@ def test_one_process_runtime_and_a_launch_without_torchrun_refused(monkeypatch):
         Runtime.create("cpu")
     with pytest.raises(PixformerError, match="unknown device 'gpu0'"):
         monkeypatch.delenv("WORLD_SIZE") or Runtime.create("gpu0")
+
+
+def test_a_relative_data_root_is_saved_absolute(tmp_path, monkeypatch):
+    """--data-root typed relative is stored resolved, so eval and resume find it from another folder."""
+    monkeypatch.chdir(tmp_path)
+    cfg = TrainConfig(**{**TINY, "data_root": "cache/data"})
+    assert cfg.data_root == str(tmp_path.resolve() / "cache" / "data")
+    assert TrainConfig(**TINY).data_root is None

@@ -136,6 +136,8 @@ class TrainConfig:
         check_fields(self.speed)
         self.model_args = dict(self.model_args or {})
         self.task_args = dict(self.task_args or {})
+        if self.data_root:                       # saved absolute: eval / resume find it from any folder
+            self.data_root = str(Path(self.data_root).expanduser().resolve())
         for name in ("epochs", "batch_size", "eval_batch_size", "max_per_pack", "seq_parallel"):
             require(name, getattr(self, name), getattr(self, name) >= 1, "at least 1")
         for name in ("img_size", "train_subset", "workers", "max_side", "max_tokens", "pack_length", "swap_distance"):
