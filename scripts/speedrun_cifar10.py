@@ -36,6 +36,7 @@ ABLATIONS = {
     "no random erasing": ["--random-erase", "0"],
     "no drop path": ["--drop-path", "0"],
     "no progressive resizing": ["--progressive", "null"],
+    "fp32 (not bf16 autocast)": ["--precision", "fp32"],
 }
 
 
