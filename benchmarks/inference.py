@@ -2,7 +2,8 @@
 against the other ways torch offers to run the same forward pass, PiT-T and ViT-T/2 at 32x32,
 10 classes, a batch of 256 random images; each configuration in its own process.
 
-    .venv/bin/python benchmarks/inference.py                            # ~10 min on 2 cores
+    .venv/bin/python benchmarks/inference.py --models vit-t/2           # batch 256: ~3 min on 2 cores
+    .venv/bin/python benchmarks/inference.py --models pit-t --batch 64  # 1,024 tokens an image: ~5 min
     .venv/bin/python benchmarks/inference.py --batch 8 --steps 1 --models vit-t/2    # does it work
 
 Configurations (the model's forward alone, on images already normalised: reading and resizing
