@@ -28,7 +28,8 @@ Memory: an attention layer keeps the keys and values gathered from all P shards 
 (one more all-gather and attention forward). `regather` is how many layers do the latter, the first
 ones: the backward starts at the last layer, at the step's peak of memory, where a layer that kept
 its keys needs no second copy of them (engine/plan.py counts both; train's --seq-regather auto lets
-the planner choose how many).
+the planner choose how many). A checkpointed block, selective or full, keeps none either way: its
+recomputed forward gathers them again (selective checkpointing keeps matmul outputs, not the gather's).
 """
 from __future__ import annotations
 
