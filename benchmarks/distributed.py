@@ -2,9 +2,11 @@
 communication of one PiT-T training step (forward, backward, gradient averaging, AdamW), each
 configuration a torchrun launch over gloo with one thread per rank.
 
-    sp1, sp2, sp4   one image split over P = 1, 2, 4 ranks (engine/sequence.py, contiguous shards)
+    sp1, sp2, sp4   one image split over P = 1, 2, 4 ranks (engine/sequence.py, contiguous shards), the
+                    layers regathering their keys and values as train's default (--seq-regather auto) picks
+    sp2-keep, sp4-keep           every layer keeps the gathered keys and values (--seq-regather none)
+    sp2-regather, sp4-regather   none keeps them: every layer gathers them again in backward (all)
     ddp2            two ranks, one image each (DistributedDataParallel)
-    sp2-regather, sp4-regather   the same as sp2, sp4 keeping no gathered keys and values (--seq-regather)
     collectives     2 ranks: bytes sent for an 8 MiB all-gather, reduce-scatter and all-reduce (not per side)
     ddp2-vit-b, fsdp2-vit-b   ViT-B/8 at the first side, 2 ranks: DDP against FSDP2 (train --fsdp), where the
                     weights, gradients and AdamW state are most of the memory
@@ -13,7 +15,9 @@ Per rank: the activation memory (bytes autograd keeps for the backward after the
 saved_tensors_hooks, each storage once, weights and their bf16 copies left out), the peak resident memory of the process (all of it: torch,
 gloo, weights, AdamW state), the median step time, and the bytes that crossed the loopback interface
 per step and rank (all of gloo's traffic, measured in /proc/net/dev) next to the planner's estimate
-(engine/plan.py). With 2 cores, 4 ranks oversubscribe the machine: compare memory there, not time.
+(engine/plan.py). Each sequence-parallel row is printed with its activations against P = 1's and its
+step time against the keep-all row of its P. With 2 cores, 4 ranks oversubscribe the machine: compare
+memory there, not time.
 The longest side that fits a per-rank budget comes from the planner, checked against these runs.
 
     .venv/bin/python benchmarks/distributed.py [--sides 32 64] [--steps 3] [--out benchmarks/results/distributed.json]
@@ -23,16 +27,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 BIG = "vit-b/8"   # 86 M parameters: its weights, gradients and AdamW state outweigh the activations at 32x32
-CONFIGS = {"collectives": (2, 1, False), "ddp2-vit-b": (2, 1, False), "fsdp2-vit-b": (2, 1, False),
-           "sp1": (1, 1, False), "sp2": (2, 2, False), "sp4": (4, 4, False), "ddp2": (2, 1, False),
-           "sp2-regather": (2, 2, True), "sp4-regather": (4, 4, True)}   # name: (ranks, ranks per image, regather)
+CONFIGS = {"collectives": (2, 1, "none"), "ddp2-vit-b": (2, 1, "none"), "fsdp2-vit-b": (2, 1, "none"),
+           "sp1": (1, 1, "none"), "sp2-keep": (2, 2, "none"), "sp2": (2, 2, "auto"), "sp2-regather": (2, 2, "all"),
+           "sp4-keep": (4, 4, "none"), "sp4": (4, 4, "auto"), "sp4-regather": (4, 4, "all"),
+           "ddp2": (2, 1, "none")}   # name: (ranks, ranks per image, --seq-regather)
 ONCE = ("collectives", "ddp2-vit-b", "fsdp2-vit-b")                      # at the first side only
 
 
@@ -84,6 +88,7 @@ def worker(a) -> None:
     ranks, P, regather = CONFIGS[a.worker]
     torch.manual_seed(0)
     name = BIG if a.worker.endswith("vit-b") else "pit-t"
+    layers = planned(a, a.worker).regather_layers["none"]   # what train runs (no checkpointing at these sizes)
     runtime = Runtime.create("cpu", fsdp=a.worker.startswith("fsdp2"))
     with runtime.building():                      # as train builds it: under FSDP2 whole on rank 0 alone
         model = set_attention_backend(create_model(name, img_size=a.side, num_classes=10), a.attn_backend)
@@ -91,7 +96,7 @@ def worker(a) -> None:
     if runtime.fsdp:
         step_model = runtime.wrap(model)          # what train --fsdp runs: shards in place
     elif P > 1:
-        step_model = SequenceParallel(model, group, regather=regather)
+        step_model = SequenceParallel(model, group, regather=layers)
     else:
         step_model = torch.nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
@@ -144,8 +149,16 @@ def worker(a) -> None:
     dist.destroy_process_group()
 
 
-def launch(a, name: str) -> dict:
+def planned(a, name: str):
+    """The planner's figures for configuration `name` at the side `a.side`."""
     from pixformer.engine.plan import plan
+    ranks, P, regather = CONFIGS[name]
+    return plan(BIG if name.endswith("vit-b") else "pit-t", a.side, ranks // P, precision=a.precision,
+                attn_backend=a.attn_backend, seq_parallel=P, data_parallel=ranks // P, seq_regather=regather,
+                fsdp=name.startswith("fsdp2"))
+
+
+def launch(a, name: str) -> dict:
     ranks, P, regather = CONFIGS[name]
     with tempfile.TemporaryDirectory() as results:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks), __file__,
@@ -157,10 +170,10 @@ def launch(a, name: str) -> dict:
         per_rank = [json.loads(f.read_text()) for f in Path(results).glob("rank*.json")]
     if name == "collectives":
         return {"config": name, "ranks": ranks, **per_rank[0]}
-    p = plan(BIG if name.endswith("vit-b") else "pit-t", a.side, ranks // P, precision=a.precision,
-             attn_backend=a.attn_backend, seq_parallel=P, data_parallel=ranks // P, seq_regather=regather,
-             fsdp=name.startswith("fsdp2"))
+    p = planned(a, name)
     return {"config": name, "side": a.side, "tokens": a.side ** 2, "ranks": ranks, "seq_parallel": P,
+            "seq_regather": regather, "regather_layers": p.regather_layers.get("none", 0), "depth": p.depth,
+            "planned_line": p.regather_line("none") if P > 1 else None,
             "activation_mib": max(r["activation_bytes"] for r in per_rank) / 2 ** 20,
             "peak_rss_gib": max(r["peak_rss_gib"] for r in per_rank),
             "peak_rss_gib_by_rank": [r["peak_rss_gib"] for r in sorted(per_rank, key=lambda r: r["rank"])],
@@ -170,6 +183,21 @@ def launch(a, name: str) -> dict:
             "comm_mib_planned": sum(p.comm.values()) / 2 ** 20,
             "planned_image_mib": p.image_bytes["none"] / 2 ** 20, "planned_peak_gib": p.peak_bytes(ranks // P) / 2 ** 30,
             "planned_fixed_mib": p.fixed_bytes / 2 ** 20}
+
+
+def against(row: dict, rows: list[dict]) -> str:
+    """A sequence-parallel row's activations against P = 1's and its step time against the keep-all row
+    of its P, at its side (those run before it)."""
+    if row["seq_parallel"] == 1:
+        return ""
+    same = {r["config"]: r for r in rows if r.get("side") == row["side"]}
+    one, keep = same.get("sp1"), same.get(f"sp{row['seq_parallel']}-keep")
+    out = f"  layers regathering {row['regather_layers']}/{row['depth']}"
+    if one:
+        out += f"  activation {row['activation_mib'] / one['activation_mib']:.2f}x of P=1"
+    if keep:
+        out += f"  step {row['step_s'] / keep['step_s']:.2f}x of keep-all"
+    return out
 
 
 def main() -> None:
@@ -188,6 +216,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.worker:
         return collectives(a) if a.worker == "collectives" else worker(a)
+    from pixformer.engine.perf import cpu_name
     from pixformer.engine.plan import largest_side
     rows = []
     if a.merge and Path(a.out).exists():
@@ -201,20 +230,15 @@ def main() -> None:
                 print("gloo, 8 MiB, MiB sent a rank: " + ", ".join(f"{k[:-13]} {v:.2f}" for k, v in r.items()
                                                                    if k.endswith("_mib_per_rank")), flush=True)
                 continue
-            print(f"{side:>3}x{side:<3} {name:<5} activation {r['activation_mib']:8.1f} MiB  peak RSS "
+            print(f"{side:>3}x{side:<3} {name:<12} activation {r['activation_mib']:8.1f} MiB  peak RSS "
                   f"{r['peak_rss_gib']:.2f} GiB  step {r['step_s']:6.2f} s  comm {r['comm_mib_measured']:7.1f} MiB "
-                  f"(planned {r['comm_mib_planned']:.1f})", flush=True)
-        one = next((r for r in rows if r.get("side") == side and r["config"] == "sp1"), None)
-        for two in (r for r in rows if r.get("side") == side and r["config"].startswith("sp2")):
-            if one:
-                print(f"{side}x{side}: {two['config']} keeps {two['activation_mib'] / one['activation_mib']:.2f}x the "
-                      "activations of P=1 (target <= 0.6x)")
-    longest = {f"P={P}{' regather' if again else ''}": largest_side(
+                  f"(planned {r['comm_mib_planned']:.1f})" + against(r, rows), flush=True)
+    longest = {f"P={P} {again}": largest_side(
         "pit-t", a.memory, "none", precision=a.precision, attn_backend=a.attn_backend, seq_parallel=P,
-        seq_regather=again) for P, again in ((1, False), (2, False), (4, False), (2, True), (4, True))}
+        seq_regather=again) for P in (1, 2, 4) for again in ("none", "auto", "all") if P > 1 or again == "none"}
     print(f"longest square side under {a.memory} a rank (planner, no checkpointing): "
           + ", ".join(f"{k}: {s} px" for k, s in longest.items()))
-    meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+    meta = {"machine": cpu_name(), "cpus": os.cpu_count(),
             "torch": __import__("torch").__version__, "precision": a.precision, "attn_backend": a.attn_backend,
             "command": "python " + " ".join(sys.argv), "longest_side_planned": longest,
             "memory_budget": a.memory}

@@ -1,5 +1,6 @@
 """The LSS scale on paper: PiT-B and PiT-L at 224x224 (50,176 pixel tokens + a class token) split over
-P = 8 ... 1,024 GPUs of 80 GB by sequence parallelism, one image per sequence group, bf16, fused (flash)
+P = 8 ... 1,024 GPUs of 80 GB by sequence parallelism, one image per sequence group, every layer keeping
+the keys and values gathered from the shards (LSS's layout, train --seq-regather none), bf16, fused (flash)
 attention, from the planner (engine/plan.py; counted, not measured: see its module doc for what it
 leaves out). Per rank: tokens held, memory of one training step without checkpointing and with every
 block checkpointed, whether each fits 80 GB, the bytes each rank sends a step, and its share of the
@@ -32,7 +33,8 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|---|---:|---:|")
     for model in a.models:
         for P in a.ranks:
-            p = plan(model, a.side, 1, budget, precision="bf16", attn_backend="sdpa", num_classes=1000, seq_parallel=P)
+            p = plan(model, a.side, 1, budget, precision="bf16", attn_backend="sdpa", num_classes=1000, seq_parallel=P,
+                     seq_regather="none")          # LSS's own layout: every layer keeps the gathered keys
             none, full = p.peak_bytes(1, "none"), p.peak_bytes(1, "full")
             fits = "yes" if none <= budget else "with full checkpointing" if full <= budget else "no"
             row = {"model": model, "P": P, "tokens_per_rank": -(-p.seq_len // P), "peak_none": none, "peak_full": full,

@@ -223,6 +223,11 @@ def test_plan_per_rank_with_sequence_and_data_parallel(capsys):
     assert code == 0, err
     assert "per rank of 8 (sequence parallel 4 x data parallel 2): 1,025 tokens of each image" in stdout
     assert "key value gathers" in stdout and "longest square side whose step fits 4.00 GiB a rank" in stdout
+    assert "sequence parallel P=4: keys/values kept in " in stdout           # --seq-regather auto
+    code, stdout, err = run(capsys, "plan", "--model", "pit-t", "--img-size", "64", "--seq-parallel", "4",
+                            "--seq-regather", "all")
+    assert code == 0, err
+    assert "sequence parallel P=4: keys/values gathered again in all 12 layers (activations ~" in stdout
     code, stdout, err = run(capsys, "plan", "--model", "pit-t", "--img-size", "64", "--seq-parallel", "4", "--json")
     assert code == 0, err
     assert json.loads(stdout)["comm"]["key_value_gathers"] > 0

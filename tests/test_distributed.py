@@ -99,7 +99,9 @@ SEQUENCE_CHECK = textwrap.dedent("""
         for pool, pos, sharding, regather, backend, ckpt in [*itertools.product(
                 ("cls", "mean"), ("learned", "sincos2d"), ("contiguous", "strided", "random"), (False, True),
                 ("auto", "blocked"), (None,)), ("cls", "learned", "strided", False, "auto", "selective"),
-                ("cls", "learned", "strided", False, "auto", "full")]:
+                ("cls", "learned", "strided", False, "auto", "full"),             # below: the first layer
+                ("cls", "learned", "strided", 1, "auto", None), ("mean", "sincos2d", "random", 1, "blocked", None),
+                ("cls", "learned", "contiguous", 1, "auto", "selective")]:      # regathers, the second keeps
             side = 5                                                # 26 tokens with a class token, 25 without
             torch.manual_seed(0)
             model = VisionTransformer(ViTConfig(img_size=(side, side), patch_size=1, num_classes=4, depth=2, dim=16,
@@ -132,7 +134,8 @@ SEQUENCE_CHECK = textwrap.dedent("""
 def test_sequence_parallel_outputs_and_gradients_equal_one_process(tmp_path):
     """p = 1 and 2 ranks per sequence, class token and mean pooling, learned and sincos positions, each
     shard assignment, shards of equal (class token: 26) and unequal (25) length, gathered keys kept
-    or gathered again in the backward, two attention backends, blocks checkpointed selectively or in full."""
+    or gathered again in the backward in every layer or in the first alone, two attention backends,
+    blocks checkpointed selectively or in full."""
     script = tmp_path / "sequence_check.py"
     script.write_text(SEQUENCE_CHECK)
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -142,7 +145,7 @@ def test_sequence_parallel_outputs_and_gradients_equal_one_process(tmp_path):
     reports = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert len(reports) == 2
     for r in reports:
-        assert r["checked"] == 100 and r["failures"] == [], r["failures"]
+        assert r["checked"] == 106 and r["failures"] == [], r["failures"]
 
 
 def test_shard_assignments_cover_every_token_once():
@@ -169,10 +172,24 @@ def test_shard_assignments_cover_every_token_once():
     (dict(fsdp=True, ema_decay=0.99), "cannot be combined with --fsdp"),
     (dict(seq_parallel=0), "--seq-parallel must be at least 1"),
     (dict(seq_sharding="diagonal"), "--seq-sharding must be one of"),
+    (dict(seq_regather="some"), "^--seq-regather must be auto, all, none or a number of layers, got 'some'$"),
+    (dict(seq_parallel=2, seq_regather=2), "^--seq-regather 2 is more layers than the model's 1$"),
 ])
 def test_parallel_settings_refused_in_one_line(settings, message):
     with pytest.raises(PixformerError, match=message):
         train(TrainConfig(**{**RUNS["classify"], **settings}))
+
+
+def test_a_run_saved_with_seq_regather_true_or_false_resumes_with_all_or_none(tmp_path):
+    """Runs saved --seq-regather as a boolean before it took auto, all, none or a number of layers."""
+    from pixformer.engine.config import as_json, changed_settings
+    for old, new in ((True, "all"), (False, "none")):
+        run = tmp_path / str(old)
+        run.mkdir()
+        saved = {**as_json(TrainConfig(**RUNS["sequence-parallel"])), "seq_regather": old}
+        (run / "config.json").write_text(json.dumps(saved))
+        cfg = TrainConfig.from_run(str(run), resume=True)
+        assert cfg.seq_regather == new and changed_settings(saved, cfg) == []
 
 
 def test_bad_parallel_settings_under_torchrun_are_one_line(tmp_path):
@@ -299,6 +316,8 @@ def test_sequence_and_data_parallel_compose_over_four_ranks(tmp_path):
     run = dict(RUNS["sequence-parallel"], seq_sharding="random", crop_padding=1, hflip=True, ema_decay=0.0)
     done = torchrun(tmp_path, {"composed": run}, tmp_path / "pd", nproc=4)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "sequence parallel P=2: keys/values gathered again in all 1 layers" in done.stdout   # said once
+    assert done.stdout.count("sequence parallel P=2") == 1
     alone = train(TrainConfig(**{**run, **ALONE}, out=str(tmp_path / "one")))
     model, _ = load_model(tmp_path / "pd" / "composed")
     for (k, a), b in zip(alone["model"].state_dict().items(), model.state_dict().values()):

@@ -210,7 +210,7 @@ def test_planner_sequence_and_data_parallel_by_hand():
     batch, FSDP2 divides the fixed state; ring collectives' volumes as in the module doc."""
     kw = dict(depth=2, dim=8, heads=2, mlp_ratio=2.0, precision="fp32", attn_backend="sdpa")
     one = plan("pit-n", img_size=5, batch_size=4, **kw)                       # 25 tokens + cls = 26
-    sp = plan("pit-n", img_size=5, batch_size=4, seq_parallel=2, data_parallel=2, **kw)
+    sp = plan("pit-n", img_size=5, batch_size=4, seq_parallel=2, data_parallel=2, seq_regather="none", **kw)
     Ts, T, D = 13, 26, 8
     kept, work = vit_block_bytes(Ts, D, 16, 2, 4, "fused", "none", keys=T)
     assert kept - vit_block_bytes(Ts, D, 16, 2, 4, "fused", "none")[0] == 4 * 2 * T * D    # gathered K, V
@@ -234,6 +234,44 @@ def test_planner_sequence_and_data_parallel_by_hand():
     assert big.peak_bytes(1) > 2 ** 30 >= plan("pit-t", sides[0], 1, precision="fp32").peak_bytes(1)
     with pytest.raises(PixformerError, match="cannot be split over 8"):
         plan("pit-n", img_size=2, seq_parallel=8)
+
+
+def test_planner_chooses_the_layers_that_regather_by_hand():
+    """PiT-n, 12 blocks of width 8 (MLP 16, 2 heads), 5x5 + class token = 26 tokens, fp32, fused
+    attention, P = 2 (13 tokens a shard), 2 images a rank. Per image, in bytes: a block keeps 6968 with
+    the gathered keys and values (1664) and 5304 without; its working set is 2912, or 4576 when it
+    gathers them again; 716 stay outside the blocks (the shard's final norm input, the image). One
+    device: a block keeps 10608, works in 2496, 1132 outside: 12 * 10608 + 2496 + 1132 = 130924.
+    With the first R blocks regathering, the peak is at the last block's backward:
+    12 * 6968 - 1664 R + 2912 + 716 = 87244 - 1664 R, at most 1.1 / 2 * 130924 = 72008.2 from R = 10."""
+    from pixformer.engine.plan import check_regather
+    kw = dict(depth=12, dim=8, heads=2, mlp_ratio=2.0, precision="fp32", attn_backend="sdpa", batch_size=4,
+              seq_parallel=2, data_parallel=2)
+    auto = plan("pit-n", img_size=5, **kw)
+    assert auto.one_device_bytes["none"] == 130924
+    assert auto.regather_layers["none"] == 10 and auto.image_bytes["none"] == 87244 - 1664 * 10
+    assert auto.regather_layers["full"] == auto.regather_layers["selective"] == 0   # nothing to save: checkpointed
+    assert auto.regather_line("selective").startswith(  # blocks recompute the gather (selective: not a matmul)
+        "sequence parallel P=2: blocks checkpointed selectively keep no gathered keys/values, their backward "
+        "gathers them again (activations ~")
+    assert auto.regather_line("selective").endswith("12 more all-gathers of 1.62 KiB a rank a step)")
+    assert auto.gather_bytes == 13 * 2 * 8 * 4 * 2    # (P-1) * Ts * 2D * 4 bytes * 2 images
+    assert auto.comm["key_value_gathers"] == (2 * 12 + 10) * auto.gather_bytes
+    assert auto.regather_line("none") == ("sequence parallel P=2: keys/values kept in 2 of 12 layers, gathered "
+                                          "again in 10 (activations ~0.54x of one device's; 10 more all-gathers of "
+                                          "1.62 KiB a rank a step)")
+    assert auto.regather_line() in str(auto)
+    for setting, layers, cost in (("none", 0, 87244), ("all", 12, 87244 - 1664 * 11), (3, 3, 87244 - 1664 * 3),
+                                  (True, 12, 87244 - 1664 * 11), ("false", 0, 87244)):
+        p = plan("pit-n", img_size=5, **{**kw, "seq_regather": setting})
+        assert (p.regather_layers["none"], p.image_bytes["none"]) == (layers, cost), setting
+    # regathering in the last block too saves nothing: its backward needs the gathered keys again at the peak
+    assert plan("pit-n", img_size=5, **{**kw, "depth": 2}).regather_layers["none"] == 1   # none fits: the least
+    with pytest.raises(PixformerError, match="^--seq-regather 13 is more layers than the model's 12$"):
+        plan("pit-n", img_size=5, **{**kw, "seq_regather": 13})
+    for bad in ("some", -1, "2.5", 1.5):
+        with pytest.raises(PixformerError, match="^--seq-regather must be auto, all, none or a number of layers, got"):
+            check_regather(bad)
 
 
 # ---- blocked attention, auto backend ------------------------------------------------------------

@@ -224,7 +224,8 @@ def build_parser():
     plan.add_argument("--seq_parallel", type=int, default=1, help="ranks splitting each image's tokens (train --seq-parallel)")
     plan.add_argument("--data_parallel", type=int, default=1, help="data-parallel groups (world = seq x data)")
     plan.add_argument("--fsdp", type=bool, default=False, help="weights, grads, optimizer sharded over data-parallel ranks")
-    plan.add_argument("--seq_regather", type=bool, default=False, help="gathered keys / values not kept (train --seq-regather)")
+    plan.add_argument("--seq_regather", type=typing.Union[int, str, bool], default="auto",
+                      help="layers gathering keys / values again in backward: auto | all | none | N (train --seq-regather)")
     plan.add_argument("--json", type=bool, default=False, help="print one JSON object instead of the table")
     commands.add_subcommand("plan", plan, help="FLOPs, memory and the largest batch for a memory budget")
 

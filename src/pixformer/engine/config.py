@@ -25,6 +25,7 @@ from ..settings import check_fields, field_docs, require
 from ..tasks import TASKS
 from .optim import LR_SCHEDULES, OPTIMIZERS
 from .perf import ALLOCATOR_POLICIES, Speed
+from .plan import check_regather
 
 MAX_IMG_SIZE = 8192     # --img-size at most: one 8192x8192 RGB image is 192 MiB decoded
 
@@ -114,7 +115,9 @@ class TrainConfig:
     # parallelism: under torchrun (engine/runtime.py), data parallel (DDP) by default
     seq_parallel: int = 1               # ranks that split each image's tokens (LSS; world = P x data-parallel D)
     seq_sharding: str = "contiguous"    # which tokens a rank holds: contiguous | strided | random (seeded)
-    seq_regather: bool = False          # gather keys / values again in backward instead of keeping them (memory)
+    seq_regather: int | str | bool = "auto"  # layers gathering keys / values again in backward instead of keeping
+    #                                     them: auto (the planner's: as few as keep a rank's activations within
+    #                                     about 1.1/P of one device's), all (or true), none (or false), the first N
     fsdp: bool = False                  # shard weights, gradients and optimizer state (FSDP2) instead of DDP
     # locality ablations: one fixed pixel permutation of every image (data/ablations.py)
     permute_pixels: bool = False        # shuffle all pixel positions
@@ -132,6 +135,7 @@ class TrainConfig:
                 raise PixformerError(f"--speed has no setting(s) {unknown}; its settings are "
                                      f"{[f.name for f in dataclasses.fields(Speed)]}")
             self.speed = Speed(**self.speed)
+        self.seq_regather = check_regather(self.seq_regather)   # (true / false, as runs saved it, are all / none)
         check_fields(self)
         check_fields(self.speed)
         self.model_args = dict(self.model_args or {})

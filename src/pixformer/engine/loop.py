@@ -49,7 +49,7 @@ from ..errors import PixformerError
 from ..files import write_atomically
 from ..layout import Packed
 from ..models.attention import check_sequence_backend, set_attention_backend
-from ..models.registry import check_model_args, model_name, model_spec, resolve
+from ..models.registry import ARCHITECTURES, check_model_args, model_name, model_spec, resolve
 from ..progress import Progress
 from ..tasks import DataFacts, Task, get_task, task_config
 from ..tasks.base import ExampleRandom
@@ -58,8 +58,8 @@ from .checkpoint import (check_out_folder, find_checkpoint, init_from, load_tens
 from .config import TrainConfig, as_json, changed_settings
 from .imports import foreign_format
 from .optim import Optimizers, build_optimizer, lr_at
-from .perf import apply_speed_settings, autocast_dtype, onednn_pays
-from .plan import selective_pays
+from .perf import apply_speed_settings, autocast_dtype, checkpoint_count, onednn_pays
+from .plan import plan, regather_count, selective_pays
 from .progressive import check_progressive, resized, side_at
 from .rundir import RunFolder, append_metrics, claim, trim_metrics
 from .runtime import RankRandom, Runtime, lost_peer
@@ -137,7 +137,7 @@ def check_run(cfg: TrainConfig, task_cls: type[Task]) -> None:
     """A clear error, before any data is loaded, for an architecture the task does not train and for
     what sequence parallelism, FSDP2 and progressive resizing cannot run."""
     check_progressive(cfg)
-    arch, _ = resolve(cfg.model)
+    arch, fields = resolve(cfg.model)
     if task_cls.architectures and arch not in task_cls.architectures:
         raise PixformerError(f"--task {cfg.task} trains {' / '.join(task_cls.architectures)} models; {cfg.model} is "
                              f"a {arch} model" + (" (use --task diffusion)" if arch == "dit" else ""))
@@ -149,6 +149,7 @@ def check_run(cfg: TrainConfig, task_cls: type[Task]) -> None:
                                  f"cannot do that with {cfg.model}" + (" at native resolution" if cfg.native else "")
                                  + _which("it can", "splits_tokens"))
         check_sequence_backend(cfg.speed.attn_backend)
+        regather_count(cfg.seq_regather, {**fields, **cfg.model_args}.get("depth", ARCHITECTURES[arch][0].depth))
     if cfg.model_args.get("stem") == "conv" and (cfg.native or cfg.seq_parallel > 1 or task_cls.embeds_subsets):
         raise PixformerError("--stem conv embeds whole images of one size; packed images (--max-side / --max-tokens), "
                              "sequence shards (--seq-parallel) and MAE's visible patches need --stem linear")
@@ -406,7 +407,7 @@ def train(cfg: TrainConfig, data: Prepared | None = None) -> dict[str, Any]:
                              "transformers ViT folder (config.json and safetensors) or a timm ViT state dict (.safetensors)")
     saved = _resumable_state(cfg)                                        # before any data is loaded
     check_run(cfg, task_cls)
-    runtime = Runtime.create(cfg.device, cfg.seq_parallel, cfg.seq_sharding, cfg.fsdp, cfg.seed, cfg.seq_regather)
+    runtime = Runtime.create(cfg.device, cfg.seq_parallel, cfg.seq_sharding, cfg.fsdp, cfg.seed)
     folder = claim(cfg.out, rank=runtime.rank) if cfg.out else None    # a folder in use: one line, no work
     run = None
     try:
@@ -454,6 +455,9 @@ def start(cfg: TrainConfig, data: Prepared | None, runtime: Runtime, task_cls: t
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay > 0 else None
     speed = resolved_speed(cfg, runtime, data.facts, amp)
     apply_speed_settings(model, **speed)                                 # from outside the model
+    regather, regather_line = seq_regather_layers(cfg, runtime, data.facts, speed, amp)
+    if regather_line:
+        say(regather_line)
 
     name = model_name(model)
     steps_per_epoch = max(len(splits.train) // cfg.batch_size, 1)
@@ -463,7 +467,8 @@ def start(cfg: TrainConfig, data: Prepared | None, runtime: Runtime, task_cls: t
              "data": {**asdict(facts), "source": source_id(cfg.data), "val_from": splits.val_from,
                       "val_fraction": cfg.val_fraction, "has_test": splits.test is not None},
              f"best_{task.best[0]}": None, "test": None, "weights": "ema" if ema is not None else "model",
-             "speed": {**speed, "precision": str(amp or torch.float32)[6:]}}  # as resolved for this run
+             "speed": {**speed, "precision": str(amp or torch.float32)[6:],   # as resolved for this run
+                       "seq_regather_layers": regather}}
     batcher = batcher_for(as_json(cfg), model, runtime.device, cfg.speed.compile)   # bad packing settings: before any claim
     batch = min(cfg.batch_size, len(splits.train))                     # a batch larger than the set: the whole set
     claimed = folder is None
@@ -488,7 +493,8 @@ def attach(run: Run, saved: dict[str, Any] | None) -> None:
         load_saved(run, saved, ckpt)
     elif cfg.resume:
         run.say(f"no checkpoint in {run.run_dir}; starting from scratch")
-    run.step_model = runtime.wrap(model)       # DDP, FSDP2 (shards `model` in place) or sequence-parallel
+    regather = run.state["speed"]["seq_regather_layers"]   # sequence parallel: layers gathering keys again
+    run.step_model = runtime.wrap(model, regather=regather)  # DDP, FSDP2 (shards `model` in place) or sequence-parallel
     run.eval_model = runtime.wrap(run.ema or model, train=False)
     run.opt = build_optimizer(model, cfg)
     if saved is not None:
@@ -517,6 +523,22 @@ def resolved_speed(cfg: TrainConfig, runtime: Runtime, facts: DataFacts, amp) ->
                                                        seq_parallel=runtime.seq_parallel,      # per rank
                                                        data_parallel=runtime.data_parallel)
     return speed
+
+
+def seq_regather_layers(cfg: TrainConfig, runtime: Runtime, facts: DataFacts, speed: dict[str, Any],
+                        amp) -> tuple[int, str | None]:
+    """Under sequence parallelism: how many layers (the first) gather their keys and values again in the
+    backward, --seq-regather as the planner resolves it for this run's checkpointing (the same on every
+    rank: a function of the settings and the model), and the line saying what it costs; else (0, None)."""
+    if runtime.seq_parallel == 1:
+        return 0, None
+    p = plan(cfg.model, facts.img_size, cfg.batch_size, precision="bf16" if amp else "fp32",
+             attn_backend=cfg.speed.attn_backend, num_classes=len(facts.classes), in_chans=facts.in_chans,
+             seq_parallel=runtime.seq_parallel, data_parallel=runtime.data_parallel, seq_regather=cfg.seq_regather,
+             **cfg.model_args)
+    mode = "full" if checkpoint_count(speed["checkpoint_blocks"], p.depth) == p.depth else \
+        "selective" if speed["selective_checkpoint"] else "none"
+    return p.regather_layers[mode], p.regather_line(mode)
 
 
 def load_saved(run: Run, saved: dict[str, Any], ckpt: Path) -> None:

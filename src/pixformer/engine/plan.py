@@ -24,7 +24,7 @@ For one ViT block, T tokens of width D, MLP width M, H heads; e = bytes of a mat
 Checkpointing (perf.apply_activation_checkpointing) changes what a block keeps:
   full       the block input only (r*T*D); its forward runs again during the backward pass
   selective  x and the outputs of the matmuls and attention (qkv, out, proj, fc1, fc2); the norms,
-             GELU and residual adds are recomputed
+             GELU and residual adds are recomputed (and, under sequence parallelism, the key/value gather)
 The peak of a step is then: weights + grads + AdamW state (16 bytes a parameter, +2 for the bf16
 weight copies autocast caches) + the batch + everything kept + the working set of the one block whose
 backward is running (the MLP hidden gradient e*T*M and the residual gradient r*T*D; under "math" also
@@ -34,15 +34,22 @@ per-thread kernel workspaces, the data pipeline.
 
 Across ranks (`seq_parallel` P, `data_parallel` D, `fsdp`), everything is per rank. Under sequence
 parallelism (engine/sequence.py) a rank holds Ts = ceil(T / P) tokens: every tensor above is counted
-for Ts tokens, and each block also keeps the keys and values gathered from the P shards (e*2*T*D,
-their gradient e*2*T*D in the working set); "math" keeps e*H*Ts*T probabilities. The weights,
-gradients and AdamW state are replicated (DDP, sequence parallel) or divided by D (FSDP2).
+for Ts tokens, and a block also keeps the keys and values gathered from the P shards (e*2*T*D, their
+gradient e*2*T*D in the working set), unless it gathers them again in the backward (`seq_regather`,
+or checkpointing, selective or full, which recomputes the gather with the block: then they are in its
+working set twice, the gathered copy and its gradient, and kept nowhere); "math" keeps e*H*Ts*T
+probabilities. With some blocks regathering and others keeping, the peak is the largest, over the
+blocks in backward order, of what the blocks not yet done keep plus the running block's working set.
+The weights, gradients and AdamW state are replicated (DDP, sequence parallel) or divided by D (FSDP2).
+`seq_regather` "auto" (train's default) picks, for each checkpointing mode, the fewest blocks
+regathering (the first ones) that bring a rank's activations within REGATHER_TARGET / P of one
+device's (the same step with P = 1), or, where none does, the fewest with the least activations.
 Communication per rank and step, for ring collectives ((W-1)/W of the data each way):
     gradient all-reduce (DDP, sequence parallel; W = P*D ranks)   2*(W-1)/W * 4*params
     FSDP2 (W = D): weight all-gather in forward and in backward, gradient reduce-scatter  3*(D-1)/D * 4*params
     sequence parallel, per block and image: key/value all-gather in forward, reduce-scatter of their
-    gradients in backward, 2 * (P-1)*Ts * 2*D*e (one more all-gather under full checkpointing or with
-    seq_regather, which keeps no gathered keys and values: they are gathered again in the backward)
+    gradients in backward, 2 * (P-1)*Ts * 2*D*e (one more all-gather in each block that regathers,
+    and one more in every block under checkpointing: two in a checkpointed block that regathers)
 """
 from __future__ import annotations
 
@@ -59,6 +66,8 @@ from .perf import autocast_dtype
 
 CHECKPOINT_MODES = ("none", "selective", "full")
 SELECTIVE_ABOVE = 1 << 30   # train turns selective checkpointing on above this many bytes of activations
+REGATHER_TARGET = 1.1       # seq_regather auto: a rank's activations within this / P of one device's
+REGATHER_WORDS = ("auto", "all", "none")
 _ATTN_LABEL = {"fused": "fused (flash)", "blocked": "blocked", "math": "math"}
 _HOW = {"none": "(train --selective-checkpoint false)", "selective": "(train --selective-checkpoint true)",
         "full": "(train --checkpoint-blocks all)"}
@@ -87,15 +96,16 @@ def vit_block_bytes(T: int, D: int, M: int, H: int, e: int, attn: str, mode: str
                     keys: int | None = None, regather: bool = False) -> tuple[int, int]:
     """(bytes kept, bytes of the working set while its backward runs) of one ViT block, one image; T
     tokens, or under sequence parallelism T of a shard attending over `keys` gathered keys (kept, or
-    with `regather` gathered again in the backward)."""
+    with `regather` gathered again in the backward, as checkpointing does anyway)."""
     r = 4
     Tk = keys or T
     lse = 4 * H * T if attn == "fused" else 0   # the fused kernels' log-sum-exp (fp32)
     stats = 2 * 2 * 4 * T                # mean and 1/std of the two LayerNorms (fp32)
     probs = e * H * T * Tk if attn == "math" else 0
     gathered = e * 2 * Tk * D if keys else 0   # the keys and values of every shard (and later their gradient)
-    work = e * T * M + r * T * D + (2 * probs if attn == "math" else 0) + gathered * (1 + regather)
-    gathered = 0 if regather else gathered
+    again = regather or mode != "none"   # checkpointing recomputes the gather (selective: not a matmul's output)
+    work = e * T * M + r * T * D + (2 * probs if attn == "math" else 0) + gathered * (1 + again)
+    gathered = 0 if again else gathered
     full = r * T * D + e * T * D + e * 3 * T * D + e * T * D + lse + r * T * D + e * T * D + e * 2 * T * M + probs \
         + stats + gathered
     if mode == "none":
@@ -106,6 +116,40 @@ def vit_block_bytes(T: int, D: int, M: int, H: int, e: int, attn: str, mode: str
     if mode == "full":
         return r * T * D, work + full        # the running block's forward is redone
     raise PixformerError(f"checkpoint mode must be one of {CHECKPOINT_MODES}, got {mode!r}")
+
+
+def check_regather(setting: str | int | bool) -> str | int:
+    """--seq-regather as "auto", "all", "none" or a number of layers (the first N), or one line saying
+    what it takes; true / false (the setting of runs saved before it took a number) mean all / none."""
+    if isinstance(setting, bool):
+        return "all" if setting else "none"
+    if isinstance(setting, str):
+        word = {"true": "all", "false": "none"}.get(setting.strip().lower(), setting.strip().lower())
+        if word in REGATHER_WORDS or word.isdigit():
+            return int(word) if word.isdigit() else word
+    elif isinstance(setting, int) and setting >= 0:
+        return setting
+    raise PixformerError(f"--seq-regather must be auto, all, none or a number of layers, got {setting!r}")
+
+
+def regather_count(setting: str | int | bool, depth: int) -> int | None:
+    """How many layers (the first) an explicit --seq-regather gathers again in the backward, out of
+    `depth`; None for "auto", which the planner decides (plan)."""
+    setting = check_regather(setting)
+    if isinstance(setting, int) and setting > depth:
+        raise PixformerError(f"--seq-regather {setting} is more layers than the model's {depth}")
+    return {"auto": None, "all": depth, "none": 0}.get(setting, setting)
+
+
+def stack_bytes(blocks: list[tuple[int, int]], outside: int = 0) -> int:
+    """Peak bytes of a stack of blocks, each (kept, working set) as vit_block_bytes gives them: the
+    largest, over the blocks in backward order (the last first), of what the blocks not yet done keep
+    plus the running block's working set; `outside` is kept throughout."""
+    held, peak = sum(kept for kept, _ in blocks), 0
+    for kept, work in reversed(blocks):
+        peak = max(peak, held + work)
+        held -= kept
+    return peak + outside
 
 
 @dataclass
@@ -128,6 +172,11 @@ class Plan:
     data_parallel: int = 1         # D groups training different images
     fsdp: bool = False             # weights, gradients and optimizer state sharded over D
     comm: dict[str, int] = field(default_factory=dict)   # bytes sent per rank per step, by kind
+    depth: int = 0                 # blocks (layers)
+    regather_layers: dict[str, int] = field(default_factory=dict)  # sequence parallel, by checkpointing mode:
+    #                                how many layers (the first) gather their keys and values again in backward
+    one_device_bytes: dict[str, int] = field(default_factory=dict)  # per image on one device (P = 1), by mode
+    gather_bytes: int = 0          # bytes a rank sends in one layer's key/value all-gather of a step
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -188,7 +237,36 @@ class Plan:
                          f"{-(-self.seq_len // self.seq_parallel):,} tokens of each image, {self.images_per_rank} "
                          f"image(s) a step; communication a step: "
                          + ", ".join(f"{k.replace('_', ' ')} {format_bytes(v)}" for k, v in self.comm.items()))
+        if self.seq_parallel > 1:
+            lines.append(self.regather_line())
         return "\n".join(lines)
+
+    def train_mode(self) -> str:
+        """The checkpointing train uses unless told: default_mode at the plan's batch, none without one."""
+        return self.default_mode() if self.batch_size and self.image_bytes else "none"
+
+    def regather_line(self, mode: str | None = None) -> str:
+        """One line for sequence parallelism under checkpointing `mode` (default: train's): the layers that
+        keep the keys and values gathered from the shards, those that gather them again in the backward,
+        and what that costs."""
+        mode = mode or self.train_mode()
+        R, L, more = self.regather_layers[mode], self.depth, self.more_gathers(mode)
+        if mode != "none":
+            where = (f"blocks checkpointed {'in full' if mode == 'full' else 'selectively'} keep no gathered "
+                     "keys/values, their backward gathers them again" + (f" (in {R} layers twice)" if R else ""))
+        elif 0 < R < L:
+            where = f"keys/values kept in {L - R} of {L} layers, gathered again in {R}"
+        else:
+            where = f"keys/values {'gathered again' if R else 'kept'} in all {L} layers"
+        cost = f"; {more} more all-gathers of {format_bytes(self.gather_bytes)} a rank a step" if more else ""
+        return (f"sequence parallel P={self.seq_parallel}: {where} (activations ~"
+                f"{self.image_bytes[mode] / self.one_device_bytes[mode]:.2f}x of one device's{cost})")
+
+    def more_gathers(self, mode: str | None = None) -> int:
+        """Key/value all-gathers of a step beyond the forward's one a layer, under checkpointing `mode`
+        (default: train's): one in each layer that regathers, and one in every layer under checkpointing."""
+        mode = mode or self.train_mode()
+        return self.regather_layers[mode] + (self.depth if mode != "none" else 0)
 
     def default_mode(self) -> str:
         """The checkpointing `train` uses at the plan's batch size unless told: selective once the
@@ -228,10 +306,10 @@ def attention_memory_kind(backend: str, e: int, scores: int | None) -> str:
 def plan(model: str, img_size: int | tuple[int, int] = 32, batch_size: int | None = None,
          memory: int | str | None = None, precision: str = "fp32", attn_backend: str = "auto",
          num_classes: int = 10, in_chans: int = 3, seq_parallel: int = 1, data_parallel: int = 1,
-         fsdp: bool = False, seq_regather: bool = False, **overrides) -> Plan:
+         fsdp: bool = False, seq_regather: str | int | bool = "auto", **overrides) -> Plan:
     """Tokens, parameters, FLOPs and training-memory estimate of a named model (see the module doc),
     per rank of `seq_parallel` x `data_parallel` ranks. `precision` is fp32, bf16 or auto (what
-    `train` would use on this machine's CPU)."""
+    `train` would use on this machine's CPU); `seq_regather` as train's --seq-regather."""
     from ..models.registry import create_model
 
     if batch_size is not None and batch_size < 1:
@@ -263,24 +341,36 @@ def plan(model: str, img_size: int | tuple[int, int] = 32, batch_size: int | Non
                                         **{**overrides, "depth": 0}).flops(img)  # what full checkpointing redoes
     fixed, image_bytes = (16 * params + (2 * params if e == 2 else 0)) // (data_parallel if fsdp else 1), {}
     depth = len(blocks_of(net))
+    explicit = regather_count(seq_regather, depth) if seq_parallel > 1 else 0
+    one_device, regather = {}, {}
     if hasattr(cfg, "heads"):                   # a ViT / PiT: count what its blocks keep
         D, H, M = cfg.dim, cfg.heads, int(cfg.dim * cfg.mlp_ratio)
-        outside = 4 * Ts * D + 4 * in_chans * img[0] * img[1]   # the final norm's input, and the images
+        images = 4 * in_chans * img[0] * img[1]
+        one_attn = attention_memory_kind(attn_backend, e, local * heads * T * T if local else None)
         for mode in CHECKPOINT_MODES:
-            kept, work = vit_block_bytes(Ts, D, M, H, e, attn, mode, T if seq_parallel > 1 else None, seq_regather)
-            image_bytes[mode] = depth * kept + work + outside
+            one_device[mode] = stack_bytes([vit_block_bytes(T, D, M, H, e, one_attn, mode)] * depth, 4 * T * D + images)
+            keys = T if seq_parallel > 1 else None
+            blocks = [vit_block_bytes(Ts, D, M, H, e, attn, mode, keys, again) for again in (False, True)]
+            cost = {R: stack_bytes([blocks[1]] * R + [blocks[0]] * (depth - R), 4 * Ts * D + images)
+                    for R in range(depth + 1)}   # the final norm's input and the images kept throughout
+            fits = [R for R in cost if cost[R] <= REGATHER_TARGET / seq_parallel * one_device[mode]]
+            regather[mode] = explicit if explicit is not None else fits[0] if fits else min(cost, key=cost.get)
+            image_bytes[mode] = cost[regather[mode]]
     world, grads, comm = seq_parallel * data_parallel, 4 * params, {}
     if fsdp:
         comm["fsdp_weights_and_gradients"] = 3 * (data_parallel - 1) * grads // data_parallel
     elif world > 1:
         comm["gradient_all_reduce"] = 2 * (world - 1) * grads // world
+    gather = (seq_parallel - 1) * Ts * 2 * getattr(cfg, "dim", 0) * e * (local or 1)
+    p = Plan(model=model, img_size=img, tokens=n, seq_len=T, params=params, fwd_flops=fwd,
+             train_flops=3 * fwd, train_flops_full_ckpt=3 * fwd + blocks_fwd,
+             precision="bf16" if e == 2 else "fp32", attn=attn, fixed_bytes=fixed, image_bytes=image_bytes,
+             batch_size=batch_size, memory=parse_bytes(memory) if memory is not None else None,
+             seq_parallel=seq_parallel, data_parallel=data_parallel, fsdp=fsdp, comm=comm, depth=depth,
+             regather_layers=regather, one_device_bytes=one_device, gather_bytes=gather)
     if seq_parallel > 1 and hasattr(cfg, "heads"):
-        comm["key_value_gathers"] = depth * (2 + seq_regather) * (seq_parallel - 1) * Ts * 2 * cfg.dim * e * (local or 1)
-    return Plan(model=model, img_size=img, tokens=n, seq_len=T, params=params, fwd_flops=fwd,
-                train_flops=3 * fwd, train_flops_full_ckpt=3 * fwd + blocks_fwd,
-                precision="bf16" if e == 2 else "fp32", attn=attn, fixed_bytes=fixed, image_bytes=image_bytes,
-                batch_size=batch_size, memory=parse_bytes(memory) if memory is not None else None,
-                seq_parallel=seq_parallel, data_parallel=data_parallel, fsdp=fsdp, comm=comm)
+        comm["key_value_gathers"] = (2 * depth + p.more_gathers()) * gather
+    return p
 
 
 def largest_side(model: str, memory: int | str, mode: str = "full", **settings) -> int:

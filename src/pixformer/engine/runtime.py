@@ -69,11 +69,10 @@ class Runtime:
     seq_seed: int = 0                # draws a "random" sharding
     seq_group: Any = None            # this rank's sequence group
     fsdp: bool = False
-    seq_regather: bool = False       # gather keys and values again in the backward instead of keeping them
 
     @classmethod
     def create(cls, device: str = "auto", seq_parallel: int = 1, seq_sharding: str = "contiguous",
-               fsdp: bool = False, seed: int = 0, seq_regather: bool = False) -> "Runtime":
+               fsdp: bool = False, seed: int = 0) -> "Runtime":
         """The runtime of this process: one process, or a rank of a torchrun launch (WORLD_SIZE > 1)."""
         from .sequence import check_sharding
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() \
@@ -102,8 +101,7 @@ class Runtime:
             _join_group("nccl" if dev.type == "cuda" else "gloo")
             atexit.register(_leave_group)
         group = _sequence_group(seq_parallel) if seq_parallel > 1 else None
-        return cls(dev, dist.get_rank(), dist.get_world_size(), seq_parallel, seq_sharding, seed, group, fsdp,
-                   seq_regather)
+        return cls(dev, dist.get_rank(), dist.get_world_size(), seq_parallel, seq_sharding, seed, group, fsdp)
 
     @property
     def is_main(self) -> bool:
@@ -129,13 +127,14 @@ class Runtime:
         k = n // D
         return slice(self.data_rank * k, (self.data_rank + 1) * k)
 
-    def wrap(self, model: nn.Module, train: bool = True) -> nn.Module:
-        """The module a step calls: `model` itself, or across processes the sequence-parallel view of it,
-        FSDP2 (applied to `model` in place; build the optimizer after) or, for training, DDP around it.
-        Weights stay `model`'s; checkpoints stay plain."""
+    def wrap(self, model: nn.Module, train: bool = True, regather: int = 0) -> nn.Module:
+        """The module a step calls: `model` itself, or across processes the sequence-parallel view of it
+        (its first `regather` layers gathering keys and values again in the backward), FSDP2 (applied to
+        `model` in place; build the optimizer after) or, for training, DDP around it. Weights stay
+        `model`'s; checkpoints stay plain."""
         if self.seq_parallel > 1:
             from .sequence import SequenceParallel
-            return SequenceParallel(model, self.seq_group, self.seq_sharding, self.seq_seed, self.seq_regather)
+            return SequenceParallel(model, self.seq_group, self.seq_sharding, self.seq_seed, regather)
         if self.fsdp:
             if not any(isinstance(m, FSDPModule) for m in model.modules()):
                 from ..models import blocks_of

@@ -23,9 +23,13 @@ Shards: "contiguous" runs of tokens in row-major order, "strided" (every P-th to
 seeded set: PiT treats an image as a set of pixels). Shards are padded to one length; the padding
 keys are masked out of attention and the padding queries out of pooling.
 
-Memory: each attention layer keeps the keys and values gathered from all P shards for its backward
-(2*T*D values a layer, whatever P). `regather=True` keeps only the rank's own and gathers again in
-the backward (one more all-gather and attention forward a layer).
+Memory: an attention layer keeps the keys and values gathered from all P shards for its backward
+(2*T*D values a layer, whatever P), or keeps only the rank's own and gathers again in the backward
+(one more all-gather and attention forward). `regather` is how many layers do the latter, the first
+ones: the backward starts at the last layer, at the step's peak of memory, where a layer that kept
+its keys needs no second copy of them (engine/plan.py counts both; train's --seq-regather auto lets
+the planner choose how many). A checkpointed block, selective or full, keeps none either way: its
+recomputed forward gathers them again (selective checkpointing keeps matmul outputs, not the gather's).
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ from ..errors import PixformerError
 from ..layout import grid_coords
 from ..models.attention import AttnSpec
 from ..models.vit import VisionTransformer
+from .plan import regather_count
 
 SHARDINGS = ("contiguous", "strided", "random")
 
@@ -91,12 +96,13 @@ class SequenceParallel(nn.Module):
     Its parameters are the wrapped model's."""
 
     def __init__(self, model: VisionTransformer, group, sharding: str = "contiguous", seed: int = 0,
-                 regather: bool = False):
+                 regather: int | bool = 0):
         super().__init__()
         if not isinstance(model, VisionTransformer):
             raise PixformerError(f"sequence parallelism splits a ViT's tokens; got a {type(model).__name__}")
         self.module, self.group, self.sharding = model, group, check_sharding(sharding)
-        self.seed, self.regather = seed, regather
+        depth = len(model.blocks)
+        self.seed, self.regather = seed, depth if regather is True else regather_count(int(regather), depth)
         self.rank, self.parts = dist.get_rank(group), dist.get_world_size(group)
 
     def forward(self, images: Tensor) -> Tensor:
@@ -111,8 +117,10 @@ class SequenceParallel(nn.Module):
         held = x.shape[1]
         x = F.pad(x, (0, 0, 0, length - held))                                # (B, S, D) padded to the shard length
         mask = None if key_mask is None else key_mask.to(x.device)
-        spec = AttnSpec(mask=mask, group=self.group, regather=self.regather)
-        feats = vit.encode(x, spec)                                           # (B, S, D) queries over gathered keys
+        keep = AttnSpec(mask=mask, group=self.group)
+        again = AttnSpec(mask=mask, group=self.group, regather=True, cache=keep.cache)
+        specs = [again] * self.regather + [keep] * (len(vit.blocks) - self.regather)   # the first layers regather
+        feats = vit.encode(x, specs)                                          # (B, S, D) queries over gathered keys
         if vit.cls_token is not None:                                         # rank 0's first token
             mine = feats[:, 0] * float(has_cls)   # (B, D), zeros off rank 0 (in the graph: every rank's
             #                                       backward then joins the all-reduce's)

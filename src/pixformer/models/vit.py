@@ -306,10 +306,12 @@ class VisionTransformer(nn.Module):
             return tokens
         return torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
 
-    def encode(self, x: Tensor, spec: AttnSpec | None = None) -> Tensor:
-        """(B, T, D) tokens -> (B, T, D) features after the blocks and the final norm (none with fc_norm)."""
-        for block in self.blocks:
-            x = block(x, spec)                                            # (B, T, D)
+    def encode(self, x: Tensor, spec: AttnSpec | list[AttnSpec] | None = None) -> Tensor:
+        """(B, T, D) tokens -> (B, T, D) features after the blocks and the final norm (none with fc_norm);
+        `spec` one for every block, or a list of one per block."""
+        specs = spec if isinstance(spec, list) else [spec] * len(self.blocks)
+        for block, block_spec in zip(self.blocks, specs, strict=True):
+            x = block(x, block_spec)                                      # (B, T, D)
         return self.norm(x)                                               # (B, T, D)
 
     def pool(self, feats: Tensor, how: str | None = None) -> Tensor:
