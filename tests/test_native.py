@@ -1,5 +1,6 @@
 """Native resolution (NaViT's Patch n' Pack): packing, per-image attention and pooling, token dropping,
 budgets, absolute / fractional position coordinates, training and any-resolution evaluation."""
+import importlib
 import json
 import math
 import subprocess
@@ -223,6 +224,43 @@ def test_varlen_runs_need_contiguous_segments():
     q = torch.randn(1, 2, 3, 4)
     spec = AttnSpec(segment_ids=torch.tensor([[0, 1, 0]]))                  # falls back to "blocked"
     torch.testing.assert_close(attention(q, q, q, spec, backend="varlen")[0], attention(q, q, q, spec, backend="math")[0])
+
+
+def test_varlen_groups_images_of_close_lengths_where_a_call_costs_more_than_the_padding(monkeypatch):
+    """Lengths 10, 10, 11, 30, one head, a call costing 100 scores: [10, 10, 11] padded to 11 and [30]
+    cost 100 + 3 * 121 + 100 + 900 = 1463, below 10, 10 | 11 | 30 (1521) and one group (3700); calls
+    free: one group per distinct length; calls dear: one group."""
+    A = importlib.import_module("pixformer.models.attention")
+    monkeypatch.setattr(A, "VARLEN_CALL_SCORES", 100)
+    assert A.group_lengths([30, 10, 11, 10], heads=1) == [[1, 3, 2], [0]]
+    monkeypatch.setattr(A, "VARLEN_CALL_SCORES", 0)
+    assert A.group_lengths([30, 10, 11, 10], heads=1) == [[1, 3], [2], [0]]
+    monkeypatch.setattr(A, "VARLEN_CALL_SCORES", 10 ** 9)
+    assert A.group_lengths([30, 10, 11, 10], heads=1) == [[1, 3, 2, 0]]
+
+
+@pytest.mark.parametrize("call_scores", [0, 1 << 16, 10 ** 9])
+def test_varlen_equals_the_segment_mask_with_and_without_padded_groups(monkeypatch, call_scores):
+    """Two packs of images of 7, 5, 5, 3, 9 and 6 tokens and padding: "varlen" (each length alone, groups
+    padded to their longest, one group) gives what "math" gives under the dense segment mask, outputs and
+    q, k, v gradients (fp32, 1e-5), at every image token; padding tokens get zeros."""
+    A = importlib.import_module("pixformer.models.attention")
+    monkeypatch.setattr(A, "VARLEN_CALL_SCORES", call_scores)
+    seg = torch.tensor([[0] * 7 + [1] * 5 + [2] * 5 + [-1] * 3, [3] * 3 + [4] * 9 + [5] * 6 + [-1] * 2])
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 20, 8, requires_grad=True) for _ in range(3))
+    w = torch.randn(2, 3, 20, 8) * (seg >= 0)[:, None, :, None]               # a loss on image tokens only
+    spec = AttnSpec(segment_ids=seg)
+    got = attention(q, k, v, spec, backend="varlen")[0]
+    want = attention(q, k, v, AttnSpec(segment_ids=seg), backend="math")[0]
+    image = (seg >= 0)[:, None, :, None].expand_as(got)
+    torch.testing.assert_close(got[image], want[image], atol=1e-5, rtol=1e-5)
+    assert torch.equal(got[~image], torch.zeros_like(got[~image]))
+    for a, b in zip(torch.autograd.grad((got * w).sum(), (q, k, v)), torch.autograd.grad((want * w).sum(), (q, k, v))):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    groups = {0: 5, 1 << 16: 1, 10 ** 9: 1}[call_scores]                      # free calls: 3, 5 (two), 6, 7, 9
+    plan = next(p for key, p in spec.cache.items() if key[0] == "varlen")
+    assert len(plan.groups) == groups
 
 
 def _mixed_folder(root, per_class=10):
