@@ -13,7 +13,7 @@ import torch
 
 from pixformer import PixformerError, create_model, set_attention_backend
 from pixformer.data.augment import normalize
-from pixformer.data.native import NativeBatcher, bucket_size, fit_grid, kept_tokens, pack_sequences
+from pixformer.data.native import NativeBatcher, bucket_size, fit_grid, kept_tokens, pack_sequences, pack_tight
 from pixformer.layout import Packed
 from pixformer.models.attention import AttnSpec, attention, segment_runs
 from pixformer.models.packed import segment_mean
@@ -84,6 +84,19 @@ def test_every_image_lands_in_exactly_one_pack_within_the_caps():
     assert packed.useful == sum(counts.tolist())
 
 
+def test_unbucketed_packs_are_as_short_as_the_images_allow():
+    """First fit at 10 packs 6, 5, 4, 3 as [6, 4], [5, 3]; two packs need at least 9 tokens each, and at 9
+    first fit makes [6, 3], [5, 4]: two packs of 9. 32 images of 576 tokens at 1024: one a pack, 576 long.
+    The batcher unbucketed packs so: 32 squares of 96 pixels at patch 4 give (32, 576), no padding."""
+    assert pack_tight([6, 5, 4, 3], 10, 64) == ([[0, 3], [1, 2]], 9)
+    assert pack_tight([6, 5, 4, 3], 10, 1) == ([[0], [1], [2], [3]], 6)
+    packs, length = pack_tight([576] * 32, 1024, 64)
+    assert length == 576 and sorted(i for p in packs for i in p) == list(range(32))
+    squares = [torch.zeros(3, 96, 96, dtype=torch.uint8)] * 32
+    packed = NativeBatcher(4, False, max_side=96, pack_length=1024, bucket=False)(squares, NORM)
+    assert packed.segments.shape == (32, 576) and packed.useful == 32 * 576
+
+
 def random_batches(n_batches: int, per_batch: int, seed: int = 0) -> list[list[torch.Tensor]]:
     """Batches of images with sides drawn from [8, 48], and a last, partial batch (a third as many)."""
     g = torch.Generator().manual_seed(seed)
@@ -95,12 +108,19 @@ def random_batches(n_batches: int, per_batch: int, seed: int = 0) -> list[list[t
 LADDER = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128]
 
 
+def by_image(packed: Packed) -> torch.Tensor:
+    """Every image's patch vectors, image after image, wherever its pack put it."""
+    seg = packed.segments[packed.segments >= 0]
+    return packed.patches[packed.segments >= 0][torch.argsort(seg, stable=True)]
+
+
 @pytest.mark.parametrize("pack_length", [None, 40])
 def test_bucketing_bounds_the_shapes_a_run_sees(pack_length):
     """20 batches of 48 images of random sizes and a partial batch, with resolution sampling and Beta
     token dropping: bucketed, at most 4 distinct (P, L) shapes, on the ladder (L at most the pack length /
     the longest sequence); unbucketed at least twice as many (12 without a pack length, where L follows
-    each batch's longest image; 6 with one). The same tokens either way."""
+    each batch's longest image; 13 with one, where L is each batch's shortest that fits). The same tokens
+    either way."""
     assert [bucket_size(n) for n in range(1, 15)] == [1, 2, 3, 4, 6, 6, 8, 8, 12, 12, 12, 12, 16, 16]
     assert bucket_size(50, cap=49) == 64 and bucket_size(40, cap=45) == 45 and bucket_size(30, cap=45) == 32
     batcher = NativeBatcher(4, True, max_side=24, pack_length=pack_length, resolution_range=(12, 24),
@@ -111,8 +131,7 @@ def test_bucketing_bounds_the_shapes_a_run_sees(pack_length):
         packed = batcher(imgs, NORM, torch.Generator().manual_seed(step), train=True)
         P, L = packed.segments.shape
         assert P in LADDER and (L == pack_length if pack_length else L in LADDER + [37])
-        assert packed.useful == tight.useful and torch.equal(packed.patches[packed.segments >= 0],
-                                                             tight.patches[tight.segments >= 0])
+        assert packed.useful == tight.useful and torch.equal(by_image(packed), by_image(tight))
         shapes[True].add((P, L))
         shapes[False].add(tuple(tight.segments.shape))
     assert len(shapes[True]) <= 4, sorted(shapes[True])
