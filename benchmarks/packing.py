@@ -1,25 +1,32 @@
 """Packing (NaViT's Patch n' Pack) against padding: one classification training step (batching,
-forward, backward, AdamW) over the same mixed-resolution images, three ways:
+forward, backward, AdamW) over the same mixed-resolution images, four ways:
 
-    packed     pixformer: images packed greedily into sequences of --pack-length tokens; attention within
-               each image through segment ids ("auto": the "varlen" kernel on CPU, FlexAttention on GPUs)
-    pad        pixformer: every image in a row of its own, padded to the largest in the batch, a key
-               padding mask through SDPA (a padded ViT)
-    navit      vit-pytorch's NaViT (lucidrains, `na_vit.py`, loaded by file path: its package imports
-               torchvision), packing its own way (group_images, the same --pack-length), dense masks
+    packed        pixformer: images packed greedily into sequences of at most --pack-length tokens, as
+                  `pixformer train` packs on CPU (unbucketed: as short as the images allow); attention
+                  within each image through segment ids ("auto": the "varlen" kernel on CPU)
+    pad           pixformer: every image in a row of its own, padded to the largest in the batch, a key
+                  padding mask through SDPA (a padded ViT)
+    navit         vit-pytorch's NaViT (lucidrains, `na_vit.py`, loaded by file path: its package imports
+                  torchvision), packing its own way (group_images, the same --pack-length), dense masks
+    navit-nested  vit-pytorch's `na_vit_nested_tensor.py`: every image a jagged NestedTensor row, SDPA on
+                  them (torch has no fused jagged kernel on CPU: its math path over per-image rows)
 
 Identical dimensions: depth 6, width 128, 4 heads of 32, MLP 512 (pixformer's vit-n), patch --patch,
-101 classes, mean pooling for pixformer (NaViT pools by attention). The images: Caltech-101's shared
-training photos (--data), each resized to a longer side drawn from [--lo, --hi] (NaViT's resolution
-sampling; aspect kept, whole patches), the same draws for every configuration. The figure of merit is
-useful (image, non-padding) tokens per second; packing efficiency is useful tokens / sequence slots.
+101 classes, mean pooling for pixformer (NaViT pools by attention), each under the autocast of
+--precision (auto: bf16 where the CPU has it natively, pixformer's default). The images: Caltech-101's
+shared training photos (--data), each resized to a longer side drawn from [--lo, --hi] (NaViT's
+resolution sampling; aspect kept, whole patches), the same draws for every configuration; with
+--equal SIDE every image SIDE x SIDE instead (equal lengths: padding has nothing to save, so what
+packing itself costs shows). The figure of merit is useful (image, non-padding) tokens per second;
+packing efficiency is useful tokens / sequence slots.
 Each configuration also prints its useful GFLOP/s and their share of this machine's matmul peak in the
 dtype it ran (measured in the same run, harness.matmul_peaks): the FLOPs are what the images themselves
 need, 3x the forward matmuls of pixformer's ViT at each image's own grid (VisionTransformer.flops, the
 same dimensions for every configuration); padding, attention across a pack and NaViT's attention
-pooling are not counted.
+pooling are not counted. Then packed's ratio to each other configuration, with its goal (GOALS).
 
-    .venv/bin/python benchmarks/packing.py [--batch 32] [--steps 3] [--out benchmarks/results/packing.json]
+    .venv/bin/python benchmarks/packing.py [--batch 32] [--steps 3] [--equal SIDE] [--configs ...]
+    .venv/bin/python benchmarks/packing.py --worker packed --threads 1 --profile 25   # one step's costliest ops
 """
 from __future__ import annotations
 
