@@ -1,5 +1,6 @@
 """Native resolution (NaViT's Patch n' Pack): packing, per-image attention and pooling, token dropping,
 budgets, absolute / fractional position coordinates, training and any-resolution evaluation."""
+import importlib
 import json
 import math
 import subprocess
@@ -12,7 +13,7 @@ import torch
 
 from pixformer import PixformerError, create_model, set_attention_backend
 from pixformer.data.augment import normalize
-from pixformer.data.native import NativeBatcher, bucket_size, fit_grid, kept_tokens, pack_sequences
+from pixformer.data.native import NativeBatcher, bucket_size, fit_grid, kept_tokens, pack_sequences, pack_tight
 from pixformer.layout import Packed
 from pixformer.models.attention import AttnSpec, attention, segment_runs
 from pixformer.models.packed import segment_mean
@@ -83,6 +84,19 @@ def test_every_image_lands_in_exactly_one_pack_within_the_caps():
     assert packed.useful == sum(counts.tolist())
 
 
+def test_unbucketed_packs_are_as_short_as_the_images_allow():
+    """First fit at 10 packs 6, 5, 4, 3 as [6, 4], [5, 3]; two packs need at least 9 tokens each, and at 9
+    first fit makes [6, 3], [5, 4]: two packs of 9. 32 images of 576 tokens at 1024: one a pack, 576 long.
+    The batcher unbucketed packs so: 32 squares of 96 pixels at patch 4 give (32, 576), no padding."""
+    assert pack_tight([6, 5, 4, 3], 10, 64) == ([[0, 3], [1, 2]], 9)
+    assert pack_tight([6, 5, 4, 3], 10, 1) == ([[0], [1], [2], [3]], 6)
+    packs, length = pack_tight([576] * 32, 1024, 64)
+    assert length == 576 and sorted(i for p in packs for i in p) == list(range(32))
+    squares = [torch.zeros(3, 96, 96, dtype=torch.uint8)] * 32
+    packed = NativeBatcher(4, False, max_side=96, pack_length=1024, bucket=False)(squares, NORM)
+    assert packed.segments.shape == (32, 576) and packed.useful == 32 * 576
+
+
 def random_batches(n_batches: int, per_batch: int, seed: int = 0) -> list[list[torch.Tensor]]:
     """Batches of images with sides drawn from [8, 48], and a last, partial batch (a third as many)."""
     g = torch.Generator().manual_seed(seed)
@@ -94,12 +108,19 @@ def random_batches(n_batches: int, per_batch: int, seed: int = 0) -> list[list[t
 LADDER = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128]
 
 
+def by_image(packed: Packed) -> torch.Tensor:
+    """Every image's patch vectors, image after image, wherever its pack put it."""
+    seg = packed.segments[packed.segments >= 0]
+    return packed.patches[packed.segments >= 0][torch.argsort(seg, stable=True)]
+
+
 @pytest.mark.parametrize("pack_length", [None, 40])
 def test_bucketing_bounds_the_shapes_a_run_sees(pack_length):
     """20 batches of 48 images of random sizes and a partial batch, with resolution sampling and Beta
     token dropping: bucketed, at most 4 distinct (P, L) shapes, on the ladder (L at most the pack length /
     the longest sequence); unbucketed at least twice as many (12 without a pack length, where L follows
-    each batch's longest image; 6 with one). The same tokens either way."""
+    each batch's longest image; 13 with one, where L is each batch's shortest that fits). The same tokens
+    either way."""
     assert [bucket_size(n) for n in range(1, 15)] == [1, 2, 3, 4, 6, 6, 8, 8, 12, 12, 12, 12, 16, 16]
     assert bucket_size(50, cap=49) == 64 and bucket_size(40, cap=45) == 45 and bucket_size(30, cap=45) == 32
     batcher = NativeBatcher(4, True, max_side=24, pack_length=pack_length, resolution_range=(12, 24),
@@ -110,8 +131,7 @@ def test_bucketing_bounds_the_shapes_a_run_sees(pack_length):
         packed = batcher(imgs, NORM, torch.Generator().manual_seed(step), train=True)
         P, L = packed.segments.shape
         assert P in LADDER and (L == pack_length if pack_length else L in LADDER + [37])
-        assert packed.useful == tight.useful and torch.equal(packed.patches[packed.segments >= 0],
-                                                             tight.patches[tight.segments >= 0])
+        assert packed.useful == tight.useful and torch.equal(by_image(packed), by_image(tight))
         shapes[True].add((P, L))
         shapes[False].add(tuple(tight.segments.shape))
     assert len(shapes[True]) <= 4, sorted(shapes[True])
@@ -223,6 +243,43 @@ def test_varlen_runs_need_contiguous_segments():
     q = torch.randn(1, 2, 3, 4)
     spec = AttnSpec(segment_ids=torch.tensor([[0, 1, 0]]))                  # falls back to "blocked"
     torch.testing.assert_close(attention(q, q, q, spec, backend="varlen")[0], attention(q, q, q, spec, backend="math")[0])
+
+
+def test_varlen_groups_images_of_close_lengths_where_a_call_costs_more_than_the_padding(monkeypatch):
+    """Lengths 10, 10, 11, 30, one head, a call costing 100 scores: [10, 10, 11] padded to 11 and [30]
+    cost 100 + 3 * 121 + 100 + 900 = 1463, below 10, 10 | 11 | 30 (1521) and one group (3700); calls
+    free: one group per distinct length; calls dear: one group."""
+    A = importlib.import_module("pixformer.models.attention")
+    monkeypatch.setattr(A, "VARLEN_CALL_SCORES", 100)
+    assert A.group_lengths([30, 10, 11, 10], heads=1) == [[1, 3, 2], [0]]
+    monkeypatch.setattr(A, "VARLEN_CALL_SCORES", 0)
+    assert A.group_lengths([30, 10, 11, 10], heads=1) == [[1, 3], [2], [0]]
+    monkeypatch.setattr(A, "VARLEN_CALL_SCORES", 10 ** 9)
+    assert A.group_lengths([30, 10, 11, 10], heads=1) == [[1, 3, 2, 0]]
+
+
+@pytest.mark.parametrize("call_scores", [0, 1 << 16, 10 ** 9])
+def test_varlen_equals_the_segment_mask_with_and_without_padded_groups(monkeypatch, call_scores):
+    """Two packs of images of 7, 5, 5, 3, 9 and 6 tokens and padding: "varlen" (each length alone, groups
+    padded to their longest, one group) gives what "math" gives under the dense segment mask, outputs and
+    q, k, v gradients (fp32, 1e-5), at every image token; padding tokens get zeros."""
+    A = importlib.import_module("pixformer.models.attention")
+    monkeypatch.setattr(A, "VARLEN_CALL_SCORES", call_scores)
+    seg = torch.tensor([[0] * 7 + [1] * 5 + [2] * 5 + [-1] * 3, [3] * 3 + [4] * 9 + [5] * 6 + [-1] * 2])
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 20, 8, requires_grad=True) for _ in range(3))
+    w = torch.randn(2, 3, 20, 8) * (seg >= 0)[:, None, :, None]               # a loss on image tokens only
+    spec = AttnSpec(segment_ids=seg)
+    got = attention(q, k, v, spec, backend="varlen")[0]
+    want = attention(q, k, v, AttnSpec(segment_ids=seg), backend="math")[0]
+    image = (seg >= 0)[:, None, :, None].expand_as(got)
+    torch.testing.assert_close(got[image], want[image], atol=1e-5, rtol=1e-5)
+    assert torch.equal(got[~image], torch.zeros_like(got[~image]))
+    for a, b in zip(torch.autograd.grad((got * w).sum(), (q, k, v)), torch.autograd.grad((want * w).sum(), (q, k, v))):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    groups = {0: 5, 1 << 16: 1, 10 ** 9: 1}[call_scores]                      # free calls: 3, 5 (two), 6, 7, 9
+    plan = next(p for key, p in spec.cache.items() if key[0] == "varlen")
+    assert len(plan.groups) == groups
 
 
 def _mixed_folder(root, per_class=10):

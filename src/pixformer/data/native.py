@@ -9,8 +9,9 @@
                                      packing (constant, or drawn from Beta(A, B)); ceil(N (1 - r)) kept
     --pack-length L, --max-per-pack K
                                      images' token sequences packed greedily (first fit, longest first)
-                                     into sequences of L tokens, at most K images each; without a pack
-                                     length every image has a row of its own, padded to the batch's largest
+                                     into sequences of at most L tokens, at most K images each; without a
+                                     pack length every image has a row of its own, padded to the batch's
+                                     largest
 
 A batch becomes one `Packed` (pixformer.layout): the model attends within each image by segment ids
 and pools per image. Sides are rounded to whole patches.
@@ -22,6 +23,9 @@ cost): the number of packs P and their length L are rounded up the ladder 1, 2, 
 or, without one, the longest sequence the budgets allow. A run then sees a few distinct (P, L)
 shapes, so what is compiled per shape (compiled blocks, FlexAttention's block masks) is not rebuilt
 every batch. Added rows are all padding (segment -1); padding never changes an image's result.
+Unbounded (`pack_tight`), packs are as short as they can be: as many as first fit needs at L tokens,
+at the shortest length that still fits them into that many, so the padding left is what the images'
+lengths leave, not what L does (32 images of 576 tokens at L = 1024: 32 packs of 576, no padding).
 """
 from __future__ import annotations
 
@@ -102,6 +106,22 @@ def pack_sequences(lengths: list[int], pack_length: int, max_per_pack: int) -> l
     return packs
 
 
+def pack_tight(lengths: list[int], pack_length: int, max_per_pack: int) -> tuple[list[list[int]], int]:
+    """`pack_sequences` at the shortest pack length that needs no more packs than `pack_length` does
+    (a binary search over lengths from the batch's share per pack up), and that length: the packs hold
+    what they would and the padding left is what the images' lengths leave, not `pack_length`."""
+    packs = pack_sequences(lengths, pack_length, max_per_pack)
+    lo, hi = max(max(lengths), -(-sum(lengths) // len(packs))), pack_length
+    while lo < hi:                                                         # first fit at hi always fits
+        mid = (lo + hi) // 2
+        if len(pack_sequences(lengths, mid, max_per_pack)) <= len(packs):
+            hi = mid
+        else:
+            lo = mid + 1
+    packs = pack_sequences(lengths, hi, max_per_pack) if hi < pack_length else packs
+    return packs, max(sum(lengths[i] for i in p) for p in packs)
+
+
 @dataclass
 class NativeBatcher:
     """Turns a list of uint8 images of any sizes into a `Packed` batch (see the module doc)."""
@@ -174,9 +194,11 @@ class NativeBatcher:
         lengths = [len(s[0]) + self.cls for s in seqs]
         if self.pack_length is None:                                       # a row per image, padded
             packs, L, cap = [[i] for i in range(len(seqs))], max(lengths), self.longest
-        else:
+        elif self.bucket:
             packs = pack_sequences(lengths, self.pack_length, self.max_per_pack)
             L = cap = self.pack_length
+        else:                                                              # shapes free: the shortest packs
+            packs, L = pack_tight(lengths, self.pack_length, self.max_per_pack)
         P = len(packs)
         if self.bucket:                                                    # bounded shapes: up the ladder
             P, L = bucket_size(P), bucket_size(L, cap)

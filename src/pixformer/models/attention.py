@@ -32,11 +32,13 @@ Backends
   batch); its backward recomputes each block's probabilities. On CPUs with native bf16 it runs
   bf16 attention about twice as fast as torch's CPU flash kernel, which computes in fp32 inside
   (benchmarks/attention.py). Scores are rounded to the input dtype before the softmax, as in "math".
-- "varlen": packed images attended one at a time: each contiguous run of one segment id attends over
-  itself only (what FlashAttention's variable-length kernel and FlexAttention's document mask do on
-  GPUs), so a pack costs the sum of its images' N_i^2, not L^2; each run goes through "math" or
-  "sdpa" as "auto" would pick for it. Padding (negative ids) gets zeros, not attention among
-  padding. Needs self-attention with contiguous segments; otherwise it runs "blocked".
+- "varlen": each contiguous run of one segment id (a packed image) attends over itself only (what
+  FlashAttention's variable-length kernel and FlexAttention's document mask do on GPUs), so a pack
+  costs the sum of its images' N_i^2, not L^2. Images of close lengths share one batched call, each
+  padded to the longest of its group with those keys masked, where a call of its own would cost more
+  than the padding (`group_lengths`); each group goes through "math", "blocked" or "sdpa" as "auto"
+  would pick for it. Padding (negative ids) gets zeros, not attention among padding. Needs
+  self-attention with contiguous segments; otherwise it runs "blocked".
 - "flex": torch's FlexAttention with a block mask made from the segment ids (and a boolean mask):
   blocks where no query shares a segment with a key are skipped, so packed images cost what they
   would alone, and padding (negative ids) attends to nothing (zeros, as in "varlen"), so a row of
@@ -126,7 +128,7 @@ def _sdpa(q, k, v, spec, need_weights):
 
 @register_backend("math")
 def _math(q, k, v, spec, need_weights):
-    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, H, Nq, Nk)
+    scores = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(-2, -1)  # (B, H, Nq, Nk); scaling q is N x Dh work
     mask = spec.dense_mask()
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
@@ -268,35 +270,102 @@ def segment_runs(segments: Tensor) -> list[tuple[int, int, int, int]] | None:
     return list(zip(rows, cols, ends, ids))
 
 
+# Grouping images of different lengths: a call costs about VARLEN_CALL_SCORES attention scores of work
+# (its dispatch, mask and copies, forward and backward) on top of its scores; images of close lengths share
+# a call, each padded to the group's longest (its padding keys masked), where that costs less than a call
+# of its own (measured on the CPUs of benchmarks/packing.py).
+VARLEN_CALL_SCORES = 1 << 16
+
+
+@dataclass(frozen=True)
+class VarlenPlan:
+    """How "varlen" attends to packed images: `groups` of (images, length, key mask or None), each one
+    batched call over its images padded to `length`; `gather` (S,) the flat (row * N + column) position
+    of every slot of the groups in order (padding slots repeat a real one, their keys masked); `scatter`
+    (B * N,) each position's slot in the groups' output, S (a zero row) for padding."""
+    groups: list[tuple[int, int, Tensor | None]]
+    gather: Tensor
+    scatter: Tensor
+
+
+def group_lengths(lengths: list[int], heads: int) -> list[list[int]]:
+    """Indices of `lengths` in groups of close lengths, shortest first: the partition of the sorted
+    lengths into runs that minimises the cost of attending to each run as one call padded to its
+    longest (VARLEN_CALL_SCORES a call, plus heads * images * longest^2 scores), found by dynamic
+    programming over the distinct lengths."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    distinct = sorted(set(lengths))
+    counts = [lengths.count(n) for n in distinct]
+    best, cut = [0.0] + [math.inf] * len(distinct), [0] * (len(distinct) + 1)
+    for j in range(1, len(distinct) + 1):
+        images = 0
+        for i in range(j - 1, -1, -1):                     # the last group: distinct lengths i .. j-1
+            images += counts[i]
+            cost = best[i] + VARLEN_CALL_SCORES + heads * images * distinct[j - 1] ** 2
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    bounds, j = [], len(distinct)
+    while j:
+        bounds.append(distinct[j - 1])
+        j = cut[j]
+    groups, at = [], 0
+    for top in reversed(bounds):                           # shortest group first
+        end = at
+        while end < len(order) and lengths[order[end]] <= top:
+            end += 1
+        groups.append(order[at:end])
+        at = end
+    return groups
+
+
+def varlen_plan(runs: list[tuple[int, int, int, int]], B: int, N: int, heads: int, device) -> VarlenPlan:
+    """The `VarlenPlan` of `segment_runs` output over (B, N) segment ids for `heads` heads."""
+    images = [(b * N + s, e - s) for b, s, e, seg in runs if seg >= 0]
+    gather, scatter, groups = [], torch.full((B * N,), -1, dtype=torch.long), []
+    for members in group_lengths([n for _, n in images], heads):
+        length = max(images[i][1] for i in members)
+        lens = torch.tensor([images[i][1] for i in members])
+        for i in members:
+            at, n = images[i]
+            scatter[at: at + n] = torch.arange(len(gather), len(gather) + n)
+            gather.extend(range(at, at + n))
+            gather.extend([at] * (length - n))                                   # padding: masked keys
+        mask = None if bool((lens == length).all()) else (torch.arange(length) < lens[:, None])[:, None, None]
+        groups.append((len(members), length, None if mask is None else mask.to(device)))
+    scatter[scatter < 0] = len(gather)
+    return VarlenPlan(groups, torch.tensor(gather, dtype=torch.long, device=device), scatter.to(device))
+
+
 @register_backend("varlen")
 def _varlen(q, k, v, spec, need_weights):
     if need_weights or spec.segment_ids is None:
         return _BACKENDS["math" if need_weights else "auto"](q, k, v, spec, need_weights)
-    key = ("varlen", spec.segment_ids.shape)
+    B, H, N, _ = q.shape
+    key = ("varlen", spec.segment_ids.shape, H)
     if key not in spec.cache:
         self_attn = spec.kv_segment_ids is None or spec.kv_segment_ids is spec.segment_ids
-        spec.cache[key] = segment_runs(spec.segment_ids) if self_attn and spec.mask is None else None
-    runs = spec.cache[key]
-    if runs is None or q.shape[2] != k.shape[2]:
+        runs = segment_runs(spec.segment_ids) if self_attn and spec.mask is None and N == k.shape[2] else None
+        spec.cache[key] = None if runs is None else varlen_plan(runs, B, N, H, q.device)
+    plan = spec.cache[key]
+    if plan is None:
         return _blocked(q, k, v, spec, need_weights)
-    H = q.shape[1]
-    lengths: list[list[int]] = [[] for _ in range(q.shape[0])]
-    for b, s, e, _ in runs:
-        lengths[b].append(e - s)
-    ids = iter(seg for *_, seg in runs)
-    rows = []
-    # unbind and split, not indexing: their backward is one stack / cat, where each slice's would
-    # write a zero-filled gradient of the whole tensor
-    for qb, kb, vb, ls in zip(q.unbind(0), k.unbind(0), v.unbind(0), lengths):
-        outs = []
-        for qr, kr, vr in zip(qb.split(ls, 1), kb.split(ls, 1), vb.split(ls, 1)):   # (H, n, Dh) each
-            if next(ids) < 0:                                                      # padding: zeros
-                outs.append(qr.new_zeros(H, qr.shape[1], vr.shape[-1]))
-                continue
-            inner = auto_backend(q.device.type, q.dtype, H * qr.shape[1] ** 2)
-            outs.append(_BACKENDS[inner](qr[None], kr[None], vr[None], AttnSpec(), False)[0][0])  # (H, n, Dv)
-        rows.append(torch.cat(outs, dim=1))                                # (H, N, Dv)
-    return torch.stack(rows), None                                         # (B, H, N, Dv)
+    # every image's tokens in one gather per tensor, token-major (S, H * Dh): rows of contiguous features,
+    # views of q, k, v as the model makes them; then one batched call per group of images of close lengths
+    # (the masks additive: nothing to undo in the backward) and one gather back, straight into the
+    # (B, N, H, Dv) layout the model merges the heads from. The backward is an index_add and a cat.
+    q, k, v = (t.transpose(1, 2).reshape(B * N, -1).index_select(0, plan.gather) for t in (q, k, v))
+    Dv = v.shape[-1] // H
+    sizes = [n * length for n, length, _ in plan.groups]
+    outs = []
+    for (n, length, mask), qg, kg, vg in zip(plan.groups, q.split(sizes), k.split(sizes), v.split(sizes)):
+        qg, kg, vg = (t.view(n, length, H, -1).transpose(1, 2) for t in (qg, kg, vg))   # (n, H, length, Dh)
+        inner = auto_backend(qg.device.type, qg.dtype, H * n * length ** 2)
+        bias = None if mask is None else qg.new_zeros(mask.shape).masked_fill_(~mask, float("-inf"))  # (n, 1, 1, length)
+        out = _BACKENDS[inner](qg, kg, vg, AttnSpec(mask=bias), False)[0]           # (n, H, length, Dv)
+        outs.append(out.transpose(1, 2).reshape(n * length, H * Dv))
+    outs.append(v.new_zeros(1, H * Dv))                                            # what padding gets
+    out = torch.cat(outs).index_select(0, plan.scatter)                           # (B * N, H * Dv)
+    return out.view(B, N, H, Dv).transpose(1, 2), None                            # (B, H, N, Dv)
 
 
 # ---- FlexAttention --------------------------------------------------------------------------------
