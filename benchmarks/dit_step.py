@@ -24,8 +24,10 @@ import json
 from harness import matmul_peaks, peak_per_dtype, profile_step, run_configs, say_peaks, time_steps, train_step
 
 DIMS = dict(img=32, chans=4, depth=12, dim=384, heads=6, classes=1000)
+# selective: selective activation checkpointing on / off; unset: as train decides (plan.selective_pays)
 CONFIGS = {"pixformer": dict(impl="pixformer", precision="auto"),
            "pixformer-fp32": dict(impl="pixformer", precision="fp32"),
+           "pixformer-selective": dict(impl="pixformer", precision="auto", selective=True),
            "diffusers": dict(impl="diffusers", precision="fp32"),
            "diffusers-bf16": dict(impl="diffusers", precision="bf16"),
            "sample-ddim50": dict(impl="sample", sampler="ddim", steps=50, precision="auto"),
@@ -58,8 +60,10 @@ def build(name: str, patch: int, batch: int):
         from pixformer.engine.plan import selective_pays
         model = task.build_model("dit-s/2", sizes)
         if cfg["impl"] == "pixformer":                 # train's speed settings, selective checkpointing by its rule
-            selective = selective_pays("dit-s/2", d["img"], batch, "bf16" if amp else "fp32", num_classes=d["classes"],
-                                       in_chans=d["chans"], **sizes)
+            selective = cfg.get("selective")
+            if selective is None:
+                selective = selective_pays("dit-s/2", d["img"], batch, "bf16" if amp else "fp32",
+                                           num_classes=d["classes"], in_chans=d["chans"], **sizes)
             apply_speed_settings(model, Speed(selective_checkpoint=selective))
         opt = torch.optim.AdamW(param_groups(model, 0.0), lr=1e-4, foreach=True)
 
@@ -137,7 +141,7 @@ def main():
         out = args.out.replace(".json", f"_p{p}.json")
         run_configs(__file__, args.configs, ["--patch", str(p), "--batch", str(args.batch), "--steps", str(args.steps)],
                     out, {"dims": {**DIMS, "patch": p}, "matmul_flop_s_by_library": by_lib}, "diffusers",
-                    args.merge, peak=peak_per_dtype(by_lib), peers=("pixformer", "pixformer-fp32"))
+                    args.merge, peak=peak_per_dtype(by_lib), peers=("pixformer", "pixformer-fp32", "pixformer-selective"))
 
 
 if __name__ == "__main__":

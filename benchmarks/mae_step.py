@@ -10,10 +10,11 @@ resident memory of the process during the steps.
 
 Configurations: pixformer as `pixformer train --task mae` runs it (its default precision and speed
 settings, selective activation checkpointing where train's rule turns it on: plan.selective_pays),
-pixformer in fp32 (with train's other settings), transformers in fp32 with its SDPA attention, and transformers under
-bf16 autocast. Each prints its GFLOP/s (`mae_flops`, 3x forward, the same count for both: identical
-dimensions) and its share of this machine's matmul peak in the dtype it ran, measured in the same run
-(harness.matmul_peaks).
+pixformer in fp32 (with train's other settings), pixformer's default without selective checkpointing,
+transformers in fp32 with its SDPA attention, and transformers under bf16 autocast. Each prints its
+GFLOP/s (`mae_flops`, 3x forward, the same count for both: identical dimensions) and its share of this
+machine's matmul peak in the dtype it ran, measured in the same run (harness.matmul_peaks), and the
+ratios to transformers fp32 and to transformers in the same precision.
 """
 from __future__ import annotations
 
@@ -24,8 +25,10 @@ from harness import matmul_peaks, peak_per_dtype, profile_step, run_configs, say
 
 DIMS = dict(img=32, patch=1, depth=12, dim=192, heads=3, mlp=768, dec_depth=4, dec_dim=128, dec_heads=4, dec_mlp=512,
             mask_ratio=0.75)
+# selective: selective activation checkpointing on / off; unset: as train decides (plan.selective_pays)
 CONFIGS = {"pixformer": dict(impl="pixformer", precision="auto"),
            "pixformer-fp32": dict(impl="pixformer", precision="fp32"),
+           "pixformer-no-selective": dict(impl="pixformer", precision="auto", selective=False),
            "transformers": dict(impl="transformers", precision="fp32"),
            "transformers-bf16": dict(impl="transformers", precision="bf16")}
 
@@ -64,7 +67,9 @@ def build(name: str, batch: int):
                                  decoder_dim=d["dec_dim"], decoder_heads=d["dec_heads"]),
                    DataFacts([str(i) for i in range(10)], 3, (d["img"], d["img"]), [0.0] * 3, [1.0] * 3))
         model = task.build_model("pit-t", {})
-        selective = selective_pays("pit-t", d["img"], batch, cfg["precision"])   # train's rule (loop.resolved_speed)
+        selective = cfg.get("selective")
+        if selective is None:                                                   # train's rule (loop.resolved_speed)
+            selective = selective_pays("pit-t", d["img"], batch, cfg["precision"])
         apply_speed_settings(model, Speed(selective_checkpoint=selective))
         opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95), foreach=True)
         amp = autocast_dtype(cfg["precision"], "cpu")
@@ -123,7 +128,7 @@ def main():
     print(say_peaks(by_lib), flush=True)
     run_configs(__file__, args.configs, ["--batch", str(args.batch), "--steps", str(args.steps)], args.out,
                 {"dims": DIMS, "forward_flops": mae_flops(), "matmul_flop_s_by_library": by_lib}, "transformers",
-                args.merge, peak=peak_per_dtype(by_lib), peers=("pixformer", "pixformer-fp32"))
+                args.merge, peak=peak_per_dtype(by_lib), peers=("pixformer", "pixformer-fp32", "pixformer-no-selective"))
 
 
 if __name__ == "__main__":
