@@ -2,33 +2,41 @@
 diffusers' DiTTransformer2DModel at identical dimensions: DiT-S (depth 12, width 384, 6 heads, MLP
 1,536), class-conditional (1,000 classes), on a 32x32x4 latent grid, at patch 2 (`dit-s/2`, 256 tokens)
 and patch 1 (the PiT variant, 1,024 tokens); and sampling throughput (images/s) of pixformer's model
-with DDIM at 50 steps and DPM-Solver++ at 20, both with guidance (scale 1.5). Each configuration runs in a
-fresh process; the figures are the median step time (images/s), the process's peak resident memory, and
-GFLOP/s with its share of this machine's matmul peak in the dtype the configuration ran (measured in the
-same run, harness.matmul_peaks). The FLOPs are pixformer's DiT.flops (the token path's matmuls, the same
-for diffusers' model at identical dimensions; the per-image timestep and class embeddings and adaLN
-modulation are left out): 3x forward per training image, and for sampling one forward per image the
-model is called on (a guided step calls it on each image twice).
+with DDIM at 50 steps and DPM-Solver++ at 20, both with guidance (scale 1.5). pixformer's training
+configurations run with the speed settings `pixformer train` applies (oneDNN linear layers in fp32 on AMD
+CPUs with AVX-512, the allocator policy, selective activation checkpointing where train's rule turns it
+on: plan.selective_pays). Each configuration runs in a fresh process; the figures are the median step
+time (images/s), the process's peak resident memory, and GFLOP/s with its share of this machine's matmul
+peak in the dtype the configuration ran (measured in the same run, harness.matmul_peaks). The FLOPs are
+pixformer's DiT.flops (the token path's matmuls, the same for diffusers' model at identical dimensions;
+the per-image timestep and class embeddings and adaLN modulation are left out): 3x forward per training
+image, and for sampling one forward per image the model is called on (a guided step calls it on each
+image twice).
 
     .venv/bin/python benchmarks/dit_step.py [--batch 8] [--steps 3] [--patches 2 1] [--out benchmarks/results/dit_step.json]
+    .venv/bin/python benchmarks/dit_step.py --batch 4 --patches 1 --profile pixformer    # where one step's time goes
 """
 from __future__ import annotations
 
 import argparse
 import json
 
-from harness import matmul_peaks, peak_per_dtype, run_configs, say_peaks, time_steps, train_step
+from harness import matmul_peaks, peak_per_dtype, profile_step, run_configs, say_peaks, time_steps, train_step
 
 DIMS = dict(img=32, chans=4, depth=12, dim=384, heads=6, classes=1000)
+# selective: selective activation checkpointing on / off; unset: as train decides (plan.selective_pays)
 CONFIGS = {"pixformer": dict(impl="pixformer", precision="auto"),
            "pixformer-fp32": dict(impl="pixformer", precision="fp32"),
+           "pixformer-selective": dict(impl="pixformer", precision="auto", selective=True),
            "diffusers": dict(impl="diffusers", precision="fp32"),
            "diffusers-bf16": dict(impl="diffusers", precision="bf16"),
            "sample-ddim50": dict(impl="sample", sampler="ddim", steps=50, precision="auto"),
            "sample-dpm20": dict(impl="sample", sampler="dpm-solver", steps=20, precision="auto")}
 
 
-def worker(name: str, patch: int, batch: int, steps: int) -> dict:
+def build(name: str, patch: int, batch: int):
+    """Configuration `name` at `patch` and `batch` images: (step(i), model, autocast dtype or None, flops() the
+    forward FLOPs of one image); step(i) is a training step, or for the sample-* configurations one batch sampled."""
     import numpy as np
     import torch
 
@@ -46,8 +54,17 @@ def worker(name: str, patch: int, batch: int, steps: int) -> dict:
     amp = autocast_dtype(cfg["precision"], "cpu") if cfg["precision"] != "bf16" else torch.bfloat16
     sizes = dict(depth=d["depth"], dim=d["dim"], heads=d["heads"], patch_size=patch)
     if cfg["impl"] in ("pixformer", "sample"):
+        from pixformer import Speed
         from pixformer.engine.optim import param_groups
+        from pixformer.engine.perf import apply_speed_settings
+        from pixformer.engine.plan import selective_pays
         model = task.build_model("dit-s/2", sizes)
+        if cfg["impl"] == "pixformer":                 # train's speed settings, selective checkpointing by its rule
+            selective = cfg.get("selective")
+            if selective is None:
+                selective = selective_pays("dit-s/2", d["img"], batch, "bf16" if amp else "fp32",
+                                           num_classes=d["classes"], in_chans=d["chans"], **sizes)
+            apply_speed_settings(model, Speed(selective_checkpoint=selective))
         opt = torch.optim.AdamW(param_groups(model, 0.0), lr=1e-4, foreach=True)
 
         def loss_of(i):
@@ -66,25 +83,35 @@ def worker(name: str, patch: int, batch: int, steps: int) -> dict:
             x0 = task.to_model_space(x)
             out = model(task.noise.add_noise(x0, noise, t), timestep=t, class_labels=y).sample
             return ((out.float() - noise) ** 2).mean()
-    params = sum(p.numel() for p in model.parameters())
-    forwarded = [0]                                        # images the model is called on, over every step
-    model.register_forward_pre_hook(lambda m, args: forwarded.__setitem__(0, forwarded[0] + len(args[0])))
+    flops = lambda: (model if cfg["impl"] != "diffusers" else task.build_model("dit-s/2", sizes)).flops()  # noqa: E731
     if cfg["impl"] == "sample":
         model.eval()
 
         def step(i):
             with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
                 task.sample(model, batch, y, cfg_scale=1.5, sampler=cfg["sampler"], steps=cfg["steps"], seed=i)
-        t = time_steps(step, steps, warmup=1)
-    else:
-        model.train()
-        t = time_steps(train_step(loss_of, opt, amp), steps)
+        return step, model, amp, flops
+    model.train()
+    return train_step(loss_of, opt, amp), model, amp, flops
+
+
+def worker(name: str, patch: int, batch: int, steps: int) -> dict:
+    import torch
+
+    from pixformer.engine.perf import checkpointed_blocks
+    step, model, amp, flops_of = build(name, patch, batch)
+    sample = CONFIGS[name]["impl"] == "sample"
+    params = sum(p.numel() for p in model.parameters())
+    forwarded = [0]                                        # images the model is called on, over every step
+    model.register_forward_pre_hook(lambda m, args: forwarded.__setitem__(0, forwarded[0] + len(args[0])))
+    t = time_steps(step, steps, warmup=1 if sample else 2)
     per_step = forwarded[0] / (len(t["step_times"]) + len(t["warmup_s"]))   # images through the model per step
-    fwd = (model if cfg["impl"] != "diffusers" else task.build_model("dit-s/2", sizes)).flops()
-    flops = per_step * fwd * (1 if cfg["impl"] == "sample" else 3)          # training: forward + backward (2x)
+    fwd = flops_of()
+    flops = per_step * fwd * (1 if sample else 3)                           # training: forward + backward (2x)
     return {"config": name, "patch": patch, "batch": batch, **t, "images_s": batch / t["step_s"],
-            "forward_flops": fwd, "flop_s": flops / t["step_s"],
-            "precision": str(amp or torch.float32)[6:], "params": params, "torch": torch.__version__}
+            "forward_flops": fwd, "flop_s": flops / t["step_s"], "precision": str(amp or torch.float32)[6:],
+            "params": params, "selective_checkpoint": checkpointed_blocks(model)["selective"] > 0,
+            "torch": torch.__version__}
 
 
 def main():
@@ -94,9 +121,16 @@ def main():
     ap.add_argument("--patches", type=int, nargs="+", default=[2, 1])
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS))
     ap.add_argument("--out", default="benchmarks/results/dit_step.json")
+    ap.add_argument("--merge", action="store_true", help="keep the rows of each --out file for configurations not run now")
+    ap.add_argument("--profile", metavar="CONFIG", choices=list(CONFIGS),
+                    help="instead of timing: profile one step of CONFIG at the first of --patches in this process "
+                         "(torch.profiler, the ops by their own CPU time)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--patch", type=int, default=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.profile:
+        print(profile_step(build(args.profile, args.patches[0], args.batch)[0]))
+        return
     if args.worker:
         print(json.dumps(worker(args.worker, args.patch, args.batch, args.steps)))
         return
@@ -107,7 +141,7 @@ def main():
         out = args.out.replace(".json", f"_p{p}.json")
         run_configs(__file__, args.configs, ["--patch", str(p), "--batch", str(args.batch), "--steps", str(args.steps)],
                     out, {"dims": {**DIMS, "patch": p}, "matmul_flop_s_by_library": by_lib}, "diffusers",
-                    peak=peak_per_dtype(by_lib))
+                    args.merge, peak=peak_per_dtype(by_lib), peers=("pixformer", "pixformer-fp32", "pixformer-selective"))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -48,6 +49,18 @@ def time_steps(step: Callable[[int], None], steps: int, warmup: int = 2, sync: C
     return {"step_s": statistics.median(times), "step_times": times, "warmup_s": warm,
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
             "rss_before_steps_gib": rss0 / 2 ** 20}
+
+
+def profile_step(step: Callable[[int], None], warmup: int = 2, top: int = 20) -> str:
+    """What one `step(i)` spent its time on, after `warmup` untimed calls: torch.profiler's table of the
+    `top` ops by self CPU time (each op's own time, its callees' left out), which names the attention
+    kernel that ran (`_scaled_dot_product_flash_attention_for_cpu`, `pixformer::blocked_attention`, bmm)."""
+    import torch
+    for i in range(warmup):
+        step(i)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step(warmup)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=60)
 
 
 def train_step(loss_of: Callable[[int], "torch.Tensor"], opt, amp, device: str = "cpu",
@@ -119,26 +132,34 @@ def say_peaks(by_library: dict[str, dict[str, float]]) -> str:
 
 
 def run_configs(script: str, configs: list[str], worker_args: list[str], out: str, meta: dict, reference: str,
-                merge: bool = False, peak: dict[str, float] | None = None) -> list[dict]:
+                merge: bool = False, peak: dict[str, float] | None = None, peers: tuple[str, ...] = ()) -> list[dict]:
     """Run `script --worker NAME *worker_args` per configuration, each in its own process (its last
     stdout line: one JSON row with at least images_s, peak_rss_gib and precision, and flop_s where the
     benchmark counts FLOPs), print the figures (with `peak`, {dtype: FLOP/s} from `peak_per_dtype`, the share of
-    the peak in the dtype the row ran) and the ratios against `reference`, and write {**meta, rows} to `out`."""
+    the peak in the dtype the row ran) and the ratios against `reference` (the configurations named in `peers`
+    also against the one of the reference library that ran in the same precision: its name starts with
+    `reference`), and write {**meta, rows} to `out`. Each row records the CPU, torch's threads and the 1-minute load average when
+    it started; the file records the command."""
+    import torch
+
+    from pixformer.engine.perf import cpu_name
+    machine = {"cpu": cpu_name(), "threads": torch.get_num_threads()}
     old = json.loads(Path(out).read_text())["rows"] if merge and Path(out).exists() else []
     rows = [r for r in old if r["config"] not in configs]
     for name in configs:
+        load = os.getloadavg()[0]
         done = subprocess.run([sys.executable, script, "--worker", name, *worker_args], capture_output=True, text=True)
         if done.returncode:
             print(f"{name}: failed\n{done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ''}")
             continue
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        rows.append({**json.loads(done.stdout.strip().splitlines()[-1]), **machine, "load_before": round(load, 2)})
         r = rows[-1]
         share = ""
         if peak and r.get("flop_s") is not None and dtype_key(r["precision"]) in peak:
             r["share_of_peak"] = r["flop_s"] / peak[dtype_key(r["precision"])]
             share = f"  {r['flop_s'] / 1e9:8.1f} GFLOP/s = {r['share_of_peak']:5.1%} of the {dtype_key(r['precision'])} peak"
-        print(f"{name:<22} {r['precision']:<9} {r['images_s']:8.2f} img/s  peak RSS {r['peak_rss_gib']:.2f} GiB{share}",
-              flush=True)
+        print(f"{name:<22} {r['precision']:<9} {r['images_s']:8.2f} img/s  peak RSS {r['peak_rss_gib']:.2f} GiB{share}"
+              f"  (load {load:.2f})", flush=True)
     ref = next((r for r in rows if r["config"] == reference), None)
     if ref:
         for r in rows:
@@ -146,6 +167,16 @@ def run_configs(script: str, configs: list[str], worker_args: list[str], out: st
             r[f"memory_vs_{reference}"] = r["peak_rss_gib"] / ref["peak_rss_gib"]
             print(f"{r['config']:<22} {r[f'speed_vs_{reference}']:.2f}x the images/s, "
                   f"{r[f'memory_vs_{reference}']:.2f}x the peak memory of {reference}")
+    same = {r["precision"]: r for r in rows if r["config"].startswith(reference)}
+    for r in rows:
+        peer = same.get(r["precision"])
+        if peer and r["config"] in peers:
+            r["peer"] = peer["config"]
+            r["speed_vs_peer"] = r["images_s"] / peer["images_s"]
+            r["memory_vs_peer"] = r["peak_rss_gib"] / peer["peak_rss_gib"]
+            print(f"{r['config']:<22} {r['speed_vs_peer']:.2f}x the images/s, {r['memory_vs_peer']:.2f}x the peak memory "
+                  f"of {peer['config']} (both {r['precision']})")
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps({**meta, **({"matmul_peak_flop_s": peak} if peak else {}), "rows": rows}, indent=1))
+    Path(out).write_text(json.dumps({**meta, "command": " ".join(["python", *sys.argv]),
+                                     **({"matmul_peak_flop_s": peak} if peak else {}), "rows": rows}, indent=1))
     return rows

@@ -6,24 +6,29 @@ configuration runs in a fresh process; the figures are the median step time (ima
 resident memory of the process during the steps.
 
     .venv/bin/python benchmarks/mae_step.py [--batch 32] [--steps 5] [--out benchmarks/results/mae_step.json]
+    .venv/bin/python benchmarks/mae_step.py --batch 16 --profile pixformer-fp32     # where one step's time goes
 
 Configurations: pixformer as `pixformer train --task mae` runs it (its default precision and speed
-settings), pixformer in fp32, transformers in fp32 with its SDPA attention, and transformers under
-bf16 autocast. Each prints its GFLOP/s (`mae_flops`, 3x forward, the same count for both: identical
-dimensions) and its share of this machine's matmul peak in the dtype it ran, measured in the same run
-(harness.matmul_peaks).
+settings, selective activation checkpointing where train's rule turns it on: plan.selective_pays),
+pixformer in fp32 (with train's other settings), pixformer's default without selective checkpointing,
+transformers in fp32 with its SDPA attention, and transformers under bf16 autocast. Each prints its
+GFLOP/s (`mae_flops`, 3x forward, the same count for both: identical dimensions) and its share of this
+machine's matmul peak in the dtype it ran, measured in the same run (harness.matmul_peaks), and the
+ratios to transformers fp32 and to transformers in the same precision.
 """
 from __future__ import annotations
 
 import argparse
 import json
 
-from harness import matmul_peaks, peak_per_dtype, run_configs, say_peaks, time_steps, train_step
+from harness import matmul_peaks, peak_per_dtype, profile_step, run_configs, say_peaks, time_steps, train_step
 
 DIMS = dict(img=32, patch=1, depth=12, dim=192, heads=3, mlp=768, dec_depth=4, dec_dim=128, dec_heads=4, dec_mlp=512,
             mask_ratio=0.75)
+# selective: selective activation checkpointing on / off; unset: as train decides (plan.selective_pays)
 CONFIGS = {"pixformer": dict(impl="pixformer", precision="auto"),
            "pixformer-fp32": dict(impl="pixformer", precision="fp32"),
+           "pixformer-no-selective": dict(impl="pixformer", precision="auto", selective=False),
            "transformers": dict(impl="transformers", precision="fp32"),
            "transformers-bf16": dict(impl="transformers", precision="bf16")}
 
@@ -42,7 +47,8 @@ def mae_flops() -> int:
             + d["dec_depth"] * block_flops(t_dec, d["dec_dim"], d["dec_mlp"]) + 2 * t_dec * d["dec_dim"] * pix)
 
 
-def worker(name: str, batch: int, steps: int) -> dict:
+def build(name: str, batch: int):
+    """The training step of configuration `name` at `batch` images: (step(i), model, autocast dtype or None)."""
     import numpy as np
     import torch
 
@@ -54,13 +60,17 @@ def worker(name: str, batch: int, steps: int) -> dict:
         from pixformer import Speed
         from pixformer.engine.optim import param_groups
         from pixformer.engine.perf import apply_speed_settings, autocast_dtype
+        from pixformer.engine.plan import selective_pays
         from pixformer.tasks import DataFacts
         from pixformer.tasks.mae import MAE, MAETaskConfig
         task = MAE(MAETaskConfig(mask_ratio=d["mask_ratio"], target="patch", decoder_depth=d["dec_depth"],
                                  decoder_dim=d["dec_dim"], decoder_heads=d["dec_heads"]),
                    DataFacts([str(i) for i in range(10)], 3, (d["img"], d["img"]), [0.0] * 3, [1.0] * 3))
         model = task.build_model("pit-t", {})
-        apply_speed_settings(model, Speed(selective_checkpoint=False))
+        selective = cfg.get("selective")
+        if selective is None:                                                   # train's rule (loop.resolved_speed)
+            selective = selective_pays("pit-t", d["img"], batch, cfg["precision"])
+        apply_speed_settings(model, Speed(selective_checkpoint=selective))
         opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95), foreach=True)
         amp = autocast_dtype(cfg["precision"], "cpu")
 
@@ -81,11 +91,19 @@ def worker(name: str, batch: int, steps: int) -> dict:
             noise = torch.from_numpy(np.random.default_rng(i).random((batch, n))).float()
             return model(pixel_values=x, noise=noise).loss
     model.train()
-    t = time_steps(train_step(loss_of, opt, amp), steps)
+    return train_step(loss_of, opt, amp), model, amp
+
+
+def worker(name: str, batch: int, steps: int) -> dict:
+    import torch
+
+    from pixformer.engine.perf import checkpointed_blocks
+    step, model, amp = build(name, batch)
+    t = time_steps(step, steps)
     return {"config": name, "batch": batch, **t, "images_s": batch / t["step_s"],
             "flop_s": 3 * mae_flops() * batch / t["step_s"],
             "precision": str(amp or torch.float32)[6:], "params": sum(p.numel() for p in model.parameters()),
-            "torch": torch.__version__}
+            "selective_checkpoint": checkpointed_blocks(model)["selective"] > 0, "torch": torch.__version__}
 
 
 def main():
@@ -95,8 +113,14 @@ def main():
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS))
     ap.add_argument("--out", default="benchmarks/results/mae_step.json")
     ap.add_argument("--merge", action="store_true", help="keep the rows of --out for configurations not run now")
+    ap.add_argument("--profile", metavar="CONFIG", choices=list(CONFIGS),
+                    help="instead of timing: profile one step of CONFIG in this process (torch.profiler, the ops "
+                         "by their own CPU time)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.profile:
+        print(profile_step(build(args.profile, args.batch)[0]))
+        return
     if args.worker:
         print(json.dumps(worker(args.worker, args.batch, args.steps)))
         return
@@ -104,7 +128,7 @@ def main():
     print(say_peaks(by_lib), flush=True)
     run_configs(__file__, args.configs, ["--batch", str(args.batch), "--steps", str(args.steps)], args.out,
                 {"dims": DIMS, "forward_flops": mae_flops(), "matmul_flop_s_by_library": by_lib}, "transformers",
-                args.merge, peak=peak_per_dtype(by_lib))
+                args.merge, peak=peak_per_dtype(by_lib), peers=("pixformer", "pixformer-fp32", "pixformer-no-selective"))
 
 
 if __name__ == "__main__":

@@ -296,6 +296,17 @@ def test_blocked_attention_matches_math_in_every_block_layout(budget, monkeypatc
                 torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
 
 
+def test_blocked_attention_cuts_its_blocks_evenly(monkeypatch):
+    """As few blocks as the budget allows, of equal size: 4 heads with room for 3 go 2 + 2 (a lone last
+    head made one slow block), 16 images with room for 5 go 4 x 4, 10 rows with room for 7 go 5 + 5."""
+    monkeypatch.setattr(A, "BLOCK_ELEMENTS", 3 * 5 * 5)
+    assert A._blocks(1, 4, 5, 5) == [(slice(0, 1), slice(h, h + 2), slice(None)) for h in (0, 2)]
+    monkeypatch.setattr(A, "BLOCK_ELEMENTS", 5 * 2 * 3 * 3)
+    assert A._blocks(16, 2, 3, 3) == [(slice(b, b + 4), slice(None), slice(None)) for b in (0, 4, 8, 12)]
+    monkeypatch.setattr(A, "BLOCK_ELEMENTS", 7 * 10)
+    assert A._blocks(1, 1, 10, 10) == [(slice(0, 1), slice(0, 1), slice(r, r + 5)) for r in (0, 5)]
+
+
 def test_blocked_attention_in_bf16_is_as_close_as_math_and_the_op_checks():
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, 65, 16) for _ in range(3))
