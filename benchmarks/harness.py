@@ -138,12 +138,12 @@ def run_configs(script: str, configs: list[str], worker_args: list[str], out: st
     benchmark counts FLOPs), print the figures (with `peak`, {dtype: FLOP/s} from `peak_per_dtype`, the share of
     the peak in the dtype the row ran) and the ratios against `reference` (the configurations named in `peers`
     also against the one of the reference library that ran in the same precision: its name starts with
-    `reference`), and write {**meta, rows} to `out`. Each row records the CPU, torch's threads and the 1-minute load average when
-    it started; the file records the command."""
+    `reference`), and write {**meta, rows} to `out`. Each row records the CPU, torch's threads, the 1-minute
+    load average when it started and the command that ran it (with `merge`, rows of other runs stay)."""
     import torch
 
     from pixformer.engine.perf import cpu_name
-    machine = {"cpu": cpu_name(), "threads": torch.get_num_threads()}
+    machine = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "command": " ".join(["python", *sys.argv])}
     old = json.loads(Path(out).read_text())["rows"] if merge and Path(out).exists() else []
     rows = [r for r in old if r["config"] not in configs]
     for name in configs:
@@ -177,6 +177,5 @@ def run_configs(script: str, configs: list[str], worker_args: list[str], out: st
             print(f"{r['config']:<22} {r['speed_vs_peer']:.2f}x the images/s, {r['memory_vs_peer']:.2f}x the peak memory "
                   f"of {peer['config']} (both {r['precision']})")
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps({**meta, "command": " ".join(["python", *sys.argv]),
-                                     **({"matmul_peak_flop_s": peak} if peak else {}), "rows": rows}, indent=1))
+    Path(out).write_text(json.dumps({**meta, **({"matmul_peak_flop_s": peak} if peak else {}), "rows": rows}, indent=1))
     return rows
