@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -200,7 +201,9 @@ def main() -> None:
     from pixformer.engine.perf import cpu_name
     by_lib = matmul_peaks("cpu")
     print(say_peaks(by_lib), flush=True)
+    load = os.getloadavg()                                  # what else the machine was doing (1, 5, 15 min)
     rows = run_configs(__file__, a.configs, passed, a.out, {"machine": cpu_name(), "threads": torch_threads(a),
+                       "load_average_before": load,
                        "command": " ".join([".venv/bin/python benchmarks/packing.py", *sys.argv[1:]]),
                        "settings": {k: v for k, v in vars(a).items() if k not in ("worker", "configs")},
                        "matmul_flop_s_by_library": by_lib}, "pad", peak=peak_per_dtype(by_lib))
