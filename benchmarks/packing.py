@@ -183,6 +183,8 @@ def main() -> None:
     ap.add_argument("--profile", type=int, default=0, help="with --worker: print the N costliest ops of one more step")
     ap.add_argument("--equal", type=int, default=0, metavar="SIDE",
                     help="every image SIDE x SIDE (equal lengths: what packing costs where padding has nothing to save)")
+    ap.add_argument("--rounds", type=int, default=1, help="run the configurations this many times, interleaved; "
+                    "each one's figures: its median round")
     ap.add_argument("--out", default=None, help="default: benchmarks/results/packing.json (--equal S: packing_equalS.json)")
     a = ap.parse_args()
     a.configs = a.configs or (EQUAL_CONFIGS if a.equal else CONFIGS)
@@ -202,14 +204,25 @@ def main() -> None:
     by_lib = matmul_peaks("cpu")
     print(say_peaks(by_lib), flush=True)
     load = os.getloadavg()                                  # what else the machine was doing (1, 5, 15 min)
-    rows = run_configs(__file__, a.configs, passed, a.out, {"machine": cpu_name(), "threads": torch_threads(a),
-                       "load_average_before": load,
-                       "command": " ".join([".venv/bin/python benchmarks/packing.py", *sys.argv[1:]]),
-                       "settings": {k: v for k, v in vars(a).items() if k not in ("worker", "configs")},
-                       "matmul_flop_s_by_library": by_lib}, "pad", peak=peak_per_dtype(by_lib))
+    meta = {"machine": cpu_name(), "threads": torch_threads(a), "load_average_before": load,
+            "command": " ".join([".venv/bin/python benchmarks/packing.py", *sys.argv[1:]]),
+            "settings": {k: v for k, v in vars(a).items() if k not in ("worker", "configs")},
+            "matmul_flop_s_by_library": by_lib, "matmul_peak_flop_s": peak_per_dtype(by_lib)}
+    rounds = []
+    for r in range(a.rounds):                               # configurations interleaved: a slow spell of the
+        if a.rounds > 1:                                    # machine falls on every one of them
+            print(f"round {r + 1} of {a.rounds}", flush=True)
+        rounds += run_configs(__file__, a.configs, passed, a.out, meta, "pad", peak=peak_per_dtype(by_lib))
+    rows = [dict(median_row([r for r in rounds if r["config"] == c])) for c in dict.fromkeys(r["config"] for r in rounds)]
+    pad = next((r for r in rows if r["config"] == "pad"), None)
+    for r in rows if pad else ():                           # against the median pad, not its own round's
+        r["speed_vs_pad"], r["memory_vs_pad"] = r["images_s"] / pad["images_s"], r["peak_rss_gib"] / pad["peak_rss_gib"]
+    Path(a.out).write_text(json.dumps({**meta, "rows": rows, **({"rounds": rounds} if a.rounds > 1 else {})}, indent=1))
+    if a.rounds > 1:
+        print(f"the median of {a.rounds} rounds:")
     for r in rows:
         eff = f"  packing efficiency {r['packing_efficiency']:.1%}" if "packing_efficiency" in r else ""
-        print(f"{r['config']:<8} {r['useful_tokens_s']:9.0f} useful tokens/s{eff}")
+        print(f"{r['config']:<12} {r['useful_tokens_s']:9.0f} useful tokens/s{eff}")
     packed = next((r for r in rows if r["config"] == "packed"), None)
     if packed:
         for other, goal in GOALS.items():
@@ -220,6 +233,10 @@ def main() -> None:
                 print(f"packed: {ratio:.2f}x the useful tokens/s of {other}" + (
                       f" (goal >= {goal:.2f}x: {'met' if ratio >= goal else 'not met'})" if goal else ""))
 
+
+def median_row(rows: list[dict]) -> dict:
+    """The row of median useful tokens/s among one configuration's rounds (the lower middle of an even count)."""
+    return sorted(rows, key=lambda r: r["useful_tokens_s"])[(len(rows) - 1) // 2]
 
 if __name__ == "__main__":
     main()
