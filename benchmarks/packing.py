@@ -1,5 +1,5 @@
 """Packing (NaViT's Patch n' Pack) against padding: one classification training step (batching,
-forward, backward, AdamW) over the same mixed-resolution images, four ways:
+forward, backward, AdamW) over the same mixed-resolution images, four ways (five with --equal):
 
     packed        pixformer: images packed greedily into sequences of at most --pack-length tokens, as
                   `pixformer train` packs on CPU (unbucketed: as short as the images allow); attention
@@ -10,6 +10,8 @@ forward, backward, AdamW) over the same mixed-resolution images, four ways:
                   torchvision), packing its own way (group_images, the same --pack-length), dense masks
     navit-nested  vit-pytorch's `na_vit_nested_tensor.py`: every image a jagged NestedTensor row, SDPA on
                   them (torch has no fused jagged kernel on CPU: its math path over per-image rows)
+    batch         with --equal only: pixformer's plain batch (B, C, H, W), no packing, no mask, "auto"
+                  attention: what packing costs against not packing at all
 
 Identical dimensions: depth 6, width 128, 4 heads of 32, MLP 512 (pixformer's vit-n), patch --patch,
 101 classes, mean pooling for pixformer (NaViT pools by attention), each under the autocast of
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -39,7 +42,9 @@ from harness import matmul_peaks, peak_per_dtype, run_configs, say_peaks, time_s
 
 DIMS = dict(depth=6, dim=128, heads=4, mlp=512, classes=101)
 CONFIGS = ["packed", "pad", "navit", "navit-nested"]
-GOALS = {"pad": None, "navit": 3.0, "navit-nested": 1.0}     # packed's useful tokens/s against each (--equal: pad 0.9)
+EQUAL_CONFIGS = ["packed", "pad", "batch"]
+GOALS = {"pad": None, "navit": 3.0, "navit-nested": 1.0, "batch": 0.9}   # packed's useful tokens/s against each
+#                                                                          (--equal: pad 0.9 too)
 
 
 def top_side(a) -> int:
@@ -74,12 +79,13 @@ def worker(name: str, a) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from pixformer import create_model, set_attention_backend
+    from pixformer import Speed, create_model
     from pixformer.data.augment import normalize
     from pixformer.data.native import NativeBatcher
-    from pixformer.engine.perf import autocast_dtype
+    from pixformer.engine.perf import apply_speed_settings, autocast_dtype, set_allocator
 
     torch.manual_seed(0)
+    set_allocator(a.allocator)                     # every configuration's process alike (pixformer's: below too)
     amp = autocast_dtype(a.precision, torch.device("cpu"))
     data = batches(a, a.steps + 2)
     norm = lambda x: normalize(x, [0.5] * 3, [0.25] * 3)              # noqa: E731
@@ -106,9 +112,18 @@ def worker(name: str, a) -> dict:
         def loss_of(i):
             imgs, y = data[i]
             return F.cross_entropy(model([norm(im[None])[0] for im in imgs]).float(), y)
+    elif name == "batch":
+        if not a.equal:
+            sys.exit("the batch configuration needs images of one size: --equal SIDE")
+        model = apply_speed_settings(ours, Speed(allocator=a.allocator))
+
+        def loss_of(i):
+            imgs, y = data[i]
+            return F.cross_entropy(model(norm(torch.stack(imgs))).float(), y)
     else:
         model = ours
-        set_attention_backend(model, "auto" if name == "packed" else "sdpa")
+        apply_speed_settings(model, Speed(attn_backend="auto" if name == "packed" else "sdpa",
+                                          allocator=a.allocator))   # what `pixformer train` applies
         batcher = NativeBatcher(a.patch, False, top_side(a), None, a.pack_length if name == "packed" else None,
                                 bucket=False)             # as `pixformer train` packs on CPU (batcher_for)
 
@@ -127,6 +142,7 @@ def worker(name: str, a) -> dict:
     tokens = sum(useful[2:]) / a.steps
     row = {"config": name, "precision": str(amp or torch.float32)[6:], "images_s": a.batch / seconds,
            "useful_tokens_s": tokens / seconds, "useful_tokens_per_step": tokens, "step_s": seconds,
+           "step_times": t["step_times"],
            "flop_s": flops / seconds,
            "peak_rss_gib": t["peak_rss_gib"]}
     if slots:
@@ -151,7 +167,8 @@ def torch_threads(a) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--worker", default=None)
-    ap.add_argument("--configs", nargs="+", default=CONFIGS)
+    ap.add_argument("--configs", nargs="+", default=None, help=f"default: {' '.join(CONFIGS)} (--equal: "
+                    f"{' '.join(EQUAL_CONFIGS)})")
     ap.add_argument("--data", default=str(Path(__file__).resolve().parents[1].parent / "shared/data/caltech101.tar.gz"))
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=3)
@@ -161,11 +178,16 @@ def main() -> None:
     ap.add_argument("--pack-length", type=int, default=1024)
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--allocator", default="auto", help="glibc malloc policy of every configuration's process "
+                    "(pixformer.engine.perf.set_allocator; auto: keep, what `pixformer train` sets)")
     ap.add_argument("--profile", type=int, default=0, help="with --worker: print the N costliest ops of one more step")
     ap.add_argument("--equal", type=int, default=0, metavar="SIDE",
                     help="every image SIDE x SIDE (equal lengths: what packing costs where padding has nothing to save)")
+    ap.add_argument("--rounds", type=int, default=1, help="run the configurations this many times, interleaved; "
+                    "each one's figures: its median round")
     ap.add_argument("--out", default=None, help="default: benchmarks/results/packing.json (--equal S: packing_equalS.json)")
     a = ap.parse_args()
+    a.configs = a.configs or (EQUAL_CONFIGS if a.equal else CONFIGS)
     a.out = a.out or f"benchmarks/results/packing{f'_equal{a.equal}' if a.equal else ''}.json"
     if a.equal and a.equal % a.patch:
         sys.exit(f"--equal {a.equal} is not a whole number of {a.patch}-pixel patches")
@@ -181,13 +203,26 @@ def main() -> None:
     from pixformer.engine.perf import cpu_name
     by_lib = matmul_peaks("cpu")
     print(say_peaks(by_lib), flush=True)
-    rows = run_configs(__file__, a.configs, passed, a.out, {"machine": cpu_name(), "threads": torch_threads(a),
-                       "command": " ".join([".venv/bin/python benchmarks/packing.py", *sys.argv[1:]]),
-                       "settings": {k: v for k, v in vars(a).items() if k not in ("worker", "configs")},
-                       "matmul_flop_s_by_library": by_lib}, "pad", peak=peak_per_dtype(by_lib))
+    load = os.getloadavg()                                  # what else the machine was doing (1, 5, 15 min)
+    meta = {"machine": cpu_name(), "threads": torch_threads(a), "load_average_before": load,
+            "command": " ".join([".venv/bin/python benchmarks/packing.py", *sys.argv[1:]]),
+            "settings": {k: v for k, v in vars(a).items() if k not in ("worker", "configs")},
+            "matmul_flop_s_by_library": by_lib, "matmul_peak_flop_s": peak_per_dtype(by_lib)}
+    rounds = []
+    for r in range(a.rounds):                               # configurations interleaved: a slow spell of the
+        if a.rounds > 1:                                    # machine falls on every one of them
+            print(f"round {r + 1} of {a.rounds}", flush=True)
+        rounds += run_configs(__file__, a.configs, passed, a.out, meta, "pad", peak=peak_per_dtype(by_lib))
+    rows = [dict(median_row([r for r in rounds if r["config"] == c])) for c in dict.fromkeys(r["config"] for r in rounds)]
+    pad = next((r for r in rows if r["config"] == "pad"), None)
+    for r in rows if pad else ():                           # against the median pad, not its own round's
+        r["speed_vs_pad"], r["memory_vs_pad"] = r["images_s"] / pad["images_s"], r["peak_rss_gib"] / pad["peak_rss_gib"]
+    Path(a.out).write_text(json.dumps({**meta, "rows": rows, **({"rounds": rounds} if a.rounds > 1 else {})}, indent=1))
+    if a.rounds > 1:
+        print(f"the median of {a.rounds} rounds:")
     for r in rows:
         eff = f"  packing efficiency {r['packing_efficiency']:.1%}" if "packing_efficiency" in r else ""
-        print(f"{r['config']:<8} {r['useful_tokens_s']:9.0f} useful tokens/s{eff}")
+        print(f"{r['config']:<12} {r['useful_tokens_s']:9.0f} useful tokens/s{eff}")
     packed = next((r for r in rows if r["config"] == "packed"), None)
     if packed:
         for other, goal in GOALS.items():
@@ -198,6 +233,10 @@ def main() -> None:
                 print(f"packed: {ratio:.2f}x the useful tokens/s of {other}" + (
                       f" (goal >= {goal:.2f}x: {'met' if ratio >= goal else 'not met'})" if goal else ""))
 
+
+def median_row(rows: list[dict]) -> dict:
+    """The row of median useful tokens/s among one configuration's rounds (the lower middle of an even count)."""
+    return sorted(rows, key=lambda r: r["useful_tokens_s"])[(len(rows) - 1) // 2]
 
 if __name__ == "__main__":
     main()

@@ -282,6 +282,24 @@ def test_varlen_equals_the_segment_mask_with_and_without_padded_groups(monkeypat
     assert len(plan.groups) == groups
 
 
+def test_varlen_takes_packs_of_equal_images_as_they_lie():
+    """Four images of 5 tokens in two packs: one group, the packs as they are (no gather, no scatter),
+    and the same outputs and gradients as "math" under the segment mask (fp32, 1e-5)."""
+    seg = torch.tensor([[0] * 5 + [1] * 5, [2] * 5 + [3] * 5])
+    torch.manual_seed(0)
+    qkv = torch.randn(2, 10, 3, 2, 4, requires_grad=True)                 # as the model's qkv: (B, N, 3, H, Dh)
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+    spec = AttnSpec(segment_ids=seg)
+    got = attention(q, k, v, spec, backend="varlen")[0]
+    want = attention(q, k, v, AttnSpec(segment_ids=seg), backend="math")[0]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    w = torch.randn_like(got)
+    torch.testing.assert_close(torch.autograd.grad((got * w).sum(), qkv)[0], torch.autograd.grad((want * w).sum(), qkv)[0],
+                               atol=1e-5, rtol=1e-5)
+    plan = next(p for key, p in spec.cache.items() if key[0] == "varlen")
+    assert [(n, length) for n, length, _ in plan.groups] == [(4, 5)] and plan.gather is None and plan.scatter is None
+
+
 def _mixed_folder(root, per_class=10):
     from PIL import Image
     rng = np.random.default_rng(0)

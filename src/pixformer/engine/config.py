@@ -74,7 +74,7 @@ class TrainConfig:
     max_side: int | None = None         # scale each image down so its longer side is at most this (pixels)
     max_tokens: int | None = None       # scale each image down to at most this many tokens
     resolution_range: tuple[int, int] | None = None  # training: each image's longer side drawn from [LO, HI]
-    pack_length: int | None = None      # tokens per packed sequence (unset: a row per image, padded to the largest)
+    pack_length: int | None = None      # most tokens in a packed sequence (packs shrink to fit; unset: a row per image, padded)
     max_per_pack: int = 64              # images per packed sequence at most
     token_drop: float = 0.0             # training: rate of each image's tokens dropped before packing
     token_drop_beta: tuple[float, float] | None = None  # training: the rate drawn per image from Beta(A, B)

@@ -281,7 +281,8 @@ def segment_runs(segments: Tensor) -> list[tuple[int, int, int, int]] | None:
 # Grouping images of different lengths: a call costs about VARLEN_CALL_SCORES attention scores of work
 # (its dispatch, mask and copies, forward and backward) on top of its scores; images of close lengths share
 # a call, each padded to the group's longest (its padding keys masked), where that costs less than a call
-# of its own (measured on the CPUs of benchmarks/packing.py).
+# of its own. Measured on benchmarks/packing.py's images, AMD EPYC (AVX512-BF16), two threads: 2^16 and
+# 2^18 alike, 2^14 and 0 (a call per distinct length) about a third slower.
 VARLEN_CALL_SCORES = 1 << 16
 
 
@@ -290,10 +291,11 @@ class VarlenPlan:
     """How "varlen" attends to packed images: `groups` of (images, length, key mask or None), each one
     batched call over its images padded to `length`; `gather` (S,) the flat (row * N + column) position
     of every slot of the groups in order (padding slots repeat a real one, their keys masked); `scatter`
-    (B * N,) each position's slot in the groups' output, S (a zero row) for padding."""
+    (B * N,) each position's slot in the groups' output, S (a zero row) for padding. Both None when the
+    groups are the packs as they lie (images of one length, shortest first, no padding)."""
     groups: list[tuple[int, int, Tensor | None]]
-    gather: Tensor
-    scatter: Tensor
+    gather: Tensor | None
+    scatter: Tensor | None
 
 
 def group_lengths(lengths: list[int], heads: int) -> list[list[int]]:
@@ -340,6 +342,8 @@ def varlen_plan(runs: list[tuple[int, int, int, int]], B: int, N: int, heads: in
             gather.extend([at] * (length - n))                                   # padding: masked keys
         mask = None if bool((lens == length).all()) else (torch.arange(length) < lens[:, None])[:, None, None]
         groups.append((len(members), length, None if mask is None else mask.to(device)))
+    if gather == list(range(B * N)):                   # the groups are the sequence as it is: no gathers
+        return VarlenPlan(groups, None, None)
     scatter[scatter < 0] = len(gather)
     return VarlenPlan(groups, torch.tensor(gather, dtype=torch.long, device=device), scatter.to(device))
 
@@ -357,11 +361,14 @@ def _varlen(q, k, v, spec, need_weights):
     plan = spec.cache[key]
     if plan is None:
         return _blocked(q, k, v, spec, need_weights)
-    # every image's tokens in one gather per tensor, token-major (S, H * Dh): rows of contiguous features,
-    # views of q, k, v as the model makes them; then one batched call per group of images of close lengths
-    # (the masks additive: nothing to undo in the backward) and one gather back, straight into the
-    # (B, N, H, Dv) layout the model merges the heads from. The backward is an index_add and a cat.
-    q, k, v = (t.transpose(1, 2).reshape(B * N, -1).index_select(0, plan.gather) for t in (q, k, v))
+    # every image's tokens in one gather per tensor (none where the groups are the packs as they lie),
+    # token-major (S, H * Dh): rows of contiguous features, views of q, k, v as the model makes them; then
+    # one batched call per group of images of close lengths (the masks additive: nothing to undo in the
+    # backward) and one gather back, straight into the (B, N, H, Dv) layout the model merges the heads
+    # from. The backward is an index_add and a cat.
+    q, k, v = (t.transpose(1, 2).reshape(B * N, -1) for t in (q, k, v))               # (B * N, H * Dh) views
+    if plan.gather is not None:
+        q, k, v = (t.index_select(0, plan.gather) for t in (q, k, v))              # (S, H * Dh)
     Dv = v.shape[-1] // H
     sizes = [n * length for n, length, _ in plan.groups]
     outs = []
@@ -371,8 +378,11 @@ def _varlen(q, k, v, spec, need_weights):
         bias = None if mask is None else qg.new_zeros(mask.shape).masked_fill_(~mask, float("-inf"))  # (n, 1, 1, length)
         out = _BACKENDS[inner](qg, kg, vg, AttnSpec(mask=bias), False)[0]           # (n, H, length, Dv)
         outs.append(out.transpose(1, 2).reshape(n * length, H * Dv))
-    outs.append(v.new_zeros(1, H * Dv))                                            # what padding gets
-    out = torch.cat(outs).index_select(0, plan.scatter)                           # (B * N, H * Dv)
+    if plan.scatter is None:
+        out = torch.cat(outs) if len(outs) > 1 else outs[0]                       # (B * N, H * Dv)
+    else:
+        outs.append(v.new_zeros(1, H * Dv))                                        # what padding gets
+        out = torch.cat(outs).index_select(0, plan.scatter)                       # (B * N, H * Dv)
     return out.view(B, N, H, Dv).transpose(1, 2), None                            # (B, H, N, Dv)
 
 
