@@ -63,6 +63,22 @@ def test_prefetching_changes_when_a_batch_is_made_never_what_it_holds(uninterrup
         assert all(0 <= r["data_wait"] <= 1 for r in rows if "epoch" in r and "val_loss" in r)
 
 
+def test_loader_threads_of_a_cpu_step_use_one_torch_thread_and_leave_the_default():
+    """A CPU step keeps its cores: each loader thread's torch calls run on one intra-op thread, while the
+    caller's count and the one a thread started later begins with stay as they were."""
+    import threading
+    from pixformer.data.loader import Prefetcher
+    before = torch.get_num_threads()
+    with Prefetcher(lambda k: (k, torch.get_num_threads()), range(8), threads=3, depth=4, intra_op_threads=1) as made:
+        assert list(made) == [(k, 1) for k in range(8)]
+    later = []
+    t = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+    t.start(), t.join()
+    assert torch.get_num_threads() == before and later == [before]
+    with Prefetcher(lambda k: torch.get_num_threads(), range(3), threads=2, depth=2) as made:
+        assert list(made) == [before] * 3                      # unset: torch's default, as a GPU step has
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("full") / "run"

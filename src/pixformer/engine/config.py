@@ -57,7 +57,7 @@ class TrainConfig:
     image_column: str | None = None     # a Hugging Face dataset's image column (default: image / img)
     label_column: str | None = None     # its label column (default: label / labels / fine_label)
     workers: int | None = None          # processes decoding images into the cache (default: every core)
-    loader_threads: int = 2             # threads making the next batches while the step runs
+    loader_threads: int = 2             # threads making the next batches while the step runs (a CPU step: one torch thread each)
     prefetch: int = 4                   # batches made ahead of the step (0: each made when the step asks)
     # augmentation: of the uint8 images, before normalisation (every image task)
     crop_padding: int = 0               # random crop with this zero (black) padding; 0 = off

@@ -300,11 +300,13 @@ def _pinned(batch: Batch, device: torch.device) -> Batch:
     return Batch(batch.x.pin_memory(), batch.y.pin_memory(), batch.size)
 
 
-def batches(make: Callable[[Any], Any], keys, cfg: TrainConfig | None) -> Prefetcher:
+def batches(make: Callable[[Any], Any], keys, cfg: TrainConfig | None, device: torch.device) -> Prefetcher:
     """make(key) for each key, made ahead on --loader-threads threads, --prefetch of them (0: each made
-    when asked); the defaults' without a run config."""
+    when asked); the defaults' without a run config. A step on the CPU keeps its cores: the loader
+    threads' torch calls then run on one intra-op thread each."""
     cfg = cfg or TrainConfig()
-    return Prefetcher(make, keys, threads=cfg.loader_threads, depth=cfg.prefetch)
+    return Prefetcher(make, keys, threads=cfg.loader_threads, depth=cfg.prefetch,
+                      intra_op_threads=1 if device.type == "cpu" else None)
 
 
 def model_inputs(task: Task, batch: Batch, device: torch.device) -> tuple[Tensor | Packed, Tensor]:
@@ -333,7 +335,7 @@ def evaluate(task: Task, model: nn.Module, data: ImageSet | NativeSet, batch_siz
             shares.append((share if len(share) else idx[:1], len(share) > 0, len(idx)))
     make = lambda s: (eval_batch(data, s[0], task, batcher, device), s)   # noqa: E731
     progress = Progress(len(data), desc or "", show=desc is not None and runtime.is_main)
-    with batches(make, shares, cfg) as made, progress:
+    with batches(make, shares, cfg, device) as made, progress:
         for batch, (idx, counted, images) in made:
             if stop is not None and runtime.world_size == 1:   # under torchrun the step's all-reduce decides
                 stop.check()
@@ -580,7 +582,8 @@ def fit(run: Run) -> dict[str, Any]:
     run.bar = Progress(run.total_steps, f"training {run.name} on {Path(cfg.data).name}", unit="steps", short="steps",
                        show=cfg.progress and run.runtime.is_main, initial=run.step, leave=True)
     try:
-        with StopFlag() as stop, batches(lambda s: train_batch(run, s), range(run.step, run.total_steps), cfg) as feed:
+        with StopFlag() as stop, batches(lambda s: train_batch(run, s), range(run.step, run.total_steps), cfg,
+                                       run.runtime.device) as feed:
             while True:
                 if run.state["epochs_logged"] < run.step // run.steps_per_epoch:   # an epoch ended (again, after a stop)
                     end_of_epoch(run, stop)
