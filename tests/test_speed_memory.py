@@ -12,8 +12,9 @@ import torch.nn.functional as F
 
 from pixformer import PixformerError, attention, create_model, set_attention_backend
 from pixformer.models.attention import available_backends
-from pixformer.engine.perf import (apply_activation_checkpointing, apply_compile, apply_onednn_linear, apply_speed_settings,
-                            autocast_dtype, Speed, checkpointed_blocks, onednn_available, set_allocator)
+from pixformer.engine.perf import (apply_activation_checkpointing, apply_compile, apply_lean_mlp, apply_onednn_linear,
+                                   apply_speed_settings, autocast_dtype, Speed, checkpointed_blocks, lean_mlps,
+                                   onednn_available, set_allocator)
 from pixformer.engine.plan import largest_side, parse_bytes, plan, selective_pays, vit_block_bytes
 
 A = importlib.import_module("pixformer.models.attention")  # the module (the package exports a function of that name)
@@ -127,12 +128,16 @@ def test_checkpointing_saves_what_the_planner_says():
 
     x = torch.randn(2, 3, 8, 8)
     T, D, M, H = 65, 32, 128, 2
-    for mode in ("none", "full"):
+    for mode, lean in (("none", False), ("none", True), ("full", False), ("full", True)):
         one, two = tiny(depth=1), tiny(depth=2)
-        if mode == "full":
-            apply_activation_checkpointing(one, "all"), apply_activation_checkpointing(two, "all")
+        for m in (one, two):
+            apply_lean_mlp(m, lean)
+            if mode == "full":
+                apply_activation_checkpointing(m, "all")
         per_block = kept_bytes(two, x) - kept_bytes(one, x)
-        assert per_block == 2 * vit_block_bytes(T, D, M, H, 4, "fused", mode)[0]
+        assert per_block == 2 * vit_block_bytes(T, D, M, H, 4, "fused", mode, lean_mlp=lean)[0]
+    assert (vit_block_bytes(T, D, M, H, 4, "fused", "none", lean_mlp=False)[0]
+            - vit_block_bytes(T, D, M, H, 4, "fused", "none")[0]) == 4 * T * M        # GELU(u) no longer kept
 
 
 def test_bf16_training_step_runs():
@@ -246,7 +251,7 @@ def test_planner_chooses_the_layers_that_regather_by_hand():
     12 * 6968 - 1664 R + 2912 + 716 = 87244 - 1664 R, at most 1.1 / 2 * 130924 = 72008.2 from R = 10."""
     from pixformer.engine.plan import check_regather
     kw = dict(depth=12, dim=8, heads=2, mlp_ratio=2.0, precision="fp32", attn_backend="sdpa", batch_size=4,
-              seq_parallel=2, data_parallel=2)
+              seq_parallel=2, data_parallel=2, lean_mlp=False)    # the MLP keeps both hidden activations
     auto = plan("pit-n", img_size=5, **kw)
     assert auto.one_device_bytes["none"] == 130924
     assert auto.regather_layers["none"] == 10 and auto.image_bytes["none"] == 87244 - 1664 * 10
@@ -368,6 +373,41 @@ def test_onednn_linear_gives_the_same_forward_and_gradients():
     torch.library.opcheck(torch.ops.pixformer.onednn_linear, (torch.randn(4, 6), torch.randn(7, 6), None))
     apply_onednn_linear(model, enabled=False)
     assert not any("forward" in vars(m) for m in model.modules())
+
+
+@pytest.mark.parametrize("onednn", [False, True] if onednn_available() else [False])
+def test_lean_mlp_gives_the_same_forward_and_gradients(onednn):
+    """The MLP that recomputes GELU in its backward computes what the plain one does, in fp32 and under
+    bf16 autocast, with drop path, alone or under selective checkpointing; its op passes opcheck."""
+    def model():                       # a random head: the zero one would send no gradient to the blocks
+        m = tiny(drop_path=0.2)
+        torch.nn.init.normal_(m.head.weight, generator=torch.Generator().manual_seed(2))
+        return m.train()
+
+    x, y = torch.randn(3, 3, 8, 8), torch.tensor([0, 1, 4])
+    for amp in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            plain = model()
+            torch.manual_seed(1)                                          # the same drop-path draws
+            loss_ref, g_ref = grads_of(plain, x, y)
+            for selective in (False, True):
+                lean = apply_lean_mlp(model(), onednn=onednn)
+                apply_activation_checkpointing(lean, 0, selective)
+                assert len(lean_mlps(lean)) == 2 and all("forward" in vars(m) for m in lean_mlps(lean))
+                assert list(lean.state_dict()) == list(tiny().state_dict())      # checkpoints stay loadable
+                torch.manual_seed(1)
+                loss, g = grads_of(lean, x, y)
+                tol = dict(atol=1e-2, rtol=1e-2) if amp else dict(atol=1e-6, rtol=1e-5)
+                torch.testing.assert_close(loss, loss_ref, **tol)
+                for name in g_ref:
+                    assert g[name].dtype == torch.float32 and (name.startswith("head") or g[name].abs().sum() > 0)
+                    torch.testing.assert_close(g[name], g_ref[name], **tol, msg=name)
+    u, w, b = torch.randn(4, 5, 8), torch.randn(6, 8), torch.randn(6)
+    torch.library.opcheck(torch.ops.pixformer.gelu_linear, (u, w, b, onednn))
+    torch.library.opcheck(torch.ops.pixformer.gelu_linear, (u.reshape(20, 8), w, None, onednn))
+    apply_lean_mlp(lean, enabled=False)
+    assert not any("forward" in vars(m) for m in lean_mlps(lean))
+    assert lean_mlps(create_model("convmixer-256/8", img_size=8, dim=8, depth=2)) == []     # no MLP: left alone
 
 
 def test_allocator_policy_names_and_checks():

@@ -4,6 +4,7 @@
     apply_activation_checkpointing(model, "all")   # or the first N blocks; selective=True for the rest
     apply_compile(model)                           # torch.compile, block by block
     apply_onednn_linear(model)                     # fp32 linear layers on CPU through oneDNN
+    apply_lean_mlp(model)                          # the MLP keeps its hidden activation once
     set_allocator("keep")                          # glibc malloc policy for large tensors
     apply_speed_settings(model, Speed(...))        # all of train's switches in one call
     dtype = autocast_dtype("auto", device)         # bf16 where the hardware has it natively
@@ -95,6 +96,74 @@ def apply_onednn_linear(model: nn.Module, enabled: bool = True) -> nn.Module:
     return model
 
 
+# ---- the MLP's hidden activation kept once ------------------------------------------------------
+# Written here because autograd keeps both fc2's input GELU(u) and GELU's input u: a third of what a
+# ViT block keeps. Recomputing GELU(u) in the backward costs one elementwise op; torch's selective
+# checkpointing does the same but runs the whole block's forward through a dispatch mode again.
+@torch.library.custom_op("pixformer::gelu_linear", mutates_args=())
+def gelu_linear(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, onednn: bool) -> torch.Tensor:
+    """F.linear(GELU(u), weight, bias) in u's dtype (under autocast fc1's output is bf16, and the weights
+    are cast to it as autocast casts them); `onednn`: an fp32 CPU GEMM through oneDNN (onednn_pays).
+    Its backward recomputes GELU(u) rather than keeping it."""
+    a = F.gelu(u)
+    w, b = weight.to(u.dtype), None if bias is None else bias.to(u.dtype)
+    with torch.autocast(u.device.type, enabled=False):
+        if onednn and u.device.type == "cpu" and u.dtype == torch.float32:
+            return torch.ops.mkldnn._linear_pointwise(a, w, b, "none", [], "")
+        return F.linear(a, w, b)
+
+
+@gelu_linear.register_fake
+def _(u, weight, bias, onednn):
+    return u.new_empty(*u.shape[:-1], weight.shape[0])
+
+
+def _gelu_linear_setup(ctx, inputs, output):
+    u, weight, bias, ctx.onednn = inputs
+    ctx.save_for_backward(u, weight)
+    ctx.has_bias = bias is not None
+
+
+def _gelu_linear_grad(ctx, dy):
+    u, weight = ctx.saved_tensors
+    dy2 = dy.reshape(-1, dy.shape[-1])                                          # (L, out)
+    a = F.gelu(u)                                                               # (..., hidden), recomputed
+    dw = (dy2.t() @ a.reshape(-1, a.shape[-1])).to(weight.dtype) if ctx.needs_input_grad[1] else None
+    db = dy2.sum(0).to(weight.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    del a
+    w = weight.to(u.dtype)
+    onednn = ctx.onednn and u.device.type == "cpu" and u.dtype == torch.float32
+    da = onednn_linear(dy, w.t().contiguous(), None) if onednn else dy @ w     # (..., hidden)
+    du = torch.ops.aten.gelu_backward(da, u) if ctx.needs_input_grad[0] else None
+    return du, dw, db, None
+
+
+gelu_linear.register_autograd(_gelu_linear_grad, setup_context=_gelu_linear_setup)
+
+
+def _lean_mlp_forward(mlp: nn.Sequential, onednn: bool, x: torch.Tensor) -> torch.Tensor:
+    fc1, _, fc2 = mlp
+    return gelu_linear(fc1(x), fc2.weight, fc2.bias, onednn)                    # (..., out)
+
+
+def lean_mlps(model: nn.Module) -> list[nn.Sequential]:
+    """The blocks' MLPs that apply_lean_mlp can run: Linear, exact GELU, Linear."""
+    return [b.mlp for b in blocks_of(model) if isinstance(getattr(b, "mlp", None), nn.Sequential)
+            and len(b.mlp) == 3 and isinstance(b.mlp[0], nn.Linear) and isinstance(b.mlp[2], nn.Linear)
+            and isinstance(b.mlp[1], nn.GELU) and b.mlp[1].approximate == "none"]
+
+
+def apply_lean_mlp(model: nn.Module, enabled: bool = True, onednn: bool = False) -> nn.Module:
+    """Each block's MLP keeps its hidden activation once (GELU recomputed in the backward, fc2 as
+    gelu_linear): a third less activation memory for a ViT block in fp32 and bf16. In place; parameter
+    names stay the same; `onednn` as apply_onednn_linear's (fc1 keeps whatever that set)."""
+    for mlp in lean_mlps(model):
+        mlp.__dict__.pop("forward", None)
+        if enabled:
+            mlp.forward = functools.partial(_lean_mlp_forward, mlp, onednn and onednn_available())
+    return model
+
+
 def checkpoint_count(blocks: int | str | None, depth: int) -> int:
     """How many blocks `blocks` ("all", "none", an int, or its string) means in a model of `depth`."""
     if blocks is None or blocks is False or (isinstance(blocks, str) and blocks.strip().lower() in ("none", "0", "")):
@@ -118,7 +187,7 @@ _KEEP = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm
          _aten._scaled_dot_product_flash_attention.default,
          _aten._scaled_dot_product_efficient_attention.default,
          _aten._scaled_dot_product_cudnn_attention.default, torch.ops.pixformer.blocked_attention.default,
-         torch.ops.pixformer.onednn_linear.default}
+         torch.ops.pixformer.onednn_linear.default, torch.ops.pixformer.gelu_linear.default}
 
 
 def _keep_matmuls(ctx, op, *args, **kwargs):
@@ -181,7 +250,14 @@ class Speed:
     compile: bool = False               # torch.compile each block (the first steps compile)
     onednn_linear: bool | None = None   # fp32 linear layers on CPU through oneDNN; unset: where it pays
     #                                     (AMD CPUs with AVX-512, onednn_pays)
+    lean_mlp: bool = True               # the MLP keeps its hidden activation once (GELU recomputed in
+    #                                     backward): a third less activation memory for a ViT block (off under compile)
     allocator: str = "auto"             # auto | keep | release | system: glibc malloc policy (set_allocator)
+
+    @property
+    def lean_mlp_on(self) -> bool:
+        """Whether the lean MLP runs: asked for, and not compiled (inductor picks what to recompute)."""
+        return self.lean_mlp and not self.compile
 
     def check(self) -> "Speed":
         """Refuse an unknown attention backend or allocator policy (train checks before loading data)."""
@@ -197,7 +273,9 @@ def apply_speed_settings(model: nn.Module, speed: Speed | None = None, **setting
     speed = (speed or Speed(**settings)).check()
     set_attention_backend(model, speed.attn_backend)
     apply_activation_checkpointing(model, speed.checkpoint_blocks, bool(speed.selective_checkpoint))
-    apply_onednn_linear(model, onednn_pays() if speed.onednn_linear is None else speed.onednn_linear)
+    onednn = onednn_pays() if speed.onednn_linear is None else speed.onednn_linear
+    apply_onednn_linear(model, onednn)
+    apply_lean_mlp(model, speed.lean_mlp_on, onednn)
     if speed.compile:
         apply_compile(model)
     set_allocator(speed.allocator, memory_first=checkpointed_blocks(model)["full"] > 0)
