@@ -9,7 +9,8 @@ resident memory of the process during the steps.
     .venv/bin/python benchmarks/mae_step.py --batch 16 --profile pixformer-fp32     # where one step's time goes
 
 Configurations: pixformer as `pixformer train --task mae` runs it (its default precision and speed
-settings, selective activation checkpointing where train's rule turns it on: plan.selective_pays),
+settings, selective activation checkpointing where train's rule turns it on: the planner's count of
+what the encoder's blocks over the visible tokens and the decoder's over all keep, plan.blocks_peak_bytes),
 pixformer in fp32 (with train's other settings), pixformer's default without selective checkpointing,
 transformers in fp32 with its SDPA attention, and transformers under bf16 autocast. Each prints its
 GFLOP/s (`mae_flops`, 3x forward, the same count for both: identical dimensions) and its share of this
@@ -60,7 +61,7 @@ def build(name: str, batch: int):
         from pixformer import Speed
         from pixformer.engine.optim import param_groups
         from pixformer.engine.perf import apply_speed_settings, autocast_dtype
-        from pixformer.engine.plan import selective_pays
+        from pixformer.engine.plan import SELECTIVE_ABOVE, blocks_peak_bytes
         from pixformer.tasks import DataFacts
         from pixformer.tasks.mae import MAE, MAETaskConfig
         task = MAE(MAETaskConfig(mask_ratio=d["mask_ratio"], target="patch", decoder_depth=d["dec_depth"],
@@ -69,7 +70,7 @@ def build(name: str, batch: int):
         model = task.build_model("pit-t", {})
         selective = cfg.get("selective")
         if selective is None:                                                   # train's rule (loop.resolved_speed)
-            selective = selective_pays("pit-t", d["img"], batch, cfg["precision"])
+            selective = blocks_peak_bytes(model, task.block_tokens(model), batch, cfg["precision"]) > SELECTIVE_ABOVE
         apply_speed_settings(model, Speed(selective_checkpoint=selective))
         opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95), foreach=True)
         amp = autocast_dtype(cfg["precision"], "cpu")

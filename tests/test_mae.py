@@ -19,6 +19,26 @@ def tiny_mae(patch=2, hw=(8, 8), pool="cls", depth=2, dim=32):
                                                     pool=pool), decoder_depth=1, decoder_dim=16, decoder_heads=2))
 
 
+def test_the_planner_counts_the_encoder_over_the_visible_tokens_and_the_decoder_over_all():
+    """train's selective-checkpointing rule counts an MAE step as it runs: the encoder's blocks over the
+    visible tokens (and the class token), the decoder's over every position; a classifier's blocks at
+    one length give the planner's own per-image count (less what it keeps outside the blocks)."""
+    from pixformer import create_model
+    from pixformer.engine.plan import blocks_peak_bytes, plan
+    from pixformer.tasks import DataFacts
+    from pixformer.tasks.mae import MAETaskConfig
+    task = MAE(MAETaskConfig(mask_ratio=0.75), DataFacts(["a", "b"], 3, (16, 16), [0.0] * 3, [1.0] * 3))
+    model = task.build_model("pit-t", dict(depth=3))
+    assert task.block_tokens(model) == [64 + 1] * 3 + [256 + 1] * len(model.decoder_blocks)
+    full = blocks_peak_bytes(model, [257] * (3 + len(model.decoder_blocks)), 4, "bf16")
+    assert blocks_peak_bytes(model, task.block_tokens(model), 4, "bf16") < full
+    classifier = create_model("pit-t", img_size=8, num_classes=10, depth=2)
+    p, T, D = plan("pit-t", 8, 1, precision="fp32", depth=2), 65, 192
+    assert blocks_peak_bytes(classifier, [T, T], 1, "fp32") == p.image_bytes["none"] - 4 * T * D - 4 * 3 * 8 * 8
+    with pytest.raises(PixformerError, match="sequence lengths"):
+        blocks_peak_bytes(classifier, [T], 1, "fp32")
+
+
 @pytest.mark.parametrize("n,ratio", [(64, 0.75), (16, 0.75), (15, 0.5), (12, 0.9)])
 def test_masking_keeps_floor_n_times_one_minus_r_and_restore_inverts_the_shuffle(n, ratio):
     noise = torch.rand(4, n, generator=torch.Generator().manual_seed(n))

@@ -59,7 +59,7 @@ from .config import TrainConfig, as_json, changed_settings
 from .imports import foreign_format
 from .optim import Optimizers, build_optimizer, lr_at
 from .perf import apply_speed_settings, autocast_dtype, checkpoint_count, onednn_pays
-from .plan import plan, regather_count, selective_pays
+from .plan import SELECTIVE_ABOVE, blocks_peak_bytes, plan, regather_count, selective_pays
 from .progressive import check_progressive, resized, side_at
 from .rundir import RunFolder, append_metrics, claim, trim_metrics
 from .runtime import RankRandom, Runtime, lost_peer
@@ -455,7 +455,7 @@ def start(cfg: TrainConfig, data: Prepared | None, runtime: Runtime, task_cls: t
     if not runtime.fsdp:
         model.to(runtime.device)                 # (FSDP2 moves each block's shard there when it shards it)
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay > 0 else None
-    speed = resolved_speed(cfg, runtime, data.facts, amp)
+    speed = resolved_speed(cfg, runtime, data.facts, amp, task, model)
     apply_speed_settings(model, **speed)                                 # from outside the model
     regather, regather_line = seq_regather_layers(cfg, runtime, data.facts, speed, amp)
     if regather_line:
@@ -513,17 +513,24 @@ def attach(run: Run, saved: dict[str, Any] | None) -> None:
     run.lr = lr_at(max(run.step - 1, 0), run.total_steps, run.warmup, cfg.lr, cfg.min_lr, cfg.lr_schedule)  # the last step's
 
 
-def resolved_speed(cfg: TrainConfig, runtime: Runtime, facts: DataFacts, amp) -> dict[str, Any]:
+def resolved_speed(cfg: TrainConfig, runtime: Runtime, facts: DataFacts, amp, task: Task,
+                   model: nn.Module) -> dict[str, Any]:
     """The run's speed switches with the automatic ones decided for this machine and run."""
     speed = asdict(cfg.speed)
     if speed["onednn_linear"] is None:
         speed["onednn_linear"] = runtime.device.type == "cpu" and onednn_pays()
-    if speed["selective_checkpoint"] is None:
+    tokens = task.block_tokens(model) if speed["selective_checkpoint"] is None else None
+    if tokens is not None:                 # blocks seeing different sequences: counted on the built model
+        speed["selective_checkpoint"] = blocks_peak_bytes(
+            model, tokens, -(-cfg.batch_size // runtime.data_parallel), "bf16" if amp else "fp32",
+            cfg.speed.attn_backend, cfg.speed.lean_mlp_on) > SELECTIVE_ABOVE
+    elif speed["selective_checkpoint"] is None:
         speed["selective_checkpoint"] = selective_pays(cfg.model, facts.img_size, cfg.batch_size,
                                                        "bf16" if amp else "fp32", cfg.speed.attn_backend,
                                                        len(facts.classes), facts.in_chans, **cfg.model_args,
                                                        seq_parallel=runtime.seq_parallel,      # per rank
-                                                       data_parallel=runtime.data_parallel)
+                                                       data_parallel=runtime.data_parallel,
+                                                       lean_mlp=cfg.speed.lean_mlp_on)
     return speed
 
 
@@ -537,7 +544,7 @@ def seq_regather_layers(cfg: TrainConfig, runtime: Runtime, facts: DataFacts, sp
     p = plan(cfg.model, facts.img_size, cfg.batch_size, precision="bf16" if amp else "fp32",
              attn_backend=cfg.speed.attn_backend, num_classes=len(facts.classes), in_chans=facts.in_chans,
              seq_parallel=runtime.seq_parallel, data_parallel=runtime.data_parallel, seq_regather=cfg.seq_regather,
-             **cfg.model_args)
+             lean_mlp=cfg.speed.lean_mlp_on, **cfg.model_args)
     mode = "full" if checkpoint_count(speed["checkpoint_blocks"], p.depth) == p.depth else \
         "selective" if speed["selective_checkpoint"] else "none"
     return p.regather_layers[mode], p.regather_line(mode)

@@ -104,6 +104,11 @@ class Task:
             raise PixformerError(f"--task {self.name} needs a ViT encoder (vit-*/p or pit-*); {name} is a {arch}")
         return {**fields, **model_args, "img_size": self.facts.img_size, "in_chans": self.facts.in_chans}
 
+    def block_tokens(self, model: nn.Module) -> list[int] | None:
+        """Each block's sequence length in a training step (blocks_of order), where the blocks do not all
+        see the tokens of the whole image (MAE); None: they do, and the planner counts them by name."""
+        return None
+
     def prepare(self, data: ImageSet) -> ImageSet:
         """A split as the task trains on it, once per split before the model is built (train, eval):
         by default the uint8 images as they are (a latent diffusion task encodes them)."""

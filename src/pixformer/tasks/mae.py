@@ -103,6 +103,14 @@ class MAE(Task):
                                  "one channel is a single value; use --target none or local")
         return MaskedAutoencoder(MAEConfig(encoder=encoder, **decoder))
 
+    def block_tokens(self, model: nn.Module) -> list[int]:
+        """The encoder's blocks see the visible tokens, the decoder's every position (+ the class token)."""
+        enc = model.encoder.cfg
+        rows, cols = check_grid(self.facts.img_size, enc.patch_size)
+        cls = int(enc.pool == "cls")
+        return ([visible_count(rows * cols, self.cfg.mask_ratio) + cls] * enc.depth
+                + [rows * cols + cls] * len(model.decoder_blocks))
+
     def patch_size(self, model: nn.Module) -> int:
         return model.encoder.cfg.patch_size
 
