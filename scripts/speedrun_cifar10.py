@@ -26,7 +26,8 @@ from pathlib import Path
 from pixformer.engine import perf
 
 DATA = "../shared/data/cifar10-train-jpg.tar.gz"
-# Each ingredient of the recipe, and the options that take it out (or put the plain choice in its place).
+# Each ingredient of the recipe, and the options that take it out (or put the plain choice in its place);
+# the EMA, which the recipe leaves out, is put in.
 ABLATIONS = {
     "recipe": [],
     "linear stem (no conv stem)": ["--stem", "linear"],
@@ -37,6 +38,7 @@ ABLATIONS = {
     "no drop path": ["--drop-path", "0"],
     "no progressive resizing": ["--progressive", "null"],
     "fp32 (not bf16 autocast)": ["--precision", "fp32"],
+    "EMA 0.99 added": ["--ema-decay", "0.99"],
 }
 
 
