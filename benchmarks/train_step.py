@@ -67,6 +67,8 @@ def configs() -> dict[str, dict]:
         "pixformer-selective": {**default, "selective_checkpoint": True},       # the defaults' two choices,
         "pixformer-no-selective": {**default, "selective_checkpoint": False},  # each forced on and off
         "pixformer-system-malloc": {**default, "allocator": "system"},
+        "pixformer-no-lean": {**default, "lean_mlp": False},                   # the MLP keeps both activations
+        "pixformer-fp32-no-lean": {**default, "precision": "fp32", "selective_checkpoint": False, "lean_mlp": False},
         "pixformer-fp32-system-malloc": {**default, "precision": "fp32", "selective_checkpoint": False,
                                          "allocator": "system"},
         "vit-pytorch": dict(impl="vit-pytorch", precision="fp32"),
