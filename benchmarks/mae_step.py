@@ -12,7 +12,8 @@ Configurations: pixformer as `pixformer train --task mae` runs it (its default p
 settings, selective activation checkpointing where train's rule turns it on: the planner's count of
 what the encoder's blocks over the visible tokens and the decoder's over all keep, plan.blocks_peak_bytes),
 pixformer in fp32 (with train's other settings), pixformer's default with selective checkpointing,
-pixformer's default with the MLP keeping both its hidden activations (`--lean-mlp false`),
+pixformer's default with the MLP keeping both its hidden activations (`--lean-mlp false`), with the
+`blocked` attention kernel in every layer (`auto` runs `math` in the encoder, which keeps the probabilities),
 transformers in fp32 with its SDPA attention, and transformers under bf16 autocast. Each prints its
 GFLOP/s (`mae_flops`, 3x forward, the same count for both: identical dimensions) and its share of this
 machine's matmul peak in the dtype it ran, measured in the same run (harness.matmul_peaks), and the
@@ -28,11 +29,12 @@ from harness import matmul_peaks, peak_per_dtype, profile_step, run_configs, say
 DIMS = dict(img=32, patch=1, depth=12, dim=192, heads=3, mlp=768, dec_depth=4, dec_dim=128, dec_heads=4, dec_mlp=512,
             mask_ratio=0.75)
 # selective: selective activation checkpointing on / off; unset: as train decides (plan.blocks_peak_bytes);
-# lean: the lean MLP (default on, as in train)
+# lean: the lean MLP (default on, as in train); attn: the attention backend (default auto, as in train)
 CONFIGS = {"pixformer": dict(impl="pixformer", precision="auto"),
            "pixformer-fp32": dict(impl="pixformer", precision="fp32"),
            "pixformer-selective": dict(impl="pixformer", precision="auto", selective=True),
            "pixformer-no-lean": dict(impl="pixformer", precision="auto", lean=False),
+           "pixformer-blocked": dict(impl="pixformer", precision="auto", attn="blocked"),
            "transformers": dict(impl="transformers", precision="fp32"),
            "transformers-bf16": dict(impl="transformers", precision="bf16")}
 
@@ -73,8 +75,10 @@ def build(name: str, batch: int):
         model = task.build_model("pit-t", {})
         selective = cfg.get("selective")
         if selective is None:                                                   # train's rule (loop.resolved_speed)
-            selective = blocks_peak_bytes(model, task.block_tokens(model), batch, cfg["precision"]) > SELECTIVE_ABOVE
-        apply_speed_settings(model, Speed(selective_checkpoint=selective, lean_mlp=cfg.get("lean", True)))
+            selective = blocks_peak_bytes(model, task.block_tokens(model), batch, cfg["precision"],
+                                          cfg.get("attn", "auto")) > SELECTIVE_ABOVE
+        apply_speed_settings(model, Speed(selective_checkpoint=selective, lean_mlp=cfg.get("lean", True),
+                                          attn_backend=cfg.get("attn", "auto")))
         opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95), foreach=True)
         amp = autocast_dtype(cfg["precision"], "cpu")
 
@@ -132,7 +136,7 @@ def main():
     print(say_peaks(by_lib), flush=True)
     run_configs(__file__, args.configs, ["--batch", str(args.batch), "--steps", str(args.steps)], args.out,
                 {"dims": DIMS, "forward_flops": mae_flops(), "matmul_flop_s_by_library": by_lib}, "transformers",
-                args.merge, peak=peak_per_dtype(by_lib), peers=("pixformer", "pixformer-fp32", "pixformer-selective", "pixformer-no-lean"))
+                args.merge, peak=peak_per_dtype(by_lib), peers=tuple(c for c in CONFIGS if c.startswith("pixformer")))
 
 
 if __name__ == "__main__":
