@@ -73,6 +73,8 @@ def main() -> None:
     p.add_argument("--ablate", action="store_true", help="also train one variant per ingredient")
     p.add_argument("--epochs", type=int, default=None, help="the budget (default: the recipe's)")
     p.add_argument("--train-subset", type=int, default=None, help="train on a seeded subset of this many images")
+    p.add_argument("--seed", type=int, default=None, help="the training seed (initialisation, order, augmentation; "
+                   "default: the recipe's, 0); the held-out images stay the same")
     p.add_argument("--ema-decay", type=float, default=None, help="the EMA decay of every run (default: the recipe's; "
                    "a small budget needs a shorter average, e.g. 0.99 for a few hundred steps)")
     a = p.parse_args()
@@ -82,9 +84,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     budget = (["--epochs", str(a.epochs)] if a.epochs else []) + \
         (["--train-subset", str(a.train_subset)] if a.train_subset else []) + \
-        (["--ema-decay", str(a.ema_decay)] if a.ema_decay is not None else [])     # (a variant's own comes after)
+        (["--ema-decay", str(a.ema_decay)] if a.ema_decay is not None else []) + \
+        (["--seed", str(a.seed)] if a.seed is not None else [])     # (a variant's own options come after)
     tag = Path(a.config).stem + (f"-{a.epochs}ep" if a.epochs else "") + (f"-{a.train_subset}" if a.train_subset else "") \
-        + (f"-ema{a.ema_decay}" if a.ema_decay is not None else "")
+        + (f"-ema{a.ema_decay}" if a.ema_decay is not None else "") + (f"-seed{a.seed}" if a.seed is not None else "")
     variants = ABLATIONS if a.ablate else {"recipe": []}
     results_file = out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
