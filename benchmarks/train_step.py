@@ -127,12 +127,12 @@ def worker(job: dict) -> dict:
         speed = {k: v for k, v in cfg.items() if k not in ("impl", "precision")}
         if speed["selective_checkpoint"] is None:                       # as train decides it
             speed["selective_checkpoint"] = selective_pays("pit-t", img, batch, "bf16" if amp else "fp32",
-                                                           cfg["attn_backend"])
+                                                           cfg["attn_backend"], lean_mlp=speed["lean_mlp"])
         model = apply_speed_settings(ours, **speed)
         ckpt = checkpointed_blocks(model)
         mode = "full" if ckpt["full"] else ("selective" if ckpt["selective"] else "none")
-        est = plan("pit-t", img, batch, precision="bf16" if amp else "fp32",
-                   attn_backend=cfg["attn_backend"]).peak_bytes(batch, mode)
+        est = plan("pit-t", img, batch, precision="bf16" if amp else "fp32", attn_backend=cfg["attn_backend"],
+                   lean_mlp=speed["lean_mlp"]).peak_bytes(batch, mode)
     else:
         del ours
         model = reference_vit(img)
