@@ -57,7 +57,7 @@ class TrainConfig:
     image_column: str | None = None     # a Hugging Face dataset's image column (default: image / img)
     label_column: str | None = None     # its label column (default: label / labels / fine_label)
     workers: int | None = None          # processes decoding images into the cache (default: every core)
-    loader_threads: int = 2             # threads making the next batches while the step runs (a CPU step: one torch thread each)
+    loader_threads: int = 2             # threads making the next batches during the step (on CPU: one torch thread each)
     prefetch: int = 4                   # batches made ahead of the step (0: each made when the step asks)
     # augmentation: of the uint8 images, before normalisation (every image task)
     crop_padding: int = 0               # random crop with this zero (black) padding; 0 = off
@@ -74,7 +74,7 @@ class TrainConfig:
     max_side: int | None = None         # scale each image down so its longer side is at most this (pixels)
     max_tokens: int | None = None       # scale each image down to at most this many tokens
     resolution_range: tuple[int, int] | None = None  # training: each image's longer side drawn from [LO, HI]
-    pack_length: int | None = None      # most tokens in a packed sequence (packs shrink to fit; unset: a row per image, padded)
+    pack_length: int | None = None      # most tokens in a packed sequence (unset: a row per image, padded)
     max_per_pack: int = 64              # images per packed sequence at most
     token_drop: float = 0.0             # training: rate of each image's tokens dropped before packing
     token_drop_beta: tuple[float, float] | None = None  # training: the rate drawn per image from Beta(A, B)

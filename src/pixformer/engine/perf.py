@@ -155,8 +155,9 @@ def lean_mlps(model: nn.Module) -> list[nn.Sequential]:
 
 def apply_lean_mlp(model: nn.Module, enabled: bool = True, onednn: bool = False) -> nn.Module:
     """Each block's MLP keeps its hidden activation once (GELU recomputed in the backward, fc2 as
-    gelu_linear): what a ViT block keeps falls by 22 % in bf16 and 25 % in fp32 (plan.vit_block_bytes). In place; parameter
-    names stay the same; `onednn` as apply_onednn_linear's (fc1 keeps whatever that set)."""
+    gelu_linear): what a ViT block keeps falls by 22 % in bf16 and 25 % in fp32 (plan.vit_block_bytes).
+    In place; parameter names stay the same; `onednn` as apply_onednn_linear's (fc1 keeps whatever that
+    set)."""
     for mlp in lean_mlps(model):
         mlp.__dict__.pop("forward", None)
         if enabled:
@@ -251,7 +252,8 @@ class Speed:
     onednn_linear: bool | None = None   # fp32 linear layers on CPU through oneDNN; unset: where it pays
     #                                     (AMD CPUs with AVX-512, onednn_pays)
     lean_mlp: bool = True               # the MLP keeps its hidden activation once (GELU recomputed in
-    #                                     backward): a ViT block keeps 22-25 % less (off under compile)
+    #                                     backward): a ViT block keeps 22-25 % less (off under compile and
+    #                                     selective checkpointing, which recompute GELU themselves)
     allocator: str = "auto"             # auto | keep | release | system: glibc malloc policy (set_allocator)
 
     @property
