@@ -410,6 +410,14 @@ def test_lean_mlp_gives_the_same_forward_and_gradients(onednn):
     assert lean_mlps(create_model("convmixer-256/8", img_size=8, dim=8, depth=2)) == []     # no MLP: left alone
 
 
+def test_train_applies_the_lean_mlp_where_nothing_else_recomputes_gelu():
+    def lean(**speed):
+        return [("forward" in vars(m)) for m in lean_mlps(apply_speed_settings(tiny(), **speed))]
+    assert lean() == [True, True]
+    assert lean(lean_mlp=False) == lean(selective_checkpoint=True) == lean(compile=True) == [False, False]
+    assert lean(checkpoint_blocks=1) == [True, True]            # a block checkpointed in full keeps nothing of it
+
+
 def test_allocator_policy_names_and_checks():
     with pytest.raises(PixformerError, match="allocator policy must be one of"):
         set_allocator("fast")
