@@ -93,14 +93,19 @@ def _limit_intra_op(pool: ThreadPoolExecutor, threads: int, n: int) -> None:
 
     def limit() -> None:
         torch.get_num_threads()       # torch sets a thread's count up on its first use: before ours, not after
-        torch.set_num_threads(n)
+        with _SETTING:
+            torch.set_num_threads(n)
         started.wait()
 
     tasks = [pool.submit(limit) for _ in range(threads)]
     started.wait()
     for t in tasks:
         t.result()
-    torch.set_num_threads(keep)
+    with _SETTING:
+        torch.set_num_threads(keep)
+
+
+_SETTING = threading.Lock()   # torch.set_num_threads also resizes torch's shared thread pools: one call at a time
 
 
 _END = object()
