@@ -181,7 +181,7 @@ def test_model_and_task_settings_as_mappings_or_shortcuts(tmp_path, capsys):
     assert code == 0, err
     state = json.loads((out / "checkpoint" / "state.json").read_text())
     assert state["model"]["config"]["depth"] == 1 and state["model"]["config"]["dim"] == 16   # the shortcut wins
-    assert state["task"]["config"] == {"label_smoothing": 0.2, "mixup": 0.1, "cutmix": 0.0}
+    assert state["task"]["config"] == {"label_smoothing": 0.2, "mixup": 0.1, "cutmix": 0.0, "eval_flip": False}
     code, _, err = run(capsys, "train", "--model", "convmixer-16/1", "--pos-embed", "none", "--out", tmp_path / "x")
     assert code == 2 and "convmixer-16/1 (convmixer) has no setting(s) ['pos_embed']" in err
     code, _, err = run(capsys, "train", "--task", "segment", "--out", tmp_path / "y")

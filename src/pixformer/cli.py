@@ -136,6 +136,9 @@ def build_parser():
     ev.add_argument("--batch_size", type=int, default=512)
     ev.add_argument("--device", type=str, default="auto")
     ev.add_argument("--skip_bad_images", type=bool, default=False)
+    ev.add_argument("--eval_flip", type=typing.Optional[bool], default=None,
+                    help="classify each image and its mirror image and average the two logits (test-time "
+                         "augmentation; default: as the run validated)")
     ev.add_argument("--json", type=bool, default=False, help="print one JSON object as the last line")
     ev.add_argument("--resolutions", type=typing.Optional[str], default=None,
                     help="evaluate at each of these resolutions (pixels, comma-separated, e.g. 32,48,64): accuracy "
@@ -395,16 +398,22 @@ def cmd_eval(ns) -> int:
     from .data.splits import run_split
     from .engine import Runtime, evaluate, load_model
     from .engine.checkpoint import find_checkpoint
-    from .data.native import batcher_for
+    from .data.native import batcher_for, is_native
     from .engine.perf import autocast_dtype
     from .experiments.resolution import format_rows, parse_resolutions, resolution_sweep, write_sweep
     from .tasks import task_of
 
     _counts(ns, "batch_size")
     model, state = load_model(ns.checkpoint, ns.weights)
+    task = task_of(state)
+    if ns.eval_flip is not None:                                        # checked before any data is read
+        if not hasattr(task.cfg, "eval_flip"):
+            raise PixformerError(f"--eval_flip averages a classifier's logits; this run's task is {task.name}")
+        if ns.eval_flip and is_native(state["train_config"]):
+            raise PixformerError("--eval_flip mirrors square batches; this run packs images at native resolution")
+        task.cfg = dataclasses.replace(task.cfg, eval_flip=ns.eval_flip)
     resolutions = parse_resolutions(ns.resolutions) if ns.resolutions else None
     data, where = run_split(state, ns.data, ns.data_root, ns.split, max(resolutions) if resolutions else None)
-    task = task_of(state)
     if task.uses_labels:
         trained = state["data"]["classes"]
         unknown = [c for c in data.classes if c not in trained]

@@ -105,6 +105,7 @@ class TrainConfig:
     precision: str = "auto"             # auto (bf16 where native: GPUs, AMX / AVX512-BF16 CPUs) | fp32 | bf16
     device: str = "auto"                # auto | cpu | cuda | cuda:N
     eval_batch_size: int = 512          # images per batch when validating and testing
+    eval_every: int = 1                 # validate every N epochs and after the last (0: after the last only)
     checkpoint_every: int = 0           # also checkpoint every N steps (0: at the end of each epoch only)
     progress: bool = True               # show progress: a bar on a terminal, plain periodic lines in a log
     tensorboard: bool | None = None     # TensorBoard logs in RUN/tb: unset = when tensorboard is installed,
@@ -158,6 +159,7 @@ class TrainConfig:
         require("rand_augment", ra, ra is None or (ra[0] >= 0 and 0 <= ra[1] <= 30), "N M with N >= 0, 0 <= M <= 30")
         if ra is not None and self.trivial_augment:
             raise PixformerError("--rand-augment and --trivial-augment are two augmentation policies; choose one")
+        require("eval_every", self.eval_every, self.eval_every >= 0, ">= 0 (epochs between validations)")
         require("random_erase", self.random_erase, 0 <= self.random_erase <= 1, "a probability in [0, 1]")
         require("repeat_aug", self.repeat_aug, 1 <= self.repeat_aug <= self.batch_size,
                 f"in [1, --batch-size {self.batch_size}]")

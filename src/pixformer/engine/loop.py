@@ -119,6 +119,8 @@ def native_patch(cfg: TrainConfig, task_cls: type[Task]) -> int:
         raise PixformerError("pixel permutations (--permute-pixels, --local-swaps) need images of one size")
     if cfg.task_args.get("mixup") or cfg.task_args.get("cutmix"):
         raise PixformerError("mixup and CutMix mix images of one size; turn them off at native resolution")
+    if cfg.task_args.get("eval_flip"):
+        raise PixformerError("--eval-flip mirrors square evaluation batches; turn it off at native resolution")
     if cfg.rand_augment or cfg.trivial_augment or cfg.random_erase or cfg.repeat_aug > 1:
         raise PixformerError("--rand-augment, --trivial-augment, --random-erase and --repeat-aug augment square "
                              "batches of one size; turn them off at native resolution")
@@ -705,26 +707,28 @@ def show_progress(run: Run, epoch: int) -> None:
 
 
 def end_of_epoch(run: Run, stop: StopFlag) -> None:
-    """Validate the epoch that ended, keep the best metric, log a row, write the task's figures and
-    checkpoint."""
+    """Validate the epoch that ended when it is due (--eval-every), keep the best metric, log a row,
+    write the task's figures and checkpoint."""
     cfg, r, epoch = run.cfg, run.running, run.step // run.steps_per_epoch
     metric, better = run.task.best
-    run.val = evaluate(run.task, run.eval_model, run.splits.val, cfg.eval_batch_size, run.runtime, run.amp, stop,
-                       run.batcher, cfg, desc="validating" if cfg.progress else None)
-    best = run.state[f"best_{metric}"]
-    if best is None or (run.val[metric] > best if better == "max" else run.val[metric] < best):
-        run.state[f"best_{metric}"] = run.val[metric]
+    run.val = None
+    if epoch >= cfg.epochs or (cfg.eval_every and epoch % cfg.eval_every == 0):
+        run.val = evaluate(run.task, run.eval_model, run.splits.val, cfg.eval_batch_size, run.runtime, run.amp, stop,
+                           run.batcher, cfg, desc="validating" if cfg.progress else None)
+        best = run.state[f"best_{metric}"]
+        if best is None or (run.val[metric] > best if better == "max" else run.val[metric] < best):
+            run.state[f"best_{metric}"] = run.val[metric]
+    val = {k: v for k, v in (run.val or {}).items() if k != "n"}
     n, seconds = max(r.get("n", 0), 1), max(r.get("_seconds", 0), 1e-9)
     record = {"step": run.step, "epoch": epoch, "lr": run.lr,
               **{f"train_{k}": v / n for k, v in r.items() if not k.startswith("_") and k != "n"},
               "img_per_s": r.get("n", 0) / seconds, "data_wait": r.get("_wait", 0.0) / seconds,
               **({"train_padding": 1 - r["_useful"] / r["_slots"]} if "_slots" in r else {}),
-              **{f"val_{k}": v for k, v in run.val.items() if k != "n"}}
+              **{f"val_{k}": v for k, v in val.items()}}
     log(run, record)
     run.say(f"{run.name} epoch {epoch}/{cfg.epochs}  train loss {record.get('train_loss', 0):.4f}  "
-            + "  ".join(f"val {k} {v:.4f}" for k, v in run.val.items() if k != "n")
-            + f"  (data wait {100 * record['data_wait']:.0f} %)")
-    if run.runtime.is_main or run.runtime.fsdp:   # FSDP2: every rank runs the figures' forwards
+            + "".join(f"val {k} {v:.4f}  " for k, v in val.items()) + f"(data wait {100 * record['data_wait']:.0f} %)")
+    if run.val is not None and (run.runtime.is_main or run.runtime.fsdp):   # FSDP2: every rank runs the forwards
         try:
             run.task.report(run.ema or run.model, run.splits.val, run.run_dir if run.runtime.is_main else None, epoch)
         except PixformerError as e:               # a figure that cannot be written costs the figure, not the run

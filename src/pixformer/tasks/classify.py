@@ -22,6 +22,7 @@ class ClassifyConfig:
     label_smoothing: float = 0.1        # weight moved from the true class to a uniform target
     mixup: float = 0.0                  # mixup Beta alpha; 0 = off
     cutmix: float = 0.0                 # CutMix Beta alpha; 0 = off (with both on, one is drawn per batch)
+    eval_flip: bool = False             # evaluate each image and its mirror image, averaging the two logits
 
     def __post_init__(self):
         check_fields(self)                                          # types; every float finite
@@ -61,6 +62,8 @@ class Classify(Task):
     def eval_sums(self, model: nn.Module, images: Tensor, labels: Tensor,
                   rng: np.random.Generator) -> dict[str, float]:
         logits = model(images).float()                                         # (B, K)
+        if self.cfg.eval_flip:                                                 # test-time augmentation
+            logits = (logits + model(images.flip(-1)).float()) / 2             # (B, K)
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices              # (B, 5)
         return {"n": len(labels), "loss": F.cross_entropy(logits, labels, reduction="sum").item(),
                 "top1": (top[:, 0] == labels).sum().item(), "top5": (top == labels[:, None]).any(1).sum().item()}
