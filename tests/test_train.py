@@ -183,7 +183,8 @@ def test_checkpoint_files_are_safetensors_and_json(tmp_path):
                                                        "optimizer.safetensors", "state.json"]
     state = json.loads((ckpt / "state.json").read_text())
     assert state["model"]["arch"] == "vit" and state["train_config"]["model_args"]["dim"] == 16
-    assert state["task"] == {"name": "classify", "config": {"label_smoothing": 0.1, "mixup": 0.0, "cutmix": 0.0}}
+    assert state["task"] == {"name": "classify",
+                             "config": {"label_smoothing": 0.1, "mixup": 0.0, "cutmix": 0.0, "eval_flip": False}}
     assert state["optimizer"]["param_groups"][0]["weight_decay"] == 0.05
     assert not [p for p in out.iterdir() if p.name.startswith(".checkpoint.tmp")]
     model, _ = load_model(out)
