@@ -2,7 +2,6 @@
 augmentation of a classifier (--eval-flip, and `pixformer eval --eval_flip`)."""
 import json
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
