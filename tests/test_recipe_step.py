@@ -1,0 +1,22 @@
+"""benchmarks/recipe_step.py builds a config's step as train does and times its variants."""
+import importlib.util
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_recipe_step_times_each_variant_of_the_speedrun_config(monkeypatch, capsys):
+    spec = importlib.util.spec_from_file_location("recipe_step", ROOT / "benchmarks" / "recipe_step.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.parse_variant("lean_mlp=false,attn_backend=math,checkpoint_blocks=2") == \
+        {"lean_mlp": False, "attn_backend": "math", "checkpoint_blocks": 2}
+    cfg = bench.load_config(str(ROOT / "configs" / "cifar10-speedrun.yaml"))
+    assert cfg.optimizer == "muon" and cfg.speed.lean_mlp is False and cfg.model_args["stem"] == "conv"
+    monkeypatch.setattr(sys, "argv", ["recipe_step.py", "--config", str(ROOT / "configs" / "cifar10-speedrun.yaml"),
+                                      "--side", "16", "--variants", "", "lean_mlp=true", "--rounds", "1"])
+    bench.main()
+    out = capsys.readouterr().out.splitlines()
+    assert "batch 128" in out[0] and "optimizer muon" in out[0]
+    assert out[1].startswith("(the config's own)") and "(1.000x)" in out[1] and out[2].startswith("lean_mlp=true")
