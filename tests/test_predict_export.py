@@ -203,6 +203,14 @@ def test_mae_run_is_refused_in_one_line(tmp_path, capsys):
         assert code == 2 and "is a mae run" in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_ema_weights_of_a_run_without_them_are_one_line(photos, capsys):
+    run, _, test = photos
+    with pytest.raises(PixformerError, match="this run kept no EMA weights"):
+        pixformer.predict(run, test, weights="ema")
+    code, _, err = run_cli(capsys, "eval", "--checkpoint", run, "--weights", "ema")
+    assert code == 2 and "this run kept no EMA weights" in err and len(err.strip().splitlines()) == 1, err
+
+
 def onnx_outputs(path: Path, x: torch.Tensor) -> np.ndarray:
     import onnxruntime as ort
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -213,10 +221,10 @@ def onnx_outputs(path: Path, x: torch.Tensor) -> np.ndarray:
 def test_onnx_export_equals_pytorch_for_any_batch(which, digits, tmp_path, capsys):
     pytest.importorskip("onnxruntime")
     run = digits
-    if which == "convmixer":
+    if which == "convmixer":          # a run evaluated with its mirror images: the graph averages both
         run = tmp_path / "convmixer"
         train(TrainConfig(model="convmixer-16/1", data="digits", epochs=1, train_subset=64, batch_size=32,
-                          out=str(run), progress=False, precision="fp32"))
+                          out=str(run), progress=False, precision="fp32", task_args={"eval_flip": True}))
     code, out, _ = run_cli(capsys, "export", "--checkpoint", run, "--format", "onnx", "--out", tmp_path / "m.onnx")
     assert code == 0 and "m.onnx" in out
     model, state = pixformer.load_model(run)
@@ -224,11 +232,20 @@ def test_onnx_export_equals_pytorch_for_any_batch(which, digits, tmp_path, capsy
     assert side["mean"] == state["data"]["mean"] and side["std"] == state["data"]["std"]
     assert side["classes"] == state["data"]["classes"] and side["input_shape"] == ["batch", 1, 8, 8]
     assert (side["pixel_permutation"] is not None) == (which == "vit")       # the digits run permutes its pixels
+    assert side["mirror_averaged"] == (which == "convmixer")
+    mirrored = (lambda x: (model(x) + model(x.flip(-1))) / 2) if which == "convmixer" else model
     for batch in (1, 3):
         x = torch.randn(batch, 1, 8, 8)
         with torch.no_grad():
-            expected = model(x).numpy()
+            expected = mirrored(x).numpy()
+            assert which == "vit" or not np.allclose(model(x).numpy(), expected, atol=1e-4)   # the mirror counts
         np.testing.assert_allclose(onnx_outputs(tmp_path / "m.onnx", x), expected, rtol=0, atol=1e-4)
+    if which == "convmixer":                             # predict classifies as eval does: with the mirror image
+        from pixformer.tasks import task_of
+        images = [torch.randint(0, 256, (1, 8, 8), dtype=torch.uint8) for _ in range(3)]
+        with torch.no_grad():
+            probs = mirrored(task_of(state).inputs(torch.stack(images))).softmax(-1)
+        assert_same(pixformer.Predictor(run).predict(images, top_k=3), probs, state["data"]["classes"])
 
 
 def test_hub_layout_round_trips_offline(photos, tmp_path, capsys, monkeypatch):

@@ -331,10 +331,22 @@ def load_model(path: str | Path, weights: str = "auto") -> tuple[nn.Module, dict
     return model.eval(), state
 
 
+def check_weights(weights: str) -> str:
+    """`weights` if it is 'auto', 'model' or 'ema'; else one line naming it."""
+    if weights not in ("auto", "model", "ema"):
+        raise PixformerError(f"--weights must be auto, model or ema, got {weights!r}")
+    return weights
+
+
 def weights_used(state: dict[str, Any], weights: str = "auto") -> str:
     """'model' or 'ema': the weights `weights` ('auto', 'model', 'ema') picks from a run whose state.json
-    is `state` ('auto': the EMA weights when the run kept them, as its state records)."""
-    return state.get("weights", "model") if weights == "auto" else weights
+    is `state` ('auto': the EMA weights when the run kept them, as its state records); one line when
+    `weights` is none of those, or asks for EMA weights the run did not keep."""
+    check_weights(weights)
+    kept = state.get("weights", "model")
+    if weights == "ema" and kept != "ema":
+        raise PixformerError("this run kept no EMA weights (it trained without --ema-decay): use --weights model")
+    return kept if weights == "auto" else weights
 
 
 def init_from(model: nn.Module, path: str | Path) -> dict[str, list[str]]:

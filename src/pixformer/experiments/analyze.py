@@ -471,8 +471,6 @@ def figure_attention_maps(s: Subject, out: Path, images: Images | None, i: int, 
 
 
 def load_subject(cfg: AnalyzeConfig) -> tuple[Subject, Path]:
-    if cfg.weights not in ("auto", "model", "ema"):
-        raise PixformerError(f"--weights must be auto, model or ema, got {cfg.weights!r}")
     ckpt = find_checkpoint(cfg.checkpoint)
     if ckpt is None:
         raise PixformerError(f"no checkpoint in {cfg.checkpoint} (expected state.json and model.safetensors)")

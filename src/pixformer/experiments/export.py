@@ -5,7 +5,8 @@
 
 ONNX: the classifier (ViT / PiT, ConvMixer, a linear probe) exported by torch.onnx (its dynamo
 exporter, the default opset) with a dynamic batch dimension: input `pixels`, float32 (batch, C, H, W),
-already normalised; output `logits` (batch, classes). The preprocessing is written beside the graph,
+already normalised; output `logits` (batch, classes), for a run trained with --eval-flip the average
+of the image's and its mirror image's, as its evaluation scores them. The preprocessing is written beside the graph,
 not baked into it, in `<name>.preprocess.json`: image size, channels, mean and std, the resize, a
 locality-ablation run's pixel permutation and the class names. Why beside: the graph then is the
 PyTorch model and nothing else (its outputs are compared one to one), while the steps before it
@@ -95,6 +96,7 @@ def export_onnx(checkpoint: Any, out: str | Path, weights: str = "auto", opset: 
     facts = task.facts
     C, (H, W) = facts.in_chans, facts.img_size
     model = set_attention_backend(model.float().eval(), "math")         # plain matmuls and softmax: any runtime
+    model = task.evaluated(model)                                       # with --eval-flip: mirror averaged, in the graph
     example = torch.randn(2, C, H, W)
     batch = torch.export.Dim("batch", min=1)
     onnx_log = logging.getLogger("torch.onnx")
@@ -125,6 +127,9 @@ def export_onnx(checkpoint: Any, out: str | Path, weights: str = "auto", opset: 
         "pixel_permutation": None if perm is None else perm.tolist(),
         "pixel_permutation_note": "if set: image.reshape(C, H*W)[:, perm].reshape(C, H, W) before normalising",
         "classes": facts.classes, "probabilities": "softmax(logits)",
+        "mirror_averaged": task.cfg.eval_flip,
+        "mirror_averaged_note": "if true: the graph averages the logits of the image and its mirror image, "
+                                "as the run's evaluation does (--eval-flip); nothing to do outside it",
         "weights": weights_used(state, weights),
     }, indent=1))
     return out, side

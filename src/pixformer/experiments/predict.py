@@ -11,8 +11,9 @@ An image becomes the model's input exactly as the run's evaluation makes it: dec
 cache's own `decode_image` (resized to the run's image size, or for a native-resolution run scaled down
 to its --max-side and packed by the run's batcher), converted to the run's channels (RGB, or PIL's
 luma for a one-channel run), permuted as a locality-ablation run's pixels were, normalised with the
-run's mean and std, under the run's autocast precision. So a training image is given the
-probabilities `eval` scores it with. Any mode PIL opens is read, as `decode_image` reads it.
+run's mean and std, under the run's autocast precision, and classified as evaluation classifies it
+(with its mirror image, the two logits averaged, for a run trained with --eval-flip). So a training
+image is given the probabilities `eval` scores it with. Any mode PIL opens is read, as `decode_image` reads it.
 
 `run` may be a run folder, its checkpoint/ folder, a folder in the Hub layout or a Hub repository id
 (experiments/hub.py), a loaded `HubModel`, or a (model, state) pair.
@@ -44,9 +45,8 @@ PROGRESS_FROM = 100             # images from which progress is shown
 # ---- the model ------------------------------------------------------------------------------
 def load_for_inference(run: Any, weights: str = "auto") -> tuple[nn.Module, dict[str, Any], str]:
     """(model in eval mode, the run's state, a name for messages) of anything `predict` takes as `run`."""
-    from ..engine.checkpoint import find_checkpoint, load_model
-    if weights not in ("auto", "model", "ema"):
-        raise PixformerError(f"weights must be auto, model or ema, got {weights!r}")
+    from ..engine.checkpoint import check_weights, find_checkpoint, load_model
+    check_weights(weights)
     if isinstance(run, tuple):
         model, state = run
         return model.eval(), state, state.get("model_name", type(model).__name__)
@@ -87,7 +87,7 @@ class Predictor:
             raise PixformerError(f"{self.name} is a {self.task.name} run, not a classifier: predict takes a classify "
                                  "or probe run")
         self.device = pick_device(device)
-        self.model = model.to(self.device).eval()
+        self.model = self.task.evaluated(model.to(self.device).eval())    # with the run's --eval-flip
         tc, facts = state["train_config"], self.task.facts
         self.classes, self.chans = list(facts.classes), facts.in_chans
         native = is_native(tc)

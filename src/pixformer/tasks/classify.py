@@ -59,11 +59,26 @@ class Classify(Task):
         n = len(labels)
         return loss, {"n": n, "loss": loss.item() * n, "acc": (logits.argmax(1) == labels).sum().item()}
 
+    def evaluated(self, model: nn.Module) -> nn.Module:
+        """The model as evaluation scores it (and predict and the ONNX export run it): itself, or with
+        --eval-flip averaged with its mirror image (MirrorAveraged)."""
+        return MirrorAveraged(model) if self.cfg.eval_flip else model
+
     def eval_sums(self, model: nn.Module, images: Tensor, labels: Tensor,
                   rng: np.random.Generator) -> dict[str, float]:
-        logits = model(images).float()                                         # (B, K)
-        if self.cfg.eval_flip:                                                 # test-time augmentation
-            logits = (logits + model(images.flip(-1)).float()) / 2             # (B, K)
+        logits = self.evaluated(model)(images).float()                         # (B, K)
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices              # (B, 5)
         return {"n": len(labels), "loss": F.cross_entropy(logits, labels, reduction="sum").item(),
                 "top1": (top[:, 0] == labels).sum().item(), "top5": (top == labels[:, None]).any(1).sum().item()}
+
+
+class MirrorAveraged(nn.Module):
+    """Test-time augmentation: a classifier's logits of the images and of their mirror images
+    (flipped left to right), averaged."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:                       # x: (B, C, H, W)
+        return (self.model(x).float() + self.model(x.flip(-1)).float()) / 2     # (B, K)
