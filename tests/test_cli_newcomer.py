@@ -55,6 +55,18 @@ BAD = {
     "sample classes abc": (["sample", "--checkpoint", "RUN", "--classes", "abc"], "--classes takes class indices"),
     "sample classes 1.5": (["sample", "--checkpoint", "RUN", "--classes", "1.5"], "--classes takes class indices"),
     "sample steps": (["sample", "--checkpoint", "RUN", "--steps", "0"], "--steps must be at least 1"),
+    "packing without a budget": (["train", "--pack-length", "256", "--token-drop", "0.1"],
+                                 "--pack-length, --token-drop set how images are packed at native resolution, which "
+                                 "is on with a budget: add --max-side or --max-tokens"),
+    "two token drops": (["train", "--max-side", "32", "--token-drop", "0.1", "--token-drop-beta", "[2, 5]"],
+                        "--token-drop (one rate) and --token-drop-beta (a rate drawn per image) are two ways"),
+    "permute and swaps": (["train", "--permute-pixels", "true", "--local-swaps", "4"],
+                          "choose one of --permute-pixels and --local-swaps"),
+    "swap distance alone": (["train", "--swap-distance", "2"], "--swap-distance 2 bounds the swaps of --local-swaps"),
+    "checkpoint blocks word": (["train", "--checkpoint-blocks", "foo"],
+                               "checkpoint blocks must be 'all' or a number of blocks >= 0, got 'foo'"),
+    "checkpoint blocks -1": (["train", "--checkpoint-blocks", "-1"], "a number of blocks >= 0, got -1"),
+    "demo epochs 0": (["demo", "--out", "RUN", "--epochs", "0"], "--epochs must be at least 1"),
 }
 
 

@@ -80,6 +80,13 @@ def test_bad_shapes_give_clear_errors():
         create_model("vti-t/2")
     with pytest.raises(PixformerError, match="unknown setting"):
         create_model("vit-t/2", img_size=32, depht=3)
+    for name in ("vit-n/4", "convmixer-16/1", "dit-s/2"):          # sizes the data would never set
+        with pytest.raises(PixformerError, match="image size 0x0: both sides must be at least 1"):
+            create_model(name, img_size=0)
+        with pytest.raises(PixformerError, match="--in-chans must be at least 1, got 0"):
+            create_model(name, img_size=16, in_chans=0)
+        with pytest.raises(PixformerError, match="--num-classes must be at least 0"):
+            create_model(name, img_size=16, num_classes=-1)
 
 
 def test_learned_pe_resampled_is_identity_at_same_size():

@@ -137,3 +137,17 @@ def test_seeds_give_mean_and_std_through_the_cli(tmp_path, capsys):
         table = list(csv.DictReader(f))
     assert [(r["input"], r["tokens"], r["seeds"]) for r in table] == [("8x8", "16", "2"), ("4x4", "16", "2")]
     assert (out / "accuracy_vs_patch_fixed-tokens.png").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--regime", "sideways"], "regime must be one of"),
+    (["--patches", "[4, 4]"], "patches must be distinct sizes >= 1"),
+    (["--seeds", "[]"], "seeds must be a non-empty list"),
+    (["--size", "x"], "size must be one of"),
+])
+def test_settings_that_need_no_data_are_refused_before_any_is_read(args, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sweep_mod, "prepare_data", lambda *a, **k: pytest.fail("data read for a bad setting"))
+    assert main(["sweep", *args, "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "s").exists()

@@ -34,6 +34,8 @@ from .errors import PixformerError
 def check_grid(img_size: tuple[int, int], patch: int) -> tuple[int, int]:
     """Token grid (rows, cols) of an image size, or a clear error if the patch does not tile it."""
     h, w = img_size
+    if h < 1 or w < 1:
+        raise PixformerError(f"image size {h}x{w}: both sides must be at least 1")
     if patch < 1 or h % patch or w % patch:
         raise PixformerError(f"image size {h}x{w} is not divisible by patch size {patch}")
     return h // patch, w // patch

@@ -176,6 +176,21 @@ class TrainConfig:
         require("resolution_range", lo_hi, lo_hi is None or 1 <= lo_hi[0] <= lo_hi[1], "LO HI with 1 <= LO <= HI")
         require("token_drop_beta", self.token_drop_beta, self.token_drop_beta is None or min(self.token_drop_beta) > 0,
                 "two Beta parameters A B, each > 0")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        packing = [n for n in ("resolution_range", "pack_length", "token_drop", "token_drop_beta", "max_per_pack")
+                   if getattr(self, n) != defaults[n]]
+        if packing and not self.native:
+            raise PixformerError(f"{', '.join(map(option, packing))} set how images are packed at native resolution, "
+                                 "which is on with a budget: add --max-side or --max-tokens")
+        if self.token_drop and self.token_drop_beta is not None:
+            raise PixformerError("--token-drop (one rate) and --token-drop-beta (a rate drawn per image) are two "
+                                 "ways to drop tokens; choose one")
+        if self.permute_pixels and self.local_swaps:
+            raise PixformerError("choose one of --permute-pixels and --local-swaps (a full permutation already "
+                                 "destroys what local swaps would)")
+        if self.swap_distance is not None and not self.local_swaps:
+            raise PixformerError(f"--swap-distance {self.swap_distance} bounds the swaps of --local-swaps, which is "
+                                 "off: set --local-swaps T")
         if self.img_size is not None and self.img_size > MAX_IMG_SIZE:
             raise PixformerError(f"--img-size {self.img_size} is too large: one {self.img_size}x{self.img_size} RGB "
                                  f"image takes {3 * self.img_size ** 2 / 2 ** 30:.1f} GiB decoded; at most "

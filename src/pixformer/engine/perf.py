@@ -174,8 +174,10 @@ def checkpoint_count(blocks: int | str | None, depth: int) -> int:
     try:
         n = int(blocks)
     except (TypeError, ValueError):
-        raise PixformerError(f"checkpoint blocks must be 'all' or a number of blocks, got {blocks!r}") from None
-    if not 0 <= n <= depth:
+        n = -1
+    if n < 0:
+        raise PixformerError(f"checkpoint blocks must be 'all' or a number of blocks >= 0, got {blocks!r}")
+    if n > depth:
         raise PixformerError(f"cannot checkpoint {n} blocks: the model has {depth}")
     return n
 
@@ -262,9 +264,11 @@ class Speed:
         return self.lean_mlp and not self.compile
 
     def check(self) -> "Speed":
-        """Refuse an unknown attention backend or allocator policy (train checks before loading data)."""
+        """Refuse an unknown attention backend or allocator policy, or checkpoint blocks that are not a
+        count (train checks before loading data; a count beyond the model's depth when it is built)."""
         check_backend(self.attn_backend)
         check_allocator(self.allocator)
+        checkpoint_count(self.checkpoint_blocks, 1 << 62)
         return self
 
 

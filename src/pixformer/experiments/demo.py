@@ -71,10 +71,10 @@ def run_demo(out: str | None = None, seed: int = 0, train_subset: int | None = N
     """Train the recipe at every patch size, each in a process of its own with one thread, as many at a
     time as there are cores (the longest, PiT, first): these models are too small for two threads to
     help one of them, but two processes use two cores fully. Each run folder resumes if stopped."""
+    base = TrainConfig(**{**DEMO_RECIPE, "seed": seed, "train_subset": train_subset, "progress": progress,
+                          **({"epochs": epochs} if epochs is not None else {})})     # checked before any folder
     out_dir = Path(out) if out else Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     out_dir.mkdir(parents=True, exist_ok=True)
-    base = TrainConfig(**{**DEMO_RECIPE, "seed": seed, "train_subset": train_subset, "progress": progress,
-                          **({"epochs": epochs} if epochs else {})})
     cores = os.cpu_count() or 1
     workers = min(len(PATCHES), cores)
     jobs = {}

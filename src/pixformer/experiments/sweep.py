@@ -33,6 +33,7 @@ from ..engine.checkpoint import find_checkpoint
 from ..engine.config import TrainConfig, changed_settings, config_from_options
 from ..engine.loop import Prepared, Stopped, prepare_data, train
 from ..errors import PixformerError
+from ..files import read_json_object, write_atomically
 from ..models.registry import VIT_SIZES, create_model
 from ..models.registry import model_name as built_name
 from ..tasks import get_task, task_config
@@ -56,6 +57,20 @@ class SweepConfig:
     seeds: list[int] = field(default_factory=lambda: [0])  # each point trains once per seed
     out: str | None = None               # the sweep folder (default runs/sweep-<regime>-<data>-<time>)
     train: TrainConfig = field(default_factory=TrainConfig)  # the recipe every point shares; PER_POINT fields are set per point
+
+    def __post_init__(self):
+        """What needs no data, checked before any is read (the points' sizes are checked against the data's)."""
+        if self.regime not in REGIMES:
+            raise PixformerError(f"regime must be one of {REGIMES}, got {self.regime!r}")
+        if not self.patches or any(p < 1 for p in self.patches) or len(set(self.patches)) != len(self.patches):
+            raise PixformerError(f"patches must be distinct sizes >= 1, got {self.patches}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise PixformerError(f"seeds must be a non-empty list of distinct seeds, got {self.seeds}")
+        if self.model is None and self.size not in VIT_SIZES:
+            raise PixformerError(f"size must be one of {list(VIT_SIZES)}, got {self.size!r}")
+        if self.train.img_size is not None or "patch_size" in self.train.model_args:
+            raise PixformerError("the sweep chooses each point's img_size and patch_size; set the sweep's "
+                                 "img_size / patches instead of the train settings'")
 
 
 @dataclass
@@ -85,10 +100,6 @@ def sweep_config(values: dict[str, Any]) -> SweepConfig:
 # ---- the grid --------------------------------------------------------------------------------
 def point_geometry(cfg: SweepConfig, native: tuple[int, int]) -> list[tuple[int, tuple[int, int]]]:
     """(patch, input size) of every point, or a PixformerError naming the first invalid one."""
-    if cfg.regime not in REGIMES:
-        raise PixformerError(f"regime must be one of {REGIMES}, got {cfg.regime!r}")
-    if not cfg.patches or any(p < 1 for p in cfg.patches) or len(set(cfg.patches)) != len(cfg.patches):
-        raise PixformerError(f"patches must be distinct sizes >= 1, got {cfg.patches}")
     base = (cfg.img_size, cfg.img_size) if cfg.img_size else tuple(native)
     if cfg.regime == "fixed-input":
         if cfg.tokens is not None:
@@ -117,8 +128,6 @@ def point_geometry(cfg: SweepConfig, native: tuple[int, int]) -> list[tuple[int,
 def model_name(cfg: SweepConfig, patch: int) -> str:
     if cfg.model:
         return cfg.model
-    if cfg.size not in VIT_SIZES:
-        raise PixformerError(f"size must be one of {list(VIT_SIZES)}, got {cfg.size!r}")
     return f"pit-{cfg.size}" if patch == 1 else f"vit-{cfg.size}/{patch}"
 
 
@@ -132,11 +141,6 @@ def point_config(cfg: SweepConfig, point: Point, seed: int, out_dir: Path) -> Tr
 def plan(cfg: SweepConfig, native: tuple[int, int], in_chans: int, num_classes: int) -> list[Point]:
     """Every point of the sweep, each model built (without memory) to check its settings and count its cost.
     `native`: the data's own image size (used where the sweep's img_size is unset)."""
-    if cfg.train.img_size is not None or "patch_size" in cfg.train.model_args:
-        raise PixformerError("the sweep chooses each point's img_size and patch_size; set the sweep's "
-                             "img_size / patches instead of the train settings'")
-    if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds):
-        raise PixformerError(f"seeds must be a non-empty list of distinct seeds, got {cfg.seeds}")
     points = []
     for p, img in point_geometry(cfg, native):
         resize = None if cfg.img_size is None and img == tuple(native) else img[0]  # None: the data as it is
@@ -161,7 +165,7 @@ def _check_cached(run_dir: Path, cfg: TrainConfig):
     saved = run_dir / "config.json"
     if not saved.exists():
         return
-    changed = changed_settings(json.loads(saved.read_text()), cfg)
+    changed = changed_settings(read_json_object(saved, "a run's settings"), cfg)
     if changed:
         changes = ", ".join(changed[:4])
         raise PixformerError(f"{run_dir} was trained with other settings ({changes}); "
@@ -173,7 +177,7 @@ def run_point(cfg: TrainConfig, data: Prepared) -> dict[str, Any]:
     run_dir = Path(cfg.out)
     done = run_dir / "result.json"
     if done.exists():
-        return {**json.loads(done.read_text()), "cached": True}
+        return {**read_json_object(done, "a sweep point's result"), "cached": True}
     resumed = find_checkpoint(run_dir) is not None
     t0 = time.time()
     result = train(dataclasses.replace(cfg, resume=resumed), data)
@@ -181,7 +185,7 @@ def run_point(cfg: TrainConfig, data: Prepared) -> dict[str, Any]:
     record = {"top1": result[f"{split}_top1"], "top5": result[f"{split}_top5"], "loss": result[f"{split}_loss"],
               "step": result["step"], "split": split}
     record.update(seconds=round(time.time() - t0, 1), resumed=resumed)
-    done.write_text(json.dumps(record, indent=1))
+    write_atomically(done, json.dumps(record, indent=1))      # a kill leaves no half-written result
     return {**record, "cached": False}
 
 
@@ -236,7 +240,7 @@ def run_sweep(cfg: SweepConfig) -> tuple[Path, list[dict]]:
     out_dir = Path(cfg.out) if cfg.out else \
         Path("runs") / f"sweep-{cfg.regime}-{Path(t.data).name.split('.')[0]}-{time.strftime('%Y%m%d-%H%M%S')}"
     # the data at its own (or the sweep's) size: the grid's reference, its channels and classes
-    first_seed = cfg.seeds[0] if cfg.seeds else 0
+    first_seed = cfg.seeds[0]
     ref = prepare_data(dataclasses.replace(t, img_size=cfg.img_size, seed=first_seed))
     points = plan(cfg, ref.facts.img_size, ref.facts.in_chans, len(ref.facts.classes))
 

@@ -37,6 +37,8 @@ class ConvMixerConfig:
         for name in ("patch_size", "dim"):
             require(name, getattr(self, name), getattr(self, name) >= 1, "at least 1")
         require("depth", self.depth, self.depth >= 0, "at least 0")
+        require("in_chans", self.in_chans, self.in_chans >= 1, "at least 1")
+        require("num_classes", self.num_classes, self.num_classes >= 0, "at least 0 (0: no head)")
         if self.kernel_size < 1:
             raise PixformerError(f"kernel size must be at least 1, got {self.kernel_size}")
         check_grid(self.img_size, self.patch_size)

@@ -53,6 +53,8 @@ class DiTConfig:
             require(name, getattr(self, name), getattr(self, name) >= 1, "at least 1")
         require("embed_rank", self.embed_rank, self.embed_rank >= 0, "at least 0 (0: no bottleneck)")
         require("depth", self.depth, self.depth >= 0, "at least 0")
+        require("in_chans", self.in_chans, self.in_chans >= 1, "at least 1")
+        require("num_classes", self.num_classes, self.num_classes >= 0, "at least 0 (0: unconditional)")
         require("mlp_ratio", self.mlp_ratio, self.mlp_ratio > 0, "> 0")
         if self.dim % self.heads:
             raise PixformerError(f"width {self.dim} is not divisible by {self.heads} heads")
@@ -108,6 +110,7 @@ class DiT(nn.Module):
 
     @property
     def null_class(self) -> int:
+        """The label meaning "no class" (classifier-free guidance's unconditional branch)."""
         return self.cfg.num_classes
 
     def position_embedding(self, grid: tuple[int, int]) -> Tensor:

@@ -40,10 +40,10 @@ DECODER_SIZES: dict[str, dict[str, int]] = {
 @dataclass
 class MAEConfig:
     encoder: dict[str, Any] = field(default_factory=dict)   # ViTConfig fields (num_classes is 0)
-    decoder_depth: int = 8
-    decoder_dim: int = 512
-    decoder_heads: int = 16
-    decoder_mlp_ratio: float = 4.0
+    decoder_depth: int = 8              # the decoder's Transformer blocks (trained, then thrown away)
+    decoder_dim: int = 512              # the decoder's width
+    decoder_heads: int = 16             # the decoder's attention heads (dividing its width)
+    decoder_mlp_ratio: float = 4.0      # the decoder's MLP hidden width / its width
 
     def __post_init__(self):
         self.encoder = {**self.encoder, "num_classes": 0}

@@ -16,7 +16,7 @@ from .vit import ViTConfig, VisionTransformer
 @dataclass
 class ProbeModelConfig:
     encoder: dict[str, Any] = field(default_factory=dict)   # ViTConfig fields (num_classes is 0)
-    num_classes: int = 10
+    num_classes: int = 10               # classes of the linear layer (set by the data)
     features: str = "auto"              # cls | mean | auto (the class token if the encoder has one)
 
     def __post_init__(self):

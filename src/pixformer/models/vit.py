@@ -68,6 +68,8 @@ class ViTConfig:
         for name in ("patch_size", "dim", "heads"):
             require(name, getattr(self, name), getattr(self, name) >= 1, "at least 1")
         require("depth", self.depth, self.depth >= 0, "at least 0")
+        require("in_chans", self.in_chans, self.in_chans >= 1, "at least 1")
+        require("num_classes", self.num_classes, self.num_classes >= 0, "at least 0 (0: no head)")
         require("mlp_ratio", self.mlp_ratio, self.mlp_ratio > 0, "> 0")
         require("drop_path", self.drop_path, 0 <= self.drop_path < 1, "in [0, 1)")
         if self.pool not in ("cls", "mean"):
