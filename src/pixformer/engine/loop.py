@@ -256,9 +256,14 @@ def _epoch_batches(n: int, batch_size: int, epoch: int, seed: int, repeats: int)
     return batch_indices(n, batch_size, epoch, seed, repeats=repeats)
 
 
+def step_seed(seed: int, step: int) -> int:
+    """The seed of step `step`'s draws (augmentation, packing, dropout): a function of (seed, step) alone."""
+    return seed * 1_000_003 + step
+
+
 def step_generator(seed: int, step: int) -> torch.Generator:
-    """The generator a step's augmentation and packing draw from: a function of (seed, step) alone."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+    """The generator a step's augmentation and packing draw from."""
+    return torch.Generator().manual_seed(step_seed(seed, step))
 
 
 def train_batch(run: "Run", step: int) -> Batch:
@@ -650,7 +655,7 @@ def step(run: Run, batch: Batch, stop: StopFlag, waited: float) -> None:
     cfg, runtime, s = run.cfg, run.runtime, run.step
     t0 = time.perf_counter()
     run.model.train()
-    torch.manual_seed(cfg.seed * 1_000_003 + s)                          # dropout / drop-path, per step
+    torch.manual_seed(step_seed(cfg.seed, s))                            # dropout / drop-path, per step
     rng = np.random.default_rng([cfg.seed, s])                           # the task's draws, per step
     if runtime.world_size > 1:
         rng = RankRandom(rng, run.part, batch.size)

@@ -130,18 +130,6 @@ def create_model(name: str, img_size: int | tuple[int, int] | None = None, num_c
 DATA_FIELDS = ("img_size", "in_chans", "num_classes")
 
 
-def model_settings() -> dict[str, Any]:
-    """Every model setting a user may pass (`--model-args`, or its `--depth`-style shortcuts): field name
-    -> type, the union over the architectures' config dataclasses, less the fields the data sets."""
-    out: dict[str, Any] = {}
-    for cfg_cls, _ in (ARCHITECTURES[a] for a in NAMED):
-        hints = typing.get_type_hints(cfg_cls)
-        for f in dataclasses.fields(cfg_cls):
-            if f.name not in DATA_FIELDS:
-                out.setdefault(f.name, hints[f.name])
-    return out
-
-
 def check_model_args(name: str, model_args: dict[str, Any]) -> dict[str, Any]:
     """`model_args` for the model `name`, or a clear error: a setting its architecture lacks, a value of
     the wrong type, or one its config dataclass refuses (checked before any data is loaded: the image

@@ -46,15 +46,5 @@ def task_of(state: dict[str, Any]) -> Task:
     return get_task(saved["name"])(task_config(saved["name"], saved["config"]), DataFacts.from_dict(state["data"]))
 
 
-def task_settings() -> dict[str, Any]:
-    """Every task setting (field name -> type), the union over the tasks: the CLI's shortcuts."""
-    out: dict[str, Any] = {}
-    for t in TASKS.values():
-        hints = typing.get_type_hints(t.Config)
-        for f in dataclasses.fields(t.Config):
-            out.setdefault(f.name, hints[f.name])
-    return out
-
-
-__all__ = ["Task", "DataFacts", "TASKS", "get_task", "task_config", "task_of", "task_settings", "Classify", "ClassifyConfig", "MAE", "MAETaskConfig", "Probe", "ProbeConfig", "Diffusion",
+__all__ = ["Task", "DataFacts", "TASKS", "get_task", "task_config", "task_of", "Classify", "ClassifyConfig", "MAE", "MAETaskConfig", "Probe", "ProbeConfig", "Diffusion",
            "DiffusionConfig"]

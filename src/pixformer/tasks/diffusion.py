@@ -430,7 +430,8 @@ class Diffusion(Task):
         """The deterministic DDIM (eta = 0) path run backwards over the timesteps DDIM samples with:
         images (n, C, H, W) on -1..1 -> the x_T that DDIM with `steps` steps maps back to them
         (approximately: each step uses the noise predicted at the point it starts from). Written here
-        because diffusers' inverse scheduler does not take DDIM's linspace timesteps."""
+        so that it visits exactly the timesteps this run's DDIM sampler uses ("trailing" spacing), in
+        reverse."""
         if self.cfg.process != "gaussian":
             raise PixformerError("DDIM inversion runs the gaussian process backwards; this run is a flow")
         labels = self.check_labels(model, x0.shape[0], labels, cfg_scale)
@@ -438,7 +439,7 @@ class Diffusion(Task):
         sched.set_timesteps(steps)
         abar = self.noise.alphas_cumprod.to(x0.device)
         x, a_from = x0.float(), torch.tensor(1.0, device=x0.device)
-        for t in sched.timesteps.flip(0):                                  # 0 ... T-1
+        for t in sched.timesteps.flip(0):                                  # the sampler's timesteps, smallest first
             tn = t.to(x.device).expand(x.shape[0])
             eps = guided_output(model, x, tn, labels, cfg_scale)[:, :x.shape[1]]
             eps = self.convert(self.cfg.prediction, eps.float(), x, tn)["eps"]
@@ -496,7 +497,7 @@ def guided_output(model: nn.Module, x: Tensor, t: Tensor, labels: Tensor | None,
     conditional output, in one forward pass."""
     if labels is None or scale == 1.0:
         return model(x, t, labels)
-    null = torch.full_like(labels, model.cfg.num_classes)
+    null = torch.full_like(labels, model.null_class)
     out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]))   # (2n, C or 2C, H, W)
     cond, uncond = out.chunk(2)
     C = x.shape[1]
