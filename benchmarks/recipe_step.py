@@ -3,7 +3,7 @@ run a config file describes (model, batch, precision, optimizer, task loss, all 
 builds them), at one image side.
 
     .venv/bin/python benchmarks/recipe_step.py --config configs/cifar10-speedrun.yaml --side 32 \\
-        --variants "" lean_mlp=false
+        --variants "" lean_mlp=true
 
 Each variant is a set of `Speed` fields (`name=value`, comma-separated; "" = the config's own). All
 variants are built in one process and their steps interleaved, round after round, so that a drift
@@ -64,7 +64,7 @@ def main() -> None:
     p.add_argument("--config", default="configs/cifar10-speedrun.yaml")
     p.add_argument("--side", type=int, default=32, help="the training image side (the model is built at the "
                    "config's --img-size and takes a smaller side as progressive resizing feeds it)")
-    p.add_argument("--variants", nargs="+", default=["", "lean_mlp=false"], help="Speed fields per variant")
+    p.add_argument("--variants", nargs="+", default=["", "lean_mlp=true"], help="Speed fields per variant")
     p.add_argument("--rounds", type=int, default=25, help="timed steps per variant (interleaved)")
     a = p.parse_args()
     cfg = load_config(a.config)
