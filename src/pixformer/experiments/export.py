@@ -6,12 +6,13 @@
 ONNX: the classifier (ViT / PiT, ConvMixer, a linear probe) exported by torch.onnx (its dynamo
 exporter, the default opset) with a dynamic batch dimension: input `pixels`, float32 (batch, C, H, W),
 already normalised; output `logits` (batch, classes), for a run trained with --eval-flip the average
-of the image's and its mirror image's, as its evaluation scores them. The preprocessing is written beside the graph,
-not baked into it, in `<name>.preprocess.json`: image size, channels, mean and std, the resize, a
-locality-ablation run's pixel permutation and the class names. Why beside: the graph then is the
-PyTorch model and nothing else (its outputs are compared one to one), while the steps before it
-(decoding, resizing, channel conversion) have to happen outside the graph anyway: with the mean and
-std beside them, all the preprocessing is in one place, in the form every serving stack takes.
+of the image's and its mirror image's, as its evaluation scores them. The preprocessing is written
+beside the graph, not baked into it, in `<name>.preprocess.json`: image size, channels, mean and std,
+the resize, a locality-ablation run's pixel permutation and the class names. Why beside: the graph
+then is the PyTorch model as evaluation runs it and nothing else (its outputs are compared one to
+one), while the steps before it (decoding, resizing, channel conversion) have to happen outside the
+graph anyway: with the mean and std beside them, all the preprocessing is in one place, in the form
+every serving stack takes.
 
     pixels = (uint8 image (C, H, W) / 255 - mean[c]) / std[c]
 
@@ -96,7 +97,7 @@ def export_onnx(checkpoint: Any, out: str | Path, weights: str = "auto", opset: 
     facts = task.facts
     C, (H, W) = facts.in_chans, facts.img_size
     model = set_attention_backend(model.float().eval(), "math")         # plain matmuls and softmax: any runtime
-    model = task.evaluated(model)                                       # with --eval-flip: mirror averaged, in the graph
+    model = task.evaluated(model)                                       # --eval-flip: the mirror in the graph
     example = torch.randn(2, C, H, W)
     batch = torch.export.Dim("batch", min=1)
     onnx_log = logging.getLogger("torch.onnx")

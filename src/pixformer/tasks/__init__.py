@@ -46,5 +46,5 @@ def task_of(state: dict[str, Any]) -> Task:
     return get_task(saved["name"])(task_config(saved["name"], saved["config"]), DataFacts.from_dict(state["data"]))
 
 
-__all__ = ["Task", "DataFacts", "TASKS", "get_task", "task_config", "task_of", "Classify", "ClassifyConfig", "MAE", "MAETaskConfig", "Probe", "ProbeConfig", "Diffusion",
-           "DiffusionConfig"]
+__all__ = ["Task", "DataFacts", "TASKS", "get_task", "task_config", "task_of", "Classify", "ClassifyConfig", "MAE",
+           "MAETaskConfig", "Probe", "ProbeConfig", "Diffusion", "DiffusionConfig"]
