@@ -132,6 +132,8 @@ def test_bad_progressive_settings_are_one_line(settings, message):
     (dict(img_size=8, progressive=[4, 8], max_side=8), "images keep their own sizes at native resolution"),
     (dict(model="dit-n/2", task="diffusion", img_size=16, progressive=[8, 16], task_args=dict(latent_vae="vae")),
      "latent diffusion trains on the VAE's latents"),
+    (dict(model="vit-n/4", task="mae", img_size=16, progressive=[4, 16], epochs=2),
+     "--progressive: at side 4, mask ratio 0.75 leaves no visible token of 1; lower --mask-ratio"),
 ])
 def test_progressive_refuses_what_cannot_resize_before_any_work(settings, message, tmp_path):
     with pytest.raises(PixformerError, match=message):

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ..errors import PixformerError
 from ..models.registry import ARCHITECTURES, resolve
+from ..tasks import get_task, task_config
 
 if TYPE_CHECKING:
     from .config import TrainConfig
@@ -40,7 +41,8 @@ def resized(images: Tensor, side: int | None) -> Tensor:
 
 def check_progressive(cfg: "TrainConfig") -> None:
     """A clear error, before any data is loaded, for a --progressive run that cannot train: images of
-    many sizes, pixel permutations, latent diffusion, or a side the model's patch does not divide."""
+    many sizes, pixel permutations, latent diffusion, a side the model's patch does not divide, or a
+    smallest side whose tokens the task cannot train on (Task.check_tokens: MAE's visible tokens)."""
     if not cfg.progressive:
         return
     why = ("images keep their own sizes at native resolution (--resolution-range varies them)" if cfg.native else
@@ -55,3 +57,8 @@ def check_progressive(cfg: "TrainConfig") -> None:
     bad = [s for s in cfg.progressive if s % patch]
     if bad:
         raise PixformerError(f"--progressive: side(s) {bad} are not multiples of {cfg.model}'s patch size {patch}")
+    side = min(cfg.progressive)
+    try:
+        get_task(cfg.task).check_tokens((side // patch) ** 2, task_config(cfg.task, cfg.task_args))
+    except PixformerError as e:
+        raise PixformerError(f"--progressive: at side {side}, {e}") from None

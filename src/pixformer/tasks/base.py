@@ -104,6 +104,11 @@ class Task:
             raise PixformerError(f"--task {self.name} needs a ViT encoder (vit-*/p or pit-*); {name} is a {arch}")
         return {**fields, **model_args, "img_size": self.facts.img_size, "in_chans": self.facts.in_chans}
 
+    @classmethod
+    def check_tokens(cls, tokens: int, cfg: Any) -> None:
+        """A clear error if images of `tokens` tokens cannot train under the task's settings `cfg`
+        (checked before any data is read, for progressive resizing's smallest side); any can by default."""
+
     def block_tokens(self, model: nn.Module) -> list[int] | None:
         """Each block's sequence length in a training step (blocks_of order), where the blocks do not all
         see the tokens of the whole image (MAE); None: they do, and the planner counts them by name."""

@@ -103,6 +103,10 @@ class MAE(Task):
                                  "one channel is a single value; use --target none or local")
         return MaskedAutoencoder(MAEConfig(encoder=encoder, **decoder))
 
+    @classmethod
+    def check_tokens(cls, tokens: int, cfg: MAETaskConfig) -> None:
+        visible_count(tokens, cfg.mask_ratio)                                # at least one visible token
+
     def block_tokens(self, model: nn.Module) -> list[int]:
         """The encoder's blocks see the visible tokens, the decoder's every position (+ the class token)."""
         enc = model.encoder.cfg
