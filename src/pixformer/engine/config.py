@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 from ..data.native import is_native
 from ..errors import PixformerError
 from ..models.registry import ARCHITECTURES, DATA_FIELDS, NAMED, architecture
-from ..settings import check_fields, field_docs, require
+from ..settings import check_fields, field_docs, option, require
 from ..tasks import TASKS
 from .optim import LR_SCHEDULES, OPTIMIZERS
 from .perf import ALLOCATOR_POLICIES, Speed
