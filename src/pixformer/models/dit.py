@@ -108,11 +108,6 @@ class DiT(nn.Module):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
 
-    @property
-    def null_class(self) -> int:
-        """The label meaning "no class" (classifier-free guidance's unconditional branch)."""
-        return self.cfg.num_classes
-
     def position_embedding(self, grid: tuple[int, int]) -> Tensor:
         """(N, D) fixed sincos embedding of every token of `grid` (row-major), for any grid."""
         return sincos_2d(grid_coords(*grid, device=self.t_embed[0].weight.device), self.cfg.dim)

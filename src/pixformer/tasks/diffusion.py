@@ -497,7 +497,7 @@ def guided_output(model: nn.Module, x: Tensor, t: Tensor, labels: Tensor | None,
     conditional output, in one forward pass."""
     if labels is None or scale == 1.0:
         return model(x, t, labels)
-    null = torch.full_like(labels, model.null_class)
+    null = torch.full_like(labels, model.cfg.num_classes)                 # the null class
     out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]))   # (2n, C or 2C, H, W)
     cond, uncond = out.chunk(2)
     C = x.shape[1]
