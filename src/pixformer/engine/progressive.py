@@ -57,8 +57,8 @@ def check_progressive(cfg: "TrainConfig") -> None:
     bad = [s for s in cfg.progressive if s % patch]
     if bad:
         raise PixformerError(f"--progressive: side(s) {bad} are not multiples of {cfg.model}'s patch size {patch}")
-    side = min(cfg.progressive)
+    side, task_cls, task_cfg = min(cfg.progressive), get_task(cfg.task), task_config(cfg.task, cfg.task_args)
     try:
-        get_task(cfg.task).check_tokens((side // patch) ** 2, task_config(cfg.task, cfg.task_args))
+        task_cls.check_tokens((side // patch) ** 2, task_cfg)
     except PixformerError as e:
         raise PixformerError(f"--progressive: at side {side}, {e}") from None
