@@ -239,6 +239,7 @@ ONE_STEP = textwrap.dedent("""
     import torch.optim._muon as muon
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from pixformer import TrainConfig, create_model, train
+    from pixformer.engine import optim
     from pixformer.engine.optim import build_optimizer
     from pixformer.engine.runtime import Runtime
     def ns_fp32(grad, coefficients, steps, eps):   # torch's Newton-Schulz iteration, in fp32 instead of bf16
@@ -265,13 +266,15 @@ ONE_STEP = textwrap.dedent("""
         opt.step()
         return start, get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     bf16, muon._zeropower_via_newtonschulz = muon._zeropower_via_newtonschulz, ns_fp32
+    stacked = optim.newton_schulz                # pixformer's stacked iteration, run on plain tensors
+    optim.newton_schulz = lambda mats, coefficients, steps, eps: [ns_fp32(m, coefficients, steps, eps) for m in mats]
     out = {}                                     # per tensor: max |sharded - one process|, max |step|
     for optimizer in ("lamb", "muon"):
         _, sharded = stepped(optimizer, True)
         start, plain = stepped(optimizer, False)
         out[optimizer] = {k: [(sharded[k] - v).abs().max().item(), (v - start[k]).abs().max().item()]
                           for k, v in plain.items()}
-    muon._zeropower_via_newtonschulz = bf16      # the run below: torch's own
+    muon._zeropower_via_newtonschulz, optim.newton_schulz = bf16, stacked   # the run below: bf16, as shipped
     if runtime.is_main:
         print("STEP " + json.dumps(out), flush=True)
     run, where = json.loads(sys.argv[1]), sys.argv[2]
@@ -282,7 +285,8 @@ ONE_STEP = textwrap.dedent("""
 def test_lamb_and_muon_shard_under_fsdp_and_resume_exactly(tmp_path):
     """Under FSDP2, LAMB's norms and Muon's Newton-Schulz iteration are the whole tensors' (DTensor's
     collectives): one step equals one process's to float rounding (an orthogonalisation of each shard
-    alone would be off by the size of the step). Muon's iteration is compared in fp32: torch runs it in
+    alone would be off by the size of the step; sharded matrices take torch's Muon step, plain ones
+    pixformer's stacked one). Muon's iteration is compared in fp32: torch runs it in
     bf16, whose rounding the iteration amplifies in the directions a low-rank gradient leaves empty (on
     this model bf16 and fp32 steps differ by most of a step), so in bf16 a sharded step differs from
     one process's as much. A Muon run whose rank is killed restarts and resumes to the uninterrupted

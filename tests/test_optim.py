@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pixformer import PixformerError, TrainConfig, create_model, train
-from pixformer.engine.optim import Lamb, Optimizers, build_optimizer, lr_at
+from pixformer.engine.optim import Lamb, Optimizers, StackedMuon, build_optimizer, lr_at
 from pixformer.engine.progressive import resized, side_at
 
 TINY = dict(model="vit-n/2", data="digits", model_args=dict(depth=1, dim=16, heads=2), batch_size=32,
@@ -40,7 +40,7 @@ def test_muon_for_the_blocks_matrices_adamw_for_the_rest_one_state_dict():
     names = {id(p): n for n, p in model.named_parameters()}
     assert isinstance(opt, Optimizers)
     muon, adamw = opt.optimizers
-    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    assert isinstance(muon, StackedMuon) and isinstance(adamw, torch.optim.AdamW)
     on_muon = {names[id(p)] for g in muon.param_groups for p in g["params"]}
     assert on_muon == {f"blocks.{i}.{m}.weight" for i in (0, 1) for m in ("attn.qkv", "attn.proj", "mlp.0", "mlp.2")}
     on_adamw = {names[id(p)] for g in adamw.param_groups for p in g["params"]}
@@ -64,6 +64,34 @@ def test_muon_for_the_blocks_matrices_adamw_for_the_rest_one_state_dict():
         for p in model.parameters():
             for k, v in a.state.get(p, {}).items():
                 assert torch.equal(v, b.state[p][k]), k
+
+
+@pytest.mark.parametrize("nesterov, adjust", [(True, "match_rms_adamw"), (False, None)])
+def test_stacked_muon_steps_as_torchs_muon(nesterov, adjust):
+    """The stacked Newton-Schulz iteration (one batched call per wide shape; a tall and a wide matrix
+    share one) gives torch's Muon's parameters and momentum buffers, over steps with weight decay and
+    two groups, bit for bit; a matrix without a gradient is left alone by both."""
+    shapes = [(8, 16), (16, 8), (8, 16), (12, 12), (12, 12), (20, 6)]
+    start = [torch.randn(s, generator=torch.Generator().manual_seed(i)) for i, s in enumerate(shapes)]
+    mine = [w.clone().requires_grad_() for w in start]
+    theirs = [w.clone().requires_grad_() for w in start]
+
+    def groups(ps):
+        return [{"params": ps[:3], "weight_decay": 0.1}, {"params": ps[3:], "weight_decay": 0.0, "lr": 0.02}]
+    opts = [StackedMuon(groups(mine), lr=0.05, nesterov=nesterov, adjust_lr_fn=adjust),
+            torch.optim.Muon(groups(theirs), lr=0.05, nesterov=nesterov, adjust_lr_fn=adjust)]
+    g = torch.Generator().manual_seed(99)
+    for _ in range(3):
+        grads = [torch.randn(s, generator=g) for s in shapes]
+        for ps in (mine, theirs):
+            for i, (p, grad) in enumerate(zip(ps, grads)):
+                p.grad = None if i == 4 else grad.clone()
+        for opt in opts:
+            opt.step()
+    for a, b, w in zip(mine, theirs, start):
+        assert torch.equal(a, b)
+        assert opts[0].state[a]["momentum_buffer"].equal(opts[1].state[b]["momentum_buffer"]) if a is not mine[4] else a.equal(w)
+    assert not mine[0].equal(start[0])
 
 
 def test_muon_refuses_a_model_without_block_matrices():

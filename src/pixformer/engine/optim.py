@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from ..errors import PixformerError
 from ..models import blocks_of
@@ -113,8 +114,70 @@ def build_optimizer(model: nn.Module, cfg: "TrainConfig") -> "torch.optim.Optimi
     if not mats:
         raise PixformerError(f"--optimizer muon updates the weight matrices of the blocks' linear layers; this "
                              f"{type(model).__name__} trains none: use --optimizer adamw or lamb")
-    muon = torch.optim.Muon(mats, lr=cfg.lr, adjust_lr_fn="match_rms_adamw")   # momentum 0.95, Nesterov, 5 NS steps
+    muon = StackedMuon(mats, lr=cfg.lr, adjust_lr_fn="match_rms_adamw")   # momentum 0.95, Nesterov, 5 NS steps
     return Optimizers(muon, *([torch.optim.AdamW(rest, lr=cfg.lr, betas=betas, foreach=True)] if rest else []))
+
+
+class StackedMuon(torch.optim.Muon):
+    """torch's Muon (same defaults, state and checkpoint: a momentum buffer per matrix) with the
+    Newton–Schulz iteration run once for all the matrices of one shape, as batched matmuls, rather than
+    one matrix at a time: a ViT's blocks hold a few shapes many times over, and at these sizes torch's
+    per-matrix calls are mostly overhead (benchmarks/recipe_step.py prints the optimizer's share).
+    Written here because torch's Muon has no batched or foreach path (it refuses foreach=True).
+    Sharded matrices (FSDP's DTensors) take torch's own step, whose collectives see each whole matrix."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if any(isinstance(p, DTensor) for g in self.param_groups for p in g["params"]):
+            return super().step(closure)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            lr, momentum = float(group["lr"]), group["momentum"]
+            grads = [p.grad for p in params]
+            bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad)) for p in params]
+            torch._foreach_lerp_(bufs, grads, 1 - momentum)
+            updates = torch._foreach_lerp(grads, bufs, momentum) if group["nesterov"] else bufs
+            updates = newton_schulz(updates, group["ns_coefficients"], group["ns_steps"], group["eps"])
+            torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+            for p, update in zip(params, updates):
+                p.add_(update, alpha=-_muon_lr(lr, group["adjust_lr_fn"], p.shape))
+        return loss
+
+
+def newton_schulz(mats: list[torch.Tensor], coefficients: tuple[float, float, float], steps: int,
+                  eps: float) -> list[torch.Tensor]:
+    """torch's Muon iteration (bf16, each matrix turned wide, scaled to unit Frobenius norm, then `steps`
+    quintic steps X <- aX + (bA + cA^2)X with A = XX^T) on one stack per wide shape (a 128x512 and a
+    512x128 matrix share one); the results in the order and shapes given."""
+    a, b, c = coefficients
+    wide = [m.mT if m.size(0) > m.size(1) else m for m in mats]
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, m in enumerate(wide):
+        by_shape.setdefault(tuple(m.shape), []).append(i)
+    out: list[torch.Tensor] = [torch.empty(0)] * len(mats)
+    for index in by_shape.values():
+        x = torch.stack([wide[i] for i in index]).bfloat16()                 # (k, short, long)
+        x = x / x.norm(dim=(1, 2), keepdim=True).clamp(min=eps)
+        for _ in range(steps):
+            gram = x @ x.mT                                                   # (k, short, short)
+            x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+        for j, i in enumerate(index):
+            out[i] = x[j].mT if mats[i].size(0) > mats[i].size(1) else x[j]
+    return out
+
+
+def _muon_lr(lr: float, adjust: str | None, shape: torch.Size) -> float:
+    """The per-matrix lr of torch's Muon (its adjust_lr_fn: "original", "match_rms_adamw" or None)."""
+    rows, cols = shape[:2]
+    if adjust == "match_rms_adamw":
+        return lr * 0.2 * math.sqrt(max(rows, cols))
+    return lr * math.sqrt(max(1, rows / cols)) if adjust in (None, "original") else lr
 
 
 class Optimizers:
