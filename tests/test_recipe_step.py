@@ -1,4 +1,5 @@
-"""benchmarks/recipe_step.py builds a config's step as train does and times its variants."""
+"""benchmarks/recipe_step.py builds a config's step as train does and times its variants; muon_step.py
+times torch's Muon against the stacked one."""
 import importlib.util
 import sys
 from pathlib import Path
@@ -20,3 +21,15 @@ def test_recipe_step_times_each_variant_of_the_speedrun_config(monkeypatch, caps
     out = capsys.readouterr().out.splitlines()
     assert "batch 128" in out[0] and "optimizer muon" in out[0]
     assert out[1].startswith("(the config's own)") and "(1.000x)" in out[1] and out[2].startswith("lean_mlp=true")
+
+
+def test_muon_step_compares_torchs_muon_with_the_stacked_one(monkeypatch, capsys):
+    spec = importlib.util.spec_from_file_location("muon_step", ROOT / "benchmarks" / "muon_step.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(sys, "argv", ["muon_step.py", "--model", "vit-n/4", "--rounds", "1"])
+    bench.main()
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("vit-n/4: 24 matrices of shapes [(128, 128), (128, 512), (384, 128), (512, 128)]")
+    assert out[1].startswith("torch.optim.Muon") and out[2].startswith("StackedMuon")
+    assert out[3] == "largest parameter difference after 4 steps: 0"
