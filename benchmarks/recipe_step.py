@@ -63,11 +63,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="configs/cifar10-speedrun.yaml")
     p.add_argument("--side", type=int, default=32, help="the training image side (the model is built at the "
-                   "config's --img-size and takes a smaller side as progressive resizing feeds it)")
+                   "config's --img-size, or this side where it sets none, and takes a smaller side as "
+                   "progressive resizing feeds it)")
     p.add_argument("--variants", nargs="+", default=["", "lean_mlp=true"], help="Speed fields per variant")
     p.add_argument("--rounds", type=int, default=25, help="timed steps per variant (interleaved)")
     a = p.parse_args()
     cfg = load_config(a.config)
+    if cfg.img_size is None:                              # a config that takes its size from the data
+        cfg = dataclasses.replace(cfg, img_size=a.side)
     x = torch.randn(cfg.batch_size, 3, a.side, a.side)
     y = torch.randint(0, 10, (cfg.batch_size,))
     runs = []

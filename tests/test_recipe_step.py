@@ -23,6 +23,20 @@ def test_recipe_step_times_each_variant_of_the_speedrun_config(monkeypatch, caps
     assert out[1].startswith("(the config's own)") and "(1.000x)" in out[1] and out[2].startswith("lean_mlp=true")
 
 
+
+def test_recipe_step_builds_a_config_without_an_image_size_at_the_side_given(monkeypatch, capsys, tmp_path):
+    spec = importlib.util.spec_from_file_location("recipe_step", ROOT / "benchmarks" / "recipe_step.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    config = tmp_path / "sized_by_data.yaml"
+    config.write_text("model: vit-n/4\ndata: cifar10\nbatch_size: 4\nprecision: fp32\n")
+    monkeypatch.setattr(sys, "argv", ["recipe_step.py", "--config", str(config), "--side", "16", "--variants", "",
+                                      "--rounds", "1"])
+    bench.main()
+    out = capsys.readouterr().out.splitlines()
+    assert "at 16x16, batch 4" in out[0] and out[1].startswith("(the config's own)")
+
+
 def test_muon_step_compares_torchs_muon_with_the_stacked_one(monkeypatch, capsys):
     spec = importlib.util.spec_from_file_location("muon_step", ROOT / "benchmarks" / "muon_step.py")
     bench = importlib.util.module_from_spec(spec)
