@@ -88,9 +88,12 @@ def test_stacked_muon_steps_as_torchs_muon(nesterov, adjust):
                 p.grad = None if i == 4 else grad.clone()
         for opt in opts:
             opt.step()
-    for a, b, w in zip(mine, theirs, start):
+    for i, (a, b, w) in enumerate(zip(mine, theirs, start)):
         assert torch.equal(a, b)
-        assert opts[0].state[a]["momentum_buffer"].equal(opts[1].state[b]["momentum_buffer"]) if a is not mine[4] else a.equal(w)
+        if i == 4:                                               # never had a gradient: untouched, no state
+            assert a.equal(w) and not opts[0].state[a]
+        else:
+            assert opts[0].state[a]["momentum_buffer"].equal(opts[1].state[b]["momentum_buffer"])
     assert not mine[0].equal(start[0])
 
 
