@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from pixformer import PixformerError, attention, create_model, set_attention_backend
 from pixformer.models.attention import available_backends
+from pixformer.engine import perf
 from pixformer.engine.perf import (apply_activation_checkpointing, apply_compile, apply_lean_mlp, apply_onednn_linear,
                                    apply_speed_settings, autocast_dtype, Speed, checkpointed_blocks, lean_mlps,
                                    onednn_available, set_allocator)
@@ -416,6 +417,69 @@ def test_train_applies_the_lean_mlp_where_nothing_else_recomputes_gelu():
     assert lean() == [True, True]
     assert lean(lean_mlp=False) == lean(selective_checkpoint=True) == lean(compile=True) == [False, False]
     assert lean(checkpoint_blocks=1) == [True, True]            # a block checkpointed in full keeps nothing of it
+
+
+def convmixer(kernel=3):
+    torch.manual_seed(0)
+    return create_model("convmixer-256/8", img_size=8, num_classes=4, dim=8, depth=2, kernel_size=kernel).train()
+
+
+def test_depthwise_weight_grad_counts_the_overlaps_by_hand():
+    """Ones in, ones back: each tap's gradient is the number of positions where it meets the image
+    (3x3 image, 3x3 kernel, zero padding 1: 4 at the corners, 6 on the edges, 9 in the middle)."""
+    x, dy = torch.ones(2, 1, 3, 3), torch.ones(2, 1, 3, 3)
+    expected = 2 * torch.tensor([[4.0, 6, 4], [6, 9, 6], [4, 6, 4]])
+    assert torch.equal(perf.depthwise_weight_grad(x, dy, 3), expected.view(1, 1, 3, 3))
+    x = torch.zeros(1, 2, 4, 4)
+    x[0, 1, 0, 0] = 1.0                                                   # one pixel, top-left, channel 1
+    dy = torch.arange(32.0).view(1, 2, 4, 4)
+    g = perf.depthwise_weight_grad(x, dy, 3)                              # tap (i, j) meets it from dy[1 - i, 1 - j]
+    assert g[0].abs().sum() == 0 and g[1, 0].tolist() == [[21.0, 20, 0], [17, 16, 0], [0, 0, 0]]
+
+
+@pytest.mark.parametrize("kernel", [3, 5])
+def test_depthwise_grad_gives_the_same_forward_and_gradients(kernel, monkeypatch, capsys):
+    """ConvMixer's depthwise convolutions through depthwise_conv2d compute what nn.Conv2d does, in fp32
+    and under bf16 autocast, with the batch in one chunk or several, and through oneDNN's gradient where
+    the kernel cannot be compiled; the op passes opcheck; only the depthwise convolutions are taken."""
+    x, y = torch.randn(5, 3, 8, 8), torch.tensor([0, 1, 3, 2, 1])
+    fast = perf.apply_depthwise_grad(convmixer(kernel))
+    assert perf.depthwise_convs(fast) == [b.spatial[0] for b in fast.blocks]   # not the stem, not the 1x1s
+    assert all("forward" in vars(c) for c in perf.depthwise_convs(fast))
+    assert list(fast.state_dict()) == list(convmixer(kernel).state_dict())
+    for amp in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            loss_ref, g_ref = grads_of(convmixer(kernel), x, y)
+            for chunk in (1 << 30, 2 * 8 * 4 * 4):                       # one chunk; two images a chunk
+                monkeypatch.setattr(perf, "_CHUNK_BYTES", chunk)
+                loss, g = grads_of(perf.apply_depthwise_grad(convmixer(kernel)), x, y)
+                tol = dict(atol=1e-2, rtol=1e-2) if amp else dict(atol=1e-6, rtol=1e-5)
+                torch.testing.assert_close(loss, loss_ref, **tol)
+                for name in g_ref:
+                    assert g[name].dtype == torch.float32
+                    torch.testing.assert_close(g[name], g_ref[name], **tol, msg=name)
+    def no_compiler(*args):
+        raise RuntimeError("no C++ compiler")
+    monkeypatch.setattr(perf, "_WEIGHT_GRAD", [no_compiler])             # oneDNN's gradient, after a notice
+    monkeypatch.setattr(importlib.import_module("pixformer.progress"), "_SAID", set())   # said once a process
+    name = "blocks.0.spatial.0.weight"
+    torch.testing.assert_close(grads_of(perf.apply_depthwise_grad(convmixer(kernel)), x, y)[1][name],
+                               grads_of(convmixer(kernel), x, y)[1][name])
+    assert perf._WEIGHT_GRAD == [None] and "oneDNN's runs instead" in capsys.readouterr().err
+    xs, w, b = torch.randn(2, 4, 6, 6), torch.randn(4, 1, kernel, kernel), torch.randn(4)
+    torch.library.opcheck(torch.ops.pixformer.depthwise_conv2d, (xs, w, b))
+    perf.apply_depthwise_grad(fast, enabled=False)
+    assert not any("forward" in vars(c) for c in perf.depthwise_convs(fast))
+
+
+def test_depthwise_grad_is_applied_by_train_and_left_to_inductor_under_compile():
+    def fast(**speed):
+        return ["forward" in vars(c) for c in perf.depthwise_convs(apply_speed_settings(convmixer(), **speed))]
+    assert fast() == [True, True]
+    assert fast(depthwise_grad=False) == fast(compile=True) == [False, False]
+    assert perf.depthwise_convs(tiny()) == []                             # a ViT: nothing to take
+    strided = torch.nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=4)
+    assert perf.depthwise_convs(torch.nn.Sequential(strided, torch.nn.Conv2d(4, 4, 2, padding="same", groups=4))) == []
 
 
 def test_allocator_policy_names_and_checks():
