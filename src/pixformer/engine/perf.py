@@ -168,12 +168,12 @@ def apply_lean_mlp(model: nn.Module, enabled: bool = True, onednn: bool = False)
 
 
 # ---- depthwise convolutions' weight gradient ----------------------------------------------------
-# Written here because oneDNN's depthwise weight gradient on CPU is slow: ConvMixer-256/8's (batch 128,
-# 16x16, kernel 5, bf16) takes 52-85 ms, four to seven times its whole forward, where a compiled
-# shift-multiply-sum over the k*k taps takes 8-11 ms (AMD EPYC (AVX512-BF16), 2 threads).
+# Written here because oneDNN's depthwise weight gradient on CPU is slow: with a compiled
+# shift-multiply-sum over the k*k taps instead, a ConvMixer-256/8 step (batch 512, bf16) takes 3.14 s,
+# not 4.95 (benchmarks/recipe_step.py, AMD EPYC (AVX512-BF16), 2 threads).
 def _taps_times_grad(xp: torch.Tensor, dy: torch.Tensor, k: int) -> torch.Tensor:
     """dW[c, 0, i, j] = sum over n, h, w of xp[n, c, h + i, w + j] * dy[n, c, h, w] in fp32, xp the input
-    zero-padded by k // 2 (padded outside: inductor's kernel with the padding inside ran 15x slower)."""
+    zero-padded by k // 2 (padded outside: inductor's kernel with the padding inside was far slower)."""
     h, w = dy.shape[-2:]
     taps = [(xp[:, :, i:i + h, j:j + w] * dy).sum((0, 2, 3), dtype=torch.float32)
             for i in range(k) for j in range(k)]                                # k*k of (C,)
@@ -181,8 +181,7 @@ def _taps_times_grad(xp: torch.Tensor, dy: torch.Tensor, k: int) -> torch.Tensor
 
 
 _WEIGHT_GRAD: list = []                     # the compiled kernel, or None where inductor cannot build one
-_CHUNK_BYTES = 2 << 20                      # the kernel reads its input once per tap: chunks that stay in
-#                                             cache (batch 512 at once: 90 ms, in 2 MiB chunks: 51 ms)
+_CHUNK_BYTES = 2 << 20                      # the kernel reads its input once per tap: chunks that stay in cache
 
 
 def depthwise_weight_grad(x: torch.Tensor, dy: torch.Tensor, k: int) -> torch.Tensor:
