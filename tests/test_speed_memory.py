@@ -426,19 +426,25 @@ def convmixer(kernel=3):
 
 def test_depthwise_weight_grad_counts_the_overlaps_by_hand():
     """Ones in, ones back: each tap's gradient is the number of positions where it meets the image
-    (3x3 image, 3x3 kernel, zero padding 1: 4 at the corners, 6 on the edges, 9 in the middle)."""
+    (3x3 image, 3x3 kernel, zero padding 1: 4 at the corners, 6 on the edges, 9 in the middle), and the
+    bias gradient the number of positions; the same as oneDNN's at kernel 5, in every memory layout."""
     x, dy = torch.ones(2, 1, 3, 3), torch.ones(2, 1, 3, 3)
     expected = 2 * torch.tensor([[4.0, 6, 4], [6, 9, 6], [4, 6, 4]])
-    assert torch.equal(perf.depthwise_weight_grad(x, dy, 3), expected.view(1, 1, 3, 3))
+    dw, db = perf.depthwise_weight_grad(x, dy, 3)
+    assert torch.equal(dw, expected.view(1, 1, 3, 3)) and db.tolist() == [18.0]
     x = torch.zeros(1, 2, 4, 4)
     x[0, 1, 0, 0] = 1.0                                                   # one pixel, top-left, channel 1
     dy = torch.arange(32.0).view(1, 2, 4, 4)
-    g = perf.depthwise_weight_grad(x, dy, 3)                              # tap (i, j) meets it from dy[1 - i, 1 - j]
+    g, db = perf.depthwise_weight_grad(x, dy, 3)                          # tap (i, j) meets it from dy[1 - i, 1 - j]
     assert g[0].abs().sum() == 0 and g[1, 0].tolist() == [[21.0, 20, 0], [17, 16, 0], [0, 0, 0]]
+    assert db.tolist() == [sum(range(16)), sum(range(16, 32))]
     x, dy, w = torch.randn(3, 4, 6, 6), torch.randn(3, 4, 6, 6), torch.randn(4, 1, 5, 5)    # kernel 5: as oneDNN
-    ref = torch.ops.aten.convolution_backward(dy, x, w, None, [1, 1], [2, 2], [1, 1], False, [0, 0], 4,
-                                              [False, True, False])[1]
-    torch.testing.assert_close(perf.depthwise_weight_grad(x, dy, 5), ref)
+    _, ref_w, ref_b = torch.ops.aten.convolution_backward(dy, x, w, [4], [1, 1], [2, 2], [1, 1], False, [0, 0], 4,
+                                                          [False, True, True])
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        dw, db = perf.depthwise_weight_grad(x.contiguous(memory_format=fmt), dy.contiguous(memory_format=fmt), 5)
+        torch.testing.assert_close(dw, ref_w)
+        torch.testing.assert_close(db, ref_b)
 
 
 @pytest.mark.parametrize("kernel", [3])          # (each new shape compiles a kernel: one size here, 5 below)

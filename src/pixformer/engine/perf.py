@@ -173,38 +173,42 @@ def apply_lean_mlp(model: nn.Module, enabled: bool = True, onednn: bool = False)
 # not 4.95 (benchmarks/recipe_step.py, AMD EPYC (AVX512-BF16), 2 threads).
 def _taps_times_grad(xp: torch.Tensor, dy: torch.Tensor, k: int) -> torch.Tensor:
     """dW[c, 0, i, j] = sum over n, h, w of xp[n, c, h + i, w + j] * dy[n, c, h, w] in fp32, xp the input
-    zero-padded by k // 2 (padded outside: inductor's kernel with the padding inside was far slower)."""
+    zero-padded by k // 2 (padded outside: inductor's kernel with the padding inside was far slower), and
+    the bias gradient, the sum of dy over n, h, w, in the same pass: (C, k*k + 1)."""
     h, w = dy.shape[-2:]
     taps = [(xp[:, :, i:i + h, j:j + w] * dy).sum((0, 2, 3), dtype=torch.float32)
             for i in range(k) for j in range(k)]                                # k*k of (C,)
-    return torch.stack(taps, 1).view(-1, 1, k, k)                               # (C, 1, k, k)
+    return torch.stack([*taps, dy.sum((0, 2, 3), dtype=torch.float32)], 1)      # (C, k*k + 1)
 
 
 _WEIGHT_GRAD: list = []                     # the compiled kernel, or None where inductor cannot build one
 _CHUNK_BYTES = 2 << 20                      # the kernel reads its input once per tap: chunks that stay in cache
 
 
-def depthwise_weight_grad(x: torch.Tensor, dy: torch.Tensor, k: int) -> torch.Tensor:
-    """The weight gradient of a stride-1, 'same'-padded k x k depthwise convolution (fp32), through
-    torch.compile (inductor builds one C++ kernel per input shape); where it cannot compile (no C++
-    compiler), oneDNN's own after a one-line notice."""
+def depthwise_weight_grad(x: torch.Tensor, dy: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight and bias gradients, (C, 1, k, k) and (C,) in fp32, of a stride-1, 'same'-padded k x k
+    depthwise convolution, through torch.compile (inductor builds one C++ kernel per input shape); where
+    it cannot compile (no C++ compiler), oneDNN's own after a one-line notice. (The bias gradient rides
+    along: torch's own sum of dy over three of its four dimensions is slow on CPU, 40-260 ms at batch 512.)"""
+    C = x.shape[1]
     if not _WEIGHT_GRAD:
         _WEIGHT_GRAD.append(torch.compile(_taps_times_grad, dynamic=False))
     if _WEIGHT_GRAD[0] is not None:
         try:
             p = k // 2
             n = max(1, _CHUNK_BYTES // (x[0].numel() * x.element_size()))       # images a chunk: in cache
-            return sum(_WEIGHT_GRAD[0](F.pad(a, (p, p, p, p, 0, 0, 0, n - len(a))),  # zero images fill the
-                                       F.pad(b, (0, 0, 0, 0, 0, 0, 0, n - len(b))), k)  # last chunk: one
-                       for a, b in zip(x.split(n), dy.split(n)))                # shape, one compile (C, 1, k, k)
+            g = sum(_WEIGHT_GRAD[0](F.pad(a, (p, p, p, p, 0, 0, 0, n - len(a))),  # zero images fill the
+                                    F.pad(b, (0, 0, 0, 0, 0, 0, 0, n - len(b))), k)   # last chunk: one
+                    for a, b in zip(x.split(n), dy.split(n)))                   # shape, one compile (C, k*k + 1)
+            return g[:, :-1].reshape(C, 1, k, k), g[:, -1]
         except Exception as e:                                                  # noqa: BLE001 (any build failure)
             _WEIGHT_GRAD[0] = None
             notice(f"pixformer: the compiled depthwise weight gradient failed ({type(e).__name__}); "
                    "oneDNN's runs instead", once=True)
-    C, p = x.shape[1], k // 2
-    w = x.new_empty(C, 1, k, k)
-    return torch.ops.aten.convolution_backward(dy, x, w, None, [1, 1], [p, p], [1, 1], False, [0, 0], C,
-                                               [False, True, False])[1].float()
+    p = k // 2
+    _, dw, db = torch.ops.aten.convolution_backward(dy, x, x.new_empty(C, 1, k, k), [C], [1, 1], [p, p], [1, 1],
+                                                    False, [0, 0], C, [False, True, True])
+    return dw.float(), db.float()
 
 
 @torch.library.custom_op("pixformer::depthwise_conv2d", mutates_args=())
@@ -230,8 +234,11 @@ def _depthwise_grad(ctx, dy):
     C, k = weight.shape[0], weight.shape[-1]
     dx = torch.ops.aten.convolution_backward(dy, x, weight, None, [1, 1], [k // 2] * 2, [1, 1], False, [0, 0], C,
                                              [True, False, False])[0] if ctx.needs_input_grad[0] else None
-    dw = depthwise_weight_grad(x, dy, k).to(weight.dtype) if ctx.needs_input_grad[1] else None
-    db = dy.sum((0, 2, 3), dtype=torch.float32).to(weight.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    dw = db = None
+    if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
+        dw, db = depthwise_weight_grad(x, dy, k)
+        dw = dw.to(weight.dtype) if ctx.needs_input_grad[1] else None
+        db = db.to(weight.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
     return dx, dw, db
 
 
