@@ -5,7 +5,8 @@ builds them), at one image side.
     .venv/bin/python benchmarks/recipe_step.py --config configs/cifar10-speedrun.yaml --side 32 \\
         --variants "" lean_mlp=true
 
-Each variant is a set of `Speed` fields (`name=value`, comma-separated; "" = the config's own). All
+Each variant is a set of `Speed` fields (`name=value`, comma-separated; "" = the config's own), and
+may set `accum_steps` (the step in that many micro-batches, as `--accum-steps` runs it). All
 variants are built in one process and their steps interleaved, round after round, so that a drift
 in the machine's speed (other tenants, clock changes) falls on all of them alike; the median step of
 each is printed with its ratio to the first variant, the CPU named. Synthetic images and labels: the
@@ -32,7 +33,8 @@ def load_config(path: str):
 
 
 def build(cfg, speed_fields: dict, classes: int = 10):
-    """(model, optimizer, task, amp) as train builds them, with `speed_fields` over the config's."""
+    """(model, optimizer, task, amp) as train builds them, with `speed_fields` over the config's
+    (`accum_steps` among them: the config's own field)."""
     from pixformer.engine import Runtime
     from pixformer.engine.loop import resolved_speed
     from pixformer.engine.optim import build_optimizer
@@ -44,9 +46,11 @@ def build(cfg, speed_fields: dict, classes: int = 10):
     torch.manual_seed(cfg.seed)
     model = task.build_model(cfg.model, cfg.model_args)
     amp = autocast_dtype(cfg.precision, "cpu")
-    cfg = dataclasses.replace(cfg, speed=dataclasses.replace(cfg.speed, **speed_fields))
+    speed_fields = dict(speed_fields)
+    cfg = dataclasses.replace(cfg, accum_steps=speed_fields.pop("accum_steps", cfg.accum_steps),
+                              speed=dataclasses.replace(cfg.speed, **speed_fields))
     apply_speed_settings(model, **resolved_speed(cfg, Runtime.create("cpu"), facts, amp, task, model))   # as train
-    return model, build_optimizer(model, cfg), task, amp
+    return model, build_optimizer(model, cfg), task, amp, cfg.accum_steps
 
 
 def parse_variant(text: str) -> dict:
@@ -59,6 +63,7 @@ def parse_variant(text: str) -> dict:
 
 
 def main() -> None:
+    from pixformer.engine.loop import micro_batches
     from pixformer.engine.perf import cpu_name
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="configs/cifar10-speedrun.yaml")
@@ -75,15 +80,16 @@ def main() -> None:
     y = torch.randint(0, 10, (cfg.batch_size,))
     runs = []
     for text in a.variants:
-        model, opt, task, amp = build(cfg, parse_variant(text))
+        model, opt, task, amp, accum = build(cfg, parse_variant(text))
         times: dict[str, list[float]] = {"step": [], "optimizer": []}
 
-        def step(model=model, opt=opt, task=task, amp=amp, times=times):
+        def step(model=model, opt=opt, task=task, amp=amp, times=times, accum=accum):
             t0 = time.perf_counter()
-            with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
-                loss, _ = task.loss(model, x, y, np.random.default_rng(0))
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            for part in micro_batches(len(y), accum):                     # as train's forward_backward
+                with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+                    loss, _ = task.loss(model, x[part], y[part], np.random.default_rng(0))
+                (loss * (part.stop - part.start) / len(y)).backward()
             if cfg.clip_grad > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
             t1 = time.perf_counter()

@@ -16,11 +16,12 @@ def test_recipe_step_times_each_variant_of_the_speedrun_config(monkeypatch, caps
     cfg = bench.load_config(str(ROOT / "configs" / "cifar10-speedrun.yaml"))
     assert cfg.optimizer == "muon" and cfg.speed.lean_mlp is False and cfg.model_args["stem"] == "conv"
     monkeypatch.setattr(sys, "argv", ["recipe_step.py", "--config", str(ROOT / "configs" / "cifar10-speedrun.yaml"),
-                                      "--side", "16", "--variants", "", "lean_mlp=true", "--rounds", "1"])
+                                      "--side", "16", "--variants", "", "lean_mlp=true", "accum_steps=4", "--rounds", "1"])
     bench.main()
     out = capsys.readouterr().out.splitlines()
     assert "batch 128" in out[0] and "optimizer muon" in out[0]
     assert out[1].startswith("(the config's own)") and "(1.000x)" in out[1] and out[2].startswith("lean_mlp=true")
+    assert out[3].startswith("accum_steps=4")
 
 
 

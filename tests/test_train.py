@@ -276,3 +276,35 @@ def test_a_relative_data_root_is_saved_absolute(tmp_path, monkeypatch):
     cfg = TrainConfig(**{**TINY, "data_root": "cache/data"})
     assert cfg.data_root == str(tmp_path.resolve() / "cache" / "data")
     assert TrainConfig(**TINY).data_root is None
+
+
+def test_accumulated_micro_batches_make_the_same_step(tmp_path):
+    """--accum-steps: a ViT's step in 3 micro-batches updates the weights as the step in one pass (the
+    same augmentation, MAE masks and losses; only the order of the sums differs); ConvMixer trains with
+    BatchNorm over each micro-batch; a micro-batch count a step cannot hold is one line, before any work."""
+    mae = dict(task="mae", task_args=dict(decoder_depth=1, decoder_dim=16, decoder_heads=2))
+    for name, extra in {"classify": dict(hflip=True, crop_padding=1, random_erase=0.5), "mae": mae}.items():
+        runs = [train(TrainConfig(**TINY, **extra, epochs=1, precision="fp32", accum_steps=k,
+                                  out=str(tmp_path / f"{name}{k}"))) for k in (1, 3)]
+        for (key, a), b in zip(runs[0]["model"].state_dict().items(), runs[1]["model"].state_dict().values()):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=f"{name}: {key}")
+        one, three = metrics(tmp_path / f"{name}1"), metrics(tmp_path / f"{name}3")
+        losses = lambda rows: [r["train_loss"] for r in rows if "train_loss" in r]  # noqa: E731
+        assert losses(one) and losses(one) == pytest.approx(losses(three), rel=1e-6)
+    conv = train(TrainConfig(**{**TINY, "model": "convmixer-256/8", "model_args": dict(dim=8, depth=1)}, epochs=1,
+                             accum_steps=4, out=str(tmp_path / "convmixer")))
+    assert conv["step"] == 192 // 32 and torch.isfinite(torch.tensor(conv["val_loss"]))
+    within = r"--accum-steps must be in \[1, --batch-size 32\] \(micro-batches a step\), got "
+    for bad, message in [(dict(accum_steps=0), within + "0"), (dict(accum_steps=33), within + "33"),
+                         (dict(accum_steps=2, max_side=8), "a packed batch at native resolution cannot be split"),
+                         (dict(batch_size=512, accum_steps=200), "splits the 192 images each process trains a step "
+                                                                 "into micro-batches: at most 192")]:
+        with pytest.raises(PixformerError, match=message):
+            train(TrainConfig(**{**TINY, **bad}, epochs=1, out=str(tmp_path / "bad")))
+        assert not (tmp_path / "bad").exists()
+
+
+def test_micro_batches_cover_the_rows_once():
+    assert loop.micro_batches(10, 3) == [slice(0, 3), slice(3, 7), slice(7, 10)]
+    assert loop.micro_batches(4, 4) == [slice(i, i + 1) for i in range(4)]
+    assert loop.micro_batches(7, 1) == [slice(0, 7)]

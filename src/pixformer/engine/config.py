@@ -81,6 +81,9 @@ class TrainConfig:
     # optimisation: the optimizer, the learning rate per step (warm-up, then decay) and the training image side per epoch
     epochs: int = 10                    # passes over the training images
     batch_size: int = 128               # images per optimizer step (all processes together)
+    accum_steps: int = 1                # micro-batches a step: each process's images go forward and backward N at
+    #                                     a time, the gradients summed (less memory, the same update for a ViT;
+    #                                     BatchNorm's statistics become a micro-batch's)
     optimizer: str = "adamw"            # adamw | lamb (LAMB: AdamW scaled per tensor by a trust ratio, for large
     #                                     batches) | muon (Muon for the blocks' weight matrices, AdamW for the rest)
     lr: float = 1e-3                    # peak learning rate (Muon's scaled to AdamW's update size: one --lr for both)
@@ -161,6 +164,8 @@ class TrainConfig:
             raise PixformerError("--rand-augment and --trivial-augment are two augmentation policies; choose one")
         require("eval_every", self.eval_every, self.eval_every >= 0, ">= 0 (epochs between validations)")
         require("random_erase", self.random_erase, 0 <= self.random_erase <= 1, "a probability in [0, 1]")
+        require("accum_steps", self.accum_steps, 1 <= self.accum_steps <= self.batch_size,
+                f"in [1, --batch-size {self.batch_size}] (micro-batches a step)")
         require("repeat_aug", self.repeat_aug, 1 <= self.repeat_aug <= self.batch_size,
                 f"in [1, --batch-size {self.batch_size}]")
         require("betas", list(self.betas), all(0 <= b < 1 for b in self.betas), "two numbers, each in [0, 1)")
@@ -182,6 +187,9 @@ class TrainConfig:
         if packing and not self.native:
             raise PixformerError(f"{', '.join(map(option, packing))} set how images are packed at native resolution, "
                                  "which is on with a budget: add --max-side or --max-tokens")
+        if self.accum_steps > 1 and self.native:
+            raise PixformerError("--accum-steps splits a batch of equal-size images; a packed batch at native "
+                                 "resolution cannot be split: set its size with --batch-size and --pack-length")
         if self.token_drop and self.token_drop_beta is not None:
             raise PixformerError("--token-drop (one rate) and --token-drop-beta (a rate drawn per image) are two "
                                  "ways to drop tokens; choose one")

@@ -480,9 +480,13 @@ def start(cfg: TrainConfig, data: Prepared | None, runtime: Runtime, task_cls: t
                        "seq_regather_layers": regather}}
     batcher = batcher_for(as_json(cfg), model, runtime.device, cfg.speed.compile)   # bad packing settings: before any claim
     batch = min(cfg.batch_size, len(splits.train))                     # a batch larger than the set: the whole set
+    part = runtime.part(batch)
+    if cfg.accum_steps > part.stop - part.start:
+        raise PixformerError(f"--accum-steps {cfg.accum_steps} splits the {part.stop - part.start} images each process "
+                             f"trains a step into micro-batches: at most {part.stop - part.start}")
     claimed = folder is None
     folder = folder or claim(default_run_dir(name, cfg.data), rank=runtime.rank)
-    run = Run(cfg, runtime, task, splits, model, model, model, ema, None, batcher, runtime.part(batch), amp, state,
+    run = Run(cfg, runtime, task, splits, model, model, model, ema, None, batcher, part, amp, state,
               folder, steps_per_epoch, cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch), say)
     try:
         attach(run, saved)
@@ -529,10 +533,10 @@ def resolved_speed(cfg: TrainConfig, runtime: Runtime, facts: DataFacts, amp, ta
     tokens = task.block_tokens(model) if speed["selective_checkpoint"] is None else None
     if tokens is not None:                 # blocks seeing different sequences: counted on the built model
         speed["selective_checkpoint"] = blocks_peak_bytes(
-            model, tokens, -(-cfg.batch_size // runtime.data_parallel), "bf16" if amp else "fp32",
+            model, tokens, -(-cfg.batch_size // (runtime.data_parallel * cfg.accum_steps)), "bf16" if amp else "fp32",
             cfg.speed.attn_backend, cfg.speed.lean_mlp_on) > SELECTIVE_ABOVE
     elif speed["selective_checkpoint"] is None:
-        speed["selective_checkpoint"] = selective_pays(cfg.model, facts.img_size, cfg.batch_size,
+        speed["selective_checkpoint"] = selective_pays(cfg.model, facts.img_size, -(-cfg.batch_size // cfg.accum_steps),
                                                        "bf16" if amp else "fp32", cfg.speed.attn_backend,
                                                        len(facts.classes), facts.in_chans, **cfg.model_args,
                                                        seq_parallel=runtime.seq_parallel,      # per rank
@@ -548,7 +552,7 @@ def seq_regather_layers(cfg: TrainConfig, runtime: Runtime, facts: DataFacts, sp
     rank: a function of the settings and the model), and the line saying what it costs; else (0, None)."""
     if runtime.seq_parallel == 1:
         return 0, None
-    p = plan(cfg.model, facts.img_size, cfg.batch_size, precision="bf16" if amp else "fp32",
+    p = plan(cfg.model, facts.img_size, -(-cfg.batch_size // cfg.accum_steps), precision="bf16" if amp else "fp32",
              attn_backend=cfg.speed.attn_backend, num_classes=len(facts.classes), in_chans=facts.in_chans,
              seq_parallel=runtime.seq_parallel, data_parallel=runtime.data_parallel, seq_regather=cfg.seq_regather,
              lean_mlp=cfg.speed.lean_mlp_on, **cfg.model_args)
@@ -656,17 +660,12 @@ def step(run: Run, batch: Batch, stop: StopFlag, waited: float) -> None:
     t0 = time.perf_counter()
     run.model.train()
     torch.manual_seed(step_seed(cfg.seed, s))                            # dropout / drop-path, per step
-    rng = np.random.default_rng([cfg.seed, s])                           # the task's draws, per step
-    if runtime.world_size > 1:
-        rng = RankRandom(rng, run.part, batch.size)
     x, y = model_inputs(run.task, batch, runtime.device)
     run.lr = lr_at(s, run.total_steps, run.warmup, cfg.lr, cfg.min_lr, cfg.lr_schedule)
     for group in run.opt.param_groups:
         group["lr"] = run.lr * group["lr_scale"]
-    with torch.autocast(device_type=runtime.device.type, dtype=run.amp or torch.float32, enabled=run.amp is not None):
-        loss, stats = run.task.loss(run.step_model, x, y, rng)
     run.opt.zero_grad(set_to_none=True)
-    loss.backward()                              # also when non-finite: the ranks' collectives stay in step
+    loss, stats = forward_backward(run, x, y, batch.size)
     runtime.sync_gradients(run.model)                                    # sequence parallel: LSS's averaging
     if isinstance(x, Packed):                                            # packed slots, and those holding tokens
         stats = {**stats, "_useful": x.useful, "_slots": x.segments.numel()}
@@ -689,6 +688,44 @@ def step(run: Run, batch: Batch, stop: StopFlag, waited: float) -> None:
     show_progress(run, s // run.steps_per_epoch)
     if stop_now or (runtime.world_size == 1 and stop.asked):             # one process: a signal in this step too
         raise _Stop(stop.asked or "asked of another process of this run")
+
+
+def micro_batches(rows: int, accum_steps: int) -> list[slice]:
+    """This process's `rows` of a step split into `accum_steps` consecutive micro-batches, their sizes
+    differing by at most one."""
+    bounds = np.linspace(0, rows, accum_steps + 1).round().astype(int)
+    return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def forward_backward(run: Run, x: Tensor | Packed, y: Tensor, global_batch: int) -> tuple[Tensor, dict[str, float]]:
+    """The step's loss (the mean over this process's rows) and summed statistics, its gradients left in
+    the weights: in one pass, or in --accum-steps micro-batches whose gradients add up to the same. Each
+    micro-batch draws the task's random numbers for the whole global batch from the step's generator
+    and keeps its rows', so every image gets the numbers it would get in one pass on one process."""
+    cfg, runtime = run.cfg, run.runtime
+    amp = dict(device_type=runtime.device.type, dtype=run.amp or torch.float32, enabled=run.amp is not None)
+    if cfg.accum_steps == 1:
+        rng = np.random.default_rng([cfg.seed, run.step])                # the task's draws, per step
+        if runtime.world_size > 1:
+            rng = RankRandom(rng, run.part, global_batch)
+        with torch.autocast(**amp):
+            loss, stats = run.task.loss(run.step_model, x, y, rng)
+        loss.backward()                          # also when non-finite: the ranks' collectives stay in step
+        return loss, stats
+    parts = micro_batches(len(y), cfg.accum_steps)
+    total, stats = 0.0, {}
+    for j, part in enumerate(parts):
+        rows = slice(run.part.start + part.start, run.part.start + part.stop)   # of the global batch
+        rng = RankRandom(np.random.default_rng([cfg.seed, run.step]), rows, global_batch)
+        share = (part.stop - part.start) / len(y)
+        with runtime.accumulating(run.step_model, last=j == len(parts) - 1):   # the ranks average once, at the last
+            with torch.autocast(**amp):
+                loss, part_stats = run.task.loss(run.step_model, x[part], y[part], rng)
+            (loss * share).backward()            # also when non-finite (see above)
+        total = total + loss.detach() * share
+        for k, v in part_stats.items():
+            stats[k] = stats.get(k, 0) + v
+    return total, stats
 
 
 @torch.no_grad()

@@ -168,6 +168,25 @@ class Runtime:
             from .sequence import average_gradients
             average_gradients(model)
 
+    @contextlib.contextmanager
+    def accumulating(self, step_model: nn.Module, last: bool):
+        """Around one micro-batch's forward and backward (--accum-steps): the gradients are averaged over the
+        ranks in the step's last one only (DDP's no_sync, FSDP2's gradient sync switched off until the last;
+        sequence parallelism averages once, in sync_gradients)."""
+        if last or self.world_size == 1:
+            yield
+        elif isinstance(step_model, nn.parallel.DistributedDataParallel):
+            with step_model.no_sync():
+                yield
+        elif isinstance(step_model, FSDPModule):
+            step_model.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                step_model.set_requires_gradient_sync(True)
+        else:
+            yield
+
     def checkpoint_state(self, model: nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, dict] | None:
         """The state dicts of `model` and `opt` (an optimizer, or engine.optim.Optimizers: several stepped
         as one) as plain full tensors, what a checkpoint holds, on the main process; None on the others.
