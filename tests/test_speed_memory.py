@@ -208,6 +208,10 @@ def test_planner_memory_sizes_and_impossible_budget():
     small = plan("pit-t", img_size=64, batch_size=8, memory="50MiB")
     assert small.max_batch("full") == 0
     assert "nothing fits in 50.00 MiB" in small.verdict() and "needs" in small.verdict()
+    big = plan("pit-t", img_size=32, batch_size=4096, memory="2GiB")        # too big: micro-batches named
+    n = -(-4096 // big.max_batch("selective"))
+    assert n > 1 and big.verdict().endswith(f"batch 4096 trains in {n} micro-batches: --accum-steps {n}")
+    assert big.peak_bytes(-(-4096 // n), "selective") <= 2 * 2 ** 30
 
 
 

@@ -291,9 +291,12 @@ class Plan:
         for mode in ("none", "selective", "full"):
             if self.peak_bytes(self.batch_size, mode) <= self.memory:
                 return f"batch {self.batch_size} fits in {mem} with checkpointing {mode} {_HOW[mode]}"
-        need = self.peak_bytes(self.batch_size, "full")
+        need, fits = self.peak_bytes(self.batch_size, "full"), self.max_batch("selective")
+        accum = -(-self.batch_size // fits) if fits else None       # micro-batches under train's checkpointing
         return (f"batch {self.batch_size} does not fit in {mem} even with --checkpoint-blocks all (it needs "
-                f"{format_bytes(need)}); the largest batch that fits is {self.max_batch('full')}")
+                f"{format_bytes(need)}); the largest batch that fits is {self.max_batch('full')}"
+                + (f"; batch {self.batch_size} trains in {accum} micro-batches: --accum-steps {accum}"
+                   if accum else ""))
 
 
 def attention_memory_kind(backend: str, e: int, scores: int | None) -> str:
