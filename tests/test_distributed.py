@@ -32,7 +32,7 @@ RUNS = {
                  task_args=dict(process="flow", samples=2, sample_steps=3, cfg_interval=[0.1, 0.9])),
 }
 RUNS.update({f"accum-{name}": dict(RUNS[name], accum_steps=2)     # micro-batches: the ranks average once a step
-             for name in ("mae", "fsdp", "sequence-parallel")})
+             for name in ("mae", "diffusion", "fsdp", "sequence-parallel")})
 ALONE = dict(seq_parallel=1, fsdp=False)   # the same run in one process
 
 SCRIPT = textwrap.dedent("""

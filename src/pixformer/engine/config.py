@@ -81,8 +81,8 @@ class TrainConfig:
     # optimisation: the optimizer, the learning rate per step (warm-up, then decay) and the training image side per epoch
     epochs: int = 10                    # passes over the training images
     batch_size: int = 128               # images per optimizer step (all processes together)
-    accum_steps: int = 1                # micro-batches a step: each process's images go forward and backward N at
-    #                                     a time, the gradients summed (less memory, the same update for a ViT;
+    accum_steps: int = 1                # micro-batches a step: each process's images go forward and backward in N
+    #                                     parts, the gradients summed (less memory; the same update for a ViT;
     #                                     BatchNorm's statistics become a micro-batch's)
     optimizer: str = "adamw"            # adamw | lamb (LAMB: AdamW scaled per tensor by a trust ratio, for large
     #                                     batches) | muon (Muon for the blocks' weight matrices, AdamW for the rest)
