@@ -97,10 +97,33 @@ def test_stacked_muon_steps_as_torchs_muon(nesterov, adjust):
     assert not mine[0].equal(start[0])
 
 
-def test_muon_refuses_a_model_without_block_matrices():
-    model = create_model("convmixer-16/1", img_size=8, num_classes=10, patch_size=2, kernel_size=3)
+def test_muon_updates_a_filter_bank_as_its_matrix_and_refuses_a_model_without_any():
+    """ConvMixer under Muon: the pointwise convolutions' filters are Muon's, each (out, in, k, k) bank
+    stepped as torch's Muon steps the out x (in*k*k) matrix; the depthwise filters, stem, norms and head
+    are AdamW's. A model whose blocks hold no matrix, and convolutions under --fsdp, are one line."""
+    model = create_model("convmixer-16/2", img_size=8, num_classes=10, patch_size=2, kernel_size=3)
+    muon, _ = build_optimizer(model, TrainConfig(optimizer="muon")).optimizers
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for g in muon.param_groups for p in g["params"]} == {"blocks.0.channel.0.weight",
+                                                                              "blocks.1.channel.0.weight"}
+    start = torch.randn(6, 4, 3, 3)
+    bank, matrix = start.clone().requires_grad_(), start.flatten(1).clone().requires_grad_()
+    opts = [StackedMuon([bank], lr=0.05, weight_decay=0.1, adjust_lr_fn="match_rms_adamw"),
+            torch.optim.Muon([matrix], lr=0.05, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")]
+    g = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        grad = torch.randn(6, 4, 3, 3, generator=g)
+        bank.grad, matrix.grad = grad.clone(), grad.flatten(1).clone()
+        for opt in opts:
+            opt.step()
+    assert torch.equal(bank.flatten(1), matrix) and not bank.equal(start)
+    with pytest.raises(ValueError, match="not vectors"):
+        StackedMuon([torch.zeros(3, requires_grad=True)])
+    flat = create_model("convmixer-16/1", img_size=8, num_classes=10, patch_size=2, kernel_size=3, depth=0)
     with pytest.raises(PixformerError, match="--optimizer muon updates the weight matrices .* use --optimizer adamw"):
-        build_optimizer(model, TrainConfig(optimizer="muon"))
+        build_optimizer(flat, TrainConfig(optimizer="muon"))
+    with pytest.raises(PixformerError, match="--optimizer muon with --fsdp updates linear layers' matrices only"):
+        build_optimizer(model, TrainConfig(optimizer="muon", fsdp=True))
 
 
 # ---- schedules -----------------------------------------------------------------------------

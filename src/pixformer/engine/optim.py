@@ -89,10 +89,12 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
 
 def muon_matrices(model: nn.Module) -> set[int]:
     """The ids of the parameters Muon updates: the weight matrices of the linear layers inside the
-    blocks (attention's projections, the MLPs, adaLN's modulation). Embeddings, the head, biases, norms,
-    tokens and position tables are AdamW's (the recipe of Muon's authors)."""
+    blocks (attention's projections, the MLPs, adaLN's modulation) and the filter banks of their full
+    (not depthwise) convolutions, each an out x (in * k * k) matrix (ConvMixer's pointwise convolutions:
+    linear layers over the channels). Embeddings, the head, biases, norms, depthwise filters, tokens and
+    position tables are AdamW's (the recipe of Muon's authors)."""
     return {id(m.weight) for b in blocks_of(model) for m in b.modules()
-            if isinstance(m, nn.Linear) and m.weight.requires_grad}
+            if (isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1)) and m.weight.requires_grad}
 
 
 # ---- the optimizer ---------------------------------------------------------------------------
@@ -112,8 +114,11 @@ def build_optimizer(model: nn.Module, cfg: "TrainConfig") -> "torch.optim.Optimi
     rest = [{**g, "params": [p for p in g["params"] if id(p) not in matrices]} for g in groups]
     mats, rest = [g for g in mats if g["params"]], [g for g in rest if g["params"]]
     if not mats:
-        raise PixformerError(f"--optimizer muon updates the weight matrices of the blocks' linear layers; this "
-                             f"{type(model).__name__} trains none: use --optimizer adamw or lamb")
+        raise PixformerError(f"--optimizer muon updates the weight matrices of the blocks' linear layers and "
+                             f"convolutions; this {type(model).__name__} trains none: use --optimizer adamw or lamb")
+    if cfg.fsdp and any(p.ndim > 2 for g in mats for p in g["params"]):
+        raise PixformerError("--optimizer muon with --fsdp updates linear layers' matrices only (torch's sharded "
+                             "Muon step takes 2-D weights); this model's blocks hold convolutions: leave out --fsdp")
     muon = StackedMuon(mats, lr=cfg.lr, adjust_lr_fn="match_rms_adamw")   # momentum 0.95, Nesterov, 5 NS steps
     return Optimizers(muon, *([torch.optim.AdamW(rest, lr=cfg.lr, betas=betas, foreach=True)] if rest else []))
 
@@ -123,8 +128,16 @@ class StackedMuon(torch.optim.Muon):
     Newton–Schulz iteration run once for all the matrices of one shape, as batched matmuls, rather than
     one matrix at a time: a ViT's blocks hold a few shapes many times over, and at these sizes torch's
     per-matrix calls are mostly overhead (benchmarks/muon_step.py: 1.62x torch's speed on vit-n/4's 24).
-    Written here because torch's Muon has no batched or foreach path (it refuses foreach=True).
+    Written here because torch's Muon has no batched or foreach path (it refuses foreach=True), nor
+    convolutions: a filter bank (out, in, k, k) is updated as the out x (in * k * k) matrix it is.
     Sharded matrices (FSDP's DTensors) take torch's own step, whose collectives see each whole matrix."""
+
+    def __init__(self, params, **settings):
+        defaults = torch.optim.Muon([torch.zeros(1, 1)], **settings).defaults   # torch's checks and defaults
+        torch.optim.Optimizer.__init__(self, params, defaults)                  # (torch's refuses > 2-D)
+        for group in self.param_groups:
+            if any(p.ndim < 2 for p in group["params"]):
+                raise ValueError("Muon updates matrices and filter banks (2-D or more), not vectors")
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -143,10 +156,11 @@ class StackedMuon(torch.optim.Muon):
             bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad)) for p in params]
             torch._foreach_lerp_(bufs, grads, 1 - momentum)
             updates = torch._foreach_lerp(grads, bufs, momentum) if group["nesterov"] else bufs
-            updates = newton_schulz(updates, group["ns_coefficients"], group["ns_steps"], group["eps"])
+            updates = newton_schulz([u.flatten(1) for u in updates], group["ns_coefficients"], group["ns_steps"],
+                                    group["eps"])                            # a filter bank: out x (in * k * k)
             torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
             for p, update in zip(params, updates):
-                p.add_(update, alpha=-_muon_lr(lr, group["adjust_lr_fn"], p.shape))
+                p.add_(update.view_as(p), alpha=-_muon_lr(lr, group["adjust_lr_fn"], update.shape))
         return loss
 
 
