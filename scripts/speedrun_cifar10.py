@@ -7,6 +7,9 @@ evaluates with the mirrored view (--eval-flip) also gets its top-1 without it, a
     .venv/bin/python scripts/speedrun_cifar10.py                        # configs/cifar10-speedrun.yaml
     .venv/bin/python scripts/speedrun_cifar10.py --ablate --epochs 4 --train-subset 10000
                                       # each ingredient taken out, at a small budget (4 epochs of 10,000 images)
+    .venv/bin/python scripts/speedrun_cifar10.py --config configs/cifar10-convmixer-2h.yaml --epochs 4 \
+        --train-subset 10000 --options "--progressive null --warmup-epochs 1 --eval-every 0" \
+        --variant "Muon=--optimizer muon" --out runs/convmixer-muon      # the recipe and a variant of it
 
 --ablate trains the recipe and one variant per ingredient (each taken out or replaced by the plain
 choice) at the same budget, one after the other, so the table says what each added. Results go to
@@ -82,7 +85,14 @@ def main() -> None:
                    "default: the recipe's, 0); the held-out images stay the same")
     p.add_argument("--ema-decay", type=float, default=None, help="the EMA decay of every run (default: the recipe's; "
                    "a small budget needs a shorter average, e.g. 0.99 for a few hundred steps)")
+    p.add_argument("--options", default="", help="training options for every run, after the budget (e.g. "
+                   "\"--progressive null --warmup-epochs 1\" to fit a recipe to a small budget)")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=OPTIONS",
+                   help="train the recipe and this variant (repeatable), e.g. \"Muon=--optimizer muon\"; "
+                   "instead of --ablate's list")
     a = p.parse_args()
+    if any("=" not in v for v in a.variant):
+        sys.exit("--variant takes NAME=OPTIONS, e.g. \"Muon=--optimizer muon\"")
     if not Path(a.data).exists():
         sys.exit(f"{a.data} not found (see ../shared/data/README.md)")
     out = Path(a.out)
@@ -90,10 +100,11 @@ def main() -> None:
     budget = (["--epochs", str(a.epochs)] if a.epochs else []) + \
         (["--train-subset", str(a.train_subset)] if a.train_subset else []) + \
         (["--ema-decay", str(a.ema_decay)] if a.ema_decay is not None else []) + \
-        (["--seed", str(a.seed)] if a.seed is not None else [])     # (a variant's own options come after)
+        (["--seed", str(a.seed)] if a.seed is not None else []) + shlex.split(a.options)   # (a variant's own after)
     tag = Path(a.config).stem + (f"-{a.epochs}ep" if a.epochs else "") + (f"-{a.train_subset}" if a.train_subset else "") \
         + (f"-ema{a.ema_decay}" if a.ema_decay is not None else "") + (f"-seed{a.seed}" if a.seed is not None else "")
     variants = ABLATIONS if a.ablate else {"recipe": []}
+    variants = {**variants, **{name.strip(): shlex.split(opts) for name, opts in (v.split("=", 1) for v in a.variant)}}
     results_file = out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
     print(f"CPU: {perf.cpu_name()}", flush=True)
