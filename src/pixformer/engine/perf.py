@@ -189,7 +189,7 @@ def depthwise_weight_grad(x: torch.Tensor, dy: torch.Tensor, k: int) -> tuple[to
     """The weight and bias gradients, (C, 1, k, k) and (C,) in fp32, of a stride-1, 'same'-padded k x k
     depthwise convolution, through torch.compile (inductor builds one C++ kernel per input shape); where
     it cannot compile (no C++ compiler), oneDNN's own after a one-line notice. (The bias gradient rides
-    along: torch's own sum of dy over three of its four dimensions is slow on CPU, 40-260 ms at batch 512.)"""
+    along: torch's own sum of dy over three of its four dimensions is a slow pass of its own on CPU.)"""
     C = x.shape[1]
     if not _WEIGHT_GRAD:
         _WEIGHT_GRAD.append(torch.compile(_taps_times_grad, dynamic=False))
