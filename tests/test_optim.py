@@ -98,14 +98,14 @@ def test_stacked_muon_steps_as_torchs_muon(nesterov, adjust):
 
 
 def test_muon_updates_a_filter_bank_as_its_matrix_and_refuses_a_model_without_any():
-    """ConvMixer under Muon: the pointwise convolutions' filters are Muon's, each (out, in, k, k) bank
-    stepped as torch's Muon steps the out x (in*k*k) matrix; the depthwise filters, stem, norms and head
-    are AdamW's. A model whose blocks hold no matrix, and convolutions under --fsdp, are one line."""
+    """ConvMixer under Muon: the blocks' filters (pointwise and depthwise) are Muon's, each (out, in, k, k)
+    bank stepped as torch's Muon steps the out x (in*k*k) matrix; the stem, biases, norms and head are
+    AdamW's. A model whose blocks hold no matrix, and convolutions under --fsdp, are one line."""
     model = create_model("convmixer-16/2", img_size=8, num_classes=10, patch_size=2, kernel_size=3)
     muon, _ = build_optimizer(model, TrainConfig(optimizer="muon")).optimizers
     names = {id(p): n for n, p in model.named_parameters()}
-    assert {names[id(p)] for g in muon.param_groups for p in g["params"]} == {"blocks.0.channel.0.weight",
-                                                                              "blocks.1.channel.0.weight"}
+    assert {names[id(p)] for g in muon.param_groups for p in g["params"]} == {
+        f"blocks.{i}.{part}.0.weight" for i in (0, 1) for part in ("spatial", "channel")}
     start = torch.randn(6, 4, 3, 3)
     bank, matrix = start.clone().requires_grad_(), start.flatten(1).clone().requires_grad_()
     opts = [StackedMuon([bank], lr=0.05, weight_decay=0.1, adjust_lr_fn="match_rms_adamw"),

@@ -85,7 +85,7 @@ class TrainConfig:
     #                                     parts, the gradients summed (less memory; the same update for a ViT;
     #                                     BatchNorm's statistics become a micro-batch's)
     optimizer: str = "adamw"            # adamw | lamb (LAMB: AdamW scaled per tensor by a trust ratio, for large
-    #                                     batches) | muon (Muon for the blocks' weight matrices and full conv
+    #                                     batches) | muon (Muon for the blocks' weight matrices and conv
     #                                     filters, AdamW for the rest)
     lr: float = 1e-3                    # peak learning rate (Muon's scaled to AdamW's update size: one --lr for both)
     min_lr: float = 1e-5                # the learning rate at the end of the decay

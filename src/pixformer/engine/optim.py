@@ -89,12 +89,12 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
 
 def muon_matrices(model: nn.Module) -> set[int]:
     """The ids of the parameters Muon updates: the weight matrices of the linear layers inside the
-    blocks (attention's projections, the MLPs, adaLN's modulation) and the filter banks of their full
-    (not depthwise) convolutions, each an out x (in * k * k) matrix (ConvMixer's pointwise convolutions:
-    linear layers over the channels). Embeddings, the head, biases, norms, depthwise filters, tokens and
-    position tables are AdamW's (the recipe of Muon's authors)."""
+    blocks (attention's projections, the MLPs, adaLN's modulation) and the filter banks of their
+    convolutions, each an out x (in / groups * k * k) matrix (ConvMixer's pointwise and depthwise ones).
+    Embeddings (the stem), the head, biases, norms, tokens and position tables are AdamW's (the recipe
+    of Muon's authors)."""
     return {id(m.weight) for b in blocks_of(model) for m in b.modules()
-            if (isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1)) and m.weight.requires_grad}
+            if isinstance(m, (nn.Linear, nn.Conv2d)) and m.weight.requires_grad}
 
 
 # ---- the optimizer ---------------------------------------------------------------------------
