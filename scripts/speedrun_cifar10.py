@@ -47,12 +47,12 @@ ABLATIONS = {
 
 
 def run(folder: Path, config: str, data: str, extra: list[str]) -> dict:
-    """Train `config` with `extra` options into `folder` (read back when finished): held-out top-1 (%),
-    wall time, command."""
+    """Train `config` with `extra` options into `folder` (read back when finished with the same command):
+    held-out top-1 (%), wall time, command."""
     done = folder / "speedrun.json"
-    if done.exists():
-        return json.loads(done.read_text())
     cmd = ["pixformer", "train", "--config", config, "--data", data, "--out", str(folder), "--progress", "false", *extra]
+    if done.exists() and json.loads(done.read_text())["command"] == shlex.join(cmd):
+        return json.loads(done.read_text())
     if (folder / "checkpoint").exists() or (folder / "metrics.jsonl").exists():
         import shutil
         shutil.rmtree(folder)                  # a timed run starts from scratch: a stopped one is not resumed
@@ -88,8 +88,8 @@ def main() -> None:
     p.add_argument("--options", default="", help="training options for every run, after the budget (e.g. "
                    "\"--progressive null --warmup-epochs 1\" to fit a recipe to a small budget)")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=OPTIONS",
-                   help="train the recipe and this variant (repeatable), e.g. \"Muon=--optimizer muon\"; "
-                   "instead of --ablate's list")
+                   help="train the recipe and this variant too (repeatable; after --ablate's list with --ablate), "
+                   "e.g. \"Muon=--optimizer muon\"")
     a = p.parse_args()
     if any("=" not in v for v in a.variant):
         sys.exit("--variant takes NAME=OPTIONS, e.g. \"Muon=--optimizer muon\"")

@@ -42,3 +42,6 @@ def test_speedrun_trains_the_recipe_and_each_variant_once(tmp_path):
     assert "| Muon |" in first.stdout
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)      # read back, not trained
     assert again.returncode == 0 and json.loads((tmp_path / "out" / "results.json").read_text()) == results
+    other = subprocess.run([*cmd[:-4], "--options", "--lr 0.02"], capture_output=True, text=True, timeout=600)
+    assert other.returncode == 0, other.stderr[-2000:]                           # other options: trained again
+    assert "--lr 0.02" in json.loads((tmp_path / "out" / "results.json").read_text())["tiny/recipe"]["command"]
