@@ -1,6 +1,6 @@
 """scripts/speedrun_cifar10.py on a tiny archive of class folders: the recipe and a --variant each train
 once (a subprocess each), their held-out top-1 and wall time land in results.json and a table, and a
-finished run is read back, not trained again."""
+finished run is read back, not trained again, unless its options changed."""
 import io
 import json
 import subprocess

@@ -278,14 +278,18 @@ def test_a_relative_data_root_is_saved_absolute(tmp_path, monkeypatch):
     assert TrainConfig(**TINY).data_root is None
 
 
-def test_accumulated_micro_batches_make_the_same_step(tmp_path):
+def test_accumulated_micro_batches_make_the_same_step(tmp_path, monkeypatch):
     """--accum-steps: a ViT's step in 3 micro-batches updates the weights as the step in one pass (the
     same augmentation, MAE masks and losses; only the order of the sums differs); ConvMixer trains with
     BatchNorm over each micro-batch; a micro-batch count a step cannot hold is one line, before any work."""
     mae = dict(task="mae", task_args=dict(decoder_depth=1, decoder_dim=16, decoder_heads=2))
+    seen, loss = [], Classify.loss
+    monkeypatch.setattr(Classify, "loss", lambda self, model, x, *a: seen.append(len(x)) or loss(self, model, x, *a))
     for name, extra in {"classify": dict(hflip=True, crop_padding=1, random_erase=0.5), "mae": mae}.items():
         runs = [train(TrainConfig(**TINY, **extra, epochs=1, precision="fp32", accum_steps=k,
                                   out=str(tmp_path / f"{name}{k}"))) for k in (1, 3)]
+        if name == "classify":                   # 6 steps of 32 images: in one pass, then in parts of 11, 10, 11
+            assert seen == [32] * 6 + [11, 10, 11] * 6
         for (key, a), b in zip(runs[0]["model"].state_dict().items(), runs[1]["model"].state_dict().values()):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=f"{name}: {key}")
         one, three = metrics(tmp_path / f"{name}1"), metrics(tmp_path / f"{name}3")
