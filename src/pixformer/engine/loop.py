@@ -704,24 +704,17 @@ def forward_backward(run: Run, x: Tensor | Packed, y: Tensor, global_batch: int)
     and keeps its rows', so every image gets the numbers it would get in one pass on one process."""
     cfg, runtime = run.cfg, run.runtime
     amp = dict(device_type=runtime.device.type, dtype=run.amp or torch.float32, enabled=run.amp is not None)
-    if cfg.accum_steps == 1:
-        rng = np.random.default_rng([cfg.seed, run.step])                # the task's draws, per step
-        if runtime.world_size > 1:
-            rng = RankRandom(rng, run.part, global_batch)
-        with torch.autocast(**amp):
-            loss, stats = run.task.loss(run.step_model, x, y, rng)
-        loss.backward()                          # also when non-finite: the ranks' collectives stay in step
-        return loss, stats
     parts = micro_batches(len(y), cfg.accum_steps)
     total, stats = 0.0, {}
     for j, part in enumerate(parts):
         rows = slice(run.part.start + part.start, run.part.start + part.stop)   # of the global batch
         rng = RankRandom(np.random.default_rng([cfg.seed, run.step]), rows, global_batch)
         share = (part.stop - part.start) / len(y)
+        xs = x if len(parts) == 1 else x[part]                          # (a packed batch is never split)
         with runtime.accumulating(run.step_model, last=j == len(parts) - 1):   # the ranks average once, at the last
             with torch.autocast(**amp):
-                loss, part_stats = run.task.loss(run.step_model, x[part], y[part], rng)
-            (loss * share).backward()            # also when non-finite (see above)
+                loss, part_stats = run.task.loss(run.step_model, xs, y[part], rng)
+            (loss if share == 1 else loss * share).backward()   # also when non-finite: collectives stay in step
         total = total + loss.detach() * share
         for k, v in part_stats.items():
             stats[k] = stats.get(k, 0) + v
