@@ -13,14 +13,16 @@ evaluates with the mirrored view (--eval-flip) also gets its top-1 without it, a
 
 --ablate trains the recipe and one variant per ingredient (each taken out or replaced by the plain
 choice) at the same budget, one after the other, so the table says what each added. Results go to
-OUT/results.json; finished runs are read back. Run nothing else on the machine meanwhile: the wall
-times are the point.
+OUT/results.json. A finished run is read back when asked for again with the same command, and never
+deleted: a different command for its folder is refused (give another --out); a stopped one is trained
+again from the start. Run nothing else on the machine meanwhile: the wall times are the point.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -51,8 +53,11 @@ def run(folder: Path, config: str, data: str, extra: list[str]) -> dict:
     held-out top-1 (%), wall time, command."""
     done = folder / "speedrun.json"
     cmd = ["pixformer", "train", "--config", config, "--data", data, "--out", str(folder), "--progress", "false", *extra]
-    if done.exists() and json.loads(done.read_text())["command"] == shlex.join(cmd):
-        return json.loads(done.read_text())
+    if done.exists():
+        finished = json.loads(done.read_text())
+        if finished["command"] == shlex.join(cmd):
+            return finished
+        sys.exit(f"{folder} holds a finished run of another command ({finished['command']}): give another --out")
     if (folder / "checkpoint").exists() or (folder / "metrics.jsonl").exists():
         import shutil
         shutil.rmtree(folder)                  # a timed run starts from scratch: a stopped one is not resumed
@@ -73,6 +78,11 @@ def run(folder: Path, config: str, data: str, extra: list[str]) -> dict:
     return result
 
 
+def folder_name(variant: str) -> str:
+    """A variant's run folder: its name's letters, digits, dots and dashes ('AdamW (not Muon)' -> 'AdamW-not-Muon')."""
+    return re.sub(r"[^\w.]+", "-", variant).strip("-")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/cifar10-speedrun.yaml", help="the recipe")
@@ -91,8 +101,14 @@ def main() -> None:
                    help="train the recipe and this variant too (repeatable; after --ablate's list with --ablate), "
                    "e.g. \"Muon=--optimizer muon\"")
     a = p.parse_args()
-    if any("=" not in v for v in a.variant):
+    names = [v.split("=", 1)[0].strip() for v in a.variant]
+    if any("=" not in v for v in a.variant) or not all(names):
         sys.exit("--variant takes NAME=OPTIONS, e.g. \"Muon=--optimizer muon\"")
+    taken = list(ABLATIONS if a.ablate else ["recipe"]) + names
+    folders = [folder_name(n) for n in taken]
+    if len(set(folders)) < len(folders):
+        sys.exit(f"--variant names must differ from each other and from {', '.join(ABLATIONS if a.ablate else ['recipe'])} "
+                 f"(in letters and digits): {', '.join(names)}")
     if not Path(a.data).exists():
         sys.exit(f"{a.data} not found (see ../shared/data/README.md)")
     out = Path(a.out)
@@ -110,7 +126,7 @@ def main() -> None:
     print(f"CPU: {perf.cpu_name()}", flush=True)
     for name, extra in variants.items():
         key = f"{tag}/{name}"
-        folder = out / tag / name.split(" (")[0].replace(" ", "-").replace("/", "")
+        folder = out / tag / folder_name(name)
         results[key] = run(folder, a.config, a.data, [*budget, *extra])
         r = results[key]
         plain = f"  ({r['top1_without_flip']:.2f} % without the mirrored view)" if "top1_without_flip" in r else ""

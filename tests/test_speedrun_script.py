@@ -1,6 +1,6 @@
 """scripts/speedrun_cifar10.py on a tiny archive of class folders: the recipe and a --variant each train
 once (a subprocess each), their held-out top-1 and wall time land in results.json and a table, and a
-finished run is read back, not trained again, unless its options changed."""
+finished run is read back, not trained again, and never deleted for other options."""
 import io
 import json
 import subprocess
@@ -43,5 +43,9 @@ def test_speedrun_trains_the_recipe_and_each_variant_once(tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)      # read back, not trained
     assert again.returncode == 0 and json.loads((tmp_path / "out" / "results.json").read_text()) == results
     other = subprocess.run([*cmd[:-4], "--options", "--lr 0.02"], capture_output=True, text=True, timeout=600)
-    assert other.returncode == 0, other.stderr[-2000:]                           # other options: trained again
-    assert "--lr 0.02" in json.loads((tmp_path / "out" / "results.json").read_text())["tiny/recipe"]["command"]
+    assert other.returncode == 1 and "holds a finished run of another command" in other.stderr   # never deleted
+    assert json.loads((tmp_path / "out" / "results.json").read_text()) == results
+    assert (tmp_path / "out" / "tiny" / "recipe" / "speedrun.json").exists()
+    for bad in ("=--lr 0.1", "recipe=--lr 0.1", "Muon!=--lr 0.1"):      # empty, taken, the same folder
+        refused = subprocess.run([*cmd, "--variant", bad], capture_output=True, text=True, timeout=600)
+        assert refused.returncode == 1 and "--variant" in refused.stderr and "Traceback" not in refused.stderr
