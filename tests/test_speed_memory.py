@@ -16,7 +16,7 @@ from pixformer.engine import perf
 from pixformer.engine.perf import (apply_activation_checkpointing, apply_compile, apply_lean_mlp, apply_onednn_linear,
                                    apply_speed_settings, autocast_dtype, Speed, checkpointed_blocks, lean_mlps,
                                    onednn_available, set_allocator)
-from pixformer.engine.plan import largest_side, parse_bytes, plan, selective_pays, vit_block_bytes
+from pixformer.engine.plan import SELECTIVE_ABOVE, largest_side, parse_bytes, plan, selective_pays, vit_block_bytes
 
 A = importlib.import_module("pixformer.models.attention")  # the module (the package exports a function of that name)
 FUSED = [b for b in available_backends() if b != "math"]
@@ -208,10 +208,16 @@ def test_planner_memory_sizes_and_impossible_budget():
     small = plan("pit-t", img_size=64, batch_size=8, memory="50MiB")
     assert small.max_batch("full") == 0
     assert "nothing fits in 50.00 MiB" in small.verdict() and "needs" in small.verdict()
-    big = plan("pit-t", img_size=32, batch_size=4096, memory="2GiB")        # too big: micro-batches named
-    n = -(-4096 // big.max_batch("selective"))
-    assert n > 1 and big.verdict().endswith(f"batch 4096 trains in {n} micro-batches: --accum-steps {n}")
-    assert big.peak_bytes(-(-4096 // n), "selective") <= 2 * 2 ** 30
+    for batch, memory in ((4096, "2GiB"), (512, "950MiB")):     # too big: micro-batches named, and the
+        big = plan("pit-t", img_size=32, batch_size=batch, memory=memory)   # checkpointing they need
+        n = -(-batch // big.max_batch("selective"))
+        verdict = big.verdict()
+        assert n > 1 and f"batch {batch} trains in {n} micro-batches: --accum-steps {n}" in verdict
+        micro = -(-batch // n)
+        named = "selective" if verdict.endswith("--selective-checkpoint true") else None
+        chosen = "selective" if micro * big.image_bytes["none"] > SELECTIVE_ABOVE else "none"   # train's rule
+        assert big.peak_bytes(micro, named or chosen) <= parse_bytes(memory)
+    assert verdict.endswith("--selective-checkpoint true")      # a micro-batch too small for train to choose it
 
 
 
@@ -428,25 +434,25 @@ def convmixer(kernel=3):
     return create_model("convmixer-256/8", img_size=8, num_classes=4, dim=8, depth=2, kernel_size=kernel).train()
 
 
-def test_depthwise_weight_grad_counts_the_overlaps_by_hand():
+def test_depthwise_param_grads_counts_the_overlaps_by_hand():
     """Ones in, ones back: each tap's gradient is the number of positions where it meets the image
     (3x3 image, 3x3 kernel, zero padding 1: 4 at the corners, 6 on the edges, 9 in the middle), and the
     bias gradient the number of positions; the same as oneDNN's at kernel 5, in every memory layout."""
     x, dy = torch.ones(2, 1, 3, 3), torch.ones(2, 1, 3, 3)
     expected = 2 * torch.tensor([[4.0, 6, 4], [6, 9, 6], [4, 6, 4]])
-    dw, db = perf.depthwise_weight_grad(x, dy, 3)
+    dw, db = perf.depthwise_param_grads(x, dy, 3)
     assert torch.equal(dw, expected.view(1, 1, 3, 3)) and db.tolist() == [18.0]
     x = torch.zeros(1, 2, 4, 4)
     x[0, 1, 0, 0] = 1.0                                                   # one pixel, top-left, channel 1
     dy = torch.arange(32.0).view(1, 2, 4, 4)
-    g, db = perf.depthwise_weight_grad(x, dy, 3)                          # tap (i, j) meets it from dy[1 - i, 1 - j]
+    g, db = perf.depthwise_param_grads(x, dy, 3)                          # tap (i, j) meets it from dy[1 - i, 1 - j]
     assert g[0].abs().sum() == 0 and g[1, 0].tolist() == [[21.0, 20, 0], [17, 16, 0], [0, 0, 0]]
     assert db.tolist() == [sum(range(16)), sum(range(16, 32))]
     x, dy, w = torch.randn(3, 4, 6, 6), torch.randn(3, 4, 6, 6), torch.randn(4, 1, 5, 5)    # kernel 5: as oneDNN
     _, ref_w, ref_b = torch.ops.aten.convolution_backward(dy, x, w, [4], [1, 1], [2, 2], [1, 1], False, [0, 0], 4,
                                                           [False, True, True])
     for fmt in (torch.contiguous_format, torch.channels_last):
-        dw, db = perf.depthwise_weight_grad(x.contiguous(memory_format=fmt), dy.contiguous(memory_format=fmt), 5)
+        dw, db = perf.depthwise_param_grads(x.contiguous(memory_format=fmt), dy.contiguous(memory_format=fmt), 5)
         torch.testing.assert_close(dw, ref_w)
         torch.testing.assert_close(db, ref_b)
 
@@ -474,12 +480,12 @@ def test_depthwise_grad_gives_the_same_forward_and_gradients(kernel, monkeypatch
                     torch.testing.assert_close(g[name], g_ref[name], **tol, msg=name)
     def no_compiler(*args):
         raise RuntimeError("no C++ compiler")
-    monkeypatch.setattr(perf, "_WEIGHT_GRAD", [no_compiler])             # oneDNN's gradient, after a notice
+    monkeypatch.setattr(perf, "_PARAM_GRADS", [no_compiler])             # oneDNN's gradient, after a notice
     monkeypatch.setattr(importlib.import_module("pixformer.progress"), "_SAID", set())   # said once a process
     name = "blocks.0.spatial.0.weight"
     torch.testing.assert_close(grads_of(perf.apply_depthwise_grad(convmixer(kernel)), x, y)[1][name],
                                grads_of(convmixer(kernel), x, y)[1][name])
-    assert perf._WEIGHT_GRAD == [None] and "oneDNN's runs instead" in capsys.readouterr().err
+    assert perf._PARAM_GRADS == [None] and "oneDNN's runs instead" in capsys.readouterr().err
     xs, w, b = torch.randn(2, 4, 6, 6), torch.randn(4, 1, kernel, kernel), torch.randn(4)
     torch.library.opcheck(torch.ops.pixformer.depthwise_conv2d, (xs, w, b),   # (not traced by AOT: its backward
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))  # compiles)

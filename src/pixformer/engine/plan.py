@@ -291,12 +291,30 @@ class Plan:
         for mode in ("none", "selective", "full"):
             if self.peak_bytes(self.batch_size, mode) <= self.memory:
                 return f"batch {self.batch_size} fits in {mem} with checkpointing {mode} {_HOW[mode]}"
-        need, fits = self.peak_bytes(self.batch_size, "full"), self.max_batch("selective")
-        accum = -(-self.batch_size // fits) if fits else None       # micro-batches under train's checkpointing
+        need = self.peak_bytes(self.batch_size, "full")
         return (f"batch {self.batch_size} does not fit in {mem} even with --checkpoint-blocks all (it needs "
                 f"{format_bytes(need)}); the largest batch that fits is {self.max_batch('full')}"
-                + (f"; batch {self.batch_size} trains in {accum} micro-batches: --accum-steps {accum}"
-                   if accum else ""))
+                + self._micro_batches())
+
+    def _micro_batches(self) -> str:
+        """'; batch B trains in N micro-batches: --accum-steps N ...' with the fewest micro-batches that fit
+        under selective checkpointing (else every block checkpointed), naming the checkpointing when train
+        would not choose it by itself for a micro-batch that small; '' when not even one image fits."""
+        for mode in ("selective", "full"):
+            fits = self.max_batch(mode)
+            if fits:
+                accum = -(-self.batch_size // fits)
+                micro = -(-self.images_per_rank // accum)
+                if self.peak_bytes(micro * self.data_parallel, "none") <= self.memory:
+                    needs = ""
+                elif mode == "full":
+                    needs = " --checkpoint-blocks all"
+                elif micro * self.image_bytes["none"] > SELECTIVE_ABOVE:
+                    needs = ""                                  # train turns selective checkpointing on itself
+                else:
+                    needs = " --selective-checkpoint true"
+                return f"; batch {self.batch_size} trains in {accum} micro-batches: --accum-steps {accum}{needs}"
+        return ""
 
 
 def attention_memory_kind(backend: str, e: int, scores: int | None) -> str:
