@@ -160,8 +160,9 @@ def test_resume_refuses_other_settings_and_names_them(tmp_path):
         train(TrainConfig(**{**TINY, "batch_size": 64}, epochs=2, lr=2e-3, seed=1, out=out, resume=True))
     with pytest.raises(PixformerError, match=r"other settings \(data: digits -> "):
         train(TrainConfig(**{**TINY, "data": str(tmp_path)}, epochs=1, out=out, resume=True))
-    # how a run executes may change: device, progress, speed switches
-    train(TrainConfig(**{**TINY, "progress": True}, epochs=1, out=out, resume=True, speed=dict(attn_backend="math")))
+    # how a run executes may change: device, progress, speed switches, micro-batches
+    train(TrainConfig(**{**TINY, "progress": True}, epochs=1, out=out, resume=True, speed=dict(attn_backend="math"),
+                      accum_steps=2))
     with pytest.raises(PixformerError, match="--resume needs --out"):
         train(TrainConfig(**TINY, resume=True))
 

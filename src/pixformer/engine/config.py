@@ -82,8 +82,8 @@ class TrainConfig:
     epochs: int = 10                    # passes over the training images
     batch_size: int = 128               # images per optimizer step (all processes together)
     accum_steps: int = 1                # micro-batches a step: each process's images go forward and backward in N
-    #                                     parts, the gradients summed (less memory; the same update for a ViT;
-    #                                     BatchNorm's statistics become a micro-batch's)
+    #                                     parts, the gradients summed (less memory; the same update for a ViT
+    #                                     without drop path or mixup; BatchNorm's statistics become a part's)
     optimizer: str = "adamw"            # adamw | lamb (LAMB: AdamW scaled per tensor by a trust ratio, for large
     #                                     batches) | muon (Muon for the blocks' weight matrices and conv
     #                                     filters, AdamW for the rest)
@@ -221,10 +221,11 @@ class TrainConfig:
         return is_native(vars(self))
 
 
-# Settings that change how a run executes but not what it computes (beyond float rounding): a run may
-# be resumed, or a cached sweep point reused, with these changed; any other change is refused.
+# Settings that change how a run executes but not what it computes (beyond float rounding, and the
+# batches BatchNorm normalises over in micro-batches): a run may be resumed, or a cached sweep point
+# reused, with these changed; any other change is refused.
 RUN_ONLY = ("out", "resume", "progress", "tensorboard", "device", "eval_batch_size", "checkpoint_every", "data_root", "speed",
-            "seq_parallel", "seq_sharding", "seq_regather", "fsdp", "workers", "loader_threads", "prefetch")
+            "accum_steps", "seq_parallel", "seq_sharding", "seq_regather", "fsdp", "workers", "loader_threads", "prefetch")
 
 
 def as_json(cfg: TrainConfig) -> dict[str, Any]:
