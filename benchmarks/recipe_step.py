@@ -18,8 +18,8 @@ import argparse
 import dataclasses
 import statistics
 import time
+import types
 
-import numpy as np
 import torch
 
 
@@ -33,7 +33,7 @@ def load_config(path: str):
 
 
 def build(cfg, speed_fields: dict, classes: int = 10):
-    """(model, optimizer, task, amp) as train builds them, with `speed_fields` over the config's
+    """(model, optimizer, task, amp, config) as train builds them, with `speed_fields` over the config's
     (`accum_steps` among them: the config's own field)."""
     from pixformer.engine import Runtime
     from pixformer.engine.loop import resolved_speed
@@ -50,7 +50,7 @@ def build(cfg, speed_fields: dict, classes: int = 10):
     cfg = dataclasses.replace(cfg, accum_steps=speed_fields.pop("accum_steps", cfg.accum_steps),
                               speed=dataclasses.replace(cfg.speed, **speed_fields))
     apply_speed_settings(model, **resolved_speed(cfg, Runtime.create("cpu"), facts, amp, task, model))   # as train
-    return model, build_optimizer(model, cfg), task, amp, cfg.accum_steps
+    return model, build_optimizer(model, cfg), task, amp, cfg
 
 
 def parse_variant(text: str) -> dict:
@@ -63,7 +63,8 @@ def parse_variant(text: str) -> dict:
 
 
 def main() -> None:
-    from pixformer.engine.loop import micro_batches
+    from pixformer.engine import Runtime
+    from pixformer.engine.loop import forward_backward
     from pixformer.engine.perf import cpu_name
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="configs/cifar10-speedrun.yaml")
@@ -80,16 +81,15 @@ def main() -> None:
     y = torch.randint(0, 10, (cfg.batch_size,))
     runs = []
     for text in a.variants:
-        model, opt, task, amp, accum = build(cfg, parse_variant(text))
+        model, opt, task, amp, vcfg = build(cfg, parse_variant(text))
         times: dict[str, list[float]] = {"step": [], "optimizer": []}
+        run = types.SimpleNamespace(cfg=vcfg, runtime=Runtime.create("cpu"), task=task, step_model=model, amp=amp,
+                                    part=slice(0, len(y)), step=0)   # what train's forward_backward reads of a run
 
-        def step(model=model, opt=opt, task=task, amp=amp, times=times, accum=accum):
+        def step(model=model, opt=opt, run=run, times=times):
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
-            for part in micro_batches(len(y), accum):                     # as train's forward_backward
-                with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
-                    loss, _ = task.loss(model, x[part], y[part], np.random.default_rng(0))
-                (loss * (part.stop - part.start) / len(y)).backward()
+            forward_backward(run, x, y, len(y))                             # as train's step
             if cfg.clip_grad > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
             t1 = time.perf_counter()

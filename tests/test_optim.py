@@ -106,17 +106,18 @@ def test_muon_updates_a_filter_bank_as_its_matrix_and_refuses_a_model_without_an
     names = {id(p): n for n, p in model.named_parameters()}
     assert {names[id(p)] for g in muon.param_groups for p in g["params"]} == {
         f"blocks.{i}.{part}.0.weight" for i in (0, 1) for part in ("spatial", "channel")}
-    start = torch.randn(6, 4, 3, 3)
-    bank, matrix = start.clone().requires_grad_(), start.flatten(1).clone().requires_grad_()
-    opts = [StackedMuon([bank], lr=0.05, weight_decay=0.1, adjust_lr_fn="match_rms_adamw"),
-            torch.optim.Muon([matrix], lr=0.05, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")]
-    g = torch.Generator().manual_seed(3)
-    for _ in range(3):
-        grad = torch.randn(6, 4, 3, 3, generator=g)
-        bank.grad, matrix.grad = grad.clone(), grad.flatten(1).clone()
-        for opt in opts:
-            opt.step()
-    assert torch.equal(bank.flatten(1), matrix) and not bank.equal(start)
+    for shape in ((6, 4, 3, 3), (12, 1, 3, 3)):            # a wide bank (pointwise-like) and a tall one (depthwise)
+        start = torch.randn(shape)
+        bank, matrix = start.clone().requires_grad_(), start.flatten(1).clone().requires_grad_()
+        opts = [StackedMuon([bank], lr=0.05, weight_decay=0.1, adjust_lr_fn="match_rms_adamw"),
+                torch.optim.Muon([matrix], lr=0.05, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")]
+        g = torch.Generator().manual_seed(3)
+        for _ in range(3):
+            grad = torch.randn(shape, generator=g)
+            bank.grad, matrix.grad = grad.clone(), grad.flatten(1).clone()
+            for opt in opts:
+                opt.step()
+        assert torch.equal(bank.flatten(1), matrix) and not bank.equal(start), shape
     with pytest.raises(ValueError, match="not vectors"):
         StackedMuon([torch.zeros(3, requires_grad=True)])
     flat = create_model("convmixer-16/1", img_size=8, num_classes=10, patch_size=2, kernel_size=3, depth=0)

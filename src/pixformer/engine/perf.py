@@ -5,7 +5,7 @@
     apply_compile(model)                           # torch.compile, block by block
     apply_onednn_linear(model)                     # fp32 linear layers on CPU through oneDNN
     apply_lean_mlp(model)                          # the MLP keeps its hidden activation once
-    apply_depthwise_grad(model)                    # depthwise convolutions' weight gradient, compiled
+    apply_depthwise_grad(model)                    # depthwise convolutions' weight and bias gradients, compiled
     set_allocator("keep")                          # glibc malloc policy for large tensors
     apply_speed_settings(model, Speed(...))        # all of train's switches in one call
     dtype = autocast_dtype("auto", device)         # bf16 where the hardware has it natively
@@ -167,7 +167,7 @@ def apply_lean_mlp(model: nn.Module, enabled: bool = True, onednn: bool = False)
     return model
 
 
-# ---- depthwise convolutions' weight gradient ----------------------------------------------------
+# ---- depthwise convolutions' weight and bias gradients -----------------------------------------
 # Written here because oneDNN's depthwise weight gradient on CPU is slow: with a compiled
 # shift-multiply-sum over the k*k taps instead, a ConvMixer-256/8 step (batch 512, bf16) takes 3.14 s,
 # not 4.95 (benchmarks/recipe_step.py, AMD EPYC (AVX512-BF16), 2 threads).
@@ -181,29 +181,29 @@ def _taps_times_grad(xp: torch.Tensor, dy: torch.Tensor, k: int) -> torch.Tensor
     return torch.stack([*taps, dy.sum((0, 2, 3), dtype=torch.float32)], 1)      # (C, k*k + 1)
 
 
-_WEIGHT_GRAD: list = []                     # the compiled kernel, or None where inductor cannot build one
+_PARAM_GRADS: list = []                     # the compiled kernel, or None where inductor cannot build one
 _CHUNK_BYTES = 2 << 20                      # the kernel reads its input once per tap: chunks that stay in cache
 
 
-def depthwise_weight_grad(x: torch.Tensor, dy: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def depthwise_param_grads(x: torch.Tensor, dy: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The weight and bias gradients, (C, 1, k, k) and (C,) in fp32, of a stride-1, 'same'-padded k x k
     depthwise convolution, through torch.compile (inductor builds one C++ kernel per input shape); where
     it cannot compile (no C++ compiler), oneDNN's own after a one-line notice. (The bias gradient rides
     along: torch's own sum of dy over three of its four dimensions is a slow pass of its own on CPU.)"""
     C = x.shape[1]
-    if not _WEIGHT_GRAD:
-        _WEIGHT_GRAD.append(torch.compile(_taps_times_grad, dynamic=False))
-    if _WEIGHT_GRAD[0] is not None:
+    if not _PARAM_GRADS:
+        _PARAM_GRADS.append(torch.compile(_taps_times_grad, dynamic=False))
+    if _PARAM_GRADS[0] is not None:
         try:
             p = k // 2
             n = max(1, _CHUNK_BYTES // (x[0].numel() * x.element_size()))       # images a chunk: in cache
-            g = sum(_WEIGHT_GRAD[0](F.pad(a, (p, p, p, p, 0, 0, 0, n - len(a))),  # zero images fill the
+            g = sum(_PARAM_GRADS[0](F.pad(a, (p, p, p, p, 0, 0, 0, n - len(a))),  # zero images fill the
                                     F.pad(b, (0, 0, 0, 0, 0, 0, 0, n - len(b))), k)   # last chunk: one
                     for a, b in zip(x.split(n), dy.split(n)))                   # shape, one compile (C, k*k + 1)
             return g[:, :-1].reshape(C, 1, k, k), g[:, -1]
         except Exception as e:                                                  # noqa: BLE001 (any build failure)
-            _WEIGHT_GRAD[0] = None
-            notice(f"pixformer: the compiled depthwise weight gradient failed ({type(e).__name__}); "
+            _PARAM_GRADS[0] = None
+            notice(f"pixformer: the compiled depthwise gradient failed ({type(e).__name__}); "
                    "oneDNN's runs instead", once=True)
     p = k // 2
     _, dw, db = torch.ops.aten.convolution_backward(dy, x, x.new_empty(C, 1, k, k), [C], [1, 1], [p, p], [1, 1],
@@ -214,7 +214,7 @@ def depthwise_weight_grad(x: torch.Tensor, dy: torch.Tensor, k: int) -> tuple[to
 @torch.library.custom_op("pixformer::depthwise_conv2d", mutates_args=())
 def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """A stride-1 depthwise convolution with an odd square kernel and 'same' zero padding, all in x's
-    dtype; the same values as F.conv2d, with the weight gradient from depthwise_weight_grad."""
+    dtype; the same values as F.conv2d, with the weight and bias gradients from depthwise_param_grads."""
     return F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2, groups=weight.shape[0])
 
 
@@ -236,7 +236,7 @@ def _depthwise_grad(ctx, dy):
                                              [True, False, False])[0] if ctx.needs_input_grad[0] else None
     dw = db = None
     if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
-        dw, db = depthwise_weight_grad(x, dy, k)
+        dw, db = depthwise_param_grads(x, dy, k)
         dw = dw.to(weight.dtype) if ctx.needs_input_grad[1] else None
         db = db.to(weight.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
     return dx, dw, db
@@ -267,7 +267,7 @@ def depthwise_convs(model: nn.Module) -> list[nn.Conv2d]:
 
 def apply_depthwise_grad(model: nn.Module, enabled: bool = True) -> nn.Module:
     """Run the model's depthwise convolutions (depthwise_convs) as depthwise_conv2d on CPU: the same
-    forward, a weight gradient computed by a compiled kernel instead of oneDNN's (ConvMixer-256/8's
+    forward, weight and bias gradients computed by a compiled kernel instead of oneDNN's (ConvMixer-256/8's
     step 1.6x faster at batch 512). In place; parameter names stay the same."""
     for conv in depthwise_convs(model):
         conv.__dict__.pop("forward", None)

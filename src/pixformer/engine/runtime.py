@@ -302,7 +302,8 @@ class RankRandom:
     """A task's training draws for a global batch, this rank's rows kept: a draw whose first dimension
     is the local batch is drawn for the global batch from the shared (seed, step) generator and sliced,
     so N processes see the numbers one process would; other draws (a scalar, a permutation) are
-    drawn as they are, the same on every rank."""
+    drawn as they are, the same on every rank. A task therefore draws a number shared by the batch as
+    a scalar (size None), never as an array of one, which a one-image part would take for per-image."""
 
     def __init__(self, rng: np.random.Generator, part: slice, global_batch: int):
         self.rng, self.part, self.global_batch = rng, part, global_batch
