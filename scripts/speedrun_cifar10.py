@@ -5,8 +5,9 @@ cache, its validations included), with the CPU's model name and the exact comman
 evaluates with the mirrored view (--eval-flip) also gets its top-1 without it, after the clock stopped.
 
     .venv/bin/python scripts/speedrun_cifar10.py                        # configs/cifar10-speedrun.yaml
-    .venv/bin/python scripts/speedrun_cifar10.py --ablate --epochs 4 --train-subset 10000
-                                      # each ingredient taken out, at a small budget (4 epochs of 10,000 images)
+    .venv/bin/python scripts/speedrun_cifar10.py --ablate --epochs 4 --train-subset 10000 \
+        --options "--progressive [16,24,32,32]"   # each ingredient taken out, at a small budget (4 epochs
+                                                  # of 10,000 images; a side list as short as the epochs)
     .venv/bin/python scripts/speedrun_cifar10.py --config configs/cifar10-convmixer-2h.yaml --epochs 4 \
         --train-subset 10000 --options "--progressive null --warmup-epochs 1 --eval-every 0" \
         --variant "Muon=--optimizer muon" --out runs/convmixer-muon      # the recipe and a variant of it
