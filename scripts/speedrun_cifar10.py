@@ -14,9 +14,9 @@ evaluates with the mirrored view (--eval-flip) also gets its top-1 without it, a
 
 --ablate trains the recipe and one variant per ingredient (each taken out or replaced by the plain
 choice) at the same budget, one after the other, so the table says what each added. Results go to
-OUT/results.json. A finished run is read back when asked for again with the same command, and never
-deleted: a different command for its folder is refused (give another --out); a stopped one is trained
-again from the start. Run nothing else on the machine meanwhile: the wall times are the point.
+OUT/results.json. A finished run is read back when asked for again with the same command; no run is
+ever deleted: a different command for a finished run's folder is refused (give another --out), and
+so is a stopped run's folder (resume it with pixformer train, or delete it to time a new run). Run nothing else on the machine meanwhile: the wall times are the point.
 """
 from __future__ import annotations
 
@@ -29,8 +29,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-
-from pixformer.engine import perf
 
 DATA = "../shared/data/cifar10-train-jpg.tar.gz"
 # Each ingredient of the recipe, and the options that take it out (or put the plain choice in its place);
@@ -59,16 +57,18 @@ def run(folder: Path, config: str, data: str, extra: list[str]) -> dict:
         if finished["command"] == shlex.join(cmd):
             return finished
         sys.exit(f"{folder} holds a finished run of another command ({finished['command']}): give another --out")
-    if (folder / "checkpoint").exists() or (folder / "metrics.jsonl").exists():
-        import shutil
-        shutil.rmtree(folder)                  # a timed run starts from scratch: a stopped one is not resumed
+    if (folder / "checkpoint").exists() or (folder / "metrics.jsonl").exists():   # a timed run starts from scratch
+        sys.exit(f"{folder} holds a stopped run: continue it with pixformer train --out {folder} --resume (its "
+                 "wall time then no longer counts), or delete the folder to time a run from the start")
     start = time.time()
-    subprocess.run([str(Path(sys.executable).parent / cmd[0]), *cmd[1:]], check=True)
+    code = subprocess.run([str(Path(sys.executable).parent / cmd[0]), *cmd[1:]]).returncode
+    if code:
+        sys.exit(f"pixformer train ended with exit code {code} (its message above); {folder} is kept")
     wall = time.time() - start
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in rows if "val_top1" in r]
     result = {"top1": 100 * epochs[-1]["val_top1"], "best_top1": 100 * max(r["val_top1"] for r in epochs),
-              "epochs": epochs[-1]["epoch"], "wall_s": round(wall, 1), "command": shlex.join(cmd), "cpu": perf.cpu_name(),
+              "epochs": epochs[-1]["epoch"], "wall_s": round(wall, 1), "command": shlex.join(cmd), "cpu": cpu_name(),
               "threads": os.environ.get("OMP_NUM_THREADS", f"{os.cpu_count()} cores"),
               "per_epoch_top1": {r["epoch"]: round(100 * r["val_top1"], 2) for r in epochs}}
     if json.loads((folder / "config.json").read_text())["task_args"].get("eval_flip"):   # after the clock stopped
@@ -77,6 +77,11 @@ def run(folder: Path, config: str, data: str, extra: list[str]) -> dict:
         result["top1_without_flip"] = 100 * json.loads(plain.stdout.strip().splitlines()[-1])["top1"]
     done.write_text(json.dumps(result, indent=1))
     return result
+
+
+def cpu_name() -> str:
+    from pixformer.engine import perf          # (imports torch: not before the options are checked)
+    return perf.cpu_name()
 
 
 def folder_name(variant: str) -> str:
@@ -124,7 +129,7 @@ def main() -> None:
     variants = {**variants, **{name.strip(): shlex.split(opts) for name, opts in (v.split("=", 1) for v in a.variant)}}
     results_file = out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
-    print(f"CPU: {perf.cpu_name()}", flush=True)
+    print(f"CPU: {cpu_name()}", flush=True)
     for name, extra in variants.items():
         key = f"{tag}/{name}"
         folder = out / tag / folder_name(name)

@@ -1,6 +1,6 @@
 """scripts/speedrun_cifar10.py on a tiny archive of class folders: the recipe and a --variant each train
 once (a subprocess each), their held-out top-1 and wall time land in results.json and a table, and a
-finished run is read back, not trained again, and never deleted for other options."""
+finished run is read back, not trained again; no run, finished or stopped, is ever deleted."""
 import io
 import json
 import subprocess
@@ -49,3 +49,10 @@ def test_speedrun_trains_the_recipe_and_each_variant_once(tmp_path):
     for bad in ("=--lr 0.1", "recipe=--lr 0.1", "Muon!=--lr 0.1"):      # empty, taken, the same folder
         refused = subprocess.run([*cmd, "--variant", bad], capture_output=True, text=True, timeout=600)
         assert refused.returncode == 1 and "--variant" in refused.stderr and "Traceback" not in refused.stderr
+    stopped = tmp_path / "stopped" / "tiny" / "recipe"                           # a stopped run: kept, not retrained
+    stopped.mkdir(parents=True)
+    (stopped / "metrics.jsonl").write_text('{"step": 1}\n')
+    refused = subprocess.run([*cmd[:cmd.index("--out") + 1], str(tmp_path / "stopped"), *cmd[cmd.index("--out") + 2:]],
+                             capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 1 and "holds a stopped run: continue it with pixformer train --out" in refused.stderr
+    assert (stopped / "metrics.jsonl").read_text() == '{"step": 1}\n'
