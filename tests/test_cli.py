@@ -233,3 +233,17 @@ def test_plan_per_rank_with_sequence_and_data_parallel(capsys):
     assert json.loads(stdout)["comm"]["key_value_gathers"] > 0
     code, _, err = run(capsys, "plan", "--model", "pit-n", "--img-size", "2", "--seq-parallel", "8")
     assert code == 2 and err.strip() == "pixformer: error: 4 tokens cannot be split over 8 sequence-parallel ranks"
+
+
+def test_the_muon_two_hour_recipe_is_the_two_hour_recipe_with_the_options_it_was_measured_with():
+    """configs/cifar10-convmixer-muon-2h.yaml is the run docs/results.md reports: the AdamW two-hour
+    recipe with the options its command gave, setting for setting."""
+    from pixformer.cli import build_parser
+    from pixformer.engine.config import config_from_options
+
+    def config(*args):
+        return config_from_options(build_parser().parse_args(["train", *args]).train.as_dict())
+    measured = config("--config", str(ROOT / "configs" / "cifar10-convmixer-2h.yaml"), "--epochs", "22",
+                      "--optimizer", "muon", "--lr", "0.02", "--progressive", "[24,32]", "--warmup_epochs", "8",
+                      "--accum_steps", "4")   # (the parser's own spelling: main() also takes dashes)
+    assert config("--config", str(ROOT / "configs" / "cifar10-convmixer-muon-2h.yaml")) == measured
