@@ -16,7 +16,8 @@ evaluates with the mirrored view (--eval-flip) also gets its top-1 without it, a
 choice) at the same budget, one after the other, so the table says what each added. Results go to
 OUT/results.json. A finished run is read back when asked for again with the same command; no run is
 ever deleted: a different command for a finished run's folder is refused (give another --out), and
-so is a stopped run's folder (resume it with pixformer train, or delete it to time a new run). Run nothing else on the machine meanwhile: the wall times are the point.
+so is a stopped run's folder (resume it with pixformer train, or delete it to time a new run). Run
+nothing else on the machine meanwhile: the wall times are the point.
 """
 from __future__ import annotations
 
