@@ -5,9 +5,9 @@
 #   scripts/cifar10_cpu.sh [RUN_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DATA=../shared/data/cifar10-train-jpg.tar.gz
+DATA=${DATA:-../shared/data/cifar10-train-jpg.tar.gz}   # DATA=cifar10: the official release
 RUN=${1:-runs/cifar10-cpu}
-[[ -f $DATA ]] || { echo "$DATA not found (see ../shared/data/README.md)"; exit 1; }
+[[ $DATA == cifar10 || -e $DATA ]] || { echo "$DATA not found: set DATA to the CIFAR-10 archive, or DATA=cifar10 (see docs/data.md#the-cifar-10-archive-of-these-pages)"; exit 1; }
 start=$(date +%s)
 .venv/bin/pixformer train --config configs/cifar10-cpu.yaml --data $DATA --out $RUN --resume
 echo "training wall time: $(( $(date +%s) - start )) s (OMP_NUM_THREADS=${OMP_NUM_THREADS:-unset}, $(getconf _NPROCESSORS_ONLN) cores)"

@@ -127,8 +127,9 @@ def main() -> None:
         if a.figure:
             figure(out, a.patches, Path(a.figure))
         return
-    if not Path(a.data).exists():
-        sys.exit(f"{a.data} not found (see ../shared/data/README.md)")
+    if a.data != "cifar10" and not Path(a.data).exists():
+        sys.exit(f"{a.data} not found: give --data the CIFAR-10 archive, or cifar10 for the official release "
+                 "(see docs/data.md#the-cifar-10-archive-of-these-pages)")
     out.mkdir(parents=True, exist_ok=True)
     results = {}
     for patch in a.patches:

@@ -26,7 +26,7 @@ from pixformer.engine.checkpoint import find_checkpoint
 DATA = "../shared/data/cifar10-train-jpg.tar.gz"
 # shared by every stage: the data, the subset, the encoder (MAE's fixed sincos position embedding, so
 # the scratch baseline has the same architecture), the usual crop + flip
-COMMON = dict(data=DATA, img_size=16, train_subset=5000, crop_padding=2, hflip=True, progress=False,
+COMMON = dict(img_size=16, train_subset=5000, crop_padding=2, hflip=True, progress=False,
               model_args=dict(depth=4, dim=64, heads=4, pos_embed="sincos2d"))
 PRETRAIN_EPOCHS, FINETUNE_EPOCHS = 16, 8
 # MAE's betas, weight decay and schedule shape; the learning rates are ours (the reference's
@@ -44,7 +44,7 @@ STAGES = {
 MODELS = ("pit-n", "vit-n/2")
 
 
-def stage(out: Path, model: str, name: str) -> dict:
+def stage(out: Path, model: str, name: str, data: str = DATA) -> dict:
     """Train one stage (or read its finished result) and return its final validation figures."""
     folder = out / model.replace("/", "-") / name
     done = folder / "result.json"
@@ -54,7 +54,7 @@ def stage(out: Path, model: str, name: str) -> dict:
     if "init" in args:
         args["init"] = str(out / model.replace("/", "-") / args["init"])
     start = time.time()
-    cfg = TrainConfig(**COMMON, **args, model=model, out=str(folder), resume=find_checkpoint(folder) is not None)
+    cfg = TrainConfig(**COMMON, **args, data=data, model=model, out=str(folder), resume=find_checkpoint(folder) is not None)
     result = train(cfg)
     keep = {k: v for k, v in result.items() if k.startswith(("val_", "best_"))}
     keep["wall_s"] = round(time.time() - start, 1)          # this sitting only, if it was resumed
@@ -91,15 +91,17 @@ def main():
     ap.add_argument("--model", choices=MODELS)
     ap.add_argument("--stages", nargs="+", choices=list(STAGES), default=list(STAGES))
     ap.add_argument("--out", type=Path, default=Path("runs/mae-cifar10"))
+    ap.add_argument("--data", default=DATA, help="the CIFAR-10 training images (cifar10: the official release)")
     ap.add_argument("--table", action="store_true", help="print the table of finished stages and stop")
     args = ap.parse_args()
     if not args.table:
         if args.model is None:
             ap.error("--model is required (or --table)")
-        if not Path(DATA).exists():
-            raise SystemExit(f"{DATA} not found (see ../shared/data/README.md)")
+        if args.data != "cifar10" and not Path(args.data).exists():
+            raise SystemExit(f"{args.data} not found: give --data the CIFAR-10 archive, or cifar10 for the official "
+                             "release (see docs/data.md#the-cifar-10-archive-of-these-pages)")
         for name in args.stages:
-            r = stage(args.out, args.model, name)
+            r = stage(args.out, args.model, name, args.data)
             print(f"{args.model} {name}: {json.dumps(r)}", flush=True)
     print(table(args.out))
 

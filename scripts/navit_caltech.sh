@@ -10,9 +10,9 @@
 #   scripts/navit_caltech.sh [OUT_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DATA=../shared/data/caltech101.tar.gz
+DATA=${DATA:-../shared/data/caltech101.tar.gz}
 OUT=${1:-runs/navit-caltech}
-[[ -f $DATA ]] || { echo "$DATA not found (see ../shared/data/README.md)"; exit 1; }
+[[ -e $DATA ]] || { echo "$DATA not found: set DATA to Caltech-101's photos in class folders, or an archive of them (see docs/data.md)"; exit 1; }
 COMMON=(--model vit-n/4 --pool mean --data $DATA --batch-size 64 --lr 1e-3 --warmup-epochs 1 --hflip
         --progress false --resume)
 run() {  # name, then its own options

@@ -93,7 +93,8 @@ def folder_name(variant: str) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/cifar10-speedrun.yaml", help="the recipe")
-    p.add_argument("--data", default=DATA, help="the CIFAR-10 training images (10 %% held out, seed 0)")
+    p.add_argument("--data", default=DATA, help="the CIFAR-10 training images (10 %% held out, seed 0); "
+                   "cifar10: the official release, downloaded once")
     p.add_argument("--out", default="runs/speedrun", help="a run folder per run, and results.json")
     p.add_argument("--ablate", action="store_true", help="also train one variant per ingredient")
     p.add_argument("--epochs", type=int, default=None, help="the budget (default: the recipe's)")
@@ -116,8 +117,9 @@ def main() -> None:
     if len(set(folders)) < len(folders):
         sys.exit(f"--variant names must differ from each other and from {', '.join(ABLATIONS if a.ablate else ['recipe'])} "
                  f"(in letters and digits): {', '.join(names)}")
-    if not Path(a.data).exists():
-        sys.exit(f"{a.data} not found (see ../shared/data/README.md)")
+    if a.data != "cifar10" and not Path(a.data).exists():
+        sys.exit(f"{a.data} not found: give --data the CIFAR-10 archive, or cifar10 for the official release "
+                 "(see docs/data.md#the-cifar-10-archive-of-these-pages)")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     budget = (["--epochs", str(a.epochs)] if a.epochs else []) + \
