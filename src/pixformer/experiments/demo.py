@@ -68,9 +68,10 @@ def train_point(cfg: TrainConfig, threads: int, parent: int) -> dict:
 
 def run_demo(out: str | None = None, seed: int = 0, train_subset: int | None = None, epochs: int | None = None,
              progress: bool = False) -> tuple[Path, list[dict]]:
-    """Train the recipe at every patch size, each in a process of its own with one thread, as many at a
-    time as there are cores (the longest, PiT, first): these models are too small for two threads to
-    help one of them, but two processes use two cores fully. Each run folder resumes if stopped."""
+    """Train the recipe at every patch size, each in a process of its own, as many at a time as there
+    are cores (at most three; the longest, PiT, first), the cores shared out among them (one thread
+    each on 2 cores): these models are too small for two threads to help one of them as much as two
+    processes do. Each run folder resumes if stopped."""
     base = TrainConfig(**{**DEMO_RECIPE, "seed": seed, "train_subset": train_subset, "progress": progress,
                           **({"epochs": epochs} if epochs is not None else {})})     # checked before any folder
     out_dir = Path(out) if out else Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
