@@ -289,8 +289,8 @@ def test_accumulated_micro_batches_make_the_same_step(tmp_path, monkeypatch):
     for name, extra in {"classify": dict(hflip=True, crop_padding=1, random_erase=0.5), "mae": mae}.items():
         runs = [train(TrainConfig(**TINY, **extra, epochs=1, precision="fp32", accum_steps=k,
                                   out=str(tmp_path / f"{name}{k}"))) for k in (1, 3)]
-        if name == "classify":                   # 6 steps of 32 images: in one pass, then in parts of 11, 10, 11
-            assert seen == [32] * 6 + [11, 10, 11] * 6
+        if name == "classify":                   # 6 steps of 32 images: in one pass, then in parts of 11, 11, 10
+            assert seen == [32] * 6 + [11, 11, 10] * 6
         for (key, a), b in zip(runs[0]["model"].state_dict().items(), runs[1]["model"].state_dict().values()):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=f"{name}: {key}")
         one, three = metrics(tmp_path / f"{name}1"), metrics(tmp_path / f"{name}3")
@@ -310,6 +310,6 @@ def test_accumulated_micro_batches_make_the_same_step(tmp_path, monkeypatch):
 
 
 def test_micro_batches_cover_the_rows_once():
-    assert loop.micro_batches(10, 3) == [slice(0, 3), slice(3, 7), slice(7, 10)]
+    assert loop.micro_batches(10, 3) == [slice(0, 4), slice(4, 7), slice(7, 10)]
     assert loop.micro_batches(4, 4) == [slice(i, i + 1) for i in range(4)]
     assert loop.micro_batches(7, 1) == [slice(0, 7)]

@@ -692,9 +692,9 @@ def step(run: Run, batch: Batch, stop: StopFlag, waited: float) -> None:
 
 def micro_batches(rows: int, accum_steps: int) -> list[slice]:
     """This process's `rows` of a step split into `accum_steps` consecutive micro-batches, their sizes
-    differing by at most one."""
-    bounds = np.linspace(0, rows, accum_steps + 1).round().astype(int)
-    return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+    differing by at most one (cut as `evaluate` cuts a batch over processes: the larger ones first)."""
+    cuts = torch.arange(rows).tensor_split(accum_steps)
+    return [slice(int(c[0]), int(c[-1]) + 1) for c in cuts]
 
 
 def forward_backward(run: Run, x: Tensor | Packed, y: Tensor, global_batch: int) -> tuple[Tensor, dict[str, float]]:
