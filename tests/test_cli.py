@@ -92,7 +92,10 @@ def test_yaml_recipe_and_print_config(tmp_path, capsys):
     (["train", "--model", "vit-n/3", "--img-size", "8"], "image size 8x8 is not divisible by patch size 3"),
     (["train", "--data", "/no/such/folder"], "dataset path /no/such/folder does not exist"),
     (["train", "--modle", "pit-t"], "unrecognized arguments: --modle pit-t (did you mean: --modle -> --model"),
-    (["train", "--epochs", "many"], 'Parser key "epochs"'),
+    (["train", "--epochs", "many"], "--epochs takes a whole number, got many"),
+    (["train", "--img_size", "32.5"], "--img_size takes a whole number or null, got 32.5"),
+    (["train", "--progressive", "[a]"], "--progressive takes a list of whole numbers or null, got ['a']"),
+    (["eval", "--checkpoint", "/no/run", "--split", "vall"], "--split takes one of 'train', 'val', 'test', got vall"),
     (["train", "--precision", "fp16"], "fp16 autocast is not used on CPU"),
     (["train", "--precision", "half"], "precision must be auto, fp32 or bf16"),
     (["eval", "--checkpoint", "/no/run", "--data", "digits"], "no checkpoint in /no/run"),
@@ -128,6 +131,17 @@ def test_resume_with_another_model_is_refused(tmp_path, capsys):
     code, _, err = run(capsys, "train", "--model", "vit-n/2", *TINY, "--epochs", "1", "--train-subset", "64",
                        "--out", out, "--resume")
     assert code == 2 and "other settings (model: vit-n/4 -> vit-n/2)" in err
+
+
+def test_resume_of_a_folder_with_no_run_is_refused_unless_the_command_says_what_to_train(tmp_path, capsys):
+    code, _, err = run(capsys, "train", "--out", tmp_path / "typo", "--resume", "--epochs", "1")
+    assert code == 2 and "holds no run to resume" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "typo").exists()
+    (tmp_path / "empty").mkdir()
+    assert run(capsys, "train", "--out", tmp_path / "empty", "--resume")[0] == 2
+    code, out, _ = run(capsys, "train", "--model", "vit-n/4", *TINY, "--epochs", "1", "--train-subset", "64",
+                       "--out", tmp_path / "empty", "--resume")     # as a torchrun restart before any checkpoint
+    assert code == 0 and (tmp_path / "empty" / "checkpoint").is_dir()
 
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))

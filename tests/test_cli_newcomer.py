@@ -92,6 +92,23 @@ def subcommands():
     return build_parser()._subcommands_action.choices
 
 
+def test_version_is_one_line(capsys):
+    from pixformer import __version__
+    for flag in ("--version", "-V"):
+        code, out, _ = run(capsys, flag)
+        assert code == 0 and out.strip() == f"pixformer {__version__}"
+
+
+def test_ctrl_c_while_starting_up_is_one_line(capsys, monkeypatch):
+    import pixformer.cli as cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "build_parser", interrupted)            # as if Ctrl-C fell while torch imported
+    code, _, err = run(capsys, "train", "--model", "pit-n")
+    assert code == 130 and err == "pixformer: interrupted\n"
+
+
 def test_every_option_of_every_command_has_a_description():
     missing = [f"{name} {a.option_strings[0]}" for name, sub in subcommands().items() for a in sub._actions
                if a.option_strings and not (a.help or "").strip()]

@@ -137,6 +137,7 @@ def test_download_checks_the_checksum(tmp_path):
     md5 = hashlib.md5(src.read_bytes()).hexdigest()
     dest = download(src.as_uri(), tmp_path / "dl" / "file.bin", md5)
     assert file_md5(dest) == md5
+    assert dest.stat().st_mode & 0o777 == (tmp_path / "remote.bin").stat().st_mode & 0o777   # not mkstemp's 0600
     with pytest.raises(PixformerError, match="checksum mismatch"):
         download(src.as_uri(), tmp_path / "dl" / "other.bin", "0" * 32)
     assert not (tmp_path / "dl" / "other.bin").exists()
@@ -250,7 +251,7 @@ def test_decode_cache_sees_every_file(tmp_path):
 def test_images_of_different_sizes_need_an_image_size(tmp_path):
     root = write_image_folder(tmp_path / "imgs")
     Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(root / "b" / "big.png")
-    with pytest.raises(PixformerError, match=r"different sizes \(10x12 a/0\.png, 20x30 b/big\.png\); "
+    with pytest.raises(PixformerError, match=r"different sizes \(height x width: 10x12 a/0\.png, 20x30 b/big\.png\); "
                                              r"pass --img-size N"):
         load_source(str(root))
     assert load_source(str(root), img_size=(8, 8))["all"].images.shape == (7, 3, 8, 8)

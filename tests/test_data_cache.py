@@ -178,7 +178,7 @@ def test_parallel_decoding_is_byte_identical_to_one_worker(tmp_path, monkeypatch
 def test_an_image_of_another_size_is_named_with_the_first_whoever_decodes_it(tmp_path, cache, workers):
     root = write_folder(tmp_path / "imgs", 160, sizes=((12, 10),))
     Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(root / "c" / "00150b.png")
-    with pytest.raises(PixformerError, match=r"holds images of different sizes \(12x10 a/00000\.png, 20x30 "
+    with pytest.raises(PixformerError, match=r"holds images of different sizes \(height x width: 12x10 a/00000\.png, 20x30 "
                                              r"c/00150b\.png\); pass --img-size N"):
         load_source(str(root), workers=workers)
     assert [p.name for p in cache.iterdir()] == [p.name for p in cache.iterdir() if p.name.endswith(".lock")]

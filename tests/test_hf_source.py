@@ -138,7 +138,7 @@ def test_native_resolution_keeps_each_size(tmp_path):
     sizes = [(10, 30), (24, 8), (7, 7), (40, 20), (12, 12)]
     imgs = pictures(5, size=sizes, seed=6)
     hf_dataset(imgs, labels_of(5)).save_to_disk(str(tmp_path / "d"))
-    with pytest.raises(PixformerError, match=r"different sizes \(10x30 .*row 0, 24x8 .*row 1\); pass --img-size"):
+    with pytest.raises(PixformerError, match=r"different sizes \(height x width: 10x30 .*row 0, 24x8 .*row 1\); pass --img-size"):
         load_hf(tmp_path / "d")
     s = load_hf(tmp_path / "d", native=True, max_side=16)["train"]
     assert isinstance(s, NativeSet) and s.in_chans == 3
@@ -328,7 +328,7 @@ def bad_different_sizes(tmp_path):
     (bad_missing_split, r"dataset_dict.json lists a split in .*test, which holds no saved dataset"),
     (bad_named_column, r"x.parquet has no column 'fine_label' \(label_column\)"),
     (bad_array_images, r"x.parquet: image column 'image' holds list<.*int64>, not encoded images"),
-    (bad_different_sizes, r"x.parquet holds images of different sizes \(8x8 .*row 0, 9x8 .*row 2\); pass --img-size N"),
+    (bad_different_sizes, r"x.parquet holds images of different sizes \(height x width: 8x8 .*row 0, 9x8 .*row 2\); pass --img-size N"),
 ])
 def test_bad_input_is_one_line(tmp_path, make, match):
     path, kwargs = make(tmp_path)

@@ -5,6 +5,7 @@ import csv
 import io
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -253,6 +254,9 @@ def test_hub_layout_round_trips_offline(photos, tmp_path, capsys, monkeypatch):
     folder = tmp_path / "hub"
     code, _, _ = run_cli(capsys, "export", "--checkpoint", run, "--format", "hf", "--out", folder)
     assert code == 0 and {p.name for p in folder.iterdir()} == {"config.json", "model.safetensors", "README.md"}
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert {p.stat().st_mode & 0o777 for p in folder.iterdir()} == {0o666 & ~mask}    # none private to its owner
     config = json.loads((folder / "config.json").read_text())
     model, state = pixformer.load_model(run)
     assert config["model"] == state["model"] and config["data"]["classes"] == state["data"]["classes"]

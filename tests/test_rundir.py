@@ -191,6 +191,18 @@ def test_state_json_records_the_checksum_and_size_of_every_tensor_file(tmp_path)
     assert find_checkpoint(tmp_path) == ckpt
 
 
+def test_a_checkpoint_is_as_readable_as_the_umask_makes_a_file_not_private(tmp_path):
+    old = os.umask(0o027)            # safetensors writes 0600 files and tempfile 0700 folders of its own
+    try:
+        save(tmp_path, ema=True, optimizer=True)
+    finally:
+        os.umask(old)
+    ckpt = tmp_path / "checkpoint"
+    assert ckpt.stat().st_mode & 0o777 == 0o750
+    assert {p.name: p.stat().st_mode & 0o777 for p in ckpt.iterdir()} == {
+        name: 0o640 for name in ("ema.safetensors", "model.safetensors", "optimizer.safetensors", "state.json")}
+
+
 def test_a_flipped_byte_is_refused_in_one_line_never_loaded(tmp_path):
     model = save(tmp_path)
     ckpt = tmp_path / "checkpoint"

@@ -103,11 +103,17 @@ def add_train_arguments(parser, skip: set[str] = frozenset()):
     add_dataclass_arguments(parser, TrainConfig, skip=set(skip), after=add_shortcuts)
 
 
+def _version() -> str:
+    from . import __version__
+    return __version__
+
+
 def build_parser():
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     parser = ArgumentParser(prog="pixformer", description="Vision transformers at any patch size, down to pixels.",
                             exit_on_error=False)
+    parser.add_argument("-V", "--version", action="version", version=f"pixformer {_version()}")
     commands = parser.add_subcommands(dest="command")
 
     train = ArgumentParser(exit_on_error=False, description="Train a model for a task (--task; default: classify) "
@@ -342,6 +348,8 @@ def _explain(err: Exception, command, spelled: dict[str, str]) -> str:
     with the nearest options of the same command (`command`: its parser), never itself, spelled the
     user's way (--img-size or --img_size)."""
     msg = " ".join(str(err).split())
+    if msg.startswith("Parser key"):
+        return _wrong_value(msg, spelled)
     if "unrecognized arguments:" not in msg or command is None:
         return msg
     import difflib
@@ -362,6 +370,32 @@ def _explain(err: Exception, command, spelled: dict[str, str]) -> str:
     return f"unrecognized arguments: {' '.join(shown)}" + (f" (did you mean: {'; '.join(hints)}?)" if hints else "")
 
 
+KINDS = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "text", "NoneType": "null",
+         "tuple": "a list such as [0.9, 0.999]", "list": "a list such as [16, 32]"}
+PLURAL = {"int": "whole numbers", "float": "numbers", "str": "texts"}
+
+
+def _wrong_value(msg: str, spelled: dict[str, str]) -> str:
+    """jsonargparse's message for a value of the wrong type ('Parser key "img_size": Expected a <class
+    'int'>. Got value: 32.5', or a Union's longer one) as one line in the user's words: the option as
+    typed, what it takes, the value given."""
+    import re
+    key = re.match(r'Parser key "([\w.]+)"', msg)
+    value = re.search(r"Given value: (.*)$", msg) or re.search(r"Got value: (.*)$", msg)
+    if not key or not value:
+        return msg
+    option = "--" + key.group(1).split(".")[-1]
+    option = next((typed for name, typed in spelled.items() if name == option), option.replace("_", "-"))
+    if literal := re.search(r"Literal\[(.*?)\]", msg):
+        takes = f"one of {literal.group(1)}"
+    else:
+        inner = msg.split("Given value type")[0]
+        kinds = list(dict.fromkeys(re.findall(r"(list\[\w+\])|<class '(\w+)'>", inner.split("Errors:")[0])))
+        names = [f"a list of {PLURAL.get(k[5:-1], k[5:-1])}" if k else KINDS.get(c, c) for k, c in kinds]
+        takes = " or ".join(names) or "another value"
+    return f"{option} takes {takes}, got {value.group(1)}"
+
+
 def _unknown_command(name: str, commands: list[str]) -> str:
     """One line for a command that does not exist: the nearest, and the list."""
     import difflib
@@ -379,6 +413,9 @@ def cmd_train(ns, given: dict | None = None) -> int:
     saved = saved_settings(values["out"]) if values["resume"] and values["out"] else None
     if saved is not None:
         values = resume_options(saved, given)
+    elif values["resume"] and values["out"] and not {"model", "data", "init"} & set(given):
+        raise PixformerError(f"{values['out']} holds no run to resume (no checkpoint, no config.json): check the "
+                             "folder's name; to start a run there, say what to train (--model, --data or --config)")
     else:
         values, said = init_options(values, given)
         if said and os.environ.get("RANK", "0") == "0":
@@ -587,6 +624,14 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "fid": c
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:          # Ctrl-C outside a training step (starting up, loading data, evaluating)
+        print("pixformer: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     import argparse
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -621,9 +666,6 @@ def main(argv: list[str] | None = None) -> int:
         elif os.environ.get("RANK", "0") == "0":   # under torchrun every rank meets the same bad input: one speaks
             print(f"{said} {e}", file=sys.stderr)
         return code
-    except KeyboardInterrupt:                      # Ctrl-C outside a training step (loading data, evaluating)
-        print("pixformer: interrupted", file=sys.stderr)
-        return 130
     except BrokenPipeError:  # output piped into `head` and the like
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 
 from ..errors import PixformerError
+from ..files import as_created
 from ..progress import Progress, notice
 from .native import shrunk
 from .store import ImageSet, ImageStore, NativeSet, NativeStore
@@ -176,7 +177,7 @@ def build_once(path: str | Path, build: Callable[[Path], dict[str, np.ndarray] |
             for name, array in (build(tmp) or {}).items():
                 np.save(tmp / f"{name}.npy", np.ascontiguousarray(array), allow_pickle=False)
             write_manifest(tmp)
-            os.rename(tmp, path)
+            os.rename(as_created(tmp), path)
         except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -271,9 +272,9 @@ def decode_image(src, size: tuple[int, int] | None, max_side: int | None, mode: 
 def different_sizes(source: str, size, first: str, other, at: str) -> str:
     """The one-line error for a source whose images are not all of one size (`size` of image `first`,
     `other` of image `at`) when no size or budget was asked for."""
-    return (f"{source} holds images of different sizes ({size[0]}x{size[1]} {first}, {other[0]}x{other[1]} "
-            f"{at}); pass --img-size N to resize them all to NxN, or --max-side S / --max-tokens N to "
-            "train at native resolution")
+    return (f"{source} holds images of different sizes (height x width: {size[0]}x{size[1]} {first}, "
+            f"{other[0]}x{other[1]} {at}); pass --img-size N to resize them all to NxN, or --max-side S / "
+            "--max-tokens N to train at native resolution")
 
 
 def failure(e: Exception) -> str:

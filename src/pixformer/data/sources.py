@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import PixformerError
+from ..files import as_created
 from .cache import build_once, decode_splits, map_splits, worker_count
 from .native import check_native_size, shrunk
 from .store import ImageSet, ImageStore, NativeSet, NativeStore, as_tensor
@@ -101,7 +102,7 @@ def download(url: str, dest: Path, md5: str) -> Path:
         got = file_md5(Path(tmp))
         if got != md5:
             raise PixformerError(f"checksum mismatch for {url}: expected md5 {md5}, got {got}")
-        os.replace(tmp, dest)
+        os.replace(as_created(tmp), dest)
     except OSError as e:
         raise PixformerError(f"could not download {url} ({e}); place the file at {dest} by hand") from None
     finally:

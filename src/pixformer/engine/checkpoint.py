@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import PixformerError
-from ..files import read_json_object
+from ..files import as_created, read_json_object
 from ..models.pos_embed import resample_table
 from ..models.registry import ARCHITECTURES, build
 from ..progress import notice
@@ -102,6 +102,7 @@ def save_checkpoint(run_dir: str | Path, state: dict[str, Any], model: nn.Module
         for f in tmp.iterdir():  # make the bytes durable before the rename makes them visible
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+        as_created(tmp)
         if final.exists():
             if old.exists() and checkpoint_problem(final) is not None:
                 shutil.rmtree(final)             # a damaged checkpoint/ beside the whole one this run resumed from

@@ -155,8 +155,10 @@ class TrainConfig:
         for name in ("min_lr", "weight_decay", "warmup_epochs", "clip_grad", "crop_padding", "checkpoint_every",
                      "local_swaps", "loader_threads", "prefetch"):
             require(name, getattr(self, name), getattr(self, name) >= 0, "at least 0")
-        for name in ("ema_decay", "val_fraction", "token_drop"):
+        for name in ("ema_decay", "token_drop"):
             require(name, getattr(self, name), 0 <= getattr(self, name) < 1, "in [0, 1)")
+        require("val_fraction", self.val_fraction, 0 <= self.val_fraction < 1,
+                "in [0, 1) (0 only for data with a val split of its own)")
         require("lr", self.lr, self.lr > 0, "> 0")
         require("layer_decay", self.layer_decay, 0 < self.layer_decay <= 1, "in (0, 1]")
         ra = self.rand_augment

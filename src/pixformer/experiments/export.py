@@ -31,6 +31,7 @@ import torch
 
 from ..engine.checkpoint import weights_used
 from ..errors import PixformerError
+from ..files import as_created
 from .predict import load_for_inference, resize_of
 
 FORMATS = ("onnx", "hf")
@@ -55,7 +56,7 @@ def export(checkpoint: Any, fmt: str, out: str | Path, weights: str = "auto", op
         hub.module.load_state_dict(model.state_dict())
         out = hub_out(out)
         hub.save_pretrained(out)
-        return [out]
+        return [as_created(out)]
     raise PixformerError(f"unknown export format {fmt!r}; choose from {list(FORMATS)}")
 
 

@@ -24,6 +24,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import PixformerError
+from ..files import as_created
 
 try:
     from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
@@ -182,7 +183,7 @@ def save_hub(run: str | Path, out: str | Path, weights: str = "auto") -> Path:
     README.md). `out` must be empty, new, or a folder this wrote before (then replaced)."""
     out = hub_out(out)
     HubModel.from_run(run, weights).save_pretrained(out)
-    return out
+    return as_created(out)
 
 
 def hub_out(out: str | Path) -> Path:
