@@ -385,7 +385,7 @@ def _wrong_value(msg: str, spelled: dict[str, str]) -> str:
     if not key or not value:
         return msg
     option = "--" + key.group(1).split(".")[-1]
-    option = next((typed for name, typed in spelled.items() if name == option), option.replace("_", "-"))
+    option = spelled.get(option, option.replace("_", "-"))          # as typed; from a recipe: --img-size
     if literal := re.search(r"Literal\[(.*?)\]", msg):
         takes = f"one of {literal.group(1)}"
     else:

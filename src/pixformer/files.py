@@ -5,7 +5,7 @@ a file or reads a settings file uses (this module imports nothing of pixformer b
         tmp.write_text(text)         # ends without error, flushed to disk first
     write_atomically(path, text)     # the same, for text or bytes in hand
     output_folder(out)               # a command's --out checked writable before any work
-    as_created(path)                 # a file or folder written private (0600 / 0700) opened as open() makes one
+    as_created(path)                 # a file or folder given what open() / mkdir() would give it, not 0600 / 0700
     read_json_object(path, "a run's settings")
 
 A write that fails (a full disk, a read-only folder, a name too long, a file where a folder should be)
@@ -52,7 +52,7 @@ def written(path: str | Path) -> Iterator[Path]:
 
 
 def _umask() -> int:
-    """This process's umask: read where Linux shows it, else set and put back once."""
+    """This process's umask: read where Linux shows it, else set and put back."""
     with contextlib.suppress(OSError, ValueError):
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("Umask:"):
@@ -67,10 +67,10 @@ def as_created(path: str | Path) -> Path:
     the umask (0666 and 0777 masked): tempfile's folders and safetensors' files are the owner's alone
     (0700, 0600), which would keep a run, an export or a download from the users and containers meant
     to read it."""
-    path = Path(path)
+    path, mask = Path(path), _umask()
     for p in [path, *(path.rglob("*") if path.is_dir() else [])]:
         if not p.is_symlink():
-            p.chmod((0o777 if p.is_dir() else 0o666) & ~_umask())
+            p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
     return path
 
 
