@@ -92,10 +92,14 @@ def test_yaml_recipe_and_print_config(tmp_path, capsys):
     (["train", "--model", "vit-n/3", "--img-size", "8"], "image size 8x8 is not divisible by patch size 3"),
     (["train", "--data", "/no/such/folder"], "dataset path /no/such/folder does not exist"),
     (["train", "--modle", "pit-t"], "unrecognized arguments: --modle pit-t (did you mean: --modle -> --model"),
-    (["train", "--epochs", "many"], "--epochs takes a whole number, got many"),
-    (["train", "--img_size", "32.5"], "--img_size takes a whole number or null, got 32.5"),
-    (["train", "--progressive", "[a]"], "--progressive takes a list of whole numbers or null, got ['a']"),
-    (["eval", "--checkpoint", "/no/run", "--split", "vall"], "--split takes one of 'train', 'val', 'test', got vall"),
+    (["train", "--epochs", "many"], "--epochs: many is not a whole number"),
+    (["train", "--img_size", "32.5"], "--img_size: 32.5 is not a whole number or null"),
+    (["train", "--progressive", "[a]"], "--progressive: ['a'] is not a list of whole numbers or null"),
+    (["train", "--rand-augment", "9"], "--rand-augment: 9 is not a list of 2 whole numbers or null"),
+    (["train", "--betas", "3"], "--betas: 3 is not a list"),
+    (["train", "--betas", "[0.9]"], 'Parser key "betas": Expected a tuple with 2 elements'),   # as jsonargparse says
+    (["train", "--model-args", "3"], "--model-args: 3 is not a mapping"),
+    (["eval", "--checkpoint", "/no/run", "--split", "vall"], "--split: vall is not one of 'train', 'val', 'test'"),
     (["train", "--precision", "fp16"], "fp16 autocast is not used on CPU"),
     (["train", "--precision", "half"], "precision must be auto, fp32 or bf16"),
     (["eval", "--checkpoint", "/no/run", "--data", "digits"], "no checkpoint in /no/run"),
@@ -142,6 +146,9 @@ def test_resume_of_a_folder_with_no_run_is_refused_unless_the_command_says_what_
     code, out, _ = run(capsys, "train", "--model", "vit-n/4", *TINY, "--epochs", "1", "--train-subset", "64",
                        "--out", tmp_path / "empty", "--resume")     # as a torchrun restart before any checkpoint
     assert code == 0 and (tmp_path / "empty" / "checkpoint").is_dir()
+    recipe = tmp_path / "overrides.yaml"                            # a recipe that names neither model nor data
+    recipe.write_text("epochs: 1\ntrain_subset: 64\n")
+    assert run(capsys, "train", "--config", recipe, *TINY, "--out", tmp_path / "new", "--resume")[0] == 0
 
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))

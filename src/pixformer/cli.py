@@ -371,29 +371,45 @@ def _explain(err: Exception, command, spelled: dict[str, str]) -> str:
 
 
 KINDS = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "text", "NoneType": "null",
-         "tuple": "a list such as [0.9, 0.999]", "list": "a list such as [16, 32]"}
+         "list": "a list", "tuple": "a list", "dict": "a mapping such as {depth: 4}"}
 PLURAL = {"int": "whole numbers", "float": "numbers", "str": "texts"}
+
+
+def _kind(subtype: str) -> str | None:
+    """A jsonargparse subtype ("<class 'int'>", "list[int]", "tuple[float, float]") in words; None for
+    one not known here."""
+    import re
+    if m := re.fullmatch(r"<class '(\w+)'>", subtype):
+        return KINDS.get(m.group(1))
+    if m := re.fullmatch(r"(list|tuple)\[(\w+)((?:, \w+)*)\]", subtype):
+        items = [m.group(2), *m.group(3).split(", ")[1:]]
+        if len(set(items)) == 1 and items[0] in PLURAL:
+            count = f"{len(items)} " if m.group(1) == "tuple" else ""
+            return f"a list of {count}{PLURAL[items[0]]}"
+    return None
 
 
 def _wrong_value(msg: str, spelled: dict[str, str]) -> str:
     """jsonargparse's message for a value of the wrong type ('Parser key "img_size": Expected a <class
     'int'>. Got value: 32.5', or a Union's longer one) as one line in the user's words: the option as
-    typed, what it takes, the value given."""
+    typed, the value, what it takes. Any other form (nested keys, shapes it does not name in words) is
+    passed on as jsonargparse wrote it."""
     import re
-    key = re.match(r'Parser key "([\w.]+)"', msg)
+    keys = re.findall(r'Parser key "([\w.]+)"', msg)
     value = re.search(r"Given value: (.*)$", msg) or re.search(r"Got value: (.*)$", msg)
-    if not key or not value:
+    if len(keys) != 1 or not value:
         return msg
-    option = "--" + key.group(1).split(".")[-1]
-    option = spelled.get(option, option.replace("_", "-"))          # as typed; from a recipe: --img-size
+    option = "--" + keys[0]
+    option = spelled.get(option, option.replace("_", "-").replace("--speed.", "--"))   # as typed
     if literal := re.search(r"Literal\[(.*?)\]", msg):
-        takes = f"one of {literal.group(1)}"
+        takes = [f"one of {literal.group(1)}"]
+    elif union := re.search(r"Subtypes: \[(.*?)\] Errors:", msg):
+        takes = [_kind(s) for s in re.split(r", (?=<class|list\[|tuple\[)", union.group(1))]
     else:
-        inner = msg.split("Given value type")[0]
-        kinds = list(dict.fromkeys(re.findall(r"(list\[\w+\])|<class '(\w+)'>", inner.split("Errors:")[0])))
-        names = [f"a list of {PLURAL.get(k[5:-1], k[5:-1])}" if k else KINDS.get(c, c) for k, c in kinds]
-        takes = " or ".join(names) or "another value"
-    return f"{option} takes {takes}, got {value.group(1)}"
+        takes = [_kind(s) for s in re.findall(r"^Parser key \"[\w.]+\": Expected a (<class '\w+'>)\. Got value", msg)]
+    if not takes or None in takes:
+        return msg
+    return f"{option}: {value.group(1)} is not {' or '.join(takes)}"
 
 
 def _unknown_command(name: str, commands: list[str]) -> str:
@@ -413,9 +429,10 @@ def cmd_train(ns, given: dict | None = None) -> int:
     saved = saved_settings(values["out"]) if values["resume"] and values["out"] else None
     if saved is not None:
         values = resume_options(saved, given)
-    elif values["resume"] and values["out"] and not {"model", "data", "init"} & set(given):
+    elif values["resume"] and values["out"] and not {"model", "data", "init", "config"} & set(given):
         raise PixformerError(f"{values['out']} holds no run to resume (no checkpoint, no config.json): check the "
-                             "folder's name; to start a run there, say what to train (--model, --data or --config)")
+                             "folder's name; to start a run there, say what to train (--model, --data, --init "
+                             "or --config)")
     else:
         values, said = init_options(values, given)
         if said and os.environ.get("RANK", "0") == "0":
@@ -627,7 +644,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
     except KeyboardInterrupt:          # Ctrl-C outside a training step (starting up, loading data, evaluating)
-        print("pixformer: interrupted", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":                          # under torchrun: one line, not one a rank
+            print("pixformer: interrupted", file=sys.stderr)
         return 130
 
 
