@@ -314,6 +314,9 @@ def test_build_once_maps_what_one_build_wrote_and_leaves_nothing_of_a_failed_one
     first = build_once(tmp_path / "entry", build)
     again = build_once(tmp_path / "entry", build)
     assert len(calls) == 1 and again.meta == {"n": 5} and isinstance(again.arrays["latents"], np.memmap)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert (tmp_path / "entry").stat().st_mode & 0o777 == 0o777 & ~mask       # not tempfile's 0700: shareable
     t = again.tensor("latents")
     t += 1                                                               # copy-on-write: the file keeps 0..4
     assert first.arrays["latents"].tolist() == [0, 1, 2, 3, 4] == build_once(tmp_path / "entry", build).arrays[

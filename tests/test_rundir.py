@@ -203,6 +203,25 @@ def test_a_checkpoint_is_as_readable_as_the_umask_makes_a_file_not_private(tmp_p
         name: 0o640 for name in ("ema.safetensors", "model.safetensors", "optimizer.safetensors", "state.json")}
 
 
+def test_as_created_leaves_links_and_special_bits_alone(tmp_path):
+    from pixformer.files import as_created
+    folder, target = tmp_path / "f", tmp_path / "target"
+    folder.mkdir(mode=0o700)
+    (folder / "w").write_text("x")
+    (folder / "w").chmod(0o600)
+    target.write_text("y")
+    target.chmod(0o600)
+    (folder / "link").symlink_to(target)
+    folder.chmod(0o2700)                                    # setgid: a group-shared folder's files stay the group's
+    old = os.umask(0o027)
+    try:
+        as_created(folder)
+    finally:
+        os.umask(old)
+    assert folder.stat().st_mode & 0o7777 == 0o2750 and (folder / "w").stat().st_mode & 0o777 == 0o640
+    assert target.stat().st_mode & 0o777 == 0o600           # what a link points at is not this write's
+
+
 def test_a_flipped_byte_is_refused_in_one_line_never_loaded(tmp_path):
     model = save(tmp_path)
     ckpt = tmp_path / "checkpoint"

@@ -64,13 +64,15 @@ def _umask() -> int:
 
 def as_created(path: str | Path) -> Path:
     """Give `path` (a file, or a folder and all it holds) the permissions open() and mkdir() give under
-    the umask (0666 and 0777 masked): tempfile's folders and safetensors' files are the owner's alone
-    (0700, 0600), which would keep a run, an export or a download from the users and containers meant
-    to read it."""
+    the umask (0666 and 0777 masked; special bits kept): tempfile's folders and safetensors' files are
+    the owner's alone (0700, 0600), which would keep a run, an export or a download from the users and
+    containers meant to read it. Links and what this process may not change are left as they are."""
     path, mask = Path(path), _umask()
     for p in [path, *(path.rglob("*") if path.is_dir() else [])]:
-        if not p.is_symlink():
-            p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+        with contextlib.suppress(OSError):
+            st = p.lstat()
+            if not p.is_symlink() and st.st_uid == os.geteuid():
+                p.chmod((0o777 if p.is_dir() else 0o666) & ~mask | st.st_mode & 0o7000)
     return path
 
 

@@ -56,7 +56,9 @@ def export(checkpoint: Any, fmt: str, out: str | Path, weights: str = "auto", op
         hub.module.load_state_dict(model.state_dict())
         out = hub_out(out)
         hub.save_pretrained(out)
-        return [as_created(out)]
+        for written in out.iterdir():              # the files it wrote; the folder stays as the user made it
+            as_created(written)
+        return [out]
     raise PixformerError(f"unknown export format {fmt!r}; choose from {list(FORMATS)}")
 
 
@@ -90,7 +92,8 @@ def export_onnx(checkpoint: Any, out: str | Path, weights: str = "auto", opset: 
     try:
         import onnxscript  # noqa: F401  (torch.onnx's exporter writes through it)
     except ImportError:
-        raise PixformerError("ONNX export needs onnx and onnxscript: pip install 'pixformer[export]'") from None
+        raise PixformerError("ONNX export needs onnx and onnxscript: pip install -e '.[export]' in the "
+                             "pixformer checkout") from None
     out = Path(out)
     if out.suffix.lower() != ".onnx":
         raise PixformerError(f"--out {out}: name the ONNX file with the .onnx suffix")

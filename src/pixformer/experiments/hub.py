@@ -30,7 +30,8 @@ try:
     from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError
 except ImportError:                                             # pragma: no cover - the hub extra is missing
-    raise PixformerError("the Hugging Face Hub layout needs huggingface_hub: pip install 'pixformer[hub]'") from None
+    raise PixformerError("the Hugging Face Hub layout needs huggingface_hub: pip install -e '.[hub]' in the "
+                         "pixformer checkout") from None
 
 FORMAT = 1              # config.json's layout (its "format")
 # The run's settings that decide how an image becomes the model's input (size, budgets, packing, pixel
@@ -183,7 +184,9 @@ def save_hub(run: str | Path, out: str | Path, weights: str = "auto") -> Path:
     README.md). `out` must be empty, new, or a folder this wrote before (then replaced)."""
     out = hub_out(out)
     HubModel.from_run(run, weights).save_pretrained(out)
-    return as_created(out)
+    for written in out.iterdir():                  # the files it wrote; the folder stays as the user made it
+        as_created(written)
+    return out
 
 
 def hub_out(out: str | Path) -> Path:
