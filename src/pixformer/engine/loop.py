@@ -693,8 +693,9 @@ def step(run: Run, batch: Batch, stop: StopFlag, waited: float) -> None:
 def micro_batches(rows: int, accum_steps: int) -> list[slice]:
     """This process's `rows` of a step split into `accum_steps` consecutive micro-batches, their sizes
     differing by at most one (cut as `evaluate` cuts a batch over processes: the larger ones first)."""
-    cuts = torch.arange(rows).tensor_split(accum_steps)
-    return [slice(int(c[0]), int(c[-1]) + 1) for c in cuts]
+    size, larger = divmod(rows, accum_steps)
+    ends = [(j + 1) * size + min(j + 1, larger) for j in range(accum_steps)]
+    return [slice(end - size - (j < larger), end) for j, end in enumerate(ends)]
 
 
 def forward_backward(run: Run, x: Tensor | Packed, y: Tensor, global_batch: int) -> tuple[Tensor, dict[str, float]]:
@@ -801,10 +802,11 @@ def _tensorboard(run_dir: Path, wanted: bool | None, say: Callable[..., None]):
         return None
     try:
         from torch.utils.tensorboard import SummaryWriter
-    except Exception as e:  # tensorboard is optional: pip install 'pixformer[tensorboard]'
+    except Exception as e:  # tensorboard is optional: pip install -e '.[tensorboard]' in the pixformer checkout
         if wanted and not _TENSORBOARD_SAID:
             _TENSORBOARD_SAID.append(True)
             say(f"no TensorBoard logs: {'tensorboard is not installed' if isinstance(e, ImportError) else e} "
-                f"(pip install 'pixformer[tensorboard]'); the metrics are in {run_dir / 'metrics.jsonl'}")
+                f"(pip install -e '.[tensorboard]' in the pixformer checkout); the metrics are in "
+                f"{run_dir / 'metrics.jsonl'}")
         return None
     return SummaryWriter(str(run_dir / "tb"))
