@@ -134,7 +134,8 @@ def test_tensorboard_asked_for_and_missing_is_said_once(tmp_path, capsys, monkey
     for name in ("a", "b"):
         train(TrainConfig(**TINY, tensorboard=True, out=str(tmp_path / name)))
     out = capsys.readouterr().out
-    assert out.count("no TensorBoard logs: tensorboard is not installed (pip install 'pixformer[tensorboard]')") == 1
+    assert out.count("no TensorBoard logs: tensorboard is not installed (pip install -e '.[tensorboard]' in the "
+                     "pixformer checkout)") == 1
     assert not (tmp_path / "a" / "tb").exists() and (tmp_path / "a" / "metrics.jsonl").exists()
 
 

@@ -67,7 +67,7 @@ def resolve_splits(found: dict[str, ImageSet], val_fraction: float, source: str 
     if len(tr) == 0 or len(va) == 0:
         raise PixformerError(f"--val-fraction {val_fraction} of {len(train)} training images leaves "
                              f"{len(tr)} to train on and {len(va)} to validate on; both need at least one "
-                             f"(choose another --val-fraction, or give the data a val/ folder)")
+                             "(choose a --val-fraction that leaves both at least one)")
     return Splits(train.subset(tr), train.subset(va), found.get("test"), "held out of train")
 
 

