@@ -267,3 +267,17 @@ def test_probe_and_init_mistakes_are_one_line_errors(tmp_path, capsys):
         assert main(["train", "--model", "pit-n", *args, "--out", str(tmp_path / "r"), "--progress", "false"]) == 2
         err = capsys.readouterr().err
         assert match in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_probe_of_a_classifier_trains_a_new_head_on_its_frozen_encoder(tmp_path):
+    from pixformer.engine.checkpoint import init_from
+    from pixformer.models.probe import LinearProbe, ProbeModelConfig
+    small = dict(depth=1, dim=16, heads=2)
+    clf = train(TrainConfig(model="vit-n/4", data="digits", model_args=small, epochs=1, precision="fp32",
+                            progress=False, out=str(tmp_path / "clf")))["model"]
+    probe = LinearProbe(ProbeModelConfig(encoder=dict(clf.cfg.__dict__, num_classes=0), num_classes=10))
+    start = {k: v.clone() for k, v in probe.head.state_dict().items()}
+    got = init_from(probe, tmp_path / "clf", ("bn.", "head."))
+    assert "head.weight" in got["new"] and "head.weight" in got["unused"]       # the classifier's head: not taken
+    assert all(torch.equal(v, start[k]) for k, v in probe.head.state_dict().items())
+    assert torch.equal(probe.encoder.patch_embed.weight, clf.patch_embed.weight)

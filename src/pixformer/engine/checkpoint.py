@@ -350,7 +350,7 @@ def weights_used(state: dict[str, Any], weights: str = "auto") -> str:
     return kept if weights == "auto" else weights
 
 
-def init_from(model: nn.Module, path: str | Path) -> dict[str, list[str]]:
+def init_from(model: nn.Module, path: str | Path, fresh: tuple[str, ...] = ()) -> dict[str, list[str]]:
     """Start `model` from a trained run's weights (EMA weights when it kept them), or from a transformers
     ViT folder or a timm ViT state dict (engine/imports.py), matched by name:
     a key may also match with or without an `encoder.` prefix, so an MAE run's encoder starts a
@@ -358,7 +358,8 @@ def init_from(model: nn.Module, path: str | Path) -> dict[str, list[str]]:
     a patch embedding of another patch size is converted (FlexiViT's pseudo-inverse resize).
     Returns what was loaded, what the run had that the model does not use (e.g. an MAE decoder) and
     what the model has that the run lacks (e.g. a new head; a classifier head for another number of
-    classes is left new too); a tensor of another shape (another width) is an error naming the keys."""
+    classes is left new too, as is every key starting with one of `fresh`); a tensor of another shape
+    (another width) is an error naming the keys."""
     ckpt, foreign = find_checkpoint(path), None
     if ckpt is not None:
         source = load_tensors(ckpt / ("ema.safetensors" if (ckpt / "ema.safetensors").exists() else "model.safetensors"))
@@ -371,7 +372,7 @@ def init_from(model: nn.Module, path: str | Path) -> dict[str, list[str]]:
     loaded, new, used, mismatched, converted = {}, [], set(), [], []
     for key, target in own.items():
         name = next((k for k in (key, f"encoder.{key}", key.removeprefix("encoder.")) if k in source), None)
-        if name is None:
+        if name is None or key.startswith(fresh):
             new.append(key)
             continue
         value = source[name]

@@ -83,6 +83,7 @@ class Task:
     best: tuple[str, str]         # (validation metric that marks the best epoch, "max" or "min")
     uses_labels: bool = True      # False: labels are ignored (eval then accepts any class names)
     needs_init: bool = False      # True: the run must start from a trained run (--init)
+    fresh_on_init: tuple[str, ...] = ()   # its model's weights (name prefixes) --init never loads: they start new
     min_classes: int = 0          # classes the data must have (a classifier: 2), checked before decoding
     architectures: tuple[str, ...] = ()   # the model families it trains (registry names: vit, convmixer, dit)
     packs: tuple[str, ...] = ()           # those it trains on packed images of any sizes (native resolution)

@@ -26,6 +26,7 @@ class Probe(Classify):
     name = "probe"
     Config = ProbeConfig
     needs_init = True
+    fresh_on_init = ("bn.", "head.")     # a probe trains its own head, also on a classifier's encoder
     architectures = ("vit",)
     packs = ()
     splits_tokens = ()
