@@ -170,6 +170,7 @@ def test_shard_assignments_cover_every_token_once():
     (dict(seq_parallel=2), "launch with `torchrun"),
     (dict(fsdp=True), "launch with `torchrun"),
     (dict(seq_parallel=2, task="mae"), "--seq-parallel splits each square image.s tokens over ranks; --task mae cannot"),
+    (dict(seq_parallel=2, max_side=8, crop_padding=0, hflip=False), "images packed at native resolution .* are not split"),
     (dict(seq_parallel=2, speed={"attn_backend": "varlen"}), "cannot attend over keys gathered"),
     (dict(fsdp=True, ema_decay=0.99), "cannot be combined with --fsdp"),
     (dict(seq_parallel=0), "--seq-parallel must be at least 1"),

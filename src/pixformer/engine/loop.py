@@ -146,10 +146,13 @@ def check_run(cfg: TrainConfig, task_cls: type[Task]) -> None:
     if cfg.native:
         native_patch(cfg, task_cls)                  # what native resolution cannot run, before any data
     if cfg.seq_parallel > 1:
-        if arch not in task_cls.splits_tokens or cfg.native:
+        if cfg.native:
+            raise PixformerError("--seq-parallel splits each square image's tokens over ranks; images packed at "
+                                 "native resolution (--max-side / --max-tokens) are not split: train them with "
+                                 "data parallelism alone")
+        if arch not in task_cls.splits_tokens:
             raise PixformerError(f"--seq-parallel splits each square image's tokens over ranks; --task {cfg.task} "
-                                 f"cannot do that with {cfg.model}" + (" at native resolution" if cfg.native else "")
-                                 + _which("it can", "splits_tokens"))
+                                 f"cannot do that with {cfg.model}" + _which("it can", "splits_tokens"))
         check_sequence_backend(cfg.speed.attn_backend)
         regather_count(cfg.seq_regather, {**fields, **cfg.model_args}.get("depth", ARCHITECTURES[arch][0].depth))
     if cfg.model_args.get("stem") == "conv" and (cfg.native or cfg.seq_parallel > 1 or task_cls.embeds_subsets):
@@ -429,7 +432,7 @@ def train(cfg: TrainConfig, data: Prepared | None = None) -> dict[str, Any]:
         if runtime.world_size > 1 and lost_peer(e):
             where = f"; the last checkpoint in {run.run_dir} is kept" if run is not None else ""
             raise PixformerError(f"another process of this run stopped or died (this rank's collective failed: "
-                                 f"{str(e).splitlines()[0][:120]}){where}") from None
+                                 f"{_short(str(e).splitlines()[0])}){where}") from None
         raise
     finally:
         held = run.folder if run is not None else folder
@@ -454,7 +457,7 @@ def start(cfg: TrainConfig, data: Prepared | None, runtime: Runtime, task_cls: t
     with runtime.building():                     # FSDP2: only rank 0 holds the whole model (the others: meta)
         model = task.build_model(cfg.model, cfg.model_args)
     if cfg.init and saved is None and runtime.holds_weights:            # a resumed run has its own weights
-        got = init_from(model, cfg.init)
+        got = init_from(model, cfg.init, task.fresh_on_init)
         say(f"init from {cfg.init} ({got['format']}): loaded {len(got['loaded'])} tensors; new: "
             f"{summarize_keys(got['new'])}; not used: {summarize_keys(got['unused'])}"
             + (f"; converted: {', '.join(got['converted'])}" if got["converted"] else ""))
@@ -688,6 +691,11 @@ def step(run: Run, batch: Batch, stop: StopFlag, waited: float) -> None:
     show_progress(run, s // run.steps_per_epoch)
     if stop_now or (runtime.world_size == 1 and stop.asked):             # one process: a signal in this step too
         raise _Stop(stop.asked or "asked of another process of this run")
+
+
+def _short(text: str, limit: int = 200) -> str:
+    """`text` cut at a word before `limit` characters, saying so, for a one-line error."""
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
 
 
 def micro_batches(rows: int, accum_steps: int) -> list[slice]:
