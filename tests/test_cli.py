@@ -151,6 +151,18 @@ def test_resume_of_a_folder_with_no_run_is_refused_unless_the_command_says_what_
     assert run(capsys, "train", "--config", recipe, *TINY, "--out", tmp_path / "new", "--resume")[0] == 0
 
 
+def test_a_run_of_a_relative_data_path_resumes_from_any_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    image_folder(tmp_path / "d", ["a", "b"])
+    args = ["--data", "d", "--img-size", "8", "--epochs", "1", "--out", tmp_path / "run", *TINY]
+    assert run(capsys, "train", *args)[0] == 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data"] == str(tmp_path / "d")
+    assert run(capsys, "train", *args, "--resume")[0] == 0                     # the same command, the same folder
+    monkeypatch.chdir("/")
+    code, _, err = run(capsys, "train", "--out", tmp_path / "run", "--resume")
+    assert code == 0, err
+
+
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
 def test_every_recipe_parses_and_names_a_known_model(capsys, recipe):
     from pixformer.models.registry import resolve

@@ -318,8 +318,9 @@ def bad_different_sizes(tmp_path):
 
 
 @pytest.mark.parametrize("make,match", [
-    (bad_no_image, r"x.parquet has no image column .*columns \['pixels', 'label'\]\): name it with image_column="),
-    (bad_no_label, r"x.parquet has no label column .*: name it with label_column="),
+    (bad_no_image, r"x.parquet has no image column .*columns \['pixels', 'label'\]\): name it with --image-column "
+                   r"\(image_column= in Python\)"),
+    (bad_no_label, r"x.parquet has no label column .*: name it with --label-column \(label_column= in Python\)"),
     (bad_string_labels, r"x.parquet: label column 'label' holds string, not integers or a ClassLabel"),
     (bad_float_labels, r"x.parquet: label column 'label' holds double, not integers"),
     (bad_negative_label, r"x.parquet row 1: label -1 is not one of the 3 classes 0..2"),
@@ -380,3 +381,19 @@ def test_train_end_to_end_on_parquet(tmp_path):
     r = train(TrainConfig(model="vit-n/4", data=str(tmp_path / "d.parquet"), img_size=8, epochs=1, batch_size=16,
                           model_args=dict(depth=1, dim=16, heads=2), progress=False, out=str(tmp_path / "run")))
     assert np.isfinite(r["val_loss"]) and r["val_n"] > 0
+
+
+def test_eval_names_the_columns_of_another_dataset(tmp_path, capsys):
+    import json
+    from pixformer.cli import main
+    write_table(tmp_path / "d.parquet", {"image": image_struct(pictures(40, size=(8, 8))), "label": labels_of(40, 2)})
+    write_table(tmp_path / "e.parquet", {"pic": image_struct(pictures(10, size=(8, 8), seed=1)),
+                                         "klass": labels_of(10, 2)})
+    tiny = ["--model", "vit-n/4", "--depth", "1", "--dim", "16", "--heads", "2", "--batch-size", "8"]
+    assert main(["train", *tiny, "--data", str(tmp_path / "d.parquet"), "--epochs", "1", "--out",
+                 str(tmp_path / "run"), "--progress", "false"]) == 0
+    eval_e = ["eval", "--checkpoint", str(tmp_path / "run"), "--data", str(tmp_path / "e.parquet"), "--split", "train"]
+    capsys.readouterr()
+    assert main(eval_e) == 2 and "--image-column" in capsys.readouterr().err
+    assert main([*eval_e, "--image-column", "pic", "--label-column", "klass", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n"] == 9

@@ -278,6 +278,9 @@ CASES = {
     "tar member outside the splits": (lambda t, r: ["train", *TINY_CLI, "--out", t / "o", "--data", tar_of(
         t / "a.tar", ["train/cat/0.png", "train/dog/0.png", "extra/cat/0.png"])],
         "1 image(s) in", "lie outside its split folders (e.g. extra/cat/0.png)"),
+    "tar member beside the splits": (lambda t, r: ["train", *TINY_CLI, "--out", t / "o", "--data", tar_of(
+        t / "a.tar", ["train/cat/0.png", "train/dog/0.png", "stray.png"])],
+        "1 image(s) in", "lie outside its split folders (e.g. stray.png)"),
     "out inside a checkpoint": (lambda t, r: ["train", *TINY_CLI, "--out", r("classifier_run") / "checkpoint",
                                               "--resume"], "lies inside the checkpoint folder"),
     "state.json a list": (lambda t, r: ["eval", "--checkpoint", copied_run(r("classifier_run"), t, lambda s: [s])],

@@ -134,6 +134,10 @@ def build_parser():
     ev.add_argument("--data", type=typing.Optional[str], default=None, help="data source, as for train "
                     "(default: the run's own)")
     ev.add_argument("--data_root", type=typing.Optional[str], default=None)
+    ev.add_argument("--image_column", type=typing.Optional[str], default=None,
+                    help="a Hugging Face dataset's image column (default: the run's, else found by name)")
+    ev.add_argument("--label_column", type=typing.Optional[str], default=None,
+                    help="a Hugging Face dataset's label column (default: the run's, else found by name)")
     ev.add_argument("--split", type=typing.Literal["train", "val", "test"], default="test",
                     help="exactly one split: train, val (the source's val split, or the hold-out of train the "
                          "run validated on) or test (the source's test split; a plain class-folder tree that "
@@ -467,7 +471,8 @@ def cmd_eval(ns) -> int:
             raise PixformerError("--eval_flip mirrors square batches; this run packs images at native resolution")
         task.cfg = dataclasses.replace(task.cfg, eval_flip=ns.eval_flip)
     resolutions = parse_resolutions(ns.resolutions) if ns.resolutions else None
-    data, where = run_split(state, ns.data, ns.data_root, ns.split, max(resolutions) if resolutions else None)
+    data, where = run_split(state, ns.data, ns.data_root, ns.split, max(resolutions) if resolutions else None,
+                            columns=(ns.image_column, ns.label_column))
     if task.uses_labels:
         trained = state["data"]["classes"]
         unknown = [c for c in data.classes if c not in trained]

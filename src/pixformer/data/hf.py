@@ -469,7 +469,7 @@ def _pick_column(names: list[str], features: dict, explicit: str | None, usual: 
     if len(typed) == 1:
         return typed[0]
     raise PixformerError(f"{where} has no {what} column (looked for {list(usual)} or one {feature_type} feature; "
-                         f"columns {names}): name it with {keyword}=")
+                         f"columns {names}): name it with --{keyword.replace('_', '-')} ({keyword}= in Python)")
 
 
 def _labels(sf: SplitFiles, column: str) -> np.ndarray:
@@ -484,7 +484,7 @@ def _labels(sf: SplitFiles, column: str) -> np.ndarray:
             col = _read_arrow(f).column(column)
         if not pa.types.is_integer(col.type):
             raise PixformerError(f"{f}: label column {column!r} holds {col.type}, not integers or a ClassLabel "
-                                 "(name another with label_column=)")
+                                 "(name another with --label-column, label_column= in Python)")
         if col.null_count:
             raise PixformerError(f"{f}: label column {column!r} has {col.null_count} missing label(s)")
         parts.append(col.to_numpy().astype(np.int64))

@@ -275,6 +275,7 @@ def image_layout(members: list[str], source: Path) -> list[tuple[str, str, str]]
             and parts[0][0].lower() not in SPLIT_NAMES:
         parts = [p[1:] for p in parts]
     entries, loose = [], []
+    top = [m for m, p in zip(members, parts) if len(p) == 1]           # beside the class or split folders
     for m, p in zip(members, parts):
         if len(p) >= 2 and p[0].lower() in SPLIT_NAMES:
             if len(p) == 2:
@@ -289,8 +290,8 @@ def image_layout(members: list[str], source: Path) -> list[tuple[str, str, str]]
                              "sorting into class folders by their ground-truth labels)")
     if not entries:
         raise PixformerError(f"{source} holds no images in class folders (expected {source}/<class>/<image>)")
-    outside = [m for s, _, m in entries if s == "all"]
-    if outside and len(outside) < len(entries):
+    outside = [m for s, _, m in entries if s == "all"] + top
+    if outside and any(s != "all" for s, _, _ in entries):
         raise PixformerError(f"{len(outside)} image(s) in {source} lie outside its split folders (e.g. {outside[0]}), "
                              "in no split: put every image in <split>/<class>/ (train/, val/, test/)")
     return entries

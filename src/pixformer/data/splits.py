@@ -118,20 +118,23 @@ def _grouped(images, chunk: int | None, chunk_values: int):
 
 
 def run_split(state: dict[str, Any], source: str | None, root: str | None, split: str,
-              max_side: int | None = None, workers: int | None = None) -> tuple[ImageSet | NativeSet, str]:
+              max_side: int | None = None, workers: int | None = None,
+              columns: tuple[str | None, str | None] = (None, None)) -> tuple[ImageSet | NativeSet, str]:
     """The images `eval` and `analyze` score for a trained run (`state`: its state.json): one split of
     `source` (default: the run's own data), laid out as the run trained (image size, pixel
     permutation; a native-resolution run's images at their own sizes, scaled down to `max_side`,
     default the run's; an image folder decoded by `workers` processes, None: every core). A plain
     class-folder tree that is not the run's training source is a folder of test images; the training
     source never is. The run's own data is found by the absolute path stored when it trained
-    (`data.source`), so from any working directory."""
+    (`data.source`), so from any working directory. `columns`: a Hugging Face dataset's image and label
+    columns, where they are not the run's."""
     tc, info = state["train_config"], state["data"]
     source = source or info.get("source") or tc["data"]          # runs of 0.1 stored only what was typed
     native = is_native(tc)
     found = load_source(source, root or tc.get("data_root"), None if native else tuple(info["img_size"]),
                         native=native, max_side=max_side or tc.get("max_side"), workers=workers,
-                        image_column=tc.get("image_column"), label_column=tc.get("label_column"))
+                        image_column=columns[0] or tc.get("image_column"),
+                        label_column=columns[1] or tc.get("label_column"))
     own = source_id(source) == info.get("source", source_id(tc["data"]))
     if set(found) == {"all"} and not own:
         if split != "test":

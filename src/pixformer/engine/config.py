@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from ..data.native import is_native
+from ..data.splits import source_id
 from ..errors import PixformerError
 from ..models.registry import ARCHITECTURES, DATA_FIELDS, NAMED, architecture
 from ..settings import check_fields, field_docs, option, require
@@ -240,6 +241,7 @@ def changed_settings(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
     a setting the saved config lacks (a run of an earlier version, before the setting existed) counts
     as its default, what that run computed with."""
     new, old = as_json(cfg), {**as_json(TrainConfig()), **saved}
+    new["data"], old["data"] = source_id(new["data"]), source_id(old["data"])     # a path, however written
     return [f"{k}: {old.get(k)} -> {new.get(k)}" for k in sorted(set(old) | set(new))
             if k not in RUN_ONLY and old.get(k) != new.get(k)]
 

@@ -474,7 +474,8 @@ def start(cfg: TrainConfig, data: Prepared | None, runtime: Runtime, task_cls: t
     name = model_name(model)
     steps_per_epoch = max(len(splits.train) // cfg.batch_size, 1)
     facts = data.facts
-    state = {"train_config": as_json(cfg), "task": {"name": task.name, "config": asdict(task_cfg)},
+    state = {"train_config": {**as_json(cfg), "data": source_id(cfg.data)},     # resumable from any folder
+             "task": {"name": task.name, "config": asdict(task_cfg)},
              "model": model_spec(model), "model_name": name, "step": 0, "epochs_logged": 0,
              "data": {**asdict(facts), "source": source_id(cfg.data), "val_from": splits.val_from,
                       "val_fraction": cfg.val_fraction, "has_test": splits.test is not None},
