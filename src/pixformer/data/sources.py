@@ -38,7 +38,7 @@ from .cache import build_once, decode_splits, map_splits, worker_count
 from .native import check_native_size, shrunk
 from .store import ImageSet, ImageStore, NativeSet, NativeStore, as_tensor
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+IMAGE_EXTS = {".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 SPLIT_NAMES = {"train": "train", "test": "test", "val": "val", "validation": "val"}
 
 CIFAR = {
