@@ -31,7 +31,6 @@ import torch
 
 from ..engine.checkpoint import weights_used
 from ..errors import PixformerError
-from ..files import as_created
 from .predict import load_for_inference, resize_of
 
 FORMATS = ("onnx", "hf")
@@ -48,17 +47,13 @@ def export(checkpoint: Any, fmt: str, out: str | Path, weights: str = "auto", op
     if fmt == "hf":
         if opset is not None:
             raise PixformerError("--opset is an ONNX setting; --format hf saves the weights as they are")
-        from .hub import HubModel, hub_out, save_hub
+        from .hub import HubModel, hub_out, save_hub, write_hub
         if isinstance(checkpoint, (str, Path)) and Path(checkpoint).is_dir() and _is_run(checkpoint):
             return [save_hub(checkpoint, out, weights)]
         model, state, _ = load_for_inference(checkpoint, weights)       # a Hub folder or repository saved again
         hub = HubModel(config=_config_of(state))
         hub.module.load_state_dict(model.state_dict())
-        out = hub_out(out)
-        hub.save_pretrained(out)
-        for written in out.iterdir():              # the files it wrote; the folder stays as the user made it
-            as_created(written)
-        return [out]
+        return [write_hub(hub, hub_out(out))]
     raise PixformerError(f"unknown export format {fmt!r}; choose from {list(FORMATS)}")
 
 

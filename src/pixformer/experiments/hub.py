@@ -182,9 +182,14 @@ def load_hub(source: str | Path, **kwargs) -> HubModel:
 def save_hub(run: str | Path, out: str | Path, weights: str = "auto") -> Path:
     """Write the run in `run` to the folder `out` in the Hub layout (config.json, model.safetensors,
     README.md). `out` must be empty, new, or a folder this wrote before (then replaced)."""
-    out = hub_out(out)
-    HubModel.from_run(run, weights).save_pretrained(out)
-    for written in out.iterdir():                  # the files it wrote; the folder stays as the user made it
+    return write_hub(HubModel.from_run(run, weights), hub_out(out))
+
+
+def write_hub(hub: "HubModel", out: Path) -> Path:
+    """`hub` saved into the checked folder `out` (hub_out), its files as readable as the umask makes a
+    file (safetensors writes the weights owner-only); the folder stays as the user made it."""
+    hub.save_pretrained(out)
+    for written in out.iterdir():
         as_created(written)
     return out
 
