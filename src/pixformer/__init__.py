@@ -2,11 +2,12 @@
 
 Layers, each importing only those below it:
     layout        token layout shared by data and models: patchify, grid coordinates, packed sequences
-    models/       the ViT trunk (PiT at patch 1), ConvMixer, DiT, MAE, attention backends, position encodings
+    models/       the ViT trunk (PiT at patch 1), ConvMixer, DiT, MAE, the linear probe, attention backends,
+                  position encodings
     data/         sources, the mapped decode cache, train/val/test splits, batches, augmentation, ablations
     tasks/        what a run optimises and measures: classify, mae, probe, diffusion
     engine/       the training loop, runtime, checkpoints and run folders, speed switches, cost planner
-    experiments/  demo, sweep, analyze
+    experiments/  demo, sweep, analyze, predict, export and the Hub, sampling, FID, resolution sweeps
     cli           the `pixformer` command
 
 The names below are imported when first used, so `import pixformer.data` reads data without loading

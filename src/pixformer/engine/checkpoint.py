@@ -133,7 +133,6 @@ def _unwritten(final: Path, e: Exception) -> PixformerError:
 
 # ---- verification ---------------------------------------------------------------------------------
 _verified: dict[tuple, str | None] = {}    # (file, its identity and size and mtime, expected) -> problem
-_said: set[tuple[str, str]] = set()        # fallbacks already announced by this process
 
 
 def _sha256(path: Path) -> str:
@@ -221,10 +220,8 @@ def find_checkpoint(path: str | Path) -> Path | None:
     for cand in candidates:
         problem = checkpoint_problem(cand)
         if problem is None:
-            for bad, why in damaged:
-                if (str(bad), why) not in _said:
-                    _said.add((str(bad), why))
-                    notice(f"{bad} is unreadable ({why}); using {cand.name}")
+            for bad, why in damaged:                  # each said once by this process
+                notice(f"{bad} is unreadable ({why}); using {cand.name}", once=True)
             return cand
         damaged.append((cand, problem))
     if not damaged:

@@ -50,6 +50,7 @@ class TrainConfig:
     #                                     mixup: 0.8}; on the command line also --label-smoothing 0.1 --mixup 0.8
     # data: the images, their splits and how they are read
     data: str = "digits"                # digits | cifar10 | cifar100 | mnist | fashion-mnist | ImageFolder path
+    #                                     (a folder or .tar) | Hugging Face dataset (parquet, save_to_disk folder)
     data_root: str | None = None        # where named datasets live / download to (default ~/.cache/pixformer/data)
     img_size: int | None = None         # resize images to img_size x img_size (default: native size)
     val_fraction: float = 0.1           # held out of train (seed 0) when the data has no val split

@@ -128,7 +128,7 @@ class SequenceParallel(nn.Module):
         else:
             n = grid[0] * grid[1]
             pooled = all_reduce(feats[:, :held].sum(1) / n, "sum", self.group)  # (B, D), mean of all tokens
-            pooled = pooled if vit.fc_norm is None else vit.fc_norm(pooled)
+            pooled = vit.fc_norm(pooled)
         return vit.head(pooled)                                               # (B, classes), same on every rank
 
 

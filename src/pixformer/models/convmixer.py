@@ -78,9 +78,7 @@ class ConvMixer(nn.Module):
         """All initialisation in one place: PyTorch's default (Kaiming-uniform) conv and linear init,
         as the authors' code uses; unit / zero BatchNorm affine and fresh running statistics."""
         for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                m.reset_parameters()
-            elif isinstance(m, nn.BatchNorm2d):
+            if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)):
                 m.reset_parameters()
 
     def forward(self, images: Tensor) -> Tensor:

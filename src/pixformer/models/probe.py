@@ -12,6 +12,8 @@ from torch import Tensor, nn
 from ..errors import PixformerError
 from .vit import ViTConfig, VisionTransformer
 
+FEATURES = ("auto", "cls", "mean")      # what a probe reads: the encoder's own pooling, its class token, the mean
+
 
 @dataclass
 class ProbeModelConfig:
@@ -21,8 +23,8 @@ class ProbeModelConfig:
 
     def __post_init__(self):
         self.encoder = {**self.encoder, "num_classes": 0}
-        if self.features not in ("auto", "cls", "mean"):
-            raise PixformerError(f"probe features must be auto, cls or mean, got {self.features!r}")
+        if self.features not in FEATURES:
+            raise PixformerError(f"probe features must be {', '.join(FEATURES)}, got {self.features!r}")
         if self.features == "cls" and self.encoder.get("pool", "cls") != "cls":
             raise PixformerError("probe features 'cls' need an encoder with a class token (pool='cls')")
 
@@ -35,7 +37,11 @@ class LinearProbe(nn.Module):
         D = self.encoder.cfg.dim
         self.bn = nn.BatchNorm1d(D, affine=False, eps=1e-6)
         self.head = nn.Linear(D, cfg.num_classes)
-        nn.init.trunc_normal_(self.head.weight, std=0.01)      # the MAE probe's initialisation
+        self.init_weights()
+
+    def init_weights(self):
+        """The head as the MAE probe initialises it; the encoder keeps what it was built or loaded with."""
+        nn.init.trunc_normal_(self.head.weight, std=0.01)
         nn.init.zeros_(self.head.bias)
 
     def train(self, mode: bool = True) -> "LinearProbe":

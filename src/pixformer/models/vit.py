@@ -2,7 +2,7 @@
 "An Image is Worth More Than 16x16 Patches" (arXiv 2406.09415): one token per pixel, each a
 linear map of the pixel's channels. Larger patch sizes give ViT ("An Image is Worth 16x16 Words").
 
-Tasks (classification, MAE, diffusion) use the encoder through this interface:
+Classification, MAE, the linear probe and sequence parallelism use the encoder through these steps:
     tokens, grid = model.embed(images)      # (B, N, D) patch tokens with position added
     x = model.prepend_cls(tokens)           # (B, T, D), T = N + 1 with a class token (an explicit step)
     feats = model.encode(x, spec)           # (B, T, D) after the blocks and final norm
@@ -204,7 +204,7 @@ class VisionTransformer(nn.Module):
         rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(Block(D, cfg.heads, cfg.mlp_ratio, cfg.qkv_bias, r) for r in rates)
         self.norm = nn.Identity() if cfg.fc_norm else nn.LayerNorm(D, eps=1e-6)
-        self.fc_norm = nn.LayerNorm(D, eps=1e-6) if cfg.fc_norm else None
+        self.fc_norm = nn.LayerNorm(D, eps=1e-6) if cfg.fc_norm else nn.Identity()
         self.head = nn.Linear(D, cfg.num_classes) if cfg.num_classes else nn.Identity()
         self.init_weights()
 
@@ -323,7 +323,7 @@ class VisionTransformer(nn.Module):
         if how == "cls":
             return feats[:, 0]
         pooled = feats[:, int(self.cls_token is not None):].mean(dim=1)   # (B, D), patch tokens only
-        return pooled if self.fc_norm is None else self.fc_norm(pooled)
+        return self.fc_norm(pooled)
 
     def embed_packed(self, packed: Packed) -> Tensor:
         """Packed images -> (P, L, D) tokens: each patch embedded at its coordinates on its own image's
@@ -340,7 +340,7 @@ class VisionTransformer(nn.Module):
         if self.cls_token is not None:
             return segment_first(feats, packed.segments, packed.cls_slots, packed.n_images)
         pooled = segment_mean(feats, packed.segments, packed.image_tokens(), packed.n_images)   # (M, D)
-        return pooled if self.fc_norm is None else self.fc_norm(pooled)
+        return self.fc_norm(pooled)
 
     def forward(self, images: Tensor | Packed) -> Tensor:
         if isinstance(images, Packed):                                    # images of any sizes, packed

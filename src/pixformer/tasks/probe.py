@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from ..models.probe import LinearProbe, ProbeModelConfig
+from ..models.probe import FEATURES, LinearProbe, ProbeModelConfig
 from ..settings import require
 from .classify import Classify, ClassifyConfig
 
@@ -19,7 +19,7 @@ class ProbeConfig(ClassifyConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        require("features", self.features, self.features in ("auto", "cls", "mean"), "auto, cls or mean")
+        require("features", self.features, self.features in FEATURES, ", ".join(FEATURES))
 
 
 class Probe(Classify):
