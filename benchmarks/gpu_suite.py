@@ -249,6 +249,7 @@ def packed_worker(job: dict) -> dict:
     from pixformer import Speed, create_model
     from pixformer.data.augment import normalize
     from pixformer.data.native import batcher_for
+    from pixformer.models import token_layout
     from pixformer.engine.optim import param_groups
     from pixformer.engine.perf import apply_compile, apply_speed_settings
 
@@ -261,7 +262,7 @@ def packed_worker(job: dict) -> dict:
     apply_speed_settings(model, Speed(attn_backend="flex", selective_checkpoint=False, onednn_linear=False))
     if job["compile"]:
         apply_compile(model, job["compile_backend"])
-    batcher = batcher_for(settings, model, dev, job["compile"])
+    batcher = batcher_for(settings, *token_layout(model), dev, job["compile"])
     p = model.cfg.patch_size
     norm = lambda im: normalize(im, [0.5] * 3, [0.25] * 3)                       # noqa: E731
     steps, lo, hi = job["steps"], *job["source_sides"]

@@ -57,7 +57,8 @@ def batches(a, n_steps: int):
     the same for every configuration."""
     import torch
 
-    from pixformer.data.native import fit_grid, resize_image
+    from pixformer.data.augment import resize
+    from pixformer.data.native import fit_grid
     from pixformer.data.sources import load_source
     data = load_source(a.data, native=True, max_side=top_side(a))
     data = data.get("train", data.get("all"))
@@ -70,7 +71,7 @@ def batches(a, n_steps: int):
             im = data.images[i]
             side = int(torch.randint(a.lo, a.hi + 1, (1,), generator=g))
             gh, gw = fit_grid(im.shape[-2], im.shape[-1], a.patch, a.hi, None, side)
-            imgs.append(resize_image(im, (a.equal, a.equal) if a.equal else (gh * a.patch, gw * a.patch)))
+            imgs.append(resize(im[None], (a.equal, a.equal) if a.equal else (gh * a.patch, gw * a.patch))[0])
         out.append((imgs, torch.randint(0, DIMS["classes"], (a.batch,), generator=g)))
     return out
 

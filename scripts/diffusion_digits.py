@@ -61,7 +61,8 @@ def judge_model(out: Path, model_name: str, per_class: int = 50) -> dict:
         trained(TrainConfig(**JUDGE, out=str(judge_run)))
     model, state = load_model(folder)
     task = diffusion_task(state, str(folder))
-    judge = Judge(str(judge_run), model.cfg.in_chans, model.cfg.img_size, list(task.facts.classes))
+    judge = Judge(str(judge_run), model.cfg.in_chans, model.cfg.img_size, list(task.facts.classes),
+                  torch.device("cpu"))
     n = per_class * model.cfg.num_classes
     row = {"model": model_name, "train_wall_s": wall, "val_loss": json.loads((folder / "done.json").read_text())["val_loss"],
            "judge_test_top1": json.loads((judge_run / "done.json").read_text())["test_top1"], "samples": n}
@@ -85,7 +86,7 @@ def judged(task, model, judge: Judge, n: int, scale: float, sampler: str, steps:
         K = model.cfg.num_classes
         rows = images.view(n // K, K, *images.shape[1:])[:8].flatten(0, 1)         # 8 rows, one digit per column
         save_png(tile(to_uint8(rows), nrow=K), grid, scale=4)
-    return judge.accuracy(images, labels, torch.device("cpu"))
+    return judge.accuracy(images, labels)
 
 
 def table(out: Path) -> str:

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from pixformer import PixformerError
-from pixformer.data.augment import batch_indices, mix, random_crop, random_flip
-from pixformer.data.sources import download, file_md5, load_source, read_idx, resize
+from pixformer.data.augment import batch_indices, mix, random_crop, random_flip, resize
+from pixformer.data.sources import download, file_md5, load_source, read_idx
 from pixformer.data.splits import channel_stats, holdout, resolve_splits
 
 

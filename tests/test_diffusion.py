@@ -287,12 +287,32 @@ def test_fid_command_scores_samples_against_the_held_out_images_and_judges_class
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert again["fid"] == pytest.approx(out["fid"], rel=1e-9)
     for bad, match in ((["--num", "20"], "FID needs at least 100 images"),
-                       (["--classifier", str(tmp_path / "d")], "it must be a classifier"),
+                       (["--classifier", str(tmp_path / "d")], "is a diffusion run, not a classifier"),
                        (["--ref-stats", str(tmp_path / "s" / "samples.npz")], "not a statistics file"),
                        (["--network", str(tmp_path / "nothing.pt")], "no such file")):
         assert main(["fid", "--checkpoint", str(tmp_path / "d"), "--network", small_network, "--steps", "2", *bad]) == 2
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and re.search(match, err), (bad, err)
+
+
+def test_the_fid_classifier_scores_images_as_its_run_evaluates_them(tmp_path):
+    """--classifier's judge applies the run's pixel permutation and precision, as predict does: on the
+    held-out images it scores the run's own validation accuracy. A probe run is a classifier too."""
+    pytest.importorskip("scipy")
+    from pixformer.data import load_source, resolve_splits
+    from pixformer.experiments.quality import Judge
+    train(TrainConfig(task="classify", model="vit-n/4", data="digits", model_args=dict(depth=1, dim=16, heads=2),
+                      permute_pixels=True, epochs=2, batch_size=32, lr=3e-3, progress=False, out=str(tmp_path / "c")))
+    rows = [json.loads(line) for line in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "val_top1" in r]                                       # (the last: the test split's)
+    val = resolve_splits(load_source("digits"), 0.1, "digits").val                  # the images as stored
+    judge = Judge(str(tmp_path / "c"), 1, (8, 8), list(val.classes), torch.device("cpu"))
+    acc = judge.accuracy(val.images.float() / 255, val.labels, batch_size=64)
+    assert acc == pytest.approx(rows[-1]["val_top1"], abs=1.5 / len(val)) and acc > 0.3
+    train(TrainConfig(task="probe", model="vit-n/4", data="digits", model_args=dict(depth=1, dim=16, heads=2),
+                      init=str(tmp_path / "c"), permute_pixels=True, epochs=1, progress=False, out=str(tmp_path / "p")))
+    assert 0 <= Judge(str(tmp_path / "p"), 1, (8, 8), list(val.classes), torch.device("cpu")).accuracy(
+        val.images.float() / 255, val.labels) <= 1
 
 
 # ---- latent space --------------------------------------------------------------------------

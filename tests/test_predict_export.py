@@ -44,13 +44,14 @@ def reference(run, data_source, split="test"):
     """Class probabilities of `eval`'s path: the run's split of `data_source` through the model, as
     engine.evaluate makes its inputs (batcher for native runs, task.inputs, the run's autocast)."""
     from pixformer.data.native import batcher_for
+    from pixformer.models import token_layout
     from pixformer.data.splits import run_split
     from pixformer.data.store import pick
     from pixformer.engine.perf import autocast_dtype
     from pixformer.tasks import task_of
     model, state = pixformer.load_model(run)
     data, _ = run_split(state, data_source, None, split)
-    task, batcher = task_of(state), batcher_for(state["train_config"], model, "cpu")
+    task, batcher = task_of(state), batcher_for(state["train_config"], *token_layout(model), "cpu")
     amp = autocast_dtype(state["train_config"]["precision"], "cpu")
     x = batcher(pick(data.images, torch.arange(len(data))), task.inputs) if batcher else task.inputs(data.images[:])
     with torch.no_grad(), torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):

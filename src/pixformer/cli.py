@@ -457,6 +457,7 @@ def cmd_eval(ns) -> int:
     from .engine import Runtime, evaluate, load_model
     from .engine.checkpoint import find_checkpoint
     from .data.native import batcher_for, is_native
+    from .models import token_layout
     from .engine.perf import autocast_dtype
     from .experiments.resolution import format_rows, parse_resolutions, resolution_sweep, write_sweep
     from .tasks import task_of
@@ -467,9 +468,9 @@ def cmd_eval(ns) -> int:
     if ns.eval_flip is not None:                                        # checked before any data is read
         if not hasattr(task.cfg, "eval_flip"):
             raise PixformerError(f"--eval_flip averages a classifier's logits; this run's task is {task.name}")
-        if ns.eval_flip and is_native(state["train_config"]):
-            raise PixformerError("--eval_flip mirrors square batches; this run packs images at native resolution")
         task.cfg = dataclasses.replace(task.cfg, eval_flip=ns.eval_flip)
+        if is_native(state["train_config"]):
+            task.check_native(task.cfg)
     resolutions = parse_resolutions(ns.resolutions) if ns.resolutions else None
     data, where = run_split(state, ns.data, ns.data_root, ns.split, max(resolutions) if resolutions else None,
                             columns=(ns.image_column, ns.label_column))
@@ -495,7 +496,7 @@ def cmd_eval(ns) -> int:
         files = write_sweep(rows, out, metric, f"{state['model_name']} on {where}")
         print(json.dumps(rows) if ns.json else f"wrote {', '.join(map(str, files))}")
         return 0
-    batcher = batcher_for(state["train_config"], model, runtime.device)
+    batcher = batcher_for(state["train_config"], *token_layout(model), runtime.device)
     metrics = evaluate(task, model, data, ns.batch_size, runtime, amp, batcher=batcher)
     if not ns.json:
         print(f"{where} " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))

@@ -2,7 +2,8 @@
 
 The engine cuts a batch of uint8 images, crops and flips it (`random_crop`, `random_flip`), applies
 RandAugment or TrivialAugmentWide (`rand_augment`, `trivial_augment`) and random erasing
-(`random_erase`), then normalises it; mixing (`mix`) acts on a task's targets and belongs to the
+(`random_erase`), then normalises it; `resize` scales uint8 images (a source to --img-size, a batch to
+progressive resizing's side, an image to its packed grid); mixing (`mix`) acts on a task's targets and belongs to the
 classification task. Repeated augmentation is in the batches' indices (`batch_indices`). Every random
 draw comes from the step's generator.
 """
@@ -208,3 +209,15 @@ def random_erase(x: Tensor, p: float, g: torch.Generator, area: tuple[float, flo
     mask = (inside & hit[:, None, None])[:, None].to(x.device)
     noise = torch.randint(0, 256, x.shape, generator=g, dtype=torch.uint8).to(x.device)
     return torch.where(mask, noise, x)
+
+
+def resize(images, size: tuple[int, int], chunk_values: int = 1 << 24) -> Tensor:
+    """uint8 (N, C, H, W) (a tensor or a store) -> uint8 (N, C, *size) in memory, antialiased bilinear,
+    in chunks of about `chunk_values` pixel values; the same object at the same size."""
+    if tuple(images.shape[-2:]) == tuple(size):
+        return images
+    step = max(1, chunk_values // max(1, math.prod(images.shape[1:])))
+    out = [F.interpolate(images[i: i + step].float(), size=tuple(size), mode="bilinear", antialias=True,
+                         align_corners=False).round().clamp(0, 255).to(torch.uint8)
+           for i in range(0, len(images), step)]
+    return torch.cat(out) if out else torch.empty(0, images.shape[1], *size, dtype=torch.uint8)

@@ -35,11 +35,11 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import PixformerError
 from ..layout import Packed, grid_coords, patchify
+from .augment import resize
 
 
 def fit_grid(h: int, w: int, patch: int, max_side: int | None = None, max_tokens: int | None = None,
@@ -59,14 +59,6 @@ def fit_grid(h: int, w: int, patch: int, max_side: int | None = None, max_tokens
         while gh * gw > max_tokens:               # floors keep the aspect; trim the longer side if need be
             gh, gw = (gh - 1, gw) if gh >= gw else (gh, gw - 1)
     return gh, gw
-
-
-def resize_image(img: Tensor, size: tuple[int, int]) -> Tensor:
-    """uint8 (C, H, W) -> uint8 (C, *size), antialiased bilinear; unchanged at its own size."""
-    if tuple(img.shape[-2:]) == tuple(size):
-        return img
-    out = F.interpolate(img[None].float(), size=tuple(size), mode="bilinear", antialias=True, align_corners=False)
-    return out[0].round().clamp(0, 255).to(torch.uint8)
 
 
 def kept_tokens(n: int, rate: float, g: torch.Generator | None) -> Tensor:
@@ -125,15 +117,15 @@ def pack_tight(lengths: list[int], pack_length: int, max_per_pack: int) -> tuple
 @dataclass
 class NativeBatcher:
     """Turns a list of uint8 images of any sizes into a `Packed` batch (see the module doc)."""
-    patch: int
+    patch: int                                  # pixels a token's side (the model's patch size)
     cls: bool                                   # a class-token slot per image
-    max_side: int | None = None
-    max_tokens: int | None = None
-    pack_length: int | None = None
-    max_per_pack: int = 64
-    resolution_range: tuple[int, int] | None = None
-    token_drop: float = 0.0
-    token_drop_beta: tuple[float, float] | None = None
+    max_side: int | None = None                 # images scaled down so their longer side is at most this
+    max_tokens: int | None = None               # ... and their grid holds at most this many tokens
+    pack_length: int | None = None              # most tokens in a pack (None: a row per image, padded)
+    max_per_pack: int = 64                      # images a pack at most
+    resolution_range: tuple[int, int] | None = None   # training: each image's longer side drawn from [lo, hi]
+    token_drop: float = 0.0                     # training: the share of each image's tokens dropped
+    token_drop_beta: tuple[float, float] | None = None  # training: the drop rate drawn per image from Beta(a, b)
     side: int | None = None                     # every image's longer side set to this (evaluation at a resolution)
     bucket: bool = True                         # pad P and L up to a few sizes (bounded shapes, see the module doc)
 
@@ -183,7 +175,7 @@ class NativeBatcher:
                 lo, hi = self.resolution_range
                 side = int(torch.randint(lo, hi + 1, (1,), generator=gi))
             gh, gw = self.grid(img, side)
-            x = normalize(resize_image(img, (gh * p, gw * p))[None])[0]    # (C, gh*p, gw*p) floats
+            x = normalize(resize(img[None], (gh * p, gw * p)))[0]           # (C, gh*p, gw*p) floats
             patches = patchify(x[None], p)[0][0]                           # (N, p*p*C), the model's layout
             coords = grid_coords(gh, gw)                                   # (N, 2)
             rate = self.drop_rate(gi) if train else 0.0
@@ -257,15 +249,16 @@ def shrunk(h: int, w: int, max_side: int | None) -> tuple[int, int]:
     return max(1, round(h * f)), max(1, round(w * f))
 
 
-def batcher_for(settings: dict, model, device="cpu", compiled: bool = False) -> NativeBatcher | None:
-    """The batcher that packs a run's images for `model` (its patch size, and a class-token slot if it
-    has a class token), from the run's settings (a TrainConfig as a mapping); None for square images.
-    Shapes are bounded (see the module doc) where attention is compiled per shape: on a GPU `device`
-    (FlexAttention), or with `compiled` blocks (--compile)."""
+def batcher_for(settings: dict, patch: int, cls_slot: bool, device="cpu", compiled: bool = False) -> NativeBatcher | None:
+    """The batcher that packs a run's images into tokens of `patch` pixels a side (with a class-token slot
+    leading each image if `cls_slot`; `pixformer.models.token_layout` gives both for a model), from the
+    run's settings (a TrainConfig as a mapping); None for square images. Shapes are bounded (see the
+    module doc) where attention is compiled per shape: on a GPU `device` (FlexAttention), or with
+    `compiled` blocks (--compile)."""
     if not is_native(settings):
         return None
     rr, beta = settings.get("resolution_range"), settings.get("token_drop_beta")
-    return NativeBatcher(model.cfg.patch_size, getattr(model, "cls_token", None) is not None, settings.get("max_side"),
+    return NativeBatcher(patch, cls_slot, settings.get("max_side"),
                          settings.get("max_tokens"), settings.get("pack_length"), settings.get("max_per_pack", 64),
                          None if rr is None else tuple(rr), settings.get("token_drop", 0.0),
                          None if beta is None else tuple(beta), bucket=str(device).startswith("cuda") or compiled)

@@ -6,7 +6,8 @@ a directory of class folders, or a .tar / .tar.gz of one (optionally with train/
 split folders above the class folders, as ImageNet's train/ and val/; an image nested deeper belongs
 to the class folder it lies under). A reader returns the splits it finds, by name: "train", "val",
 "test", or "all" for a plain tree of class folders; `splits.resolve_splits` decides from these what a
-run trains, validates and tests on. Named sets are tensors; an image folder's splits are stores over
+run trains, validates and tests on. A Hugging Face dataset on disk (parquet files or a save_to_disk
+folder) is read by data/hf.py. Named sets are tensors; an image folder's splits are stores over
 its memory-mapped decode cache (data/store.py, data/cache.py), decoded in parallel, once per machine.
 """
 from __future__ import annotations
@@ -15,7 +16,6 @@ import gzip
 import hashlib
 import io
 import json
-import math
 import os
 import pickle
 import stat
@@ -29,14 +29,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import PixformerError
 from ..files import as_created
+from .augment import resize
 from .cache import build_once, decode_splits, map_splits, worker_count
 from .native import check_native_size, shrunk
-from .store import ImageSet, ImageStore, NativeSet, NativeStore, as_tensor
+from .store import ImageSet, NativeSet, NativeStore, as_tensor
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 SPLIT_NAMES = {"train": "train", "test": "test", "val": "val", "validation": "val"}
@@ -408,22 +408,11 @@ def load_source(source: str, root: str | None = None, img_size: tuple[int, int] 
                                      min_classes=min_classes)
         splits = load_image_folder(source, img_size, skip_bad_images, workers=workers, min_classes=min_classes)
     else:
-        raise PixformerError(f"unknown data source {source!r}: use one of {NAMED_SOURCES} or a path to an "
-                             "ImageFolder directory or .tar/.tar.gz archive")
+        raise PixformerError(f"unknown data source {source!r}: use one of {NAMED_SOURCES}, a path to an "
+                             "ImageFolder directory or .tar/.tar.gz archive, or a Hugging Face dataset on disk "
+                             "(parquet files, a save_to_disk folder)")
     if img_size is not None:
         splits = {s: ImageSet(resize(v.images, img_size), v.labels, v.classes) for s, v in splits.items()}
     if native:
         splits = {s: as_native(v, max_side) for s, v in splits.items()}
     return splits
-
-
-def resize(images: Tensor | ImageStore, size: tuple[int, int], chunk_values: int = 1 << 24) -> Tensor | ImageStore:
-    """uint8 (N, C, H, W) (a tensor or a store) -> uint8 (N, C, *size) in memory, antialiased bilinear,
-    in chunks of about `chunk_values` pixel values; the same object at the same size."""
-    if tuple(images.shape[-2:]) == tuple(size):
-        return images
-    step = max(1, chunk_values // max(1, math.prod(images.shape[1:])))
-    out = [F.interpolate(images[i: i + step].float(), size=tuple(size), mode="bilinear", antialias=True,
-                         align_corners=False).round().clamp(0, 255).to(torch.uint8)
-           for i in range(0, len(images), step)]
-    return torch.cat(out) if out else torch.empty(0, images.shape[1], *size, dtype=torch.uint8)

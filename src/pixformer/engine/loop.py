@@ -48,10 +48,11 @@ from ..data.splits import Splits, channel_stats, resolve_splits, source_id
 from ..errors import PixformerError
 from ..files import write_atomically
 from ..layout import Packed
+from ..models import token_layout
 from ..models.attention import check_sequence_backend, set_attention_backend
 from ..models.registry import ARCHITECTURES, check_model_args, model_name, model_spec, resolve
 from ..progress import Progress
-from ..tasks import DataFacts, Task, get_task, task_config
+from ..tasks import TASKS, DataFacts, Task, get_task, task_config
 from ..tasks.base import ExampleRandom
 from .checkpoint import (check_out_folder, find_checkpoint, init_from, load_tensors, load_weights, optimizer_state,
                          read_state, save_checkpoint, summarize_keys)
@@ -117,10 +118,7 @@ def native_patch(cfg: TrainConfig, task_cls: type[Task]) -> int:
         raise PixformerError("--crop-padding pads square images; at native resolution use --resolution-range instead")
     if cfg.permute_pixels or cfg.local_swaps:
         raise PixformerError("pixel permutations (--permute-pixels, --local-swaps) need images of one size")
-    if cfg.task_args.get("mixup") or cfg.task_args.get("cutmix"):
-        raise PixformerError("mixup and CutMix mix images of one size; turn them off at native resolution")
-    if cfg.task_args.get("eval_flip"):
-        raise PixformerError("--eval-flip mirrors square evaluation batches; turn it off at native resolution")
+    task_cls.check_native(task_config(cfg.task, cfg.task_args))
     if cfg.rand_augment or cfg.trivial_augment or cfg.random_erase or cfg.repeat_aug > 1:
         raise PixformerError("--rand-augment, --trivial-augment, --random-erase and --repeat-aug augment square "
                              "batches of one size; turn them off at native resolution")
@@ -129,10 +127,15 @@ def native_patch(cfg: TrainConfig, task_cls: type[Task]) -> int:
 
 def _which(what: str, capability: str) -> str:
     """' (what: --task T with A models; ...)': the tasks that have a capability, for an error message."""
-    from ..tasks import TASKS
     have = [f"--task {t.name} with {' / '.join(getattr(t, capability))} models" for t in TASKS.values()
             if getattr(t, capability)]
     return f" ({what}: {'; '.join(have)})" if have else ""
+
+
+def _tasks_for(arch: str) -> str:
+    """' (use --task T or U)': the tasks that train models of `arch`, for an error message."""
+    names = [t.name for t in TASKS.values() if arch in t.architectures]
+    return f" (use --task {' or '.join(names)})" if names else ""
 
 
 def check_run(cfg: TrainConfig, task_cls: type[Task]) -> None:
@@ -142,7 +145,7 @@ def check_run(cfg: TrainConfig, task_cls: type[Task]) -> None:
     arch, fields = resolve(cfg.model)
     if task_cls.architectures and arch not in task_cls.architectures:
         raise PixformerError(f"--task {cfg.task} trains {' / '.join(task_cls.architectures)} models; {cfg.model} is "
-                             f"a {arch} model" + (" (use --task diffusion)" if arch == "dit" else ""))
+                             f"a {arch} model" + _tasks_for(arch))
     if cfg.native:
         native_patch(cfg, task_cls)                  # what native resolution cannot run, before any data
     if cfg.seq_parallel > 1:
@@ -482,7 +485,7 @@ def start(cfg: TrainConfig, data: Prepared | None, runtime: Runtime, task_cls: t
              f"best_{task.best[0]}": None, "test": None, "weights": "ema" if ema is not None else "model",
              "speed": {**speed, "precision": str(amp or torch.float32)[6:],   # as resolved for this run
                        "seq_regather_layers": regather}}
-    batcher = batcher_for(as_json(cfg), model, runtime.device, cfg.speed.compile)   # bad packing settings: before any claim
+    batcher = batcher_for(as_json(cfg), *token_layout(model), runtime.device, cfg.speed.compile)   # bad packing settings: before any claim
     batch = min(cfg.batch_size, len(splits.train))                     # a batch larger than the set: the whole set
     part = runtime.part(batch)
     if cfg.accum_steps > part.stop - part.start:

@@ -13,10 +13,9 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from ..data.augment import resize
 from ..errors import PixformerError
 from ..models.registry import ARCHITECTURES, resolve
 from ..tasks import get_task, task_config
@@ -31,12 +30,9 @@ def side_at(sides: list[int] | None, epoch: int, epochs: int) -> int | None:
 
 
 def resized(images: Tensor, side: int | None) -> Tensor:
-    """uint8 images (B, C, H, W) scaled to side x side (antialiased bilinear, rounded back to uint8);
-    as they are when `side` is None or already theirs."""
-    if side is None or tuple(images.shape[-2:]) == (side, side):
-        return images
-    out = F.interpolate(images.float(), size=(side, side), mode="bilinear", antialias=True, align_corners=False)
-    return out.round_().clamp_(0, 255).to(torch.uint8)
+    """uint8 images (B, C, H, W) scaled to side x side (antialiased bilinear); as they are when `side` is
+    None or already theirs."""
+    return images if side is None else resize(images, (side, side))
 
 
 def check_progressive(cfg: "TrainConfig") -> None:
@@ -45,10 +41,10 @@ def check_progressive(cfg: "TrainConfig") -> None:
     smallest side whose tokens the task cannot train on (Task.check_tokens: MAE's visible tokens)."""
     if not cfg.progressive:
         return
+    task_cls, task_cfg = get_task(cfg.task), task_config(cfg.task, cfg.task_args)
     why = ("images keep their own sizes at native resolution (--resolution-range varies them)" if cfg.native else
            "a pixel permutation is fixed for --img-size" if cfg.permute_pixels or cfg.local_swaps else
-           "latent diffusion trains on the VAE's latents" if cfg.task == "diffusion" and cfg.task_args.get("latent_vae")
-           else None)
+           task_cls.fixed_size(task_cfg))
     if why:
         raise PixformerError(f"--progressive resizes the training images, but {why}")
     arch, fields = resolve(cfg.model)
@@ -57,7 +53,7 @@ def check_progressive(cfg: "TrainConfig") -> None:
     bad = [s for s in cfg.progressive if s % patch]
     if bad:
         raise PixformerError(f"--progressive: side(s) {bad} are not multiples of {cfg.model}'s patch size {patch}")
-    side, task_cls, task_cfg = min(cfg.progressive), get_task(cfg.task), task_config(cfg.task, cfg.task_args)
+    side = min(cfg.progressive)
     try:
         task_cls.check_tokens((side // patch) ** 2, task_cfg)
     except PixformerError as e:

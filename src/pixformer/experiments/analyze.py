@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from ..data.ablations import pixel_permutation
 from ..data.augment import normalize
-from ..data.native import resize_image
+from ..data.augment import resize
 from ..data.store import ImageSet, NativeSet
 from ..data.splits import run_split
 from ..engine.checkpoint import find_checkpoint, load_model
@@ -500,7 +500,7 @@ def load_images(s: Subject, cfg: AnalyzeConfig) -> Images:
     if isinstance(data, NativeSet):
         n = min(len(data), max(cfg.num_images, cfg.image_index + 1))    # only those analysed are resized
         size = (s.grid[0] * s.patch, s.grid[1] * s.patch)
-        data = ImageSet(torch.stack([resize_image(data.images[k], size) for k in range(n)]), data.labels[:n],
+        data = ImageSet(torch.cat([resize(data.images[k][None], size) for k in range(n)]), data.labels[:n],
                         data.classes)
         return Images(data, f"{where} resized to {size[0]}x{size[1]}", None, s.state["data"]["mean"],
                       s.state["data"]["std"])

@@ -121,8 +121,9 @@ class HubModel(nn.Module, PyTorchModelHubMixin, library_name="pixformer", tags=[
                                    **kwargs)
 
     def generate_model_card(self, *args, **kwargs):
+        from ..data.native import is_native
         c = self.config
-        size = c["data"]["img_size"] if not (c["settings"].get("max_side") or c["settings"].get("max_tokens")) \
+        size = c["data"]["img_size"] if not is_native(c["settings"]) \
             else f"native resolution (longer side at most {c['settings'].get('max_side') or 'the token budget'})"
         facts = dict(model_name=c["model_name"], task=c["task"]["name"], arch=c["model"]["arch"],
                      params=f"{sum(p.numel() for p in self.module.parameters()):,}",
@@ -136,11 +137,12 @@ def hub_config(state: dict[str, Any], weights: str) -> dict[str, Any]:
     """config.json of a run (its state.json as `state`) whose `weights` ('model' or 'ema') are saved."""
     from .. import __version__
     from ..data.sources import NAMED_SOURCES
+    from ..tasks import saved_task
     d, tc = state["data"], state.get("train_config", {})
     source = d.get("source") if d.get("source") in NAMED_SOURCES else None
     return {"format": FORMAT, "library": "pixformer", "pixformer_version": __version__,
             "model_name": state["model_name"], "model": state["model"],
-            "task": state.get("task", {"name": "classify", "config": {}}),
+            "task": saved_task(state),
             "data": {"classes": d["classes"], "in_chans": d["in_chans"], "img_size": list(d["img_size"]),
                      "mean": d["mean"], "std": d["std"], "source": source},
             "settings": {k: tc[k] for k in INPUT_SETTINGS if k in tc}, "weights": weights}

@@ -77,6 +77,7 @@ class Predictor:
     def __init__(self, run: Any, weights: str = "auto", device: str = "auto"):
         from ..data.ablations import pixel_permutation
         from ..data.native import batcher_for, is_native
+        from ..models import token_layout
         from ..engine.perf import autocast_dtype
         from ..engine.runtime import pick_device
         from ..tasks import task_of
@@ -84,8 +85,7 @@ class Predictor:
         model, state, self.name = load_for_inference(run, weights)
         self.task, self.state = task_of(state), state
         if not isinstance(self.task, Classify):
-            raise PixformerError(f"{self.name} is a {self.task.name} run, not a classifier: predict takes a classify "
-                                 "or probe run")
+            raise PixformerError(f"{self.name} is a {self.task.name} run, not a classifier (a classify or probe run)")
         self.device = pick_device(device)
         self.model = self.task.evaluated(model.to(self.device).eval())    # with the run's --eval-flip
         tc, facts = state["train_config"], self.task.facts
@@ -93,7 +93,7 @@ class Predictor:
         native = is_native(tc)
         self.size = None if native else tuple(facts.img_size)                # (H, W) of a square run
         self.max_side = tc.get("max_side") if native else None
-        self.batcher = batcher_for(tc, model, self.device)
+        self.batcher = batcher_for(tc, *token_layout(model), self.device)
         self.perm = None if native else pixel_permutation(tc, *self.size)
         self.amp = autocast_dtype(tc.get("precision", "auto"), self.device)
         self.resized_as = resize_of(state)
@@ -238,7 +238,7 @@ def image_name(image: ImageLike, position: int) -> str | int:
 
 def resize_of(state: dict[str, Any]) -> str:
     """How the run's images were brought to its size: "pil" (an image folder or dataset: the decode
-    cache's PIL bicubic) or "torch" (a named dataset's arrays: sources.resize, antialiased bilinear)."""
+    cache's PIL bicubic) or "torch" (a named dataset's arrays: augment.resize, antialiased bilinear)."""
     from ..data.sources import NAMED_SOURCES
     return "torch" if state["data"].get("source") in NAMED_SOURCES else "pil"
 
@@ -252,7 +252,7 @@ def read_image(image: ImageLike, size: tuple[int, int] | None, max_side: int | N
     from PIL import Image
 
     from ..data.cache import decode_image
-    from ..data.sources import resize
+    from ..data.augment import resize
     if chans not in (1, 3):
         raise PixformerError(f"the run takes {chans}-channel images; predict reads 1 (grey) or 3 (RGB)")
     src = str(image) if isinstance(image, (str, Path)) else encoded(as_pil(image))

@@ -108,17 +108,18 @@ def frechet_distance(a: Stats, b: Stats) -> float:
 
 
 class Judge:
-    """A pixformer classifier run that scores class-conditional samples: checked against the samples'
-    shape and class names when built (before any sampling), then `accuracy(images, labels)`."""
+    """A pixformer classifier run (classify or probe) that scores class-conditional samples as `predict`
+    would (its pixel permutation, mirrored view, precision): checked against the samples' shape and
+    class names when built (before any sampling), then `accuracy(images, labels)`."""
 
-    def __init__(self, run: str, in_chans: int, img_size: tuple[int, int], class_names: list[str]):
-        from ..engine.checkpoint import load_model
-        self.model, state = load_model(run)
-        task = state.get("task", {}).get("name", "classify")
-        if task != "classify":
-            raise PixformerError(f"--classifier {run} is a {task} run; it must be a classifier (--task classify)")
-        self.info = info = state["data"]
-        if tuple(info["img_size"]) != tuple(img_size) or info["in_chans"] != in_chans:
+    def __init__(self, run: str, in_chans: int, img_size: tuple[int, int], class_names: list[str], device: torch.device):
+        from .predict import Predictor
+        try:
+            self.predictor = Predictor(run, device=str(device))
+        except PixformerError as e:
+            raise PixformerError(f"--classifier {e}") from None
+        info, size = self.predictor.state["data"], self.predictor.size      # size None: any (native resolution)
+        if self.predictor.chans != in_chans or (size is not None and tuple(size) != tuple(img_size)):
             raise PixformerError(f"--classifier {run} takes {info['in_chans']}x{info['img_size'][0]}x"
                                  f"{info['img_size'][1]} images; the samples are {in_chans}x{img_size[0]}x{img_size[1]}")
         unknown = sorted(set(class_names) - set(info["classes"]))
@@ -126,16 +127,13 @@ class Judge:
             raise PixformerError(f"--classifier {run} does not know the class(es) {unknown[:5]}")
         self.to_own = torch.tensor([info["classes"].index(c) for c in class_names])   # sample class -> its index
 
-    @torch.no_grad()
-    def accuracy(self, images: torch.Tensor, labels: torch.Tensor, device: torch.device, batch_size: int = 256) -> float:
+    def accuracy(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> float:
         """Top-1 accuracy on `images` (N, C, H, W) on 0..1 against `labels` (the samples' class indices)."""
-        from ..data.augment import normalize
-        model, correct = self.model.to(device), 0
-        target = self.to_own[labels]
+        correct, target = 0, self.to_own[labels]
         for i in range(0, len(images), batch_size):
-            x = (images[i:i + batch_size] * 255).round().to(torch.uint8).to(device)      # as images are stored
-            logits = model(normalize(x, self.info["mean"], self.info["std"]))
-            correct += (logits.argmax(1).cpu() == target[i:i + batch_size]).sum().item()
+            x = (images[i:i + batch_size] * 255).round().to(torch.uint8)              # as images are stored
+            guess = self.predictor.probabilities(list(x)).argmax(1)                  # (b,)
+            correct += (guess == target[i:i + batch_size]).sum().item()
         return correct / len(images)
 
 
@@ -181,7 +179,7 @@ def score(checkpoint: str, samples: str | None, num: int, cfg_scale: float, samp
     if classifier:
         if not model.cfg.num_classes:
             raise PixformerError("--classifier needs class-conditional samples; this run is unconditional")
-        judge = Judge(classifier, model.cfg.in_chans, model.cfg.img_size, list(task.facts.classes))
+        judge = Judge(classifier, model.cfg.in_chans, model.cfg.img_size, list(task.facts.classes), device)
     # everything that can be refused is checked, and the reference scored, before any sampling
     if samples:                        # read and checked before the Inception work
         images, labels = read_samples(samples, model.cfg.num_classes, judge is not None)
@@ -213,6 +211,6 @@ def score(checkpoint: str, samples: str | None, num: int, cfg_scale: float, samp
     out = {"fid": frechet_distance(generated, reference), "n": generated.n, "n_ref": reference.n,
            "reference": where, "network": net.name}
     if judge is not None:
-        out["classifier_acc"] = judge.accuracy(images, labels, device)
+        out["classifier_acc"] = judge.accuracy(images, labels)
         out["classifier"] = classifier
     return out

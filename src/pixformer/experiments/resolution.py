@@ -18,11 +18,12 @@ import torch
 from torch import nn
 
 from ..data.native import batcher_for
-from ..data.sources import resize
+from ..data.augment import resize
 from ..data.store import ImageSet, NativeSet
 from ..engine.loop import evaluate
 from ..engine.runtime import Runtime
 from ..errors import PixformerError
+from ..models import token_layout
 from ..tasks.base import Task
 from ..tasks.figures import save_figure, write_text
 
@@ -41,7 +42,7 @@ def resolution_sweep(task: Task, model: nn.Module, state: dict, data: ImageSet |
                      batch_size: int, runtime: Runtime, amp) -> list[dict]:
     """One row per resolution: the task's metrics, mean tokens and GFLOPs per image, images/s."""
     p = model.cfg.patch_size
-    base = batcher_for(state["train_config"], model, runtime.device)
+    base = batcher_for(state["train_config"], *token_layout(model), runtime.device)
     warm = data.subset(torch.arange(min(len(data), batch_size)))
     evaluate(task, model, warm, batch_size, runtime, amp, batcher=base, desc=None)   # first-call costs out of the timings
     rows = []

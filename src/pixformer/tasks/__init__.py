@@ -40,11 +40,16 @@ def task_config(name: str, task_args: dict[str, Any] | None = None) -> Any:
     return cls(**(task_args or {}))
 
 
+def saved_task(state: dict[str, Any]) -> dict[str, Any]:
+    """{"name", "config"} of the task a saved run (its state.json) trained."""
+    return state.get("task", {"name": "classify", "config": {}})   # runs of 0.1 were all classify
+
+
 def task_of(state: dict[str, Any]) -> Task:
     """The task of a saved run (its state.json), with its settings and data facts."""
-    saved = state.get("task", {"name": "classify", "config": {}})   # runs of 0.1 were all classify
+    saved = saved_task(state)
     return get_task(saved["name"])(task_config(saved["name"], saved["config"]), DataFacts.from_dict(state["data"]))
 
 
-__all__ = ["Task", "DataFacts", "TASKS", "get_task", "task_config", "task_of", "Classify", "ClassifyConfig", "MAE",
-           "MAETaskConfig", "Probe", "ProbeConfig", "Diffusion", "DiffusionConfig"]
+__all__ = ["Task", "DataFacts", "TASKS", "get_task", "task_config", "task_of", "saved_task", "Classify",
+           "ClassifyConfig", "MAE", "MAETaskConfig", "Probe", "ProbeConfig", "Diffusion", "DiffusionConfig"]

@@ -36,11 +36,11 @@ from ..models.registry import resolve
 class DataFacts:
     """What a task and a checkpoint know of the data: class names, channels, training image size,
     and the per-channel normalisation computed on the training images."""
-    classes: list[str]
-    in_chans: int
-    img_size: tuple[int, int]
-    mean: list[float]
-    std: list[float]
+    classes: list[str]            # class names, in label order
+    in_chans: int                 # channels of an image (1 or 3)
+    img_size: tuple[int, int]     # (H, W) the model is built for (native resolution: its position table's square)
+    mean: list[float]             # per-channel mean of the training images, on the 0..1 scale
+    std: list[float]              # per-channel standard deviation, on the 0..1 scale
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DataFacts":
@@ -109,6 +109,17 @@ class Task:
     def check_tokens(cls, tokens: int, cfg: Any) -> None:
         """A clear error if images of `tokens` tokens cannot train under the task's settings `cfg`
         (checked before any data is read, for progressive resizing's smallest side); any can by default."""
+
+    @classmethod
+    def check_native(cls, cfg: Any) -> None:
+        """A clear error for settings `cfg` that need square images of one size, where a run packs images
+        at their native resolution; any can by default."""
+
+    @classmethod
+    def fixed_size(cls, cfg: Any) -> str | None:
+        """Why the training images cannot change size during a run under the settings `cfg`
+        (--progressive), or None: they can (the default)."""
+        return None
 
     def block_tokens(self, model: nn.Module) -> list[int] | None:
         """Each block's sequence length in a training step (blocks_of order), where the blocks do not all

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ..data.augment import mix
 from ..errors import PixformerError
-from ..models.registry import create_model, resolve
+from ..models.registry import create_model
 from ..settings import check_fields
 from .base import Task
 
@@ -41,12 +41,15 @@ class Classify(Task):
     packs = ("vit",)
     splits_tokens = ("vit",)
 
+    @classmethod
+    def check_native(cls, cfg: ClassifyConfig) -> None:
+        if cfg.mixup or cfg.cutmix:
+            raise PixformerError("mixup and CutMix mix images of one size; turn them off at native resolution")
+        if cfg.eval_flip:
+            raise PixformerError("--eval-flip mirrors square evaluation batches; turn it off at native resolution")
+
     def build_model(self, name: str, model_args: dict[str, Any]) -> nn.Module:
         f = self.facts
-        arch, _ = resolve(name)
-        if arch not in self.architectures:
-            raise PixformerError(f"--task {self.name} trains a classifier (vit-*/p, pit-*, convmixer-*); {name} is "
-                                 f"a {arch} model" + (" (use --task diffusion)" if arch == "dit" else ""))
         return create_model(name, img_size=f.img_size, num_classes=len(f.classes), in_chans=f.in_chans, **model_args)
 
     def loss(self, model: nn.Module, images: Tensor, labels: Tensor,

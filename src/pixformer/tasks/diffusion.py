@@ -192,6 +192,10 @@ class Diffusion(Task):
             "ct": (1 - abar_prev) * (1 - betas).sqrt() / (1 - abar),
         }
 
+    @classmethod
+    def fixed_size(cls, cfg: DiffusionConfig) -> str | None:
+        return "latent diffusion trains on the VAE's latents" if cfg.latent_vae else None
+
     # ---- the model and its inputs ----------------------------------------------------------
     def build_model(self, name: str, model_args: dict[str, Any]) -> nn.Module:
         arch, _ = resolve(name)
