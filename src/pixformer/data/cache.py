@@ -265,8 +265,8 @@ def decode_image(src, size: tuple[int, int] | None, max_side: int | None, mode: 
         im = eight_bit(im).convert(mode)
         if im.size != (tw, th):
             im = im.resize((tw, th), Image.BICUBIC)
-        arr = np.asarray(im, dtype=np.uint8)
-        return np.ascontiguousarray(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
+        arr = np.asarray(im, dtype=np.uint8)                       # read-only: copied below if not transposed
+        return np.require(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1), requirements=["C", "W"])
 
 
 def different_sizes(source: str, size, first: str, other, at: str) -> str:

@@ -97,9 +97,13 @@ class FeatureNet:
 def frechet_distance(a: Stats, b: Stats) -> float:
     """The Fréchet distance of two Gaussians, in float64. The matrix square root is taken with scipy;
     a near-singular product gets a small diagonal offset, as in pytorch-fid."""
+    import warnings
+
     from scipy import linalg
     diff = a.mu - b.mu
-    covmean = linalg.sqrtm(a.sigma @ b.sigma)
+    with warnings.catch_warnings():      # fewer images than features make the covariances singular by
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)   # construction; their square root still exists
+        covmean = linalg.sqrtm(a.sigma @ b.sigma)
     if not np.isfinite(covmean).all():
         offset = np.eye(len(a.mu)) * 1e-6
         covmean = linalg.sqrtm((a.sigma + offset) @ (b.sigma + offset))
