@@ -44,11 +44,11 @@ fi
 # CIFAR-10 (the shared 50,000 training JPEGs; 10 % held out as validation, seed 0) at 16x16, a 5,000-image
 # training subset, 4 epochs: a CPU-sized budget (about 25 min on a busy 2-core CPU), far from converged.
 # The same recipe for every model.
-CIFAR_DATA=${CIFAR_DATA:-../shared/data/cifar10-train-jpg.tar.gz}   # CIFAR_DATA=cifar10: the official release
-CIFAR="--data $CIFAR_DATA --img-size 16 --train-subset 5000 --epochs 4 --batch-size 64 --lr 2e-3 --hflip --precision fp32 --progress false"
+DATA=${DATA:-../shared/data/cifar10-train-jpg.tar.gz}   # DATA=cifar10: the official release
+CIFAR="--data $DATA --img-size 16 --train-subset 5000 --epochs 4 --batch-size 64 --lr 2e-3 --hflip --precision fp32 --progress false"
 
 if [[ "$what" == cifar || "$what" == all ]]; then
-  if [[ $CIFAR_DATA != cifar10 && ! -e $CIFAR_DATA ]]; then echo "skipping CIFAR: $CIFAR_DATA not found"; exit 0; fi
+  if [[ $DATA != cifar10 && ! -e $DATA ]]; then echo "skipping CIFAR: $DATA not found"; exit 0; fi
   # 5. fixed input size 16x16: patch 8 -> 1 (4 -> 256 tokens), the 4x64 ViT of the digits recipe
   $PIX sweep --regime fixed-input --patches '[8,4,2,1]' --seeds '[0]' $CIFAR --depth 4 --dim 64 --heads 4 \
       --out $OUT/cifar16-fixed-input
