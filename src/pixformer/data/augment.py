@@ -3,8 +3,8 @@
 The engine cuts a batch of uint8 images, crops and flips it (`random_crop`, `random_flip`), applies
 RandAugment or TrivialAugmentWide (`rand_augment`, `trivial_augment`) and random erasing
 (`random_erase`), then normalises it; `resize` scales uint8 images (a source to --img-size, a batch to
-progressive resizing's side, an image to its packed grid); mixing (`mix`) acts on a task's targets and belongs to the
-classification task. Repeated augmentation is in the batches' indices (`batch_indices`). Every random
+progressive resizing's side, an image to its packed grid); mixing (`mix`) acts on a task's targets and
+belongs to the classification task. Repeated augmentation is in the batches' indices (`batch_indices`). Every random
 draw comes from the step's generator.
 """
 from __future__ import annotations

@@ -249,7 +249,8 @@ def shrunk(h: int, w: int, max_side: int | None) -> tuple[int, int]:
     return max(1, round(h * f)), max(1, round(w * f))
 
 
-def batcher_for(settings: dict, patch: int, cls_slot: bool, device="cpu", compiled: bool = False) -> NativeBatcher | None:
+def batcher_for(settings: dict, patch: int, cls_slot: bool, device="cpu",
+                compiled: bool = False) -> NativeBatcher | None:
     """The batcher that packs a run's images into tokens of `patch` pixels a side (with a class-token slot
     leading each image if `cls_slot`; `pixformer.models.token_layout` gives both for a model), from the
     run's settings (a TrainConfig as a mapping); None for square images. Shapes are bounded (see the
@@ -258,7 +259,7 @@ def batcher_for(settings: dict, patch: int, cls_slot: bool, device="cpu", compil
     if not is_native(settings):
         return None
     rr, beta = settings.get("resolution_range"), settings.get("token_drop_beta")
-    return NativeBatcher(patch, cls_slot, settings.get("max_side"),
-                         settings.get("max_tokens"), settings.get("pack_length"), settings.get("max_per_pack", 64),
+    return NativeBatcher(patch, cls_slot, settings.get("max_side"), settings.get("max_tokens"),
+                         settings.get("pack_length"), settings.get("max_per_pack", 64),
                          None if rr is None else tuple(rr), settings.get("token_drop", 0.0),
                          None if beta is None else tuple(beta), bucket=str(device).startswith("cuda") or compiled)

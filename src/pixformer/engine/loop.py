@@ -485,7 +485,8 @@ def start(cfg: TrainConfig, data: Prepared | None, runtime: Runtime, task_cls: t
              f"best_{task.best[0]}": None, "test": None, "weights": "ema" if ema is not None else "model",
              "speed": {**speed, "precision": str(amp or torch.float32)[6:],   # as resolved for this run
                        "seq_regather_layers": regather}}
-    batcher = batcher_for(as_json(cfg), *token_layout(model), runtime.device, cfg.speed.compile)   # bad packing settings: before any claim
+    # bad packing settings are refused here, before any claim
+    batcher = batcher_for(as_json(cfg), *token_layout(model), runtime.device, cfg.speed.compile)
     batch = min(cfg.batch_size, len(splits.train))                     # a batch larger than the set: the whole set
     part = runtime.part(batch)
     if cfg.accum_steps > part.stop - part.start:

@@ -31,8 +31,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ..data.ablations import pixel_permutation
-from ..data.augment import normalize
-from ..data.augment import resize
+from ..data.augment import normalize, resize
 from ..data.store import ImageSet, NativeSet
 from ..data.splits import run_split
 from ..engine.checkpoint import find_checkpoint, load_model

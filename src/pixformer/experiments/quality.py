@@ -116,7 +116,8 @@ class Judge:
     would (its pixel permutation, mirrored view, precision): checked against the samples' shape and
     class names when built (before any sampling), then `accuracy(images, labels)`."""
 
-    def __init__(self, run: str, in_chans: int, img_size: tuple[int, int], class_names: list[str], device: torch.device):
+    def __init__(self, run: str, in_chans: int, img_size: tuple[int, int], class_names: list[str],
+                 device: torch.device):
         from .predict import Predictor
         try:
             self.predictor = Predictor(run, device=str(device))
