@@ -304,7 +304,7 @@ def test_the_fid_classifier_scores_images_as_its_run_evaluates_them(tmp_path):
     train(TrainConfig(task="classify", model="vit-n/4", data="digits", model_args=dict(depth=1, dim=16, heads=2),
                       permute_pixels=True, epochs=2, batch_size=32, lr=3e-3, progress=False, out=str(tmp_path / "c")))
     rows = [json.loads(line) for line in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if "val_top1" in r]                                       # (the last: the test split's)
+    rows = [r for r in rows if "val_top1" in r]                  # (digits has a test split: its row comes last)
     val = resolve_splits(load_source("digits"), 0.1, "digits").val                  # the images as stored
     judge = Judge(str(tmp_path / "c"), 1, (8, 8), list(val.classes), torch.device("cpu"))
     acc = judge.accuracy(val.images.float() / 255, val.labels, batch_size=64)
