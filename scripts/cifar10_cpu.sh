@@ -11,5 +11,5 @@ RUN=${1:-runs/cifar10-cpu}
 start=$(date +%s)
 .venv/bin/pixformer train --config configs/cifar10-cpu.yaml --data $DATA --out $RUN --resume
 echo "training wall time: $(( $(date +%s) - start )) s (OMP_NUM_THREADS=${OMP_NUM_THREADS:-unset}, $(getconf _NPROCESSORS_ONLN) cores)"
-[[ -d runs/cifar10-heldout ]] || .venv/bin/python scripts/export_split.py --data $DATA --split val --out runs/cifar10-heldout
+[[ -d runs/cifar10-heldout ]] || .venv/bin/python scripts/export_split.py --data $DATA --img-size 32 --split val --out runs/cifar10-heldout
 .venv/bin/pixformer eval --checkpoint $RUN --data runs/cifar10-heldout --json | tee $RUN/eval-heldout.json
