@@ -218,6 +218,8 @@ def resize(images, size: tuple[int, int], chunk_values: int = 1 << 24) -> Tensor
         return images
     step = max(1, chunk_values // max(1, math.prod(images.shape[1:])))
     out = [F.interpolate(images[i: i + step].float(), size=tuple(size), mode="bilinear", antialias=True,
-                         align_corners=False).round().clamp(0, 255).to(torch.uint8)
+                         align_corners=False).round_().clamp_(0, 255).to(torch.uint8)
            for i in range(0, len(images), step)]
+    if len(out) == 1:                                  # a training batch (progressive resizing): no copy
+        return out[0]
     return torch.cat(out) if out else torch.empty(0, images.shape[1], *size, dtype=torch.uint8)
