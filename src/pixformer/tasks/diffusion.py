@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from ..data.sources import cache_dir
 from ..data.store import ImageSet
-from ..errors import PixformerError
+from ..errors import PixformerError, install_hint
 from ..models.registry import create_model, resolve
 from ..settings import check_fields, require
 from .base import Task
@@ -60,8 +60,7 @@ def _diffusers():
     try:
         import diffusers
     except ImportError:
-        raise PixformerError("diffusion needs diffusers: pip install -e '.[diffusion]' in the pixformer "
-                             "checkout") from None
+        raise PixformerError(f"diffusion needs diffusers: {install_hint('diffusion')}") from None
     return diffusers
 
 
