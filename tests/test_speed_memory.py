@@ -291,11 +291,16 @@ def test_planner_chooses_the_layers_that_regather_by_hand():
 
 
 # ---- blocked attention, auto backend ------------------------------------------------------------
+@pytest.mark.parametrize("aligned", [False, True])                     # keys padded to a multiple of 8
 @pytest.mark.parametrize("budget", [1 << 22, 2 * 17 * 17, 5 * 17, 3])   # whole images, heads, rows, 3 scores
-def test_blocked_attention_matches_math_in_every_block_layout(budget, monkeypatch):
+def test_blocked_attention_matches_math_in_every_block_layout(budget, aligned, monkeypatch):
     """Exact in fp64 whether a block holds whole images, some heads of one image, or a few query rows
-    (dK and dV then add up over row blocks); with no mask, a boolean mask and an additive one."""
+    (dK and dV then add up over row blocks); with no mask, a boolean mask and an additive one; with the
+    keys as they are and padded (17 and 13 keys to 24 and 16, the padding masked)."""
     monkeypatch.setattr(A, "BLOCK_ELEMENTS", budget)
+    if aligned:
+        monkeypatch.setattr(A, "KEY_ALIGN", 8)
+        monkeypatch.setattr(A, "KEY_ALIGN_ABOVE", 0)
     torch.manual_seed(0)
     for nq, nk in ((17, 17), (9, 13)):
         q = torch.randn(2, 3, nq, 8, dtype=torch.float64, requires_grad=True)
@@ -337,6 +342,31 @@ def test_blocked_attention_in_bf16_is_as_close_as_math_and_the_op_checks():
     torch.library.opcheck(torch.ops.pixformer.blocked_attention, (q, k, v, torch.rand(65, 65) > 0.5, None, None))
     seg = torch.randint(0, 3, (2, 65))
     torch.library.opcheck(torch.ops.pixformer.blocked_attention, (q, k, v, None, seg, seg))
+
+
+@pytest.mark.parametrize("flash", [False, True])
+def test_blocked_attention_in_bf16_with_the_flash_forward(flash, monkeypatch):
+    """On CPUs with AMX the blocked op's forward runs torch's flash kernel (full attention, bf16): the
+    output as close to fp64 as the blocks' own, the gradients (from the blocks) as close as math's,
+    over 1,100 keys (padded to 1,120 in the backward)."""
+    monkeypatch.setattr(A, "_amx", lambda: flash)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 1100, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    exact, _ = attention(q, k, v, backend="math")
+    g_exact = torch.autograd.grad(exact.square().sum(), (q, k, v))
+    res = {}
+    for backend in ("math", "blocked"):
+        qb, kb, vb = (t.detach().bfloat16().requires_grad_() for t in (q, k, v))
+        assert A._flash_forward(qb, None, None) == flash
+        out, _ = attention(qb, kb, vb, backend=backend)
+        grads = torch.autograd.grad(out.float().square().sum(), (qb, kb, vb))
+        res[backend] = [(out.double() - exact).abs().mean().item()] + \
+                       [(g.double() - ge).abs().mean().item() / ge.abs().mean().item() for g, ge in zip(grads, g_exact)]
+    assert res["blocked"][0] < 1.5 * res["math"][0] + 1e-4
+    for got, want in zip(res["blocked"][1:], res["math"][1:]):
+        assert got < 1.5 * want + 1e-2
+    torch.library.opcheck(torch.ops.pixformer.blocked_attention, (q.detach().bfloat16(), k.detach().bfloat16(),
+                                                                  v.detach().bfloat16(), None, None, None))
 
 
 def test_auto_backend_choice():
