@@ -4,9 +4,11 @@ at 8x8 to 64x64 pixels (65 to 4,097 tokens with the class token), in fp32 and bf
 
     .venv/bin/python benchmarks/attention.py                  # ~3 min on 2 cores
     .venv/bin/python benchmarks/attention.py --tokens 257 1025 --dtypes bf16
+    .venv/bin/python benchmarks/attention.py --tokens 1025 --batch 16 --heads 4 32 --dtypes bf16   # MAE's decoder
 
-This is the evidence behind the "auto" backend (src/pixformer/attention.py): which kernel is the
-faster at which size and dtype on this machine. Columns:
+This is the evidence behind the "auto" backend (src/pixformer/models/attention.py): which kernel is the
+faster at which size and dtype on this machine, under the malloc policy `pixformer train` sets
+(`--allocator`). Columns:
   ms        median time of attention forward + backward (of --reps), one thread per core
   GFLOP/s   4*B*H*N*N*Dh forward FLOPs, x3 for forward + backward, over that time
   kept      bytes autograd keeps for the backward pass (q, k, v and the output included; "math" also
@@ -17,11 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+from pixformer.engine.perf import set_allocator
 from pixformer.models.attention import attention, auto_backend
 
 HEADS, DIM_HEAD = 3, 64
@@ -63,12 +67,19 @@ def main():
     ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
     ap.add_argument("--backends", nargs="+", default=["sdpa", "blocked", "math"])
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--allocator", default="auto", help="glibc malloc policy, as `pixformer train --allocator` "
+                    "(default auto = keep: freed blocks stay in the heap; system: glibc's own)")
+    ap.add_argument("--heads", type=int, nargs=2, default=[HEADS, DIM_HEAD], metavar=("H", "DH"),
+                    help="heads and their width (default PiT-T's 3 of 64)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "attention.json"))
     args = ap.parse_args()
+    set_allocator(args.allocator)
+    heads, dim_head = args.heads
     batches = args.batch or [8 if n > 2048 else 32 for n in args.tokens]
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
-    print(f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}; {HEADS} heads of {DIM_HEAD}")
+    print(f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}; {heads} heads of {dim_head}; "
+          f"allocator {args.allocator}")
     head = f"{'tokens':>6} {'batch':>5} {'dtype':<5} {'backend':<8} {'ms':>8} {'GFLOP/s':>8} {'kept MiB':>9} {'max err':>8}  auto"
     print(head + "\n" + "-" * len(head))
     rows = []
@@ -76,24 +87,25 @@ def main():
         for name in args.dtypes:
             torch.manual_seed(0)
             dtype = dtypes[name]
-            q, k, v = (torch.randn(b, HEADS, n, DIM_HEAD, dtype=dtype, requires_grad=True) for _ in range(3))
-            grad = torch.randn(b, HEADS, n, DIM_HEAD, dtype=dtype)
-            auto = auto_backend("cpu", dtype, b * HEADS * n * n)
+            q, k, v = (torch.randn(b, heads, n, dim_head, dtype=dtype, requires_grad=True) for _ in range(3))
+            grad = torch.randn(b, heads, n, dim_head, dtype=dtype)
+            auto = auto_backend("cpu", dtype, b * heads * n * n)
             for backend in args.backends:
                 row = {"tokens": n, "batch": b, "dtype": name, "backend": backend, "auto": auto == backend}
-                if backend == "math" and b * HEADS * n * n > MATH_LIMIT:
-                    rows.append({**row, "skipped": f"{b * HEADS * n * n * q.element_size() / 2 ** 30:.1f} GiB "
+                if backend == "math" and b * heads * n * n > MATH_LIMIT:
+                    rows.append({**row, "skipped": f"{b * heads * n * n * q.element_size() / 2 ** 30:.1f} GiB "
                                                    "of scores"})
                     print(f"{n:>6} {b:>5} {name:<5} {backend:<8} skipped: {rows[-1]['skipped']}")
                     continue
                 r = {**row, **measure(backend, q, k, v, grad, args.reps)}
-                r["gflop_s"] = 3 * 4 * b * HEADS * n * n * DIM_HEAD / r["ms"] / 1e6
+                r["gflop_s"] = 3 * 4 * b * heads * n * n * dim_head / r["ms"] / 1e6
                 rows.append(r)
                 print(f"{n:>6} {b:>5} {name:<5} {backend:<8} {r['ms']:>8.1f} {r['gflop_s']:>8.0f} "
                       f"{r['kept'] / 2 ** 20:>9.1f} {r['max_err']:>8.1e}  {'<- auto' if r['auto'] else ''}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
-                                          "heads": HEADS, "dim_head": DIM_HEAD, "rows": rows}, indent=1))
+                                          "allocator": args.allocator, "command": " ".join(sys.argv),
+                                          "heads": heads, "dim_head": dim_head, "rows": rows}, indent=1))
     print(f"results: {args.out}")
 
 

@@ -30,8 +30,11 @@ Backends
 - "blocked": exact softmax attention computed block by block with batched matmuls, at most
   BLOCK_ELEMENTS scores at a time (so O(N) memory like flash, never the N x N matrix of the whole
   batch); its backward recomputes each block's probabilities. On CPUs with native bf16 it runs
-  bf16 attention about twice as fast as torch's CPU flash kernel, which computes in fp32 inside
-  (benchmarks/attention.py). Scores are rounded to the input dtype before the softmax, as in "math".
+  bf16 attention faster than torch's CPU flash kernel, which computes in fp32 inside: about twice as
+  fast on an AMD EPYC (AVX512-BF16), 1.4x at 1,025 tokens on an Intel Xeon (AMX), where its forward
+  (full attention) is that flash kernel's and only the backward runs in blocks (`_flash_forward`);
+  more than 1,024 keys are padded to a multiple of 32 (KEY_ALIGN). Scores are rounded to the input
+  dtype before the softmax, as in "math" (on AMX, in the backward only).
 - "varlen": each contiguous run of one segment id (a packed image) attends over itself only (what
   FlashAttention's variable-length kernel and FlexAttention's document mask do on GPUs), so a pack
   costs the sum of its images' N_i^2, not L^2. Images of close lengths share one batched call, each
@@ -164,9 +167,9 @@ def _blocks(B: int, H: int, Nq: int, Nk: int):
 
 
 # Keys padded to a multiple of KEY_ALIGN (zero keys and values, their scores -inf) when there are more
-# than KEY_ALIGN_ABOVE: the batched products over N x N scores ran 14-27 % faster for each of 1,025, 1,100,
-# 1,537 and 2,049 keys padded so (heads 32 and 64 wide, bf16, Intel Xeon (AMX), two threads; a layer's
-# forward and backward 11-18 %), no faster for 257 or 513 (padding 769 made no difference).
+# than KEY_ALIGN_ABOVE: a block's products and softmaxes took 14-27 % less time for 1,025, 1,100, 1,537 and
+# 2,049 keys padded so (bf16, heads 32 wide, Intel Xeon (AMX), two threads; 11 % for 1,025 keys with heads
+# 64 wide), and no less for 257, 513 or 769 keys.
 KEY_ALIGN, KEY_ALIGN_ABOVE = 32, 1024
 
 
@@ -216,8 +219,8 @@ def _amx() -> bool:
 def _flash_forward(q: Tensor, mask: Tensor | None, q_seg: Tensor | None) -> bool:
     """Whether the blocked op's forward runs torch's CPU flash kernel instead of its blocks: full attention
     (no mask, no segments) in bf16 on a CPU with AMX. There (Intel Xeon (AMX), two threads, bf16) the
-    flash kernel's forward took 0.52-0.61x the blocks' time and its backward 1.1-2.5x theirs, for heads
-    32 and 64 wide over 257 to 1,025 tokens; the backward stays blocked."""
+    flash kernel's forward took 0.53-0.64x the blocks' time at 1,024 and 1,025 tokens (0.81-0.94x at
+    257) and its backward 1.1-2.5x theirs, heads 32 and 64 wide; so the backward stays blocked."""
     return mask is None and q_seg is None and q.device.type == "cpu" and q.dtype == torch.bfloat16 and _amx()
 
 
