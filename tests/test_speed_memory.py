@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from pixformer import PixformerError, attention, create_model, set_attention_backend
-from pixformer.models.attention import available_backends
+from pixformer.models.attention import AttnSpec, available_backends
 from pixformer.engine import perf
 from pixformer.engine.perf import (apply_activation_checkpointing, apply_compile, apply_lean_mlp, apply_onednn_linear,
                                    apply_speed_settings, autocast_dtype, Speed, checkpointed_blocks, lean_mlps,
@@ -295,8 +295,8 @@ def test_planner_chooses_the_layers_that_regather_by_hand():
 @pytest.mark.parametrize("budget", [1 << 22, 2 * 17 * 17, 5 * 17, 3])   # whole images, heads, rows, 3 scores
 def test_blocked_attention_matches_math_in_every_block_layout(budget, aligned, monkeypatch):
     """Exact in fp64 whether a block holds whole images, some heads of one image, or a few query rows
-    (dK and dV then add up over row blocks); with no mask, a boolean mask and an additive one; with the
-    keys as they are and padded (17 and 13 keys to 24 and 16, the padding masked)."""
+    (dK and dV then add up over row blocks); with no mask, a boolean mask, an additive one and segment
+    ids; with the keys as they are and padded (17 and 13 keys to 24 and 16, the padding masked)."""
     monkeypatch.setattr(A, "BLOCK_ELEMENTS", budget)
     if aligned:
         monkeypatch.setattr(A, "KEY_ALIGN", 8)
@@ -307,7 +307,9 @@ def test_blocked_attention_matches_math_in_every_block_layout(budget, aligned, m
         k, v = (torch.randn(2, 3, nk, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
         keep = torch.rand(nq, nk) > 0.3
         keep[:, 0] = True
-        for mask in (None, keep, torch.randn(2, 1, nq, nk, dtype=torch.float64)):
+        segments = AttnSpec(segment_ids=torch.randint(0, 3, (2, nq)), kv_segment_ids=torch.randint(0, 3, (2, nk)))
+        segments.kv_segment_ids[:, :3] = torch.arange(3)                     # every query has keys of its own
+        for mask in (None, keep, torch.randn(2, 1, nq, nk, dtype=torch.float64), segments):
             want, _ = attention(q, k, v, mask, backend="math")
             got, _ = attention(q, k, v, mask, backend="blocked")
             torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
@@ -346,27 +348,49 @@ def test_blocked_attention_in_bf16_is_as_close_as_math_and_the_op_checks():
 
 @pytest.mark.parametrize("flash", [False, True])
 def test_blocked_attention_in_bf16_with_the_flash_forward(flash, monkeypatch):
-    """On CPUs with AMX the blocked op's forward runs torch's flash kernel (full attention, bf16): the
-    output as close to fp64 as the blocks' own, the gradients (from the blocks) as close as math's,
-    over 1,100 keys (padded to 1,120 in the backward)."""
+    """On CPUs with AMX the blocked op's forward runs torch's flash kernel (full attention, bf16): no
+    block is computed in the forward, the output is as close to fp64 as the flash kernel's, and the
+    gradients (from the blocks, over 1,100 keys padded to 1,120) as close as math's."""
     monkeypatch.setattr(A, "_amx", lambda: flash)
+    calls = []
+    block_probs = A._block_probs
+    monkeypatch.setattr(A, "_block_probs", lambda *a: calls.append(1) or block_probs(*a))
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 2, 1100, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
     exact, _ = attention(q, k, v, backend="math")
     g_exact = torch.autograd.grad(exact.square().sum(), (q, k, v))
     res = {}
-    for backend in ("math", "blocked"):
+    for backend in ("math", "sdpa", "blocked"):
         qb, kb, vb = (t.detach().bfloat16().requires_grad_() for t in (q, k, v))
-        assert A._flash_forward(qb, None, None) == flash
+        assert A._flash_forward(qb, kb, vb, None, None) == flash
         out, _ = attention(qb, kb, vb, backend=backend)
+        forward_blocks = len(calls)
         grads = torch.autograd.grad(out.float().square().sum(), (qb, kb, vb))
         res[backend] = [(out.double() - exact).abs().mean().item()] + \
                        [(g.double() - ge).abs().mean().item() / ge.abs().mean().item() for g, ge in zip(grads, g_exact)]
-    assert res["blocked"][0] < 1.5 * res["math"][0] + 1e-4
+    assert forward_blocks == (0 if flash else 1) and len(calls) == forward_blocks + 1   # one block each way
+    if flash:                                                    # the flash kernel's output, to the bit
+        assert res["blocked"][0] == res["sdpa"][0] < res["math"][0]
+    else:
+        assert res["blocked"][0] < 1.5 * res["math"][0] + 1e-4
     for got, want in zip(res["blocked"][1:], res["math"][1:]):
-        assert got < 1.5 * want + 1e-2
-    torch.library.opcheck(torch.ops.pixformer.blocked_attention, (q.detach().bfloat16(), k.detach().bfloat16(),
-                                                                  v.detach().bfloat16(), None, None, None))
+        assert got < 1.5 * want + 1e-3
+    assert not A._flash_forward(qb, kb, vb[..., :8], None, None)                    # another value width
+    assert not A._flash_forward(qb, kb.transpose(2, 3).contiguous().transpose(2, 3), vb, None, None)
+
+
+def test_blocked_attention_op_checks_with_padded_keys(monkeypatch):
+    """torch.library.opcheck of the op and its backward with the keys padded (7 to 8, KEY_ALIGN 4), with
+    gradients, a mask and segment ids."""
+    monkeypatch.setattr(A, "KEY_ALIGN", 4)
+    monkeypatch.setattr(A, "KEY_ALIGN_ABOVE", 0)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 7, 8, requires_grad=True) for _ in range(3))
+    seg = torch.tensor([[0, 0, 0, 1, 1, 1, 1], [0, 0, 1, 1, 1, 2, 2]])
+    for args in ((None, None, None), (torch.rand(7, 7) > 0.3, None, None), (None, seg, seg)):
+        torch.library.opcheck(torch.ops.pixformer.blocked_attention, (q, k, v, *args))
+        torch.library.opcheck(torch.ops.pixformer.blocked_attention_backward,
+                              (torch.randn(2, 3, 7, 8), q.detach(), k.detach(), v.detach(), *args))
 
 
 def test_auto_backend_choice():

@@ -31,10 +31,11 @@ Backends
   BLOCK_ELEMENTS scores at a time (so O(N) memory like flash, never the N x N matrix of the whole
   batch); its backward recomputes each block's probabilities. On CPUs with native bf16 it runs
   bf16 attention faster than torch's CPU flash kernel, which computes in fp32 inside: about twice as
-  fast on an AMD EPYC (AVX512-BF16), 1.4x at 1,025 tokens on an Intel Xeon (AMX), where its forward
-  (full attention) is that flash kernel's and only the backward runs in blocks (`_flash_forward`);
-  more than 1,024 keys are padded to a multiple of 32 (KEY_ALIGN). Scores are rounded to the input
-  dtype before the softmax, as in "math" (on AMX, in the backward only).
+  fast on an AMD EPYC (AVX512-BF16); on an Intel Xeon (AMX) 1.4x at 1,025 tokens and level at 4,097,
+  where for full attention its forward is that flash kernel's and only the backward runs in blocks
+  (`_flash_forward`). More than 1,024 keys are padded to a multiple of 32 (KEY_ALIGN). Scores are
+  rounded to the input dtype before the softmax, as in "math" (on AMX with full attention, in the
+  backward only).
 - "varlen": each contiguous run of one segment id (a packed image) attends over itself only (what
   FlashAttention's variable-length kernel and FlexAttention's document mask do on GPUs), so a pack
   costs the sum of its images' N_i^2, not L^2. Images of close lengths share one batched call, each
@@ -216,12 +217,15 @@ def _amx() -> bool:
     return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
-def _flash_forward(q: Tensor, mask: Tensor | None, q_seg: Tensor | None) -> bool:
+def _flash_forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, q_seg: Tensor | None) -> bool:
     """Whether the blocked op's forward runs torch's CPU flash kernel instead of its blocks: full attention
-    (no mask, no segments) in bf16 on a CPU with AMX. There (Intel Xeon (AMX), two threads, bf16) the
+    (no mask, no segments) in bf16 on a CPU with AMX, over inputs that kernel takes as they are (one
+    head width, rows of contiguous features, some keys). There (Intel Xeon (AMX), two threads, bf16) the
     flash kernel's forward took 0.53-0.64x the blocks' time at 1,024 and 1,025 tokens (0.81-0.94x at
     257) and its backward 1.1-2.5x theirs, heads 32 and 64 wide; so the backward stays blocked."""
-    return mask is None and q_seg is None and q.device.type == "cpu" and q.dtype == torch.bfloat16 and _amx()
+    return (mask is None and q_seg is None and q.device.type == "cpu" and q.dtype == torch.bfloat16 and _amx()
+            and q.shape[-1] == k.shape[-1] == v.shape[-1] and k.shape[2] > 0
+            and all(t.stride(-1) == 1 for t in (q, k, v)))
 
 
 @torch.library.custom_op("pixformer::blocked_attention", mutates_args=())
@@ -229,7 +233,7 @@ def blocked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, q_se
                       k_seg: Tensor | None) -> Tensor:
     """softmax(q k^T / sqrt(D) + mask) v in blocks; q (B, H, Nq, D), k (B, H, Nk, D), v (B, H, Nk, Dv);
     with segment ids q_seg (B, Nq) and k_seg (B, Nk), a query sees only keys of its own segment."""
-    if _flash_forward(q, mask, q_seg):
+    if _flash_forward(q, k, v, mask, q_seg):
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)[0].contiguous()
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
