@@ -168,9 +168,9 @@ def _blocks(B: int, H: int, Nq: int, Nk: int):
 
 
 # Keys padded to a multiple of KEY_ALIGN (zero keys and values, their scores -inf) when there are more
-# than KEY_ALIGN_ABOVE: a block's products and softmaxes took 14-27 % less time for 1,025, 1,100, 1,537 and
-# 2,049 keys padded so (bf16, heads 32 wide, Intel Xeon (AMX), two threads; 11 % for 1,025 keys with heads
-# 64 wide), and no less for 257, 513 or 769 keys.
+# than KEY_ALIGN_ABOVE: forward and backward took 0-11 % less time at 1,025 to 2,049 keys (bf16, heads 32
+# wide, Intel Xeon (AMX), two threads; benchmarks/attention.py --pad-above), and padding 257, 513 or 769
+# keys made it slower or no faster.
 KEY_ALIGN, KEY_ALIGN_ABOVE = 32, 1024
 
 
@@ -220,9 +220,10 @@ def _amx() -> bool:
 def _flash_forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, q_seg: Tensor | None) -> bool:
     """Whether the blocked op's forward runs torch's CPU flash kernel instead of its blocks: full attention
     (no mask, no segments) in bf16 on a CPU with AMX, over inputs that kernel takes as they are (one
-    head width, rows of contiguous features, some keys). There (Intel Xeon (AMX), two threads, bf16) the
-    flash kernel's forward took 0.53-0.64x the blocks' time at 1,024 and 1,025 tokens (0.81-0.94x at
-    257) and its backward 1.1-2.5x theirs, heads 32 and 64 wide; so the backward stays blocked."""
+    head width, rows of contiguous features, some keys). There (Intel Xeon (AMX), two threads, bf16;
+    benchmarks/attention.py --no-flash-forward) the flash kernel's forward took 0.54-0.56x the blocks'
+    time at 1,024 and 1,025 tokens (0.85x at 257) and its backward 1.25-2.5x theirs, heads 32 and 64
+    wide; so the backward stays blocked."""
     return (mask is None and q_seg is None and q.device.type == "cpu" and q.dtype == torch.bfloat16 and _amx()
             and q.shape[-1] == k.shape[-1] == v.shape[-1] and k.shape[2] > 0
             and all(t.stride(-1) == 1 for t in (q, k, v)))
