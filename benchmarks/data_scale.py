@@ -236,7 +236,7 @@ def checkpoint_worker(args) -> None:
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
-    from pixformer.engine.optim import param_groups
+    from pixformer.engine.optim import adamw, param_groups
     from pixformer.engine.runtime import Runtime
     from pixformer.models.registry import create_model
 
@@ -249,7 +249,7 @@ def checkpoint_worker(args) -> None:
     with rt.building():                                   # as train builds it: whole on rank 0 alone
         model = create_model("vit-b/8", img_size=32, num_classes=10)
     model = rt.wrap(model)
-    opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, foreach=True)
+    opt = adamw(param_groups(model, 0.05), lr=1e-4)
     model(torch.randn(2, 3, 32, 32)).sum().backward()
     opt.step()
     opt.zero_grad(set_to_none=True)

@@ -78,6 +78,7 @@ def worker(a) -> None:
     import torch.nn.functional as F
 
     from harness import time_steps
+    from pixformer.engine.optim import adamw
     from pixformer.engine.runtime import Runtime
     from pixformer.engine.sequence import SequenceParallel, average_gradients
     from pixformer.models.registry import create_model
@@ -99,7 +100,7 @@ def worker(a) -> None:
         step_model = SequenceParallel(model, group, regather=layers)
     else:
         step_model = torch.nn.parallel.DistributedDataParallel(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    opt = adamw(model.parameters(), lr=1e-4)
     images, labels = torch.randn(1, 3, a.side, a.side), torch.tensor([3])
     amp = torch.bfloat16 if a.precision == "bf16" else None
 

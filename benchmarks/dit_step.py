@@ -40,6 +40,7 @@ def build(name: str, patch: int, batch: int):
     import numpy as np
     import torch
 
+    from pixformer.engine.optim import adamw, param_groups
     from pixformer.engine.perf import autocast_dtype
     from pixformer.tasks import DataFacts
     from pixformer.tasks.diffusion import Diffusion, DiffusionConfig
@@ -55,7 +56,6 @@ def build(name: str, patch: int, batch: int):
     sizes = dict(depth=d["depth"], dim=d["dim"], heads=d["heads"], patch_size=patch)
     if cfg["impl"] in ("pixformer", "sample"):
         from pixformer import Speed
-        from pixformer.engine.optim import param_groups
         from pixformer.engine.perf import apply_speed_settings
         from pixformer.engine.plan import selective_pays
         model = task.build_model("dit-s/2", sizes)
@@ -65,7 +65,7 @@ def build(name: str, patch: int, batch: int):
                 selective = selective_pays("dit-s/2", d["img"], batch, "bf16" if amp else "fp32",
                                            num_classes=d["classes"], in_chans=d["chans"], **sizes)
             apply_speed_settings(model, Speed(selective_checkpoint=selective))
-        opt = torch.optim.AdamW(param_groups(model, 0.0), lr=1e-4, foreach=True)
+        opt = adamw(param_groups(model, 0.0), lr=1e-4)
 
         def loss_of(i):
             return task.loss(model, x, y, np.random.default_rng(i))[0]
@@ -74,7 +74,7 @@ def build(name: str, patch: int, batch: int):
         model = DiTTransformer2DModel(num_attention_heads=d["heads"], attention_head_dim=d["dim"] // d["heads"],
                                       in_channels=d["chans"], out_channels=d["chans"], num_layers=d["depth"],
                                       sample_size=d["img"], patch_size=patch, num_embeds_ada_norm=d["classes"])
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+        opt = adamw(model.parameters(), lr=1e-4)
 
         def loss_of(i):
             rng = np.random.default_rng(i)

@@ -185,7 +185,7 @@ def step_worker(job: dict) -> dict:
 
     from harness import time_steps, timed, train_step
     from pixformer import Speed, create_model
-    from pixformer.engine.optim import param_groups
+    from pixformer.engine.optim import adamw, param_groups
     from pixformer.engine.perf import apply_compile, apply_speed_settings, checkpointed_blocks
     from pixformer.engine.plan import selective_pays
 
@@ -218,7 +218,7 @@ def step_worker(job: dict) -> dict:
         groups = param_groups(model, 0.05)
         row.update(selective_checkpoint=bool(checkpointed_blocks(model)["selective"]))
     model.train()
-    opt = torch.optim.AdamW(groups, lr=1e-4, foreach=True)     # as `pixformer train` builds it
+    opt = adamw(groups, lr=1e-4)     # as `pixformer train` builds it
     x = torch.randn(batch, 3, img, img, device=dev)
     y = torch.randint(0, 10, (batch,), device=dev)
     one = train_step(lambda i: F.cross_entropy(model(x).float(), y), opt, torch.bfloat16, dev.type, clip=1.0)
@@ -250,7 +250,7 @@ def packed_worker(job: dict) -> dict:
     from pixformer.data.augment import normalize
     from pixformer.data.native import batcher_for
     from pixformer.models import token_layout
-    from pixformer.engine.optim import param_groups
+    from pixformer.engine.optim import adamw, param_groups
     from pixformer.engine.perf import apply_compile, apply_speed_settings
 
     torch._logging.set_logs(recompiles=True)               # each recompile's reason on stderr (kept in the JSON)
@@ -278,7 +278,7 @@ def packed_worker(job: dict) -> dict:
         images.append(packed.n_images)
         packs.append(packed.to(dev))
         ys.append(torch.from_numpy(rng.integers(0, 10, packed.n_images)).to(dev))
-    opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, foreach=True)
+    opt = adamw(param_groups(model, 0.05), lr=1e-4)
     one = train_step(lambda i: F.cross_entropy(model(packs[i]).float(), ys[i]), opt, torch.bfloat16, dev.type, clip=1.0)
     sync, reset, peak, peak_kind = _device_timing(dev)
     compiled, times = [], []

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from pixformer import create_model
+from pixformer.engine.optim import adamw
 from pixformer.engine.perf import apply_speed_settings, onednn_pays
 
 CASES = {"small": dict(name="vit-n/4", img=8, chans=1, batch=16, kw=dict(depth=4, dim=64, heads=4), steps=100, warm=20),
@@ -32,7 +33,7 @@ def step_time(case: dict, onednn: bool) -> float:
     torch.manual_seed(0)
     model = create_model(case["name"], img_size=case["img"], in_chans=case["chans"], num_classes=10, **case["kw"])
     apply_speed_settings(model, onednn_linear=onednn, selective_checkpoint=False)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
+    opt = adamw(model.parameters(), lr=1e-3)
     x = torch.randn(case["batch"], case["chans"], case["img"], case["img"])
     y = torch.randint(0, 10, (case["batch"],))
     times = []

@@ -58,6 +58,8 @@ def build(name: str, batch: int):
     import numpy as np
     import torch
 
+    from pixformer.engine.optim import adamw
+
     cfg, d = CONFIGS[name], DIMS
     torch.manual_seed(0)
     x = torch.randn(batch, 3, d["img"], d["img"])
@@ -79,7 +81,7 @@ def build(name: str, batch: int):
                                           cfg.get("attn", "auto")) > SELECTIVE_ABOVE
         apply_speed_settings(model, Speed(selective_checkpoint=selective, lean_mlp=cfg.get("lean", True),
                                           attn_backend=cfg.get("attn", "auto")))
-        opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95), foreach=True)
+        opt = adamw(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95))
         amp = autocast_dtype(cfg["precision"], "cpu")
 
         def loss_of(i):
@@ -92,7 +94,7 @@ def build(name: str, batch: int):
             decoder_num_hidden_layers=d["dec_depth"], decoder_num_attention_heads=d["dec_heads"],
             decoder_intermediate_size=d["dec_mlp"], mask_ratio=d["mask_ratio"], norm_pix_loss=True,
             layer_norm_eps=1e-6, attn_implementation="sdpa"))
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), foreach=True)
+        opt = adamw(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
         amp = torch.bfloat16 if cfg["precision"] == "bf16" else None
 
         def loss_of(i):

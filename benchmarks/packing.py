@@ -83,6 +83,7 @@ def worker(name: str, a) -> dict:
     from pixformer import Speed, create_model
     from pixformer.data.augment import normalize
     from pixformer.data.native import NativeBatcher
+    from pixformer.engine.optim import adamw
     from pixformer.engine.perf import apply_speed_settings, autocast_dtype, set_allocator
 
     torch.manual_seed(0)
@@ -134,7 +135,7 @@ def worker(name: str, a) -> dict:
             if len(slots) < len(data):
                 slots.append(packed.segments.numel())
             return F.cross_entropy(model(packed).float(), y)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    opt = adamw(model.parameters(), lr=1e-4)
     step = train_step(loss_of, opt, amp)
     t = time_steps(step, a.steps)
     if a.profile:

@@ -109,6 +109,7 @@ def live_peak_bytes(fn) -> int:
 def worker(job: dict) -> dict:
     """Build one configuration, run warm-up, timed and profiled steps; everything in this process."""
     from pixformer import create_model
+    from pixformer.engine.optim import adamw
     from pixformer.engine.perf import apply_speed_settings, autocast_dtype, checkpointed_blocks
     from pixformer.engine.plan import plan, selective_pays
 
@@ -137,7 +138,7 @@ def worker(job: dict) -> dict:
         del ours
         model = reference_vit(img)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = adamw(model.parameters(), lr=1e-4)
 
     def step():
         with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):

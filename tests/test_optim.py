@@ -34,6 +34,26 @@ def test_lamb_step_by_hand():
     torch.testing.assert_close(zero.detach(), torch.tensor([[-0.1, 0.1], [0.1, -0.1]]), atol=1e-5, rtol=0)
 
 
+def test_adamw_is_torchs_fused_kernel_and_steps_as_its_default():
+    model = create_model("vit-n/2", img_size=8, num_classes=10, depth=2, dim=16, heads=2)
+    twin = create_model("vit-n/2", img_size=8, num_classes=10, depth=2, dim=16, heads=2)
+    twin.load_state_dict(model.state_dict())
+    opt = build_optimizer(model, TrainConfig(optimizer="adamw", weight_decay=0.05))
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"]
+    groups = [{k: v for k, v in g.items() if k not in ("params", "fused", "foreach")} | {"params": [dict(twin.named_parameters())[n]
+              for n, p in model.named_parameters() if any(p is q for q in g["params"])]} for g in opt.param_groups]
+    ref = torch.optim.AdamW(groups, foreach=False, fused=False)     # torch's one-tensor-at-a-time step
+    assert not any(g["fused"] or g["foreach"] for g in ref.param_groups)
+    x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        for m, o in ((model, opt), (twin, ref)):
+            o.zero_grad()
+            m(x).square().mean().backward()
+            o.step()
+    for (n, a), b in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
+
+
 def test_muon_for_the_blocks_matrices_adamw_for_the_rest_one_state_dict():
     model = create_model("vit-n/2", img_size=8, num_classes=10, depth=2, dim=16, heads=2)
     opt = build_optimizer(model, TrainConfig(optimizer="muon", layer_decay=0.5))

@@ -108,7 +108,7 @@ def build_optimizer(model: nn.Module, cfg: "TrainConfig") -> "torch.optim.Optimi
     if cfg.optimizer == "lamb":
         return Lamb(groups, lr=cfg.lr, betas=betas)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, foreach=True)   # torch's CPU default: one by one
+        return adamw(groups, lr=cfg.lr, betas=betas)
     matrices = muon_matrices(model)
     mats = [{**g, "params": [p for p in g["params"] if id(p) in matrices]} for g in groups]
     rest = [{**g, "params": [p for p in g["params"] if id(p) not in matrices]} for g in groups]
@@ -120,7 +120,14 @@ def build_optimizer(model: nn.Module, cfg: "TrainConfig") -> "torch.optim.Optimi
         raise PixformerError("--optimizer muon with --fsdp updates linear layers' matrices only (torch's sharded "
                              "Muon step takes 2-D weights); this model's blocks hold convolutions: leave out --fsdp")
     muon = StackedMuon(mats, lr=cfg.lr, adjust_lr_fn="match_rms_adamw")   # momentum 0.95, Nesterov, 5 NS steps
-    return Optimizers(muon, *([torch.optim.AdamW(rest, lr=cfg.lr, betas=betas, foreach=True)] if rest else []))
+    return Optimizers(muon, *([adamw(rest, lr=cfg.lr, betas=betas)] if rest else []))
+
+
+def adamw(params, **settings) -> torch.optim.AdamW:
+    """torch's AdamW (parameters or groups) with its fused kernel: one pass over each tensor and no
+    temporaries, where torch's CPU default steps tensor by tensor and foreach=True builds whole lists
+    of intermediates (benchmarks/adamw_step.py times the three)."""
+    return torch.optim.AdamW(params, fused=True, **settings)
 
 
 class StackedMuon(torch.optim.Muon):
