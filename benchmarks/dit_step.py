@@ -25,9 +25,11 @@ from harness import matmul_peaks, peak_per_dtype, profile_step, run_configs, say
 
 DIMS = dict(img=32, chans=4, depth=12, dim=384, heads=6, classes=1000)
 # selective: selective activation checkpointing on / off; unset: as train decides (plan.selective_pays)
+# allocator: glibc malloc policy (perf.set_allocator; default auto, as in train)
 CONFIGS = {"pixformer": dict(impl="pixformer", precision="auto"),
            "pixformer-fp32": dict(impl="pixformer", precision="fp32"),
            "pixformer-selective": dict(impl="pixformer", precision="auto", selective=True),
+           "pixformer-system": dict(impl="pixformer", precision="auto", allocator="system"),
            "diffusers": dict(impl="diffusers", precision="fp32"),
            "diffusers-bf16": dict(impl="diffusers", precision="bf16"),
            "sample-ddim50": dict(impl="sample", sampler="ddim", steps=50, precision="auto"),
@@ -64,7 +66,7 @@ def build(name: str, patch: int, batch: int):
             if selective is None:
                 selective = selective_pays("dit-s/2", d["img"], batch, "bf16" if amp else "fp32",
                                            num_classes=d["classes"], in_chans=d["chans"], **sizes)
-            apply_speed_settings(model, Speed(selective_checkpoint=selective))
+            apply_speed_settings(model, Speed(selective_checkpoint=selective, allocator=cfg.get("allocator", "auto")))
         opt = adamw(param_groups(model, 0.0), lr=1e-4)
 
         def loss_of(i):

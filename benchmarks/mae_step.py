@@ -30,11 +30,13 @@ DIMS = dict(img=32, patch=1, depth=12, dim=192, heads=3, mlp=768, dec_depth=4, d
             mask_ratio=0.75)
 # selective: selective activation checkpointing on / off; unset: as train decides (plan.blocks_peak_bytes);
 # lean: the lean MLP (default on, as in train); attn: the attention backend (default auto, as in train)
+# allocator: glibc malloc policy (perf.set_allocator; default auto, as in train)
 CONFIGS = {"pixformer": dict(impl="pixformer", precision="auto"),
            "pixformer-fp32": dict(impl="pixformer", precision="fp32"),
            "pixformer-selective": dict(impl="pixformer", precision="auto", selective=True),
            "pixformer-no-lean": dict(impl="pixformer", precision="auto", lean=False),
            "pixformer-blocked": dict(impl="pixformer", precision="auto", attn="blocked"),
+           "pixformer-system": dict(impl="pixformer", precision="auto", allocator="system"),
            "transformers": dict(impl="transformers", precision="fp32"),
            "transformers-bf16": dict(impl="transformers", precision="bf16")}
 
@@ -80,7 +82,7 @@ def build(name: str, batch: int):
             selective = blocks_peak_bytes(model, task.block_tokens(model), batch, cfg["precision"],
                                           cfg.get("attn", "auto")) > SELECTIVE_ABOVE
         apply_speed_settings(model, Speed(selective_checkpoint=selective, lean_mlp=cfg.get("lean", True),
-                                          attn_backend=cfg.get("attn", "auto")))
+                                          attn_backend=cfg.get("attn", "auto"), allocator=cfg.get("allocator", "auto")))
         opt = adamw(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95))
         amp = autocast_dtype(cfg["precision"], "cpu")
 

@@ -146,10 +146,22 @@ class Block(nn.Module):
             raise PixformerError("this block is conditioned (adaLN-Zero): pass cond, a (B, cond_dim) tensor")
         mod = self.modulation(F.silu(cond))[:, None]                           # (B, 1, 6D)
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)    # (B, 1, D) each
-        h = self.attn(self.norm1(x) * (1 + scale1) + shift1, spec)             # (B, N, D)
-        x = x + drop_path(gate1 * h, self.drop_path, self.training)            # (B, N, D)
-        h = self.mlp(self.norm2(x) * (1 + scale2) + shift2)                    # (B, N, D)
-        return x + drop_path(gate2 * h, self.drop_path, self.training)         # (B, N, D)
+        h = self.attn(modulate(self.norm1(x), shift1, scale1), spec)           # (B, N, D)
+        x = gated_residual(x, gate1, h, self.drop_path, self.training)         # (B, N, D)
+        h = self.mlp(modulate(self.norm2(x), shift2, scale2))                  # (B, N, D)
+        return gated_residual(x, gate2, h, self.drop_path, self.training)      # (B, N, D)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """adaLN's x * (1 + scale) + shift, in one pass over x (addcmul, not a product and then a sum)."""
+    return torch.addcmul(shift, x, 1 + scale)
+
+
+def gated_residual(x: Tensor, gate: Tensor, h: Tensor, rate: float, training: bool) -> Tensor:
+    """x + drop_path(gate * h): one pass over x and h (addcmul) where no path is dropped."""
+    if rate == 0.0 or not training:
+        return torch.addcmul(x, gate, h)
+    return x + drop_path(gate * h, rate, training)
 
 
 def conv_stem(in_chans: int, dim: int, patch: int) -> nn.Sequential:
