@@ -91,13 +91,14 @@ def main() -> None:
         extra = mem["rss_growth_mib"] - mem["moments_mib"]
         print(f"{v:<8} step {rows[-1]['step_ms']:7.2f} ms   high-water growth {mem['rss_growth_mib']:6.0f} MiB "
               f"(the moments {mem['moments_mib']:.0f}, beyond them {extra:.0f})")
-    ref = copies["single"]
-    for v in ("foreach", "fused"):
-        diff = max((x - y).abs().max().item() for x, y in zip(ref, copies[v]))
-        print(f"largest parameter difference, {v} against single, after {a.rounds + 3} steps: {diff:g}")
+    for row in rows:
+        row["largest_difference_from_single"] = max((x - y).abs().max().item()
+                                                    for x, y in zip(copies["single"], copies[row["variant"]]))
+        print(f"largest parameter difference, {row['variant']} against single, after {a.rounds + 3} steps: "
+              f"{row['largest_difference_from_single']:g}")
     if a.out:
         json.dump({"command": " ".join(sys.argv), "cpu": cpu_name(), "threads": torch.get_num_threads(),
-                   "model": a.model, "params": n, "rows": rows}, open(a.out, "w"), indent=1)
+                   "model": a.model, "params": n, "steps": a.rounds + 3, "rows": rows}, open(a.out, "w"), indent=1)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ DIMS = dict(img=32, chans=4, depth=12, dim=384, heads=6, classes=1000)
 CONFIGS = {"pixformer": dict(impl="pixformer", precision="auto"),
            "pixformer-fp32": dict(impl="pixformer", precision="fp32"),
            "pixformer-selective": dict(impl="pixformer", precision="auto", selective=True),
-           "pixformer-system": dict(impl="pixformer", precision="auto", allocator="system"),
+           "pixformer-system-malloc": dict(impl="pixformer", precision="auto", allocator="system"),
            "diffusers": dict(impl="diffusers", precision="fp32"),
            "diffusers-bf16": dict(impl="diffusers", precision="bf16"),
            "sample-ddim50": dict(impl="sample", sampler="ddim", steps=50, precision="auto"),

@@ -36,7 +36,7 @@ CONFIGS = {"pixformer": dict(impl="pixformer", precision="auto"),
            "pixformer-selective": dict(impl="pixformer", precision="auto", selective=True),
            "pixformer-no-lean": dict(impl="pixformer", precision="auto", lean=False),
            "pixformer-blocked": dict(impl="pixformer", precision="auto", attn="blocked"),
-           "pixformer-system": dict(impl="pixformer", precision="auto", allocator="system"),
+           "pixformer-system-malloc": dict(impl="pixformer", precision="auto", allocator="system"),
            "transformers": dict(impl="transformers", precision="fp32"),
            "transformers-bf16": dict(impl="transformers", precision="bf16")}
 

@@ -54,6 +54,22 @@ def test_adamw_is_torchs_fused_kernel_and_steps_as_its_default():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
 
 
+def test_a_state_saved_with_foreach_resumes_on_the_fused_kernel():
+    from pixformer.engine.runtime import Runtime
+    model = create_model("vit-n/2", img_size=8, num_classes=10, depth=1, dim=16, heads=2)
+    from pixformer.engine.optim import param_groups
+    groups = param_groups(model, TrainConfig().weight_decay)
+    old = torch.optim.AdamW(groups, lr=1e-3, foreach=True)                  # as runs were saved before
+    model(torch.rand(2, 3, 8, 8)).sum().backward()
+    old.step()
+    opt = build_optimizer(model, TrainConfig(optimizer="adamw"))
+    Runtime.create("cpu").load_optimizer(model, opt, old.state_dict())
+    assert all(g["fused"] and not g["foreach"] for g in opt.param_groups)
+    p = next(model.parameters())
+    assert torch.equal(opt.state[p]["exp_avg"], old.state[p]["exp_avg"])
+    opt.step()                                                          # the fused kernel takes the state
+
+
 def test_muon_for_the_blocks_matrices_adamw_for_the_rest_one_state_dict():
     model = create_model("vit-n/2", img_size=8, num_classes=10, depth=2, dim=16, heads=2)
     opt = build_optimizer(model, TrainConfig(optimizer="muon", layer_decay=0.5))

@@ -207,6 +207,7 @@ class Runtime:
     def load_optimizer(self, model: nn.Module, opt: torch.optim.Optimizer, state: dict | None) -> None:
         """Load an optimizer state dict of plain full tensors (`state`, read by the main process; None on
         the others under FSDP2, where each rank receives only its shard, broadcast from rank 0)."""
+        state = _current_kernels(opt, state)
         if not self.fsdp:
             opt.load_state_dict(state)
             return
@@ -265,6 +266,16 @@ def _join_group(backend: str) -> None:
 def _each(opt) -> list[torch.optim.Optimizer]:
     """The optimizers of a run's optimizer: itself, or those of engine.optim.Optimizers (Muon + AdamW)."""
     return getattr(opt, "optimizers", [opt])
+
+
+def _current_kernels(opt: torch.optim.Optimizer, state: dict | None) -> dict | None:
+    """`state` with each group's kernel choice (fused, foreach) as `opt` has it now: torch takes a
+    group's settings from the saved state, so a run saved with another choice would resume on it."""
+    if state is None:
+        return None
+    groups = [{**saved, **{k: now[k] for k in ("fused", "foreach") if k in now}}
+              for saved, now in zip(state["param_groups"], opt.param_groups)]
+    return {**state, "param_groups": groups}
 
 
 def _param_names(model: nn.Module, opt: torch.optim.Optimizer) -> list[str]:

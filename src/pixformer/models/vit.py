@@ -153,12 +153,12 @@ class Block(nn.Module):
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    """adaLN's x * (1 + scale) + shift, in one pass over x (addcmul, not a product and then a sum)."""
+    """adaLN's x * (1 + scale) + shift as one addcmul (not a product and then a sum over the tokens)."""
     return torch.addcmul(shift, x, 1 + scale)
 
 
 def gated_residual(x: Tensor, gate: Tensor, h: Tensor, rate: float, training: bool) -> Tensor:
-    """x + drop_path(gate * h): one pass over x and h (addcmul) where no path is dropped."""
+    """x + drop_path(gate * h): one addcmul where no path is dropped (no gate * h of its own)."""
     if rate == 0.0 or not training:
         return torch.addcmul(x, gate, h)
     return x + drop_path(gate * h, rate, training)
