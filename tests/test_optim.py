@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from pixformer import PixformerError, TrainConfig, create_model, train
-from pixformer.engine.optim import Lamb, Optimizers, StackedMuon, build_optimizer, lr_at
+from pixformer.engine.optim import Lamb, Optimizers, StackedMuon, build_optimizer, lr_at, param_groups
 from pixformer.engine.progressive import resized, side_at
+from pixformer.engine.runtime import Runtime
 
 TINY = dict(model="vit-n/2", data="digits", model_args=dict(depth=1, dim=16, heads=2), batch_size=32,
             train_subset=192, epochs=2, progress=False, precision="fp32", lr=3e-3)   # 6 steps an epoch
@@ -40,8 +41,9 @@ def test_adamw_is_torchs_fused_kernel_and_steps_as_its_default():
     twin.load_state_dict(model.state_dict())
     opt = build_optimizer(model, TrainConfig(optimizer="adamw", weight_decay=0.05))
     assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"]
-    groups = [{k: v for k, v in g.items() if k not in ("params", "fused", "foreach")} | {"params": [dict(twin.named_parameters())[n]
-              for n, p in model.named_parameters() if any(p is q for q in g["params"])]} for g in opt.param_groups]
+    twins = dict(zip(model.parameters(), twin.parameters()))
+    groups = [{**{k: v for k, v in g.items() if k not in ("fused", "foreach")}, "params": [twins[p] for p in g["params"]]}
+              for g in opt.param_groups]                                # the same groups over the twin
     ref = torch.optim.AdamW(groups, foreach=False, fused=False)     # torch's one-tensor-at-a-time step
     assert not any(g["fused"] or g["foreach"] for g in ref.param_groups)
     x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -55,11 +57,8 @@ def test_adamw_is_torchs_fused_kernel_and_steps_as_its_default():
 
 
 def test_a_state_saved_with_foreach_resumes_on_the_fused_kernel():
-    from pixformer.engine.runtime import Runtime
     model = create_model("vit-n/2", img_size=8, num_classes=10, depth=1, dim=16, heads=2)
-    from pixformer.engine.optim import param_groups
-    groups = param_groups(model, TrainConfig().weight_decay)
-    old = torch.optim.AdamW(groups, lr=1e-3, foreach=True)                  # as runs were saved before
+    old = torch.optim.AdamW(param_groups(model, TrainConfig().weight_decay), lr=1e-3, foreach=True)   # as saved before
     model(torch.rand(2, 3, 8, 8)).sum().backward()
     old.step()
     opt = build_optimizer(model, TrainConfig(optimizer="adamw"))
