@@ -129,8 +129,8 @@ def worker(a) -> None:
     del loss
 
     def step(i):
+        opt.zero_grad(set_to_none=True)                   # as train's step: before the forward
         loss = forward()
-        opt.zero_grad(set_to_none=True)
         loss.backward()
         if P > 1:
             average_gradients(model)

@@ -32,6 +32,7 @@ CONFIGS = {"pixformer": dict(impl="pixformer", precision="auto"),
            "pixformer-system-malloc": dict(impl="pixformer", precision="auto", allocator="system"),
            "diffusers": dict(impl="diffusers", precision="fp32"),
            "diffusers-bf16": dict(impl="diffusers", precision="bf16"),
+           "diffusers-bf16-keep-malloc": dict(impl="diffusers", precision="bf16", allocator="keep"),
            "sample-ddim50": dict(impl="sample", sampler="ddim", steps=50, precision="auto"),
            "sample-dpm20": dict(impl="sample", sampler="dpm-solver", steps=20, precision="auto")}
 
@@ -73,6 +74,8 @@ def build(name: str, patch: int, batch: int):
             return task.loss(model, x, y, np.random.default_rng(i))[0]
     else:
         from diffusers import DiTTransformer2DModel
+        from pixformer.engine.perf import set_allocator
+        set_allocator(cfg.get("allocator", "system"))            # as published: glibc's own policy, unless named
         model = DiTTransformer2DModel(num_attention_heads=d["heads"], attention_head_dim=d["dim"] // d["heads"],
                                       in_channels=d["chans"], out_channels=d["chans"], num_layers=d["depth"],
                                       sample_size=d["img"], patch_size=patch, num_embeds_ada_norm=d["classes"])

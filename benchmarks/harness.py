@@ -65,15 +65,15 @@ def profile_step(step: Callable[[int], None], warmup: int = 2, top: int = 20) ->
 
 def train_step(loss_of: Callable[[int], "torch.Tensor"], opt, amp, device: str = "cpu",
                clip: float = 0.0) -> Callable[[int], None]:
-    """One training step for `time_steps`: the loss of step i under autocast `amp` (None: fp32) on
-    `device`'s type, backward, gradient clipping to norm `clip` (0: none; `pixformer train` clips at
-    1.0) and the optimizer step."""
+    """One training step for `time_steps`, in the order of train's: the last step's gradients released,
+    the loss of step i under autocast `amp` (None: fp32) on `device`'s type, backward, gradient clipping
+    to norm `clip` (0: none; `pixformer train` clips at 1.0) and the optimizer step."""
     import torch
 
     def step(i: int) -> None:
+        opt.zero_grad(set_to_none=True)                 # as train's step: the last gradients go before the forward
         with torch.autocast(torch.device(device).type, dtype=amp or torch.float32, enabled=amp is not None):
             loss = loss_of(i)
-        opt.zero_grad(set_to_none=True)
         loss.backward()
         if clip:
             torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], clip)
@@ -137,8 +137,8 @@ def run_configs(script: str, configs: list[str], worker_args: list[str], out: st
     stdout line: one JSON row with at least images_s, peak_rss_gib and precision, and flop_s where the
     benchmark counts FLOPs), print the figures (with `peak`, {dtype: FLOP/s} from `peak_per_dtype`, the share of
     the peak in the dtype the row ran) and the ratios against `reference` (the configurations named in `peers`
-    also against the one of the reference library that ran in the same precision: its name starts with
-    `reference`), and write {**meta, rows} to `out`. Each row records the CPU, torch's threads, the 1-minute
+    also against the one of the reference library that ran in the same precision as published:
+    `reference` or `reference`-bf16), and write {**meta, rows} to `out`. Each row records the CPU, torch's threads, the 1-minute
     load average when it started and the command that ran it (with `merge`, rows of other runs stay)."""
     import torch
 
@@ -167,7 +167,7 @@ def run_configs(script: str, configs: list[str], worker_args: list[str], out: st
             r[f"memory_vs_{reference}"] = r["peak_rss_gib"] / ref["peak_rss_gib"]
             print(f"{r['config']:<22} {r[f'speed_vs_{reference}']:.2f}x the images/s, "
                   f"{r[f'memory_vs_{reference}']:.2f}x the peak memory of {reference}")
-    same = {r["precision"]: r for r in rows if r["config"].startswith(reference)}
+    same = {r["precision"]: r for r in rows if r["config"] in (reference, f"{reference}-bf16")}   # as published
     for r in rows:
         peer = same.get(r["precision"])
         if peer and r["config"] in peers:

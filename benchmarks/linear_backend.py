@@ -39,8 +39,8 @@ def step_time(case: dict, onednn: bool) -> float:
     times = []
     for i in range(case["warm"] + case["steps"]):
         t0 = time.perf_counter()
-        loss = F.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
         if i >= case["warm"]:

@@ -38,7 +38,8 @@ CONFIGS = {"pixformer": dict(impl="pixformer", precision="auto"),
            "pixformer-blocked": dict(impl="pixformer", precision="auto", attn="blocked"),
            "pixformer-system-malloc": dict(impl="pixformer", precision="auto", allocator="system"),
            "transformers": dict(impl="transformers", precision="fp32"),
-           "transformers-bf16": dict(impl="transformers", precision="bf16")}
+           "transformers-bf16": dict(impl="transformers", precision="bf16"),
+           "transformers-bf16-keep-malloc": dict(impl="transformers", precision="bf16", allocator="keep")}
 
 
 def mae_flops() -> int:
@@ -90,6 +91,8 @@ def build(name: str, batch: int):
             return task.loss(model, x, None, np.random.default_rng(i))[0]
     else:
         from transformers import ViTMAEConfig, ViTMAEForPreTraining
+        from pixformer.engine.perf import set_allocator
+        set_allocator(cfg.get("allocator", "system"))            # as published: glibc's own policy, unless named
         model = ViTMAEForPreTraining(ViTMAEConfig(
             image_size=d["img"], patch_size=d["patch"], num_channels=3, hidden_size=d["dim"], num_hidden_layers=d["depth"],
             num_attention_heads=d["heads"], intermediate_size=d["mlp"], decoder_hidden_size=d["dec_dim"],

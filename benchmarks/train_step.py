@@ -141,10 +141,10 @@ def worker(job: dict) -> dict:
     opt = adamw(model.parameters(), lr=1e-4)
 
     def step():
+        opt.zero_grad(set_to_none=True)                       # as train's step: before the forward
         with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
             logits = model(x).float()
         loss = F.cross_entropy(logits, y)
-        opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
