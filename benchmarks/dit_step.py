@@ -25,10 +25,12 @@ from harness import matmul_peaks, peak_per_dtype, profile_step, run_configs, say
 
 DIMS = dict(img=32, chans=4, depth=12, dim=384, heads=6, classes=1000)
 # selective: selective activation checkpointing on / off; unset: as train decides (plan.selective_pays)
-# allocator: glibc malloc policy (perf.set_allocator; default auto, as in train)
+# allocator: glibc malloc policy (perf.set_allocator; default auto, as in train); attn: the attention backend
+# (default auto, as in train)
 CONFIGS = {"pixformer": dict(impl="pixformer", precision="auto"),
            "pixformer-fp32": dict(impl="pixformer", precision="fp32"),
            "pixformer-selective": dict(impl="pixformer", precision="auto", selective=True),
+           "pixformer-blocked": dict(impl="pixformer", precision="auto", attn="blocked"),
            "pixformer-system-malloc": dict(impl="pixformer", precision="auto", allocator="system"),
            "diffusers": dict(impl="diffusers", precision="fp32"),
            "diffusers-bf16": dict(impl="diffusers", precision="bf16"),
@@ -67,7 +69,8 @@ def build(name: str, patch: int, batch: int):
             if selective is None:
                 selective = selective_pays("dit-s/2", d["img"], batch, "bf16" if amp else "fp32",
                                            num_classes=d["classes"], in_chans=d["chans"], **sizes)
-            apply_speed_settings(model, Speed(selective_checkpoint=selective, allocator=cfg.get("allocator", "auto")))
+            apply_speed_settings(model, Speed(selective_checkpoint=selective, allocator=cfg.get("allocator", "auto"),
+                                              attn_backend=cfg.get("attn", "auto")))
         opt = adamw(param_groups(model, 0.0), lr=1e-4)
 
         def loss_of(i):
@@ -146,7 +149,7 @@ def main():
         out = args.out.replace(".json", f"_p{p}.json")
         run_configs(__file__, args.configs, ["--patch", str(p), "--batch", str(args.batch), "--steps", str(args.steps)],
                     out, {"dims": {**DIMS, "patch": p}, "matmul_flop_s_by_library": by_lib}, "diffusers",
-                    args.merge, peak=peak_per_dtype(by_lib), peers=("pixformer", "pixformer-fp32", "pixformer-selective"))
+                    args.merge, peak=peak_per_dtype(by_lib), peers=tuple(c for c in CONFIGS if c.startswith("pixformer")))
 
 
 if __name__ == "__main__":
