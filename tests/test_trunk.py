@@ -256,3 +256,26 @@ def test_a_resampled_table_is_what_the_model_uses_at_that_grid():
     model = create_model("pit-n", img_size=(4, 6), depth=1, dim=16, heads=2)
     for grid in ((8, 12), (3, 5), (4, 6)):
         torch.testing.assert_close(resample_table(model.pos_table, grid).reshape(-1, 16), model.position_embedding(grid))
+
+
+def test_modulated_norm_is_layer_norm_then_modulation_keeping_only_its_input():
+    from pixformer.models.vit import modulate, modulated_norm
+    g = torch.Generator().manual_seed(0)
+    x, shift, scale = (torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True)
+                       for s in ((2, 5, 8), (2, 1, 8), (2, 1, 8)))
+    assert torch.autograd.gradcheck(lambda *a: modulated_norm(*a, 1e-6), (x, shift, scale))
+    ref = modulate(torch.nn.functional.layer_norm(x, (8,), eps=1e-6), shift, scale)
+    torch.testing.assert_close(modulated_norm(x, shift, scale, 1e-6), ref)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        modulated_norm(x, shift, scale, 1e-6)
+    assert {t.data_ptr() for t in kept} == {x.data_ptr(), scale.data_ptr()}   # not the normalised x
+    # under bf16 autocast, as a DiT block runs it: the composition's output and gradients
+    xb, sb, cb = (t.detach().float().requires_grad_() for t in (x, shift, scale))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outs = [f(*(t.bfloat16() for t in (xb, sb, cb))) for f in
+                (lambda *a: modulated_norm(*a, 1e-6), lambda a, b, c: modulate(torch.nn.functional.layer_norm(a, (8,), eps=1e-6), b, c))]
+    grads = [torch.autograd.grad(o.float().square().sum(), (xb, sb, cb)) for o in outs]
+    torch.testing.assert_close(outs[0], outs[1])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)

@@ -27,7 +27,7 @@ from ..errors import PixformerError
 from ..layout import check_grid, grid_coords, patchify, unpatchify
 from ..settings import require
 from .pos_embed import sincos_2d
-from .vit import Block, block_flops, init_transformer, modulate
+from .vit import Block, block_flops, init_transformer, modulated_norm
 
 
 @dataclass
@@ -133,7 +133,7 @@ class DiT(nn.Module):
         for block in self.blocks:
             h = block(h, None, c)                                         # (B, N, D)
         shift, scale = self.final_modulation(F.silu(c))[:, None].chunk(2, dim=-1)   # (B, 1, D) each
-        h = modulate(self.final_norm(h), shift, scale)                    # (B, N, D)
+        h = modulated_norm(h, shift, scale, self.final_norm.eps)          # (B, N, D)
         out = self.final_linear(h)                                        # (B, N, p*p*out_chans)
         return unpatchify(out, p, grid)                                   # (B, out_chans, H, W)
 

@@ -146,15 +146,41 @@ class Block(nn.Module):
             raise PixformerError("this block is conditioned (adaLN-Zero): pass cond, a (B, cond_dim) tensor")
         mod = self.modulation(F.silu(cond))[:, None]                           # (B, 1, 6D)
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)    # (B, 1, D) each
-        h = self.attn(modulate(self.norm1(x), shift1, scale1), spec)           # (B, N, D)
+        h = self.attn(modulated_norm(x, shift1, scale1, self.norm1.eps), spec)   # (B, N, D)
         x = gated_residual(x, gate1, h, self.drop_path, self.training)         # (B, N, D)
-        h = self.mlp(modulate(self.norm2(x), shift2, scale2))                  # (B, N, D)
+        h = self.mlp(modulated_norm(x, shift2, scale2, self.norm2.eps))         # (B, N, D)
         return gated_residual(x, gate2, h, self.drop_path, self.training)      # (B, N, D)
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     """adaLN's x * (1 + scale) + shift as one addcmul (not a product and then a sum over the tokens)."""
     return torch.addcmul(shift, x, 1 + scale)
+
+
+class _ModulatedNorm(torch.autograd.Function):
+    """LayerNorm without affine parameters, then adaLN's modulation; keeps x (which its LayerNorm kept
+    anyway), not the normalised x: the backward recomputes that in one pass."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> Tensor:
+        ctx.save_for_backward(x, scale)
+        ctx.eps, ctx.shift_shape = eps, shift.shape
+        return modulate(F.layer_norm(x, x.shape[-1:], eps=eps), shift, scale)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, scale = ctx.saved_tensors
+        with torch.enable_grad():
+            xr = x.detach().requires_grad_()
+            n = F.layer_norm(xr, xr.shape[-1:], eps=ctx.eps)                    # recomputed
+        dx, = torch.autograd.grad(n, xr, g * (1 + scale))
+        return dx, g.sum_to_size(ctx.shift_shape), (g * n.detach()).sum_to_size(scale.shape), None
+
+
+def modulated_norm(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> Tensor:
+    """modulate(LayerNorm(x), shift, scale) for a LayerNorm without affine parameters, keeping for the
+    backward only what the LayerNorm keeps."""
+    return _ModulatedNorm.apply(x, shift, scale, eps)
 
 
 def gated_residual(x: Tensor, gate: Tensor, h: Tensor, rate: float, training: bool) -> Tensor:
