@@ -21,6 +21,7 @@ import sys
 import time
 
 import torch
+from harness import proc_status
 
 VARIANTS = {"single": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 
@@ -30,11 +31,6 @@ def parameters(name: str, img_size: int) -> list[torch.Tensor]:
     from pixformer import create_model
     model = create_model(name, img_size=img_size, num_classes=10)
     return [p.detach().clone().requires_grad_() for p in model.parameters() if p.requires_grad]
-
-
-def proc_status(key: str) -> int:
-    """A field of /proc/self/status in bytes (VmRSS: resident now, VmHWM: its high-water mark)."""
-    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
 
 
 def memory(a: argparse.Namespace, variant: str) -> dict:
@@ -94,8 +90,9 @@ def main() -> None:
     for row in rows:
         row["largest_difference_from_single"] = max((x - y).abs().max().item()
                                                     for x, y in zip(copies["single"], copies[row["variant"]]))
-        print(f"largest parameter difference, {row['variant']} against single, after {a.rounds + 3} steps: "
-              f"{row['largest_difference_from_single']:g}")
+        if row["variant"] != "single":
+            print(f"largest parameter difference, {row['variant']} against single, after {a.rounds + 3} steps: "
+                  f"{row['largest_difference_from_single']:g}")
     if a.out:
         json.dump({"command": " ".join(sys.argv), "cpu": cpu_name(), "threads": torch.get_num_threads(),
                    "model": a.model, "params": n, "steps": a.rounds + 3, "rows": rows}, open(a.out, "w"), indent=1)

@@ -39,6 +39,14 @@ def timed(fn: Callable[[], object], sync: Callable[[], None] | None = None) -> f
     return time.perf_counter() - t
 
 
+def proc_status(key: str) -> int:
+    """A field of /proc/self/status in bytes (VmRSS: resident now, VmHWM: its high-water mark; 0 if absent)."""
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def time_steps(step: Callable[[int], None], steps: int, warmup: int = 2, sync: Callable[[], None] | None = None) -> dict:
     """Median seconds of `step(i)` over `steps` calls after `warmup` untimed ones (their seconds in
     warmup_s), and the process's peak resident memory (GiB) before and after them. `sync`: as for `timed`."""

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from harness import matmul_peaks, peak_per_dtype, say_peaks, timed, vit_pytorch_file
+from harness import matmul_peaks, peak_per_dtype, proc_status, say_peaks, timed, vit_pytorch_file
 
 DIMS = dict(depth=12, dim=192, heads=3, mlp_dim=768, num_classes=10)   # PiT-T
 GiB = 2 ** 30
@@ -78,13 +78,6 @@ def configs() -> dict[str, dict]:
 
 
 # ---- measurements --------------------------------------------------------------------------
-def proc_status(key: str) -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith(key):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 def cpu_jiffies() -> tuple[int, int]:
     """(busy, total) jiffies of all CPUs since boot."""
     v = [int(x) for x in open("/proc/stat").readline().split()[1:]]

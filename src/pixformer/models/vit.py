@@ -159,22 +159,26 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 
 class _ModulatedNorm(torch.autograd.Function):
     """LayerNorm without affine parameters, then adaLN's modulation; keeps x (which its LayerNorm kept
-    anyway), not the normalised x: the backward recomputes that in one pass."""
+    anyway), not the normalised x: the backward recomputes that in one pass, under the autocast state of
+    the forward (CUDA's autocast runs LayerNorm in fp32, CPU's in the input's dtype)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> Tensor:
         ctx.save_for_backward(x, scale)
-        ctx.eps, ctx.shift_shape = eps, shift.shape
+        ctx.eps, ctx.shift_shape, ctx.shift_dtype, kind = eps, shift.shape, shift.dtype, x.device.type
+        ctx.autocast = dict(device_type=kind, dtype=torch.get_autocast_dtype(kind),
+                            enabled=torch.is_autocast_enabled(kind))
         return modulate(F.layer_norm(x, x.shape[-1:], eps=eps), shift, scale)
 
     @staticmethod
     def backward(ctx, g: Tensor):
         x, scale = ctx.saved_tensors
-        with torch.enable_grad():
+        with torch.enable_grad(), torch.autocast(**ctx.autocast):
             xr = x.detach().requires_grad_()
-            n = F.layer_norm(xr, xr.shape[-1:], eps=ctx.eps)                    # recomputed
+            n = F.layer_norm(xr, xr.shape[-1:], eps=ctx.eps)                    # recomputed as in the forward
         dx, = torch.autograd.grad(n, xr, g * (1 + scale))
-        return dx, g.sum_to_size(ctx.shift_shape), (g * n.detach()).sum_to_size(scale.shape), None
+        dshift = g.sum_to_size(ctx.shift_shape).to(ctx.shift_dtype)
+        return dx, dshift, (g * n.detach()).sum_to_size(scale.shape).to(scale.dtype), None
 
 
 def modulated_norm(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> Tensor:
