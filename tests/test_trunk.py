@@ -279,3 +279,20 @@ def test_modulated_norm_is_layer_norm_then_modulation_keeping_only_its_input():
     torch.testing.assert_close(outs[0], outs[1])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
+def test_the_conditioning_map_runs_in_its_weights_precision_and_keeps_no_half_copy():
+    from pixformer.models.vit import conditioning_map
+    block = Block(16, 2, cond_dim=16)
+    nn.init.normal_(block.modulation.weight)
+    x, cond = torch.randn(2, 5, 16), torch.randn(2, 16, requires_grad=True)
+    kept = []
+    with torch.autocast("cpu", dtype=torch.bfloat16), \
+            torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        mod = conditioning_map(block.modulation, cond, torch.bfloat16)
+        out = block(x.bfloat16(), None, cond)
+    assert mod.dtype == torch.bfloat16 and out.dtype == torch.bfloat16
+    torch.testing.assert_close(mod, block.modulation(torch.nn.functional.silu(cond)).bfloat16())   # fp32, then cast
+    assert not [t for t in kept if t.shape in ((96, 16), (16, 96)) and t.dtype != torch.float32]   # no bf16 copy of the weight
+    out.float().sum().backward()
+    assert block.modulation.weight.grad.dtype == torch.float32 and cond.grad is not None

@@ -27,7 +27,7 @@ from ..errors import PixformerError
 from ..layout import check_grid, grid_coords, patchify, unpatchify
 from ..settings import require
 from .pos_embed import sincos_2d
-from .vit import Block, block_flops, init_transformer, modulated_norm
+from .vit import Block, block_flops, conditioning_map, init_transformer, modulated_norm
 
 
 @dataclass
@@ -132,7 +132,7 @@ class DiT(nn.Module):
         c = self.condition(t, y)                                          # (B, D)
         for block in self.blocks:
             h = block(h, None, c)                                         # (B, N, D)
-        shift, scale = self.final_modulation(F.silu(c))[:, None].chunk(2, dim=-1)   # (B, 1, D) each
+        shift, scale = conditioning_map(self.final_modulation, c, h.dtype)[:, None].chunk(2, dim=-1)  # (B, 1, D) each
         h = modulated_norm(h, shift, scale, self.final_norm.eps)          # (B, N, D)
         out = self.final_linear(h)                                        # (B, N, p*p*out_chans)
         return unpatchify(out, p, grid)                                   # (B, out_chans, H, W)

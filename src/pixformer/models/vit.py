@@ -144,12 +144,20 @@ class Block(nn.Module):
             return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)        # (B, N, D)
         if cond is None:
             raise PixformerError("this block is conditioned (adaLN-Zero): pass cond, a (B, cond_dim) tensor")
-        mod = self.modulation(F.silu(cond))[:, None]                           # (B, 1, 6D)
+        mod = conditioning_map(self.modulation, cond, x.dtype)[:, None]       # (B, 1, 6D)
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)    # (B, 1, D) each
         h = self.attn(modulated_norm(x, shift1, scale1, self.norm1.eps), spec)   # (B, N, D)
         x = gated_residual(x, gate1, h, self.drop_path, self.training)         # (B, N, D)
         h = self.mlp(modulated_norm(x, shift2, scale2, self.norm2.eps))         # (B, N, D)
         return gated_residual(x, gate2, h, self.drop_path, self.training)      # (B, N, D)
+
+
+def conditioning_map(layer: nn.Linear, cond: Tensor, dtype: torch.dtype) -> Tensor:
+    """adaLN's layer(SiLU(cond)) in the layer's own precision even under autocast, then cast to `dtype`:
+    a few rows (one per image), so no half-precision copy of its (k D, D) weight is made and kept for
+    the backward (DiT-S: 20 MiB over its blocks)."""
+    with torch.autocast(cond.device.type, enabled=False):
+        return layer(F.silu(cond.to(layer.weight.dtype))).to(dtype)            # (B, k D)
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
