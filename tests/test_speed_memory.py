@@ -613,3 +613,81 @@ def test_planner_memory_of_each_attention_backend():
     assert plan("pit-t", 32, precision="bf16").attn == "blocked"        # no batch: what large batches get
     with pytest.raises(PixformerError, match="unknown attention backend"):
         plan("pit-t", 32, 32, attn_backend="fast")
+
+
+def test_lean_norms_recompute_the_norms_outputs_bit_for_bit_and_keep_less():
+    """Blocks whose norms' outputs are recomputed in the backward give the plain blocks' loss and gradients
+    exactly (fp32 with oneDNN or not, bf16 autocast over an fp32 or a bf16 residual stream, DiT's
+    modulated norms, with the lean MLP); each block keeps 2 x tokens x width values less, as the planner
+    counts; checkpointed blocks, other saved-tensor hooks and evaluation are left alone."""
+    from torch.utils.checkpoint import checkpoint
+
+    from pixformer.engine.perf import apply_lean_norms, lean_norm_blocks
+    x, y = torch.randn(3, 3, 8, 8), torch.tensor([0, 1, 4])
+
+    def model(**kw):
+        m = tiny(**kw)
+        torch.nn.init.normal_(m.head.weight, generator=torch.Generator().manual_seed(2))
+        return m.train()
+
+    for amp, onednn in ((False, False), (False, True), (True, False)):
+        plain, lean = model(), apply_lean_norms(model())
+        for m in (plain, lean):
+            apply_onednn_linear(m, onednn)
+            apply_lean_mlp(m, onednn=onednn)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            (loss_ref, g_ref), (loss, g) = grads_of(plain, x, y), grads_of(lean, x, y)
+        assert torch.equal(loss, loss_ref) and all(torch.equal(g[k], g_ref[k]) for k in g_ref)
+    # DiT's conditioned blocks, bf16 residual stream under autocast
+    from pixformer.models.dit import DiT, DiTConfig
+    dits = []
+    for lean_on in (False, True):
+        torch.manual_seed(0)
+        d = DiT(DiTConfig(img_size=(8, 8), patch_size=2, in_chans=4, depth=2, dim=32, heads=2, num_classes=3))
+        for p in d.parameters():
+            torch.nn.init.normal_(p, std=0.1)
+        dits.append(apply_lean_norms(d, lean_on))
+    z, t, c = torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.tensor([0, 2])
+    outs = []
+    for d in dits:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = d(z, t, c)
+        out.float().square().sum().backward()
+        outs.append((out, {k: p.grad for k, p in d.named_parameters()}))
+    assert torch.equal(outs[0][0], outs[1][0]) and all(torch.equal(outs[0][1][k], outs[1][1][k]) for k in outs[0][1])
+
+    # what a block keeps (fp32, two images, the lean MLP): the tensors perf's hooks let autograd keep
+    kept, pack = [], perf._pack
+
+    def counting(table, t):
+        r = pack(table, t)
+        if isinstance(r, torch.Tensor):
+            kept.append(r)
+        return r
+
+    def kept_bytes(m):
+        kept.clear()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(perf, "_pack", counting)
+            m(x[:2])
+        params = {p.untyped_storage().data_ptr() for p in m.parameters()}
+        return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in kept
+                    if t.untyped_storage().data_ptr() not in params}.values())
+    T, D, M, H = 65, 32, 128, 2
+    one, two = (apply_lean_norms(apply_lean_mlp(model(depth=n))) for n in (1, 2))
+    assert kept_bytes(two) - kept_bytes(one) == 2 * vit_block_bytes(T, D, M, H, 4, "fused", "none", lean_norms=True)[0]
+    assert (vit_block_bytes(T, D, M, H, 4, "fused", "none")[0]
+            - vit_block_bytes(T, D, M, H, 4, "fused", "none", lean_norms=True)[0]) == 2 * 4 * T * D
+    # left alone: checkpointed blocks, other hooks, no gradients
+    m = apply_lean_norms(apply_activation_checkpointing(model(), 1, True))
+    assert [vars(b)["forward"].func for b in lean_norm_blocks(m)] == [checkpoint, checkpoint]
+    assert checkpointed_blocks(m) == {"full": 1, "selective": 1}
+    m = apply_lean_norms(model())
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        loss, g = grads_of(m, x, y)
+    loss_ref, g_ref = grads_of(model(), x, y)
+    assert torch.equal(loss, loss_ref)
+    with torch.no_grad():
+        assert torch.equal(m(x), model()(x))
+    apply_lean_norms(m, enabled=False)
+    assert not any("forward" in vars(b) or "_lean_handle" in vars(b.norm1) for b in lean_norm_blocks(m))

@@ -21,7 +21,7 @@ _WHERE = {
     "Runtime": "engine", "Speed": "engine", "TrainConfig": "engine", "evaluate": "engine", "load_model": "engine",
     "train": "engine",
     "apply_activation_checkpointing": "engine.perf", "apply_compile": "engine.perf",
-    "apply_onednn_linear": "engine.perf", "apply_lean_mlp": "engine.perf", "apply_speed_settings": "engine.perf",
+    "apply_onednn_linear": "engine.perf", "apply_lean_mlp": "engine.perf", "apply_lean_norms": "engine.perf", "apply_speed_settings": "engine.perf",
     "apply_depthwise_grad": "engine.perf", "autocast_dtype": "engine.perf",
     "set_allocator": "engine.perf", "plan": "engine.plan", "PixformerError": "errors",
     "AttnSpec": "models", "ViTConfig": "models", "VisionTransformer": "models", "attention": "models",

@@ -240,6 +240,8 @@ def build_parser():
     plan.add_argument("--seq_regather", type=typing.Union[int, str, bool], default="auto",
                       help="layers gathering keys / values again in backward: auto | all | none | N (train --seq-regather)")
     plan.add_argument("--lean_mlp", type=bool, default=True, help="the MLP keeps its hidden activation once (train --lean-mlp)")
+    plan.add_argument("--lean_norms", type=bool, default=False,
+                      help="the norms' outputs recomputed in backward, not kept (train --lean-norms)")
     plan.add_argument("--json", type=bool, default=False, help="print one JSON object instead of the table")
     commands.add_subcommand("plan", plan, help="FLOPs, memory and the largest batch for a memory budget")
 
@@ -576,7 +578,7 @@ def cmd_plan(ns) -> int:
     from .engine.plan import plan
     from .engine.plan import format_bytes, largest_side
     parallel = dict(seq_parallel=ns.seq_parallel, data_parallel=ns.data_parallel, fsdp=ns.fsdp,
-                    seq_regather=ns.seq_regather, lean_mlp=ns.lean_mlp)
+                    seq_regather=ns.seq_regather, lean_mlp=ns.lean_mlp, lean_norms=ns.lean_norms)
     p = plan(ns.model, ns.img_size, ns.batch_size, ns.memory, ns.precision, ns.attn_backend, ns.num_classes,
              ns.in_chans, **parallel)
     sides = {}

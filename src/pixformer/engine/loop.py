@@ -542,14 +542,15 @@ def resolved_speed(cfg: TrainConfig, runtime: Runtime, facts: DataFacts, amp, ta
     if tokens is not None:                 # blocks seeing different sequences: counted on the built model
         speed["selective_checkpoint"] = blocks_peak_bytes(
             model, tokens, -(-cfg.batch_size // (runtime.data_parallel * cfg.accum_steps)), "bf16" if amp else "fp32",
-            cfg.speed.attn_backend, cfg.speed.lean_mlp_on) > SELECTIVE_ABOVE
+            cfg.speed.attn_backend, cfg.speed.lean_mlp_on, cfg.speed.lean_norms_on) > SELECTIVE_ABOVE
     elif speed["selective_checkpoint"] is None:
         speed["selective_checkpoint"] = selective_pays(cfg.model, facts.img_size, -(-cfg.batch_size // cfg.accum_steps),
                                                        "bf16" if amp else "fp32", cfg.speed.attn_backend,
                                                        len(facts.classes), facts.in_chans, **cfg.model_args,
                                                        seq_parallel=runtime.seq_parallel,      # per rank
                                                        data_parallel=runtime.data_parallel,
-                                                       lean_mlp=cfg.speed.lean_mlp_on)
+                                                       lean_mlp=cfg.speed.lean_mlp_on,
+                                                       lean_norms=cfg.speed.lean_norms_on)
     return speed
 
 
@@ -563,7 +564,7 @@ def seq_regather_layers(cfg: TrainConfig, runtime: Runtime, facts: DataFacts, sp
     p = plan(cfg.model, facts.img_size, -(-cfg.batch_size // cfg.accum_steps), precision="bf16" if amp else "fp32",
              attn_backend=cfg.speed.attn_backend, num_classes=len(facts.classes), in_chans=facts.in_chans,
              seq_parallel=runtime.seq_parallel, data_parallel=runtime.data_parallel, seq_regather=cfg.seq_regather,
-             lean_mlp=cfg.speed.lean_mlp_on, **cfg.model_args)
+             lean_mlp=cfg.speed.lean_mlp_on, lean_norms=cfg.speed.lean_norms_on, **cfg.model_args)
     mode = "full" if checkpoint_count(speed["checkpoint_blocks"], p.depth) == p.depth else \
         "selective" if speed["selective_checkpoint"] else "none"
     return p.regather_layers[mode], p.regather_line(mode)

@@ -5,6 +5,7 @@
     apply_compile(model)                           # torch.compile, block by block
     apply_onednn_linear(model)                     # fp32 linear layers on CPU through oneDNN
     apply_lean_mlp(model)                          # the MLP keeps its hidden activation once
+    apply_lean_norms(model)                        # the norms' outputs recomputed in backward, not kept
     apply_depthwise_grad(model)                    # depthwise convolutions' weight and bias gradients, compiled
     set_allocator("keep")                          # glibc malloc policy for large tensors
     apply_speed_settings(model, Speed(...))        # all of train's switches in one call
@@ -164,6 +165,112 @@ def apply_lean_mlp(model: nn.Module, enabled: bool = True, onednn: bool = False)
         mlp.__dict__.pop("forward", None)
         if enabled:
             mlp.forward = functools.partial(_lean_mlp_forward, mlp, onednn and onednn_available())
+    return model
+
+
+# ---- norms keep only their input -----------------------------------------------------------------
+# Written here because the linear layer after each of a block's norms keeps the norm's output (or its
+# half-precision copy) for its weight gradient while the norm keeps its input: two tensors of the
+# block's width a token where one will do. torch's selective checkpointing can drop it too, but replays
+# the whole block through a dispatch mode; this recomputes only the norm, when the backward asks for it.
+_NOTING: list[dict] = []    # while a lean block runs its forward: its norms' outputs, by autograd node
+#                             (and "numels": their sizes, which a saved tensor must have to be one)
+_VIEWS = ("ViewBackward0", "UnsafeViewBackward0")
+
+
+@dataclass(frozen=True)
+class _Recompute:
+    """A saved tensor autograd did not keep: norm(*args) again, cast to `dtype`, viewed as it was."""
+    norm: nn.Module
+    args: tuple
+    versions: tuple
+    autocast: dict
+    dtype: torch.dtype
+    shape: torch.Size
+    stride: tuple
+    offset: int
+
+
+def _note_norm_output(table_stack: list, norm: nn.Module, args: tuple, out: torch.Tensor) -> None:
+    if table_stack and torch.is_grad_enabled() and out.grad_fn is not None and out.is_contiguous() \
+            and out.storage_offset() == 0 and out.untyped_storage().nbytes() == out.nbytes:
+        kind = out.device.type
+        table_stack[-1]["numels"].add(out.numel())
+        table_stack[-1][out.grad_fn] = (norm, args, out.numel(),
+                                        dict(device_type=kind, dtype=torch.get_autocast_dtype(kind),
+                                             enabled=torch.is_autocast_enabled(kind)))
+
+
+def _pack(table: dict, t: torch.Tensor):
+    """A recipe instead of `t` where `t` is a noted norm's output, or a view of it or of its one cast copy
+    (what an autocast linear layer keeps), owning the whole of a fresh storage; else `t` itself."""
+    if t.numel() not in table["numels"]:                                        # most saved tensors: at once
+        return t
+    node, casts = t.grad_fn, 0
+    while node is not None and node not in table:
+        name = type(node).__name__
+        casts += name == "ToCopyBackward0"
+        if (name not in _VIEWS and name != "ToCopyBackward0") or casts > 1 or not node.next_functions:
+            return t
+        node = node.next_functions[0][0]
+    if node is None:
+        return t
+    norm, args, numel, autocast = table[node]
+    if t.untyped_storage().nbytes() != numel * t.element_size():
+        return t
+    return _Recompute(norm, args, tuple(a._version for a in args if isinstance(a, torch.Tensor)), autocast,
+                      t.dtype, t.shape, t.stride(), t.storage_offset())
+
+
+def _unpack(saved):
+    if not isinstance(saved, _Recompute):
+        return saved
+    if tuple(a._version for a in saved.args if isinstance(a, torch.Tensor)) != saved.versions:
+        raise RuntimeError("a norm's input was modified in place after the forward; its output cannot be recomputed")
+    with torch.no_grad(), torch.autocast(**saved.autocast):
+        out = saved.norm.forward(*saved.args)                                   # forward hooks not run again
+    return out.to(saved.dtype).as_strided(saved.shape, saved.stride, saved.offset)
+
+
+def _lean_norms_forward(forward, *args, **kwargs):
+    """The block's forward with its norms' outputs recomputed rather than kept; as it is where nothing
+    will be kept (no gradients), where inductor chooses (compiling), and inside another saved-tensor
+    mechanism (activation checkpointing, offloading), which then decides for every tensor."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling() \
+            or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+        return forward(*args, **kwargs)
+    table: dict = {"numels": set()}
+    _NOTING.append(table)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(functools.partial(_pack, table), _unpack):
+            return forward(*args, **kwargs)
+    finally:
+        _NOTING.pop()
+
+
+def lean_norm_blocks(model: nn.Module) -> list[nn.Module]:
+    """The blocks whose two norms apply_lean_norms can recompute (Transformer blocks: norm1, norm2)."""
+    return [b for b in blocks_of(model) if all(isinstance(getattr(b, n, None), nn.Module) for n in ("norm1", "norm2"))]
+
+
+def apply_lean_norms(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Each block keeps its norms' inputs only: the linear layer after a norm gets the norm's output
+    recomputed in the backward (one norm more per norm) instead of autograd keeping it, so what a ViT
+    block keeps falls by two tensors of its width a token (plan.vit_block_bytes); the same values and
+    gradients, bit for bit. Blocks checkpointed by apply_activation_checkpointing (apply that first) are
+    left as they are: checkpointing decides what they keep. In place; parameter names stay the same."""
+    for block in lean_norm_blocks(model):
+        for norm in (block.norm1, block.norm2):
+            handle = norm.__dict__.pop("_lean_handle", None)
+            if handle is not None:
+                handle.remove()
+        wrapped = vars(block).get("forward")
+        if isinstance(wrapped, functools.partial) and wrapped.func is _lean_norms_forward:
+            del block.forward
+        if enabled and "forward" not in vars(block):            # not checkpointed
+            for norm in (block.norm1, block.norm2):
+                norm._lean_handle = norm.register_forward_hook(functools.partial(_note_norm_output, _NOTING))
+            block.forward = functools.partial(_lean_norms_forward, block.forward)
     return model
 
 
@@ -340,7 +447,8 @@ def apply_activation_checkpointing(model: nn.Module, blocks: int | str = "all", 
 
 def checkpointed_blocks(model: nn.Module) -> dict[str, int]:
     """How many blocks of `model` apply_activation_checkpointing wrapped, by mode."""
-    modes = [b.checkpoint_mode for b in blocks_of(model) if "forward" in vars(b)]
+    modes = [b.checkpoint_mode for b in blocks_of(model)
+             if getattr(vars(b).get("forward"), "func", None) is checkpoint]
     return {"full": modes.count("full"), "selective": modes.count("selective")}
 
 
@@ -367,6 +475,10 @@ class Speed:
     lean_mlp: bool = True               # the MLP keeps its hidden activation once (GELU recomputed in
     #                                     backward): a ViT block keeps 22-25 % less (off under compile and
     #                                     selective checkpointing, which recompute GELU themselves)
+    lean_norms: bool = False            # the linear layer after each norm recomputes the norm's output in
+    #                                     backward instead of keeping it: a ViT block keeps two tensors of
+    #                                     its width a token less, for two norms more (no effect under
+    #                                     compile and checkpointing)
     depthwise_grad: bool = True         # depthwise convolutions (ConvMixer) take their weight gradient on CPU
     #                                     from a compiled kernel, not oneDNN's (ConvMixer-256/8: 1.6x a step;
     #                                     off under compile)
@@ -376,6 +488,11 @@ class Speed:
     def lean_mlp_on(self) -> bool:
         """Whether the lean MLP runs: asked for, and not compiled (inductor picks what to recompute)."""
         return self.lean_mlp and not self.compile
+
+    @property
+    def lean_norms_on(self) -> bool:
+        """Whether the blocks recompute their norms' outputs: asked for, and not compiled."""
+        return self.lean_norms and not self.compile
 
     def check(self) -> "Speed":
         """Refuse an unknown attention backend or allocator policy, or checkpoint blocks that are not a
@@ -396,6 +513,7 @@ def apply_speed_settings(model: nn.Module, speed: Speed | None = None, **setting
     onednn = onednn_pays() if speed.onednn_linear is None else speed.onednn_linear
     apply_onednn_linear(model, onednn)
     apply_lean_mlp(model, speed.lean_mlp_on and not speed.selective_checkpoint, onednn)  # selective recomputes GELU too
+    apply_lean_norms(model, speed.lean_norms_on)        # after checkpointing: checkpointed blocks are left alone
     apply_depthwise_grad(model, speed.depthwise_grad and not speed.compile)
     if speed.compile:
         apply_compile(model)

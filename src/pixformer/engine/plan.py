@@ -95,11 +95,13 @@ def format_bytes(n: float) -> str:
 
 
 def vit_block_bytes(T: int, D: int, M: int, H: int, e: int, attn: str, mode: str,
-                    keys: int | None = None, regather: bool = False, lean_mlp: bool = True) -> tuple[int, int]:
+                    keys: int | None = None, regather: bool = False, lean_mlp: bool = True,
+                    lean_norms: bool = False) -> tuple[int, int]:
     """(bytes kept, bytes of the working set while its backward runs) of one ViT block, one image; T
     tokens, or under sequence parallelism T of a shard attending over `keys` gathered keys (kept, or
     with `regather` gathered again in the backward, as checkpointing does anyway); `lean_mlp`: the MLP
-    keeps u alone (GELU(u) recomputed)."""
+    keeps u alone (GELU(u) recomputed); `lean_norms`: the linear layers after the two norms keep nothing
+    of their own (the norms' outputs recomputed, perf.apply_lean_norms)."""
     r = 4
     Tk = keys or T
     lse = 4 * H * T if attn == "fused" else 0   # the fused kernels' log-sum-exp (fp32)
@@ -109,7 +111,8 @@ def vit_block_bytes(T: int, D: int, M: int, H: int, e: int, attn: str, mode: str
     again = regather or mode != "none"   # checkpointing recomputes the gather (selective: not a matmul's output)
     work = e * T * M + r * T * D + (2 * probs if attn == "math" else 0) + gathered * (1 + again)
     gathered = 0 if again else gathered
-    full = r * T * D + e * T * D + e * 3 * T * D + e * T * D + lse + r * T * D + e * T * D \
+    normed = 0 if lean_norms else 2 * e * T * D   # the norms' outputs, as the next linear layers keep them
+    full = r * T * D + e * 3 * T * D + e * T * D + lse + r * T * D + normed \
         + e * (1 if lean_mlp else 2) * T * M + probs + stats + gathered
     if mode == "none":
         return full, work
@@ -330,10 +333,11 @@ def attention_memory_kind(backend: str, e: int, scores: int | None) -> str:
 def plan(model: str, img_size: int | tuple[int, int] = 32, batch_size: int | None = None,
          memory: int | str | None = None, precision: str = "fp32", attn_backend: str = "auto",
          num_classes: int = 10, in_chans: int = 3, seq_parallel: int = 1, data_parallel: int = 1,
-         fsdp: bool = False, seq_regather: str | int | bool = "auto", lean_mlp: bool = True, **overrides) -> Plan:
+         fsdp: bool = False, seq_regather: str | int | bool = "auto", lean_mlp: bool = True,
+         lean_norms: bool = False, **overrides) -> Plan:
     """Tokens, parameters, FLOPs and training-memory estimate of a named model (see the module doc),
     per rank of `seq_parallel` x `data_parallel` ranks. `precision` is fp32, bf16 or auto (what
-    `train` would use on this machine's CPU); `seq_regather` and `lean_mlp` as train's settings."""
+    `train` would use on this machine's CPU); `seq_regather`, `lean_mlp` and `lean_norms` as train's settings."""
     from ..models.registry import create_model
 
     if batch_size is not None and batch_size < 1:
@@ -372,9 +376,11 @@ def plan(model: str, img_size: int | tuple[int, int] = 32, batch_size: int | Non
         images = 4 * in_chans * img[0] * img[1]
         one_attn = attention_memory_kind(attn_backend, e, local * heads * T * T if local else None)
         for mode in CHECKPOINT_MODES:
-            one_device[mode] = stack_bytes([vit_block_bytes(T, D, M, H, e, one_attn, mode, lean_mlp=lean_mlp)] * depth, 4 * T * D + images)
+            one_device[mode] = stack_bytes([vit_block_bytes(T, D, M, H, e, one_attn, mode, lean_mlp=lean_mlp,
+                                                              lean_norms=lean_norms)] * depth, 4 * T * D + images)
             keys = T if seq_parallel > 1 else None
-            blocks = [vit_block_bytes(Ts, D, M, H, e, attn, mode, keys, again, lean_mlp) for again in (False, True)]
+            blocks = [vit_block_bytes(Ts, D, M, H, e, attn, mode, keys, again, lean_mlp, lean_norms)
+                      for again in (False, True)]
             cost = {R: stack_bytes([blocks[1]] * R + [blocks[0]] * (depth - R), 4 * Ts * D + images)
                     for R in range(depth + 1)}   # the final norm's input and the images kept throughout
             fits = [R for R in cost if cost[R] <= REGATHER_TARGET / seq_parallel * one_device[mode]]
@@ -422,7 +428,7 @@ def largest_side(model: str, memory: int | str, mode: str = "full", **settings) 
 
 
 def blocks_peak_bytes(model: torch.nn.Module, tokens: list[int], batch_size: int, precision: str = "auto",
-                      attn_backend: str = "auto", lean_mlp: bool = True) -> int:
+                      attn_backend: str = "auto", lean_mlp: bool = True, lean_norms: bool = False) -> int:
     """The activation peak of `batch_size` images through the blocks of a built `model` without
     checkpointing, block i (blocks_of order) at its own sequence length tokens[i] and its own width and
     heads: for a model whose blocks see different sequences (MAE's encoder the visible tokens, its
@@ -433,9 +439,9 @@ def blocks_peak_bytes(model: torch.nn.Module, tokens: list[int], batch_size: int
         raise PixformerError(f"{len(tokens)} sequence lengths for the {len(found)} blocks of {type(model).__name__}")
     per_block = []
     for block, T in zip(found, tokens):
-        D, H, M = block.norm1.normalized_shape[0], block.attn.heads, block.mlp[0].out_features
+        D, H, M = block.mlp[0].in_features, block.attn.heads, block.mlp[0].out_features
         attn = attention_memory_kind(attn_backend, e, batch_size * H * T * T)
-        per_block.append(vit_block_bytes(T, D, M, H, e, attn, "none", lean_mlp=lean_mlp))
+        per_block.append(vit_block_bytes(T, D, M, H, e, attn, "none", lean_mlp=lean_mlp, lean_norms=lean_norms))
     return batch_size * stack_bytes(per_block)
 
 

@@ -27,7 +27,7 @@ from ..errors import PixformerError
 from ..layout import check_grid, grid_coords, patchify, unpatchify
 from ..settings import require
 from .pos_embed import sincos_2d
-from .vit import Block, block_flops, conditioning_map, init_transformer, modulated_norm
+from .vit import Block, ModulatedLayerNorm, block_flops, conditioning_map, init_transformer
 
 
 @dataclass
@@ -88,7 +88,7 @@ class DiT(nn.Module):
         self.t_embed = nn.Sequential(nn.Linear(cfg.freq_dim, D), nn.SiLU(), nn.Linear(D, D))
         self.y_embed = nn.Embedding(cfg.num_classes + 1, D) if cfg.num_classes else None   # + the null class
         self.blocks = nn.ModuleList(Block(D, cfg.heads, cfg.mlp_ratio, cond_dim=D) for _ in range(cfg.depth))
-        self.final_norm = nn.LayerNorm(D, eps=1e-6, elementwise_affine=False)
+        self.final_norm = ModulatedLayerNorm(1e-6)
         self.final_modulation = nn.Linear(D, 2 * D)                      # shift, scale of the last norm
         self.final_linear = nn.Linear(D, p * p * self.out_chans)
         self.init_weights()
@@ -133,7 +133,7 @@ class DiT(nn.Module):
         for block in self.blocks:
             h = block(h, None, c)                                         # (B, N, D)
         shift, scale = conditioning_map(self.final_modulation, c, h.dtype)[:, None].chunk(2, dim=-1)  # (B, 1, D) each
-        h = modulated_norm(h, shift, scale, self.final_norm.eps)          # (B, N, D)
+        h = self.final_norm(h, shift, scale)                              # (B, N, D)
         out = self.final_linear(h)                                        # (B, N, p*p*out_chans)
         return unpatchify(out, p, grid)                                   # (B, out_chans, H, W)
 

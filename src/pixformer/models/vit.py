@@ -130,9 +130,9 @@ class Block(nn.Module):
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  drop_path: float = 0.0, cond_dim: int = 0):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6, elementwise_affine=not cond_dim)
+        self.norm1 = ModulatedLayerNorm(1e-6) if cond_dim else nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, heads, qkv_bias)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6, elementwise_affine=not cond_dim)
+        self.norm2 = ModulatedLayerNorm(1e-6) if cond_dim else nn.LayerNorm(dim, eps=1e-6)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
         self.modulation = nn.Linear(cond_dim, 6 * dim) if cond_dim else None
@@ -146,9 +146,9 @@ class Block(nn.Module):
             raise PixformerError("this block is conditioned (adaLN-Zero): pass cond, a (B, cond_dim) tensor")
         mod = conditioning_map(self.modulation, cond, x.dtype)[:, None]       # (B, 1, 6D)
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)    # (B, 1, D) each
-        h = self.attn(modulated_norm(x, shift1, scale1, self.norm1.eps), spec)   # (B, N, D)
+        h = self.attn(self.norm1(x, shift1, scale1), spec)                     # (B, N, D)
         x = gated_residual(x, gate1, h, self.drop_path, self.training)         # (B, N, D)
-        h = self.mlp(modulated_norm(x, shift2, scale2, self.norm2.eps))         # (B, N, D)
+        h = self.mlp(self.norm2(x, shift2, scale2))                            # (B, N, D)
         return gated_residual(x, gate2, h, self.drop_path, self.training)      # (B, N, D)
 
 
@@ -193,6 +193,18 @@ def modulated_norm(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> Tenso
     """modulate(LayerNorm(x), shift, scale) for a LayerNorm without affine parameters, keeping for the
     backward only what the LayerNorm keeps."""
     return _ModulatedNorm.apply(x, shift, scale, eps)
+
+
+class ModulatedLayerNorm(nn.Module):
+    """modulated_norm as a module (adaLN's norms have no parameters of their own): (B, N, D), with shift
+    and scale (B, 1, D) -> (B, N, D)."""
+
+    def __init__(self, eps: float):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+        return modulated_norm(x, shift, scale, self.eps)
 
 
 def gated_residual(x: Tensor, gate: Tensor, h: Tensor, rate: float, training: bool) -> Tensor:
