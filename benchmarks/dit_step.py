@@ -26,11 +26,13 @@ from harness import matmul_peaks, peak_per_dtype, profile_step, run_configs, say
 DIMS = dict(img=32, chans=4, depth=12, dim=384, heads=6, classes=1000)
 # selective: selective activation checkpointing on / off; unset: as train decides (plan.selective_pays)
 # allocator: glibc malloc policy (perf.set_allocator; default auto, as in train); attn: the attention backend
-# (default auto, as in train)
+# (default auto, as in train); lean_norms: the norms' outputs recomputed in the backward (default off, as in train)
 CONFIGS = {"pixformer": dict(impl="pixformer", precision="auto"),
            "pixformer-fp32": dict(impl="pixformer", precision="fp32"),
            "pixformer-selective": dict(impl="pixformer", precision="auto", selective=True),
            "pixformer-blocked": dict(impl="pixformer", precision="auto", attn="blocked"),
+           "pixformer-lean-norms": dict(impl="pixformer", precision="auto", lean_norms=True),
+           "pixformer-fp32-lean-norms": dict(impl="pixformer", precision="fp32", lean_norms=True),
            "pixformer-system-malloc": dict(impl="pixformer", precision="auto", allocator="system"),
            "diffusers": dict(impl="diffusers", precision="fp32"),
            "diffusers-bf16": dict(impl="diffusers", precision="bf16"),
@@ -68,8 +70,10 @@ def build(name: str, patch: int, batch: int):
             selective = cfg.get("selective")
             if selective is None:
                 selective = selective_pays("dit-s/2", d["img"], batch, "bf16" if amp else "fp32",
-                                           num_classes=d["classes"], in_chans=d["chans"], **sizes)
+                                           num_classes=d["classes"], in_chans=d["chans"],
+                                           lean_norms=cfg.get("lean_norms", False), **sizes)
             apply_speed_settings(model, Speed(selective_checkpoint=selective, allocator=cfg.get("allocator", "auto"),
+                                              lean_norms=cfg.get("lean_norms", False),
                                               attn_backend=cfg.get("attn", "auto")))
         opt = adamw(param_groups(model, 0.0), lr=1e-4)
 

@@ -29,13 +29,16 @@ from harness import matmul_peaks, peak_per_dtype, profile_step, run_configs, say
 DIMS = dict(img=32, patch=1, depth=12, dim=192, heads=3, mlp=768, dec_depth=4, dec_dim=128, dec_heads=4, dec_mlp=512,
             mask_ratio=0.75)
 # selective: selective activation checkpointing on / off; unset: as train decides (plan.blocks_peak_bytes);
-# lean: the lean MLP (default on, as in train); attn: the attention backend (default auto, as in train)
+# lean: the lean MLP (default on, as in train); lean_norms: the norms' outputs recomputed (default off, as in
+# train); attn: the attention backend (default auto, as in train)
 # allocator: glibc malloc policy (perf.set_allocator; default auto, as in train)
 CONFIGS = {"pixformer": dict(impl="pixformer", precision="auto"),
            "pixformer-fp32": dict(impl="pixformer", precision="fp32"),
            "pixformer-selective": dict(impl="pixformer", precision="auto", selective=True),
            "pixformer-no-lean": dict(impl="pixformer", precision="auto", lean=False),
            "pixformer-blocked": dict(impl="pixformer", precision="auto", attn="blocked"),
+           "pixformer-lean-norms": dict(impl="pixformer", precision="auto", lean_norms=True),
+           "pixformer-fp32-lean-norms": dict(impl="pixformer", precision="fp32", lean_norms=True),
            "pixformer-system-malloc": dict(impl="pixformer", precision="auto", allocator="system"),
            "transformers": dict(impl="transformers", precision="fp32"),
            "transformers-bf16": dict(impl="transformers", precision="bf16"),
@@ -81,8 +84,9 @@ def build(name: str, batch: int):
         selective = cfg.get("selective")
         if selective is None:                                                   # train's rule (loop.resolved_speed)
             selective = blocks_peak_bytes(model, task.block_tokens(model), batch, cfg["precision"],
-                                          cfg.get("attn", "auto")) > SELECTIVE_ABOVE
+                                          cfg.get("attn", "auto"), lean_norms=cfg.get("lean_norms", False)) > SELECTIVE_ABOVE
         apply_speed_settings(model, Speed(selective_checkpoint=selective, lean_mlp=cfg.get("lean", True),
+                                          lean_norms=cfg.get("lean_norms", False),
                                           attn_backend=cfg.get("attn", "auto"), allocator=cfg.get("allocator", "auto")))
         opt = adamw(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95))
         amp = autocast_dtype(cfg["precision"], "cpu")
