@@ -648,13 +648,15 @@ def test_lean_norms_recompute_the_norms_outputs_bit_for_bit_and_keep_less():
             torch.nn.init.normal_(p, std=0.1)
         dits.append(apply_lean_norms(d, lean_on))
     z, t, c = torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.tensor([0, 2])
-    outs = []
+    outs, recipes, pack = [], [], perf._pack
     for d in dits:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16), pytest.MonkeyPatch.context() as mp:
+            mp.setattr(perf, "_pack", lambda table, t: recipes.append(pack(table, t)) or recipes[-1])
             out = d(z, t, c)
         out.float().square().sum().backward()
         outs.append((out, {k: p.grad for k, p in d.named_parameters()}))
     assert torch.equal(outs[0][0], outs[1][0]) and all(torch.equal(outs[0][1][k], outs[1][1][k]) for k in outs[0][1])
+    assert sum(isinstance(r, perf._Recompute) for r in recipes) == 2 * 2      # each block's qkv and fc1 inputs
 
     # what a block keeps (fp32, two images, the lean MLP): the tensors perf's hooks let autograd keep
     kept, pack = [], perf._pack
