@@ -589,15 +589,34 @@ def check_sequence_backend(backend: str) -> str:
     return backend
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """The identity, whose backward hands on its gradient contiguous."""
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad.contiguous()
+
+
+def _all_gather_autograd(t: Tensor, group) -> Tensor:
+    """torch's all-gather along dim 0 whose backward reduce-scatters: all_gather_single_autograd from
+    torch 2.13; before it, all_gather_tensor_autograd, whose backward refuses a non-contiguous gradient."""
+    import torch.distributed._functional_collectives as fc
+    if hasattr(fc, "all_gather_single_autograd"):
+        return fc.all_gather_single_autograd(t, 0, group)
+    return _ContiguousGrad.apply(fc.all_gather_tensor_autograd(t, 0, group))
+
+
 def gather_keys(k: Tensor, v: Tensor, group) -> tuple[Tensor, Tensor]:
     """Keys and values (B, H, S, Dh) of every rank of `group`, concatenated in rank order along the
     sequence: (B, H, P*S, Dh) each, in one collective whose backward reduce-scatters the gradients."""
     import torch.distributed as dist
-    from torch.distributed._functional_collectives import all_gather_single_autograd
     if dist.get_world_size(group) == 1:
         return k, v
     kv = torch.stack([k, v]).permute(3, 0, 1, 2, 4).contiguous()           # (S, 2, B, H, Dh): torch gathers dim 0
-    kv = all_gather_single_autograd(kv, 0, group)                           # (P*S, 2, B, H, Dh)
+    kv = _all_gather_autograd(kv, group)                                    # (P*S, 2, B, H, Dh)
     k, v = kv.permute(1, 2, 3, 0, 4).unbind(0)                              # (B, H, P*S, Dh) each
     return k, v
 
