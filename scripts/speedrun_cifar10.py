@@ -48,6 +48,9 @@ ABLATIONS = {
 }
 
 
+PIXFORMER = [sys.executable, "-m", "pixformer"]   # this interpreter's pixformer, installed or on PYTHONPATH
+
+
 def run(folder: Path, config: str, data: str, extra: list[str]) -> dict:
     """Train `config` with `extra` options into `folder` (read back when finished with the same command):
     held-out top-1 (%), wall time, command."""
@@ -62,7 +65,7 @@ def run(folder: Path, config: str, data: str, extra: list[str]) -> dict:
         sys.exit(f"{folder} holds a stopped run: continue it with pixformer train --out {folder} --resume (its "
                  "wall time then no longer counts), or delete the folder to time a run from the start")
     start = time.time()
-    code = subprocess.run([str(Path(sys.executable).parent / cmd[0]), *cmd[1:]]).returncode
+    code = subprocess.run([*PIXFORMER, *cmd[1:]]).returncode
     if code:
         sys.exit(f"pixformer train ended with exit code {code} (its message above); {folder} is kept")
     wall = time.time() - start
@@ -73,7 +76,7 @@ def run(folder: Path, config: str, data: str, extra: list[str]) -> dict:
               "threads": os.environ.get("OMP_NUM_THREADS", f"{os.cpu_count()} cores"),
               "per_epoch_top1": {r["epoch"]: round(100 * r["val_top1"], 2) for r in epochs}}
     if json.loads((folder / "config.json").read_text())["task_args"].get("eval_flip"):   # after the clock stopped
-        plain = subprocess.run([str(Path(sys.executable).parent / "pixformer"), "eval", "--checkpoint", str(folder),
+        plain = subprocess.run([*PIXFORMER, "eval", "--checkpoint", str(folder),
                                 "--split", "val", "--eval_flip", "false", "--json"], check=True, capture_output=True, text=True)
         result["top1_without_flip"] = 100 * json.loads(plain.stdout.strip().splitlines()[-1])["top1"]
     done.write_text(json.dumps(result, indent=1))
