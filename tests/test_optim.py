@@ -232,15 +232,17 @@ def test_progressive_refuses_what_cannot_resize_before_any_work(settings, messag
 
 
 # ---- runs ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("optimizer, lr", [("adamw", 3e-3), ("lamb", 0.1), ("muon", 3e-3)])
-def test_a_short_run_with_each_optimizer_learns(optimizer, lr, tmp_path):
+@pytest.mark.parametrize("optimizer, lr, val_loss", [("adamw", 3e-3, 1.6), ("lamb", 0.1, 2.2), ("muon", 3e-3, 1.6)])
+def test_a_short_run_with_each_optimizer_learns(optimizer, lr, val_loss, tmp_path):
     """80 steps on digits. LAMB's steps are relative to each weight's norm, so the zero-initialised
-    classifier grows by about lr of itself a step: it wants a larger --lr."""
+    classifier grows by about lr of itself a step: it wants a larger --lr, and still learns slower here
+    (validation loss 2.01 with torch 2.13, 2.12 with 2.11, against 1.23-1.29 for AdamW and Muon; at
+    --lr 0.2 or more it diverged in some runs)."""
     out = tmp_path / "run"
     result = train(TrainConfig(**{**TINY, "model": "vit-n/4", "model_args": dict(depth=1, dim=32, heads=2),
                                   "train_subset": None, "optimizer": optimizer, "lr": lr}, out=str(out)))
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    assert rows[1]["train_loss"] < rows[0]["train_loss"] and result["val_loss"] < 2.1 < math.log(10)
+    assert rows[1]["train_loss"] < rows[0]["train_loss"] and result["val_loss"] < val_loss < math.log(10)
 
 
 @pytest.mark.parametrize("settings", [
