@@ -108,6 +108,7 @@ SEQUENCE_CHECK = textwrap.dedent("""
             torch.manual_seed(0)
             model = VisionTransformer(ViTConfig(img_size=(side, side), patch_size=1, num_classes=4, depth=2, dim=16,
                                                 heads=2, pool=pool, pos_embed=pos, fc_norm=pool == "mean"))
+            torch.nn.init.normal_(model.head.weight, std=0.02)     # not zero: gradients reach the encoder
             set_attention_backend(model, backend)
             images, weights = torch.randn(3, 3, side, side), torch.randn(3, 4)
             ref = model(images)                                    # the whole sequence in this process

@@ -39,7 +39,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.distributed._functional_collectives import all_reduce
+from torch.distributed.nn.functional import all_reduce   # its backward all-reduces the gradient in every
+#                                                          torch this accepts (the functional collective's only from 2.11)
 
 from ..errors import PixformerError
 from ..layout import grid_coords
@@ -124,10 +125,10 @@ class SequenceParallel(nn.Module):
         if vit.cls_token is not None:                                         # rank 0's first token
             mine = feats[:, 0] * float(has_cls)   # (B, D), zeros off rank 0 (in the graph: every rank's
             #                                       backward then joins the all-reduce's)
-            pooled = all_reduce(mine, "sum", self.group)                      # (B, D), summed over the shards
+            pooled = all_reduce(mine, group=self.group)                       # (B, D), summed over the shards
         else:
             n = grid[0] * grid[1]
-            pooled = all_reduce(feats[:, :held].sum(1) / n, "sum", self.group)  # (B, D), mean of all tokens
+            pooled = all_reduce(feats[:, :held].sum(1) / n, group=self.group)  # (B, D), mean of all tokens
             pooled = vit.fc_norm(pooled)
         return vit.head(pooled)                                               # (B, classes), same on every rank
 
