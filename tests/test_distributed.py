@@ -1,11 +1,14 @@
 """torchrun with 2 processes over gloo: data parallelism (DDP, FSDP2) and sequence parallelism follow the
 one-process trajectory for the same global batch, only rank 0 writes, checkpoints load in one process,
-a killed rank's restart resumes to the same result, and bad settings are one line."""
+a killed rank's restart resumes to the same result, and bad settings are one line; `pixformer launch`
+stops and continues with pixformer's lines alone."""
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -399,3 +402,59 @@ def test_the_ranks_decide_together(kind, tmp_path):
     else:
         assert "another process of this run stopped or died" in errors[0] and "rank 0" not in errors[0]
         assert state["step"] == 4
+
+
+# ---- pixformer launch ---------------------------------------------------------------------------
+@pytest.mark.parametrize("argv, message", [
+    ([], "give the number of processes"),
+    (["--nproc-per-node", "0", "train"], "--nproc-per-node must be at least 1, got 0"),
+    (["--nproc-per-node", "two", "train"], "invalid int value: 'two'"),
+    (["--nprocs", "2", "train"], "pixformer launch has no option --nprocs"),
+    (["--nproc-per-node", "2", "--max-restarts", "-1", "train"], "--max-restarts must be 0 or more"),
+    (["--nproc-per-node", "2", "eval", "--checkpoint", "x"], "runs `pixformer train` over processes"),
+    (["--nproc-per-node", "2"], "(got nothing)"),
+])
+def test_launch_refuses_what_it_cannot_run_in_one_line_before_starting_a_process(argv, message, capsys):
+    from pixformer.cli import main
+    assert main(["launch", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+LAUNCH_TRAIN = ["train", "--model", "vit-n/4", "--data", "digits", "--depth", "1", "--dim", "16", "--heads", "2",
+                "--epochs", "5000", "--progress", "false"]
+
+
+def test_launch_stops_with_the_ranks_one_line_and_continues_from_it(tmp_path):
+    """Signalled as a terminal's Ctrl-C or a scheduler signals (the whole process group), the launch ends
+    with rank 0's line naming the command that continues the run, exit code 128 + the signal, no
+    traceback of torchrun's; that command resumes; bad input inside the ranks is one line, exit 2."""
+    out = tmp_path / "run"
+
+    def launch_then_stop(args, sig):
+        log = tmp_path / "stdout.txt"
+        with open(log, "w") as stdout:
+            proc = subprocess.Popen([sys.executable, "-m", "pixformer", "launch", *args], stdout=stdout,
+                                    stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                    env={**os.environ, "OMP_NUM_THREADS": "1"})
+            deadline = time.time() + 120
+            while log.read_text().count(" epoch ") < 2 and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.2)                                 # both ranks are stepping: two epochs done
+            os.killpg(proc.pid, sig)
+            err = proc.communicate(timeout=120)[1]
+        return proc.returncode, err, log.read_text()
+
+    code, err, _ = launch_then_stop(["--nproc-per-node", "2", *LAUNCH_TRAIN, "--out", str(out)], signal.SIGTERM)
+    assert code == 143 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("pixformer: stopped (SIGTERM) at step ")
+    again = err.split("Continue with: ")[1].strip()
+    assert again == f"pixformer launch --nproc-per-node 2 train --out {out} --resume"
+    stopped = json.loads((out / "checkpoint" / "state.json").read_text())["step"]
+    code, err, printed = launch_then_stop(again.split()[2:], signal.SIGINT)      # without the leading "pixformer launch"
+    assert code == 130 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert f"resuming {out} at step {stopped}/" in printed
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] > stopped
+    done = subprocess.run([sys.executable, "-m", "pixformer", "launch", "--nproc-per-node", "2", "train", "--model",
+                           "nonsense", "--out", str(tmp_path / "bad")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip() == "pixformer: error: unknown model name 'nonsense'; see " \
+                                                            "`pixformer models`", done.stderr

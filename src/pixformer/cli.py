@@ -103,6 +103,47 @@ def add_train_arguments(parser, skip: set[str] = frozenset()):
     add_dataclass_arguments(parser, TrainConfig, skip=set(skip), after=add_shortcuts)
 
 
+def launch_parser(parser_class):
+    """`pixformer launch`'s options (engine/launch.py); what follows them is the train command it runs."""
+    from .engine.launch import EXAMPLE
+    p = parser_class(prog="pixformer launch", exit_on_error=False,
+                     usage="pixformer launch --nproc-per-node N [--max-restarts K] train [train's options]",
+                     description="Run `pixformer train` in N "
+                     "processes of this machine, started as torchrun starts them (data parallel by default; "
+                     "--seq-parallel, --fsdp as under torchrun), with pixformer's messages only: a stop (Ctrl-C, "
+                     "SIGTERM) ends with the ranks' one line and no traceback of torchrun's. Several machines: "
+                     f"use torchrun itself. Example: {EXAMPLE} --out runs/two")
+    p.add_argument("--nproc-per-node", "--nproc_per_node", type=int, default=None,
+                   help="processes to start (ranks): one per GPU, or a share of a CPU's cores each (as under torchrun, "
+                   "one thread each unless OMP_NUM_THREADS is set)")
+    p.add_argument("--max-restarts", "--max_restarts", type=int, default=0,
+                   help="times to start every rank again after one fails (resumes with train's --resume true)")
+    return p
+
+
+def cmd_launch(argv: list[str]) -> int:
+    """`pixformer launch [--nproc-per-node N] [--max-restarts K] train ...`: its own options are those
+    before the command; everything from the command on goes to the ranks as it is."""
+    import argparse
+    from .engine.launch import EXAMPLE, launch
+    p = launch_parser(argparse.ArgumentParser)
+    at = next((i for i, a in enumerate(argv) if not a.startswith("-") and (i == 0 or argv[i - 1] not in
+                                                                          _LAUNCH_VALUED)), len(argv))
+    try:
+        own, unknown = p.parse_known_args(argv[:at])
+    except argparse.ArgumentError as e:
+        raise PixformerError(f"{e} (see pixformer launch --help)") from None
+    if unknown:
+        raise PixformerError(f"pixformer launch has no option {unknown[0]} (its own: --nproc-per-node, --max-restarts; "
+                             "the train command and its options follow them)")
+    if own.nproc_per_node is None:
+        raise PixformerError(f"give the number of processes: {EXAMPLE}")
+    return launch(own.nproc_per_node, argv[at:], own.max_restarts)
+
+
+_LAUNCH_VALUED = ("--nproc-per-node", "--nproc_per_node", "--max-restarts", "--max_restarts")
+
+
 def _version() -> str:
     from . import __version__
     return __version__
@@ -126,6 +167,8 @@ def build_parser():
                        "override it, --print_config shows the merged settings")
     add_train_arguments(train)
     commands.add_subcommand("train", train, help="train a model")
+    commands.add_subcommand("launch", launch_parser(ArgumentParser), help="train over N processes of this "
+                            "machine (torchrun's way, pixformer's messages)")
 
     ev = ArgumentParser(exit_on_error=False, description="Evaluate a checkpoint with its task's metrics "
                         "(classification: top-1/top-5 accuracy and loss).")
@@ -664,8 +707,16 @@ def _main(argv: list[str] | None) -> int:
     if not argv:
         parser.print_help()
         return 2
+    if argv[0] == "launch":                     # its own options, then a train command passed on as it is
+        try:
+            return cmd_launch(argv[1:])
+        except PixformerError as e:
+            print(f"pixformer: error: {e}", file=sys.stderr)
+            return 2
+        except SystemExit as e:                 # --help
+            return e.code or 0
     if not argv[0].startswith("-") and argv[0] not in COMMANDS:
-        print(f"pixformer: error: {_unknown_command(argv[0], list(COMMANDS))}", file=sys.stderr)
+        print(f"pixformer: error: {_unknown_command(argv[0], [*COMMANDS, 'launch'])}", file=sys.stderr)
         return 2
     spelled: dict[str, str] = {}
     args = _normalise_argv(argv, _bool_options(parser), spelled)

@@ -58,6 +58,7 @@ from .checkpoint import (check_out_folder, find_checkpoint, init_from, load_tens
                          read_state, save_checkpoint, summarize_keys)
 from .config import TrainConfig, as_json, changed_settings
 from .imports import foreign_format
+from .launch import LAUNCHER_ENV
 from .optim import Optimizers, build_optimizer, lr_at
 from .perf import apply_speed_settings, autocast_dtype, checkpoint_count, onednn_pays
 from .plan import SELECTIVE_ABOVE, blocks_peak_bytes, plan, regather_count, selective_pays
@@ -184,9 +185,13 @@ class Stopped(PixformerError):
 
 def continue_command(run: "Run") -> str:
     """The command that continues a stopped run: its folder and --resume (the run's own settings)."""
+    import os
     import shlex
-    launch = " (launched by torchrun as before)" if run.runtime.world_size > 1 else ""
-    return f"pixformer train --out {shlex.quote(str(run.run_dir))} --resume{launch}"
+    resume = f"train --out {shlex.quote(str(run.run_dir))} --resume"
+    if run.runtime.world_size == 1:
+        return f"pixformer {resume}"
+    launcher = os.environ.get(LAUNCHER_ENV)                              # set by pixformer launch
+    return f"{launcher} {resume}" if launcher else f"pixformer {resume} (launched by torchrun as before)"
 
 
 class StopFlag:
