@@ -6,8 +6,8 @@
 #   bash scripts/test_other_torch.sh 2.9.0 python3.11    # the oldest torch pyproject.toml accepts
 #
 # torch comes from PyPI (on Linux its wheel carries CUDA and runs on a CPU too), with the matching
-# torchvision and timm, as on the GPU machine's image; the other packages are the test extras, torch
-# held at VERSION. Nothing is installed into .venv; src/ goes on PYTHONPATH. The environment is kept in
+# torchvision and timm, as on the GPU machine's image, and pixformer itself (editable) with its test
+# extras, torch held at VERSION. Nothing is installed into .venv. The environment is kept in
 # $VENV (default /tmp/pixformer-torch-VERSION) for a rerun; its logs and the dry run's JSON go to
 # $VENV/logs. Extra arguments go to pytest (e.g. tests/test_cli.py -x).
 set -euo pipefail
@@ -24,15 +24,11 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 pins=$(mktemp)
 printf 'torch==%s\ntorchvision==%s\n' "$version" "$vision" > "$pins"
-extras=$(sed -n 's/^test = \[\(.*\)\].*/\1/p' pyproject.toml | tr -d '",')
-deps=$(sed -n '/^dependencies = \[/,/^\]/p' pyproject.toml | sed -n 's/^ *"\([^"]*\)".*/\1/p' | grep -v '^torch')
-# PIP_CONSTRAINT replaces any constraints file pip is configured with (a cap on torch, say)
-set -f                                          # the package names unglobbed ("mkdocstrings[python]")
-PIP_CONSTRAINT="$pins" "$venv/bin/pip" install -q "torch==$version" "torchvision==$vision" timm $deps $extras
-set +f
+# the package with its test extras, editable (the checkout itself); PIP_CONSTRAINT replaces any
+# constraints file pip is configured with (a cap on torch, say)
+PIP_CONSTRAINT="$pins" "$venv/bin/pip" install -q "torch==$version" "torchvision==$vision" timm -e ".[test]"
 mkdir -p "$venv/logs"
 "$venv/bin/python" -c "import sys, torch; print('Python', sys.version.split()[0], 'torch', torch.__version__)"
-export PYTHONPATH="$root/src"
 status=0
 "$venv/bin/python" -m pytest tests -q -p no:cacheprovider "$@" > "$venv/logs/pytest.log" 2>&1 || status=1
 tail -n 3 "$venv/logs/pytest.log"

@@ -121,8 +121,11 @@ def launch_parser(parser_class):
     return p
 
 
+_LAUNCH_VALUED = ("--nproc-per-node", "--nproc_per_node", "--max-restarts", "--max_restarts")   # take a value
+
+
 def cmd_launch(argv: list[str]) -> int:
-    """`pixformer launch [--nproc-per-node N] [--max-restarts K] train ...`: its own options are those
+    """`pixformer launch --nproc-per-node N [--max-restarts K] train ...`: its own options are those
     before the command; everything from the command on goes to the ranks as it is."""
     import argparse
     from .engine.launch import EXAMPLE, launch
@@ -139,9 +142,6 @@ def cmd_launch(argv: list[str]) -> int:
     if own.nproc_per_node is None:
         raise PixformerError(f"give the number of processes: {EXAMPLE}")
     return launch(own.nproc_per_node, argv[at:], own.max_restarts)
-
-
-_LAUNCH_VALUED = ("--nproc-per-node", "--nproc_per_node", "--max-restarts", "--max_restarts")
 
 
 def _version() -> str:

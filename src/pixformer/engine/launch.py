@@ -50,10 +50,11 @@ def launch(nproc_per_node: int, command: list[str], max_restarts: int = 0) -> in
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
     _quiet_torchrun()
-    os.environ[LAUNCHER_ENV] = f"pixformer launch --nproc-per-node {nproc_per_node}" + (
-        f" --max-restarts {max_restarts}" if max_restarts else "")                # the ranks inherit it
     args = parse_args(["--standalone", f"--nproc-per-node={nproc_per_node}", f"--max-restarts={max_restarts}",
                        "--module", "pixformer", *command])
+    before = os.environ.get(LAUNCHER_ENV)
+    os.environ[LAUNCHER_ENV] = f"pixformer launch --nproc-per-node {nproc_per_node}" + (
+        f" --max-restarts {max_restarts}" if max_restarts else "")                # the ranks inherit it
     try:
         run(args)
     except SignalException as e:             # the launcher was signalled; its ranks were sent SIGTERM and said so
@@ -67,4 +68,9 @@ def launch(nproc_per_node: int, command: list[str], max_restarts: int = 0) -> in
         print(f"pixformer: rank {rank} {how}" + (f" after {max_restarts} restarts" if max_restarts else "")
               + "; its own message, if any, is above", file=sys.stderr)
         return 1 if code < 0 else code
+    finally:
+        if before is None:
+            del os.environ[LAUNCHER_ENV]
+        else:
+            os.environ[LAUNCHER_ENV] = before
     return 0
