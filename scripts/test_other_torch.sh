@@ -2,11 +2,11 @@
 # The test suite and the GPU suite's dry run under another torch and Python than the pinned ones
 # (constraints.txt), in a throwaway virtual environment, from the project root:
 #
-#   bash scripts/test_other_torch.sh 2.11.0 python3.12   # the GPU machine's image: torch 2.11, Python 3.12
+#   bash scripts/test_other_torch.sh 2.11.0 python3.12   # a common GPU image: torch 2.11, Python 3.12
 #   bash scripts/test_other_torch.sh 2.9.0 python3.11    # the oldest torch pyproject.toml accepts
 #
 # torch comes from PyPI (on Linux its wheel carries CUDA and runs on a CPU too), with the matching
-# torchvision and timm, as on the GPU machine's image, and pixformer itself (editable) with its test
+# torchvision and timm (as GPU images often carry them), and pixformer itself (editable) with its test
 # extras, torch held at VERSION. Nothing is installed into .venv. The environment is kept in
 # $VENV (default /tmp/pixformer-torch-VERSION) for a rerun; its logs and the dry run's JSON go to
 # $VENV/logs. Extra arguments go to pytest (e.g. tests/test_cli.py -x).
