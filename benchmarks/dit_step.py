@@ -41,9 +41,10 @@ CONFIGS = {"pixformer": dict(impl="pixformer", precision="auto"),
            "sample-dpm20": dict(impl="sample", sampler="dpm-solver", steps=20, precision="auto")}
 
 
-def build(name: str, patch: int, batch: int):
-    """Configuration `name` at `patch` and `batch` images: (step(i), model, autocast dtype or None, flops() the
-    forward FLOPs of one image); step(i) is a training step, or for the sample-* configurations one batch sampled."""
+def build(name: str, patch: int, batch: int, device: str = "cpu", dims: dict | None = None):
+    """Configuration `name` at `patch` and `batch` images on `device`: (step(i), model, autocast dtype or None,
+    flops() the forward FLOPs of one image); step(i) is a training step, or for the sample-* configurations one
+    batch sampled. `dims`: DIMS changed (smaller sizes for a test)."""
     import numpy as np
     import torch
 
@@ -52,20 +53,21 @@ def build(name: str, patch: int, batch: int):
     from pixformer.tasks import DataFacts
     from pixformer.tasks.diffusion import Diffusion, DiffusionConfig
 
-    cfg, d = CONFIGS[name], DIMS
+    cfg, d = CONFIGS[name], {**DIMS, **(dims or {})}
     torch.manual_seed(0)
     facts = DataFacts([str(i) for i in range(d["classes"])], d["chans"], (d["img"], d["img"]), [0.5] * d["chans"],
                       [0.5] * d["chans"])
     task = Diffusion(DiffusionConfig(), facts)
-    x = torch.randn(batch, d["chans"], d["img"], d["img"])
-    y = torch.arange(batch) % d["classes"]
-    amp = autocast_dtype(cfg["precision"], "cpu") if cfg["precision"] != "bf16" else torch.bfloat16
+    x = torch.randn(batch, d["chans"], d["img"], d["img"]).to(device)
+    y = (torch.arange(batch) % d["classes"]).to(device)
+    kind = torch.device(device).type
+    amp = autocast_dtype(cfg["precision"], kind) if cfg["precision"] != "bf16" else torch.bfloat16
     sizes = dict(depth=d["depth"], dim=d["dim"], heads=d["heads"], patch_size=patch)
     if cfg["impl"] in ("pixformer", "sample"):
         from pixformer import Speed
         from pixformer.engine.perf import apply_speed_settings
         from pixformer.engine.plan import selective_pays
-        model = task.build_model("dit-s/2", sizes)
+        model = task.build_model("dit-s/2", sizes).to(device)
         if cfg["impl"] == "pixformer":                 # train's speed settings, selective checkpointing by its rule
             selective = cfg.get("selective")
             if selective is None:
@@ -85,13 +87,13 @@ def build(name: str, patch: int, batch: int):
         set_allocator(cfg.get("allocator", "system"))            # as published: glibc's own policy, unless named
         model = DiTTransformer2DModel(num_attention_heads=d["heads"], attention_head_dim=d["dim"] // d["heads"],
                                       in_channels=d["chans"], out_channels=d["chans"], num_layers=d["depth"],
-                                      sample_size=d["img"], patch_size=patch, num_embeds_ada_norm=d["classes"])
+                                      sample_size=d["img"], patch_size=patch, num_embeds_ada_norm=d["classes"]).to(device)
         opt = adamw(model.parameters(), lr=1e-4)
 
         def loss_of(i):
             rng = np.random.default_rng(i)
-            t = torch.from_numpy(rng.integers(0, 1000, batch))
-            noise = torch.from_numpy(rng.standard_normal(tuple(x.shape), dtype=np.float32))
+            t = torch.from_numpy(rng.integers(0, 1000, batch)).to(device)
+            noise = torch.from_numpy(rng.standard_normal(tuple(x.shape), dtype=np.float32)).to(device)
             x0 = task.to_model_space(x)
             out = model(task.noise.add_noise(x0, noise, t), timestep=t, class_labels=y).sample
             return ((out.float() - noise) ** 2).mean()
@@ -100,11 +102,11 @@ def build(name: str, patch: int, batch: int):
         model.eval()
 
         def step(i):
-            with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+            with torch.autocast(kind, dtype=amp or torch.float32, enabled=amp is not None):
                 task.sample(model, batch, y, cfg_scale=1.5, sampler=cfg["sampler"], steps=cfg["steps"], seed=i)
         return step, model, amp, flops
     model.train()
-    return train_step(loss_of, opt, amp), model, amp, flops
+    return train_step(loss_of, opt, amp, device), model, amp, flops
 
 
 def worker(name: str, patch: int, batch: int, steps: int) -> dict:

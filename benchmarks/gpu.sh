@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The GPU suite (benchmarks/gpu_suite.py): pixformer's training step against timm's ViT, packed training
-# with FlexAttention and two 2-minute CIFAR-10 runs, into one JSON file.
+# with FlexAttention, two 2-minute CIFAR-10 runs, and the MAE and DiT steps against transformers' and
+# diffusers', into one JSON file.
 #
 #   bash benchmarks/gpu.sh --out gpu.json              # on a CUDA machine (at most --budget seconds, 690)
 #   bash benchmarks/gpu.sh --dry-run --out /tmp/g.json  # any CPU: every part at tiny sizes
 #
 # Options are gpu_suite.py's (--help). Wheels in .device/wheels (packages the machine lacks, e.g. from
-# ../shared/device/bundle.sh) are installed into a temporary folder first; src/ goes on PYTHONPATH, so
+# ../shared/device/bundle.sh, and diffusers' for the DiT parts: .venv/bin/pip download --no-deps
+# -d .device/wheels diffusers==VERSION) are installed into a temporary folder first; src/ goes on PYTHONPATH, so
 # the checkout runs as it is, without installing pixformer. $PYTHON picks the interpreter (default python3).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)

@@ -1,5 +1,6 @@
-"""The GPU suite: pixformer's training step against timm's ViT, packed training with FlexAttention and
-two 2-minute CIFAR-10 runs on one CUDA GPU, each measurement in its own process, into one JSON file.
+"""The GPU suite: pixformer's training step against timm's ViT, packed training with FlexAttention,
+two 2-minute CIFAR-10 runs, and the MAE and DiT steps against transformers' and diffusers' on one CUDA
+GPU, each measurement in its own process, into one JSON file.
 
     bash benchmarks/gpu.sh --out gpu.json                  # on a CUDA machine: at most --budget s (690)
     bash benchmarks/gpu.sh --dry-run --out /tmp/gpu.json    # any CPU: every part at tiny sizes (~1 min)
@@ -29,6 +30,15 @@ cannot start, fails or runs out of time is recorded with its reason, and the res
   step/MODEL/plain          the eager step without selective checkpointing
   packed/compile            packed training with compiled blocks
   timm/pN/compile           timm's blocks through torch.compile
+  task/mae/IMPL             one MAE pretraining step (benchmarks/mae_step.py: PiT-T 32x32, 75 % of the pixel
+                            tokens hidden, batch 256) of pixformer as `pixformer train --task mae` runs it and of
+                            transformers' ViTMAEForPreTraining (SDPA), both bf16 autocast; pixformer's entry gets
+                            the ratios of images/s and peak memory to its peer's
+  task/dit-pP/IMPL          one DiT-S training step (benchmarks/dit_step.py: 32x32x4 latents, 1,000 classes) at
+                            patch 2 (batch 256) and patch 1 (batch 64) of pixformer and of diffusers'
+                            DiTTransformer2DModel, both bf16 autocast. Both need diffusers (pixformer's DiT draws
+                            its noise schedule from it), which the GPU image lacks: put its wheel in
+                            .device/wheels (see gpu.sh)
 
 Every step figure: images/s (median step), the step's matmul FLOPs (3x pixformer's forward count,
 VisionTransformer.flops: the same for timm's ViT at identical dimensions) per second, and their
@@ -46,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import importlib
 import json
 import os
 import platform
@@ -72,13 +83,18 @@ FULL = dict(device="cuda", steps=20, warmup=3, model_args={}, gemm_sizes=None, g
             timm_peers={1: "pit-t", 2: "vit-t/2"},
             packed=dict(model="vit-t/2", images=64, source_sides=(48, 192), resolution_range=(32, 128), max_side=128,
                         pack_length=8192, steps=30),
-            train=dict(models=("pit-t", "vit-t/2"), batch=256, epochs=1000, wait_for_checkpoint=False))
+            train=dict(models=("pit-t", "vit-t/2"), batch=256, epochs=1000, wait_for_checkpoint=False),
+            tasks={"mae": dict(batch=256, dims={}), "dit-p2": dict(batch=256, dims={}), "dit-p1": dict(batch=64, dims={})})
 DRY = dict(device="cpu", steps=1, warmup=1, model_args={"depth": 1}, gemm_sizes=(256,), gemm_reps=2, compile_backend="eager",
            step_models={"pit-t": (8, 2), "vit-t/2": (8, 2), "pit-s": (8, 2)},
            timm_peers={1: "pit-t", 2: "vit-t/2"},
            packed=dict(model="vit-t/2", images=6, source_sides=(8, 24), resolution_range=(4, 16), max_side=16,
                        pack_length=128, steps=3),
-           train=dict(models=("pit-t", "vit-t/2"), batch=4, epochs=1000, wait_for_checkpoint=True))
+           train=dict(models=("pit-t", "vit-t/2"), batch=4, epochs=1000, wait_for_checkpoint=True),
+           tasks={"mae": dict(batch=2, dims={"img": 8, "depth": 1, "dec_depth": 1}),
+                  "dit-p2": dict(batch=2, dims={"img": 8, "depth": 1}), "dit-p1": dict(batch=2, dims={"img": 8, "depth": 1})})
+# the other tasks' steps (benchmarks/mae_step.py, dit_step.py) and their peers'
+TASK_PEERS = {"mae": "transformers", "dit-p2": "diffusers", "dit-p1": "diffusers"}
 
 
 # ---- the parts --------------------------------------------------------------------------------------
@@ -114,6 +130,11 @@ def parts(a) -> list[dict]:
                              seconds=a.train_seconds, wait_for_checkpoint=t["wait_for_checkpoint"],
                              model_args=s["model_args"], data=a.data, work=str(Path(a.work) / "runs")))
 
+    def task(name, impl):
+        return dict(name=f"task/{name}/{impl}", kind="task", need=45, cap=240,
+                    job=dict(device=s["device"], steps=s["steps"], warmup=s["warmup"], task=name, impl=impl,
+                             config=impl if impl == "pixformer" else f"{impl}-bf16", **s["tasks"][name]))
+
     models = list(s["step_models"])
     out = [dict(name="env", kind="env", need=0, cap=180,
                 job=dict(device=s["device"], gemm_sizes=s["gemm_sizes"], gemm_reps=s["gemm_reps"]))]
@@ -121,6 +142,7 @@ def parts(a) -> list[dict]:
     out += [train(m) for m in s["train"]["models"]]                 # a fixed cost: before the compilers' open-ended one
     out += [step(m, "compile") for m in models] + [step(m, "plain") for m in models]
     out += [packed("compile")] + [peer(p, "compile") for p in s["timm_peers"]]
+    out += [task(t, impl) for t in s["tasks"] for impl in ("pixformer", TASK_PEERS[t])]
     return [p for p in out if not a.parts or p["name"] == "env" or any(fnmatch.fnmatch(p["name"], g) for g in a.parts)]
 
 
@@ -132,11 +154,11 @@ def env_worker(job: dict) -> dict:
     dev = torch.device(job["device"])
     info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
             "device_kind": dev.type}
-    try:
-        import timm
-        info["timm"] = timm.__version__
-    except Exception as e:                          # timm or its torchvision may not import
-        info["timm_missing"] = f"timm does not import: {type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
+    for lib in ("timm", "transformers", "diffusers"):   # the peers (and DiT's noise schedules: diffusers)
+        try:
+            info[lib] = importlib.import_module(lib).__version__
+        except Exception as e:                      # absent, or timm's torchvision does not import
+            info[f"{lib}_missing"] = f"{lib} does not import: {type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             return {**info, "no_cuda": "torch.cuda.is_available() is False: no CUDA GPU here (--dry-run runs the "
@@ -165,25 +187,13 @@ def env_worker(job: dict) -> dict:
     return info
 
 
-def _device_timing(dev):
-    """(sync, reset, peak GiB) for timing and the step's peak memory on `dev`: CUDA's allocator figures, or
-    on CPU the process's peak RSS."""
-    import resource
-
-    import torch
-    if dev.type == "cuda":
-        return (torch.cuda.synchronize, lambda: torch.cuda.reset_peak_memory_stats(dev),
-                lambda: torch.cuda.max_memory_allocated(dev) / 2 ** 30, "cuda max_memory_allocated")
-    return None, lambda: None, lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, "process peak RSS"
-
-
 def step_worker(job: dict) -> dict:
     """One classify training step, timed on random images (what a step costs, without data loading)."""
     import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from harness import time_steps, timed, train_step
+    from harness import device_timing, time_steps, timed, train_step
     from pixformer import Speed, create_model
     from pixformer.engine.optim import adamw, param_groups
     from pixformer.engine.perf import apply_compile, apply_speed_settings, checkpointed_blocks
@@ -226,7 +236,7 @@ def step_worker(job: dict) -> dict:
     def step(i):
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):      # both models call SDPA: held to its flash kernel
             return one(i)
-    sync, reset, peak, peak_kind = _device_timing(dev)
+    sync, reset, peak, peak_kind = device_timing(dev)
     warm = [timed(lambda: step(i), sync) for i in range(job["warmup"])]   # the first steps compile
     reset()
     t = time_steps(step, job["steps"], warmup=0, sync=sync)
@@ -245,7 +255,7 @@ def packed_worker(job: dict) -> dict:
     import torch.nn.functional as F
     from torch._dynamo.utils import counters
 
-    from harness import timed, train_step
+    from harness import device_timing, timed, train_step
     from pixformer import Speed, create_model
     from pixformer.data.augment import normalize
     from pixformer.data.native import batcher_for
@@ -280,7 +290,7 @@ def packed_worker(job: dict) -> dict:
         ys.append(torch.from_numpy(rng.integers(0, 10, packed.n_images)).to(dev))
     opt = adamw(param_groups(model, 0.05), lr=1e-4)
     one = train_step(lambda i: F.cross_entropy(model(packs[i]).float(), ys[i]), opt, torch.bfloat16, dev.type, clip=1.0)
-    sync, reset, peak, peak_kind = _device_timing(dev)
+    sync, reset, peak, peak_kind = device_timing(dev)
     compiled, times = [], []
     for i in range(steps):
         before = counters["frames"]["ok"]
@@ -296,6 +306,35 @@ def packed_worker(job: dict) -> dict:
             "flop_s": sum(flops[1:]) / timed_s, "flops_per_step": flops,
             "frames_compiled_first_step": compiled[0], "recompiles": sum(compiled[1:]), "frames_compiled_per_step": compiled,
             "unique_graphs": counters["stats"]["unique_graphs"], "peak_mem_gib": peak(), "peak_mem": peak_kind}
+
+
+def task_worker(job: dict) -> dict:
+    """One training step of the MAE or DiT task (benchmarks/mae_step.py, dit_step.py at their full sizes),
+    pixformer's as `pixformer train` runs it or its peer's as published under bf16 autocast."""
+    import torch
+
+    from harness import device_timing, time_steps, timed
+    dev = torch.device(job["device"])
+    if job["task"] == "mae":
+        import mae_step
+        step, model, amp = mae_step.build(job["config"], job["batch"], job["device"], job["dims"])
+        fwd, dims = mae_step.mae_flops(job["dims"]), {**mae_step.DIMS, **job["dims"]}
+    else:
+        import dit_step
+        patch = int(job["task"].removeprefix("dit-p"))
+        step, model, amp, flops_of = dit_step.build(job["config"], patch, job["batch"], job["device"], job["dims"])
+        fwd = flops_of()
+        dims = {**dit_step.DIMS, **job["dims"], "patch": patch}
+    sync, reset, peak, peak_kind = device_timing(dev)
+    warm = [timed(lambda: step(i), sync) for i in range(job["warmup"])]
+    reset()
+    t = time_steps(step, job["steps"], warmup=0, sync=sync)
+    flops = 3 * fwd * job["batch"]                           # forward + backward (2x), one forward an image
+    return {"task": job["task"], "impl": job["impl"], "config": job["config"], "dims": dims, "batch": job["batch"],
+            "precision": str(amp or torch.float32)[6:], "images_s": job["batch"] / t["step_s"], "step_s": t["step_s"],
+            "step_times": t["step_times"], "warmup_s": warm, "forward_flops_per_image": fwd, "flops_per_step": flops,
+            "flop_s": flops / t["step_s"], "peak_mem_gib": peak(), "peak_mem": peak_kind,
+            "params": sum(p.numel() for p in model.parameters())}
 
 
 def train_worker(job: dict) -> dict:
@@ -346,7 +385,7 @@ def train_worker(job: dict) -> dict:
             "val_top1": val.get("top1"), "val": val, "eval_s": time.monotonic() - t1}
 
 
-WORKERS = {"env": env_worker, "step": step_worker, "packed": packed_worker, "train": train_worker}
+WORKERS = {"env": env_worker, "step": step_worker, "packed": packed_worker, "train": train_worker, "task": task_worker}
 
 
 # ---- the run ----------------------------------------------------------------------------------------
@@ -393,6 +432,16 @@ def add_mfu(result: dict, env: dict) -> None:
         result["mfu_datasheet_missing"] = env.get("datasheet_missing") or env.get("reason") or "env did not run"
 
 
+def libraries(part: dict) -> set[str]:
+    """The libraries a part imports besides torch and pixformer."""
+    job = part["job"]
+    if job.get("impl") == "timm":
+        return {"timm"}
+    if part["kind"] != "task":
+        return set()
+    return ({"diffusers"} if job["task"].startswith("dit") else set()) | ({job["impl"]} - {"pixformer"})
+
+
 def skip_reason(part: dict, env: dict, left: float) -> str | None:
     """Why `part` cannot start now, or None."""
     if part["kind"] != "env":
@@ -400,8 +449,9 @@ def skip_reason(part: dict, env: dict, left: float) -> str | None:
             return f"env did not complete: {env.get('reason', '')}"
         if env.get("no_cuda"):
             return env["no_cuda"]
-    if part["job"].get("impl") == "timm" and env.get("timm_missing"):
-        return env["timm_missing"]
+    for lib in libraries(part):
+        if env.get(f"{lib}_missing"):
+            return env[f"{lib}_missing"]
     data = part["job"].get("data")
     if part["kind"] == "train" and not (data and Path(data).is_file()):
         return (f"no CIFAR-10 archive at {data}" if data else
@@ -409,6 +459,20 @@ def skip_reason(part: dict, env: dict, left: float) -> str | None:
     if left < part["need"]:
         return f"time budget: {left:.0f} s left, the part needs about {part['need']} s"
     return None
+
+
+def compare_to_peers(parts: dict) -> list[str]:
+    """pixformer's task steps against their peer's where both are done (both bf16), on pixformer's entry:
+    the images/s and peak memory ratios; a line for each comparison made now."""
+    lines = []
+    for task, peer in TASK_PEERS.items():
+        ours, theirs = parts.get(f"task/{task}/pixformer", {}), parts.get(f"task/{task}/{peer}", {})
+        if ours.get("status") == theirs.get("status") == "ok" and "speed_vs_peer" not in ours:
+            ours.update(peer=peer, speed_vs_peer=ours["images_s"] / theirs["images_s"],
+                        memory_vs_peer=ours["peak_mem_gib"] / theirs["peak_mem_gib"])
+            lines.append(f"{'task/' + task:<24} pixformer {ours['speed_vs_peer']:.2f}x the images/s of {peer} at "
+                         f"{ours['memory_vs_peer']:.2f}x its peak memory (both bf16)")
+    return lines
 
 
 def tiny_archive(folder: Path) -> str:
@@ -512,9 +576,10 @@ def main():
     def finish(part: dict, result: dict) -> None:
         add_mfu(result, env)
         record["parts"][part["name"]] = {"kind": part["kind"], **result}
+        compared = compare_to_peers(record["parts"])
         record["wall_s"] = time.monotonic() - t_start
         write(out, record)
-        print(summary(part["name"], result), flush=True)
+        print("\n".join([summary(part["name"], result), *compared]), flush=True)
 
     env = start(todo[0])                               # every other part reads what env found
     finish(todo[0], env)

@@ -39,6 +39,16 @@ def timed(fn: Callable[[], object], sync: Callable[[], None] | None = None) -> f
     return time.perf_counter() - t
 
 
+def device_timing(dev):
+    """(sync, reset, peak GiB, what the peak is) for timing a step and its peak memory on torch device `dev`:
+    CUDA's allocator figures, or on CPU the process's peak RSS (which cannot be reset)."""
+    import torch
+    if dev.type == "cuda":
+        return (torch.cuda.synchronize, lambda: torch.cuda.reset_peak_memory_stats(dev),
+                lambda: torch.cuda.max_memory_allocated(dev) / 2 ** 30, "cuda max_memory_allocated")
+    return None, lambda: None, lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, "process peak RSS"
+
+
 def proc_status(key: str) -> int:
     """A field of /proc/self/status in bytes (VmRSS: resident now, VmHWM: its high-water mark; 0 if absent)."""
     for line in open("/proc/self/status"):

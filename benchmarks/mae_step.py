@@ -45,30 +45,32 @@ CONFIGS = {"pixformer": dict(impl="pixformer", precision="auto"),
            "transformers-bf16-keep-malloc": dict(impl="transformers", precision="bf16", allocator="keep")}
 
 
-def mae_flops() -> int:
+def mae_flops(dims: dict | None = None) -> int:
     """Forward matmul FLOPs of one image (a multiply-add counts as 2): the patch embedding of all N tokens,
     the encoder's blocks over the K visible tokens and the class token, the map to the decoder width,
     the decoder's blocks over the class token and all N positions, and the prediction of each token's
-    pixels. A training step costs 3x this (the backward pass computes two products per forward one)."""
+    pixels. A training step costs 3x this (the backward pass computes two products per forward one). `dims`:
+    DIMS changed (smaller sizes for a test)."""
     from pixformer.models.mae import visible_count
     from pixformer.models.vit import block_flops
-    d = DIMS
+    d = {**DIMS, **(dims or {})}
     n, pix = (d["img"] // d["patch"]) ** 2, 3 * d["patch"] ** 2
     t_enc, t_dec = visible_count(n, d["mask_ratio"]) + 1, n + 1
     return (2 * n * pix * d["dim"] + d["depth"] * block_flops(t_enc, d["dim"], d["mlp"]) + 2 * t_enc * d["dim"] * d["dec_dim"]
             + d["dec_depth"] * block_flops(t_dec, d["dec_dim"], d["dec_mlp"]) + 2 * t_dec * d["dec_dim"] * pix)
 
 
-def build(name: str, batch: int):
-    """The training step of configuration `name` at `batch` images: (step(i), model, autocast dtype or None)."""
+def build(name: str, batch: int, device: str = "cpu", dims: dict | None = None):
+    """The training step of configuration `name` at `batch` images on `device`: (step(i), model, autocast
+    dtype or None); `dims`: DIMS changed."""
     import numpy as np
     import torch
 
     from pixformer.engine.optim import adamw
 
-    cfg, d = CONFIGS[name], DIMS
+    cfg, d = CONFIGS[name], {**DIMS, **(dims or {})}
     torch.manual_seed(0)
-    x = torch.randn(batch, 3, d["img"], d["img"])
+    x = torch.randn(batch, 3, d["img"], d["img"]).to(device)
     n = (d["img"] // d["patch"]) ** 2
     if cfg["impl"] == "pixformer":
         from pixformer import Speed
@@ -80,7 +82,7 @@ def build(name: str, batch: int):
         task = MAE(MAETaskConfig(mask_ratio=d["mask_ratio"], target="patch", decoder_depth=d["dec_depth"],
                                  decoder_dim=d["dec_dim"], decoder_heads=d["dec_heads"]),
                    DataFacts([str(i) for i in range(10)], 3, (d["img"], d["img"]), [0.0] * 3, [1.0] * 3))
-        model = task.build_model("pit-t", {})
+        model = task.build_model("pit-t", {"depth": d["depth"]}).to(device)
         selective = cfg.get("selective")
         if selective is None:                                                   # train's rule (loop.resolved_speed)
             selective = blocks_peak_bytes(model, task.block_tokens(model), batch, cfg["precision"],
@@ -89,7 +91,7 @@ def build(name: str, batch: int):
                                           lean_norms=cfg.get("lean_norms", False),
                                           attn_backend=cfg.get("attn", "auto"), allocator=cfg.get("allocator", "auto")))
         opt = adamw(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95))
-        amp = autocast_dtype(cfg["precision"], "cpu")
+        amp = autocast_dtype(cfg["precision"], torch.device(device).type)
 
         def loss_of(i):
             return task.loss(model, x, None, np.random.default_rng(i))[0]
@@ -102,15 +104,15 @@ def build(name: str, batch: int):
             num_attention_heads=d["heads"], intermediate_size=d["mlp"], decoder_hidden_size=d["dec_dim"],
             decoder_num_hidden_layers=d["dec_depth"], decoder_num_attention_heads=d["dec_heads"],
             decoder_intermediate_size=d["dec_mlp"], mask_ratio=d["mask_ratio"], norm_pix_loss=True,
-            layer_norm_eps=1e-6, attn_implementation="sdpa"))
+            layer_norm_eps=1e-6, attn_implementation="sdpa")).to(device)
         opt = adamw(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
         amp = torch.bfloat16 if cfg["precision"] == "bf16" else None
 
         def loss_of(i):
-            noise = torch.from_numpy(np.random.default_rng(i).random((batch, n))).float()
+            noise = torch.from_numpy(np.random.default_rng(i).random((batch, n))).float().to(device)
             return model(pixel_values=x, noise=noise).loss
     model.train()
-    return train_step(loss_of, opt, amp), model, amp
+    return train_step(loss_of, opt, amp, device), model, amp
 
 
 def worker(name: str, batch: int, steps: int) -> dict:

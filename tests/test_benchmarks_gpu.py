@@ -9,7 +9,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = [f"step/{m}/{mode}" for mode in ("eager", "compile", "plain") for m in ("pit-t", "vit-t/2", "pit-s")]
 TIMM = [f"timm/p{p}/{mode}" for mode in ("eager", "compile") for p in (1, 2)]
-PARTS = {"env", *STEPS, *TIMM, "packed/eager", "packed/compile", "train/pit-t", "train/vit-t/2"}
+TASKS = {"mae": "transformers", "dit-p2": "diffusers", "dit-p1": "diffusers"}
+PARTS = {"env", *STEPS, *TIMM, "packed/eager", "packed/compile", "train/pit-t", "train/vit-t/2",
+         *(f"task/{t}/{impl}" for t, peer in TASKS.items() for impl in ("pixformer", peer))}
 
 
 def test_the_gpu_suite_runs_every_part_on_cpu_in_a_dry_run(tmp_path):
@@ -50,3 +52,10 @@ def test_the_gpu_suite_runs_every_part_on_cpu_in_a_dry_run(tmp_path):
         assert 0 <= t["val_top1"] <= 1 and t["val"]["n"] > 0
     for name in TIMM:                                  # ok where timm imports; else the reason
         assert parts[name]["status"] == "ok" or "timm" in parts[name]["reason"]
+    for task, peer in TASKS.items():                   # the MAE and DiT steps against their peers, both bf16
+        ours, theirs = parts[f"task/{task}/pixformer"], parts[f"task/{task}/{peer}"]
+        assert ours["status"] == theirs["status"] == "ok", (task, ours, theirs)
+        assert ours["precision"] == theirs["precision"] == "bfloat16" and ours["dims"]["depth"] == 1
+        assert ours["flops_per_step"] == theirs["flops_per_step"] == 3 * ours["forward_flops_per_image"] * 2
+        assert ours["peer"] == peer and ours["speed_vs_peer"] == ours["images_s"] / theirs["images_s"]
+        assert ours["memory_vs_peer"] == ours["peak_mem_gib"] / theirs["peak_mem_gib"]
