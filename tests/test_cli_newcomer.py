@@ -201,7 +201,7 @@ def test_probe_of_an_mae_run_needs_no_sizes_repeated(tmp_path, capsys):
                             "--batch-size", "32", "--progress", "false", "--out", tmp_path / "probe")
     assert code == 0, err
     assert '--model pit-n --model-args {"depth": 1, "dim": 32, "heads": 2}' in stdout
-    assert json.loads(stdout.strip().splitlines()[-1])["model_name"] == "probe-pit-d1w32"
+    assert json.loads(stdout.strip().splitlines()[-1])["model_name"] == "probe-pit-d1w32h2"
 
 
 def test_a_runs_printed_name_is_a_model_name(capsys):
@@ -209,8 +209,12 @@ def test_a_runs_printed_name_is_a_model_name(capsys):
     assert resolve("vit-d2w32/8") == ("vit", {"depth": 2, "dim": 32, "heads": 1, "patch_size": 8})
     assert resolve("pit-d4w192") == ("vit", {"depth": 4, "dim": 192, "heads": 3, "patch_size": 1})
     assert resolve("dit-d1w16/2")[1]["depth"] == 1
-    for name in ("pit-d4w64", "vit-d2w32/8", "dit-d1w16/2", "vit-t/4"):
+    for name in ("pit-d4w64", "vit-d2w32/8", "dit-d1w16/2", "vit-t/4", "vit-d4w128h4/2", "dit-d2w64h4/2"):
         assert model_name(create_model(name, img_size=8)) == name
+    for name, sizes in (("vit-n/2", dict(depth=4)), ("vit-t/4", dict(dim=96, heads=3)), ("dit-s/2", dict(heads=3))):
+        built = create_model(name, img_size=8, **sizes)             # the printed name builds the same sizes again
+        again = create_model(model_name(built), img_size=8)
+        assert (again.cfg.depth, again.cfg.dim, again.cfg.heads) == (built.cfg.depth, built.cfg.dim, built.cfg.heads)
     model = create_model("vit-n/4", img_size=8, depth=1, dim=16, heads=2, pool="mean")
     spec = {"arch": "vit", "config": json.loads(json.dumps(dataclasses.asdict(model.cfg)))}
     assert architecture(spec, "vit-n/4") == ("vit-n/4", {"depth": 1, "dim": 16, "heads": 2, "pool": "mean"})
@@ -224,7 +228,7 @@ def test_sweep_rows_are_labelled_with_the_model_built():
     from pixformer.engine import TrainConfig
     from pixformer.experiments.sweep import SweepConfig, plan
     points = plan(SweepConfig(patches=[4, 1], train=TrainConfig(model_args=dict(depth=2, dim=32, heads=2))), (8, 8), 1, 10)
-    assert [(p.model, p.built) for p in points] == [("vit-n/4", "vit-d2w32/4"), ("pit-n", "pit-d2w32")]
+    assert [(p.model, p.built) for p in points] == [("vit-n/4", "vit-d2w32h2/4"), ("pit-n", "pit-d2w32h2")]
 
 
 def test_mae_of_a_printed_size_takes_the_decoder_of_the_listed_size_nearest_in_width():

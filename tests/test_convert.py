@@ -53,14 +53,14 @@ def test_convert_writes_a_checkpoint_that_evaluates_and_starts_runs(tmp_path, ca
                 train_subset=64, progress=False, ema_decay=0.9)
     train(TrainConfig(**base, out=str(tmp_path / "p4")))
     assert main(["convert", "--checkpoint", str(tmp_path / "p4"), "--patch-size", "1", "--out", str(tmp_path / "p1")]) == 0
-    assert "pit-d1w16 (from patch 4)" in capsys.readouterr().out
+    assert "pit-d1w16h2 (from patch 4)" in capsys.readouterr().out
     state = json.loads((tmp_path / "p1" / "checkpoint" / "state.json").read_text())
     assert state["model"]["config"]["patch_size"] == 1 and state["converted_from"]["patch_size"] == 4
     assert (tmp_path / "p1" / "checkpoint" / "ema.safetensors").exists()
     assert main(["eval", "--checkpoint", str(tmp_path / "p1"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n"] == 359
     ft = train(TrainConfig(**{**base, "model": "pit-n"}, init=str(tmp_path / "p1"), out=str(tmp_path / "ft")))
-    assert ft["model_name"] == "pit-d1w16"
+    assert ft["model_name"] == "pit-d1w16h2"
     cases = [(["--patch-size", "3", "--out", str(tmp_path / "x")], "image size 8x8 is not divisible by patch size 3"),
              (["--patch-size", "2", "--out", str(tmp_path / "p1")], "already holds a checkpoint")]
     for args, match in cases:
@@ -69,6 +69,14 @@ def test_convert_writes_a_checkpoint_that_evaluates_and_starts_runs(tmp_path, ca
         assert len(err.strip().splitlines()) == 1 and re.search(match, err), err
     assert main(["train", "--out", str(tmp_path / "p1"), "--resume", "--model", "pit-n", "--progress", "false"]) == 2
     assert "holds a converted model, not a stopped run" in capsys.readouterr().err
+
+
+def test_convert_refuses_a_convolutional_stem_in_one_line(tmp_path, capsys):
+    train(TrainConfig(model="vit-n/4", data="digits", model_args=dict(depth=1, dim=16, heads=2, stem="conv"), epochs=1,
+                      train_subset=32, progress=False, out=str(tmp_path / "conv")))
+    assert main(["convert", "--checkpoint", str(tmp_path / "conv"), "--patch-size", "2", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "convolutional stem" in err and not (tmp_path / "x").exists()
 
 
 # ---- pretrained weights from transformers and timm ---------------------------------------------

@@ -171,7 +171,7 @@ DIFF_RUN = dict(task="diffusion", model="dit-n/2", data="digits", model_args=dic
 def test_diffusion_run_writes_samples_resumes_exactly_and_samples_from_the_cli(tmp_path, resumes_exactly, capsys):
     full = train(TrainConfig(**DIFF_RUN, epochs=2, out=str(tmp_path / "full")))
     assert (tmp_path / "full" / "samples" / "epoch002.png").exists()
-    assert full["model_name"] == "dit-d1w16/2" and 0 < full["val_loss"] < 2
+    assert full["model_name"] == "dit-d1w16h2/2" and 0 < full["val_loss"] < 2
     resumes_exactly({**DIFF_RUN, "epochs": 2}, full)
 
     out = tmp_path / "gen"

@@ -413,6 +413,8 @@ def test_the_ranks_decide_together(kind, tmp_path):
     (["--nproc-per-node", "2", "--max-restarts", "-1", "train"], "--max-restarts must be 0 or more"),
     (["--nproc-per-node", "2", "eval", "--checkpoint", "x"], "runs `pixformer train` over processes"),
     (["--nproc-per-node", "2"], "(got nothing)"),
+    (["--nproc-per-node", "2", "--max-restarts", "1", "train", "--out", "x"], "give train --resume true and --out"),
+    (["--nproc-per-node", "2", "--max-restarts", "1", "train", "--resume", "false"], "give train --resume true"),
 ])
 def test_launch_refuses_what_it_cannot_run_in_one_line_before_starting_a_process(argv, message, capsys):
     from pixformer.cli import main

@@ -153,7 +153,7 @@ MAE_RUN = dict(task="mae", model="pit-n", data="digits", model_args=dict(depth=1
 def test_mae_run_writes_reconstructions_reports_pixel_loss_and_resumes_exactly(tmp_path, resumes_exactly):
     full = train(TrainConfig(**MAE_RUN, epochs=2, out=str(tmp_path / "full")))      # 4 steps per epoch
     assert (tmp_path / "full" / "reconstructions" / "epoch002.png").exists()
-    assert full["model_name"] == "mae-pit-d1w16" and full["val_loss"] < 1 and "val_target_loss" in full
+    assert full["model_name"] == "mae-pit-d1w16h2" and full["val_loss"] < 1 and "val_target_loss" in full
     resumes_exactly({**MAE_RUN, "epochs": 2}, full)
 
 
@@ -257,7 +257,7 @@ def test_the_linear_probe_leaves_the_encoder_bit_identical(pretrained, tmp_path)
     for key, value in probe.encoder.state_dict().items():
         assert torch.equal(value, mae[f"encoder.{key}"]), key
     assert not probe.bn.affine and probe.bn.weight is None                               # no affine parameters
-    assert probe.encoder.training is False and r["model_name"] == "probe-pit-d1w16"
+    assert probe.encoder.training is False and r["model_name"] == "probe-pit-d1w16h2"
     rows = [json.loads(line) for line in (tmp_path / "probe" / "metrics.jsonl").read_text().splitlines()]
     assert rows[1]["train_loss"] < rows[0]["train_loss"]                                # the head learns
     assert (probe.bn.running_mean != 0).any()                                            # the statistics learned

@@ -245,3 +245,15 @@ def test_conv_stem_refuses_what_embeds_patches_one_by_one():
                       (TrainConfig(model="vit-n/4", model_args={"stem": "conv"}, seq_parallel=2), "classify")):
         with pytest.raises(PixformerError, match="--stem conv embeds whole images"):
             check_run(cfg, TASKS[task])
+
+
+@pytest.mark.parametrize("name, kw, message", [
+    ("pit-n", dict(img_size="32"), "--img-size must be 2 values"),
+    ("vit-n/2", dict(depth="4"), "--depth must be an integer, got '4'"),
+    ("dit-n/2", dict(img_size=(8, 8, 4)), "--img-size must be 2 values"),
+    ("convmixer-64/2", dict(kernel_size=3.5), "--kernel-size must be an integer"),
+])
+def test_a_model_setting_of_the_wrong_type_is_refused_by_name(name, kw, message):
+    with pytest.raises(PixformerError, match=message):
+        create_model(name, **kw)
+    assert create_model(name, img_size=[8, 8]).cfg.img_size == (8, 8)      # a list (JSON) is a size

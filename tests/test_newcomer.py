@@ -108,7 +108,7 @@ def test_training_validation_and_test_progress_in_a_log(tmp_path, capsys, monkey
     monkeypatch.setenv("PIXFORMER_PROGRESS_EVERY", "0")
     train(TrainConfig(**{**TINY, "progress": True}, out=str(tmp_path / "run")))
     err = capsys.readouterr().err
-    assert "training vit-d1w16/4 on digits: 1/2 steps (50 %)" in err and ", epoch 1, loss " in err
+    assert "training vit-d1w16h2/4 on digits: 1/2 steps (50 %)" in err and ", epoch 1, loss " in err
     assert "validating: " in err and "testing: 359/359 images (100 %)" in err and "\r" not in err
     train(TrainConfig(**TINY, out=str(tmp_path / "quiet")))             # progress=False: not a word
     assert capsys.readouterr().err == ""
@@ -122,7 +122,7 @@ def test_a_run_logged_to_a_file_has_no_carriage_returns(tmp_path):
                               cwd=tmp_path)
     text = log.read_text()
     assert done.returncode == 0, text
-    assert "\r" not in text and "training vit-d1w16/4 on digits: 2/2 steps (100 %)" in text
+    assert "\r" not in text and "training vit-d1w16h2/4 on digits: 2/2 steps (100 %)" in text
 
 
 # ---- TensorBoard ------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The `pixformer` command: train, eval, sample, fid, convert, models, plan, demo, sweep, analyze, predict, export.
+"""The `pixformer` command: train, launch, eval, sample, fid, convert, models, plan, demo, sweep, analyze,
+predict, export.
 
 Options are the fields of the config dataclasses (`pixformer train --help`); `--config FILE.yaml`
 loads a recipe, later options override it, `--print_config` shows the merged result. Options may be

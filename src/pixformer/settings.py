@@ -181,6 +181,11 @@ def _first_field(cls: type) -> str:
     return dataclasses.fields(cls)[0].name
 
 
+def square(size: Any) -> Any:
+    """An image size given as one int as (size, size); anything else as it is, for check_fields to judge."""
+    return (size, size) if isinstance(size, int) and not isinstance(size, bool) else size
+
+
 def check_fields(obj: Any) -> None:
     """Every field of the dataclass instance `obj` against its type hint (converted in place: a list
     given for a tuple field becomes a tuple, an int for a float field a float)."""

@@ -443,6 +443,9 @@ def convert_patch_size(path: str | Path, patch: int, out: str | Path, mode: str 
     state = read_state(ckpt)
     if state["model"]["arch"] != "vit":
         raise PixformerError(f"{path} holds a {state['model']['arch']} model; patch-size conversion is for ViT / PiT")
+    if state["model"]["config"].get("stem", "linear") != "linear":
+        raise PixformerError(f"{path} embeds patches with a convolutional stem (stem='conv'); patch-size conversion "
+                             "resizes a linear patch embedding only")
     cfg = {**state["model"]["config"], "patch_size": patch}
     old_patch = state["model"]["config"]["patch_size"]
     check_grid(tuple(cfg["img_size"]), patch)                             # the new patch must tile the training size

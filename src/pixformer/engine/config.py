@@ -42,7 +42,8 @@ class TrainConfig:
     model_args: dict[str, Any] = field(default_factory=dict)  # model settings over the name's, e.g. {depth: 4,
     #                                     pos_embed: sincos2d}; on the command line also --depth 4 --pos-embed ...
     init: str | None = None             # start from a run's weights, matched by name (an MAE run's encoder
-    #                                     for a classifier or a probe); the position table is resampled
+    #                                     for a classifier or a probe), a transformers ViT folder or a timm ViT
+    #                                     .safetensors file; the position table is resampled
     # task: what the run optimises and measures; its settings are --task-args or one option each (--mixup 0.8)
     task: str = "classify"              # classify (supervised), mae (masked-autoencoder pretraining), probe (a
     #                                     linear probe of --init RUN's encoder), diffusion (DiT)

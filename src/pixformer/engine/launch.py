@@ -33,6 +33,18 @@ def check(nproc_per_node: int, max_restarts: int, command: list[str]) -> None:
         got = f"got {command[0]!r}" if command else "got nothing"
         raise PixformerError(f"pixformer launch runs `pixformer train` over processes: give train and its "
                              f"options after the launch's own ({got}), e.g. {EXAMPLE}")
+    if max_restarts and not _resumes(command):
+        raise PixformerError("--max-restarts starts every rank again from the run's last checkpoint: give train "
+                             "--resume true and --out (the first attempt starts from scratch)")
+
+
+def _resumes(command: list[str]) -> bool:
+    """Whether train's options ask to resume (a --config file may: trusted to)."""
+    for i, tok in enumerate(command):
+        if tok.startswith("--resume"):
+            value = tok.partition("=")[2] if "=" in tok else (command[i + 1] if i + 1 < len(command) else "")
+            return value.startswith("--") or value.lower() in ("", "true", "yes", "1", "on")
+    return "--config" in command or any(tok.startswith("--config=") for tok in command)
 
 
 def _quiet_torchrun() -> None:

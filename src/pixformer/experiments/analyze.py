@@ -42,7 +42,8 @@ from ..layout import check_grid, grid_coords
 from ..progress import Progress
 from ..tasks import Classify, task_of
 from ..files import output_folder
-from ..tasks.figures import save_figure, write_text
+from ..files import write_atomically
+from ..tasks.figures import save_figure
 
 CLS_NOTE = ("class token excluded as query and as key; each patch query's weights over the patch keys "
             "renormalised to sum to 1")
@@ -531,10 +532,10 @@ def analyze(cfg: AnalyzeConfig) -> dict[str, Any]:
             results[name] = {"applies": False, "reason": str(e)}
             print(f"{name}: does not apply ({e})")
             continue
-        write_text(out / f"{name}.json", json.dumps(numbers, indent=1))
+        write_atomically(out / f"{name}.json", json.dumps(numbers, indent=1))
         results[name] = {"applies": True, "png": f"{name}.png", "json": f"{name}.json"}
         print(f"{name}: wrote {out / name}.png and .json")
     summary = {"checkpoint": str(ckpt), "model": s.state["model"], "settings": asdict(cfg), **results}
-    write_text(out / "analysis.json", json.dumps(summary, indent=1))
+    write_atomically(out / "analysis.json", json.dumps(summary, indent=1))
     print(f"analysis folder: {out}")
     return summary

@@ -17,6 +17,7 @@ import torch
 from ..engine.config import TrainConfig
 from ..engine.loop import train
 from ..errors import PixformerError
+from ..files import write_atomically
 from .tables import binomial_se, plot, sampling_noise
 
 PATCHES = (4, 2, 1)
@@ -87,7 +88,7 @@ def run_demo(out: str | None = None, seed: int = 0, train_subset: int | None = N
             print(f"training {name} (patch {p}) in {out_dir / name.replace('/', '')} ...", flush=True)
             jobs[p] = pool.submit(train_point, cfg, max(cores // workers, 1), os.getpid())
         rows = [jobs[p].result() for p in PATCHES]
-    (out_dir / "results.json").write_text(json.dumps(rows, indent=1))
+    write_atomically(out_dir / "results.json", json.dumps(rows, indent=1))
     plot(rows, out_dir / "accuracy_vs_patch.png", f"digits 8x8, same ViT ({base.model_args['depth']}x"
          f"{base.model_args['dim']}), {base.epochs} epochs, seed {seed}", footnote=noise_note(rows))
     return out_dir, rows

@@ -31,6 +31,7 @@ import torch
 
 from ..engine.checkpoint import weights_used
 from ..errors import PixformerError, install_hint
+from ..files import write_atomically
 from .predict import load_for_inference, resize_of
 
 FORMATS = ("onnx", "hf")
@@ -115,7 +116,7 @@ def export_onnx(checkpoint: Any, out: str | Path, weights: str = "auto", opset: 
         onnx_log.setLevel(level)
     perm = pixel_permutation(tc, H, W)
     side = out.with_suffix(".preprocess.json")
-    side.write_text(json.dumps({
+    write_atomically(side, json.dumps({
         "model_name": state["model_name"], "input": "pixels", "output": "logits",
         "input_shape": ["batch", C, H, W], "dtype": "float32",
         "channels": "RGB" if C == 3 else "L (PIL's luma of the RGB image)",

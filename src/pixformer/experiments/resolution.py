@@ -25,7 +25,8 @@ from ..engine.runtime import Runtime
 from ..errors import PixformerError
 from ..models import token_layout
 from ..tasks.base import Task
-from ..tasks.figures import save_figure, write_text
+from ..files import write_atomically
+from ..tasks.figures import save_figure
 
 
 def parse_resolutions(text: str) -> list[int]:
@@ -73,7 +74,7 @@ def resolution_sweep(task: Task, model: nn.Module, state: dict, data: ImageSet |
 def write_sweep(rows: list[dict], out: Path, metric: str, title: str) -> list[Path]:
     """resolutions.json and resolutions.png (the metric against GFLOPs per image, each point labelled
     with its resolution in pixels) in the folder `out` (checked with output_folder before the sweep)."""
-    write_text(out / "resolutions.json", json.dumps(rows, indent=1))
+    write_atomically(out / "resolutions.json", json.dumps(rows, indent=1))
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

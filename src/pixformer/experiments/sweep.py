@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import math
 import statistics
@@ -213,12 +214,13 @@ def write_outputs(out_dir: Path, cfg: SweepConfig, rows: list[dict]):
     """results.csv, results.md and the plot, from the points finished so far."""
     keys = ["model", "patch", "input", "tokens", "params", "gflops", "split", "accuracy", "std", "seeds",
             "accuracies", "seconds"]
-    with open(out_dir / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=keys, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomically(out_dir / "results.csv", table.getvalue())
     split = rows[0]["split"]
-    (out_dir / "results.md").write_text(format_table(rows, columns(split), markdown=True) + "\n")
+    write_atomically(out_dir / "results.md", format_table(rows, columns(split), markdown=True) + "\n")
     t = cfg.train
     pos = t.model_args.get("pos_embed")
     variant = [f"pos {pos}"] * bool(pos) + ["permuted pixels"] * t.permute_pixels + \
@@ -257,7 +259,7 @@ def run_sweep(cfg: SweepConfig) -> tuple[Path, list[dict]]:
             runs.append((point, seed, run_cfg, datasets[key]))
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "sweep.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    write_atomically(out_dir / "sweep.json", json.dumps(dataclasses.asdict(cfg), indent=1))
     print(f"sweep: {len(points)} points x {len(cfg.seeds)} seed(s) in {out_dir}", flush=True)
     records: dict[str, list[dict]] = {}
     rows: list[dict] = []
@@ -271,7 +273,7 @@ def run_sweep(cfg: SweepConfig) -> tuple[Path, list[dict]]:
                           f"sweep command with --out {out_dir} to continue where it stopped",
                           "SIGINT" if e.exit_code == 130 else "SIGTERM") from None
         except PixformerError as e:
-            raise PixformerError(f"sweep stopped at {point.name} seed {seed}: {e}\nRe-run the same sweep "
+            raise PixformerError(f"sweep stopped at {point.name} seed {seed}: {e}; re-run the same sweep "
                                  f"command with --out {out_dir} to continue where it stopped") from None
         how = "cached" if record["cached"] else ("resumed, " if record["resumed"] else "") + f"{record['seconds']:.1f} s"
         print(f"{label}: {record['split']} top1 {record['top1']:.4f} ({how})", flush=True)

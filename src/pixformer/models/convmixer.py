@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ..errors import PixformerError
 from ..layout import check_grid
-from ..settings import require
+from ..settings import check_fields, require, square
 
 
 @dataclass
@@ -31,9 +31,8 @@ class ConvMixerConfig:
     kernel_size: int = 5                  # of the depthwise (spatial mixing) convolution
 
     def __post_init__(self):
-        if isinstance(self.img_size, int):
-            self.img_size = (self.img_size, self.img_size)
-        self.img_size = tuple(int(s) for s in self.img_size)
+        self.img_size = square(self.img_size)
+        check_fields(self)                                          # every field its type, in one line if not
         for name in ("patch_size", "dim"):
             require(name, getattr(self, name), getattr(self, name) >= 1, "at least 1")
         require("depth", self.depth, self.depth >= 0, "at least 0")

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..errors import PixformerError
 from ..layout import check_grid, grid_coords, patchify, unpatchify
-from ..settings import require
+from ..settings import check_fields, require, square
 from .pos_embed import sincos_2d
 from .vit import Block, ModulatedLayerNorm, block_flops, conditioning_map, init_transformer
 
@@ -46,9 +46,8 @@ class DiTConfig:
                                           # pair (0: one linear map p*p*C -> D)
 
     def __post_init__(self):
-        if isinstance(self.img_size, int):
-            self.img_size = (self.img_size, self.img_size)
-        self.img_size = tuple(int(s) for s in self.img_size)
+        self.img_size = square(self.img_size)
+        check_fields(self)                                          # every field its type, in one line if not
         for name in ("patch_size", "dim", "heads", "freq_dim"):
             require(name, getattr(self, name), getattr(self, name) >= 1, "at least 1")
         require("embed_rank", self.embed_rank, self.embed_rank >= 0, "at least 0 (0: no bottleneck)")

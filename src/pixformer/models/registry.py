@@ -2,7 +2,8 @@
 
     vit-t/2     ViT-Tiny with 2x2 patches
     pit-s       ViT-Small with 1x1 patches: the Pixel Transformer (same as vit-s/1)
-    vit-d4w64/2 a run's printed name for a size of no letter: depth 4, width 64 (heads: width / 64)
+    vit-d4w64/2 a run's printed name for a size of no letter: depth 4, width 64 (heads: width / 64, or
+                hH: vit-d4w128h4/2)
     convmixer-256/8   ConvMixer of width 256 and depth 8 (kernel_size and patch_size are settings)
     dit-s/2     DiT-S with 2x2 patches (diffusion); dit-l/1 is the PiT paper's pixel-token DiT-L
 """
@@ -62,17 +63,30 @@ def register_family(pattern: str, parse: Callable[[re.Match], tuple[str, dict[st
     _LISTED.extend(names)
 
 
+def _default_heads(dim: int) -> int:
+    """The heads of a printed size without `hH`: width / 64 (ViT's head width), at least one, dividing it."""
+    heads = max(dim // 64, 1)
+    return heads if dim % heads == 0 else 1
+
+
 def _size(size: str, table: dict[str, dict[str, int]]) -> dict[str, int]:
     """A size letter's depth, width and heads; or those of a size model_name prints for a model of no
-    listed size, `dDwW`: depth D, width W, and W / 64 heads (ViT's head width; at least one)."""
+    listed size, `dDwW` or `dDwWhH`: depth D, width W, and H heads (default W / 64, at least one)."""
     if size in table:
         return dict(table[size])
-    depth, dim = (int(g) for g in re.fullmatch(r"d(\d+)w(\d+)", size).groups())
-    heads = max(dim // 64, 1)
-    return dict(depth=depth, dim=dim, heads=heads if dim % heads == 0 else 1)
+    depth, dim, heads = re.fullmatch(r"d(\d+)w(\d+)(?:h(\d+))?", size).groups()
+    dim = int(dim)
+    return dict(depth=int(depth), dim=dim, heads=int(heads) if heads else _default_heads(dim))
 
 
-_ANY_SIZE = r"d\d+w\d+"
+def _size_name(c, table: dict[str, dict[str, int]]) -> str:
+    """The size part of model_name for config `c`: its letter, else dDwW (and hH where the heads are not
+    the default for the width), which _size reads back."""
+    letter = next((s for s, v in table.items() if (c.depth, c.dim, c.heads) == tuple(v.values())), None)
+    return letter or f"d{c.depth}w{c.dim}" + (f"h{c.heads}" if c.heads != _default_heads(c.dim) else "")
+
+
+_ANY_SIZE = r"d\d+w\d+(?:h\d+)?"
 register_family(rf"vit-([ntsbl]|{_ANY_SIZE})/(\d+)", lambda m: ("vit", {**_size(m[1], VIT_SIZES), "patch_size": int(m[2])}),
                 [f"vit-{s}/{p}" for s in VIT_SIZES for p in VIT_PATCHES])
 register_family(rf"pit-([ntsbl]|{_ANY_SIZE})", lambda m: ("vit", {**_size(m[1], VIT_SIZES), "patch_size": 1}),
@@ -173,18 +187,16 @@ def architecture(spec: dict[str, Any], name: str | None = None) -> tuple[str, di
 
 def model_name(model: nn.Module) -> str:
     """The name of the model actually built, after every setting: `vit-n/4` for vit-n/2 built with
-    patch_size 4, `pit-t`, `vit-d4w64/2` for a ViT of no listed size, `convmixer-256/8`."""
+    patch_size 4, `pit-t`, `vit-d4w64/2` for a ViT of no listed size (`vit-d4w128h4/2` where its heads are
+    not width / 64), `convmixer-256/8`; the name builds the same architecture again."""
     c = model.cfg
     if isinstance(model, VisionTransformer):
-        size = next((s for s, v in VIT_SIZES.items() if (c.depth, c.dim, c.heads) == tuple(v.values())),
-                    f"d{c.depth}w{c.dim}")
+        size = _size_name(c, VIT_SIZES)
         return f"pit-{size}" if c.patch_size == 1 else f"vit-{size}/{c.patch_size}"
     if isinstance(model, ConvMixer):
         return f"convmixer-{c.dim}/{c.depth}"
     if isinstance(model, DiT):
-        size = next((s for s, v in DIT_SIZES.items() if (c.depth, c.dim, c.heads) == tuple(v.values())),
-                    f"d{c.depth}w{c.dim}")
-        return f"dit-{size}/{c.patch_size}"
+        return f"dit-{_size_name(c, DIT_SIZES)}/{c.patch_size}"
     if isinstance(model, (MaskedAutoencoder, LinearProbe)):
         return f"{'mae' if isinstance(model, MaskedAutoencoder) else 'probe'}-{model_name(model.encoder)}"
     return type(model).__name__.lower()

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from ..errors import PixformerError
 from ..layout import Packed, check_grid, grid_coords, patchify, unpatchify
-from ..settings import require
+from ..settings import check_fields, require, square
 from .attention import AttnSpec, attention
 from .packed import segment_first, segment_mean
 from .pos_embed import rescale_coords, sample_table, sincos_2d
@@ -62,9 +62,8 @@ class ViTConfig:
                                           # to the width: Xiao et al. 2021; whole square-batch images only)
 
     def __post_init__(self):
-        if isinstance(self.img_size, int):
-            self.img_size = (self.img_size, self.img_size)
-        self.img_size = tuple(int(s) for s in self.img_size)
+        self.img_size = square(self.img_size)
+        check_fields(self)                                          # every field its type, in one line if not
         for name in ("patch_size", "dim", "heads"):
             require(name, getattr(self, name), getattr(self, name) >= 1, "at least 1")
         require("depth", self.depth, self.depth >= 0, "at least 0")

@@ -1,10 +1,11 @@
-"""The files the tasks and the commands write: labelled grids of images (matplotlib), plain image
-tiles with class names (PIL), and the one way every output is written.
+"""The figures the tasks and the commands write: labelled grids of images (matplotlib) and plain image
+tiles with class names (PIL).
 
-Every output goes through `written(path)`: the new content goes to a temporary file beside it that
-replaces `path` only once whole, so a write that fails (a full disk, a read-only folder, a name too
-long, a file where a folder should be) leaves the old file as it was, no partial one, and is one line
-naming the path. A command checks its output folder first (`output_folder`), before any work.
+Each goes through `files.written(path)`, as every output does (text through `files.write_atomically`):
+the new content goes to a temporary file beside it that replaces `path` only once whole, so a write
+that fails (a full disk, a read-only folder, a name too long, a file where a folder should be) leaves
+the old file as it was, no partial one, and is one line naming the path. A command checks its output
+folder first (`files.output_folder`), before any work.
 """
 from __future__ import annotations
 
@@ -19,11 +20,6 @@ MOST_COLUMNS = 16        # a grid has one column per class up to this many class
 
 
 # ---- writing ----------------------------------------------------------------------------------
-def write_text(path: str | Path, text: str) -> None:
-    with written(path) as tmp:
-        tmp.write_text(text)
-
-
 def save_figure(fig, path: str | Path) -> None:
     """A matplotlib figure as a PNG, every label inside the canvas (the box drawn tight around them),
     then closed."""

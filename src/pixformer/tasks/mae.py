@@ -91,7 +91,7 @@ class MAE(Task):
 
     def build_model(self, name: str, model_args: dict[str, Any]) -> nn.Module:
         encoder = self.vit_encoder(name, model_args)
-        size = re.match(r"(?:vit|pit)-([a-z0-9]+)", name.lower())[1]
+        size = re.match(r"(?:vit|pit)-([a-z0-9]+)", name.strip().lower())[1]
         if size not in DECODER_SIZES:           # a run's printed size (pit-d4w64): the listed one nearest in width
             size = min(DECODER_SIZES, key=lambda s: abs(VIT_SIZES[s]["dim"] - encoder["dim"]))
         decoder = {k: v if getattr(self.cfg, k) is None else getattr(self.cfg, k)
