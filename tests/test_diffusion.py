@@ -342,6 +342,9 @@ def test_the_latent_path_round_trips_through_a_small_autoencoder_and_trains_and_
         torch.testing.assert_close(latents, want)
         torch.testing.assert_close(space.decode(latents), space.vae.decode(want / 0.18215).sample)
     assert space.decode(latents).shape == (5, 1, 8, 8)
+    # what train's planner sizes for its choice of checkpointing: the latents, not the images
+    assert Diffusion(DiffusionConfig(latent_vae=tiny_vae), facts).model_space() == ((4, 4), 4)
+    assert Diffusion(DiffusionConfig(), facts).model_space() == ((8, 8), 1)
 
     run = dict(DIFF_RUN, epochs=1, train_subset=64, task_args={**DIFF_RUN["task_args"], "latent_vae": tiny_vae})
     result = train(TrainConfig(**run, out=str(tmp_path / "lat")))

@@ -549,9 +549,10 @@ def resolved_speed(cfg: TrainConfig, runtime: Runtime, facts: DataFacts, amp, ta
             model, tokens, -(-cfg.batch_size // (runtime.data_parallel * cfg.accum_steps)), "bf16" if amp else "fp32",
             cfg.speed.attn_backend, cfg.speed.lean_mlp_on, cfg.speed.lean_norms_on) > SELECTIVE_ABOVE
     elif speed["selective_checkpoint"] is None:
-        speed["selective_checkpoint"] = selective_pays(cfg.model, facts.img_size, -(-cfg.batch_size // cfg.accum_steps),
+        size, chans = task.model_space()                   # a latent DiT: its latents' grid, not the images'
+        speed["selective_checkpoint"] = selective_pays(cfg.model, size, -(-cfg.batch_size // cfg.accum_steps),
                                                        "bf16" if amp else "fp32", cfg.speed.attn_backend,
-                                                       len(facts.classes), facts.in_chans, **cfg.model_args,
+                                                       len(facts.classes), chans, **cfg.model_args,
                                                        seq_parallel=runtime.seq_parallel,      # per rank
                                                        data_parallel=runtime.data_parallel,
                                                        lean_mlp=cfg.speed.lean_mlp_on,

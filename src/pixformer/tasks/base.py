@@ -121,6 +121,10 @@ class Task:
         (--progressive), or None: they can (the default)."""
         return None
 
+    def model_space(self) -> tuple[tuple[int, int], int]:
+        """The image size and channels the model sees: the data's (a latent diffusion task's: its latents')."""
+        return tuple(self.facts.img_size), self.facts.in_chans
+
     def block_tokens(self, model: nn.Module) -> list[int] | None:
         """Each block's sequence length in a training step (blocks_of order), where the blocks do not all
         see the tokens of the whole image (MAE); None: they do, and the planner counts them by name."""

@@ -202,10 +202,12 @@ class Diffusion(Task):
             raise PixformerError(f"--task diffusion trains a DiT (dit-s/2, dit-l/1, ...); {name} is a {arch} model")
         if self.cfg.process == "flow" and model_args.get("learn_sigma"):
             raise PixformerError("--learn-sigma learns the gaussian process's variance; the flow process has none")
-        f = self.facts
-        chans, size = (self.latent.chans, self.latent.grid) if self.latent else (f.in_chans, f.img_size)
+        size, chans = self.model_space()
         return create_model(name, img_size=size, in_chans=chans,
-                            num_classes=len(f.classes) if self.cfg.conditional else 0, **model_args)
+                            num_classes=len(self.facts.classes) if self.cfg.conditional else 0, **model_args)
+
+    def model_space(self) -> tuple[tuple[int, int], int]:
+        return (tuple(self.latent.grid), self.latent.chans) if self.latent else super().model_space()
 
     def prepare(self, data: ImageSet) -> ImageSet:
         """Pixel space: the split as it is. Latent space: the split encoded once (cached on disk)."""
