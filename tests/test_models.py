@@ -257,3 +257,22 @@ def test_a_model_setting_of_the_wrong_type_is_refused_by_name(name, kw, message)
     with pytest.raises(PixformerError, match=message):
         create_model(name, **kw)
     assert create_model(name, img_size=[8, 8]).cfg.img_size == (8, 8)      # a list (JSON) is a size
+
+
+def test_the_residual_stream_stays_fp32_under_bf16_autocast_in_every_model():
+    from pixformer.models import blocks_of
+    from pixformer.models.mae import MAEConfig, MaskedAutoencoder
+    enc = dict(img_size=(8, 8), patch_size=2, depth=1, dim=32, heads=2)
+    cases = [(create_model("vit-n/2", **enc, pos_embed="none", pool="mean"), lambda m: m(torch.randn(2, 3, 8, 8))),
+             (create_model("vit-n/2", **enc), lambda m: m(torch.randn(2, 3, 8, 8))),
+             (create_model("dit-n/2", img_size=8, depth=1, dim=32, heads=2, num_classes=3),
+              lambda m: m(torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.tensor([0, 2]))),
+             (MaskedAutoencoder(MAEConfig(encoder=enc, decoder_dim=16, decoder_depth=1, decoder_heads=2)),
+              lambda m: m(torch.randn(2, 3, 8, 8), torch.arange(4).expand(2, 4)))]
+    for model, run in cases:
+        seen = []
+        for block in blocks_of(model):
+            block.register_forward_pre_hook(lambda mod, args: seen.append(args[0].dtype))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            run(model)
+        assert seen and set(seen) == {torch.float32}, (type(model).__name__, seen)

@@ -126,8 +126,8 @@ class DiT(nn.Module):
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         p = self.cfg.patch_size
         patches, grid = patchify(x, p)                                    # (B, N, p*p*C)
-        h = self.patch_embed(patches)                                     # (B, N, D)
-        h = h + self.position_embedding(grid).to(h.dtype)                 # (B, N, D)
+        stream = self.t_embed[0].weight.dtype                             # the residual stream: fp32 under autocast
+        h = self.patch_embed(patches) + self.position_embedding(grid).to(stream)  # (B, N, D)
         c = self.condition(t, y)                                          # (B, D)
         for block in self.blocks:
             h = block(h, None, c)                                         # (B, N, D)

@@ -92,7 +92,7 @@ class MaskedAutoencoder(nn.Module):
         K = keep.shape[1]
         visible = tokens.gather(1, keep[..., None].expand(-1, -1, D))         # (B, K, D)
         latent = self.encoder.encode(self.encoder.prepend_cls(visible))       # (B, T, D), T = K (+1 class token)
-        x = self.decoder_embed(latent)                                        # (B, T, Dd)
+        x = self.decoder_embed(latent).to(self.mask_token.dtype)              # (B, T, Dd): fp32 under autocast
         prefix, Dd = x.shape[1] - K, x.shape[2]
         full = self.mask_token.to(x.dtype).expand(B, N, Dd).scatter(1, keep[..., None].expand(-1, -1, Dd), x[:, prefix:])
         full = full + self.decoder_position(grid).to(x.dtype)                 # (B, N, Dd): every token in place

@@ -348,7 +348,12 @@ class VisionTransformer(nn.Module):
                                  "MAE's visible patches and sequence shards need the linear stem")
         x = self.patch_embed(patches)                                     # (B, N, D)
         pos = self.position_embedding(grid, coords)                       # (N, D), (B, N, D) or None
-        return x if pos is None else x + pos                              # (B, N, D)
+        return self._stream(x, pos)                                       # (B, N, D)
+
+    def _stream(self, x: Tensor, pos: Tensor | None) -> Tensor:
+        """The residual stream: embedded tokens plus their position embedding, in the weights' dtype (fp32
+        under autocast, where the embedding's output is bf16), with a position embedding or without."""
+        return x.to(self.patch_embed.weight.dtype) if pos is None else x + pos
 
     def embed(self, images: Tensor, coords: Tensor | None = None) -> tuple[Tensor, tuple[int, int]]:
         """(B, C, H, W) -> (B, N, D) patch tokens with position embedding added, and the grid."""
@@ -361,7 +366,7 @@ class VisionTransformer(nn.Module):
         grid = check_grid(tuple(images.shape[-2:]), self.cfg.patch_size)
         x = self.patch_embed(self.stem(images)).flatten(2).transpose(1, 2)   # (B, N, D), row-major as patchify
         pos = self.position_embedding(grid)                               # (N, D) or None
-        return x if pos is None else x + pos, grid                        # (B, N, D)
+        return self._stream(x, pos), grid                                 # (B, N, D)
 
     def prepend_cls(self, tokens: Tensor) -> Tensor:
         """(B, N, D) -> (B, 1+N, D) with the class token first; unchanged for a model without one."""
