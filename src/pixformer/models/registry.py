@@ -35,14 +35,8 @@ VIT_SIZES: dict[str, dict[str, int]] = {
     "l": dict(depth=24, dim=1024, heads=16),
 }
 VIT_PATCHES = (2, 4, 8, 16)  # listed names; any patch size parses
-# DiT's sizes (S, B, L, XL as in the DiT paper) and pixformer's CPU-sized n and t
-DIT_SIZES: dict[str, dict[str, int]] = {
-    "n": VIT_SIZES["n"], "t": VIT_SIZES["t"],
-    "s": dict(depth=12, dim=384, heads=6),
-    "b": dict(depth=12, dim=768, heads=12),
-    "l": dict(depth=24, dim=1024, heads=16),
-    "xl": dict(depth=28, dim=1152, heads=16),
-}
+# DiT's sizes: S, B, L as ViT's (the DiT paper's), its XL, and pixformer's CPU-sized n and t
+DIT_SIZES: dict[str, dict[str, int]] = {**VIT_SIZES, "xl": dict(depth=28, dim=1152, heads=16)}
 
 # Each architecture: (config class, model class). Checkpoints store the architecture key and config.
 # NAMED: those a model name builds (their settings are --model-args); the others wrap a named model
