@@ -101,7 +101,7 @@ def test_yaml_recipe_and_print_config(tmp_path, capsys):
     (["train", "--img_size", "32.5"], "--img_size: 32.5 is not a whole number or null"),
     (["train", "--progressive", "[a]"], "--progressive: ['a'] is not a list of whole numbers or null"),
     (["train", "--rand-augment", "9"], "--rand-augment: 9 is not a list of 2 whole numbers or null"),
-    (["train", "--betas", "3"], "--betas: 3 is not a list"),
+    (["train", "--betas", "3"], "--betas: 3 is not a list (a list is written [16, 32], quoted in a shell: '[16, 32]')"),
     (["train", "--betas", "[0.9]"], 'Parser key "betas": Expected a tuple with 2 elements'),   # as jsonargparse says
     (["train", "--model-args", "3"], "--model-args: 3 is not a mapping"),
     (["eval", "--checkpoint", "/no/run", "--split", "vall"], "--split: vall is not one of 'train', 'val', 'test'"),

@@ -82,3 +82,12 @@ def test_api_reference_members_exist():
     missing = [f"{page}: {module}.{name}" for page, module, name in listed
                if not hasattr(importlib.import_module(module), name)]
     assert not missing, "API reference lists names that do not exist:\n" + "\n".join(missing)
+
+
+def test_the_python_api_screen_runs_as_written(tmp_path, monkeypatch):
+    """getting-started's "Python API in one screen", up to its training lines (those train for minutes)."""
+    text = (ROOT / "docs" / "getting-started.md").read_text()
+    start = text.index("```python", text.index("## The Python API in one screen")) + len("```python")
+    code = text[start:text.index("```", start)]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code[:code.index("# training, evaluation, checkpoints")], "getting-started.md", "exec"), {})

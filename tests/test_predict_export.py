@@ -283,3 +283,13 @@ def test_hub_layout_round_trips_offline(photos, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)   # a repository id: looked up, never fetched
     code, _, err = run_cli(capsys, "predict", "--checkpoint", "nobody/no-such-model", test / "cat")
     assert code == 2 and "nobody/no-such-model" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_mistyped_run_folder_is_one_line_not_a_hub_lookup(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "x.png")
+    from pixformer.experiments import hub
+    monkeypatch.setattr(hub, "load_hub", lambda *a, **k: pytest.fail("asked the Hub for a local path"))
+    code, _, err = run_cli(capsys, "predict", "--checkpoint", "runs/nope", "x.png")
+    assert code == 2 and "runs/nope does not exist" in err and len(err.strip().splitlines()) == 1, err

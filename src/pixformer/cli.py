@@ -459,7 +459,9 @@ def _wrong_value(msg: str, spelled: dict[str, str]) -> str:
         takes = [_kind(s) for s in re.findall(r"^Parser key \"[\w.]+\": Expected a (<class '\w+'>)\. Got value", msg)]
     if not takes or None in takes:
         return msg
-    return f"{option}: {value.group(1)} is not {' or '.join(takes)}"
+    listed = any(t.startswith("a list") for t in takes)
+    example = " (a list is written [16, 32], quoted in a shell: '[16, 32]')" if listed else ""
+    return f"{option}: {value.group(1)} is not {' or '.join(takes)}{example}"
 
 
 def _unknown_command(name: str, commands: list[str]) -> str:

@@ -238,9 +238,11 @@ def _resumable_state(cfg: TrainConfig) -> dict[str, Any] | None:
         raise PixformerError(f"{cfg.out} holds a converted model, not a stopped run: train from it with --init {cfg.out}")
     changed = changed_settings(saved["train_config"], cfg)
     if changed:
+        longer = " (to train on from its weights: a new --out with --init " + str(cfg.out) + ")" \
+            if any(c.startswith("epochs:") for c in changed) else ""
         raise PixformerError(f"cannot resume {cfg.out} with other settings ({'; '.join(changed)}): drop those "
                              f"options (`pixformer train --out {cfg.out} --resume` takes the run's own; in Python "
-                             f"TrainConfig.from_run) or start a new --out")
+                             f"TrainConfig.from_run) or start a new --out{longer}")
     return saved
 
 
@@ -499,8 +501,12 @@ def start(cfg: TrainConfig, data: Prepared | None, runtime: Runtime, task_cls: t
                              f"trains a step into micro-batches: at most {part.stop - part.start}")
     claimed = folder is None
     folder = folder or claim(default_run_dir(name, cfg.data), rank=runtime.rank)
+    warmup, total = round(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch
+    if total and warmup >= total:
+        say(f"the learning rate warms up over the whole run ({cfg.warmup_epochs:g} warm-up epochs of {cfg.epochs}) "
+            "and never decays: give a smaller --warmup-epochs or more --epochs")
     run = Run(cfg, runtime, task, splits, model, model, model, ema, None, batcher, part, amp, state,
-              folder, steps_per_epoch, cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch), say)
+              folder, steps_per_epoch, total, warmup, say)
     try:
         attach(run, saved)
     except BaseException:

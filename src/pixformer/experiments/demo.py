@@ -18,6 +18,7 @@ from ..engine.config import TrainConfig
 from ..engine.loop import train
 from ..errors import PixformerError
 from ..files import write_atomically
+from ..models.registry import create_model, model_name
 from .tables import binomial_se, plot, sampling_noise
 
 PATCHES = (4, 2, 1)
@@ -85,7 +86,9 @@ def run_demo(out: str | None = None, seed: int = 0, train_subset: int | None = N
         for p in sorted(PATCHES):                          # patch 1 first: the longest run starts at once
             name = "pit-n" if p == 1 else f"vit-n/{p}"
             cfg = dataclasses.replace(base, model=name, out=str(out_dir / name.replace("/", "")), resume=True)
-            print(f"training {name} (patch {p}) in {out_dir / name.replace('/', '')} ...", flush=True)
+            with torch.device("meta"):                     # the name its epoch lines print (the demo's sizes)
+                built = model_name(create_model(name, img_size=8, **base.model_args))
+            print(f"training {built} (patch {p}) in {out_dir / name.replace('/', '')} ...", flush=True)
             jobs[p] = pool.submit(train_point, cfg, max(cores // workers, 1), os.getpid())
         rows = [jobs[p].result() for p in PATCHES]
     write_atomically(out_dir / "results.json", json.dumps(rows, indent=1))

@@ -60,7 +60,8 @@ def load_for_inference(run: Any, weights: str = "auto") -> tuple[nn.Module, dict
         model, state = load_model(run, weights)
         return model, state, str(run)
     path = Path(run)
-    repo_id = not path.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", str(run)) is not None
+    # owner/name is a Hub id, unless the owner is a folder here (runs/x: a run folder that does not exist)
+    repo_id = not path.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", str(run)) is not None and not path.parent.is_dir()
     if not (path / "config.json").is_file() and not repo_id:
         raise PixformerError(f"no checkpoint in {run} (expected a run folder with checkpoint/state.json, or a "
                              "folder of `pixformer export --format hf`)" if path.exists() else f"{run} does not exist")

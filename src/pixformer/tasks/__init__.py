@@ -23,7 +23,7 @@ TASKS: dict[str, type[Task]] = {t.name: t for t in (Classify, MAE, Probe, Diffus
 
 def get_task(name: str) -> type[Task]:
     if name not in TASKS:
-        raise PixformerError(f"unknown task {name!r}; choose from {sorted(TASKS)}")
+        raise PixformerError(f"unknown task {name!r}; choose from {' | '.join(sorted(TASKS))}")
     return TASKS[name]
 
 

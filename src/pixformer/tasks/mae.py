@@ -42,7 +42,9 @@ TARGETS = ("auto", "patch", "none", "local")
 @dataclass
 class MAETaskConfig:
     mask_ratio: float = 0.75            # fraction of each image's tokens hidden
-    target: str = "auto"                # auto | patch | none | local (see the module doc)
+    target: str = "auto"                # what the decoder predicts: patch (each patch standardised, MAE's
+    #                                     norm-pix), none (the pixels), local (each pixel standardised over its
+    #                                     --local-kernel neighbourhood), auto (patch for p > 1, none at p = 1)
     local_kernel: int = 3               # neighbourhood side for target=local (odd)
     decoder_depth: int | None = None    # decoder size; unset: by the encoder's size (models/mae.DECODER_SIZES)
     decoder_dim: int | None = None      # decoder width; unset: by the encoder's size
