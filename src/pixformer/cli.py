@@ -239,6 +239,9 @@ def build_parser():
     fid.add_argument("--ref", type=typing.Optional[str], default=None, help="reference data source (default: the run's)")
     fid.add_argument("--ref_split", type=typing.Literal["train", "val", "test"], default="val",
                      help="the split of --ref whose images are the reference")
+    fid.add_argument("--ref_num", type=typing.Optional[int], default=None,
+                     help="reference images to score, drawn from the split by --seed (default: all; Inception-v3 "
+                          "over thousands of images takes minutes on a CPU)")
     fid.add_argument("--ref_stats", type=typing.Optional[str], default=None, help="saved reference statistics (.npz)")
     fid.add_argument("--save_ref_stats", type=typing.Optional[str], default=None,
                      help="also write the reference statistics to this .npz (for --ref-stats next time)")
@@ -583,7 +586,7 @@ def cmd_fid(ns) -> int:
     _counts(ns, "num", "batch_size", "steps")
     out = score(ns.checkpoint, ns.samples, ns.num, ns.cfg_scale, ns.sampler, ns.steps, ns.seed, ns.ref, ns.ref_split,
                 ns.ref_stats, ns.save_ref_stats, ns.network, ns.classifier, ns.batch_size, pick_device(ns.device),
-                ns.cfg_interval)
+                ns.cfg_interval, ns.ref_num)
     if ns.json:
         print(json.dumps(out))
     else:

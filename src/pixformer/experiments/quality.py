@@ -169,11 +169,12 @@ def read_samples(path: str, num_classes: int, labelled: bool) -> tuple[torch.Ten
 def score(checkpoint: str, samples: str | None, num: int, cfg_scale: float, sampler: str | None, steps: int | None,
           seed: int, ref: str | None, ref_split: str, ref_stats: str | None, save_ref_stats: str | None,
           network: str | None, classifier: str | None, batch_size: int, device: torch.device,
-          cfg_interval: tuple[float, float] | None = None) -> dict:
+          cfg_interval: tuple[float, float] | None = None, ref_num: int | None = None) -> dict:
     """FID of a diffusion run's samples (generated now, or read from a `pixformer sample` .npz) against
     reference images (a split of a data source, by default the run's held-out validation images) or
     saved reference statistics; with `classifier`, that classifier's accuracy on the samples. Samples are
-    guided for t in `cfg_interval` (default: the run's)."""
+    guided for t in `cfg_interval` (default: the run's); `ref_num`: that many reference images, drawn
+    from the split by `seed` (default: all of them)."""
     from ..data.splits import run_split
     from ..engine.checkpoint import load_model
     from .generate import diffusion_task, sample_images
@@ -185,6 +186,10 @@ def score(checkpoint: str, samples: str | None, num: int, cfg_scale: float, samp
             raise PixformerError("--classifier needs class-conditional samples; this run is unconditional")
         judge = Judge(classifier, model.cfg.in_chans, model.cfg.img_size, list(task.facts.classes), device)
     # everything that can be refused is checked, and the reference scored, before any sampling
+    if ref_num is not None and (ref_stats or ref_num < MIN_FID_IMAGES):
+        raise PixformerError(f"--ref-num chooses reference images: at least {MIN_FID_IMAGES}, and not with --ref-stats"
+                             if ref_num >= MIN_FID_IMAGES else
+                             f"FID needs at least {MIN_FID_IMAGES} images per set; --ref-num is {ref_num}")
     if samples:                        # read and checked before the Inception work
         images, labels = read_samples(samples, model.cfg.num_classes, judge is not None)
         if len(images) < MIN_FID_IMAGES:
@@ -205,6 +210,9 @@ def score(checkpoint: str, samples: str | None, num: int, cfg_scale: float, samp
         where = ref_stats
     else:
         data, where = run_split(state, ref, None, ref_split)
+        if ref_num is not None and ref_num < len(data):                # a seeded subset, in the split's order
+            pick = np.sort(np.random.default_rng(seed).choice(len(data), ref_num, replace=False))
+            data, where = data.subset(torch.from_numpy(pick)), f"{ref_num} of {where} (seed {seed})"
         reference = net.stats(data.images, where, scale=1 / 255)    # uint8 rows, a batch at a time
         if save_ref_stats:
             reference.save(Path(save_ref_stats))
