@@ -44,6 +44,7 @@ from torch.distributed.nn.functional import all_reduce   # its backward all-redu
 
 from ..errors import PixformerError
 from ..layout import grid_coords
+from ..models import blocks_of
 from ..models.attention import AttnSpec
 from ..models.vit import VisionTransformer
 from .plan import regather_count
@@ -102,7 +103,7 @@ class SequenceParallel(nn.Module):
         if not isinstance(model, VisionTransformer):
             raise PixformerError(f"sequence parallelism splits a ViT's tokens; got a {type(model).__name__}")
         self.module, self.group, self.sharding = model, group, check_sharding(sharding)
-        depth = len(model.blocks)
+        depth = self.depth = len(blocks_of(model))
         self.seed, self.regather = seed, depth if regather is True else regather_count(int(regather), depth)
         self.rank, self.parts = dist.get_rank(group), dist.get_world_size(group)
 
@@ -120,7 +121,7 @@ class SequenceParallel(nn.Module):
         mask = None if key_mask is None else key_mask.to(x.device)
         keep = AttnSpec(mask=mask, group=self.group)
         again = AttnSpec(mask=mask, group=self.group, regather=True, cache=keep.cache)
-        specs = [again] * self.regather + [keep] * (len(vit.blocks) - self.regather)   # the first layers regather
+        specs = [again] * self.regather + [keep] * (self.depth - self.regather)  # the first layers regather
         feats = vit.encode(x, specs)                                          # (B, S, D) queries over gathered keys
         if vit.cls_token is not None:                                         # rank 0's first token
             mine = feats[:, 0] * float(has_cls)   # (B, D), zeros off rank 0 (in the graph: every rank's
