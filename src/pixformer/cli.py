@@ -150,14 +150,9 @@ def _version() -> str:
     return __version__
 
 
-def build_parser():
+# ---- one parser a command; build_parser adds them in the order of PARSERS ------------------------------
+def _train_parser():
     from jsonargparse import ActionConfigFile, ArgumentParser
-
-    parser = ArgumentParser(prog="pixformer", description="Vision transformers at any patch size, down to pixels.",
-                            exit_on_error=False)
-    parser.add_argument("-V", "--version", action="version", version=f"pixformer {_version()}")
-    commands = parser.add_subcommands(dest="command")
-
     train = ArgumentParser(exit_on_error=False, description="Train a model for a task (--task; default: classify) "
                            "into a run folder (--out). Options may be spelled --img-size or --img_size; a boolean "
                            "option alone means true (--hflip). Continue a stopped run with `pixformer train --out RUN "
@@ -167,10 +162,16 @@ def build_parser():
     train.add_argument("--config", action=ActionConfigFile, help="a YAML recipe (see configs/); options after it "
                        "override it, --print_config shows the merged settings")
     add_train_arguments(train)
-    commands.add_subcommand("train", train, help="train a model")
-    commands.add_subcommand("launch", launch_parser(ArgumentParser), help="train over N processes of this "
-                            "machine (torchrun's way, pixformer's messages)")
+    return train
 
+
+def _launch_parser():
+    from jsonargparse import ArgumentParser
+    return launch_parser(ArgumentParser)
+
+
+def _eval_parser():
+    from jsonargparse import ActionConfigFile, ArgumentParser
     ev = ArgumentParser(exit_on_error=False, description="Evaluate a checkpoint with its task's metrics "
                         "(classification: top-1/top-5 accuracy and loss).")
     ev.add_argument("--config", action=ActionConfigFile)
@@ -200,8 +201,11 @@ def build_parser():
                          "side = the resolution), a square run's are resized to it")
     ev.add_argument("--out", type=typing.Optional[str], default=None,
                     help="with --resolutions: where resolutions.json / .png go (default: <run>/resolutions)")
-    commands.add_subcommand("eval", ev, help="evaluate a checkpoint")
+    return ev
 
+
+def _sample_parser():
+    from jsonargparse import ArgumentParser
     sample = ArgumentParser(exit_on_error=False, description="Generate images with a diffusion run: a PNG grid, "
                             "each image as a PNG, and an .npz (uint8 images, labels) in --out.")
     sample.add_argument("--checkpoint", type=str, required=True, help="a diffusion run folder or its checkpoint/")
@@ -220,8 +224,11 @@ def build_parser():
     sample.add_argument("--weights", type=typing.Literal["auto", "model", "ema"], default="auto")
     sample.add_argument("--device", type=str, default="auto")
     sample.add_argument("--out", type=typing.Optional[str], default=None, help="default: <run>/generated")
-    commands.add_subcommand("sample", sample, help="generate images with a diffusion run")
+    return sample
 
+
+def _fid_parser():
+    from jsonargparse import ArgumentParser
     fid = ArgumentParser(exit_on_error=False, description="Sample quality of a diffusion run: FID (Inception-v3 "
                          "pool features, float64) of --num samples against reference images (default: the run's "
                          "held-out validation images) or saved statistics, and with --classifier the accuracy of "
@@ -251,8 +258,11 @@ def build_parser():
     fid.add_argument("--batch_size", type=int, default=64)
     fid.add_argument("--device", type=str, default="auto")
     fid.add_argument("--json", type=bool, default=False, help="print one JSON object as the last line")
-    commands.add_subcommand("fid", fid, help="FID and classifier accuracy of a diffusion run's samples")
+    return fid
 
+
+def _convert_parser():
+    from jsonargparse import ArgumentParser
     convert = ArgumentParser(exit_on_error=False, description="A trained ViT at another patch size (down to pixels, "
                              "1): the patch embedding resampled by FlexiViT's pseudo-inverse resize, the position table "
                              "to the new grid. Writes a checkpoint that evaluates like any run and starts new ones (--init).")
@@ -261,14 +271,20 @@ def build_parser():
     convert.add_argument("--out", type=str, required=True, help="the new run folder")
     convert.add_argument("--resize", type=typing.Literal["bilinear", "nearest"], default="bilinear",
                          help="the patch resize the embedding is made invariant to")
-    commands.add_subcommand("convert", convert, help="a trained ViT at another patch size")
+    return convert
 
+
+def _models_parser():
+    from jsonargparse import ArgumentParser
     models = ArgumentParser(exit_on_error=False, description="List model names with parameters, tokens and GFLOPs per image.")
     models.add_argument("--img_size", type=int, default=32)
     models.add_argument("--in_chans", type=int, default=3)
     models.add_argument("--num_classes", type=int, default=1000)
-    commands.add_subcommand("models", models, help="list model names")
+    return models
 
+
+def _plan_parser():
+    from jsonargparse import ArgumentParser
     plan = ArgumentParser(exit_on_error=False, description="Cost of training a model before running it: tokens, "
                           "parameters, forward and training GFLOPs per image, activation memory with and without "
                           "checkpointing, and the largest batch that fits --memory (e.g. 8GiB, 512MiB).")
@@ -290,16 +306,22 @@ def build_parser():
     plan.add_argument("--lean_norms", type=bool, default=False,
                       help="the norms' outputs recomputed in backward, not kept (train --lean-norms)")
     plan.add_argument("--json", type=bool, default=False, help="print one JSON object instead of the table")
-    commands.add_subcommand("plan", plan, help="FLOPs, memory and the largest batch for a memory budget")
+    return plan
 
+
+def _demo_parser():
+    from jsonargparse import ArgumentParser
     demo = ArgumentParser(exit_on_error=False, description="The main job: patch 4 vs 2 vs 1 (PiT) on the bundled digits.")
     demo.add_argument("--out", type=typing.Optional[str], default=None)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--train_subset", type=typing.Optional[int], default=None)
     demo.add_argument("--epochs", type=typing.Optional[int], default=None, help="override the recipe's epochs (DEMO_RECIPE)")
     demo.add_argument("--progress", type=bool, default=False)
-    commands.add_subcommand("demo", demo, help="patch 4 vs 2 vs 1 on digits (the main job)")
+    return demo
 
+
+def _sweep_parser():
+    from jsonargparse import ActionConfigFile, ArgumentParser
     from .experiments.sweep import PER_POINT, SweepConfig
     sweep = ArgumentParser(exit_on_error=False, description="The patch-size study: one recipe trained at every "
                            "patch size (fixed input size, or fixed token count), per seed, cached point by point. "
@@ -308,8 +330,11 @@ def build_parser():
     sweep.add_argument("--config", action=ActionConfigFile)
     add_dataclass_arguments(sweep, SweepConfig, skip={"train"}, title="sweep: the grid of points and their seeds")
     add_train_arguments(sweep, skip=set(PER_POINT))
-    commands.add_subcommand("sweep", sweep, help="accuracy against patch size, cached and resumable")
+    return sweep
 
+
+def _analyze_parser():
+    from jsonargparse import ActionConfigFile, ArgumentParser
     from .experiments.analyze import AnalyzeConfig
     analyze = ArgumentParser(exit_on_error=False, description="Figures (PNG) and their numbers (JSON) of what a "
                              "checkpoint learned: mean attention distance, position-embedding similarity, "
@@ -317,8 +342,11 @@ def build_parser():
                              "--layer, --heads '0,2' or 'all'). Written to --out, default <run folder>/analysis.")
     analyze.add_argument("--config", action=ActionConfigFile)
     add_dataclass_arguments(analyze, AnalyzeConfig, title="analysis")
-    commands.add_subcommand("analyze", analyze, help="figures of a checkpoint (attention, embeddings)")
+    return analyze
 
+
+def _predict_parser():
+    from jsonargparse import ArgumentParser
     predict = ArgumentParser(exit_on_error=False, description="Top-k classes with probabilities of images (files, "
                              "folders searched recursively, glob patterns) by a classifier run, each image made the "
                              "model's input exactly as the run's evaluation makes it. A table by default; --json: "
@@ -334,8 +362,11 @@ def build_parser():
     predict.add_argument("--csv", type=bool, default=False, help="CSV: image,rank,class,index,probability")
     predict.add_argument("--skip_bad_images", type=bool, default=False, help="leave out (and name on stderr) an "
                          "image that cannot be read, instead of stopping")
-    commands.add_subcommand("predict", predict, help="top-k classes of images with a classifier run")
+    return predict
 
+
+def _export_parser():
+    from jsonargparse import ArgumentParser
     export = ArgumentParser(exit_on_error=False, description="A trained run as an ONNX graph (--format onnx: a "
                             "classifier, dynamic batch, normalised float inputs; the preprocessing written beside it "
                             "in <name>.preprocess.json) or in the Hugging Face Hub layout (--format hf: a folder of "
@@ -346,7 +377,36 @@ def build_parser():
     export.add_argument("--out", type=str, required=True, help="the .onnx file, or the Hub layout's folder")
     export.add_argument("--weights", type=typing.Literal["auto", "model", "ema"], default="auto")
     export.add_argument("--opset", type=typing.Optional[int], default=None, help="ONNX opset (default: torch.onnx's)")
-    commands.add_subcommand("export", export, help="a run as ONNX or in the Hugging Face Hub layout")
+    return export
+
+
+# pixformer's commands in --help's order: name, the function that builds its parser, its line in --help
+PARSERS = (
+    ("train", _train_parser, "train a model"),
+    ("launch", _launch_parser, "train over N processes of this machine (torchrun's way, pixformer's messages)"),
+    ("eval", _eval_parser, "evaluate a checkpoint"),
+    ("sample", _sample_parser, "generate images with a diffusion run"),
+    ("fid", _fid_parser, "FID and classifier accuracy of a diffusion run's samples"),
+    ("convert", _convert_parser, "a trained ViT at another patch size"),
+    ("models", _models_parser, "list model names"),
+    ("plan", _plan_parser, "FLOPs, memory and the largest batch for a memory budget"),
+    ("demo", _demo_parser, "patch 4 vs 2 vs 1 on digits (the main job)"),
+    ("sweep", _sweep_parser, "accuracy against patch size, cached and resumable"),
+    ("analyze", _analyze_parser, "figures of a checkpoint (attention, embeddings)"),
+    ("predict", _predict_parser, "top-k classes of images with a classifier run"),
+    ("export", _export_parser, "a run as ONNX or in the Hugging Face Hub layout"),
+)
+
+
+def build_parser():
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(prog="pixformer", description="Vision transformers at any patch size, down to pixels.",
+                            exit_on_error=False)
+    parser.add_argument("-V", "--version", action="version", version=f"pixformer {_version()}")
+    commands = parser.add_subcommands(dest="command")
+    for name, make, line in PARSERS:
+        commands.add_subcommand(name, make(), help=line)
     for name, sub in commands.choices.items():
         sub.allow_abbrev = False                   # --img-siz is a typo to name, not --img-size
         positional = [a.dest.upper() for a in sub._actions if not a.option_strings]
