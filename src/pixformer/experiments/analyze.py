@@ -41,8 +41,7 @@ from ..models.attention import record_attention
 from ..layout import check_grid, grid_coords
 from ..progress import Progress
 from ..tasks import Classify, task_of
-from ..files import output_folder
-from ..files import write_atomically
+from ..files import output_folder, write_atomically
 from ..tasks.figures import save_figure
 
 CLS_NOTE = ("class token excluded as query and as key; each patch query's weights over the patch keys "

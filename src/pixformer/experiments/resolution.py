@@ -23,9 +23,9 @@ from ..data.store import ImageSet, NativeSet
 from ..engine.loop import evaluate
 from ..engine.runtime import Runtime
 from ..errors import PixformerError
+from ..files import write_atomically
 from ..models import token_layout
 from ..tasks.base import Task
-from ..files import write_atomically
 from ..tasks.figures import save_figure
 
 
