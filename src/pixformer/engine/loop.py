@@ -50,7 +50,7 @@ from ..files import write_atomically
 from ..layout import Packed
 from ..models import token_layout
 from ..models.attention import check_sequence_backend, set_attention_backend
-from ..models.registry import ARCHITECTURES, check_model_args, model_name, model_spec, resolve
+from ..models.registry import check_model_args, model_name, model_spec, resolve, setting
 from ..progress import Progress
 from ..tasks import TASKS, DataFacts, Task, get_task, task_config
 from ..tasks.base import ExampleRandom
@@ -110,7 +110,7 @@ def stats_sample(images):
 
 def native_patch(cfg: TrainConfig, task_cls: type[Task]) -> int:
     """The patch size of a native-resolution run's model, or a clear error for what cannot run there."""
-    arch, fields = resolve(cfg.model)
+    arch, _ = resolve(cfg.model)
     if arch not in task_cls.packs:
         raise PixformerError(f"native resolution (--max-side / --max-tokens) packs images of any sizes; --task "
                              f"{cfg.task} cannot train {cfg.model} on them" + _which("those that can", "packs"))
@@ -123,7 +123,7 @@ def native_patch(cfg: TrainConfig, task_cls: type[Task]) -> int:
     if cfg.rand_augment or cfg.trivial_augment or cfg.random_erase or cfg.repeat_aug > 1:
         raise PixformerError("--rand-augment, --trivial-augment, --random-erase and --repeat-aug augment square "
                              "batches of one size; turn them off at native resolution")
-    return int(cfg.model_args.get("patch_size", fields["patch_size"]))
+    return int(setting(cfg.model, cfg.model_args, "patch_size"))
 
 
 def _which(what: str, capability: str) -> str:
@@ -143,7 +143,7 @@ def check_run(cfg: TrainConfig, task_cls: type[Task]) -> None:
     """A clear error, before any data is loaded, for an architecture the task does not train and for
     what sequence parallelism, FSDP2 and progressive resizing cannot run."""
     check_progressive(cfg)
-    arch, fields = resolve(cfg.model)
+    arch, _ = resolve(cfg.model)
     if task_cls.architectures and arch not in task_cls.architectures:
         raise PixformerError(f"--task {cfg.task} trains {' / '.join(task_cls.architectures)} models; {cfg.model} is "
                              f"a {arch} model" + _tasks_for(arch))
@@ -158,7 +158,7 @@ def check_run(cfg: TrainConfig, task_cls: type[Task]) -> None:
             raise PixformerError(f"--seq-parallel splits each square image's tokens over ranks; --task {cfg.task} "
                                  f"cannot do that with {cfg.model}" + _which("it can", "splits_tokens"))
         check_sequence_backend(cfg.speed.attn_backend)
-        regather_count(cfg.seq_regather, {**fields, **cfg.model_args}.get("depth", ARCHITECTURES[arch][0].depth))
+        regather_count(cfg.seq_regather, setting(cfg.model, cfg.model_args, "depth"))
     if cfg.model_args.get("stem") == "conv" and (cfg.native or cfg.seq_parallel > 1 or task_cls.embeds_subsets):
         raise PixformerError("--stem conv embeds whole images of one size; packed images (--max-side / --max-tokens), "
                              "sequence shards (--seq-parallel) and MAE's visible patches need --stem linear")

@@ -407,9 +407,9 @@ def largest_side(model: str, memory: int | str, mode: str = "full", **settings) 
     """The longest side of a square image (a multiple of the patch) whose training step fits `memory`
     per rank under plan's `settings` (one image per data-parallel group unless `batch_size` is set);
     0 if none does."""
-    from ..models.registry import resolve
+    from ..models.registry import setting
     budget = parse_bytes(memory)
-    step = settings.get("patch_size") or resolve(model)[1].get("patch_size", 1)
+    step = setting(model, settings, "patch_size")
     batch = settings.pop("batch_size", None) or settings.get("data_parallel", 1)
 
     def fits(k: int) -> bool:                 # side k * step

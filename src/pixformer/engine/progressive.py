@@ -10,14 +10,13 @@ and ConvMixer runs at any size.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import TYPE_CHECKING
 
 from torch import Tensor
 
 from ..data.augment import resize
 from ..errors import PixformerError
-from ..models.registry import ARCHITECTURES, resolve
+from ..models.registry import setting
 from ..tasks import get_task, task_config
 
 if TYPE_CHECKING:
@@ -47,9 +46,7 @@ def check_progressive(cfg: "TrainConfig") -> None:
            task_cls.fixed_size(task_cfg))
     if why:
         raise PixformerError(f"--progressive resizes the training images, but {why}")
-    arch, fields = resolve(cfg.model)
-    defaults = {f.name: f.default for f in dataclasses.fields(ARCHITECTURES[arch][0])}
-    patch = {**defaults, **fields, **cfg.model_args}["patch_size"]
+    patch = setting(cfg.model, cfg.model_args, "patch_size")
     bad = [s for s in cfg.progressive if s % patch]
     if bad:
         raise PixformerError(f"--progressive: side(s) {bad} are not multiples of {cfg.model}'s patch size {patch}")

@@ -109,6 +109,14 @@ def resolve(name: str) -> tuple[str, dict[str, Any]]:
     raise PixformerError(f"unknown model name {name!r}{hint}")
 
 
+def setting(name: str, model_args: dict[str, Any], field: str) -> Any:
+    """One config field of the model `name` builds with `model_args` over it (its patch size, depth):
+    the args', else the name's, else the config class's default."""
+    arch, fields = resolve(name)
+    default = {f.name: f.default for f in dataclasses.fields(ARCHITECTURES[arch][0])}.get(field)
+    return {**fields, **model_args}.get(field, default)
+
+
 def build(arch: str, fields: dict[str, Any]) -> nn.Module:
     """Instantiate an architecture from config fields, rejecting unknown fields by name."""
     cfg_cls, model_cls = ARCHITECTURES[arch]
