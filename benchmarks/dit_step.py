@@ -66,13 +66,13 @@ def build(name: str, patch: int, batch: int, device: str = "cpu", dims: dict | N
     if cfg["impl"] in ("pixformer", "sample"):
         from pixformer import Speed
         from pixformer.engine.perf import apply_speed_settings
-        from pixformer.engine.plan import selective_pays
+        from pixformer.engine.plan import selective_above, selective_pays
         model = task.build_model("dit-s/2", sizes).to(device)
         if cfg["impl"] == "pixformer":                 # train's speed settings, selective checkpointing by its rule
             selective = cfg.get("selective")
             if selective is None:
                 selective = selective_pays("dit-s/2", d["img"], batch, "bf16" if amp else "fp32",
-                                           num_classes=d["classes"], in_chans=d["chans"],
+                                           num_classes=d["classes"], in_chans=d["chans"], above=selective_above(device),
                                            lean_norms=cfg.get("lean_norms", False), **sizes)
             apply_speed_settings(model, Speed(selective_checkpoint=selective, allocator=cfg.get("allocator", "auto"),
                                               lean_norms=cfg.get("lean_norms", False),

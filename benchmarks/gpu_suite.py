@@ -84,7 +84,8 @@ FULL = dict(device="cuda", steps=20, warmup=3, model_args={}, gemm_sizes=None, g
             packed=dict(model="vit-t/2", images=64, source_sides=(48, 192), resolution_range=(32, 128), max_side=128,
                         pack_length=8192, steps=30),
             train=dict(models=("pit-t", "vit-t/2"), batch=256, epochs=1000, wait_for_checkpoint=False),
-            tasks={"mae": dict(batch=256, dims={}), "dit-p2": dict(batch=256, dims={}), "dit-p1": dict(batch=64, dims={})})
+            tasks={"mae": dict(batch=256, dims={}), "dit-p2": dict(batch=256, dims={}),
+                   "dit-p1": dict(batch=64, dims={})})
 DRY = dict(device="cpu", steps=1, warmup=1, model_args={"depth": 1}, gemm_sizes=(256,), gemm_reps=2, compile_backend="eager",
            step_models={"pit-t": (8, 2), "vit-t/2": (8, 2), "pit-s": (8, 2)},
            timm_peers={1: "pit-t", 2: "vit-t/2"},
@@ -92,7 +93,8 @@ DRY = dict(device="cpu", steps=1, warmup=1, model_args={"depth": 1}, gemm_sizes=
                        pack_length=128, steps=3),
            train=dict(models=("pit-t", "vit-t/2"), batch=4, epochs=1000, wait_for_checkpoint=True),
            tasks={"mae": dict(batch=2, dims={"img": 8, "depth": 1, "dec_depth": 1}),
-                  "dit-p2": dict(batch=2, dims={"img": 8, "depth": 1}), "dit-p1": dict(batch=2, dims={"img": 8, "depth": 1})})
+                  "dit-p2": dict(batch=2, dims={"img": 8, "depth": 1}),
+                  "dit-p1": dict(batch=2, dims={"img": 8, "depth": 1})})
 # the other tasks' steps (benchmarks/mae_step.py, dit_step.py) and their peers'
 TASK_PEERS = {"mae": "transformers", "dit-p2": "diffusers", "dit-p1": "diffusers"}
 
@@ -197,7 +199,7 @@ def step_worker(job: dict) -> dict:
     from pixformer import Speed, create_model
     from pixformer.engine.optim import adamw, param_groups
     from pixformer.engine.perf import apply_compile, apply_speed_settings, checkpointed_blocks
-    from pixformer.engine.plan import selective_pays
+    from pixformer.engine.plan import selective_above, selective_pays
 
     dev, img, batch = torch.device(job["device"]), job["img"], job["batch"]
     torch.manual_seed(0)
@@ -218,7 +220,8 @@ def step_worker(job: dict) -> dict:
         row.update(timm_model=f"vit_tiny_patch16_224 (patch {job['patch']})", selective_checkpoint=False)
     else:
         model = ours.to(dev)
-        selective = (selective_pays(job["model"], img, batch, "bf16", "sdpa", 10, 3, **job["model_args"])
+        selective = (selective_pays(job["model"], img, batch, "bf16", "sdpa", 10, 3, selective_above(dev),
+                                    **job["model_args"])
                      if job["selective"] == "auto" else job["selective"] == "on")
         # "sdpa" (what "auto" runs on GPUs), held to the flash kernel below: the "flash" backend's fallback
         # (a try and a warnings filter) splits each compiled block into 4 graphs

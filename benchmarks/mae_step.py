@@ -76,7 +76,7 @@ def build(name: str, batch: int, device: str = "cpu", dims: dict | None = None):
         from pixformer import Speed
         from pixformer.engine.optim import param_groups
         from pixformer.engine.perf import apply_speed_settings, autocast_dtype
-        from pixformer.engine.plan import SELECTIVE_ABOVE, blocks_peak_bytes
+        from pixformer.engine.plan import blocks_peak_bytes, selective_above
         from pixformer.tasks import DataFacts
         from pixformer.tasks.mae import MAE, MAETaskConfig
         task = MAE(MAETaskConfig(mask_ratio=d["mask_ratio"], target="patch", decoder_depth=d["dec_depth"],
@@ -86,7 +86,8 @@ def build(name: str, batch: int, device: str = "cpu", dims: dict | None = None):
         selective = cfg.get("selective")
         if selective is None:                                                   # train's rule (loop.resolved_speed)
             selective = blocks_peak_bytes(model, task.block_tokens(model), batch, cfg["precision"],
-                                          cfg.get("attn", "auto"), lean_norms=cfg.get("lean_norms", False)) > SELECTIVE_ABOVE
+                                          cfg.get("attn", "auto"), lean_norms=cfg.get("lean_norms", False)
+                                          ) > selective_above(device)
         apply_speed_settings(model, Speed(selective_checkpoint=selective, lean_mlp=cfg.get("lean", True),
                                           lean_norms=cfg.get("lean_norms", False),
                                           attn_backend=cfg.get("attn", "auto"), allocator=cfg.get("allocator", "auto")))

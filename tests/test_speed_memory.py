@@ -16,7 +16,8 @@ from pixformer.engine import perf
 from pixformer.engine.perf import (apply_activation_checkpointing, apply_compile, apply_lean_mlp, apply_onednn_linear,
                                    apply_speed_settings, autocast_dtype, Speed, checkpointed_blocks, lean_mlps,
                                    onednn_available, set_allocator)
-from pixformer.engine.plan import SELECTIVE_ABOVE, largest_side, parse_bytes, plan, selective_pays, vit_block_bytes
+from pixformer.engine.plan import (SELECTIVE_ABOVE, largest_side, parse_bytes, plan, selective_above, selective_pays,
+                                   vit_block_bytes)
 
 A = importlib.import_module("pixformer.models.attention")  # the module (the package exports a function of that name)
 FUSED = [b for b in available_backends() if b != "math"]
@@ -598,6 +599,16 @@ def test_selective_checkpointing_is_on_by_default_only_for_large_steps():
     assert selective_pays("pit-t", 32, 32, precision="bf16")                 # ~2.7 GiB of activations
     assert not selective_pays("pit-t", 8, 32, precision="bf16")              # ~0.2 GiB
     assert not selective_pays("convmixer-256/8", 32, 128)                     # not modelled: left alone
+    assert not selective_pays("pit-t", 32, 32, precision="bf16", above=40 << 30)   # a GPU's rule: half its memory
+
+
+def test_the_selective_threshold_is_1_gib_on_a_cpu_and_half_a_gpus_memory(monkeypatch):
+    from types import SimpleNamespace
+    assert selective_above("cpu") == SELECTIVE_ABOVE == 1 << 30
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=80 << 30))
+    assert selective_above("cuda:0") == 40 << 30
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=1 << 30))
+    assert selective_above("cuda") == SELECTIVE_ABOVE                          # never below the CPU's
     settings = apply_speed_settings(tiny(), selective_checkpoint=True, checkpoint_blocks=1)
     assert checkpointed_blocks(settings) == {"full": 1, "selective": 1}
 

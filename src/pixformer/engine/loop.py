@@ -61,7 +61,7 @@ from .imports import foreign_format
 from .launch import LAUNCHER_ENV
 from .optim import Optimizers, build_optimizer, lr_at
 from .perf import apply_speed_settings, autocast_dtype, checkpoint_count, onednn_pays
-from .plan import SELECTIVE_ABOVE, blocks_peak_bytes, plan, regather_count, selective_pays
+from .plan import blocks_peak_bytes, plan, regather_count, selective_above, selective_pays
 from .progressive import check_progressive, resized, side_at
 from .rundir import RunFolder, append_metrics, claim, trim_metrics
 from .runtime import RankRandom, Runtime, lost_peer
@@ -550,15 +550,16 @@ def resolved_speed(cfg: TrainConfig, runtime: Runtime, facts: DataFacts, amp, ta
     if speed["onednn_linear"] is None:
         speed["onednn_linear"] = runtime.device.type == "cpu" and onednn_pays()
     tokens = task.block_tokens(model) if speed["selective_checkpoint"] is None else None
+    above = selective_above(runtime.device)            # 1 GiB on a CPU, half a GPU's memory
     if tokens is not None:                 # blocks seeing different sequences: counted on the built model
         speed["selective_checkpoint"] = blocks_peak_bytes(
             model, tokens, -(-cfg.batch_size // (runtime.data_parallel * cfg.accum_steps)), "bf16" if amp else "fp32",
-            cfg.speed.attn_backend, cfg.speed.lean_mlp_on, cfg.speed.lean_norms_on) > SELECTIVE_ABOVE
+            cfg.speed.attn_backend, cfg.speed.lean_mlp_on, cfg.speed.lean_norms_on) > above
     elif speed["selective_checkpoint"] is None:
         size, chans = task.model_space()                   # a latent DiT: its latents' grid, not the images'
         speed["selective_checkpoint"] = selective_pays(cfg.model, size, -(-cfg.batch_size // cfg.accum_steps),
                                                        "bf16" if amp else "fp32", cfg.speed.attn_backend,
-                                                       len(facts.classes), chans, **cfg.model_args,
+                                                       len(facts.classes), chans, above, **cfg.model_args,
                                                        seq_parallel=runtime.seq_parallel,      # per rank
                                                        data_parallel=runtime.data_parallel,
                                                        lean_mlp=cfg.speed.lean_mlp_on,

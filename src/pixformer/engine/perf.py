@@ -468,7 +468,8 @@ class Speed:
     attn_backend: str = "auto"          # the attention kernel (models/attention.py); auto: chosen by device and shape
     checkpoint_blocks: int | str = 0    # full activation checkpointing of the first N blocks, or "all"
     selective_checkpoint: bool | None = None  # other blocks recompute norms / GELU in backward: -30% activation
-    #                                     memory; unset: on when the step's activations exceed 1 GiB (plan.selective_pays)
+    #                                     memory; unset: on when the step's activations exceed 1 GiB on a CPU, half
+    #                                     the memory of a GPU (plan.selective_above)
     compile: bool = False               # torch.compile each block (the first steps compile)
     onednn_linear: bool | None = None   # fp32 linear layers on CPU through oneDNN; unset: where it pays
     #                                     (AMD CPUs with AVX-512, onednn_pays)

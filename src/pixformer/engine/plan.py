@@ -67,7 +67,7 @@ from ..models.attention import AUTO_MATH_SCORES, auto_backend, check_backend
 from .perf import autocast_dtype
 
 CHECKPOINT_MODES = ("none", "selective", "full")
-SELECTIVE_ABOVE = 1 << 30   # train turns selective checkpointing on above this many bytes of activations
+SELECTIVE_ABOVE = 1 << 30   # train turns selective checkpointing on above this many bytes of activations (CPU)
 REGATHER_TARGET = 1.1       # seq_regather auto: a rank's activations within this / P of one device's
 REGATHER_WORDS = ("auto", "all", "none")
 _ATTN_LABEL = {"fused": "fused (flash)", "blocked": "blocked", "math": "math"}
@@ -274,12 +274,12 @@ class Plan:
         mode = mode or self.train_mode()
         return self.regather_layers[mode] + (self.depth if mode != "none" else 0)
 
-    def default_mode(self) -> str:
+    def default_mode(self, above: int = SELECTIVE_ABOVE) -> str:
         """The checkpointing `train` uses at the plan's batch size unless told: selective once the
-        activations of a step exceed SELECTIVE_ABOVE (see selective_pays), else none."""
+        activations of a step exceed `above` (selective_above: 1 GiB on a CPU), else none."""
         if not self.batch_size or not self.image_bytes:
             raise PixformerError("train's default checkpointing needs a batch size and a modelled architecture")
-        return "selective" if self.images_per_rank * self.image_bytes["none"] > SELECTIVE_ABOVE else "none"
+        return "selective" if self.images_per_rank * self.image_bytes["none"] > above else "none"
 
     def verdict(self) -> str:
         """One line: whether (and how) the batch fits the memory budget, or what would be needed."""
@@ -445,13 +445,25 @@ def blocks_peak_bytes(model: torch.nn.Module, tokens: list[int], batch_size: int
     return batch_size * stack_bytes(per_block)
 
 
+def selective_above(device: torch.device | str = "cpu") -> int:
+    """The activations of a step above which train turns selective checkpointing on. On a CPU 1 GiB
+    (SELECTIVE_ABOVE): below that the memory it saves hardly matters and its fixed cost per op (a Python
+    dispatch mode over each op of a block) is a large share of a short step (PiT-T at 8x8, batch 32,
+    bf16 ran 18-33 % slower with it, while at 32x32 the two were within run-to-run noise:
+    benchmarks/results/switches). On a GPU half its memory: recomputing costs time there while the step
+    fits, and the per-op dispatch weighs on short kernels (not measured on a GPU; the GPU suite's eager
+    and plain step parts compare the two)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return max(SELECTIVE_ABOVE, torch.cuda.get_device_properties(device).total_memory // 2)
+    return SELECTIVE_ABOVE
+
+
 def selective_pays(model: str, img_size: int | tuple[int, int], batch_size: int, precision: str = "auto",
-                   attn_backend: str = "auto", num_classes: int = 10, in_chans: int = 3, **overrides) -> bool:
+                   attn_backend: str = "auto", num_classes: int = 10, in_chans: int = 3,
+                   above: int = SELECTIVE_ABOVE, **overrides) -> bool:
     """train's default for selective checkpointing (selective_checkpoint unset): on when this planner puts
-    the activations of a step without checkpointing above SELECTIVE_ABOVE (1 GiB). Below that the memory
-    it saves hardly matters and its fixed cost per op (a Python dispatch mode over each op of a block)
-    is a large share of a short step: PiT-T at 8x8, batch 32, bf16 ran 18-33 % slower with it, while at
-    32x32 the two were within run-to-run noise (benchmarks/results/switches)."""
+    the activations of a step without checkpointing above `above` (selective_above of the device)."""
     p = plan(model, img_size, batch_size, precision=precision, attn_backend=attn_backend, num_classes=num_classes,
              in_chans=in_chans, **overrides)
-    return bool(p.image_bytes) and p.default_mode() == "selective"
+    return bool(p.image_bytes) and p.default_mode(above) == "selective"
