@@ -159,6 +159,9 @@ def test_mae_run_writes_reconstructions_reports_pixel_loss_and_resumes_exactly(t
 
 def test_eval_of_an_mae_run_reports_loss_and_n(tmp_path, capsys):
     train(TrainConfig(**MAE_RUN, epochs=1, out=str(tmp_path / "run")))
+    out = capsys.readouterr()
+    line = next(l for l in (out.out + out.err).splitlines() if " epoch 1/1 " in l)   # the objective beside train's
+    assert re.search(r"train loss [\d.]+  val pixel loss [\d.]+  val loss [\d.]+  \(data wait", line), line
     assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--split", "val", "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["n"] == 144 and 0 < result["loss"] < 1 and result["target_loss"] > 0

@@ -790,7 +790,8 @@ def end_of_epoch(run: Run, stop: StopFlag) -> None:
               **{f"val_{k}": v for k, v in val.items()}}
     log(run, record)
     run.say(f"{run.name} epoch {epoch}/{cfg.epochs}  train loss {record.get('train_loss', 0):.4f}  "
-            + "".join(f"val {k} {v:.4f}  " for k, v in val.items()) + f"(data wait {100 * record['data_wait']:.0f} %)")
+            + "".join(f"val {run.task.shown_as.get(k, k)} {v:.4f}  " for k, v in val.items())
+            + f"(data wait {100 * record['data_wait']:.0f} %)")
     if run.val is not None and (run.runtime.is_main or run.runtime.fsdp):   # FSDP2: every rank runs the forwards
         try:
             run.task.report(run.ema or run.model, run.splits.val, run.run_dir if run.runtime.is_main else None, epoch)

@@ -82,6 +82,7 @@ class Task:
     Config: type                  # the task's settings dataclass (--task-args, or its shortcuts)
     best: tuple[str, str]         # (validation metric that marks the best epoch, "max" or "min")
     uses_labels: bool = True      # False: labels are ignored (eval then accepts any class names)
+    shown_as: dict[str, str] = {}  # validation metrics' names on the epoch line, where the key alone misleads
     needs_init: bool = False      # True: the run must start from a trained run (--init)
     fresh_on_init: tuple[str, ...] = ()   # its model's weights (name prefixes) --init never loads: they start new
     min_classes: int = 0          # classes the data must have (a classifier: 2), checked before decoding

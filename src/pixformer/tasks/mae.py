@@ -88,6 +88,7 @@ class MAE(Task):
     Config = MAETaskConfig
     best = ("loss", "min")
     uses_labels = False
+    shown_as = {"loss": "pixel loss", "target_loss": "loss"}   # the pixel-space error; the objective as trained
     architectures = ("vit",)
     embeds_subsets = True
 
