@@ -313,3 +313,10 @@ def test_micro_batches_cover_the_rows_once():
     assert loop.micro_batches(10, 3) == [slice(0, 4), slice(4, 7), slice(7, 10)]
     assert loop.micro_batches(4, 4) == [slice(i, i + 1) for i in range(4)]
     assert loop.micro_batches(7, 1) == [slice(0, 7)]
+
+
+def test_a_warm_up_as_long_as_the_run_is_said(tmp_path, capsys):
+    for epochs, said in ((1, True), (2, False)):                     # --warmup-epochs 1 by default
+        train(TrainConfig(**{**TINY, "epochs": epochs, "train_subset": 64}, out=str(tmp_path / str(epochs))))
+        out = capsys.readouterr()
+        assert ("warms up over the whole run (--warmup-epochs 1, --epochs 1)" in out.out + out.err) is said

@@ -503,8 +503,8 @@ def start(cfg: TrainConfig, data: Prepared | None, runtime: Runtime, task_cls: t
     folder = folder or claim(default_run_dir(name, cfg.data), rank=runtime.rank)
     warmup, total = round(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch
     if total and warmup >= total:
-        say(f"the learning rate warms up over the whole run ({cfg.warmup_epochs:g} warm-up epochs of {cfg.epochs}) "
-            "and never decays: give a smaller --warmup-epochs or more --epochs")
+        say(f"the learning rate warms up over the whole run (--warmup-epochs {cfg.warmup_epochs:g}, --epochs "
+            f"{cfg.epochs}) and never decays: give a smaller --warmup-epochs or more --epochs")
     run = Run(cfg, runtime, task, splits, model, model, model, ema, None, batcher, part, amp, state,
               folder, steps_per_epoch, total, warmup, say)
     try:
