@@ -223,8 +223,10 @@ class StopFlag:
             raise _Stop(self.asked)
 
 
-def default_run_dir(name: str, data: str) -> Path:
-    return Path("runs") / f"{name.replace('/', '')}-{Path(data).name.split('.')[0]}-{time.strftime('%Y%m%d-%H%M%S')}"
+def default_run_dir(*parts: str, data: str | None = None) -> Path:
+    """A new run folder's default: runs/<parts>-<the data's short name>-<date>-<time> (a model name's / dropped)."""
+    names = [p.replace("/", "") for p in parts] + ([Path(data).name.split(".")[0]] if data else [])
+    return Path("runs") / "-".join([*names, time.strftime("%Y%m%d-%H%M%S")])
 
 
 def _resumable_state(cfg: TrainConfig) -> dict[str, Any] | None:
@@ -500,7 +502,7 @@ def start(cfg: TrainConfig, data: Prepared | None, runtime: Runtime, task_cls: t
         raise PixformerError(f"--accum-steps {cfg.accum_steps} splits the {part.stop - part.start} images each process "
                              f"trains a step into micro-batches: at most {part.stop - part.start}")
     claimed = folder is None
-    folder = folder or claim(default_run_dir(name, cfg.data), rank=runtime.rank)
+    folder = folder or claim(default_run_dir(name, data=cfg.data), rank=runtime.rank)
     warmup, total = round(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch
     if total and warmup >= total:
         say(f"the learning rate warms up over the whole run (--warmup-epochs {cfg.warmup_epochs:g}, --epochs "

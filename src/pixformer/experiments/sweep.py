@@ -32,7 +32,7 @@ import torch
 
 from ..engine.checkpoint import find_checkpoint
 from ..engine.config import TrainConfig, changed_settings, config_from_options
-from ..engine.loop import Prepared, Stopped, prepare_data, train
+from ..engine.loop import Prepared, Stopped, default_run_dir, prepare_data, train
 from ..errors import PixformerError
 from ..files import read_json_object, write_atomically
 from ..models.registry import VIT_SIZES, create_model
@@ -239,8 +239,7 @@ def run_sweep(cfg: SweepConfig) -> tuple[Path, list[dict]]:
                              f"{metric}, not accuracy: train each patch size with pixformer train --task {t.task}")
     t.speed.check()                                        # the shared settings too, before any data is read
     task_config(t.task, t.task_args)
-    out_dir = Path(cfg.out) if cfg.out else \
-        Path("runs") / f"sweep-{cfg.regime}-{Path(t.data).name.split('.')[0]}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out_dir = Path(cfg.out) if cfg.out else default_run_dir("sweep", cfg.regime, data=t.data)
     # the data at its own (or the sweep's) size: the grid's reference, its channels and classes
     first_seed = cfg.seeds[0]
     ref = prepare_data(dataclasses.replace(t, img_size=cfg.img_size, seed=first_seed))
