@@ -115,6 +115,14 @@ def test_every_option_of_every_command_has_a_description():
     assert not missing, missing
 
 
+def test_the_top_help_lists_every_command_with_its_line(capsys):
+    from pixformer.cli import PARSERS
+    code, out, _ = run(capsys, "--help")
+    assert code == 0 and "(required)" not in out
+    for name, _, line in PARSERS:
+        assert f"    {name} " in out and line.split()[0] in out, name
+
+
 def test_train_help_lists_choices_in_groups_without_a_raw_signature(capsys):
     from pixformer.models.attention import available_backends
     from pixformer.tasks import TASKS

@@ -405,6 +405,7 @@ def build_parser():
                             exit_on_error=False)
     parser.add_argument("-V", "--version", action="version", version=f"pixformer {_version()}")
     commands = parser.add_subcommands(dest="command")
+    commands._jsonargparse_preexpanded_help = True  # its help as given (none), not a lone "(required)" line
     for name, make, line in PARSERS:
         commands.add_subcommand(name, make(), help=line)
     for name, sub in commands.choices.items():
