@@ -4,7 +4,6 @@ onnxruntime) and to the Hugging Face Hub layout (a local folder round trip, offl
 import csv
 import io
 import json
-import math
 import os
 from pathlib import Path
 

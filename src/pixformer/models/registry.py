@@ -105,7 +105,7 @@ def resolve(name: str) -> tuple[str, dict[str, Any]]:
         if m:
             return parse(m)
     close = difflib.get_close_matches(key, _LISTED, n=3, cutoff=0.5)
-    hint = f"; did you mean {', '.join(close)}?" if close else f"; see `pixformer models`"
+    hint = f"; did you mean {', '.join(close)}?" if close else "; see `pixformer models`"
     raise PixformerError(f"unknown model name {name!r}{hint}")
 
 

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import dataclasses
-import typing
 from typing import Any
 
 from ..errors import PixformerError
