@@ -110,7 +110,7 @@ def matmul_peaks(device: str = "cpu", sizes: tuple[int, ...] | None = None, reps
     tries of each size, with this process's threads. The peak of a dtype is its best library's (`peak_per_dtype`).
     CPU: fp32 and bf16 through torch.mm (MKL in fp32, oneDNN in bf16) and oneDNN directly (on AMD CPUs
     MKL's fp32 GEMM runs AVX2 code at half of oneDNN's AVX-512 rate), n = 1024, 2048 (bf16 without
-    native support: 512, 3 tries: emulated and slow). CUDA: bf16 through torch.mm (cuBLAS), n = 4096, 8192."""
+    native support: torch.mm only, 512, 3 tries: emulated and slow). CUDA: bf16 through torch.mm (cuBLAS), n = 4096, 8192."""
     import torch
 
     from pixformer.engine.perf import native_bf16
@@ -122,8 +122,9 @@ def matmul_peaks(device: str = "cpu", sizes: tuple[int, ...] | None = None, reps
         sync, native = None, native_bf16("cpu")
         onednn = lambda a, b: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")   # noqa: E731
         libs_cpu = {"torch.mm": mm, "oneDNN": onednn}
-        plan = [(torch.float32, sizes or (1024, 2048), reps, libs_cpu),
-                (torch.bfloat16, sizes or ((1024, 2048) if native else (512,)), reps if native else min(reps, 3), libs_cpu)]
+        plan = [(torch.float32, sizes or (1024, 2048), reps, libs_cpu),        # oneDNN has no bf16 GEMM without
+                (torch.bfloat16, sizes or ((1024, 2048) if native else (512,)),  # AVX512 (it refuses the primitive)
+                 reps if native else min(reps, 3), libs_cpu if native else {"torch.mm": mm})]
     out = {}
     for dtype, ns, tries, libs in plan:
         rates = {}

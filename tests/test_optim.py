@@ -103,9 +103,10 @@ def test_muon_for_the_blocks_matrices_adamw_for_the_rest_one_state_dict():
 
 @pytest.mark.parametrize("nesterov, adjust", [(True, "match_rms_adamw"), (False, None)])
 def test_stacked_muon_steps_as_torchs_muon(nesterov, adjust):
-    """The stacked Newton-Schulz iteration (one batched call per wide shape; a tall and a wide matrix
-    share one) gives torch's Muon's parameters and momentum buffers, over steps with weight decay and
-    two groups, bit for bit; a matrix without a gradient is left alone by both."""
+    """The stacked Newton-Schulz iteration (one batched call per shape; a tall matrix turned wide as a
+    transposed view, as torch turns it), in bf16 as torch's, gives torch's Muon's parameters and momentum
+    buffers, over steps with weight decay and two groups, bit for bit; a matrix without a gradient is left
+    alone by both."""
     shapes = [(8, 16), (16, 8), (8, 16), (12, 12), (12, 12), (20, 6)]
     start = [torch.randn(s, generator=torch.Generator().manual_seed(i)) for i, s in enumerate(shapes)]
     mine = [w.clone().requires_grad_() for w in start]
@@ -113,7 +114,7 @@ def test_stacked_muon_steps_as_torchs_muon(nesterov, adjust):
 
     def groups(ps):
         return [{"params": ps[:3], "weight_decay": 0.1}, {"params": ps[3:], "weight_decay": 0.0, "lr": 0.02}]
-    opts = [StackedMuon(groups(mine), lr=0.05, nesterov=nesterov, adjust_lr_fn=adjust),
+    opts = [StackedMuon(groups(mine), lr=0.05, nesterov=nesterov, adjust_lr_fn=adjust, ns_dtype=torch.bfloat16),
             torch.optim.Muon(groups(theirs), lr=0.05, nesterov=nesterov, adjust_lr_fn=adjust)]
     g = torch.Generator().manual_seed(99)
     for _ in range(3):
@@ -132,6 +133,24 @@ def test_stacked_muon_steps_as_torchs_muon(nesterov, adjust):
     assert not mine[0].equal(start[0])
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_stacked_muon_iterates_in_bf16_only_where_the_device_computes_it_natively(monkeypatch, native):
+    """By default the iteration runs in bf16 (torch's) where bf16 products are native, and in fp32 where
+    they are emulated (a CPU without AVX512-BF16 or AMX: many times slower than fp32 there)."""
+    import pixformer.engine.optim as optim
+    monkeypatch.setattr(optim, "native_bf16", lambda device: native)
+    start = torch.randn(24, 40, generator=torch.Generator().manual_seed(0))
+    grad = torch.randn(24, 40, generator=torch.Generator().manual_seed(1))
+    ends = {}
+    for name, dtype in (("default", None), ("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        w = start.clone().requires_grad_()
+        w.grad = grad.clone()
+        StackedMuon([w], lr=0.05, ns_dtype=dtype).step()
+        ends[name] = w.detach()
+    assert not ends["bf16"].equal(ends["fp32"])
+    assert ends["default"].equal(ends["bf16" if native else "fp32"])
+
+
 def test_muon_updates_a_filter_bank_as_its_matrix_and_refuses_a_model_without_any():
     """ConvMixer under Muon: the blocks' filters (pointwise and depthwise) are Muon's, each (out, in, k, k)
     bank stepped as torch's Muon steps the out x (in*k*k) matrix; the stem, biases, norms and head are
@@ -144,7 +163,7 @@ def test_muon_updates_a_filter_bank_as_its_matrix_and_refuses_a_model_without_an
     for shape in ((6, 4, 3, 3), (12, 1, 3, 3)):            # a wide bank (pointwise-like) and a tall one (depthwise)
         start = torch.randn(shape)
         bank, matrix = start.clone().requires_grad_(), start.flatten(1).clone().requires_grad_()
-        opts = [StackedMuon([bank], lr=0.05, weight_decay=0.1, adjust_lr_fn="match_rms_adamw"),
+        opts = [StackedMuon([bank], lr=0.05, weight_decay=0.1, adjust_lr_fn="match_rms_adamw", ns_dtype=torch.bfloat16),
                 torch.optim.Muon([matrix], lr=0.05, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")]
         g = torch.Generator().manual_seed(3)
         for _ in range(3):

@@ -537,7 +537,8 @@ def native_bf16(device: torch.device | str) -> bool:
 
 def cpu_name() -> str:
     """This machine's CPU as figures name it: its model name and its bf16 matmul instructions, e.g.
-    'AMD EPYC (AVX512-BF16)' or 'Intel Xeon Platinum 8480+ (AMX, AVX512-BF16)' (from /proc/cpuinfo)."""
+    'AMD EPYC (AVX512-BF16)' or 'Intel Xeon Platinum 8480+ (AMX, AVX512-BF16)', or where it has none its
+    widest vector instructions, 'AMD EPYC (AVX2)' (from /proc/cpuinfo)."""
     try:
         info = open("/proc/cpuinfo").read(1 << 16)
     except OSError:
@@ -545,7 +546,8 @@ def cpu_name() -> str:
     lines = info.splitlines()
     name = next((l.split(":", 1)[1].strip() for l in lines if l.startswith("model name")), platform.machine())
     flags = next((l.split(":", 1)[1].split() for l in lines if l.startswith("flags")), [])
-    isa = [n for f, n in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16")) if f in flags]
+    isa = [n for f, n in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16")) if f in flags] \
+        or [n for f, n in (("avx512f", "AVX512"), ("avx2", "AVX2")) if f in flags][:1]
     return f"{name} ({', '.join(isa)})" if isa else name
 
 
