@@ -38,7 +38,8 @@ cannot start, fails or runs out of time is recorded with its reason, and the res
                             patch 2 (batch 256) and patch 1 (batch 64) of pixformer and of diffusers'
                             DiTTransformer2DModel, both bf16 autocast. Both need diffusers (pixformer's DiT draws
                             its noise schedule from it), which the GPU image lacks: put its wheel in
-                            .device/wheels (see gpu.sh)
+                            .device/wheels (see gpu.sh). (A dry run on a CPU that emulates bf16 runs both
+                            task parts' models in fp32, as pixformer's default does there.)
 
 Every step figure: images/s (median step), the step's matmul FLOPs (3x pixformer's forward count,
 VisionTransformer.flops: the same for timm's ViT at identical dimensions) per second, and their
@@ -317,15 +318,20 @@ def task_worker(job: dict) -> dict:
     import torch
 
     from harness import device_timing, time_steps, timed
+
+    from pixformer.engine.perf import native_bf16
     dev = torch.device(job["device"])
+    config = job["config"]
+    if job["impl"] != "pixformer" and not native_bf16(dev):    # pixformer's auto is fp32 there: the peer's too
+        config = job["impl"]
     if job["task"] == "mae":
         import mae_step
-        step, model, amp = mae_step.build(job["config"], job["batch"], job["device"], job["dims"])
+        step, model, amp = mae_step.build(config, job["batch"], job["device"], job["dims"])
         fwd, dims = mae_step.mae_flops(job["dims"]), {**mae_step.DIMS, **job["dims"]}
     else:
         import dit_step
         patch = int(job["task"].removeprefix("dit-p"))
-        step, model, amp, flops_of = dit_step.build(job["config"], patch, job["batch"], job["device"], job["dims"])
+        step, model, amp, flops_of = dit_step.build(config, patch, job["batch"], job["device"], job["dims"])
         fwd = flops_of()
         dims = {**dit_step.DIMS, **job["dims"], "patch": patch}
     sync, reset, peak, peak_kind = device_timing(dev)
@@ -333,7 +339,7 @@ def task_worker(job: dict) -> dict:
     reset()
     t = time_steps(step, job["steps"], warmup=0, sync=sync)
     flops = 3 * fwd * job["batch"]                           # forward + backward (2x), one forward an image
-    return {"task": job["task"], "impl": job["impl"], "config": job["config"], "dims": dims, "batch": job["batch"],
+    return {"task": job["task"], "impl": job["impl"], "config": config, "dims": dims, "batch": job["batch"],
             "precision": str(amp or torch.float32)[6:], "images_s": job["batch"] / t["step_s"], "step_s": t["step_s"],
             "step_times": t["step_times"], "warmup_s": warm, "forward_flops_per_image": fwd, "flops_per_step": flops,
             "flop_s": flops / t["step_s"], "peak_mem_gib": peak(), "peak_mem": peak_kind,

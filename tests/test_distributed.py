@@ -274,7 +274,8 @@ ONE_STEP = textwrap.dedent("""
         return start, get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     bf16, muon._zeropower_via_newtonschulz = muon._zeropower_via_newtonschulz, ns_fp32
     stacked = optim.newton_schulz                # pixformer's stacked iteration, run on plain tensors
-    optim.newton_schulz = lambda mats, coefficients, steps, eps: [ns_fp32(m, coefficients, steps, eps) for m in mats]
+    optim.newton_schulz = lambda mats, coefficients, steps, eps, dtype: [ns_fp32(m, coefficients, steps, eps)
+                                                                         for m in mats]
     out = {}                                     # per tensor: max |sharded - one process|, max |step|
     for optimizer in ("lamb", "muon"):
         _, sharded = stepped(optimizer, True)

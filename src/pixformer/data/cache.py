@@ -443,100 +443,131 @@ def decode_splits(out: Path, layout: list[tuple[str, str, str]], jobs: Iterable[
     so the dataset's order does not depend on the archive's. `where(member)` names a member in errors.
 
     Images of one shape (`size` given, or all of the first image's) are written into each split's
-    (N, C, H, W) array by the process that decodes them (decode_into); this one learns the shape by
-    decoding the first image itself, and hears back only which images were written. Native images
-    (each its own size) come back to this process, which appends them to a flat buffer in turn."""
-    classes = sorted({c for _, c, _ in layout})
-    label = {c: i for i, c in enumerate(classes)}
-    count: dict[str, int] = {}
-    slot = []                                                        # layout position -> (split, row)
-    for split, _, _ in layout:
-        slot.append((split, count.get(split, 0)))
-        count[split] = count.get(split, 0) + 1
-    kept = {s: np.zeros(n, dtype=bool) for s, n in count.items()}
-    offsets = {s: np.zeros(n, dtype=np.int64) for s, n in count.items()} if native else {}
-    shapes = {s: np.zeros((n, 3), dtype=np.int64) for s, n in count.items()} if native else {}
-    bad: list[str] = []
-    desc = f"decoding {source}"
-
-    def decoded(pos: int, got: np.ndarray | tuple | str) -> bool:
-        """Whether the image at `pos` was decoded; one that was not is an error, or with
-        skip_bad_images is noted as skipped."""
-        if not isinstance(got, str):
-            return True
-        if not skip_bad_images:
-            raise PixformerError(f"cannot read image {where(layout[pos][2])} ({got}); pass --skip-bad-images "
-                                 "to skip such files")
-        bad.append(layout[pos][2])
-        return False
-
-    t0 = time.perf_counter()
+    (N, C, H, W) array by the process that decodes them (_decode_equal); native images (each its own
+    size) come back to this process, which appends them to a flat buffer in turn (_decode_native)."""
+    places = Places(layout, skip_bad_images, where)
+    desc, t0 = f"decoding {source}", time.perf_counter()
+    index: dict[str, dict[str, np.ndarray]] = {}                     # a native split's offsets and shapes
     if native:
-        writers: dict[str, FlatWriter] = {}
-        try:
-            with closing(decode_all(jobs, len(layout), size, max_side, workers, desc)) as results:
-                for pos, arr in results:
-                    if decoded(pos, arr):
-                        split, row = slot[pos]
-                        if split not in writers:
-                            writers[split] = FlatWriter(out / f"{split}.x.npy")
-                        offsets[split][row] = writers[split].append(arr)
-                        shapes[split][row] = arr.shape
-                        kept[split][row] = True
-        finally:
-            for writer in writers.values():
-                writer.close()
+        index = _decode_native(out, places, jobs, size, max_side, workers, desc)
     else:
-        jobs, shape, first = iter(jobs), None if size is None else (3, *size), None
-        if shape is None:                    # the first image that decodes sets the shape of all
-            for pos, src in jobs:
-                try:
-                    shape = decode_image(src, None, max_side).shape
-                except Exception as e:
-                    decoded(pos, failure(e))
-                    continue
-                first = layout[pos][2]
-                jobs = chain([(pos, src)], jobs)   # decoded again by a worker, which writes it
-                break
-        if shape is not None:
-            files = {s: out / f"{s}.x.npy" for s in count}
-            at = {}
-            for s, file in files.items():
-                array = new_array(file, (count[s], *shape))
-                at[s] = array.offset
-                del array                      # unmapped: the decoders write the file
-            into = Rows(shape, {s: str(f) for s, f in files.items()}, at)
-            placed = ((pos, src, *slot[pos]) for pos, src in jobs)
-            with closing(decode_all(placed, len(layout), size, max_side, workers, desc, into)) as results:
-                for pos, got in results:
-                    if not decoded(pos, got):
-                        continue
-                    if got != shape:
-                        raise PixformerError(different_sizes(source, shape[1:], first, got[1:], layout[pos][2]))
-                    split, row = slot[pos]
-                    kept[split][row] = True
-    if bad:
-        notice(f"skipped {len(bad)} unreadable image(s) in {source}, e.g. {bad[0]}")
-    splits = [s for s in count if kept[s].any()]
+        _decode_equal(out, places, jobs, size, max_side, workers, desc, source)
+    if places.bad:
+        notice(f"skipped {len(places.bad)} unreadable image(s) in {source}, e.g. {places.bad[0]}")
+    splits = _write_index(out, places, index, native)
     if not splits:
         raise PixformerError(f"no readable images in {source}")
-    for split in count:
-        rows = np.flatnonzero(kept[split])
+    (out / "meta.json").write_text(json.dumps({"source": source, "classes": places.classes, "splits": splits,
+                                               "native": native}))
+    n, procs = sum(int(k.sum()) for k in places.kept.values()), pool_plan(len(layout), workers)[0]
+    notice(f"decoded {n:,} images of {source} in {time.perf_counter() - t0:.1f} s "
+           f"({procs} process{'es' if procs > 1 else ''}), cached in {out.parent}")
+
+
+class Places:
+    """Where each image of a layout (split, class, member) goes: its split and row (`slot`), whether it
+    was decoded (`kept`, per split), and the members skipped as unreadable (`bad`)."""
+
+    def __init__(self, layout: list[tuple[str, str, str]], skip_bad_images: bool, where: Callable[[str], str]):
+        self.layout, self.skip_bad_images, self.where = layout, skip_bad_images, where
+        self.classes = sorted({c for _, c, _ in layout})
+        self.count: dict[str, int] = {}
+        self.slot = []                                               # layout position -> (split, row)
+        for split, _, _ in layout:
+            self.slot.append((split, self.count.get(split, 0)))
+            self.count[split] = self.count.get(split, 0) + 1
+        self.kept = {s: np.zeros(n, dtype=bool) for s, n in self.count.items()}
+        self.bad: list[str] = []
+
+    def decoded(self, pos: int, got: np.ndarray | tuple | str) -> bool:
+        """Whether the image at `pos` was decoded (`got` is not an error text); one that was not is an
+        error, or with skip_bad_images is noted as skipped."""
+        if not isinstance(got, str):
+            return True
+        if not self.skip_bad_images:
+            raise PixformerError(f"cannot read image {self.where(self.layout[pos][2])} ({got}); pass "
+                                 "--skip-bad-images to skip such files")
+        self.bad.append(self.layout[pos][2])
+        return False
+
+
+def _decode_native(out: Path, places: Places, jobs: Iterable[tuple[int, bytes | str]], size, max_side, workers,
+                   desc: str) -> dict[str, dict[str, np.ndarray]]:
+    """Native images appended to each split's flat buffer in turn; {split: {"offsets", "shapes"}}."""
+    index = {s: {"offsets": np.zeros(n, dtype=np.int64), "shapes": np.zeros((n, 3), dtype=np.int64)}
+             for s, n in places.count.items()}
+    writers: dict[str, FlatWriter] = {}
+    try:
+        with closing(decode_all(jobs, len(places.layout), size, max_side, workers, desc)) as results:
+            for pos, arr in results:
+                if places.decoded(pos, arr):
+                    split, row = places.slot[pos]
+                    if split not in writers:
+                        writers[split] = FlatWriter(out / f"{split}.x.npy")
+                    index[split]["offsets"][row] = writers[split].append(arr)
+                    index[split]["shapes"][row] = arr.shape
+                    places.kept[split][row] = True
+    finally:
+        for writer in writers.values():
+            writer.close()
+    return index
+
+
+def _decode_equal(out: Path, places: Places, jobs: Iterable[tuple[int, bytes | str]], size, max_side, workers,
+                  desc: str, source: str) -> None:
+    """Images of one shape written into each split's (N, C, H, W) array by the workers that decode them;
+    this process learns the shape (without `size`) by decoding the first image itself, and hears back
+    only which images were written."""
+    layout = places.layout
+    jobs, shape, first = iter(jobs), None if size is None else (3, *size), None
+    if shape is None:                        # the first image that decodes sets the shape of all
+        for pos, src in jobs:
+            try:
+                shape = decode_image(src, None, max_side).shape
+            except Exception as e:
+                places.decoded(pos, failure(e))
+                continue
+            first = layout[pos][2]
+            jobs = chain([(pos, src)], jobs)       # decoded again by a worker, which writes it
+            break
+    if shape is None:
+        return
+    files = {s: out / f"{s}.x.npy" for s in places.count}
+    at = {}
+    for s, file in files.items():
+        array = new_array(file, (places.count[s], *shape))
+        at[s] = array.offset
+        del array                              # unmapped: the decoders write the file
+    into = Rows(shape, {s: str(f) for s, f in files.items()}, at)
+    placed = ((pos, src, *places.slot[pos]) for pos, src in jobs)
+    with closing(decode_all(placed, len(layout), size, max_side, workers, desc, into)) as results:
+        for pos, got in results:
+            if not places.decoded(pos, got):
+                continue
+            if got != shape:
+                raise PixformerError(different_sizes(source, shape[1:], first, got[1:], layout[pos][2]))
+            split, row = places.slot[pos]
+            places.kept[split][row] = True
+
+
+def _write_index(out: Path, places: Places, index: dict[str, dict[str, np.ndarray]], native: bool) -> list[str]:
+    """Each split's labels (and a native split's offsets and shapes) for the images kept; the files of a
+    split with none removed. Returns the splits that kept images."""
+    label = {c: i for i, c in enumerate(places.classes)}
+    splits = [s for s in places.count if places.kept[s].any()]
+    for split in places.count:
+        rows = np.flatnonzero(places.kept[split])
         if split not in splits:
             (out / f"{split}.x.npy").unlink(missing_ok=True)
             continue
-        labels = np.array([label[c] for s, c, _ in layout if s == split], dtype=np.int64)
+        labels = np.array([label[c] for s, c, _ in places.layout if s == split], dtype=np.int64)
         np.save(out / f"{split}.y.npy", labels[rows])
         if native:
-            np.save(out / f"{split}.offsets.npy", offsets[split][rows])
-            np.save(out / f"{split}.shapes.npy", shapes[split][rows])
-        elif len(rows) < count[split]:               # skipped images leave their rows unused
+            for name, values in index[split].items():
+                np.save(out / f"{split}.{name}.npy", values[rows])
+        elif len(rows) < places.count[split]:           # skipped images leave their rows unused
             np.save(out / f"{split}.rows.npy", rows.astype(np.int64))
-    (out / "meta.json").write_text(json.dumps({"source": source, "classes": classes, "splits": splits,
-                                               "native": native}))
-    n, procs = sum(int(k.sum()) for k in kept.values()), pool_plan(len(layout), workers)[0]
-    notice(f"decoded {n:,} images of {source} in {time.perf_counter() - t0:.1f} s "
-           f"({procs} process{'es' if procs > 1 else ''}), cached in {out.parent}")
+    return splits
 
 
 def map_splits(entry: Entry) -> dict[str, ImageSet | NativeSet]:

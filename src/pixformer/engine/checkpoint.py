@@ -36,7 +36,7 @@ from torch import nn
 
 from ..errors import PixformerError
 from ..files import as_created, read_json_object
-from ..models.pos_embed import resample_table
+from ..models.pos_embed import resample_positions
 from ..models.registry import ARCHITECTURES, build
 from ..progress import notice
 from .flexi import pi_resize
@@ -377,10 +377,8 @@ def init_from(model: nn.Module, path: str | Path, fresh: tuple[str, ...] = ()) -
             and value.shape[-1] == target.shape[-1] and value.shape != target.shape
         if table and _owner(model, key).cfg.pos_coords == "absolute":     # a row is a place: keep those both have
             value = _overlap(value, target)
-        elif table and key.endswith("pos_table"):
-            value = resample_table(value.float(), tuple(target.shape[:2])).to(value.dtype)
-        elif table:                                                        # a factorized table: along its axis
-            value = resample_table(value.float()[:, None], (target.shape[0], 1))[:, 0].to(value.dtype)
+        elif table:                                                        # bilinearly, as the model samples it
+            value = resample_positions(value, tuple(target.shape[:-1]))
         if value.shape != target.shape and key.endswith("patch_embed.weight") and value.ndim == 2 == target.ndim \
                 and value.shape[0] == target.shape[0]:
             vit = _owner(model, key)
@@ -465,11 +463,9 @@ def _convert(ckpt: Path, state: dict[str, Any], cfg: dict[str, Any], old_patch: 
         tensors = load_tensors(file)
         tensors["patch_embed.weight"] = pi_resize(tensors["patch_embed.weight"], C, old_patch, patch, mode)
         model = build("vit", cfg)
-        if "pos_table" in tensors:
-            tensors["pos_table"] = resample_table(tensors["pos_table"], model.pos_grid)
-        for name, n in (("pos_rows", model.pos_grid[0]), ("pos_cols", model.pos_grid[1])):
-            if name in tensors:
-                tensors[name] = resample_table(tensors[name][:, None], (n, 1))[:, 0]
+        sizes = {"pos_table": model.pos_grid, "pos_rows": model.pos_grid[:1], "pos_cols": model.pos_grid[1:]}
+        for name in sizes.keys() & tensors.keys():
+            tensors[name] = resample_positions(tensors[name], sizes[name])
         return load_state(model, tensors, file)
 
     model = converted(ckpt / "model.safetensors")

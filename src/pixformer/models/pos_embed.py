@@ -47,6 +47,14 @@ def resample_table(table: Tensor, grid: tuple[int, int]) -> Tensor:
     return sample_table(table, coords).reshape(*grid, table.shape[-1])
 
 
+def resample_positions(value: Tensor, size: tuple[int, ...]) -> Tensor:
+    """A learned position table moved to another grid as resample_table moves it: a 2-D table (R, C, D)
+    to `size` = (rows, cols), or one axis of a factorized one (n, D) to `size` = (m,). In value's dtype."""
+    if value.ndim == 3:
+        return resample_table(value.float(), tuple(size)).to(value.dtype)
+    return resample_table(value.float()[:, None], (size[0], 1))[:, 0].to(value.dtype)
+
+
 def sample_table(table: Tensor, coords: Tensor) -> Tensor:
     """Bilinearly sample a learned (R, C, D) embedding table at (N, 2) fractional coordinates given in
     table units; coordinates beyond the edge take the border value. Exact at integer coordinates."""

@@ -326,11 +326,9 @@ class Diffusion(Task):
         || p(x_{t-1} | x_t)) for t > 0 and the discretised decoder NLL at t = 0, with the model's mean
         from `eps` (gradient stopped) and its log-variance interpolated by v in -1..1 between the
         posterior's and beta_t's (improved DDPM, as DiT trains its learned variance)."""
-        true_mean = self.at("c0", t, x0) * x0 + self.at("ct", t, x0) * xt
+        true_mean = self.posterior_mean(x0, xt, t)
         true_logvar = self.at("post_logvar", t, x0)
-        abar = self.at("abar", t, x0)
-        pred_x0 = (xt - (1 - abar).sqrt() * eps) / abar.sqrt()
-        model_mean = self.at("c0", t, x0) * pred_x0 + self.at("ct", t, x0) * xt
+        model_mean = self.posterior_mean(self.convert("eps", eps, xt, t)["x"], xt, t)
         frac = (v + 1) / 2
         model_logvar = frac * self.at("betas", t, x0).log() + (1 - frac) * true_logvar
         kl = 0.5 * (-1 + model_logvar - true_logvar + torch.exp(true_logvar - model_logvar)
@@ -338,6 +336,10 @@ class Diffusion(Task):
         nll = -discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_logvar)
         per_image = lambda z: z.mean(dim=(1, 2, 3)) / math.log(2.0)       # noqa: E731
         return torch.where(t == 0, per_image(nll), per_image(kl))
+
+    def posterior_mean(self, x0: Tensor, xt: Tensor, t: Tensor) -> Tensor:
+        """The mean c0 x0 + ct xt of the gaussian posterior q(x_{t-1} | x_t, x_0) (B, C, H, W)."""
+        return self.at("c0", t, x0) * x0 + self.at("ct", t, x0) * xt
 
     def loss(self, model, images, labels, rng):
         terms = self.terms(model, images, labels, rng, drop=True)
