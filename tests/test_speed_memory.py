@@ -154,9 +154,18 @@ def test_bf16_training_step_runs():
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_precision_choices():
+@pytest.mark.parametrize("native", [True, False])
+def test_precision_choices(monkeypatch, capsys, native):
+    """auto is bf16 where bf16 is native, else fp32; bf16 asked for where it is emulated is said once."""
+    monkeypatch.setattr(perf, "native_bf16", lambda device: native)
+    monkeypatch.setattr(importlib.import_module("pixformer.progress"), "_SAID", set())
+    assert autocast_dtype("auto", "cpu") is (torch.bfloat16 if native else None)
     assert autocast_dtype("fp32", "cpu") is None
     assert autocast_dtype("bf16", "cpu") is torch.bfloat16
+    assert autocast_dtype("bf16", "cpu") is torch.bfloat16
+    said = capsys.readouterr().err.splitlines()
+    assert said == ([] if native else [next(line for line in said if "emulated" in line)])
+    assert native or said[0].startswith("--precision bf16: this CPU (") and "--precision auto trains in fp32" in said[0]
     with pytest.raises(PixformerError, match="fp16"):
         autocast_dtype("fp16", "cpu")
     with pytest.raises(PixformerError, match="precision"):
