@@ -559,9 +559,10 @@ def autocast_dtype(precision: str, device: torch.device | str) -> torch.dtype | 
         return None
     if precision == "bf16":
         if not native_bf16(device):
-            where = f"this CPU ({cpu_name()})" if device.type == "cpu" else f"this {device.type} device"
-            notice(f"--precision bf16: {where} has no native bf16 (on a CPU: AVX512-BF16 or AMX), so bf16 products "
-                   "are emulated, many times slower than fp32; --precision auto trains in fp32 here", once=True)
+            where = f"this CPU ({cpu_name()}) has no native bf16 (AVX512-BF16 or AMX)" if device.type == "cpu" \
+                else f"this {device.type} device has no native bf16"
+            notice(f"--precision bf16: {where}, so bf16 products are emulated, many times slower than fp32; "
+                   "--precision auto trains in fp32 here", once=True)
         return torch.bfloat16
     if precision == "fp16":
         if device.type == "cpu":
