@@ -534,7 +534,7 @@ def test_depthwise_grad_gives_the_same_forward_and_gradients(kernel, monkeypatch
     for amp in (False, True):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
             loss_ref, g_ref = grads_of(convmixer(kernel), x, y)
-            for chunk in (1 << 30, 8 * 4 * 4 * 8):           # one chunk; 2 (fp32) or 4 (bf16) images a chunk
+            for chunk in (5 * 8 * 4 * 4 * 4, 8 * 4 * 4 * 8):  # the 5 images in one chunk; 2 (fp32) or 4 (bf16) a chunk
                 monkeypatch.setattr(perf, "_CHUNK_BYTES", chunk)
                 loss, g = grads_of(perf.apply_depthwise_grad(convmixer(kernel)), x, y)
                 tol = dict(atol=1e-2, rtol=1e-2) if amp else dict(atol=1e-6, rtol=1e-5)
