@@ -14,11 +14,11 @@ Muon is two optimizers, Muon for the blocks' weight matrices and AdamW for the r
 from __future__ import annotations
 
 import math
+import sys
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from ..errors import PixformerError
 from ..models import blocks_of
@@ -33,6 +33,13 @@ ONE_CYCLE_START = 25.0    # one-cycle starts at lr / 25 (torch's OneCycleLR div_
 
 
 # ---- the learning rate at each step ----------------------------------------------------------
+def is_dtensor(t: Any) -> bool:
+    """Whether `t` is a DTensor (FSDP2's shards), asked without importing torch.distributed.tensor (0.9 s
+    at start-up): where nothing has imported it, nothing can be one."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
 def lr_at(step: int, total: int, warmup: int, peak: float, floor: float, shape: str = "cosine") -> float:
     """The learning rate of step `step` of `total`, a pure function of the step. cosine: linear warm-up
     to `peak` over `warmup` steps, then cosine decay to `floor` at step `total`; linear: the same
@@ -153,7 +160,7 @@ class StackedMuon(torch.optim.Muon):
 
     @torch.no_grad()
     def step(self, closure=None):
-        if any(isinstance(p, DTensor) for g in self.param_groups for p in g["params"]):
+        if any(is_dtensor(p) for g in self.param_groups for p in g["params"]):
             return super().step(closure)
         loss = None
         if closure is not None:

@@ -30,9 +30,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import FSDPModule, fully_shard
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
 
 from ..errors import PixformerError
 
@@ -136,6 +133,8 @@ class Runtime:
             from .sequence import SequenceParallel
             return SequenceParallel(model, self.seq_group, self.seq_sharding, self.seq_seed, regather)
         if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+            from torch.distributed.fsdp import FSDPModule, fully_shard   # here: 1 s to import, FSDP2 only
             if not any(isinstance(m, FSDPModule) for m in model.modules()):
                 from ..models import blocks_of
                 full = model.state_dict() if self.rank == 0 else {}
@@ -178,7 +177,7 @@ class Runtime:
         elif isinstance(step_model, nn.parallel.DistributedDataParallel):
             with step_model.no_sync():
                 yield
-        elif isinstance(step_model, FSDPModule):
+        elif self.fsdp:                                  # FSDP2's module (`wrap` shards the model itself)
             step_model.set_requires_gradient_sync(False)
             try:
                 yield
@@ -195,6 +194,7 @@ class Runtime:
         rank ever holds more than its shard and one gathered tensor."""
         if not self.fsdp:
             return (model.state_dict(), opt.state_dict()) if self.is_main else None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         weights = get_model_state_dict(model, options=options)
         optim = get_optimizer_state_dict(model, _each(opt), options=options)   # keyed by parameter name
@@ -211,6 +211,7 @@ class Runtime:
         if not self.fsdp:
             opt.load_state_dict(state)
             return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
         names = _param_names(model, opt)
         by_name = {} if state is None else {
             "state": {names[i]: v for i, v in state["state"].items()},
