@@ -68,6 +68,7 @@ def configs() -> dict[str, dict]:
         "pixformer-no-selective": {**default, "selective_checkpoint": False},  # each forced on and off
         "pixformer-system-malloc": {**default, "allocator": "system"},
         "pixformer-no-lean": {**default, "lean_mlp": False},                   # the MLP keeps both activations
+        "pixformer-lean-norms": {**default, "lean_norms": True},               # the norms' outputs recomputed
         "pixformer-fp32-no-lean": {**default, "precision": "fp32", "selective_checkpoint": False, "lean_mlp": False},
         "pixformer-fp32-system-malloc": {**default, "precision": "fp32", "selective_checkpoint": False,
                                          "allocator": "system"},
@@ -121,12 +122,13 @@ def worker(job: dict) -> dict:
         speed = {k: v for k, v in cfg.items() if k not in ("impl", "precision")}
         if speed["selective_checkpoint"] is None:                       # as train decides it
             speed["selective_checkpoint"] = selective_pays("pit-t", img, batch, "bf16" if amp else "fp32",
-                                                           cfg["attn_backend"], lean_mlp=speed["lean_mlp"])
+                                                           cfg["attn_backend"], lean_mlp=speed["lean_mlp"],
+                                                           lean_norms=speed["lean_norms"])
         model = apply_speed_settings(ours, **speed)
         ckpt = checkpointed_blocks(model)
         mode = "full" if ckpt["full"] else ("selective" if ckpt["selective"] else "none")
         est = plan("pit-t", img, batch, precision="bf16" if amp else "fp32", attn_backend=cfg["attn_backend"],
-                   lean_mlp=speed["lean_mlp"]).peak_bytes(batch, mode)
+                   lean_mlp=speed["lean_mlp"], lean_norms=speed["lean_norms"]).peak_bytes(batch, mode)
     else:
         del ours
         model = reference_vit(img)
