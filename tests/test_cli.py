@@ -235,6 +235,22 @@ def test_python_dash_m_runs_the_command():
     assert done.returncode == 0 and "pit-n" in done.stdout
 
 
+def test_eval_starts_without_importing_fsdp(tmp_path, capsys):
+    """FSDP2, its checkpoint API and DTensor take about a second to import: a command that shards nothing
+    (here eval) never imports them. (Building any torch optimizer imports dynamo, and with it DTensor.)"""
+    import subprocess
+    import sys
+    out = tmp_path / "run"
+    assert run(capsys, "train", "--model", "vit-n/4", *TINY, "--epochs", "1", "--train-subset", "64",
+               "--out", out)[0] == 0
+    code = ("import sys; from pixformer.cli import main; code = main(['eval', '--checkpoint', sys.argv[1]]); "
+            "print(code, sorted(m for m in sys.modules if m.startswith(('torch.distributed.tensor', "
+            "'torch.distributed.fsdp', 'torch.distributed.checkpoint'))))")
+    done = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and " top1 " in done.stdout, done.stderr[-2000:]
+    assert done.stdout.splitlines()[-1] == "0 []"
+
+
 def test_eval_reads_a_checkpoint_written_before_tasks_existed(tmp_path, capsys):
     out = tmp_path / "run"
     assert run(capsys, "train", "--model", "vit-n/4", *TINY, "--epochs", "1", "--train-subset", "64",

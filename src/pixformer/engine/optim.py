@@ -33,13 +33,6 @@ ONE_CYCLE_START = 25.0    # one-cycle starts at lr / 25 (torch's OneCycleLR div_
 
 
 # ---- the learning rate at each step ----------------------------------------------------------
-def is_dtensor(t: Any) -> bool:
-    """Whether `t` is a DTensor (FSDP2's shards), asked without importing torch.distributed.tensor (0.9 s
-    at start-up): where nothing has imported it, nothing can be one."""
-    module = sys.modules.get("torch.distributed.tensor")
-    return module is not None and isinstance(t, module.DTensor)
-
-
 def lr_at(step: int, total: int, warmup: int, peak: float, floor: float, shape: str = "cosine") -> float:
     """The learning rate of step `step` of `total`, a pure function of the step. cosine: linear warm-up
     to `peak` over `warmup` steps, then cosine decay to `floor` at step `total`; linear: the same
@@ -136,6 +129,13 @@ def adamw(params, **settings) -> torch.optim.AdamW:
     temporaries, where torch's CPU default steps tensor by tensor and foreach=True builds whole lists
     of intermediates (benchmarks/adamw_step.py times the three)."""
     return torch.optim.AdamW(params, fused=True, **settings)
+
+
+def is_dtensor(t: Any) -> bool:
+    """Whether `t` is a DTensor (FSDP2's shards), asked without importing torch.distributed.tensor (0.9 s
+    at start-up): where nothing has imported it, nothing can be one."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
 
 
 class StackedMuon(torch.optim.Muon):
