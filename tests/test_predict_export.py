@@ -249,6 +249,27 @@ def test_onnx_export_equals_pytorch_for_any_batch(which, digits, tmp_path, capsy
         assert_same(pixformer.Predictor(run).predict(images, top_k=3), probs, state["data"]["classes"])
 
 
+def test_onnx_export_replaces_only_its_own_files_and_writes_the_opset_asked(digits, tmp_path, capsys):
+    """An earlier export is replaced; any other file at --out is refused before the model loads, and kept.
+    An opset no onnx defines is refused at once; one the model cannot be converted down to is refused
+    with nothing written (torch.onnx's converter keeps its default opset where it cannot go back)."""
+    onnx = pytest.importorskip("onnx")
+    out = tmp_path / "m.onnx"
+    for _ in range(2):
+        code, _, err = run_cli(capsys, "export", "--checkpoint", digits, "--format", "onnx", "--out", out, "--opset", "17")
+        assert code == 0, err
+    assert onnx.load(out).opset_import[0].version == 17
+    (tmp_path / "mine.onnx").write_text("my own model")
+    for name, opset in (("mine.onnx", "18"), ("new.onnx", "99"), ("new.onnx", "3")):
+        code, _, err = run_cli(capsys, "export", "--checkpoint", digits, "--format", "onnx", "--out",
+                               tmp_path / name, "--opset", opset)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        assert {"mine.onnx": "is not an earlier export", "99": "opsets run from 1 to",
+                "3": "cannot convert"}[name if opset == "18" else opset] in err
+    assert (tmp_path / "mine.onnx").read_text() == "my own model" and not (tmp_path / "new.onnx").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.preprocess.json", "mine.onnx"]
+
+
 def test_hub_layout_round_trips_offline(photos, tmp_path, capsys, monkeypatch):
     run, _, test = photos
     folder = tmp_path / "hub"

@@ -44,6 +44,7 @@ def export(checkpoint: Any, fmt: str, out: str | Path, weights: str = "auto", op
     """Export the run `checkpoint` (as `predict` takes it) in format `fmt` ('onnx' or 'hf') to `out`;
     returns the files (or folder) written."""
     if fmt == "onnx":
+        check_onnx_out(out, opset)                                      # before the model is loaded
         return list(export_onnx(checkpoint, out, weights, opset))
     if fmt == "hf":
         if opset is not None:
@@ -56,6 +57,39 @@ def export(checkpoint: Any, fmt: str, out: str | Path, weights: str = "auto", op
         hub.module.load_state_dict(model.state_dict())
         return [write_hub(hub, hub_out(out))]
     raise PixformerError(f"unknown export format {fmt!r}; choose from {list(FORMATS)}")
+
+
+def check_onnx_out(out: str | Path, opset: int | None) -> None:
+    """One line for an --out that is not a .onnx name, that names files other than an earlier export's
+    (those are replaced, as --format hf replaces its own folder; nothing else is), or for an opset that
+    no onnx release defines."""
+    out = Path(out)
+    if out.suffix.lower() != ".onnx":
+        raise PixformerError(f"--out {out}: name the ONNX file with the .onnx suffix")
+    side = out.with_suffix(".preprocess.json")
+    if not _written_by_export(side):
+        for path in (out, side):
+            if path.exists() or path.is_symlink():
+                raise PixformerError(f"--out {out}: {path} exists and is not an earlier export of pixformer's "
+                                     "(remove it, or choose another name)")
+    if opset is not None:
+        try:
+            import onnx
+        except ImportError:
+            raise PixformerError(f"ONNX export needs onnx and onnxscript: {install_hint('export')}") from None
+        newest = onnx.defs.onnx_opset_version()
+        if not 1 <= opset <= newest:
+            raise PixformerError(f"--opset {opset}: ONNX opsets run from 1 to {newest} (this onnx's newest); "
+                                 "leave it out for torch.onnx's default")
+
+
+def _written_by_export(side: Path) -> bool:
+    """Whether `side` is the preprocessing file export_onnx writes beside a graph."""
+    try:
+        written = json.loads(side.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(written, dict) and written.get("input") == "pixels" and "model_name" in written
 
 
 def _is_run(path: str | Path) -> bool:
@@ -89,9 +123,8 @@ def export_onnx(checkpoint: Any, out: str | Path, weights: str = "auto", opset: 
         import onnxscript  # noqa: F401  (torch.onnx's exporter writes through it)
     except ImportError:
         raise PixformerError(f"ONNX export needs onnx and onnxscript: {install_hint('export')}") from None
+    check_onnx_out(out, opset)
     out = Path(out)
-    if out.suffix.lower() != ".onnx":
-        raise PixformerError(f"--out {out}: name the ONNX file with the .onnx suffix")
     out.parent.mkdir(parents=True, exist_ok=True)
     facts = task.facts
     C, (H, W) = facts.in_chans, facts.img_size
@@ -99,21 +132,31 @@ def export_onnx(checkpoint: Any, out: str | Path, weights: str = "auto", opset: 
     model = task.evaluated(model)                                       # --eval-flip: the mirror in the graph
     example = torch.randn(2, C, H, W)
     batch = torch.export.Dim("batch", min=1)
-    onnx_log = logging.getLogger("torch.onnx")
-    level = onnx_log.level
+    logs = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript")]
+    levels = [log.level for log in logs]
     try:
-        onnx_log.setLevel(logging.ERROR)         # not the exporter's notes on operators this model does not use
+        for log in logs:                         # not the exporter's notes on operators this model does not use,
+            log.setLevel(logging.CRITICAL)       # nor the version converter's traceback (checked below)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(model, (example,), dynamic_shapes=({0: batch},), input_names=["pixels"],
                                         output_names=["logits"], opset_version=opset, dynamo=True, verbose=False)
-        program.save(str(out))
-    except PixformerError:
-        raise
     except Exception as e:                       # the exporter's errors are long: the first line says what
         raise PixformerError(f"ONNX export of {state['model_name']} failed: {str(e).strip().splitlines()[0]}") from None
     finally:
-        onnx_log.setLevel(level)
+        for log, level in zip(logs, levels):
+            log.setLevel(level)
+    wrote = program.model.opset_imports.get("")
+    if opset is not None and wrote != opset:     # the converter keeps the graph as it was where it cannot go back
+        raise PixformerError(f"--opset {opset}: torch.onnx cannot convert {state['model_name']} down to opset {opset} (an "
+                             f"operator it uses has no version that old); give a higher one, or leave it out ({wrote})")
+    partial = out.with_name(out.name + ".partial")
+    try:
+        program.save(str(partial))
+        partial.replace(out)                     # whole or not at all
+    except OSError as e:
+        partial.unlink(missing_ok=True)
+        raise PixformerError(f"cannot write {out} ({e.strerror or e})") from None
     perm = pixel_permutation(tc, H, W)
     side = out.with_suffix(".preprocess.json")
     write_atomically(side, json.dumps({
