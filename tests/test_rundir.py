@@ -391,6 +391,26 @@ def test_e2e_LOOP_a_second_process_on_the_same_out_is_refused(tmp_path):
     assert (out / "config.json").read_text() == '{"first": true}'
 
 
+def test_e2e_LOOP_a_folder_of_other_files_is_refused_and_kept(tmp_path):
+    """--out holding files but no run (a run writes its config.json first): one line, and nothing in it
+    replaced or added; an empty folder and a run stopped before its first
+    checkpoint (its own config.json) are taken."""
+    from pixformer import TrainConfig, train
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"my": "own config"}')
+    (mine / "metrics.jsonl").write_text("keep\n")
+    with pytest.raises(PixformerError, match=r"--out .*mine holds files that are not a pixformer run \(config.json, "
+                                             r"metrics.jsonl\); give the run an empty or new folder"):
+        train(TrainConfig(**TINY, out=str(mine)))
+    assert sorted(p.name for p in mine.iterdir()) == ["config.json", "metrics.jsonl"]
+    assert (mine / "config.json").read_text() == '{"my": "own config"}' and (mine / "metrics.jsonl").read_text() == "keep\n"
+    (tmp_path / "empty").mkdir()
+    train(TrainConfig(**{**TINY, "epochs": 1}, out=str(tmp_path / "empty")))
+    shutil.rmtree(tmp_path / "empty" / "checkpoint")                          # as if stopped before a checkpoint
+    train(TrainConfig(**{**TINY, "epochs": 1}, out=str(tmp_path / "empty")))
+
+
 def test_e2e_LOOP_a_resume_drops_a_torn_metrics_line_and_removes_unfinished_writes(tmp_path, monkeypatch, capsys):
     from pixformer import TrainConfig, train
     full = train(TrainConfig(**TINY, out=str(tmp_path / "full")))

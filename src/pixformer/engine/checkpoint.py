@@ -41,7 +41,7 @@ from ..models.registry import ARCHITECTURES, build
 from ..progress import notice
 from .flexi import pi_resize
 from .imports import read_foreign
-from .rundir import claim
+from .rundir import LOCK, claim
 
 
 def _tensors(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -243,6 +243,26 @@ def check_out_folder(out: str | Path) -> None:
             raise PixformerError(f"--out {out} lies inside the checkpoint folder {folder} of the run {folder.parent}, "
                                  f"which its saves replace whole: continue that run with --out {folder.parent} "
                                  "--resume, or give a new run a folder of its own")
+
+
+def check_holds_no_other_files(out: str | Path) -> None:
+    """A one-line error when a run's --out holds files but no run (a run writes its config.json first):
+    the run's own files (config.json, metrics.jsonl, ...) would replace those of the same names."""
+    path = Path(out)
+    others = sorted(p.name for p in path.iterdir() if p.name != LOCK) if path.is_dir() else []
+    if others and not _is_train_config(path / "config.json"):
+        listed = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        raise PixformerError(f"--out {out} holds files that are not a pixformer run ({listed}); give the run an "
+                             "empty or new folder")
+
+
+def _is_train_config(path: Path) -> bool:
+    """Whether `path` is the config.json a run writes (its TrainConfig)."""
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and {"model", "task", "data", "epochs", "out"} <= config.keys()
 
 
 # The fields of state.json that the loaders read, with their JSON types ("data.classes": within "data").

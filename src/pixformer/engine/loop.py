@@ -54,8 +54,8 @@ from ..models.registry import check_model_args, model_name, model_spec, resolve,
 from ..progress import Progress
 from ..tasks import TASKS, DataFacts, Task, get_task, task_config
 from ..tasks.base import ExampleRandom
-from .checkpoint import (check_out_folder, find_checkpoint, init_from, load_tensors, load_weights, optimizer_state,
-                         read_state, save_checkpoint, summarize_keys)
+from .checkpoint import (check_holds_no_other_files, check_out_folder, find_checkpoint, init_from, load_tensors,
+                         load_weights, optimizer_state, read_state, save_checkpoint, summarize_keys)
 from .config import TrainConfig, as_json, changed_settings
 from .imports import foreign_format
 from .launch import LAUNCHER_ENV
@@ -437,6 +437,8 @@ def train(cfg: TrainConfig, data: Prepared | None = None) -> dict[str, Any]:
     try:
         if folder is not None and not cfg.resume and find_checkpoint(cfg.out) is not None:
             raise PixformerError(f"{cfg.out} already holds a run; pass --resume to continue it or choose another --out")
+        if folder is not None:
+            check_holds_no_other_files(cfg.out)                          # nothing of the user's is replaced
         run = start(cfg, data, runtime, task_cls, task_cfg, saved, folder)
         result = fit(run)
     except BaseException as e:
