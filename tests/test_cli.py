@@ -72,6 +72,10 @@ def test_models_lists_names_with_costs(capsys):
     rows = {line.split()[0]: line.split() for line in out.splitlines()[1:]}
     assert rows["pit-t"][2] == "1024" and rows["vit-t/2"][2] == "256"
     assert "vit-b/16" in rows
+    for option, value in (("--img-size", "0"), ("--num-classes", "-3"), ("--in-chans", "0")):   # not an empty table
+        code, out, err = run(capsys, "models", option, value)
+        assert code == 2 and not out and err.strip() == f"pixformer: error: {option} must be at least " \
+            f"{'0 (0: no head)' if option == '--num-classes' else '1'}, got {value}", err
 
 
 def test_demo_end_to_end_tiny(tmp_path, capsys):

@@ -669,6 +669,10 @@ def cmd_models(ns) -> int:
     import torch
 
     from .models.registry import create_model, list_models
+    from .settings import require
+    require("img_size", ns.img_size, ns.img_size >= 1, "at least 1")          # else every model is skipped below
+    require("num_classes", ns.num_classes, ns.num_classes >= 0, "at least 0 (0: no head)")
+    require("in_chans", ns.in_chans, ns.in_chans >= 1, "at least 1")
     print(f"{'name':<12} {'params':>12} {'tokens':>7} {'GFLOPs':>9}   (at {ns.img_size}x{ns.img_size}, "
           f"{ns.num_classes} classes; a multiply-add counts as 2 FLOPs)")
     for name in list_models():
