@@ -78,6 +78,28 @@ def test_models_lists_names_with_costs(capsys):
             f"{'0 (0: no head)' if option == '--num-classes' else '1'}, got {value}", err
 
 
+def test_a_run_out_of_memory_is_one_line_naming_what_fits_and_keeps_its_checkpoint(tmp_path, capsys, monkeypatch):
+    """The allocator's failure (here a real one: a tensor no machine holds, asked in the second epoch's
+    first step) ends the run in one line pointing at `pixformer plan`, its last checkpoint kept."""
+    import torch
+
+    from pixformer.models.vit import VisionTransformer
+    out, forward = tmp_path / "run", VisionTransformer.forward
+
+    def greedy(self, images):
+        if self.training and (out / "checkpoint" / "state.json").exists():   # epoch 2's first step
+            torch.empty(1 << 50, dtype=torch.uint8)
+        return forward(self, images)
+    monkeypatch.setattr(VisionTransformer, "forward", greedy)
+    code, _, err = run(capsys, "train", "--model", "vit-n/4", *TINY, "--epochs", "2", "--train-subset", "64",
+                       "--out", out)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("pixformer: error: out of memory (1048576.00 GiB more could not be allocated): ")
+    assert f"`pixformer plan --model vit-n/4 --batch-size 32` shows what fits" in err
+    assert err.strip().endswith(f"the last checkpoint in {out} is kept (continue with --resume)")
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] > 0
+
+
 def test_demo_end_to_end_tiny(tmp_path, capsys):
     code, out, _ = run(capsys, "demo", "--out", tmp_path / "demo", "--epochs", "1", "--train-subset", "64")
     assert code == 0 and f"run folder: {tmp_path / 'demo'}" in out

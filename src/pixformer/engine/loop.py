@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import signal
 import threading
 import time
@@ -61,10 +62,10 @@ from .imports import foreign_format
 from .launch import LAUNCHER_ENV
 from .optim import Optimizers, build_optimizer, lr_at
 from .perf import apply_speed_settings, autocast_dtype, checkpoint_count, onednn_pays
-from .plan import blocks_peak_bytes, plan, regather_count, selective_above, selective_pays
+from .plan import blocks_peak_bytes, format_bytes, plan, regather_count, selective_above, selective_pays
 from .progressive import check_progressive, resized, side_at
 from .rundir import RunFolder, append_metrics, claim, trim_metrics
-from .runtime import RankRandom, Runtime, lost_peer
+from .runtime import RankRandom, Runtime, lost_peer, out_of_memory
 
 TIMING_KEYS = ("img_per_s", "data_wait")    # metrics that measure the machine, not the run
 
@@ -447,6 +448,8 @@ def train(cfg: TrainConfig, data: Prepared | None = None) -> dict[str, Any]:
             where = f"; the last checkpoint in {run.run_dir} is kept" if run is not None else ""
             raise PixformerError(f"another process of this run stopped or died (this rank's collective failed: "
                                  f"{_short(str(e).splitlines()[0])}){where}") from None
+        if out_of_memory(e):
+            raise PixformerError(_out_of_memory_line(cfg, run, e)) from None
         raise
     finally:
         held = run.folder if run is not None else folder
@@ -454,6 +457,19 @@ def train(cfg: TrainConfig, data: Prepared | None = None) -> dict[str, Any]:
             held.close()
     runtime.close()
     return result
+
+
+def _out_of_memory_line(cfg: TrainConfig, run: Run | None, error: BaseException) -> str:
+    """The one line for a run whose memory ran out: what failed, where to see what fits, and what is kept."""
+    size = f" --img-size {cfg.img_size}" if cfg.img_size else ""
+    kept = (f"; the last checkpoint in {run.run_dir} is kept (continue with --resume)"
+            if run is not None and find_checkpoint(run.run_dir) is not None else "")
+    asked = re.search(r"allocate (\d+) bytes", str(error))        # the CPU allocator's message (a GPU's: its own)
+    what = (f"{format_bytes(int(asked[1]))} more could not be allocated" if asked
+            else _short(str(error).strip().splitlines()[0], 120))
+    return (f"out of memory ({what}): `pixformer plan --model {cfg.model}{size} "
+            f"--batch-size {cfg.batch_size}` shows what fits; try a smaller --batch-size, --accum-steps, "
+            f"--checkpoint-blocks all or smaller images{kept}")
 
 
 def start(cfg: TrainConfig, data: Prepared | None, runtime: Runtime, task_cls: type[Task], task_cfg,

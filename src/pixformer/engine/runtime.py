@@ -294,6 +294,12 @@ def lost_peer(error: BaseException) -> bool:
         "Connection closed by peer", "Connection reset by peer", "Broken pipe", "Socket Timeout"))
 
 
+def out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is an allocation that failed: a GPU's OutOfMemoryError, or the CPU allocator's."""
+    return isinstance(error, torch.cuda.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
+
+
 _SEQUENCE_GROUPS: dict[int, Any] = {}
 
 
