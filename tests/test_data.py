@@ -101,6 +101,10 @@ def test_image_folder_directory_and_tar(tmp_path):
     splits = load_source(str(tar_path), img_size=(8, 8))
     assert splits["train"].images.shape == (6, 3, 8, 8)
     assert splits["test"].images.shape == (3, 3, 8, 8) and splits["test"].labels.tolist() == [1, 1, 1]
+    (tmp_path / "fake.tar.gz").write_text("not an archive")             # one line, not each compression tried
+    with pytest.raises(PixformerError, match=r"fake.tar.gz is neither a directory nor a readable tar archive \(not "
+                                             r"a tar archive, plain or gzip / bzip2 / xz compressed\)$"):
+        load_source(str(tmp_path / "fake.tar.gz"))
 
 
 def test_image_folder_is_decoded_once(tmp_path, monkeypatch):

@@ -127,7 +127,9 @@ def test_predict_command_table_json_csv_and_refusals(photos, tmp_path, capsys):
     bad.write_bytes(b"not a png")
     for args, message in [((tmp_path / "nope.png",), "does not exist"), ((tmp_path / "empty",), "holds no images"),
                           ((f"{tmp_path}/*.jpg",), "no file matches"), ((bad,), f"cannot read {bad}"),
-                          ((test, "--json", "--csv"), "choose one of --json and --csv")]:
+                          ((test, "--json", "--csv"), "choose one of --json and --csv"),
+                          ((test, "--top-k", "0"), "--top-k must be at least 1, got 0"),
+                          ((test, "--batch-size", "-5"), "--batch-size must be at least 1, got -5")]:
         code, out, err = run_cli(capsys, "predict", "--checkpoint", run, *args)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     code, out, err = run_cli(capsys, "predict", "--checkpoint", run, bad, test / "cat" / "0.png", "--skip-bad-images")

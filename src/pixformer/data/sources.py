@@ -312,7 +312,9 @@ def _tar_members(path: Path) -> dict[str, int]:
         with tarfile.open(path) as tar:
             return {i.name: i.offset for i in tar if i.isfile() and Path(i.name).suffix.lower() in IMAGE_EXTS}
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-        raise PixformerError(f"{path} is neither a directory nor a readable tar archive ({e})") from None
+        why = str(e).strip()                     # tarfile's auto-detection lists each compression it tried:
+        why = "not a tar archive, plain or gzip / bzip2 / xz compressed" if "\n" in why else why   # one line
+        raise PixformerError(f"{path} is neither a directory nor a readable tar archive ({why})") from None
 
 
 def _tar_jobs(path: Path, position: dict[int, int]):

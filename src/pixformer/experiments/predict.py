@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from ..errors import PixformerError
 from ..progress import Progress
+from ..settings import require
 
 ImageLike = Any                 # a path (str or Path), a PIL image, a numpy array (H, W[, C]) or a tensor (C, H, W)
 PROGRESS_FROM = 100             # images from which progress is shown
@@ -123,8 +124,8 @@ class Predictor:
         items = list(images)
         if not items:
             raise PixformerError("no images to predict")
-        if top_k < 1 or batch_size < 1:
-            raise PixformerError(f"top_k and batch_size must be at least 1, got {top_k} and {batch_size}")
+        require("top_k", top_k, top_k >= 1, "at least 1")
+        require("batch_size", batch_size, batch_size >= 1, "at least 1")
         show = len(items) >= PROGRESS_FROM if progress is None else progress
         return self._results(items, min(top_k, len(self.classes)), batch_size, skip_bad_images,
                              Progress(len(items), "predicting", show=show))
