@@ -62,7 +62,8 @@ def test_convert_writes_a_checkpoint_that_evaluates_and_starts_runs(tmp_path, ca
     ft = train(TrainConfig(**{**base, "model": "pit-n"}, init=str(tmp_path / "p1"), out=str(tmp_path / "ft")))
     assert ft["model_name"] == "pit-d1w16h2"
     cases = [(["--patch-size", "3", "--out", str(tmp_path / "x")], "image size 8x8 is not divisible by patch size 3"),
-             (["--patch-size", "2", "--out", str(tmp_path / "p1")], "already holds a checkpoint")]
+             (["--patch-size", "2", "--out", str(tmp_path / "p1")], "already holds a checkpoint"),
+             (["--patch-size", "0", "--out", str(tmp_path / "x")], "--patch-size must be at least 1, got 0")]
     for args, match in cases:
         assert main(["convert", "--checkpoint", str(tmp_path / "p4"), *args]) == 2
         err = capsys.readouterr().err

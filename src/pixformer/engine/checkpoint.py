@@ -455,6 +455,8 @@ def convert_patch_size(path: str | Path, patch: int, out: str | Path, mode: str 
     grid of the same image size, every other tensor as it is (model and EMA weights). The result
     evaluates like any run and starts new runs (--init); it is not a stopped run to resume."""
     from ..layout import check_grid
+    from ..settings import require
+    require("patch_size", patch, patch >= 1, "at least 1")
     ckpt = find_checkpoint(path)
     if ckpt is None:
         raise PixformerError(f"no checkpoint in {path} (expected state.json and model.safetensors)")
