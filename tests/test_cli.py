@@ -100,6 +100,16 @@ def test_a_run_out_of_memory_is_one_line_naming_what_fits_and_keeps_its_checkpoi
     assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] > 0
 
 
+def test_an_image_size_no_memory_holds_is_refused_before_any_data(tmp_path, capsys, monkeypatch):
+    from pixformer.engine import loop
+    monkeypatch.setattr(loop, "load_source", lambda *a, **k: pytest.fail("loaded data"))
+    code, _, err = run(capsys, "train", "--model", "vit-n/1", "--img-size", "4096", "--epochs", "1",
+                       "--out", tmp_path / "run")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "--img-size 4096: one image of vit-n/1 needs about" in err and "with every block checkpointed" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_demo_end_to_end_tiny(tmp_path, capsys):
     code, out, _ = run(capsys, "demo", "--out", tmp_path / "demo", "--epochs", "1", "--train-subset", "64")
     assert code == 0 and f"run folder: {tmp_path / 'demo'}" in out

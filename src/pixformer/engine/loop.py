@@ -62,7 +62,7 @@ from .imports import foreign_format
 from .launch import LAUNCHER_ENV
 from .optim import Optimizers, build_optimizer, lr_at
 from .perf import apply_speed_settings, autocast_dtype, checkpoint_count, onednn_pays
-from .plan import blocks_peak_bytes, format_bytes, plan, regather_count, selective_above, selective_pays
+from .plan import blocks_peak_bytes, device_memory, format_bytes, plan, regather_count, selective_above, selective_pays
 from .progressive import check_progressive, resized, side_at
 from .rundir import RunFolder, append_metrics, claim, trim_metrics
 from .runtime import RankRandom, Runtime, lost_peer, out_of_memory
@@ -166,6 +166,26 @@ def check_run(cfg: TrainConfig, task_cls: type[Task]) -> None:
     if cfg.fsdp and cfg.ema_decay > 0:
         raise PixformerError("--ema-decay keeps a full copy of the weights on every rank; it cannot be combined "
                              "with --fsdp")
+
+
+def check_one_image_fits(cfg: TrainConfig, task_cls: type[Task], runtime: Runtime) -> None:
+    """A one-line error when not even one image of --img-size would fit the device's memory with every
+    block checkpointed, as the planner counts a ViT whose blocks see every token (the tasks it models;
+    others, and images of their own sizes, are left to the run)."""
+    arch, _ = resolve(cfg.model)
+    memory = device_memory(runtime.device)
+    if not cfg.img_size or cfg.native or arch != "vit" or task_cls.embeds_subsets or memory is None:
+        return
+    amp = autocast_dtype(cfg.precision, runtime.device)
+    p = plan(cfg.model, cfg.img_size, precision="bf16" if amp else "fp32", attn_backend=cfg.speed.attn_backend,
+             seq_parallel=runtime.seq_parallel, data_parallel=runtime.data_parallel, fsdp=cfg.fsdp,
+             lean_mlp=cfg.speed.lean_mlp_on, lean_norms=cfg.speed.lean_norms_on, **cfg.model_args)
+    need = p.peak_bytes(runtime.data_parallel, "full")                  # one image a rank
+    if need > memory:
+        where = "this machine's memory" if runtime.device.type == "cpu" else f"{runtime.device}'s memory"
+        raise PixformerError(f"--img-size {cfg.img_size}: one image of {cfg.model} needs about {format_bytes(need)} to "
+                             f"train even with every block checkpointed, more than {where} ({format_bytes(memory)}); "
+                             f"train smaller images (`pixformer plan --model {cfg.model} --img-size N` counts them)")
 
 
 # ---- pieces of the loop --------------------------------------------------------------------
@@ -433,6 +453,7 @@ def train(cfg: TrainConfig, data: Prepared | None = None) -> dict[str, Any]:
     saved = _resumable_state(cfg)                                        # before any data is loaded
     check_run(cfg, task_cls)
     runtime = Runtime.create(cfg.device, cfg.seq_parallel, cfg.seq_sharding, cfg.fsdp, cfg.seed)
+    check_one_image_fits(cfg, task_cls, runtime)                         # before any data is decoded
     folder = claim(cfg.out, rank=runtime.rank) if cfg.out else None    # a folder in use: one line, no work
     run = None
     try:

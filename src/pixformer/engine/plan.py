@@ -56,6 +56,7 @@ Communication per rank and step, for ring collectives ((W-1)/W of the data each 
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -457,6 +458,17 @@ def selective_above(device: torch.device | str = "cpu") -> int:
     if device.type == "cuda":
         return max(SELECTIVE_ABOVE, torch.cuda.get_device_properties(device).total_memory // 2)
     return SELECTIVE_ABOVE
+
+
+def device_memory(device: torch.device | str) -> int | None:
+    """All the memory of `device`: a GPU's, or this machine's RAM for the CPU (None where unknown)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def selective_pays(model: str, img_size: int | tuple[int, int], batch_size: int, precision: str = "auto",
