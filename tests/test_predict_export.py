@@ -258,7 +258,8 @@ def test_onnx_export_replaces_only_its_own_files_and_writes_the_opset_asked(digi
     onnx = pytest.importorskip("onnx")
     out = tmp_path / "m.onnx"
     for _ in range(2):
-        code, _, err = run_cli(capsys, "export", "--checkpoint", digits, "--format", "onnx", "--out", out, "--opset", "17")
+        code, _, err = run_cli(capsys, "export", "--checkpoint", digits, "--format", "onnx", "--out", out,
+                               "--opset", "17")
         assert code == 0, err
     assert onnx.load(out).opset_import[0].version == 17
     (tmp_path / "mine.onnx").write_text("my own model")

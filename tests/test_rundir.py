@@ -404,7 +404,8 @@ def test_e2e_LOOP_a_folder_of_other_files_is_refused_and_kept(tmp_path):
                                              r"metrics.jsonl\); give the run an empty or new folder"):
         train(TrainConfig(**TINY, out=str(mine)))
     assert sorted(p.name for p in mine.iterdir()) == ["config.json", "metrics.jsonl"]
-    assert (mine / "config.json").read_text() == '{"my": "own config"}' and (mine / "metrics.jsonl").read_text() == "keep\n"
+    assert (mine / "config.json").read_text() == '{"my": "own config"}'
+    assert (mine / "metrics.jsonl").read_text() == "keep\n"
     (tmp_path / "empty").mkdir()
     train(TrainConfig(**{**TINY, "epochs": 1}, out=str(tmp_path / "empty")))
     shutil.rmtree(tmp_path / "empty" / "checkpoint")                          # as if stopped before a checkpoint

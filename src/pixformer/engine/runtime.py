@@ -194,7 +194,8 @@ class Runtime:
         rank ever holds more than its shard and one gathered tensor."""
         if not self.fsdp:
             return (model.state_dict(), opt.state_dict()) if self.is_main else None
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         weights = get_model_state_dict(model, options=options)
         optim = get_optimizer_state_dict(model, _each(opt), options=options)   # keyed by parameter name

@@ -148,8 +148,9 @@ def export_onnx(checkpoint: Any, out: str | Path, weights: str = "auto", opset: 
             log.setLevel(level)
     wrote = program.model.opset_imports.get("")
     if opset is not None and wrote != opset:     # the converter keeps the graph as it was where it cannot go back
-        raise PixformerError(f"--opset {opset}: torch.onnx cannot convert {state['model_name']} down to opset {opset} (an "
-                             f"operator it uses has no version that old); give a higher one, or leave it out ({wrote})")
+        raise PixformerError(f"--opset {opset}: torch.onnx cannot convert {state['model_name']} down to opset "
+                             f"{opset} (an operator it uses has no version that old); give a higher one, or leave it "
+                             f"out ({wrote})")
     partial = out.with_name(out.name + ".partial")
     try:
         program.save(str(partial))
