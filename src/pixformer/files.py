@@ -111,3 +111,13 @@ def read_json_object(path: str | Path, what: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise PixformerError(f"{path} holds a JSON {type(value).__name__}, not {what}")
     return value
+
+
+def json_object_or_empty(path: str | Path) -> dict[str, Any]:
+    """The object a JSON file holds, or {} where the file is missing, unreadable or holds something else
+    (for asking whether a file is one of ours, where anything else is simply not)."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}

@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import PixformerError
-from ..files import as_created, read_json_object
+from ..files import as_created, json_object_or_empty, read_json_object
 from ..models.pos_embed import resample_positions
 from ..models.registry import ARCHITECTURES, build
 from ..progress import notice
@@ -258,11 +258,7 @@ def check_holds_no_other_files(out: str | Path) -> None:
 
 def _is_train_config(path: Path) -> bool:
     """Whether `path` is the config.json a run writes (its TrainConfig)."""
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and {"model", "task", "data", "epochs", "out"} <= config.keys()
+    return {"model", "task", "data", "epochs", "out"} <= json_object_or_empty(path).keys()
 
 
 # The fields of state.json that the loaders read, with their JSON types ("data.classes": within "data").

@@ -453,10 +453,10 @@ def train(cfg: TrainConfig, data: Prepared | None = None) -> dict[str, Any]:
     saved = _resumable_state(cfg)                                        # before any data is loaded
     check_run(cfg, task_cls)
     runtime = Runtime.create(cfg.device, cfg.seq_parallel, cfg.seq_sharding, cfg.fsdp, cfg.seed)
-    check_one_image_fits(cfg, task_cls, runtime)                         # before any data is decoded
     folder = claim(cfg.out, rank=runtime.rank) if cfg.out else None    # a folder in use: one line, no work
     run = None
     try:
+        check_one_image_fits(cfg, task_cls, runtime)                     # before any data is decoded
         if folder is not None and not cfg.resume and find_checkpoint(cfg.out) is not None:
             raise PixformerError(f"{cfg.out} already holds a run; pass --resume to continue it or choose another --out")
         if folder is not None:

@@ -31,7 +31,7 @@ import torch
 
 from ..engine.checkpoint import weights_used
 from ..errors import PixformerError, install_hint
-from ..files import write_atomically
+from ..files import json_object_or_empty, write_atomically
 from .predict import load_for_inference, resize_of
 
 FORMATS = ("onnx", "hf")
@@ -85,11 +85,8 @@ def check_onnx_out(out: str | Path, opset: int | None) -> None:
 
 def _written_by_export(side: Path) -> bool:
     """Whether `side` is the preprocessing file export_onnx writes beside a graph."""
-    try:
-        written = json.loads(side.read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(written, dict) and written.get("input") == "pixels" and "model_name" in written
+    written = json_object_or_empty(side)
+    return written.get("input") == "pixels" and "model_name" in written
 
 
 def _is_run(path: str | Path) -> bool:
