@@ -44,7 +44,6 @@ def export(checkpoint: Any, fmt: str, out: str | Path, weights: str = "auto", op
     """Export the run `checkpoint` (as `predict` takes it) in format `fmt` ('onnx' or 'hf') to `out`;
     returns the files (or folder) written."""
     if fmt == "onnx":
-        check_onnx_out(out, opset)                                      # before the model is loaded
         return list(export_onnx(checkpoint, out, weights, opset))
     if fmt == "hf":
         if opset is not None:
@@ -108,6 +107,7 @@ def export_onnx(checkpoint: Any, out: str | Path, weights: str = "auto", opset: 
     from ..models.attention import set_attention_backend
     from ..tasks import task_of
     from ..tasks.classify import Classify
+    check_onnx_out(out, opset)                                          # before the model is loaded
     model, state, name = load_for_inference(checkpoint, weights)
     task, tc = task_of(state), state["train_config"]
     if not isinstance(task, Classify):
@@ -120,7 +120,6 @@ def export_onnx(checkpoint: Any, out: str | Path, weights: str = "auto", opset: 
         import onnxscript  # noqa: F401  (torch.onnx's exporter writes through it)
     except ImportError:
         raise PixformerError(f"ONNX export needs onnx and onnxscript: {install_hint('export')}") from None
-    check_onnx_out(out, opset)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     facts = task.facts
