@@ -43,8 +43,9 @@ cannot start, fails or runs out of time is recorded with its reason, and the res
 
 Every step figure: images/s (median step), the step's matmul FLOPs (3x pixformer's forward count,
 VisionTransformer.flops: the same for timm's ViT at identical dimensions) per second, and their
-share (MFU) of the GPU's bf16 dense peak two ways: NVIDIA's datasheet figure for the device
-(mfu_datasheet) and the GEMM measured in the same run (mfu_measured_gemm); the peak GPU memory the
+share (MFU) of the device's dense peak in the dtype the step ran (bf16 on a GPU) two ways: NVIDIA's
+datasheet figure for the device (mfu_datasheet, bf16) and the GEMM measured in the same run in that
+dtype (mfu_measured_gemm); the peak GPU memory the
 step allocated (torch.cuda.max_memory_allocated; on CPU, the process's peak RSS). The JSON is written
 again after every part, so a run cut short keeps what it measured.
 
@@ -68,6 +69,8 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
+
+from harness import dtype_key
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR = "cifar10-train-jpg.tar.gz"
@@ -153,7 +156,7 @@ def parts(a) -> list[dict]:
 def env_worker(job: dict) -> dict:
     import torch
 
-    from harness import matmul_peaks
+    from harness import matmul_peaks, peak_per_dtype
     dev = torch.device(job["device"])
     info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
             "device_kind": dev.type}
@@ -186,7 +189,8 @@ def env_worker(job: dict) -> dict:
                     datasheet_missing="a CPU: no datasheet figure (the measured GEMM is the denominator)")
     by_lib = matmul_peaks(job["device"], tuple(job["gemm_sizes"]) if job["gemm_sizes"] else None, job["gemm_reps"])
     info["gemm_flop_s_by_library"] = by_lib
-    info["measured_bf16_flop_s"] = max(by_lib["bf16"].values())
+    info["measured_flop_s"] = peak_per_dtype(by_lib)       # per dtype: a CPU's fp32 too (a GPU: bf16 only)
+    info["measured_bf16_flop_s"] = info["measured_flop_s"]["bf16"]
     return info
 
 
@@ -430,15 +434,19 @@ def run_part(part: dict, timeout: float, logs: Path) -> dict:
 
 
 def add_mfu(result: dict, env: dict) -> None:
-    """The share of the GPU's bf16 dense peak a step's matmul FLOP/s reached: against the datasheet and
-    against the GEMM measured in this run (None, with the reason, where a denominator is missing)."""
+    """The share of the device's dense peak in the dtype the step ran that its matmul FLOP/s reached:
+    against the datasheet (bf16 only) and against the GEMM measured in this run in that dtype (None,
+    with the reason, where a denominator is missing)."""
     if result.get("status") != "ok" or "flop_s" not in result:
         return
-    sheet, gemm = env.get("datasheet_bf16_flop_s"), env.get("measured_bf16_flop_s")
+    dtype = dtype_key(result.get("precision", "bf16"))
+    sheet = env.get("datasheet_bf16_flop_s") if dtype == "bf16" else None
+    gemm = (env.get("measured_flop_s") or {}).get(dtype)
     result["mfu_datasheet"] = result["flop_s"] / sheet if sheet else None
     result["mfu_measured_gemm"] = result["flop_s"] / gemm if gemm else None
     if not sheet:
-        result["mfu_datasheet_missing"] = env.get("datasheet_missing") or env.get("reason") or "env did not run"
+        result["mfu_datasheet_missing"] = (f"the step ran in {dtype}; the datasheet figure is bf16's" if dtype != "bf16"
+                                           else env.get("datasheet_missing") or env.get("reason") or "env did not run")
 
 
 def libraries(part: dict) -> set[str]:
@@ -471,7 +479,7 @@ def skip_reason(part: dict, env: dict, left: float) -> str | None:
 
 
 def compare_to_peers(parts: dict) -> list[str]:
-    """pixformer's task steps against their peer's where both are done (both bf16), on pixformer's entry:
+    """pixformer's task steps against their peer's where both are done (in one precision), on pixformer's entry:
     the images/s and peak memory ratios; a line for each comparison made now."""
     lines = []
     for task, peer in TASK_PEERS.items():
@@ -480,7 +488,7 @@ def compare_to_peers(parts: dict) -> list[str]:
             ours.update(peer=peer, speed_vs_peer=ours["images_s"] / theirs["images_s"],
                         memory_vs_peer=ours["peak_mem_gib"] / theirs["peak_mem_gib"])
             lines.append(f"{'task/' + task:<24} pixformer {ours['speed_vs_peer']:.2f}x the images/s of {peer} at "
-                         f"{ours['memory_vs_peer']:.2f}x its peak memory (both bf16)")
+                         f"{ours['memory_vs_peer']:.2f}x its peak memory (both {dtype_key(ours['precision'])})")
     return lines
 
 

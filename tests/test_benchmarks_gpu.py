@@ -30,11 +30,12 @@ def test_the_gpu_suite_runs_every_part_on_cpu_in_a_dry_run(tmp_path):
         assert p["status"] == "ok" or p["reason"], name           # a skipped part says why
     env = parts["env"]
     assert env["status"] == "ok" and env["measured_bf16_flop_s"] > 0 and env["datasheet_bf16_flop_s"] is None
+    assert env["measured_flop_s"]["fp32"] > 0 and env["measured_flop_s"]["bf16"] == env["measured_bf16_flop_s"]
     for name in STEPS + ["packed/eager", "packed/compile"]:
         p = parts[name]
         assert p["status"] == "ok", (name, p)
         assert p["images_s"] > 0 and p["flop_s"] > 0 and p["peak_mem_gib"] > 0
-        assert p["mfu_measured_gemm"] == p["flop_s"] / env["measured_bf16_flop_s"]
+        assert p["mfu_measured_gemm"] == p["flop_s"] / env["measured_bf16_flop_s"]   # these autocast to bf16
         assert p["mfu_datasheet"] is None and p["mfu_datasheet_missing"]   # no datasheet figure for a CPU
     # pit-t, one block, 8x8 pixels, 10 classes: 64 tokens + the class token (65), width 192, MLP 768
     embed, block, head = 2 * 64 * 3 * 192, 2 * 65 * 192 * (4 * 192 + 2 * 768) + 4 * 65 * 65 * 192, 2 * 192 * 10
@@ -62,3 +63,5 @@ def test_the_gpu_suite_runs_every_part_on_cpu_in_a_dry_run(tmp_path):
         assert ours["flops_per_step"] == theirs["flops_per_step"] == 3 * ours["forward_flops_per_image"] * 2
         assert ours["peer"] == peer and ours["speed_vs_peer"] == ours["images_s"] / theirs["images_s"]
         assert ours["memory_vs_peer"] == ours["peak_mem_gib"] / theirs["peak_mem_gib"]
+        peak = env["measured_flop_s"]["bf16" if precision == "bfloat16" else "fp32"]   # the dtype it ran
+        assert ours["mfu_measured_gemm"] == ours["flop_s"] / peak and theirs["mfu_measured_gemm"] == theirs["flop_s"] / peak
