@@ -75,12 +75,6 @@ def test_two_ranks_follow_one_process_for_every_task(tmp_path):
                     assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), f"{name}: {k}"
 
 
-def test_uneven_global_batch_is_one_line_and_no_process_hangs(tmp_path):
-    done = torchrun(tmp_path, {"classify": dict(RUNS["classify"], batch_size=33)}, tmp_path / "bad")
-    assert done.returncode != 0
-    assert "does not split evenly over 2 processes" in done.stderr
-
-
 def test_world_size_without_torchrun_is_refused(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR"):
@@ -199,13 +193,37 @@ def test_a_run_saved_with_seq_regather_true_or_false_resumes_with_all_or_none(tm
         assert cfg.seq_regather == new and changed_settings(saved, cfg) == []
 
 
-def test_bad_parallel_settings_under_torchrun_are_one_line(tmp_path):
-    runs = {"indivisible": dict(RUNS["classify"], seq_parallel=3),
-            "few-tokens": dict(RUNS["sequence-parallel"], model="vit-n/4", img_size=4, seq_parallel=2)}
+REFUSALS = textwrap.dedent("""
+    import json, os, sys
+    from pixformer import PixformerError, TrainConfig, train
+    runs, out = json.loads(sys.argv[1]), sys.argv[2]
+    said = {}
     for name, run in runs.items():
-        done = torchrun(tmp_path, {name: run}, tmp_path / name)
-        assert done.returncode != 0
-        assert ("does not divide the world size 2" if name == "indivisible" else "cannot be split over 2") in done.stderr
+        try:
+            train(TrainConfig(**run, out=f"{out}/{name}"))
+        except PixformerError as e:
+            said[name] = str(e)
+    with open(f"{out}.rank{os.environ['RANK']}.json", "w") as f:    # one file a rank: their prints interleave
+        json.dump(said, f)
+""")
+
+
+def test_bad_settings_under_torchrun_are_refused_on_every_rank_and_none_hangs(tmp_path):
+    runs = {"uneven": (dict(RUNS["classify"], batch_size=33), "does not split evenly over 2 processes"),
+            "indivisible": (dict(RUNS["classify"], seq_parallel=3), "does not divide the world size 2"),
+            "few-tokens": (dict(RUNS["sequence-parallel"], model="vit-n/4", img_size=4, seq_parallel=2),
+                           "cannot be split over 2")}
+    script = tmp_path / "refusals.py"
+    script.write_text(REFUSALS)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script), json.dumps({k: run for k, (run, _) in runs.items()}), str(tmp_path / "bad")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]            # each refused alike on both ranks: nobody waits
+    for rank in (0, 1):
+        said = json.loads((tmp_path / f"bad.rank{rank}.json").read_text())
+        for name, (_, message) in runs.items():
+            assert message in said.get(name, ""), (rank, name, said)
 
 
 RESTART = textwrap.dedent("""
