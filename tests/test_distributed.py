@@ -244,13 +244,12 @@ RESTART = textwrap.dedent("""
 ONE_STEP = textwrap.dedent("""
     import json, sys
     import torch
-    import torch.optim._muon as muon
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from pixformer import TrainConfig, create_model, train
     from pixformer.engine import optim
     from pixformer.engine.optim import build_optimizer
     from pixformer.engine.runtime import Runtime
-    def ns_fp32(grad, coefficients, steps, eps):   # torch's Newton-Schulz iteration, in fp32 instead of bf16
+    def ns_fp32(grad, coefficients, steps, eps):   # torch's Newton-Schulz iteration, one matrix, in fp32
         a, b, c = coefficients
         tall = grad.size(0) > grad.size(1)
         x = grad.float().T if tall else grad.float()
@@ -261,9 +260,10 @@ ONE_STEP = textwrap.dedent("""
         return x.T if tall else x
     runtime = Runtime.create("cpu", fsdp=True)
     x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
-    def stepped(optimizer, sharded):             # one step of a ViT whose head is not zero
+    def stepped(optimizer, sharded, name="vit-n/2"):   # one step of a model whose head is not zero
         torch.manual_seed(0)
-        model = create_model("vit-n/2", img_size=8, num_classes=10, depth=1, dim=16, heads=2)
+        sizes = dict(dim=16, heads=2) if name.startswith("vit") else dict(patch_size=2, kernel_size=3)
+        model = create_model(name, img_size=8, num_classes=10, depth=1, **sizes)
         torch.nn.init.normal_(model.head.weight)
         start = {k: v.clone() for k, v in model.state_dict().items()}
         model = runtime.wrap(model) if sharded else model
@@ -273,17 +273,16 @@ ONE_STEP = textwrap.dedent("""
         model(x).square().mean().backward()
         opt.step()
         return start, get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    bf16, muon._zeropower_via_newtonschulz = muon._zeropower_via_newtonschulz, ns_fp32
-    stacked = optim.newton_schulz                # pixformer's stacked iteration, run on plain tensors
+    stacked = optim.newton_schulz                # pixformer's stacked iteration, replaced for the comparison
     optim.newton_schulz = lambda mats, coefficients, steps, eps, dtype: [ns_fp32(m, coefficients, steps, eps)
                                                                          for m in mats]
     out = {}                                     # per tensor: max |sharded - one process|, max |step|
-    for optimizer in ("lamb", "muon"):
-        _, sharded = stepped(optimizer, True)
-        start, plain = stepped(optimizer, False)
-        out[optimizer] = {k: [(sharded[k] - v).abs().max().item(), (v - start[k]).abs().max().item()]
-                          for k, v in plain.items()}
-    muon._zeropower_via_newtonschulz, optim.newton_schulz = bf16, stacked   # the run below: bf16, as shipped
+    for optimizer, name in (("lamb", "vit-n/2"), ("muon", "vit-n/2"), ("muon", "convmixer-16/2")):
+        _, sharded = stepped(optimizer, True, name)
+        start, plain = stepped(optimizer, False, name)
+        out[f"{optimizer} {name}"] = {k: [(sharded[k] - v).abs().max().item(), (v - start[k]).abs().max().item()]
+                                      for k, v in plain.items()}
+    optim.newton_schulz = stacked                # the run below: as shipped
     if runtime.is_main:
         print("STEP " + json.dumps(out), flush=True)
     run, where = json.loads(sys.argv[1]), sys.argv[2]
@@ -294,11 +293,11 @@ ONE_STEP = textwrap.dedent("""
 def test_lamb_and_muon_shard_under_fsdp_and_resume_exactly(tmp_path):
     """Under FSDP2, LAMB's norms and Muon's Newton-Schulz iteration are the whole tensors' (DTensor's
     collectives): one step equals one process's to float rounding (an orthogonalisation of each shard
-    alone would be off by the size of the step; sharded matrices take torch's Muon step, plain ones
-    pixformer's stacked one). Muon's iteration is compared in fp32: torch runs it in
-    bf16, whose rounding the iteration amplifies in the directions a low-rank gradient leaves empty (on
-    this model bf16 and fp32 steps differ by most of a step), so in bf16 a sharded step differs from
-    one process's as much. A Muon run whose rank is killed restarts and resumes to the uninterrupted
+    alone would be off by the size of the step; a ConvMixer's filter banks too, each as its out x in*k*k
+    matrix, gathered whole). Muon's iteration is compared in fp32: where a device computes bf16
+    natively it runs in bf16 (torch's choice), whose rounding the iteration amplifies in the directions
+    a low-rank gradient leaves empty (on this model bf16 and fp32 steps differ by most of a step), so
+    there a sharded step (one matrix at a time) differs from one process's (stacked) as much. A Muon run whose rank is killed restarts and resumes to the uninterrupted
     run bit for bit: both optimizers' state (Muon's matrices, AdamW's other parameters) gathered into
     one checkpoint and sharded again."""
     run = dict(RUNS["fsdp"], optimizer="muon", epochs=2, checkpoint_every=3)
@@ -313,7 +312,8 @@ def test_lamb_and_muon_shard_under_fsdp_and_resume_exactly(tmp_path):
     for optimizer, step in steps.items():
         for name, (diff, moved) in step.items():
             assert diff <= 1e-6 + 1e-4 * moved, f"{optimizer}: {name}"
-    assert all(steps["muon"][f"blocks.0.{m}.weight"][1] > 5e-3 for m in ("attn.qkv", "attn.proj", "mlp.0", "mlp.2"))
+    assert all(steps["muon vit-n/2"][f"blocks.0.{m}.weight"][1] > 5e-3 for m in ("attn.qkv", "attn.proj", "mlp.0", "mlp.2"))
+    assert all(steps["muon convmixer-16/2"][f"blocks.0.{m}.0.weight"][1] > 5e-3 for m in ("spatial", "channel"))
     script = tmp_path / "restart.py"
     script.write_text(RESTART)
     done = subprocess.run([*launch, "--max-restarts", "1", str(script), json.dumps(run), str(tmp_path / "killed")],

@@ -117,9 +117,6 @@ def build_optimizer(model: nn.Module, cfg: "TrainConfig") -> "torch.optim.Optimi
     if not mats:
         raise PixformerError(f"--optimizer muon updates the weight matrices of the blocks' linear layers and "
                              f"convolutions; this {type(model).__name__} trains none: use --optimizer adamw or lamb")
-    if cfg.fsdp and any(p.ndim > 2 for g in mats for p in g["params"]):
-        raise PixformerError("--optimizer muon with --fsdp updates linear layers' matrices only (torch's sharded "
-                             "Muon step takes 2-D weights); this model's blocks hold convolutions: leave out --fsdp")
     muon = StackedMuon(mats, lr=cfg.lr, adjust_lr_fn="match_rms_adamw")   # momentum 0.95, Nesterov, 5 NS steps
     return Optimizers(muon, *([adamw(rest, lr=cfg.lr, betas=betas)] if rest else []))
 
@@ -146,9 +143,10 @@ class StackedMuon(torch.optim.Muon):
     Written here because torch's Muon has no batched or foreach path (it refuses foreach=True), nor
     convolutions: a filter bank (out, in, k, k) is updated as the out x (in * k * k) matrix it is.
     `ns_dtype`: the iteration's dtype; None: bf16 (torch's) where the parameters' device computes in bf16
-    natively, else fp32 (a CPU without AVX512-BF16 or AMX emulates bf16 products: on an AVX2 AMD EPYC,
-    vit-n/4's iteration takes 1.1 s in bf16 and 0.07 s in fp32). Sharded matrices (FSDP's DTensors) take
-    torch's own step (bf16), whose collectives see each whole matrix."""
+    natively, else fp32 (a CPU without AVX512-BF16 or AMX emulates bf16 products: on an AMD EPYC (AVX2),
+    vit-n/4's iteration takes 1.1 s in bf16 and 0.07 s in fp32). A sharded matrix (FSDP's DTensor) is
+    stepped on its shard, its iteration on the whole matrix gathered, one matrix at a time (as torch's
+    step does it through DTensor's collectives), each rank keeping its own rows of the result."""
 
     def __init__(self, params, ns_dtype: torch.dtype | None = None, **settings):
         defaults = torch.optim.Muon([torch.zeros(1, 1)], **settings).defaults   # torch's checks and defaults
@@ -160,8 +158,6 @@ class StackedMuon(torch.optim.Muon):
 
     @torch.no_grad()
     def step(self, closure=None):
-        if any(is_dtensor(p) for g in self.param_groups for p in g["params"]):
-            return super().step(closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -171,17 +167,41 @@ class StackedMuon(torch.optim.Muon):
             if not params:
                 continue
             lr, momentum = float(group["lr"]), group["momentum"]
-            grads = [p.grad for p in params]
-            bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad)) for p in params]
+            grads = [_local(p.grad) for p in params]                          # a shard's rows, or the whole
+            bufs = [_local(self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))) for p in params]
             torch._foreach_lerp_(bufs, grads, 1 - momentum)
             updates = torch._foreach_lerp(grads, bufs, momentum) if group["nesterov"] else bufs
-            dtype = self.ns_dtype or (torch.bfloat16 if native_bf16(params[0].device) else torch.float32)
-            updates = newton_schulz([u.flatten(1) for u in updates], group["ns_coefficients"], group["ns_steps"],
-                                    group["eps"], dtype)                     # a filter bank: out x (in * k * k)
-            torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
-            for p, update in zip(params, updates):
-                p.add_(update.view_as(p), alpha=-_muon_lr(lr, group["adjust_lr_fn"], update.shape))
+            dtype = self.ns_dtype or (torch.bfloat16 if native_bf16(grads[0].device) else torch.float32)
+            orthogonal = _orthogonalize(params, updates, group, dtype)
+            torch._foreach_mul_([_local(p) for p in params], 1 - lr * group["weight_decay"])
+            for p, update in zip(params, orthogonal):
+                matrix = (p.shape[0], math.prod(p.shape[1:]))                 # the whole matrix's: its lr
+                _local(p).add_(update.view_as(_local(p)), alpha=-_muon_lr(lr, group["adjust_lr_fn"], matrix))
         return loss
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (sharing its storage: in-place changes are the DTensor's), else `t`."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def _orthogonalize(params: list[torch.Tensor], updates: list[torch.Tensor], group: dict,
+                   dtype: torch.dtype) -> list[torch.Tensor]:
+    """Muon's update of each parameter (as its `updates` entry: local rows of a shard): whole matrices
+    stacked by shape through `newton_schulz`; a shard's matrix gathered whole, iterated alone, and
+    its own rows kept (every rank computes the same whole result, as DTensor's replicated matmuls do)."""
+    from_ns = lambda mats: newton_schulz(mats, group["ns_coefficients"], group["ns_steps"],   # noqa: E731
+                                         group["eps"], dtype)
+    whole = [i for i, p in enumerate(params) if not is_dtensor(p)]
+    out = dict(zip(whole, from_ns([updates[i].flatten(1) for i in whole])))  # a filter bank: out x (in * k * k)
+    for i, p in enumerate(params):
+        if i not in out:
+            from torch.distributed.tensor import DTensor, distribute_tensor
+            mesh, placements = p.device_mesh, p.placements
+            full = DTensor.from_local(updates[i], mesh, placements, shape=p.shape, stride=p.stride()).full_tensor()
+            result = from_ns([full.flatten(1)])[0].view(p.shape)
+            out[i] = distribute_tensor(result, mesh, placements, src_data_rank=None).to_local()
+    return [out[i] for i in range(len(params))]
 
 
 def newton_schulz(mats: list[torch.Tensor], coefficients: tuple[float, float, float], steps: int,
@@ -210,7 +230,7 @@ def newton_schulz(mats: list[torch.Tensor], coefficients: tuple[float, float, fl
     return out
 
 
-def _muon_lr(lr: float, adjust: str | None, shape: torch.Size) -> float:
+def _muon_lr(lr: float, adjust: str | None, shape: tuple[int, ...]) -> float:
     """The per-matrix lr of torch's Muon (its adjust_lr_fn: "original", "match_rms_adamw" or None)."""
     rows, cols = shape[:2]
     if adjust == "match_rms_adamw":
