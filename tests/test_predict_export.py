@@ -316,3 +316,20 @@ def test_a_mistyped_run_folder_is_one_line_not_a_hub_lookup(tmp_path, capsys, mo
     monkeypatch.setattr(hub, "load_hub", lambda *a, **k: pytest.fail("asked the Hub for a local path"))
     code, _, err = run_cli(capsys, "predict", "--checkpoint", "runs/nope", "x.png")
     assert code == 2 and "runs/nope does not exist" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_mistyped_path_on_a_machine_without_the_hub_is_one_line_at_once(tmp_path, capsys, monkeypatch):
+    """`rusn/mine` (no such folder, so a Hub id): where the Hub's host has no address, one line naming
+    both, before huggingface_hub's half a minute of retries."""
+    import socket
+    monkeypatch.chdir(tmp_path)
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "x.png")
+
+    def no_address(host, *a, **k):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+    monkeypatch.setattr(socket, "getaddrinfo", no_address)
+    from pixformer.experiments import hub
+    monkeypatch.setattr(hub.HubModel, "from_pretrained", lambda *a, **k: pytest.fail("asked the Hub"))
+    code, _, err = run_cli(capsys, "predict", "--checkpoint", "rusn/mine", "x.png")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "rusn/mine is not a model folder, and the Hub (huggingface.co) cannot be reached" in err, err

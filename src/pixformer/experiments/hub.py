@@ -170,14 +170,35 @@ def is_hub_folder(path: str | Path) -> bool:
 def load_hub(source: str | Path, **kwargs) -> HubModel:
     """A model saved in the Hub layout: a local folder, or a Hub repository id ('you/vit-n4-digits';
     downloaded into huggingface_hub's cache). `kwargs` go to `from_pretrained` (revision, token, ...)."""
+    what = f"{source} is not a model folder" if not Path(source).exists() else f"cannot load {source}"
+    if not Path(source).exists():
+        check_hub_reachable(what)
     try:
         return HubModel.from_pretrained(source, **kwargs)
     except PixformerError:
         raise
     except (OSError, ValueError, HfHubHTTPError) as e:
-        what = f"{source} is not a model folder" if not Path(source).exists() else f"cannot load {source}"
         why = " ".join(str(e).split())
-        raise PixformerError(f"{what}, and the Hub has no model {source} that can be had ({why[:200]})") from None
+        why = why if len(why) <= 300 else why[:300].rsplit(" ", 1)[0] + " ..."
+        raise PixformerError(f"{what}, and the Hub has no model {source} that can be had ({why})") from None
+
+
+def check_hub_reachable(what: str) -> None:
+    """One line at once where the Hub's host has no address (offline, or a mistyped local path on a
+    machine without internet): huggingface_hub would retry for about half a minute, printing each try.
+    With HF_HUB_OFFLINE set, huggingface_hub answers from its cache and nothing is asked here."""
+    import socket
+    from urllib.parse import urlparse
+
+    import huggingface_hub.constants as hub_constants
+    if hub_constants.HF_HUB_OFFLINE:
+        return
+    host = urlparse(hub_constants.ENDPOINT).hostname or ""
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as e:
+        raise PixformerError(f"{what}, and the Hub ({host}) cannot be reached to look for it "
+                             f"({e.strerror or e}); check the path, or the network") from None
 
 
 def save_hub(run: str | Path, out: str | Path, weights: str = "auto") -> Path:
