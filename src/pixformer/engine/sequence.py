@@ -39,8 +39,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.distributed.nn.functional import all_reduce   # its backward all-reduces the gradient in every
-#                                                          torch this accepts (the functional collective's only from 2.11)
 
 from ..errors import PixformerError
 from ..layout import grid_coords
@@ -50,6 +48,17 @@ from ..models.vit import VisionTransformer
 from .plan import regather_count
 
 SHARDINGS = ("contiguous", "strided", "random")
+
+
+def all_reduce(t: Tensor, group) -> Tensor:
+    """The sum of `t` over `group`, whose backward sums the gradient over it likewise: torch's functional
+    collective where it has that backward (torch >= 2.11), else torch.distributed.nn's (deprecated
+    there, with a warning each call)."""
+    import torch.distributed._functional_collectives as funcol
+    if hasattr(funcol, "all_reduce_backward"):
+        return funcol.all_reduce(t, "sum", group)
+    from torch.distributed.nn.functional import all_reduce as all_reduce_with_backward
+    return all_reduce_with_backward(t, group=group)
 
 
 def check_sharding(sharding: str) -> str:
