@@ -91,3 +91,13 @@ def test_the_python_api_screen_runs_as_written(tmp_path, monkeypatch):
     code = text[start:text.index("```", start)]
     monkeypatch.chdir(tmp_path)
     exec(compile(code[:code.index("# training, evaluation, checkpoints")], "getting-started.md", "exec"), {})
+
+
+def test_the_planner_line_quoted_in_distributed_md_is_what_plan_prints(capsys):
+    """The sequence-parallel line the docs quote comes from the command they name beside it."""
+    from pixformer.cli import main
+    text = " ".join((DOCS / "distributed.md").read_text(encoding="utf-8").split())
+    quoted = re.search(r"`(sequence parallel P=2: keys/values [^`]+)`", text).group(1)
+    command = re.search(r"`pixformer (plan --model pit-t [^`]+)`", text).group(1).split()
+    assert main(command) == 0
+    assert quoted == capsys.readouterr().out.strip().splitlines()[-1]
