@@ -288,7 +288,7 @@ def test_fid_command_scores_samples_against_the_held_out_images_and_judges_class
     assert again["fid"] == pytest.approx(out["fid"], rel=1e-9)
     assert main([*args, "--ref-num", "120"]) == 0                               # a seeded part of the reference
     part = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert part["n_ref"] == 120 and part["reference"].startswith("120 of ") and part["fid"] != out["fid"]
+    assert part["n_ref"] == 120 and part["reference"].endswith(" (a subset, seed 0)") and part["fid"] != out["fid"]
     for bad, match in ((["--num", "20"], "FID needs at least 100 images"),
                        (["--ref-num", "50"], "--ref-num is 50"),
                        (["--ref-num", "120", "--ref-stats", str(tmp_path / "ref.npz")], "not with --ref-stats"),

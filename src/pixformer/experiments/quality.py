@@ -212,7 +212,7 @@ def score(checkpoint: str, samples: str | None, num: int, cfg_scale: float, samp
         data, where = run_split(state, ref, None, ref_split)
         if ref_num is not None and ref_num < len(data):                # a seeded subset, in the split's order
             pick = np.sort(np.random.default_rng(seed).choice(len(data), ref_num, replace=False))
-            data, where = data.subset(torch.from_numpy(pick)), f"{ref_num} of {where} (seed {seed})"
+            data, where = data.subset(torch.from_numpy(pick)), f"{where} (a subset, seed {seed})"
         reference = net.stats(data.images, where, scale=1 / 255)    # uint8 rows, a batch at a time
         if save_ref_stats:
             reference.save(Path(save_ref_stats))
