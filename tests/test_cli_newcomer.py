@@ -159,6 +159,15 @@ def test_typo_hints_come_from_the_same_command_and_never_name_the_typo(capsys):
     code, _, err = run(capsys, "trian", "--epochs", "1")
     assert code == 2 and "unknown command 'trian'; did you mean `pixformer train`?" in err
     assert "train, eval, sample" in err and "pixformer trian --help" not in err
+    code, _, err = run(capsys, "train", "--epoch", "1")             # the nearest alone, not --depth too
+    assert code == 2 and "(did you mean: --epoch -> --epochs?)" in err, err
+
+
+def test_a_missing_option_is_named_as_the_command_line_spells_it(capsys):
+    code, _, err = run(capsys, "predict", "x.png")
+    assert code == 2 and "pixformer: error: --checkpoint is required" in err and "predict." not in err, err
+    code, _, err = run(capsys, "export", "--checkpoint", "x")
+    assert code == 2 and "--format and --out are required" in err, err
 
 
 # ---- stopping and resuming as printed -------------------------------------------------------------

@@ -163,7 +163,7 @@ def test_unknown_or_mismatched_import_formats_are_one_line(tmp_path, hf_vit, cap
     _, folder = hf_vit
     cases = [(tmp_path / "bert", "holds a transformers 'bert' model, not a ViT"),
              (tmp_path / "other.safetensors", r"not a timm VisionTransformer state dict .*encoder.weight"),
-             (tmp_path / "nothing", "not a pixformer run")]
+             (tmp_path / "nothing", "--init .*nothing does not exist")]
     for path, match in cases:
         assert main(["train", "--model", "vit-n/2", "--init", str(path), "--epochs", "1", "--progress", "false",
                      "--out", str(tmp_path / "r")]) == 2

@@ -137,6 +137,7 @@ def test_seeds_give_mean_and_std_through_the_cli(tmp_path, capsys):
         table = list(csv.DictReader(f))
     assert [(r["input"], r["tokens"], r["seeds"]) for r in table] == [("8x8", "16", "2"), ("4x4", "16", "2")]
     assert (out / "accuracy_vs_patch_fixed-tokens.png").exists()
+    assert f"plot:    {out / 'accuracy_vs_patch_fixed-tokens.png'}" in printed      # every file it wrote, named
 
 
 @pytest.mark.parametrize("args, message", [

@@ -320,3 +320,21 @@ def test_a_warm_up_as_long_as_the_run_is_said(tmp_path, capsys):
         train(TrainConfig(**{**TINY, "epochs": epochs, "train_subset": 64}, out=str(tmp_path / str(epochs))))
         out = capsys.readouterr()
         assert ("warms up over the whole run (--warmup-epochs 1, --epochs 1)" in out.out + out.err) is said
+
+
+def test_a_task_setting_is_checked_when_the_config_is_made():
+    with pytest.raises(PixformerError, match=r"task 'classify' has no setting\(s\) \['label_smothing'\]"):
+        TrainConfig(task_args={"label_smothing": 0.1})
+    with pytest.raises(PixformerError, match="--eval-flip must be true or false, got 3"):
+        TrainConfig(task_args={"eval_flip": 3})
+
+
+def test_resuming_a_new_folder_starts_quietly_and_a_run_stopped_before_its_first_checkpoint_says_so(tmp_path, capsys):
+    run = dict(model="vit-n/4", model_args=dict(depth=1, dim=16, heads=2), data="digits", epochs=1, train_subset=64,
+               batch_size=32, precision="fp32", progress=False, resume=True)      # as the demo runs its models
+    train(TrainConfig(**run, out=str(tmp_path / "new")))
+    assert "no checkpoint" not in capsys.readouterr().out
+    (tmp_path / "stopped").mkdir()
+    (tmp_path / "stopped" / "config.json").write_text((tmp_path / "new" / "config.json").read_text())
+    train(TrainConfig(**run, out=str(tmp_path / "stopped")))
+    assert "(stopped before its first one); starting from scratch" in capsys.readouterr().out

@@ -155,10 +155,11 @@ def _train_parser():
     from jsonargparse import ActionConfigFile, ArgumentParser
     train = ArgumentParser(exit_on_error=False, description="Train a model for a task (--task; default: classify) "
                            "into a run folder (--out). Options may be spelled --img-size or --img_size; a boolean "
-                           "option alone means true (--hflip). Continue a stopped run with `pixformer train --out RUN "
-                           "--resume` (its own settings); start from a trained run with --init RUN (its architecture "
-                           "unless --model is given). Example: pixformer train --model pit-n --data digits --epochs 30 "
-                           "--out runs/pit")
+                           "option alone means true (--hflip); a list is written [16, 24, 32] (quoted in a shell), "
+                           "and --NAME+ V appends V to the list NAME. Continue a stopped run with `pixformer train "
+                           "--out RUN --resume` (its own settings); start from a trained run with --init RUN (its "
+                           "architecture unless --model is given). Example: pixformer train --model pit-n --data "
+                           "digits --epochs 30 --out runs/pit")
     train.add_argument("--config", action=ActionConfigFile, help="a YAML recipe (see configs/); options after it "
                        "override it, --print_config shows the merged settings")
     add_train_arguments(train)
@@ -174,7 +175,7 @@ def _eval_parser():
     from jsonargparse import ActionConfigFile, ArgumentParser
     ev = ArgumentParser(exit_on_error=False, description="Evaluate a checkpoint with its task's metrics "
                         "(classification: top-1/top-5 accuracy and loss).")
-    ev.add_argument("--config", action=ActionConfigFile)
+    ev.add_argument("--config", action=ActionConfigFile, help=SHARED_HELP["config"])
     ev.add_argument("--checkpoint", type=str, required=True, help="run folder or its checkpoint/ folder")
     ev.add_argument("--data", type=typing.Optional[str], default=None, help="data source, as for train "
                     "(default: the run's own)")
@@ -327,7 +328,7 @@ def _sweep_parser():
                            "patch size (fixed input size, or fixed token count), per seed, cached point by point. "
                            "Takes every train option except those the sweep sets per point "
                            f"({', '.join(PER_POINT)}).")
-    sweep.add_argument("--config", action=ActionConfigFile)
+    sweep.add_argument("--config", action=ActionConfigFile, help=SHARED_HELP["config"])
     add_dataclass_arguments(sweep, SweepConfig, skip={"train"}, title="sweep: the grid of points and their seeds")
     add_train_arguments(sweep, skip=set(PER_POINT))
     return sweep
@@ -340,7 +341,7 @@ def _analyze_parser():
                              "checkpoint learned: mean attention distance, position-embedding similarity, "
                              "patch-embedding filters, attention maps and rollout of one image (--image_index, "
                              "--layer, --heads '0,2' or 'all'). Written to --out, default <run folder>/analysis.")
-    analyze.add_argument("--config", action=ActionConfigFile)
+    analyze.add_argument("--config", action=ActionConfigFile, help=SHARED_HELP["config"])
     add_dataclass_arguments(analyze, AnalyzeConfig, title="analysis")
     return analyze
 
@@ -421,7 +422,7 @@ def build_parser():
 
 # The help of options several commands share, where a command gives none of its own.
 SHARED_HELP = {
-    "config": "a YAML file of these options; options after it override it",
+    "config": "a YAML file of these options (their names as keys); options after it override it",
     "checkpoint": "a run folder or its checkpoint/",
     "data_root": "where named datasets live (default: ~/.cache/pixformer/data)",
     "weights": "auto (the EMA weights when the run kept them) | model | ema",
@@ -464,6 +465,11 @@ def _explain(err: Exception, command, spelled: dict[str, str]) -> str:
     msg = " ".join(str(err).split())
     if msg.startswith("Parser key"):
         return _wrong_value(msg, spelled)
+    if msg.startswith("the following arguments are required:"):       # jsonargparse's keys: "predict.checkpoint"
+        keys = [k.strip().rsplit(".", 1)[-1] for k in msg.split(":", 1)[1].split(",")]
+        names = [spelled.get(f"--{k}", "--" + k.replace("_", "-")) for k in keys]
+        return (" and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+                + (" are" if len(names) > 1 else " is") + " required")
     if "unrecognized arguments:" not in msg or command is None:
         return msg
     import difflib
@@ -478,7 +484,9 @@ def _explain(err: Exception, command, spelled: dict[str, str]) -> str:
         if not name.startswith("--"):
             continue
         style = (lambda o: o) if "_" in typed[2:] else (lambda o: "--" + o[2:].replace("_", "-"))   # noqa: E731
-        close = [style(c) for c in difflib.get_close_matches(flat(name), known - {flat(name)}, n=2)]
+        near = difflib.get_close_matches(flat(name), known - {flat(name)}, n=2)
+        ratio = lambda o: difflib.SequenceMatcher(None, flat(name), o).ratio()        # noqa: E731
+        close = [style(c) for c in near if ratio(c) >= ratio(near[0]) - 0.1]   # --epoch: --epochs, not --depth
         if close:
             hints.append(f"{typed} -> {', '.join(close)}")
     return f"unrecognized arguments: {' '.join(shown)}" + (f" (did you mean: {'; '.join(hints)}?)" if hints else "")
@@ -673,9 +681,11 @@ def cmd_models(ns) -> int:
     require("img_size", ns.img_size, ns.img_size >= 1, "at least 1")          # else every model is skipped below
     require("num_classes", ns.num_classes, ns.num_classes >= 0, "at least 0 (0: no head)")
     require("in_chans", ns.in_chans, ns.in_chans >= 1, "at least 1")
-    print(f"{'name':<12} {'params':>12} {'tokens':>7} {'GFLOPs':>9}   (at {ns.img_size}x{ns.img_size}, "
+    names = list_models()
+    w = max(map(len, names))
+    print(f"{'name':<{w}} {'params':>12} {'tokens':>7} {'GFLOPs':>9}   (at {ns.img_size}x{ns.img_size}, "
           f"{ns.num_classes} classes; a multiply-add counts as 2 FLOPs)")
-    for name in list_models():
+    for name in names:
         try:
             with torch.device("meta"):
                 model = create_model(name, img_size=ns.img_size, num_classes=ns.num_classes, in_chans=ns.in_chans)
@@ -684,7 +694,7 @@ def cmd_models(ns) -> int:
         p = model.cfg.patch_size
         tokens = (ns.img_size // p) ** 2
         params = sum(t.numel() for t in model.parameters())
-        print(f"{name:<12} {params:>12,} {tokens:>7} {model.flops() / 1e9:>9.3f}")
+        print(f"{name:<{w}} {params:>12,} {tokens:>7} {model.flops() / 1e9:>9.3f}")
     return 0
 
 
@@ -726,13 +736,15 @@ def cmd_demo(ns) -> int:
 def cmd_sweep(ns) -> int:
     import time
 
-    from .experiments.sweep import columns, run_sweep, sweep_config
+    from .experiments.sweep import columns, plot_path, run_sweep, sweep_config
     from .experiments.tables import format_table
     t0 = time.time()
-    out_dir, rows = run_sweep(sweep_config(vars(ns)))
+    cfg = sweep_config(vars(ns))
+    out_dir, rows = run_sweep(cfg)
     print()
     print(format_table(rows, columns(rows[0]["split"])))
     print(f"\nresults: {out_dir / 'results.csv'}, {out_dir / 'results.md'}  ({time.time() - t0:.0f} s)")
+    print(f"plot:    {plot_path(out_dir, cfg.regime)}")
     print(f"run folder: {out_dir}")
     return 0
 

@@ -23,7 +23,7 @@ from ..data.splits import source_id
 from ..errors import PixformerError
 from ..models.registry import ARCHITECTURES, DATA_FIELDS, NAMED, architecture
 from ..settings import check_fields, field_docs, option, require
-from ..tasks import TASKS
+from ..tasks import TASKS, task_config
 from .optim import LR_SCHEDULES, OPTIMIZERS
 from .perf import ALLOCATOR_POLICIES, Speed
 from .plan import check_regather
@@ -98,7 +98,7 @@ class TrainConfig:
     weight_decay: float = 0.05          # on the weights of linear and conv layers only
     layer_decay: float = 1.0            # layer-wise lr decay (MAE fine-tuning: 0.75): block i of L gets
     #                                     lr * decay^(L - i), what comes before the blocks decay^(L + 1)
-    betas: tuple[float, float] = (0.9, 0.999)  # Adam's beta1, beta2 (AdamW, LAMB, Muon's AdamW part), each in [0, 1)
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam's [beta1, beta2] (AdamW, LAMB, Muon's AdamW part), each in [0, 1)
     warmup_epochs: float = 1.0          # warm-up to --lr over this many epochs (fractions allowed)
     clip_grad: float = 1.0              # max gradient norm; 0 = off
     ema_decay: float = 0.0              # weight EMA per step; 0 = off (e.g. 0.999)
@@ -129,14 +129,14 @@ class TrainConfig:
     fsdp: bool = False                  # shard weights, gradients and optimizer state (FSDP2) instead of DDP
     # locality ablations: one fixed pixel permutation of every image (data/ablations.py)
     permute_pixels: bool = False        # shuffle all pixel positions
-    local_swaps: int = 0                # the PiT paper's T: swaps of pixel pairs ...
-    swap_distance: int | None = None    # ... at most δ apart (Chebyshev); unset = anywhere
+    local_swaps: int = 0                # swaps of two pixels each, within --swap-distance (the PiT paper's T)
+    swap_distance: int | None = None    # most pixels (Chebyshev) between two pixels a local swap exchanges; unset: any
     permute_seed: int = 0               # draws the permutation
 
     def __post_init__(self):
         """Every setting checked against its type and range: a bad one is one line naming its option,
-        before any work. (The model's and task's settings are checked by their own dataclasses, which
-        `train` builds before loading data: check_model_args, task_config.)"""
+        before any work; the task's settings by its own dataclass. (The model's are checked by `train`,
+        before any data is read: a sweep's TrainConfig is the recipe of points of other models.)"""
         if isinstance(self.speed, dict):
             unknown = sorted(set(self.speed) - {f.name for f in dataclasses.fields(Speed)})
             if unknown:
@@ -213,6 +213,7 @@ class TrainConfig:
             raise PixformerError(f"--img-size {self.img_size} is too large: one {self.img_size}x{self.img_size} RGB "
                                  f"image takes {3 * self.img_size ** 2 / 2 ** 30:.1f} GiB decoded; at most "
                                  f"{MAX_IMG_SIZE} (192 MiB an image)")
+        task_config(self.task, self.task_args)           # the task's settings, by its own dataclass
 
     @classmethod
     def from_run(cls, run: str, **changes) -> "TrainConfig":

@@ -447,6 +447,8 @@ def train(cfg: TrainConfig, data: Prepared | None = None) -> dict[str, Any]:
     check_model_args(cfg.model, cfg.model_args)
     if task_cls.needs_init and not cfg.init:
         raise PixformerError(f"--task {cfg.task} needs --init RUN, the trained run whose encoder it starts from")
+    if cfg.init and not Path(cfg.init).exists():
+        raise PixformerError(f"--init {cfg.init} does not exist")
     if cfg.init and find_checkpoint(cfg.init) is None and foreign_format(cfg.init) is None:
         raise PixformerError(f"--init {cfg.init}: not a pixformer run (state.json and model.safetensors), a "
                              "transformers ViT folder (config.json and safetensors) or a timm ViT state dict (.safetensors)")
@@ -564,8 +566,8 @@ def attach(run: Run, saved: dict[str, Any] | None) -> None:
     ckpt = find_checkpoint(run.run_dir)
     if saved is not None:
         load_saved(run, saved, ckpt)
-    elif cfg.resume:
-        run.say(f"no checkpoint in {run.run_dir}; starting from scratch")
+    elif cfg.resume and (run.run_dir / "config.json").exists():     # a run stopped before its first checkpoint
+        run.say(f"no checkpoint in {run.run_dir} (stopped before its first one); starting from scratch")
     regather = run.state["speed"]["seq_regather_layers"]   # sequence parallel: layers gathering keys again
     run.step_model = runtime.wrap(model, regather=regather)  # DDP, FSDP2 (shards `model` in place) or sequence-parallel
     run.eval_model = runtime.wrap(run.ema or model, train=False)

@@ -227,7 +227,12 @@ def write_outputs(out_dir: Path, cfg: SweepConfig, rows: list[dict]):
         [f"{t.local_swaps} swaps δ={t.swap_distance or '∞'}"] * bool(t.local_swaps)
     title = ", ".join([Path(t.data).name, cfg.regime, *variant, f"{t.epochs} epochs",
                        f"{len(cfg.seeds)} seed{'s' if len(cfg.seeds) > 1 else ''}"])
-    plot(rows, out_dir / f"accuracy_vs_patch_{cfg.regime}.png", title, ylabel=f"{split} accuracy (%)")
+    plot(rows, plot_path(out_dir, cfg.regime), title, ylabel=f"{split} accuracy (%)")
+
+
+def plot_path(out_dir: Path, regime: str) -> Path:
+    """The sweep's figure: accuracy against patch size."""
+    return out_dir / f"accuracy_vs_patch_{regime}.png"
 
 
 def run_sweep(cfg: SweepConfig) -> tuple[Path, list[dict]]:
