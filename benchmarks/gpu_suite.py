@@ -484,7 +484,8 @@ def compare_to_peers(parts: dict) -> list[str]:
     lines = []
     for task, peer in TASK_PEERS.items():
         ours, theirs = parts.get(f"task/{task}/pixformer", {}), parts.get(f"task/{task}/{peer}", {})
-        if ours.get("status") == theirs.get("status") == "ok" and "speed_vs_peer" not in ours:
+        if ours.get("status") == theirs.get("status") == "ok" and "speed_vs_peer" not in ours \
+                and ours["precision"] == theirs["precision"]:                # a ratio in one precision only
             ours.update(peer=peer, speed_vs_peer=ours["images_s"] / theirs["images_s"],
                         memory_vs_peer=ours["peak_mem_gib"] / theirs["peak_mem_gib"])
             lines.append(f"{'task/' + task:<24} pixformer {ours['speed_vs_peer']:.2f}x the images/s of {peer} at "

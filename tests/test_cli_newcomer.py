@@ -168,6 +168,8 @@ def test_a_missing_option_is_named_as_the_command_line_spells_it(capsys):
     assert code == 2 and "pixformer: error: --checkpoint is required" in err and "predict." not in err, err
     code, _, err = run(capsys, "export", "--checkpoint", "x")
     assert code == 2 and "--format and --out are required" in err, err
+    code, _, err = run(capsys, "predict")                              # a positional as the usage line names it
+    assert code == 2 and "--checkpoint and PATHS are required" in err and "usage: pixformer predict" not in err, err
 
 
 # ---- stopping and resuming as printed -------------------------------------------------------------

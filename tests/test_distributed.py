@@ -260,7 +260,7 @@ ONE_STEP = textwrap.dedent("""
         return x.T if tall else x
     runtime = Runtime.create("cpu", fsdp=True)
     x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
-    def stepped(optimizer, sharded, name="vit-n/2"):   # one step of a model whose head is not zero
+    def stepped(optimizer, sharded, name="vit-n/2"):   # steps of a model whose head is not zero
         torch.manual_seed(0)
         sizes = dict(dim=16, heads=2) if name.startswith("vit") else dict(patch_size=2, kernel_size=3)
         model = create_model(name, img_size=8, num_classes=10, depth=1, **sizes)
@@ -270,8 +270,10 @@ ONE_STEP = textwrap.dedent("""
         opt = build_optimizer(model, TrainConfig(optimizer=optimizer, lr=0.05))
         for group in opt.param_groups:
             group["lr"] = 0.05 * group["lr_scale"]
-        model(x).square().mean().backward()
-        opt.step()
+        for _ in range(3 if optimizer == "muon" else 1):   # Muon's later steps see its momentum (per shard)
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
         return start, get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     stacked = optim.newton_schulz                # pixformer's stacked iteration, replaced for the comparison
     optim.newton_schulz = lambda mats, coefficients, steps, eps, dtype: [ns_fp32(m, coefficients, steps, eps)
@@ -292,9 +294,9 @@ ONE_STEP = textwrap.dedent("""
 
 def test_lamb_and_muon_shard_under_fsdp_and_resume_exactly(tmp_path):
     """Under FSDP2, LAMB's norms and Muon's Newton-Schulz iteration are the whole tensors' (DTensor's
-    collectives): one step equals one process's to float rounding (an orthogonalisation of each shard
-    alone would be off by the size of the step; a ConvMixer's filter banks too, each as its out x in*k*k
-    matrix, gathered whole). Muon's iteration is compared in fp32: where a device computes bf16
+    collectives): a step (Muon: three, its momentum kept per shard) equals one process's to float
+    rounding (an orthogonalisation of each shard alone would be off by the size of the step; a
+    ConvMixer's filter banks too, each as its out x in*k*k matrix, gathered whole). Muon's iteration is compared in fp32: where a device computes bf16
     natively it runs in bf16 (torch's choice), whose rounding the iteration amplifies in the directions
     a low-rank gradient leaves empty (on this model bf16 and fp32 steps differ by most of a step), so
     there a sharded step (one matrix at a time) differs from one process's (stacked) as much. A Muon

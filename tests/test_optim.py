@@ -154,7 +154,7 @@ def test_stacked_muon_iterates_in_bf16_only_where_the_device_computes_it_nativel
 def test_muon_updates_a_filter_bank_as_its_matrix_and_refuses_a_model_without_any():
     """ConvMixer under Muon: the blocks' filters (pointwise and depthwise) are Muon's, each (out, in, k, k)
     bank stepped as torch's Muon steps the out x (in*k*k) matrix; the stem, biases, norms and head are
-    AdamW's. A model whose blocks hold no matrix is one line (under --fsdp too: test_distributed)."""
+    AdamW's (under --fsdp too: test_distributed). A model whose blocks hold no matrix is one line."""
     model = create_model("convmixer-16/2", img_size=8, num_classes=10, patch_size=2, kernel_size=3)
     muon, _ = build_optimizer(model, TrainConfig(optimizer="muon")).optimizers
     names = {id(p): n for n, p in model.named_parameters()}

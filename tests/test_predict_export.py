@@ -319,17 +319,30 @@ def test_a_mistyped_run_folder_is_one_line_not_a_hub_lookup(tmp_path, capsys, mo
 
 
 def test_a_mistyped_path_on_a_machine_without_the_hub_is_one_line_at_once(tmp_path, capsys, monkeypatch):
-    """`rusn/mine` (no such folder, so a Hub id): where the Hub's host has no address, one line naming
-    both, before huggingface_hub's half a minute of retries."""
+    """`rusn/mine` (no such folder, so a Hub id): where the Hub's host has no address, huggingface_hub's
+    cache alone is asked (no half a minute of retries), and a model cached there still loads."""
     import socket
     monkeypatch.chdir(tmp_path)
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "x.png")
 
     def no_address(host, *a, **k):
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
     monkeypatch.setattr(socket, "getaddrinfo", no_address)
     from pixformer.experiments import hub
-    monkeypatch.setattr(hub.HubModel, "from_pretrained", lambda *a, **k: pytest.fail("asked the Hub"))
+    asked = []
+
+    def cache_only(source, **kwargs):                   # huggingface_hub with nothing cached
+        asked.append(kwargs)
+        raise OSError(f"{source} is not in the cache")
+    monkeypatch.setattr(hub.HubModel, "from_pretrained", cache_only)
     code, _, err = run_cli(capsys, "predict", "--checkpoint", "rusn/mine", "x.png")
     assert code == 2 and len(err.strip().splitlines()) == 1, err
-    assert "rusn/mine is not a model folder, and the Hub (huggingface.co) cannot be reached" in err, err
+    assert "rusn/mine is not a model folder, and the Hub (huggingface.co: Name or service not known) cannot be " \
+           "reached to look for it, nor is it in huggingface_hub's cache" in err, err
+    assert asked == [{"local_files_only": True}]
+    monkeypatch.setattr(hub.HubModel, "from_pretrained", lambda source, **kwargs: ("cached", kwargs))
+    assert hub.load_hub("you/cached") == ("cached", {"local_files_only": True})    # a cached model loads offline
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")                      # a proxy resolves the Hub's name
+    assert hub.load_hub("you/cached") == ("cached", {})

@@ -156,7 +156,7 @@ def _train_parser():
     train = ArgumentParser(exit_on_error=False, description="Train a model for a task (--task; default: classify) "
                            "into a run folder (--out). Options may be spelled --img-size or --img_size; a boolean "
                            "option alone means true (--hflip); a list is written [16, 24, 32] (quoted in a shell), "
-                           "and --NAME+ V appends V to the list NAME. Continue a stopped run with `pixformer train "
+                           "and --progressive+ 40 appends a side to that list. Continue a stopped run with `pixformer train "
                            "--out RUN --resume` (its own settings); start from a trained run with --init RUN (its "
                            "architecture unless --model is given). Example: pixformer train --model pit-n --data "
                            "digits --epochs 30 --out runs/pit")
@@ -467,7 +467,8 @@ def _explain(err: Exception, command, spelled: dict[str, str]) -> str:
         return _wrong_value(msg, spelled)
     if msg.startswith("the following arguments are required:"):       # jsonargparse's keys: "predict.checkpoint"
         keys = [k.strip().rsplit(".", 1)[-1] for k in msg.split(":", 1)[1].split(",")]
-        names = [spelled.get(f"--{k}", "--" + k.replace("_", "-")) for k in keys]
+        positional = {a.dest for a in (command._actions if command else []) if not a.option_strings}
+        names = [k.upper() if k in positional else spelled.get(f"--{k}", "--" + k.replace("_", "-")) for k in keys]
         return (" and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
                 + (" are" if len(names) > 1 else " is") + " required")
     if "unrecognized arguments:" not in msg or command is None:

@@ -130,7 +130,7 @@ class TrainConfig:
     # locality ablations: one fixed pixel permutation of every image (data/ablations.py)
     permute_pixels: bool = False        # shuffle all pixel positions
     local_swaps: int = 0                # swaps of two pixels each, within --swap-distance (the PiT paper's T)
-    swap_distance: int | None = None    # most pixels (Chebyshev) between two pixels a local swap exchanges; unset: any
+    swap_distance: int | None = None    # largest Chebyshev distance between two swapped pixels (1: neighbours); unset: any
     permute_seed: int = 0               # draws the permutation
 
     def __post_init__(self):
@@ -185,10 +185,6 @@ class TrainConfig:
                     f"{self.img_size}, none larger, at most one per epoch ({self.epochs})")
         lo_hi = self.resolution_range
         require("resolution_range", lo_hi, lo_hi is None or 1 <= lo_hi[0] <= lo_hi[1], "LO HI with 1 <= LO <= HI")
-        if lo_hi is not None and self.max_side and lo_hi[1] > self.max_side:
-            raise PixformerError(f"--resolution-range {lo_hi[0]} {lo_hi[1]} draws longer sides above --max-side "
-                                 f"{self.max_side}, which would all be scaled down to {self.max_side}: use a HI of at "
-                                 f"most {self.max_side}, or a larger --max-side")
         require("token_drop_beta", self.token_drop_beta, self.token_drop_beta is None or min(self.token_drop_beta) > 0,
                 "two Beta parameters A B, each > 0")
         defaults = {f.name: f.default for f in dataclasses.fields(self)}

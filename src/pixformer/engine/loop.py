@@ -140,9 +140,9 @@ def _tasks_for(arch: str) -> str:
     return f" (use --task {' or '.join(names)})" if names else ""
 
 
-def check_run(cfg: TrainConfig, task_cls: type[Task]) -> None:
+def check_run(cfg: TrainConfig, task_cls: type[Task], resuming: bool = False) -> None:
     """A clear error, before any data is loaded, for an architecture the task does not train and for
-    what sequence parallelism, FSDP2 and progressive resizing cannot run."""
+    what sequence parallelism, FSDP2, progressive resizing and resolution sampling cannot run."""
     check_progressive(cfg)
     arch, _ = resolve(cfg.model)
     if task_cls.architectures and arch not in task_cls.architectures:
@@ -150,6 +150,11 @@ def check_run(cfg: TrainConfig, task_cls: type[Task]) -> None:
                              f"a {arch} model" + _tasks_for(arch))
     if cfg.native:
         native_patch(cfg, task_cls)                  # what native resolution cannot run, before any data
+    lo_hi = cfg.resolution_range
+    if lo_hi is not None and cfg.max_side and lo_hi[1] > cfg.max_side and not resuming:   # (a run saved so resumes)
+        raise PixformerError(f"--resolution-range {lo_hi[0]} {lo_hi[1]} draws longer sides above --max-side "
+                             f"{cfg.max_side}, which would all be scaled down to {cfg.max_side}: use a HI of at "
+                             f"most {cfg.max_side}, or a larger --max-side")
     if cfg.seq_parallel > 1:
         if cfg.native:
             raise PixformerError("--seq-parallel splits each square image's tokens over ranks; images packed at "
@@ -453,7 +458,7 @@ def train(cfg: TrainConfig, data: Prepared | None = None) -> dict[str, Any]:
         raise PixformerError(f"--init {cfg.init}: not a pixformer run (state.json and model.safetensors), a "
                              "transformers ViT folder (config.json and safetensors) or a timm ViT state dict (.safetensors)")
     saved = _resumable_state(cfg)                                        # before any data is loaded
-    check_run(cfg, task_cls)
+    check_run(cfg, task_cls, resuming=saved is not None)
     runtime = Runtime.create(cfg.device, cfg.seq_parallel, cfg.seq_sharding, cfg.fsdp, cfg.seed)
     folder = claim(cfg.out, rank=runtime.rank) if cfg.out else None    # a folder in use: one line, no work
     run = None

@@ -171,34 +171,40 @@ def load_hub(source: str | Path, **kwargs) -> HubModel:
     """A model saved in the Hub layout: a local folder, or a Hub repository id ('you/vit-n4-digits';
     downloaded into huggingface_hub's cache). `kwargs` go to `from_pretrained` (revision, token, ...)."""
     what = f"{source} is not a model folder" if not Path(source).exists() else f"cannot load {source}"
-    if not Path(source).exists():
-        check_hub_reachable(what)
+    unreachable = None if Path(source).exists() or kwargs.get("local_files_only") else hub_unreachable()
+    if unreachable:                     # huggingface_hub's cache alone, at once (it would retry for half a minute)
+        kwargs = {**kwargs, "local_files_only": True}
     try:
         return HubModel.from_pretrained(source, **kwargs)
     except PixformerError:
         raise
     except (OSError, ValueError, HfHubHTTPError) as e:
+        if unreachable:
+            raise PixformerError(f"{what}, and the Hub ({unreachable}) cannot be reached to look for it, nor "
+                                 "is it in huggingface_hub's cache; check the path, or the network") from None
         why = " ".join(str(e).split())
         why = why if len(why) <= 300 else why[:300].rsplit(" ", 1)[0] + " ..."
         raise PixformerError(f"{what}, and the Hub has no model {source} that can be had ({why})") from None
 
 
-def check_hub_reachable(what: str) -> None:
-    """One line at once where the Hub's host has no address (offline, or a mistyped local path on a
-    machine without internet): huggingface_hub would retry for about half a minute, printing each try.
-    With HF_HUB_OFFLINE set, huggingface_hub answers from its cache and nothing is asked here."""
+def hub_unreachable() -> str | None:
+    """The Hub's host and why it cannot be reached, where its name has no address (offline, or a
+    mistyped local path on a machine without internet); None where it may be reached (an address,
+    a proxy that resolves it, or HF_HUB_OFFLINE, under which huggingface_hub asks nothing)."""
+    import os
     import socket
     from urllib.parse import urlparse
 
     import huggingface_hub.constants as hub_constants
-    if hub_constants.HF_HUB_OFFLINE:
-        return
+    if hub_constants.HF_HUB_OFFLINE or any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY",
+                                                                         "all_proxy")):
+        return None
     host = urlparse(hub_constants.ENDPOINT).hostname or ""
     try:
         socket.getaddrinfo(host, 443)
     except OSError as e:
-        raise PixformerError(f"{what}, and the Hub ({host}) cannot be reached to look for it "
-                             f"({e.strerror or e}); check the path, or the network") from None
+        return f"{host}: {e.strerror or e}"
+    return None
 
 
 def save_hub(run: str | Path, out: str | Path, weights: str = "auto") -> Path:
