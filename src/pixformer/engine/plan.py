@@ -265,7 +265,8 @@ class Plan:
             where = f"keys/values kept in {L - R} of {L} layers, gathered again in {R}"
         else:
             where = f"keys/values {'gathered again' if R else 'kept'} in all {L} layers"
-        cost = f"; {more} more all-gathers of {format_bytes(self.gather_bytes)} a rank a step" if more else ""
+        cost = (f"; {more} more all-gather{'s' * (more > 1)} of {format_bytes(self.gather_bytes)} a rank a step"
+                if more else "")
         return (f"sequence parallel P={self.seq_parallel}: {where} (activations ~"
                 f"{self.image_bytes[mode] / self.one_device_bytes[mode]:.2f}x of one device's{cost})")
 
