@@ -9,11 +9,14 @@
 # Options are gpu_suite.py's (--help). Wheels in .device/wheels (packages the machine lacks, e.g. from
 # ../shared/device/bundle.sh, and diffusers' for the DiT parts: .venv/bin/pip download --no-deps
 # -d .device/wheels diffusers==VERSION) are installed into a temporary folder first; src/ goes on PYTHONPATH, so
-# the checkout runs as it is, without installing pixformer. $PYTHON picks the interpreter (default python3).
+# the checkout runs as it is, without installing pixformer. $PYTHON picks the interpreter (default: .venv's
+# where the checkout has one, as after `make install`, else python3).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-py=${PYTHON:-python3}
+default_py=python3
+[ -x .venv/bin/python ] && default_py=.venv/bin/python
+py=${PYTHON:-$default_py}
 site=""
 if compgen -G ".device/wheels/*.whl" >/dev/null; then
   site=$(mktemp -d /tmp/pixformer-site.XXXXXX)
