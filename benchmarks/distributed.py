@@ -209,12 +209,16 @@ def main() -> None:
     ap.add_argument("--sides", type=int, nargs="+", default=[32, 64])
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS))
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                    help="auto: bf16 where this CPU computes it natively, else fp32 (as train's default)")
     ap.add_argument("--attn-backend", default="blocked", help="blocked: O(N) memory at every length")
     ap.add_argument("--memory", default="4GiB", help="the per-rank budget for the longest side (planner)")
     ap.add_argument("--out", default="benchmarks/results/distributed.json")
     ap.add_argument("--merge", action="store_true", help="keep the rows of other configurations already in --out")
     a = ap.parse_args()
+    if a.precision == "auto":                  # the workers are given what it means here
+        from pixformer.engine.perf import native_bf16
+        a.precision = "bf16" if native_bf16("cpu") else "fp32"
     if a.worker:
         return collectives(a) if a.worker == "collectives" else worker(a)
     from pixformer.engine.perf import cpu_name
