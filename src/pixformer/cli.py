@@ -156,10 +156,10 @@ def _train_parser():
     train = ArgumentParser(exit_on_error=False, description="Train a model for a task (--task; default: classify) "
                            "into a run folder (--out). Options may be spelled --img-size or --img_size; a boolean "
                            "option alone means true (--hflip); a list is written [16, 24, 32] (quoted in a shell), "
-                           "and --progressive+ 40 appends a side to that list. Continue a stopped run with `pixformer train "
-                           "--out RUN --resume` (its own settings); start from a trained run with --init RUN (its "
-                           "architecture unless --model is given). Example: pixformer train --model pit-n --data "
-                           "digits --epochs 30 --out runs/pit")
+                           "and --progressive+ 40 appends a side to that list. Continue a stopped run with "
+                           "`pixformer train --out RUN --resume` (its own settings); start from a trained run with "
+                           "--init RUN (its architecture unless --model is given). Example: pixformer train --model "
+                           "pit-n --data digits --epochs 30 --out runs/pit")
     train.add_argument("--config", action=ActionConfigFile, help="a YAML recipe (see configs/); options after it "
                        "override it, --print_config shows the merged settings")
     add_train_arguments(train)
