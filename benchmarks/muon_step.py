@@ -3,18 +3,29 @@ pixformer's `StackedMuon` (one batched iteration per wide shape), on the weight 
 in a named model, with the same gradients.
 
     .venv/bin/python benchmarks/muon_step.py --model vit-n/4 --rounds 40
+    .venv/bin/python benchmarks/muon_step.py --model vit-s/4 --ranks 2 --rounds 6   # under FSDP, over 2 processes
 
 Both optimizers are built in one process and stepped in turn, round after round, each on its own copy
 of the matrices, so that a drift in the machine's speed falls on both alike; the median step of each is
 printed, with the largest difference from torch's parameters after all rounds (0: bit for bit).
 StackedMuon runs in bf16 as torch's does, and on a CPU that emulates bf16 (no AVX512-BF16 or AMX) also
 in fp32, its default there.
-Random gradients: the step's cost does not depend on their values.
+Random gradients (under --ranks: one backward pass of random images): the step's cost does not depend
+on their values.
+
+With --ranks N the script launches itself over N processes (torch.distributed.run, gloo, the cores
+shared out) and steps `StackedMuon` on the matrices sharded by FSDP2 (`Runtime.wrap`), in its default
+dtype, two ways in turn: the iteration of each matrix run by one rank, the matrices dealt out over the
+ranks (pixformer's way), and all of them run by rank 0 (the work of a rank that iterates every matrix,
+as each rank would if none were dealt out); prints the median step of each.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -28,7 +39,10 @@ def main() -> None:
     p.add_argument("--model", default="vit-n/4", help="a model name from `pixformer models`")
     p.add_argument("--img-size", type=int, default=32)
     p.add_argument("--rounds", type=int, default=40, help="timed steps of each optimizer (interleaved)")
+    p.add_argument("--ranks", type=int, default=1, help="above 1: StackedMuon under FSDP over this many processes")
     a = p.parse_args()
+    if a.ranks > 1:
+        return sharded(a)
     model = create_model(a.model, img_size=a.img_size, num_classes=10)
     mats = [w for w in model.parameters() if id(w) in muon_matrices(model)]
     settings = dict(lr=2e-3, adjust_lr_fn="match_rms_adamw")
@@ -58,6 +72,45 @@ def main() -> None:
         diff = max((x - y).abs().max().item() for x, y in zip(ws, copies[0]))
         print(f"{name:<20} step {1e3 * med:7.2f} ms  ({first / med:5.2f}x torch's speed); largest parameter "
               f"difference from torch's after {a.rounds + 3} steps: {diff:g}")
+
+
+def sharded(a: argparse.Namespace) -> None:
+    """StackedMuon on FSDP2 shards, the iteration dealt out over the ranks against all on rank 0."""
+    if "LOCAL_RANK" not in os.environ:                                # launch this script over --ranks processes
+        threads = str(max(1, (os.cpu_count() or 1) // a.ranks))
+        sys.exit(subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                                  str(a.ranks), *sys.argv], env={**os.environ, "OMP_NUM_THREADS": threads}))
+    from pixformer import create_model
+    from pixformer.engine import optim
+    from pixformer.engine.perf import cpu_name
+    from pixformer.engine.runtime import Runtime
+    runtime = Runtime.create("cpu", fsdp=True)
+    torch.manual_seed(0)
+    model = runtime.wrap(create_model(a.model, img_size=a.img_size, num_classes=10))
+    mats = [w for w in model.parameters() if id(w) in optim.muon_matrices(model)]
+    opt = optim.StackedMuon(mats, lr=2e-3, adjust_lr_fn="match_rms_adamw")
+    model(torch.rand(2, 3, a.img_size, a.img_size)).square().mean().backward()   # sharded gradients
+    dealt = optim._owners
+    ways = {"dealt out over the ranks": dealt, "all on rank 0": lambda mesh: 1}
+    times: dict[str, list[float]] = {name: [] for name in ways}
+    for r in range(a.rounds + 1):                                     # 1 warm-up round
+        for name, owners in ways.items():
+            optim._owners = owners
+            torch.distributed.barrier()
+            t = time.perf_counter()
+            opt.step()
+            torch.distributed.barrier()
+            if r >= 1:
+                times[name].append(time.perf_counter() - t)
+    optim._owners = dealt
+    if runtime.is_main:
+        print(f"{a.model}: {len(mats)} matrices sharded over {a.ranks} processes; {cpu_name()}, "
+              f"{torch.get_num_threads()} thread(s) each, {a.rounds} interleaved rounds")
+        base = statistics.median(times["all on rank 0"])
+        for name, ts in times.items():
+            med = statistics.median(ts)
+            print(f"Newton-Schulz {name:<26} step {1e3 * med:9.1f} ms  ({base / med:4.2f}x)")
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

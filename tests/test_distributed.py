@@ -299,7 +299,7 @@ def test_lamb_and_muon_shard_under_fsdp_and_resume_exactly(tmp_path):
     ConvMixer's filter banks too, each as its out x in*k*k matrix, gathered whole). Muon's iteration is compared in fp32: where a device computes bf16
     natively it runs in bf16 (torch's choice), whose rounding the iteration amplifies in the directions
     a low-rank gradient leaves empty (on this model bf16 and fp32 steps differ by most of a step), so
-    there a sharded step (one matrix at a time) differs from one process's (stacked) as much. A Muon
+    there a sharded step (each process stacking the matrices dealt to it) differs from one process's as much. A Muon
     run whose rank is killed restarts and resumes to the uninterrupted run bit for bit: both
     optimizers' state (Muon's matrices, AdamW's other parameters) gathered into one checkpoint and
     sharded again."""

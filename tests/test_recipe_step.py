@@ -1,6 +1,7 @@
 """benchmarks/recipe_step.py builds a config's step as train does and times its variants; muon_step.py
 times torch's Muon against the stacked one."""
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 
@@ -51,3 +52,12 @@ def test_muon_step_compares_torchs_muon_with_the_stacked_one(monkeypatch, capsys
     assert out[1].startswith("torch.optim.Muon") and out[2].startswith("StackedMuon (bf16)")
     assert out[2].endswith("largest parameter difference from torch's after 4 steps: 0")
     assert len(out) == (3 if native_bf16("cpu") else 4)          # and the fp32 iteration where bf16 is emulated
+
+
+def test_muon_step_under_fsdp_deals_the_iteration_out_over_the_ranks():
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "muon_step.py"), "--model", "vit-n/4",
+                           "--ranks", "2", "--rounds", "1"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = [line for line in done.stdout.splitlines() if line.strip()]
+    assert out[-3].startswith("vit-n/4: 24 matrices sharded over 2 processes")
+    assert "dealt out over the ranks" in out[-2] and "all on rank 0" in out[-1] and out[-1].endswith("(1.00x)")

@@ -145,8 +145,8 @@ class StackedMuon(torch.optim.Muon):
     `ns_dtype`: the iteration's dtype; None: bf16 (torch's) where the parameters' device computes in bf16
     natively, else fp32 (a CPU without AVX512-BF16 or AMX emulates bf16 products: on an AMD EPYC (AVX2),
     vit-n/4's iteration takes 1.1 s in bf16 and 0.07 s in fp32). A sharded matrix (FSDP's DTensor) is
-    stepped on its shard, its iteration on the whole matrix gathered, one matrix at a time (as torch's
-    step does it through DTensor's collectives), each rank keeping its own rows of the result."""
+    stepped on its shard, its iteration on the whole matrix gathered, run by one rank and its rows
+    scattered (`_orthogonalize`)."""
 
     def __init__(self, params, ns_dtype: torch.dtype | None = None, **settings):
         defaults = torch.optim.Muon([torch.zeros(1, 1)], **settings).defaults   # torch's checks and defaults
@@ -188,20 +188,41 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 def _orthogonalize(params: list[torch.Tensor], updates: list[torch.Tensor], group: dict,
                    dtype: torch.dtype) -> list[torch.Tensor]:
     """Muon's update of each parameter (as its `updates` entry: local rows of a shard): whole matrices
-    stacked by shape through `newton_schulz`; a shard's matrix gathered whole, iterated alone, and
-    its own rows kept (every rank computes the same whole result, as DTensor's replicated matmuls do)."""
+    stacked by shape through `newton_schulz`. A shard's matrix is gathered whole on every rank, but
+    iterated on one only, its owner (the sharded matrices dealt round-robin over the ranks, each owner's
+    stacked by shape), which then scatters each rank its rows of the result: the iteration's work is
+    split over the ranks instead of repeated on each, for one scatter per matrix."""
     from_ns = lambda mats: newton_schulz(mats, group["ns_coefficients"], group["ns_steps"],   # noqa: E731
                                          group["eps"], dtype)
     whole = [i for i, p in enumerate(params) if not is_dtensor(p)]
     out = dict(zip(whole, from_ns([updates[i].flatten(1) for i in whole])))  # a filter bank: out x (in * k * k)
-    for i, p in enumerate(params):
-        if i not in out:
-            from torch.distributed.tensor import DTensor, distribute_tensor
-            mesh, placements = p.device_mesh, p.placements
-            full = DTensor.from_local(updates[i], mesh, placements, shape=p.shape, stride=p.stride()).full_tensor()
-            result = from_ns([full.flatten(1)])[0].view(p.shape)
-            out[i] = distribute_tensor(result, mesh, placements, src_data_rank=None).to_local()
+    sharded = [i for i in range(len(params)) if i not in out]
+    if not sharded:
+        return [out[i] for i in range(len(params))]
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    owner = {i: n % _owners(params[i].device_mesh) for n, i in enumerate(sharded)}
+    mine = []
+    for i in sharded:
+        p = params[i]
+        full = DTensor.from_local(updates[i], p.device_mesh, p.placements, shape=p.shape, stride=p.stride()).full_tensor()
+        if _is_rank(p.device_mesh, owner[i]):
+            mine.append((i, full.flatten(1)))
+    result = dict(zip((i for i, _ in mine), from_ns([m for _, m in mine])))
+    for i in sharded:
+        p = params[i]
+        whole_result = result[i].view(p.shape) if i in result else updates[i].new_empty(p.shape, dtype=dtype)
+        out[i] = distribute_tensor(whole_result, p.device_mesh, p.placements, src_data_rank=owner[i]).to_local()
     return [out[i] for i in range(len(params))]
+
+
+def _owners(mesh) -> int:
+    """How many ranks of `mesh` can own a matrix: rank r owns where its coordinate is r in every dimension
+    (DTensor's scatter sends from the same group rank along each), so min(mesh.shape) of them."""
+    return min(mesh.shape)
+
+
+def _is_rank(mesh, r: int) -> bool:
+    return all(c == r for c in mesh.get_coordinate())
 
 
 def newton_schulz(mats: list[torch.Tensor], coefficients: tuple[float, float, float], steps: int,
