@@ -73,9 +73,8 @@ class MaskedAutoencoder(nn.Module):
         self.init_weights()
 
     def init_weights(self):
-        """The encoder's own initialisation, the Transformer's for the decoder, and the mask token
-        (normal, std 0.02) as in the MAE reference."""
-        self.encoder.init_weights()
+        """The Transformer's initialisation for the decoder and the mask token (normal, std 0.02) as in the
+        MAE reference; the encoder keeps its own (its constructor's `init_weights`) or what it is loaded with."""
         for part in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
             init_transformer(part)
         nn.init.normal_(self.mask_token, std=0.02)
