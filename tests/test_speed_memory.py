@@ -166,6 +166,9 @@ def test_precision_choices(monkeypatch, capsys, native):
     said = capsys.readouterr().err.splitlines()
     assert said == ([] if native else [next(line for line in said if "emulated" in line)])
     assert native or said[0].startswith("--precision bf16: this CPU (") and "--precision auto trains in fp32" in said[0]
+    assert autocast_dtype("bf16", "cpu", quiet=True) is torch.bfloat16       # an estimate's: never said
+    monkeypatch.setattr(importlib.import_module("pixformer.progress"), "_SAID", set())
+    assert autocast_dtype("bf16", "cpu", quiet=True) is torch.bfloat16 and capsys.readouterr().err == ""
     with pytest.raises(PixformerError, match="fp16"):
         autocast_dtype("fp16", "cpu")
     with pytest.raises(PixformerError, match="precision"):

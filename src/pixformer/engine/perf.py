@@ -551,14 +551,15 @@ def cpu_name() -> str:
     return f"{name} ({', '.join(isa)})" if isa else name
 
 
-def autocast_dtype(precision: str, device: torch.device | str) -> torch.dtype | None:
+def autocast_dtype(precision: str, device: torch.device | str, quiet: bool = False) -> torch.dtype | None:
     """The autocast dtype for `precision` on `device`, or None for plain fp32.
-    'auto' is bf16 where the hardware has it natively, else fp32; fp16 is never used on CPU."""
+    'auto' is bf16 where the hardware has it natively, else fp32; fp16 is never used on CPU. bf16 where
+    the device emulates it prints a one-line notice, unless `quiet` (an estimate, which runs nothing)."""
     device = torch.device(device)
     if precision == "fp32":
         return None
     if precision == "bf16":
-        if not native_bf16(device):
+        if not native_bf16(device) and not quiet:
             where = f"this CPU ({cpu_name()}) has no native bf16 (AVX512-BF16 or AMX)" if device.type == "cpu" \
                 else f"this {device.type} device has no native bf16"
             notice(f"--precision bf16: {where}, so bf16 products are emulated, many times slower than fp32; "

@@ -353,7 +353,7 @@ def plan(model: str, img_size: int | tuple[int, int] = 32, batch_size: int | Non
     with torch.device("meta"):
         net = create_model(model, img_size=img, num_classes=num_classes, in_chans=in_chans, **overrides)
     cfg = net.cfg
-    e = 2 if autocast_dtype(precision, "cpu") == torch.bfloat16 else 4
+    e = 2 if autocast_dtype(precision, "cpu", quiet=True) == torch.bfloat16 else 4
     n = (img[0] // cfg.patch_size) * (img[1] // cfg.patch_size)
     T = n + (getattr(cfg, "pool", None) == "cls")
     if seq_parallel > 1 and not hasattr(cfg, "heads"):
@@ -435,7 +435,7 @@ def blocks_peak_bytes(model: torch.nn.Module, tokens: list[int], batch_size: int
     checkpointing, block i (blocks_of order) at its own sequence length tokens[i] and its own width and
     heads: for a model whose blocks see different sequences (MAE's encoder the visible tokens, its
     decoder every position at another width)."""
-    e = 2 if autocast_dtype(precision, "cpu") == torch.bfloat16 else 4
+    e = 2 if autocast_dtype(precision, "cpu", quiet=True) == torch.bfloat16 else 4
     found = blocks_of(model)
     if len(found) != len(tokens):
         raise PixformerError(f"{len(tokens)} sequence lengths for the {len(found)} blocks of {type(model).__name__}")
