@@ -3,7 +3,7 @@ pixformer's `StackedMuon` (one batched iteration per wide shape), on the weight 
 in a named model, with the same gradients.
 
     .venv/bin/python benchmarks/muon_step.py --model vit-n/4 --rounds 40
-    .venv/bin/python benchmarks/muon_step.py --model vit-s/4 --ranks 2 --rounds 6   # under FSDP, over 2 processes
+    .venv/bin/python benchmarks/muon_step.py --model vit-s/4 --ranks 2 --rounds 6   # under FSDP and DDP, over 2 processes
 
 Both optimizers are built in one process and stepped in turn, round after round, each on its own copy
 of the matrices, so that a drift in the machine's speed falls on both alike; the median step of each is
@@ -14,10 +14,11 @@ Random gradients (under --ranks: one backward pass of random images): the step's
 on their values.
 
 With --ranks N the script launches itself over N processes (torch.distributed.run, gloo, the cores
-shared out) and steps `StackedMuon` on the matrices sharded by FSDP2 (`Runtime.wrap`), in its default
-dtype, two ways in turn: the iteration of each matrix run by one rank, the matrices dealt out over the
+shared out) and steps `StackedMuon` in its default dtype, four ways in turn: on the matrices sharded by
+FSDP2 (`Runtime.wrap`), the iteration of each matrix run by one rank, the matrices dealt out over the
 ranks (pixformer's way), and all of them run by rank 0 (the work of a rank that iterates every matrix,
-as each rank would if none were dealt out); prints the median step of each.
+as each rank would if none were dealt out); on whole matrices replicated over the ranks (DDP), dealt out
+(`replicas=`, what `pixformer train` passes) and iterated all on every rank; prints the median step of each.
 """
 from __future__ import annotations
 
@@ -39,10 +40,10 @@ def main() -> None:
     p.add_argument("--model", default="vit-n/4", help="a model name from `pixformer models`")
     p.add_argument("--img-size", type=int, default=32)
     p.add_argument("--rounds", type=int, default=40, help="timed steps of each optimizer (interleaved)")
-    p.add_argument("--ranks", type=int, default=1, help="above 1: StackedMuon under FSDP over this many processes")
+    p.add_argument("--ranks", type=int, default=1, help="above 1: StackedMuon under FSDP and DDP over this many processes")
     a = p.parse_args()
     if a.ranks > 1:
-        return sharded(a)
+        return over_ranks(a)
     model = create_model(a.model, img_size=a.img_size, num_classes=10)
     mats = [w for w in model.parameters() if id(w) in muon_matrices(model)]
     settings = dict(lr=2e-3, adjust_lr_fn="match_rms_adamw")
@@ -74,8 +75,9 @@ def main() -> None:
               f"difference from torch's after {a.rounds + 3} steps: {diff:g}")
 
 
-def sharded(a: argparse.Namespace) -> None:
-    """StackedMuon on FSDP2 shards, the iteration dealt out over the ranks against all on rank 0."""
+def over_ranks(a: argparse.Namespace) -> None:
+    """StackedMuon over --ranks processes: on FSDP2 shards and on replicated (DDP) matrices, each with its
+    iteration dealt out over the ranks and without."""
     if "LOCAL_RANK" not in os.environ:                                # launch this script over --ranks processes
         threads = str(max(1, (os.cpu_count() or 1) // a.ranks))
         sys.exit(subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
@@ -85,16 +87,22 @@ def sharded(a: argparse.Namespace) -> None:
     from pixformer.engine.perf import cpu_name
     from pixformer.engine.runtime import Runtime
     runtime = Runtime.create("cpu", fsdp=True)
-    torch.manual_seed(0)
-    model = runtime.wrap(create_model(a.model, img_size=a.img_size, num_classes=10))
-    mats = [w for w in model.parameters() if id(w) in optim.muon_matrices(model)]
-    opt = optim.StackedMuon(mats, lr=2e-3, adjust_lr_fn="match_rms_adamw")
-    model(torch.rand(2, 3, a.img_size, a.img_size)).square().mean().backward()   # sharded gradients
-    dealt = optim._owners
-    ways = {"dealt out over the ranks": dealt, "all on rank 0": lambda mesh: 1}
+    x = torch.rand(2, 3, a.img_size, a.img_size)
+
+    def muon(sharded: bool, replicas=None) -> optim.StackedMuon:     # a model's matrices, their gradients set
+        torch.manual_seed(0)
+        model = create_model(a.model, img_size=a.img_size, num_classes=10)
+        model = runtime.wrap(model) if sharded else model
+        model(x).square().mean().backward()                           # the same gradients on every rank
+        return optim.StackedMuon([w for w in model.parameters() if id(w) in optim.muon_matrices(model)],
+                                 replicas=replicas, lr=2e-3, adjust_lr_fn="match_rms_adamw")
+    dealt, alone = optim._owners, lambda mesh: 1
+    ways = {"FSDP: dealt out over the ranks": (muon(True), dealt), "FSDP: all on rank 0": (muon(True), alone),
+            "DDP: dealt out over the ranks": (muon(False, torch.distributed.group.WORLD), dealt),
+            "DDP: all on every rank": (muon(False), dealt)}
     times: dict[str, list[float]] = {name: [] for name in ways}
     for r in range(a.rounds + 1):                                     # 1 warm-up round
-        for name, owners in ways.items():
+        for name, (opt, owners) in ways.items():
             optim._owners = owners
             torch.distributed.barrier()
             t = time.perf_counter()
@@ -104,12 +112,13 @@ def sharded(a: argparse.Namespace) -> None:
                 times[name].append(time.perf_counter() - t)
     optim._owners = dealt
     if runtime.is_main:
-        print(f"{a.model}: {len(mats)} matrices sharded over {a.ranks} processes; {cpu_name()}, "
+        count = len(ways["DDP: all on every rank"][0].param_groups[0]["params"])
+        print(f"{a.model}: {count} matrices over {a.ranks} processes; {cpu_name()}, "
               f"{torch.get_num_threads()} thread(s) each, {a.rounds} interleaved rounds")
-        base = statistics.median(times["all on rank 0"])
         for name, ts in times.items():
+            base = statistics.median(times["FSDP: all on rank 0" if name.startswith("FSDP") else "DDP: all on every rank"])
             med = statistics.median(ts)
-            print(f"Newton-Schulz {name:<26} step {1e3 * med:9.1f} ms  ({base / med:4.2f}x)")
+            print(f"{name:<31} step {1e3 * med:9.1f} ms  ({base / med:4.2f}x)")
     torch.distributed.destroy_process_group()
 
 

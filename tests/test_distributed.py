@@ -260,14 +260,15 @@ ONE_STEP = textwrap.dedent("""
         return x.T if tall else x
     runtime = Runtime.create("cpu", fsdp=True)
     x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
-    def stepped(optimizer, sharded, name="vit-n/2"):   # steps of a model whose head is not zero
+    def stepped(optimizer, how, name="vit-n/2"):   # steps of a model whose head is not zero
         torch.manual_seed(0)
         sizes = dict(dim=16, heads=2) if name.startswith("vit") else dict(patch_size=2, kernel_size=3)
-        model = create_model(name, img_size=8, num_classes=10, depth=1, **sizes)
+        model = create_model(name, img_size=8, num_classes=10, depth=2, **sizes)   # two matrices of a shape
         torch.nn.init.normal_(model.head.weight)
         start = {k: v.clone() for k, v in model.state_dict().items()}
-        model = runtime.wrap(model) if sharded else model
-        opt = build_optimizer(model, TrainConfig(optimizer=optimizer, lr=0.05))
+        model = runtime.wrap(model) if how == "sharded" else model   # "replicated": both ranks the same model
+        replicas = torch.distributed.group.WORLD if how == "replicated" else None
+        opt = build_optimizer(model, TrainConfig(optimizer=optimizer, lr=0.05), replicas=replicas)
         for group in opt.param_groups:
             group["lr"] = 0.05 * group["lr_scale"]
         for _ in range(3 if optimizer == "muon" else 1):   # Muon's later steps see its momentum (per shard)
@@ -278,12 +279,14 @@ ONE_STEP = textwrap.dedent("""
     stacked = optim.newton_schulz                # pixformer's stacked iteration, replaced for the comparison
     optim.newton_schulz = lambda mats, coefficients, steps, eps, dtype: [ns_fp32(m, coefficients, steps, eps)
                                                                          for m in mats]
-    out = {}                                     # per tensor: max |sharded - one process|, max |step|
-    for optimizer, name in (("lamb", "vit-n/2"), ("muon", "vit-n/2"), ("muon", "convmixer-16/2")):
-        _, sharded = stepped(optimizer, True, name)
-        start, plain = stepped(optimizer, False, name)
-        out[f"{optimizer} {name}"] = {k: [(sharded[k] - v).abs().max().item(), (v - start[k]).abs().max().item()]
-                                      for k, v in plain.items()}
+    out = {}                                     # per tensor: max |sharded (replicated) - one process|, max |step|
+    for optimizer, name, how in (("lamb", "vit-n/2", "sharded"), ("muon", "vit-n/2", "sharded"),
+                                 ("muon", "convmixer-16/2", "sharded"), ("muon", "vit-n/2", "replicated"),
+                                 ("muon", "convmixer-16/2", "replicated")):
+        _, other = stepped(optimizer, how, name)
+        start, plain = stepped(optimizer, "alone", name)
+        out[f"{optimizer} {name} {how}"] = {k: [(other[k] - v).abs().max().item(), (v - start[k]).abs().max().item()]
+                                            for k, v in plain.items()}
     optim.newton_schulz = stacked                # the run below: as shipped
     if runtime.is_main:
         print("STEP " + json.dumps(out), flush=True)
@@ -296,13 +299,14 @@ def test_lamb_and_muon_shard_under_fsdp_and_resume_exactly(tmp_path):
     """Under FSDP2, LAMB's norms and Muon's Newton-Schulz iteration are the whole tensors' (DTensor's
     collectives): a step (Muon: three, its momentum kept per shard) equals one process's to float
     rounding (an orthogonalisation of each shard alone would be off by the size of the step; a
-    ConvMixer's filter banks too, each as its out x in*k*k matrix, gathered whole). Muon's iteration is compared in fp32: where a device computes bf16
-    natively it runs in bf16 (torch's choice), whose rounding the iteration amplifies in the directions
-    a low-rank gradient leaves empty (on this model bf16 and fp32 steps differ by most of a step), so
-    there a sharded step (each process stacking the matrices dealt to it) differs from one process's as much. A Muon
-    run whose rank is killed restarts and resumes to the uninterrupted run bit for bit: both
-    optimizers' state (Muon's matrices, AdamW's other parameters) gathered into one checkpoint and
-    sharded again."""
+    ConvMixer's filter banks too, each as its out x in*k*k matrix, gathered whole). So does Muon's step
+    on whole matrices replicated over the ranks (DDP), its iteration dealt out over them. Muon's
+    iteration is compared in fp32: where a device computes bf16 natively it runs in bf16 (torch's
+    choice), whose rounding the iteration amplifies in the directions a low-rank gradient leaves empty
+    (on this model bf16 and fp32 steps differ by most of a step), so there a step over two processes
+    (each stacking the matrices dealt to it) differs from one process's as much. A Muon run whose rank
+    is killed restarts and resumes to the uninterrupted run bit for bit: both optimizers' state (Muon's
+    matrices, AdamW's other parameters) gathered into one checkpoint and sharded again."""
     run = dict(RUNS["fsdp"], optimizer="muon", epochs=2, checkpoint_every=3)
     script = tmp_path / "one_step.py"
     script.write_text(ONE_STEP)
@@ -315,8 +319,10 @@ def test_lamb_and_muon_shard_under_fsdp_and_resume_exactly(tmp_path):
     for optimizer, step in steps.items():
         for name, (diff, moved) in step.items():
             assert diff <= 1e-6 + 1e-4 * moved, f"{optimizer}: {name}"
-    assert all(steps["muon vit-n/2"][f"blocks.0.{m}.weight"][1] > 5e-3 for m in ("attn.qkv", "attn.proj", "mlp.0", "mlp.2"))
-    assert all(steps["muon convmixer-16/2"][f"blocks.0.{m}.0.weight"][1] > 5e-3 for m in ("spatial", "channel"))
+    for how in ("sharded", "replicated"):
+        assert all(steps[f"muon vit-n/2 {how}"][f"blocks.0.{m}.weight"][1] > 5e-3
+                   for m in ("attn.qkv", "attn.proj", "mlp.0", "mlp.2"))
+        assert all(steps[f"muon convmixer-16/2 {how}"][f"blocks.0.{m}.0.weight"][1] > 5e-3 for m in ("spatial", "channel"))
     script = tmp_path / "restart.py"
     script.write_text(RESTART)
     done = subprocess.run([*launch, "--max-restarts", "1", str(script), json.dumps(run), str(tmp_path / "killed")],

@@ -54,10 +54,12 @@ def test_muon_step_compares_torchs_muon_with_the_stacked_one(monkeypatch, capsys
     assert len(out) == (3 if native_bf16("cpu") else 4)          # and the fp32 iteration where bf16 is emulated
 
 
-def test_muon_step_under_fsdp_deals_the_iteration_out_over_the_ranks():
+def test_muon_step_over_ranks_deals_the_iteration_out_under_fsdp_and_ddp():
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "muon_step.py"), "--model", "vit-n/4",
                            "--ranks", "2", "--rounds", "1"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     out = [line for line in done.stdout.splitlines() if line.strip()]
-    assert out[-3].startswith("vit-n/4: 24 matrices sharded over 2 processes")
-    assert "dealt out over the ranks" in out[-2] and "all on rank 0" in out[-1] and out[-1].endswith("(1.00x)")
+    assert out[-5].startswith("vit-n/4: 24 matrices over 2 processes")
+    assert [line.split(" step ")[0].strip() for line in out[-4:]] == [
+        "FSDP: dealt out over the ranks", "FSDP: all on rank 0", "DDP: dealt out over the ranks", "DDP: all on every rank"]
+    assert out[-3].endswith("(1.00x)") and out[-1].endswith("(1.00x)")

@@ -576,7 +576,7 @@ def attach(run: Run, saved: dict[str, Any] | None) -> None:
     regather = run.state["speed"]["seq_regather_layers"]   # sequence parallel: layers gathering keys again
     run.step_model = runtime.wrap(model, regather=regather)  # DDP, FSDP2 (shards `model` in place) or sequence-parallel
     run.eval_model = runtime.wrap(run.ema or model, train=False)
-    run.opt = build_optimizer(model, cfg)
+    run.opt = build_optimizer(model, cfg, replicas=runtime.replicas)
     if saved is not None:
         load_optimizer(run, ckpt, saved)
         if not runtime.same_everywhere(run.step):

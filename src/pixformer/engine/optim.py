@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
@@ -99,11 +99,13 @@ def muon_matrices(model: nn.Module) -> set[int]:
 
 
 # ---- the optimizer ---------------------------------------------------------------------------
-def build_optimizer(model: nn.Module, cfg: "TrainConfig") -> "torch.optim.Optimizer | Optimizers":
+def build_optimizer(model: nn.Module, cfg: "TrainConfig", replicas: Any = None) -> "torch.optim.Optimizer | Optimizers":
     """The run's optimizer (--optimizer) over param_groups(model, ...): AdamW, LAMB, or Muon for the
     blocks' weight matrices with AdamW for the rest (one `Optimizers`). Muon's lr is adjusted per matrix
     to give updates of AdamW's typical RMS (torch's adjust_lr_fn="match_rms_adamw": lr * 0.2 *
-    sqrt(max(rows, cols))), so one --lr, schedule and --weight-decay serve both."""
+    sqrt(max(rows, cols))), so one --lr, schedule and --weight-decay serve both. `replicas`: the process
+    group whose ranks hold the same whole parameters (`Runtime.replicas`), over which Muon shares out
+    its iteration."""
     groups = param_groups(model, cfg.weight_decay, cfg.layer_decay)
     betas = tuple(cfg.betas)
     if cfg.optimizer == "lamb":
@@ -117,7 +119,7 @@ def build_optimizer(model: nn.Module, cfg: "TrainConfig") -> "torch.optim.Optimi
     if not mats:
         raise PixformerError(f"--optimizer muon updates the weight matrices of the blocks' linear layers and "
                              f"convolutions; this {type(model).__name__} trains none: use --optimizer adamw or lamb")
-    muon = StackedMuon(mats, lr=cfg.lr, adjust_lr_fn="match_rms_adamw")   # momentum 0.95, Nesterov, 5 NS steps
+    muon = StackedMuon(mats, replicas=replicas, lr=cfg.lr, adjust_lr_fn="match_rms_adamw")   # momentum 0.95, Nesterov, 5 NS steps
     return Optimizers(muon, *([adamw(rest, lr=cfg.lr, betas=betas)] if rest else []))
 
 
@@ -146,12 +148,14 @@ class StackedMuon(torch.optim.Muon):
     natively, else fp32 (a CPU without AVX512-BF16 or AMX emulates bf16 products: on an AMD EPYC (AVX2),
     vit-n/4's iteration takes 1.1 s in bf16 and 0.07 s in fp32). A sharded matrix (FSDP's DTensor) is
     stepped on its shard, its iteration on the whole matrix gathered, run by one rank and its rows
-    scattered (`_orthogonalize`)."""
+    scattered (`_orthogonalize`). `replicas`: a process group whose ranks hold the same whole matrices
+    and gradients (DDP, sequence parallelism): the iteration of each is run by one of them and the
+    results all-gathered, rather than every rank running all of them."""
 
-    def __init__(self, params, ns_dtype: torch.dtype | None = None, **settings):
+    def __init__(self, params, ns_dtype: torch.dtype | None = None, replicas: Any = None, **settings):
         defaults = torch.optim.Muon([torch.zeros(1, 1)], **settings).defaults   # torch's checks and defaults
         torch.optim.Optimizer.__init__(self, params, defaults)                  # (torch's refuses > 2-D)
-        self.ns_dtype = ns_dtype
+        self.ns_dtype, self.replicas = ns_dtype, replicas
         for group in self.param_groups:
             if any(p.ndim < 2 for p in group["params"]):
                 raise ValueError("Muon updates matrices and filter banks (2-D or more), not vectors")
@@ -172,7 +176,7 @@ class StackedMuon(torch.optim.Muon):
             torch._foreach_lerp_(bufs, grads, 1 - momentum)
             updates = torch._foreach_lerp(grads, bufs, momentum) if group["nesterov"] else bufs
             dtype = self.ns_dtype or (torch.bfloat16 if native_bf16(grads[0].device) else torch.float32)
-            orthogonal = _orthogonalize(params, updates, group, dtype)
+            orthogonal = _orthogonalize(params, updates, group, dtype, self.replicas)
             torch._foreach_mul_([_local(p) for p in params], 1 - lr * group["weight_decay"])
             for p, update in zip(params, orthogonal):
                 matrix = (p.shape[0], math.prod(p.shape[1:]))                 # the whole matrix's: its lr
@@ -186,16 +190,18 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def _orthogonalize(params: list[torch.Tensor], updates: list[torch.Tensor], group: dict,
-                   dtype: torch.dtype) -> list[torch.Tensor]:
+                   dtype: torch.dtype, replicas: Any = None) -> list[torch.Tensor]:
     """Muon's update of each parameter (as its `updates` entry: local rows of a shard): whole matrices
-    stacked by shape through `newton_schulz`. A shard's matrix is gathered whole on every rank, but
-    iterated on one only, its owner (the sharded matrices dealt round-robin over the ranks, each owner's
-    stacked by shape), which then scatters each rank its rows of the result: the iteration's work is
-    split over the ranks instead of repeated on each, for one scatter per matrix."""
+    stacked by shape through `newton_schulz`, dealt out over the ranks of `replicas` if given. A shard's
+    matrix is gathered whole on every rank, but iterated on one only, its owner (the sharded matrices
+    dealt round-robin over the ranks, each owner's stacked by shape), which then scatters each rank its
+    rows of the result: the iteration's work is split over the ranks instead of repeated on each, for one
+    scatter per matrix."""
     from_ns = lambda mats: newton_schulz(mats, group["ns_coefficients"], group["ns_steps"],   # noqa: E731
                                          group["eps"], dtype)
     whole = [i for i, p in enumerate(params) if not is_dtensor(p)]
-    out = dict(zip(whole, from_ns([updates[i].flatten(1) for i in whole])))  # a filter bank: out x (in * k * k)
+    mats = [updates[i].flatten(1) for i in whole]                             # a filter bank: out x (in * k * k)
+    out = dict(zip(whole, _dealt(mats, from_ns, dtype, replicas) if replicas is not None else from_ns(mats)))
     sharded = [i for i in range(len(params)) if i not in out]
     if not sharded:
         return [out[i] for i in range(len(params))]
@@ -213,6 +219,29 @@ def _orthogonalize(params: list[torch.Tensor], updates: list[torch.Tensor], grou
         whole_result = result[i].view(p.shape) if i in result else updates[i].new_empty(p.shape, dtype=dtype)
         out[i] = distribute_tensor(whole_result, p.device_mesh, p.placements, src_data_rank=owner[i]).to_local()
     return [out[i] for i in range(len(params))]
+
+
+def _dealt(mats: list[torch.Tensor], from_ns: Callable, dtype: torch.dtype, replicas: Any) -> list[torch.Tensor]:
+    """from_ns(mats) (results in `dtype`) with the work shared over the ranks of `replicas`, which all hold
+    the same `mats`: the matrices of each shape dealt round-robin, each rank iterating its own (stacked),
+    then one all-gather per shape (each rank's results padded to the same count) gives every rank all."""
+    import torch.distributed as dist
+    W, r = dist.get_world_size(replicas), dist.get_rank(replicas)
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, m in enumerate(mats):
+        by_shape.setdefault(tuple(m.shape), []).append(i)
+    out: list[torch.Tensor] = [torch.empty(0)] * len(mats)
+    for shape, index in by_shape.items():
+        mine = from_ns([mats[i] for i in index[r::W]])
+        share = mats[index[0]].new_zeros(-(-len(index) // W), *shape, dtype=dtype)
+        for j, m in enumerate(mine):
+            share[j] = m
+        shares = [torch.empty_like(share) for _ in range(W)]
+        dist.all_gather(shares, share, group=replicas)                     # (count, rows, cols) from each rank
+        for rank in range(W):
+            for j, i in enumerate(index[rank::W]):
+                out[i] = shares[rank][j]
+    return out
 
 
 def _owners(mesh) -> int:

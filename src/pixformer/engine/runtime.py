@@ -156,6 +156,13 @@ class Runtime:
         whole model; the others build it on the meta device and receive their shards in `wrap`."""
         return not self.fsdp or self.rank == 0
 
+    @property
+    def replicas(self) -> Any:
+        """The process group over whose ranks the model's parameters are whole, identical copies (DDP,
+        sequence parallelism: every rank), so work done to them alike can be shared out (Muon's iteration,
+        engine/optim.py); None in one process or under FSDP2, whose ranks hold shards."""
+        return dist.group.WORLD if self.world_size > 1 and not self.fsdp else None
+
     def building(self):
         """The context to build the model in: the meta device on the ranks that do not hold weights."""
         return contextlib.nullcontext() if self.holds_weights else torch.device("meta")
