@@ -373,6 +373,22 @@ def test_a_folder_without_an_autoencoder_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+def test_pixel_augmentations_of_a_latent_run_are_refused_in_one_line(tmp_path, tiny_vae, capsys):
+    """Latents are not pixels: RandAugment would fail on floats and random erasing would write pixel noise
+    into them, so crop padding, RandAugment, TrivialAugment and random erasing are refused before any work."""
+    base = ["train", "--task", "diffusion", "--model", "dit-n/2", "--latent-vae", str(tiny_vae), "--epochs", "1",
+            "--progress", "false", "--out", str(tmp_path / "r")]
+    for extra, named in ((["--random-erase", "0.25"], "--random-erase changes"),
+                         (["--rand-augment", "[2,9]", "--crop-padding", "2"], "--crop-padding and --rand-augment change"),
+                         (["--trivial-augment", "true"], "--trivial-augment changes")):
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].endswith("but latent diffusion trains on the VAE's latents: leave "
+                                                 f"{'them' if ' and ' in named else 'it'} off (--hflip flips the latents)")
+        assert named in err[0]
+    assert not (tmp_path / "r").exists()
+
+
 def test_evaluation_draws_per_example_so_the_batch_size_does_not_change_the_numbers():
     from pixformer.tasks.base import ExampleRandom
     whole = ExampleRandom(range(6))

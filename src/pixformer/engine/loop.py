@@ -142,7 +142,8 @@ def _tasks_for(arch: str) -> str:
 
 def check_run(cfg: TrainConfig, task_cls: type[Task], resuming: bool = False) -> None:
     """A clear error, before any data is loaded, for an architecture the task does not train and for
-    what sequence parallelism, FSDP2, progressive resizing and resolution sampling cannot run."""
+    what sequence parallelism, FSDP2, progressive resizing, resolution sampling and a task trained on an
+    encoding of the images (pixel augmentations) cannot run."""
     check_progressive(cfg)
     arch, _ = resolve(cfg.model)
     if task_cls.architectures and arch not in task_cls.architectures:
@@ -171,6 +172,13 @@ def check_run(cfg: TrainConfig, task_cls: type[Task], resuming: bool = False) ->
     if cfg.fsdp and cfg.ema_decay > 0:
         raise PixformerError("--ema-decay keeps a full copy of the weights on every rank; it cannot be combined "
                              "with --fsdp")
+    pixel_ops = [name for name, on in (("--crop-padding", cfg.crop_padding), ("--rand-augment", cfg.rand_augment),
+                                       ("--trivial-augment", cfg.trivial_augment), ("--random-erase", cfg.random_erase))
+                 if on]
+    why = task_cls.encoded(task_config(cfg.task, cfg.task_args)) if pixel_ops else None
+    if why:
+        raise PixformerError(f"{' and '.join(pixel_ops)} change{'s' if len(pixel_ops) == 1 else ''} the images' pixels, "
+                             f"but {why}: leave {'it' if len(pixel_ops) == 1 else 'them'} off (--hflip flips the latents)")
 
 
 def check_one_image_fits(cfg: TrainConfig, task_cls: type[Task], runtime: Runtime) -> None:

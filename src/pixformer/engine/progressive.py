@@ -43,7 +43,7 @@ def check_progressive(cfg: "TrainConfig") -> None:
     task_cls, task_cfg = get_task(cfg.task), task_config(cfg.task, cfg.task_args)
     why = ("images keep their own sizes at native resolution (--resolution-range varies them)" if cfg.native else
            "a pixel permutation is fixed for --img-size" if cfg.permute_pixels or cfg.local_swaps else
-           task_cls.fixed_size(task_cfg))
+           task_cls.encoded(task_cfg))
     if why:
         raise PixformerError(f"--progressive resizes the training images, but {why}")
     patch = setting(cfg.model, cfg.model_args, "patch_size")

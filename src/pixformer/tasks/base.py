@@ -117,9 +117,10 @@ class Task:
         at their native resolution; any can by default."""
 
     @classmethod
-    def fixed_size(cls, cfg: Any) -> str | None:
-        """Why the training images cannot change size during a run under the settings `cfg`
-        (--progressive), or None: they can (the default)."""
+    def encoded(cls, cfg: Any) -> str | None:
+        """Why the model trains on an encoding of the images rather than their pixels under the settings
+        `cfg`, which then can neither change size during a run (--progressive) nor take the pixel
+        augmentations (crop padding, RandAugment, TrivialAugment, random erasing); None: the pixels (the default)."""
         return None
 
     def model_space(self) -> tuple[tuple[int, int], int]:

@@ -192,7 +192,7 @@ class Diffusion(Task):
         }
 
     @classmethod
-    def fixed_size(cls, cfg: DiffusionConfig) -> str | None:
+    def encoded(cls, cfg: DiffusionConfig) -> str | None:
         return "latent diffusion trains on the VAE's latents" if cfg.latent_vae else None
 
     # ---- the model and its inputs ----------------------------------------------------------
