@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from pixformer import PixformerError, TrainConfig, load_model, train
+from pixformer import PixformerError, TrainConfig, create_model, load_model, train
 
 SMALL = dict(model_args=dict(depth=1, dim=16, heads=2), data="digits", batch_size=32, epochs=1, progress=False,
              precision="fp32", train_subset=256)
@@ -474,3 +474,18 @@ def test_launch_stops_with_the_ranks_one_line_and_continues_from_it(tmp_path):
                            "nonsense", "--out", str(tmp_path / "bad")], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.strip() == "pixformer: error: unknown model name 'nonsense'; see " \
                                                             "`pixformer models`", done.stderr
+
+
+def test_each_data_parallel_rank_drops_its_own_blocks():
+    """Dropout and drop-path masks come from torch's generator, seeded each step: per data-parallel rank
+    (its own rows), else row i of every rank would drop the same blocks; rank 0's seed is one process's."""
+    from pixformer.engine.loop import dropout_seed, step_seed
+    model = create_model("vit-n/2", img_size=8, num_classes=10, depth=4, dim=16, heads=2, drop_path=0.5).train()
+    torch.nn.init.normal_(model.head.weight)                   # (zero at first: every output the same)
+    x = torch.rand(2, 3, 8, 8)
+
+    def out(data_rank):
+        torch.manual_seed(dropout_seed(0, 5, data_rank))
+        return model(x)
+    assert dropout_seed(0, 5, 0) == step_seed(0, 5) and torch.equal(out(1), out(1))
+    assert not torch.equal(out(0), out(1))

@@ -227,9 +227,10 @@ class TrainConfig:
         return is_native(vars(self))
 
 
-# Settings that change how a run executes but not what it computes (beyond float rounding, and the
-# batches BatchNorm normalises over in micro-batches): a run may be resumed, or a cached sweep point
-# reused, with these changed; any other change is refused.
+# Settings that change how a run executes but not what it computes (beyond float rounding, the batches
+# BatchNorm normalises over in micro-batches, and the draws made per process or micro-batch: which
+# images mixup / CutMix pair, dropout and drop-path masks): a run may be resumed, or a cached sweep
+# point reused, with these changed; any other change is refused.
 RUN_ONLY = ("out", "resume", "progress", "tensorboard", "device", "eval_batch_size", "checkpoint_every", "data_root", "speed",
             "accum_steps", "seq_parallel", "seq_sharding", "seq_regather", "fsdp", "workers", "loader_threads", "prefetch")
 

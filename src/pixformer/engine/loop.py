@@ -310,6 +310,15 @@ def step_seed(seed: int, step: int) -> int:
     return seed * 1_000_003 + step
 
 
+def dropout_seed(seed: int, step: int, data_rank: int) -> int:
+    """The seed of torch's generator in step `step` (dropout and drop-path masks) on a rank of data-parallel
+    rank `data_rank`: its own for each data-parallel rank, which holds its own rows (the same ones would
+    drop the same blocks for row i of every rank), shared by the ranks of one sequence group; rank 0's (and
+    one process's) is the step's seed. (Offsets by an odd constant: torch's CPU generator keeps a seed's low
+    32 bits only.)"""
+    return step_seed(seed, step) + data_rank * 0x9E3779B1
+
+
 def step_generator(seed: int, step: int) -> torch.Generator:
     """The generator a step's augmentation and packing draw from."""
     return torch.Generator().manual_seed(step_seed(seed, step))
@@ -737,7 +746,7 @@ def step(run: Run, batch: Batch, stop: StopFlag, waited: float) -> None:
     cfg, runtime, s = run.cfg, run.runtime, run.step
     t0 = time.perf_counter()
     run.model.train()
-    torch.manual_seed(step_seed(cfg.seed, s))                            # dropout / drop-path, per step
+    torch.manual_seed(dropout_seed(cfg.seed, s, runtime.data_rank))     # dropout / drop-path
     x, y = model_inputs(run.task, batch, runtime.device)
     run.lr = lr_at(s, run.total_steps, run.warmup, cfg.lr, cfg.min_lr, cfg.lr_schedule)
     for group in run.opt.param_groups:
@@ -785,7 +794,8 @@ def forward_backward(run: Run, x: Tensor | Packed, y: Tensor, global_batch: int)
     """The step's loss (the mean over this process's rows) and summed statistics, its gradients left in
     the weights: in one pass, or in --accum-steps micro-batches whose gradients add up to the same. Each
     micro-batch draws the task's random numbers for the whole global batch from the step's generator
-    and keeps its rows', so every image gets the numbers it would get in one pass on one process."""
+    and keeps its rows', so every image gets the numbers it would get in one pass on one process (but
+    mixup and CutMix pair images within a micro-batch, and dropout masks are drawn per process)."""
     cfg, runtime = run.cfg, run.runtime
     amp = dict(device_type=runtime.device.type, dtype=run.amp or torch.float32, enabled=run.amp is not None)
     parts = micro_batches(len(y), cfg.accum_steps)
