@@ -199,8 +199,9 @@ REFUSALS = textwrap.dedent("""
     runs, out = json.loads(sys.argv[1]), sys.argv[2]
     said = {}
     for name, run in runs.items():
+        folder = f"{out}/{name}" + (f"-rank{os.environ['RANK']}" if run.pop("folder_per_rank", False) else "")
         try:
-            train(TrainConfig(**run, out=f"{out}/{name}"))
+            train(TrainConfig(**run, out=folder))
         except PixformerError as e:
             said[name] = str(e)
     with open(f"{out}.rank{os.environ['RANK']}.json", "w") as f:    # one file a rank: their prints interleave
@@ -212,7 +213,10 @@ def test_bad_settings_under_torchrun_are_refused_on_every_rank_and_none_hangs(tm
     runs = {"uneven": (dict(RUNS["classify"], batch_size=33), "does not split evenly over 2 processes"),
             "indivisible": (dict(RUNS["classify"], seq_parallel=3), "does not divide the world size 2"),
             "few-tokens": (dict(RUNS["sequence-parallel"], model="vit-n/4", img_size=4, seq_parallel=2),
-                           "cannot be split over 2")}
+                           "cannot be split over 2"),
+            "one-folder-each": (dict(RUNS["classify"], resume=True, folder_per_rank=True),   # rank 0's holds a run
+                                "at different steps (or some find no checkpoint there)")}
+    train(TrainConfig(**RUNS["classify"], out=str(tmp_path / "bad" / "one-folder-each-rank0")))
     script = tmp_path / "refusals.py"
     script.write_text(REFUSALS)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

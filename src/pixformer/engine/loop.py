@@ -590,15 +590,15 @@ def attach(run: Run, saved: dict[str, Any] | None) -> None:
         load_saved(run, saved, ckpt)
     elif cfg.resume and (run.run_dir / "config.json").exists():     # a run stopped before its first checkpoint
         run.say(f"no checkpoint in {run.run_dir} (stopped before its first one); starting from scratch")
+    if cfg.resume and not runtime.same_everywhere(run.step if saved is not None else -1):   # on every rank, before
+        raise PixformerError(f"the processes of this run resume {run.run_dir} at different steps (or some find no "
+                             "checkpoint there); they must all read the same run folder")   # any other collective
     regather = run.state["speed"]["seq_regather_layers"]   # sequence parallel: layers gathering keys again
     run.step_model = runtime.wrap(model, regather=regather)  # DDP, FSDP2 (shards `model` in place) or sequence-parallel
     run.eval_model = runtime.wrap(run.ema or model, train=False)
     run.opt = build_optimizer(model, cfg, replicas=runtime.replicas)
     if saved is not None:
         load_optimizer(run, ckpt, saved)
-        if not runtime.same_everywhere(run.step):
-            raise PixformerError(f"the processes of this run resume {run.run_dir} at different steps; they must "
-                                 "all read the same run folder")
     if runtime.is_main:                  # only the main process writes checkpoints and logs
         run.run_dir.mkdir(parents=True, exist_ok=True)
         write_atomically(run.run_dir / "config.json", json.dumps(run.state["train_config"], indent=1))
