@@ -98,3 +98,22 @@ def test_cli_eval_flip_overrides_the_runs_setting_and_refuses_what_it_cannot_mir
     code, _, err = run_cli(capsys, "eval", "--checkpoint", mae, "--eval_flip", "true")
     assert code != 0 and "--eval_flip averages a classifier's logits; this run's task is mae" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_a_process_with_no_share_of_a_batch_sums_the_same_keys_as_the_others(monkeypatch):
+    """Batches smaller than the processes leave some with no image: those score one uncounted image, so
+    every process all-reduces the same keys (an empty dict against the others' would break the collective)."""
+    from pixformer.data.store import ImageSet
+    from pixformer.engine.loop import evaluate
+    from pixformer.engine.runtime import Runtime
+    facts = DataFacts(["a", "b", "c"], 1, (2, 3), [0.0], [1.0])
+    task = Classify(ClassifyConfig(), facts)
+    data = ImageSet(torch.randint(0, 256, (3, 1, 2, 3), dtype=torch.uint8), torch.tensor([0, 1, 2]), facts.classes)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(2 * 3, 3))
+    reduced = {}
+    for rank in (0, 1):                           # batches of one image: rank 1's share of each is empty
+        monkeypatch.setattr(Runtime, "all_reduce", lambda self, sums: reduced.setdefault(self.rank, dict(sums)))
+        evaluate(task, model, data, 1, Runtime(torch.device("cpu"), rank=rank, world_size=2), desc=None)
+    assert list(reduced[0]) == list(reduced[1]) and reduced[0]["n"] == 3 and reduced[1]["n"] == 0
+    assert all(v == 0 for v in reduced[1].values())
+

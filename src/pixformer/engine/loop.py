@@ -396,8 +396,8 @@ def evaluate(task: Task, model: nn.Module, data: ImageSet | NativeSet, batch_siz
     shares = []
     for idx in batch_indices(len(data), batch_size, 0, 0, shuffle=False):
         share = idx.tensor_split(runtime.data_parallel)[runtime.data_rank]   # this process's; sums all-reduced
-        if len(share) or runtime.fsdp:     # FSDP2 gathers weights in each forward: every rank runs as many
-            shares.append((share if len(share) else idx[:1], len(share) > 0, len(idx)))
+        if len(share) or runtime.world_size > 1:    # every rank runs as many batches (FSDP2 gathers weights in
+            shares.append((share if len(share) else idx[:1], len(share) > 0, len(idx)))   # each), and sums the same keys
     make = lambda s: (eval_batch(data, s[0], task, batcher, device), s)   # noqa: E731
     progress = Progress(len(data), desc or "", show=desc is not None and runtime.is_main)
     with batches(make, shares, cfg, device) as made, progress:
