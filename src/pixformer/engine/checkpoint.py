@@ -375,7 +375,8 @@ def init_from(model: nn.Module, path: str | Path, fresh: tuple[str, ...] = ()) -
     (another width) is an error naming the keys."""
     ckpt, foreign = find_checkpoint(path), None
     if ckpt is not None:
-        source = load_tensors(ckpt / ("ema.safetensors" if (ckpt / "ema.safetensors").exists() else "model.safetensors"))
+        kept = weights_used(json.loads((ckpt / "state.json").read_text()))     # its EMA weights where it kept them
+        source = load_tensors(ckpt / f"{kept}.safetensors")
     elif (foreign := read_foreign(path)) is not None:
         source = foreign[0]
     else:

@@ -341,14 +341,14 @@ def plan(model: str, img_size: int | tuple[int, int] = 32, batch_size: int | Non
     per rank of `seq_parallel` x `data_parallel` ranks. `precision` is fp32, bf16 or auto (what
     `train` would use on this machine's CPU); `seq_regather`, `lean_mlp` and `lean_norms` as train's settings."""
     from ..models.registry import create_model
+    from .runtime import check_combination
 
     if batch_size is not None and batch_size < 1:
         raise PixformerError(f"batch size must be at least 1, got {batch_size}")
     if seq_parallel < 1 or data_parallel < 1:
         raise PixformerError(f"--seq-parallel and --data-parallel count ranks (at least 1), got {seq_parallel}, "
                              f"{data_parallel}")
-    if fsdp and seq_parallel > 1:
-        raise PixformerError("--fsdp and --seq-parallel cannot be combined yet; choose one")
+    check_combination(seq_parallel, fsdp)
     img = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
     with torch.device("meta"):
         net = create_model(model, img_size=img, num_classes=num_classes, in_chans=in_chans, **overrides)

@@ -56,6 +56,12 @@ class _DDP(nn.parallel.DistributedDataParallel):
             return getattr(self.module, name)
 
 
+def check_combination(seq_parallel: int, fsdp: bool) -> None:
+    """One line for parallelisms that cannot run together (checked by train and by the planner)."""
+    if seq_parallel > 1 and fsdp:
+        raise PixformerError("--fsdp and --seq-parallel cannot be combined yet; choose one")
+
+
 @dataclass(frozen=True)
 class Runtime:
     device: torch.device
@@ -83,8 +89,7 @@ class Runtime:
             raise PixformerError(f"{what} processes: launch with `torchrun --nproc-per-node N -m pixformer train ...`")
         if world % seq_parallel:
             raise PixformerError(f"--seq-parallel {seq_parallel} does not divide the world size {world}")
-        if seq_parallel > 1 and fsdp:
-            raise PixformerError("--fsdp and --seq-parallel cannot be combined yet; choose one")
+        check_combination(seq_parallel, fsdp)
         if world == 1:
             return cls(pick_device(device))
         if not dist.is_initialized() and not all(k in os.environ for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR")):
