@@ -281,12 +281,10 @@ def setting_shortcuts() -> dict[str, Shortcut]:
 def choices() -> dict[str, list[str]]:
     """The values of the settings whose values the code lists (the help names each of them)."""
     from ..models.attention import available_backends
-    from ..tasks.diffusion import SAMPLERS, SCHEDULES
-    from ..tasks.mae import TARGETS
     return {"task": sorted(TASKS), "precision": ["auto", "fp32", "bf16"], "attn_backend": available_backends(),
             "allocator": list(ALLOCATOR_POLICIES), "seq_sharding": ["contiguous", "strided", "random"],
-            "sampler": list(SAMPLERS), "schedule": list(SCHEDULES), "target": list(TARGETS),
-            "optimizer": list(OPTIMIZERS), "lr_schedule": list(LR_SCHEDULES)}
+            "optimizer": list(OPTIMIZERS), "lr_schedule": list(LR_SCHEDULES),
+            **{name: list(values) for task in TASKS.values() for name, values in task.choices.items()}}
 
 
 def help_text(name: str, comment: str) -> str:

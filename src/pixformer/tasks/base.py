@@ -92,6 +92,7 @@ class Task:
     packs: tuple[str, ...] = ()           # those it trains on packed images of any sizes (native resolution)
     splits_tokens: tuple[str, ...] = ()   # those whose images' tokens it can split over ranks (--seq-parallel)
     embeds_subsets: bool = False          # embeds a subset of each image's patches (MAE's visible ones)
+    choices: dict[str, tuple[str, ...]] = {}   # the values of its settings that take one of a list (their help names them)
 
     def __init__(self, cfg: Any, facts: DataFacts):
         self.cfg = cfg

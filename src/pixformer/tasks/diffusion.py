@@ -174,6 +174,7 @@ class Diffusion(Task):
     Config = DiffusionConfig
     best = ("loss", "min")
     architectures = ("dit",)
+    choices = {"sampler": tuple(SAMPLERS), "schedule": tuple(SCHEDULES)}
 
     def __init__(self, cfg: DiffusionConfig, facts):
         super().__init__(cfg, facts)

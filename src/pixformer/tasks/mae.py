@@ -91,6 +91,7 @@ class MAE(Task):
     shown_as = {"loss": "pixel loss", "target_loss": "loss"}   # the pixel-space error; the objective as trained
     architectures = ("vit",)
     embeds_subsets = True
+    choices = {"target": tuple(TARGETS)}
 
     def build_model(self, name: str, model_args: dict[str, Any]) -> nn.Module:
         encoder = self.vit_encoder(name, model_args)
