@@ -137,6 +137,10 @@ def test_train_help_lists_choices_in_groups_without_a_raw_signature(capsys):
               "--speed.allocator": ["auto", "keep", "release", "system"], "--device": ["auto", "cpu", "cuda"]}
     for option, values in wanted.items():
         assert all(v in helps[option] for v in values), (option, helps[option])
+    # a setting several tasks (or models) share: each owner's comment where they differ, else one, owners named
+    assert helps["--samples"].startswith("mae: validation images in each epoch's reconstructions PNG; diffusion: "
+                                         "images in each epoch's grid")
+    assert "[mae, diffusion]" not in helps["--samples"] and helps["--mixup"].endswith("0 = off [classify, probe]")
 
 
 def test_field_comments_are_the_help_and_headings_the_groups():

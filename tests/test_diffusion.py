@@ -185,10 +185,18 @@ def test_diffusion_run_writes_samples_resumes_exactly_and_samples_from_the_cli(t
     assert main(["sample", "--checkpoint", str(tmp_path / "full"), "--num", "5", "--classes", "7,8", "--steps", "3",
                  "--sampler", "dpm-solver", "--batch-size", "5", "--out", str(tmp_path / "gen5")]) == 0
     assert np.array_equal(np.load(tmp_path / "gen5" / "samples.npz")["images"], saved["images"])
+    (out / "images" / "notes.txt").write_text("mine")                  # fewer samples into the same folder
+    assert main(["sample", "--checkpoint", str(tmp_path / "full"), "--num", "2", "--steps", "3", "--out", str(out)]) == 0
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["00000.png", "00001.png", "notes.txt"]
     capsys.readouterr()
-    assert main(["sample", "--checkpoint", str(tmp_path / "full"), "--classes", "3,12"]) == 2
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "class index 12 is out of range: this model has classes 0..9" in err
+    for args, said in ((["--classes", "3,12"], "class index 12 is out of range: this model has classes 0..9"),
+                       (["--sampler", "ddim", "--eta", "2"], "--eta must be between 0 (deterministic DDIM) and 1"),
+                       (["--sampler", "ddim", "--eta", "-0.5"], "--eta must be between 0"),
+                       (["--sampler", "dpm-solver", "--eta", "0.5"], "the dpm-solver sampler takes none")):
+        assert main(["sample", "--checkpoint", str(tmp_path / "full"), *args, "--out", str(tmp_path / "bad")]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and said in err, (args, err)
+    assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.parametrize("args,match", [

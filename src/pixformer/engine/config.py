@@ -259,22 +259,26 @@ class Shortcut(NamedTuple):
 
 def setting_shortcuts() -> dict[str, Shortcut]:
     """The flat options for the fields of the model and task dataclasses (`--depth` for
-    model_args.depth, `--mixup` for task_args.mixup), by name; the first owner's comment is the help."""
+    model_args.depth, `--mixup` for task_args.mixup), by name; the help is the owners' comment, or where
+    their comments differ each owner's, named."""
     out: dict[str, Shortcut] = {}
     for mapping, owners in (("model_args", {a: ARCHITECTURES[a][0] for a in NAMED}),
                             ("task_args", {t: task.Config for t, task in TASKS.items()})):
-        have: dict[str, list[str]] = {}
+        have: dict[str, dict[str, str]] = {}                  # name -> {owner: its help}
         for owner, cls in owners.items():
             hints, docs = typing.get_type_hints(cls), field_docs(cls)
             for f in dataclasses.fields(cls):
                 if (mapping == "model_args" and f.name in DATA_FIELDS) or out.get(f.name, (mapping,))[0] != mapping:
                     continue                       # set by the data; or a model setting's name: the model's
                 if f.name not in out:
-                    out[f.name] = Shortcut(mapping, hints[f.name], help_text(f.name, docs[f.name].help))
-                have.setdefault(f.name, []).append(owner)
-        for name, who in have.items():
-            if len(who) < len(owners):
-                out[name] = out[name]._replace(help=f"{out[name].help} [{', '.join(who)}]")
+                    out[f.name] = Shortcut(mapping, hints[f.name], "")
+                have.setdefault(f.name, {})[owner] = help_text(f.name, docs[f.name].help)
+        for name, helps in have.items():
+            if len(set(helps.values())) > 1:
+                text = "; ".join(f"{owner}: {h}" for owner, h in helps.items())
+            else:
+                text = next(iter(helps.values())) + (f" [{', '.join(helps)}]" if len(helps) < len(owners) else "")
+            out[name] = out[name]._replace(help=text)
     return out
 
 

@@ -66,12 +66,13 @@ def generate(model: nn.Module, state: dict[str, Any], checkpoint: str, out: str 
              classes: list[int] | None, cfg_scale: float, sampler: str | None, steps: int | None, eta: float,
              seed: int, batch_size: int, device: torch.device, cfg_interval: tuple[float, float] | None = None) -> Path:
     """Sample `num` images and write them to `out` (default: RUN/generated): samples.npz, grid.png (one
-    column per class, each named above its column) and images/NNNNN.png. Everything that can be
+    column per class, each named above its column) and images/NNNNN.png, replacing an earlier call's
+    (its images past `num` removed, other files left alone). Everything that can be
     refused (the classes, the sampler and guidance interval, the folder) is, before any sampling."""
     if num < 1:
         raise PixformerError(f"--num must be at least 1, got {num}")
     task = diffusion_task(state, checkpoint)
-    task.sampling(sampler, steps, cfg_interval)
+    task.sampling(sampler, steps, cfg_interval, eta)
     sample_labels(task, model, num, classes, cfg_scale)
     folder = output_folder(Path(out) if out else find_checkpoint(checkpoint).parent / "generated")
     images, labels = sample_images(task, model.to(device), num, classes, cfg_scale, sampler, steps, eta, seed,
@@ -86,4 +87,7 @@ def generate(model: nn.Module, state: dict[str, Any], checkpoint: str, out: str 
     save_png(labelled_tile(pixels, ncol, names, scale), folder / "grid.png")
     for i, img in enumerate(pixels):
         save_png(img, folder / "images" / f"{i:05d}.png")
+    for stale in (folder / "images").glob("[0-9][0-9][0-9][0-9][0-9].png"):   # an earlier call's, past this one's
+        if int(stale.stem) >= num:
+            stale.unlink()
     return folder

@@ -365,7 +365,7 @@ class Diffusion(Task):
         is conditional), with classifier-free guidance `cfg_scale` on every channel of the prediction,
         at the times t in `cfg_interval` (default: the run's; None: every t). The start noise is drawn
         from `seed` (or given as `noise`, of unit variance: the flow scales it by --noise-scale)."""
-        sampler, steps, interval = self.sampling(sampler, steps, cfg_interval)
+        sampler, steps, interval = self.sampling(sampler, steps, cfg_interval, eta)
         clip = self.cfg.clip_denoised and self.latent is None            # latents are not bounded to -1..1
         c = model.cfg
         labels = self.check_labels(model, n, labels, cfg_scale)
@@ -418,13 +418,17 @@ class Diffusion(Task):
             x = sched.step(-v, s, x).prev_sample
         return x
 
-    def sampling(self, sampler: str | None, steps: int | None, interval) -> tuple[str, int, Any]:
+    def sampling(self, sampler: str | None, steps: int | None, interval, eta: float = 0.0) -> tuple[str, int, Any]:
         """The sampler, steps and guidance interval of a sampling call (each defaults to the run's),
-        checked against this run's process: one line each, before any work."""
+        checked against this run's process, and DDIM's eta: one line each, before any work."""
         sampler, steps = sampler or self.cfg.sampler, steps or self.cfg.sample_steps
         interval = self.cfg.cfg_interval if interval is None else tuple(interval)
         check_sampler(sampler, steps, self.cfg.timesteps, self.cfg.process)
         check_interval(interval)
+        if eta and sampler != "ddim":
+            raise PixformerError(f"--eta is DDIM's noise level; the {sampler} sampler takes none (use --sampler ddim)")
+        if not 0 <= eta <= 1:
+            raise PixformerError(f"--eta must be between 0 (deterministic DDIM) and 1 (as much noise as DDPM), got {eta}")
         return sampler, steps, interval
 
     def clipped_eps(self, x: Tensor, eps: Tensor, t: int) -> Tensor:
