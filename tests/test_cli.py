@@ -152,6 +152,13 @@ def test_bad_input_gives_one_clear_line(capsys, args, message):
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+def test_an_image_size_the_patch_does_not_tile_is_refused_before_any_image_is_read(capsys, monkeypatch):
+    import pixformer.engine.loop as loop
+    monkeypatch.setattr(loop, "load_source", lambda *a, **k: pytest.fail("the data was read"))
+    code, _, err = run(capsys, "train", "--task", "diffusion", "--model", "dit-n/4", "--img-size", "18", *TINY)
+    assert code == 2 and err.strip() == "pixformer: error: image size 18x18 is not divisible by patch size 4"
+
+
 def test_config_file_typo_is_named(tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model: pit-n\nepochz: 3\n")

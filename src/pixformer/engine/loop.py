@@ -48,7 +48,7 @@ from ..data.store import ImageSet, NativeSet, pick
 from ..data.splits import Splits, channel_stats, resolve_splits, source_id
 from ..errors import PixformerError, install_hint
 from ..files import write_atomically
-from ..layout import Packed
+from ..layout import Packed, check_grid
 from ..models import token_layout
 from ..models.attention import check_sequence_backend, set_attention_backend
 from ..models.registry import check_model_args, model_name, model_spec, resolve, setting
@@ -172,10 +172,13 @@ def check_run(cfg: TrainConfig, task_cls: type[Task], resuming: bool = False) ->
     if cfg.fsdp and cfg.ema_decay > 0:
         raise PixformerError("--ema-decay keeps a full copy of the weights on every rank; it cannot be combined "
                              "with --fsdp")
+    encoded = task_cls.encoded(task_config(cfg.task, cfg.task_args))
+    if cfg.img_size and not cfg.native and encoded is None:         # the patch tiles the images (before decoding them)
+        check_grid((cfg.img_size, cfg.img_size), setting(cfg.model, cfg.model_args, "patch_size"))
     pixel_ops = [name for name, on in (("--crop-padding", cfg.crop_padding), ("--rand-augment", cfg.rand_augment),
                                        ("--trivial-augment", cfg.trivial_augment), ("--random-erase", cfg.random_erase))
                  if on]
-    why = task_cls.encoded(task_config(cfg.task, cfg.task_args)) if pixel_ops else None
+    why = encoded if pixel_ops else None
     if why:
         raise PixformerError(f"{' and '.join(pixel_ops)} change{'s' if len(pixel_ops) == 1 else ''} the images' pixels, "
                              f"but {why}: leave {'it' if len(pixel_ops) == 1 else 'them'} off (--hflip flips the latents)")
