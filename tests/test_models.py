@@ -72,8 +72,10 @@ def test_bad_shapes_give_clear_errors():
     model = create_model("vit-n/4", img_size=16, depth=1, dim=16, heads=2)
     with pytest.raises(PixformerError, match="not divisible by patch size 4"):
         model(torch.randn(1, 3, 18, 16))
-    with pytest.raises(PixformerError, match=r"expected images of shape \(B, 3, H, W\)"):
-        model(torch.randn(1, 1, 16, 16))
+    for net, args in ((model, ()), (create_model("convmixer-16/2", img_size=16, depth=1), ()),
+                      (create_model("dit-n/2", img_size=16, in_chans=3, depth=1, dim=16, heads=2), (torch.zeros(1),))):
+        with pytest.raises(PixformerError, match=r"expected images of shape \(B, 3, H, W\), got \(1, 1, 16, 16\)"):
+            net(torch.randn(1, 1, 16, 16), *args)
     with pytest.raises(PixformerError, match="not divisible by patch size 3"):
         create_model("vit-t/3", img_size=32)
     with pytest.raises(PixformerError, match="did you mean vit-t/2"):

@@ -41,6 +41,13 @@ def check_grid(img_size: tuple[int, int], patch: int) -> tuple[int, int]:
     return h // patch, w // patch
 
 
+def check_images(images: Tensor, chans: int) -> Tensor:
+    """`images` if they are a batch (B, chans, H, W), else one line giving the shape expected and the one given."""
+    if images.ndim != 4 or images.shape[1] != chans:
+        raise PixformerError(f"expected images of shape (B, {chans}, H, W), got {tuple(images.shape)}")
+    return images
+
+
 def patchify(images: Tensor, p: int) -> tuple[Tensor, tuple[int, int]]:
     """(B, C, H, W) -> (B, N, p*p*C) patch vectors in row-major grid order, and the grid (H/p, W/p)."""
     grid = check_grid(tuple(images.shape[-2:]), p)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from ..errors import PixformerError
-from ..layout import check_grid
+from ..layout import check_grid, check_images
 from ..settings import check_fields, require, square
 
 
@@ -81,9 +81,7 @@ class ConvMixer(nn.Module):
                 m.reset_parameters()
 
     def forward(self, images: Tensor) -> Tensor:
-        if images.ndim != 4 or images.shape[1] != self.cfg.in_chans:
-            raise PixformerError(f"expected images of shape (B, {self.cfg.in_chans}, H, W), got {tuple(images.shape)}")
-        x = self.embed_norm(self.embed_act(self.patch_embed(images)))    # (B, D, H/p, W/p)
+        x = self.embed_norm(self.embed_act(self.patch_embed(check_images(images, self.cfg.in_chans))))  # (B, D, H/p, W/p)
         for block in self.blocks:
             x = block(x)                                                  # (B, D, H/p, W/p)
         pooled = x.mean(dim=(2, 3))                                       # (B, D) global average pool

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import PixformerError
-from ..layout import check_grid, grid_coords, patchify, unpatchify
+from ..layout import check_grid, check_images, grid_coords, patchify, unpatchify
 from ..settings import check_fields, require, square
 from .pos_embed import sincos_2d
 from .vit import Block, ModulatedLayerNorm, block_flops, conditioning_map, init_transformer
@@ -124,7 +124,7 @@ class DiT(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         p = self.cfg.patch_size
-        patches, grid = patchify(x, p)                                    # (B, N, p*p*C)
+        patches, grid = patchify(check_images(x, self.cfg.in_chans), p)   # (B, N, p*p*C)
         stream = self.t_embed[0].weight.dtype                             # the residual stream: fp32 under autocast
         h = self.patch_embed(patches) + self.position_embedding(grid).to(stream)  # (B, N, D)
         c = self.condition(t, y)                                          # (B, D)

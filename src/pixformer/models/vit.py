@@ -29,7 +29,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ..errors import PixformerError
-from ..layout import Packed, check_grid, grid_coords, patchify, unpatchify
+from ..layout import Packed, check_grid, check_images, grid_coords, patchify, unpatchify
 from ..settings import check_fields, require, square
 from .attention import AttnSpec, attention
 from .packed import segment_first, segment_mean
@@ -288,9 +288,7 @@ class VisionTransformer(nn.Module):
     # ---- the encoder interface -------------------------------------------------------------
     def patchify(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
         """(B, C, H, W) -> (B, N, p*p*C) patch vectors in row-major grid order, and the grid."""
-        if images.ndim != 4 or images.shape[1] != self.cfg.in_chans:
-            raise PixformerError(f"expected images of shape (B, {self.cfg.in_chans}, H, W), got {tuple(images.shape)}")
-        return patchify(images, self.cfg.patch_size)
+        return patchify(check_images(images, self.cfg.in_chans), self.cfg.patch_size)
 
     def unpatchify(self, patches: Tensor, grid: tuple[int, int]) -> Tensor:
         """(B, N, p*p*C) -> (B, C, H, W), the inverse of `patchify`."""
