@@ -334,6 +334,14 @@ def test_native_run_trains_resumes_exactly_and_evaluates_at_any_resolution(tmp_p
     assert [r["resolution"] for r in rows] == [12, 24, 32]
     assert rows[0]["tokens"] < rows[1]["tokens"] < rows[2]["tokens"]
     assert (tmp_path / "full" / "resolutions" / "resolutions.png").exists()
+    # each row is what that resolution alone gives (images decoded at its side, not scaled down from the largest):
+    # at the run's own 24, plain eval's numbers
+    assert main(["eval", "--checkpoint", str(tmp_path / "full"), "--split", "val", "--json"]) == 0
+    plain = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["eval", "--checkpoint", str(tmp_path / "full"), "--split", "val", "--resolutions", "24", "--json",
+                 "--out", str(tmp_path / "alone")]) == 0
+    alone = json.loads(capsys.readouterr().out.strip().splitlines()[-1])[0]
+    assert rows[1]["loss"] == alone["loss"] == pytest.approx(plain["loss"], rel=1e-4)   # (packed otherwise: rounding)
 
 
 def test_native_settings_refused_where_they_cannot_apply(tmp_path):

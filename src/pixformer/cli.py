@@ -593,16 +593,21 @@ def cmd_eval(ns) -> int:
         if is_native(state["train_config"]):
             task.check_native(task.cfg)
     resolutions = parse_resolutions(ns.resolutions) if ns.resolutions else None
-    data, where = run_split(state, ns.data, ns.data_root, ns.split, max(resolutions) if resolutions else None,
-                            columns=(ns.image_column, ns.label_column))
-    if task.uses_labels:
-        trained = state["data"]["classes"]
-        unknown = [c for c in data.classes if c not in trained]
-        if unknown:
-            raise PixformerError(f"classes {unknown[:5]} of {where} were not seen in training ({len(trained)} classes)")
-        labels = torch.tensor([trained.index(c) for c in data.classes])[data.labels]   # the model's class indices
-        data = type(data)(data.images, labels, trained)
-    data = task.prepare(data)                                           # e.g. a latent diffusion run's encoding
+
+    def load(max_side: int | None):                                     # the split, as the model takes it
+        data, where = run_split(state, ns.data, ns.data_root, ns.split, max_side, columns=(ns.image_column, ns.label_column))
+        if task.uses_labels:
+            trained = state["data"]["classes"]
+            unknown = [c for c in data.classes if c not in trained]
+            if unknown:
+                raise PixformerError(f"classes {unknown[:5]} of {where} were not seen in training ({len(trained)} classes)")
+            labels = torch.tensor([trained.index(c) for c in data.classes])[data.labels]   # the model's class indices
+            data = type(data)(data.images, labels, trained)
+        return task.prepare(data), where                                # e.g. a latent diffusion run's encoding
+    # native resolution: the images decoded for each resolution at that longest side, as an eval at that one
+    # resolution decodes them (scaled down once from the files), so no row depends on the others
+    native = is_native(state["train_config"])
+    data, where = load(resolutions[0] if resolutions and native else None)
     runtime = Runtime.create(ns.device)
     amp = autocast_dtype(state["train_config"]["precision"], runtime.device)
     model = model.to(runtime.device)
@@ -611,7 +616,8 @@ def cmd_eval(ns) -> int:
             raise PixformerError("--resolutions evaluates a ViT classifier at other resolutions; this run is not one")
         from .files import output_folder
         out = output_folder(Path(ns.out) if ns.out else find_checkpoint(ns.checkpoint).parent / "resolutions")
-        rows = resolution_sweep(task, model, state, data, resolutions, ns.batch_size, runtime, amp)
+        data_at = (lambda r: data if r == resolutions[0] else load(r)[0]) if native else (lambda r: data)
+        rows = resolution_sweep(task, model, state, data_at, resolutions, ns.batch_size, runtime, amp)
         metric = task.best[0]
         print(format_rows(rows, metric), flush=True)                  # the numbers first: a failed write loses none
         files = write_sweep(rows, out, metric, f"{state['model_name']} on {where}")

@@ -13,6 +13,7 @@ import json
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -39,17 +40,21 @@ def parse_resolutions(text: str) -> list[int]:
     return values
 
 
-def resolution_sweep(task: Task, model: nn.Module, state: dict, data: ImageSet | NativeSet, resolutions: list[int],
-                     batch_size: int, runtime: Runtime, amp) -> list[dict]:
-    """One row per resolution: the task's metrics, mean tokens and GFLOPs per image, images/s."""
+def resolution_sweep(task: Task, model: nn.Module, state: dict, data_at: Callable[[int], ImageSet | NativeSet],
+                     resolutions: list[int], batch_size: int, runtime: Runtime, amp) -> list[dict]:
+    """One row per resolution: the task's metrics, mean tokens and GFLOPs per image, images/s, on the split
+    `data_at(r)` gives for resolution r (a native-resolution run's: its images decoded at longest side r)."""
     p = model.cfg.patch_size
     base = batcher_for(state["train_config"], *token_layout(model), runtime.device)
-    warm = data.subset(torch.arange(min(len(data), batch_size)))
+    bad = [r for r in resolutions if r % p] if base is None else []
+    if bad:
+        raise PixformerError(f"resolution {bad[0]} is not a whole number of {p}-pixel patches")
+    first = data_at(resolutions[0])
+    warm = first.subset(torch.arange(min(len(first), batch_size)))
     evaluate(task, model, warm, batch_size, runtime, amp, batcher=base, desc=None)   # first-call costs out of the timings
     rows = []
     for r in resolutions:
-        if r % p and base is None:
-            raise PixformerError(f"resolution {r} is not a whole number of {p}-pixel patches")
+        data = data_at(r)
         if base is not None:                                   # longer side r, aspect kept
             longest = max(r // p, 1) ** 2 + base.cls                 # a pack must hold the largest image
             batcher = replace(base, max_side=r, max_tokens=None, side=r,
