@@ -243,6 +243,20 @@ def test_frechet_distance_against_the_closed_form_for_diagonal_gaussians():
     assert abs(got - want) < 1e-9
 
 
+
+@pytest.mark.parametrize("n", [20, 200])          # fewer images than features (singular covariances), and more
+def test_frechet_distance_equals_pytorch_fids_matrix_square_root(n):
+    from scipy import linalg
+
+    from pixformer.experiments.quality import Stats, frechet_distance
+    rng = np.random.default_rng(n)
+    f, g = rng.normal(size=(n, 64)) @ rng.normal(size=(64, 64)), rng.normal(0.3, 1.5, size=(n, 64))
+    a, b = (Stats(x.mean(0), np.cov(x, rowvar=False), n, "x") for x in (f, g))
+    covmean = linalg.sqrtm(a.sigma @ b.sigma).real                      # pytorch-fid's formula
+    want = (a.mu - b.mu) @ (a.mu - b.mu) + np.trace(a.sigma) + np.trace(b.sigma) - 2 * np.trace(covmean)
+    assert frechet_distance(a, b) == pytest.approx(want, rel=1e-7)
+
+
 @pytest.fixture
 def small_network(tmp_path):
     """A user-supplied TorchScript feature network (the --network path), small enough for a test."""

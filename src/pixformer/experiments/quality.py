@@ -94,20 +94,18 @@ class FeatureNet:
 
 
 def frechet_distance(a: Stats, b: Stats) -> float:
-    """The Fréchet distance of two Gaussians, in float64. The matrix square root is taken with scipy;
-    a near-singular product gets a small diagonal offset, as in pytorch-fid."""
-    import warnings
-
+    """The Fréchet distance of two Gaussians, in float64: |mu_a - mu_b|^2 + tr(S_a) + tr(S_b) - 2 tr((S_a S_b)^1/2).
+    The last trace is the sum of the square roots of the eigenvalues of S_a^1/2 S_b S_a^1/2, a symmetric
+    matrix with the eigenvalues of S_a S_b, so two symmetric eigendecompositions (scipy's `eigh`) replace
+    the general matrix square root of S_a S_b that pytorch-fid takes (`sqrtm`), several times faster at
+    2,048 features, with the same value (tested against it, with singular covariances too: fewer images
+    than features). Eigenvalues that rounding makes slightly negative count as 0."""
     from scipy import linalg
     diff = a.mu - b.mu
-    with warnings.catch_warnings():      # fewer images than features make the covariances singular by
-        warnings.simplefilter("ignore", linalg.LinAlgWarning)   # construction; their square root still exists
-        covmean = linalg.sqrtm(a.sigma @ b.sigma)
-    if not np.isfinite(covmean).all():
-        offset = np.eye(len(a.mu)) * 1e-6
-        covmean = linalg.sqrtm((a.sigma + offset) @ (b.sigma + offset))
-    covmean = covmean.real
-    return float(diff @ diff + np.trace(a.sigma) + np.trace(b.sigma) - 2 * np.trace(covmean))
+    w, v = linalg.eigh(a.sigma)
+    root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T                   # S_a^1/2
+    eig = linalg.eigvalsh(root @ b.sigma @ root)
+    return float(diff @ diff + np.trace(a.sigma) + np.trace(b.sigma) - 2 * np.sqrt(np.clip(eig, 0, None)).sum())
 
 
 class Judge:
