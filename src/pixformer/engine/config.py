@@ -91,7 +91,7 @@ class TrainConfig:
     #                                     batches) | muon (Muon for the blocks' weight matrices and conv
     #                                     filters, AdamW for the rest)
     lr: float = 1e-3                    # peak learning rate (Muon's scaled to AdamW's update size: one --lr for both)
-    min_lr: float = 1e-5                # the learning rate at the end of the decay
+    min_lr: float = 1e-5                # the lr the decay ends at (cosine, linear: just after the last step; one-cycle: at it)
     lr_schedule: str = "cosine"         # cosine | linear (warm-up, then cosine or linear decay to --min-lr) |
     #                                     one-cycle (torch's OneCycleLR: cosine from lr/25 up to --lr over the
     #                                     warm-up, cosine down to --min-lr at the last step)

@@ -433,8 +433,8 @@ class Diffusion(Task):
 
     def clipped_eps(self, x: Tensor, eps: Tensor, t: int) -> Tensor:
         """The noise that makes x_t's predicted x_0 the clipped one: eps' = (x_t - sqrt(abar) clip(x_0)) / sqrt(1 - abar)."""
-        a = self.noise.alphas_cumprod[t].to(x.device)
-        x0 = ((x - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1)
+        a = self.noise.alphas_cumprod[t].to(x.device)                   # the scheduler's own (float32) abar, which
+        x0 = ((x - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1)      # steps with eps': not the float64 tables
         return (x - a.sqrt() * x0) / (1 - a).sqrt()
 
     @torch.no_grad()
@@ -450,7 +450,7 @@ class Diffusion(Task):
         labels = self.check_labels(model, x0.shape[0], labels, cfg_scale)
         sched = self.scheduler("ddim")                                    # (no clipping: inverts the unclipped path)
         sched.set_timesteps(steps)
-        abar = self.noise.alphas_cumprod.to(x0.device)
+        abar = self.noise.alphas_cumprod.to(x0.device)                 # DDIM's (float32), as the sampler it inverts
         x, a_from = x0.float(), torch.tensor(1.0, device=x0.device)
         for t in sched.timesteps.flip(0):                                  # the sampler's timesteps, smallest first
             tn = t.to(x.device).expand(x.shape[0])
