@@ -219,7 +219,8 @@ def _sample_parser():
     sample.add_argument("--sampler", type=typing.Optional[str], default=None, help="ddpm | ddim | dpm-solver "
                         "(gaussian), euler | heun (flow); default: the run's")
     sample.add_argument("--steps", type=typing.Optional[int], default=None, help="sampling steps (default: the run's)")
-    sample.add_argument("--eta", type=float, default=0.0, help="DDIM's noise level eta, 0 to 1 (0: deterministic; 1: as much noise as DDPM); --sampler ddim only")
+    sample.add_argument("--eta", type=float, default=0.0,
+                        help="DDIM's noise level eta, 0 to 1 (0: deterministic; 1: as much noise as DDPM); --sampler ddim only")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--batch_size", type=int, default=64)
     sample.add_argument("--weights", type=typing.Literal["auto", "model", "ema"], default="auto")
