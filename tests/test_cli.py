@@ -166,7 +166,8 @@ def test_config_file_typo_is_named(tmp_path, capsys):
     assert code == 2 and "epochz" in err and len(err.strip().splitlines()) == 1
 
 
-def test_corrupt_image_named_then_skipped(tmp_path, capsys):
+def test_corrupt_image_named_then_skipped(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PIXFORMER_CACHE", str(tmp_path / "cache"))
     data = image_folder(tmp_path / "d", ["a", "b"])
     (data / "a" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     code, _, err = run(capsys, "train", "--data", data, "--epochs", "1", "--out", tmp_path / "r", *TINY)
@@ -174,6 +175,11 @@ def test_corrupt_image_named_then_skipped(tmp_path, capsys):
     code, _, err = run(capsys, "train", "--data", data, "--epochs", "1", "--out", tmp_path / "r2",
                        "--skip-bad-images", *TINY)
     assert code == 0 and "skipped 1 unreadable image(s)" in err          # said on stderr: stdout stays the result
+    # eval reads the run's data as it trained (skipping, at the images' own size): the same decoded entry
+    entries = sorted(p.relative_to(tmp_path / "cache") for p in (tmp_path / "cache").rglob("*"))
+    code, out, err = run(capsys, "eval", "--checkpoint", tmp_path / "r2", "--split", "val")
+    assert code == 0 and "[val]" in out, err
+    assert sorted(p.relative_to(tmp_path / "cache") for p in (tmp_path / "cache").rglob("*")) == entries
 
 
 def test_resume_with_another_model_is_refused(tmp_path, capsys):

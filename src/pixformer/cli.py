@@ -191,7 +191,8 @@ def _eval_parser():
     ev.add_argument("--weights", type=typing.Literal["auto", "model", "ema"], default="auto")
     ev.add_argument("--batch_size", type=int, default=512)
     ev.add_argument("--device", type=str, default="auto")
-    ev.add_argument("--skip_bad_images", type=bool, default=False)
+    ev.add_argument("--skip_bad_images", type=bool, default=False,
+                    help="count and skip unreadable images instead of stopping (as a run trained with it does anyway)")
     ev.add_argument("--eval_flip", type=typing.Optional[bool], default=None,
                     help="classify each image and its mirror image and average the two logits (test-time "
                          "augmentation; default: as the run validated)")
@@ -596,7 +597,8 @@ def cmd_eval(ns) -> int:
     resolutions = parse_resolutions(ns.resolutions) if ns.resolutions else None
 
     def load(max_side: int | None):                                     # the split, as the model takes it
-        data, where = run_split(state, ns.data, ns.data_root, ns.split, max_side, columns=(ns.image_column, ns.label_column))
+        data, where = run_split(state, ns.data, ns.data_root, ns.split, max_side, columns=(ns.image_column, ns.label_column),
+                                skip_bad_images=ns.skip_bad_images or None)     # unset: as the run trained
         if task.uses_labels:
             trained = state["data"]["classes"]
             unknown = [c for c in data.classes if c not in trained]

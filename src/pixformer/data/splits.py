@@ -119,7 +119,8 @@ def _grouped(images, chunk: int | None, chunk_values: int):
 
 def run_split(state: dict[str, Any], source: str | None, root: str | None, split: str,
               max_side: int | None = None, workers: int | None = None,
-              columns: tuple[str | None, str | None] = (None, None)) -> tuple[ImageSet | NativeSet, str]:
+              columns: tuple[str | None, str | None] = (None, None),
+              skip_bad_images: bool | None = None) -> tuple[ImageSet | NativeSet, str]:
     """The images `eval` and `analyze` score for a trained run (`state`: its state.json): one split of
     `source` (default: the run's own data), laid out as the run trained (image size, pixel
     permutation; a native-resolution run's images at their own sizes, scaled down to `max_side`,
@@ -127,15 +128,24 @@ def run_split(state: dict[str, Any], source: str | None, root: str | None, split
     class-folder tree that is not the run's training source is a folder of test images; the training
     source never is. The run's own data is found by the absolute path stored when it trained
     (`data.source`), so from any working directory. `columns`: a Hugging Face dataset's image and label
-    columns, where they are not the run's."""
+    columns, where they are not the run's; `skip_bad_images`: None, the run's setting. The run's own
+    source is loaded as training loaded it (the same decode-cache entry: a run trained at the images'
+    own size is not decoded again at that size); another is resized to the run's image size."""
     tc, info = state["train_config"], state["data"]
     source = source or info.get("source") or tc["data"]          # runs of 0.1 stored only what was typed
     native = is_native(tc)
-    found = load_source(source, root or tc.get("data_root"), None if native else tuple(info["img_size"]),
-                        native=native, max_side=max_side or tc.get("max_side"), workers=workers,
+    own = source_id(source) == info.get("source", source_id(tc["data"]))
+    if native:
+        size = None
+    elif own:                                                    # as training loaded it
+        size = (tc["img_size"], tc["img_size"]) if tc.get("img_size") else None
+    else:
+        size = tuple(info["img_size"])
+    skip = tc.get("skip_bad_images", False) if skip_bad_images is None else skip_bad_images
+    found = load_source(source, root or tc.get("data_root"), size, skip, native=native,
+                        max_side=max_side or tc.get("max_side"), workers=workers,
                         image_column=columns[0] or tc.get("image_column"),
                         label_column=columns[1] or tc.get("label_column"))
-    own = source_id(source) == info.get("source", source_id(tc["data"]))
     if set(found) == {"all"} and not own:
         if split != "test":
             raise PixformerError(f"{source} is a plain class-folder tree the run did not train on: all its images "
@@ -150,4 +160,7 @@ def run_split(state: dict[str, Any], source: str | None, root: str | None, split
     chans = data.in_chans if native else data.images.shape[1]
     if chans != info["in_chans"]:
         raise PixformerError(f"{source} has {chans} channels; the model was trained on {info['in_chans']}")
+    if not native and tuple(data.images.shape[2:]) != tuple(info["img_size"]):   # the run's own, changed on disk
+        raise PixformerError(f"{source} now holds {data.images.shape[2]}x{data.images.shape[3]} images; the model "
+                             f"was trained on {info['img_size'][0]}x{info['img_size'][1]}")
     return (data if native else permuted(data, tc)), f"{source} [{split}]"
