@@ -185,10 +185,14 @@ def test_diffusion_run_writes_samples_resumes_exactly_and_samples_from_the_cli(t
     assert main(["sample", "--checkpoint", str(tmp_path / "full"), "--num", "5", "--classes", "7,8", "--steps", "3",
                  "--sampler", "dpm-solver", "--batch-size", "5", "--out", str(tmp_path / "gen5")]) == 0
     assert np.array_equal(np.load(tmp_path / "gen5" / "samples.npz")["images"], saved["images"])
-    (out / "images" / "notes.txt").write_text("mine")                  # fewer samples into the same folder
+    (out / "images" / ".00004.png.tmp-12-ab12cd34").write_bytes(b"")    # a write a kill interrupted
     assert main(["sample", "--checkpoint", str(tmp_path / "full"), "--num", "2", "--steps", "3", "--out", str(out)]) == 0
-    assert sorted(p.name for p in (out / "images").iterdir()) == ["00000.png", "00001.png", "notes.txt"]
+    assert sorted(p.name for p in (out / "images").glob("0*.png")) == ["00000.png", "00001.png"]   # fewer, replaced
     capsys.readouterr()
+    (out / "notes.txt").write_text("mine")                            # a folder with someone else's file: refused
+    assert main(["sample", "--checkpoint", str(tmp_path / "full"), "--num", "2", "--steps", "3", "--out", str(out)]) == 2
+    assert "holds " + str(out / "notes.txt") + ", which no earlier `pixformer sample` wrote" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "mine" and len(np.load(out / "samples.npz")["images"]) == 2
     for args, said in ((["--classes", "3,12"], "class index 12 is out of range: this model has classes 0..9"),
                        (["--sampler", "ddim", "--eta", "2"], "--eta must be between 0 (deterministic DDIM) and 1"),
                        (["--sampler", "ddim", "--eta", "-0.5"], "--eta must be between 0"),

@@ -3,6 +3,7 @@ every image as a PNG, and an .npz with the images (uint8, N x H x W x C) and the
 a classifier."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -62,19 +63,44 @@ def sample_images(task: Diffusion, model: nn.Module, num: int, classes: list[int
     return torch.cat(out), labels
 
 
+# what `generate` writes, and the temporary files of a write a kill interrupted (files.written)
+SAMPLE_FILES = re.compile(r"samples\.npz|grid\.png|images|images/\d{5}\.png"
+                          r"|(images/)?\.(samples\.npz|grid\.png|\d{5}\.png)\.tmp-\d+-[0-9a-f]+")
+
+
+def check_sample_out(folder: Path) -> Path:
+    """`folder`, if it is new or holds only what an earlier `pixformer sample` wrote (which is replaced);
+    else one line naming a file of someone else's, before any sampling."""
+    if not folder.is_dir():
+        return folder
+    for path in sorted(folder.rglob("*")):
+        name = path.relative_to(folder).as_posix()
+        ours = SAMPLE_FILES.fullmatch(name) and (name != "images" or path.is_dir()) and not path.is_symlink()
+        if ours and name == "samples.npz":
+            try:
+                with np.load(path) as saved:
+                    ours = {"images", "labels", "classes"} <= set(saved.files)
+            except (OSError, ValueError):
+                ours = False
+        if not ours:
+            raise PixformerError(f"--out {folder} holds {path}, which no earlier `pixformer sample` wrote: choose "
+                                 "another --out (samples replace only a folder of earlier samples)")
+    return folder
+
+
 def generate(model: nn.Module, state: dict[str, Any], checkpoint: str, out: str | None, num: int,
              classes: list[int] | None, cfg_scale: float, sampler: str | None, steps: int | None, eta: float,
              seed: int, batch_size: int, device: torch.device, cfg_interval: tuple[float, float] | None = None) -> Path:
     """Sample `num` images and write them to `out` (default: RUN/generated): samples.npz, grid.png (one
     column per class, each named above its column) and images/NNNNN.png, replacing an earlier call's
-    (its images past `num` removed, other files left alone). Everything that can be
+    (its images past `num` removed; a folder holding anything else is refused). Everything that can be
     refused (the classes, the sampler and guidance interval, the folder) is, before any sampling."""
     if num < 1:
         raise PixformerError(f"--num must be at least 1, got {num}")
     task = diffusion_task(state, checkpoint)
     task.sampling(sampler, steps, cfg_interval, eta)
     sample_labels(task, model, num, classes, cfg_scale)
-    folder = output_folder(Path(out) if out else find_checkpoint(checkpoint).parent / "generated")
+    folder = output_folder(check_sample_out(Path(out) if out else find_checkpoint(checkpoint).parent / "generated"))
     images, labels = sample_images(task, model.to(device), num, classes, cfg_scale, sampler, steps, eta, seed,
                                    batch_size, cfg_interval)
     pixels = to_uint8(images)                                          # (N, H, W, C)
