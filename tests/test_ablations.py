@@ -104,6 +104,8 @@ def test_eval_applies_the_runs_permutation(tmp_path, capsys):
     assert evaluated["top1"] == trained["test_top1"] and evaluated["loss"] == pytest.approx(trained["test_loss"])
     saved = json.loads((out / "checkpoint" / "state.json").read_text())["train_config"]
     assert saved["permute_pixels"] is True and saved["permute_seed"] == 7
+    assert main(["eval", "--checkpoint", str(out), "--resolutions", "8,16"]) == 2   # permuted at its own size only
+    assert "--resolutions resizes the images, but this run sees its pixels permuted" in capsys.readouterr().err
 
 
 def test_a_pixel_transformer_without_position_embedding_ignores_the_permutation():

@@ -595,6 +595,10 @@ def cmd_eval(ns) -> int:
         if is_native(state["train_config"]):
             task.check_native(task.cfg)
     resolutions = parse_resolutions(ns.resolutions) if ns.resolutions else None
+    tc = state["train_config"]
+    if resolutions and (tc.get("permute_pixels") or tc.get("local_swaps")):
+        raise PixformerError("--resolutions resizes the images, but this run sees its pixels permuted at the size it "
+                             "trained on (--permute-pixels / --local-swaps): evaluate it at that size alone")
 
     def load(max_side: int | None):                                     # the split, as the model takes it
         data, where = run_split(state, ns.data, ns.data_root, ns.split, max_side, columns=(ns.image_column, ns.label_column),
