@@ -17,7 +17,7 @@ import torch
 from ..engine.config import TrainConfig
 from ..engine.loop import default_run_dir, train
 from ..errors import PixformerError
-from ..files import write_atomically
+from ..files import output_folder, write_atomically
 from ..models.registry import create_model, model_name
 from .tables import binomial_se, plot, sampling_noise
 
@@ -76,8 +76,7 @@ def run_demo(out: str | None = None, seed: int = 0, train_subset: int | None = N
     processes do. Each run folder resumes if stopped."""
     base = TrainConfig(**{**DEMO_RECIPE, "seed": seed, "train_subset": train_subset, "progress": progress,
                           **({"epochs": epochs} if epochs is not None else {})})     # checked before any folder
-    out_dir = Path(out) if out else default_run_dir("demo")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = output_folder(Path(out) if out else default_run_dir("demo"))
     cores = os.cpu_count() or 1
     workers = min(len(PATCHES), cores)
     jobs = {}

@@ -31,7 +31,7 @@ import torch
 
 from ..engine.checkpoint import weights_used
 from ..errors import PixformerError, install_hint
-from ..files import json_object_or_empty, write_atomically
+from ..files import json_object_or_empty, output_folder, write_atomically
 from .predict import load_for_inference, resize_of
 
 FORMATS = ("onnx", "hf")
@@ -121,7 +121,7 @@ def export_onnx(checkpoint: Any, out: str | Path, weights: str = "auto", opset: 
     except ImportError:
         raise PixformerError(f"ONNX export needs onnx and onnxscript: {install_hint('export')}") from None
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    output_folder(out.absolute().parent)
     facts = task.facts
     C, (H, W) = facts.in_chans, facts.img_size
     model = set_attention_backend(model.float().eval(), "math")         # plain matmuls and softmax: any runtime

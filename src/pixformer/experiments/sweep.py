@@ -34,7 +34,7 @@ from ..engine.checkpoint import find_checkpoint
 from ..engine.config import TrainConfig, changed_settings, config_from_options
 from ..engine.loop import Prepared, Stopped, default_run_dir, prepare_data, train
 from ..errors import PixformerError
-from ..files import read_json_object, write_atomically
+from ..files import output_folder, read_json_object, write_atomically
 from ..models.registry import VIT_SIZES, create_model
 from ..models.registry import model_name as built_name
 from ..tasks import get_task, task_config
@@ -245,6 +245,8 @@ def run_sweep(cfg: SweepConfig) -> tuple[Path, list[dict]]:
     t.speed.check()                                        # the shared settings too, before any data is read
     task_config(t.task, t.task_args)
     out_dir = Path(cfg.out) if cfg.out else default_run_dir("sweep", cfg.regime, data=t.data)
+    if out_dir.is_file():                                  # (made, and checked writable, once every point is checked)
+        raise PixformerError(f"{out_dir} is a file, not a folder: choose another --out")
     # the data at its own (or the sweep's) size: the grid's reference, its channels and classes
     first_seed = cfg.seeds[0]
     ref = prepare_data(dataclasses.replace(t, img_size=cfg.img_size, seed=first_seed))
@@ -262,7 +264,7 @@ def run_sweep(cfg: SweepConfig) -> tuple[Path, list[dict]]:
                 datasets[key] = prepare_data(run_cfg)
             runs.append((point, seed, run_cfg, datasets[key]))
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    output_folder(out_dir)
     write_atomically(out_dir / "sweep.json", json.dumps(dataclasses.asdict(cfg), indent=1))
     print(f"sweep: {len(points)} points x {len(cfg.seeds)} seed(s) in {out_dir}", flush=True)
     records: dict[str, list[dict]] = {}
