@@ -295,10 +295,18 @@ def test_hub_layout_round_trips_offline(photos, tmp_path, capsys, monkeypatch):
     code, out, _ = run_cli(capsys, "predict", "--checkpoint", folder, test / "cat", "--json")
     assert code == 0 and len(out.splitlines()) == 4
     assert run_cli(capsys, "export", "--checkpoint", run, "--format", "hf", "--out", folder)[0] == 0   # again: replaced
-    code, _, err = run_cli(capsys, "export", "--checkpoint", run, "--format", "hf", "--out", test)
-    assert code == 2 and "holding other files" in err
-    code, _, err = run_cli(capsys, "export", "--checkpoint", folder, "--format", "hf", "--out", test)   # from a Hub folder
-    assert code == 2 and "holding other files" in err
+    assert {p.name for p in tmp_path.iterdir()} == {p.name for p in tmp_path.iterdir() if not p.name.startswith(".")}
+    (folder / "config.json").unlink()                  # an export killed before its config went in: replaced too
+    assert run_cli(capsys, "export", "--checkpoint", run, "--format", "hf", "--out", folder)[0] == 0
+    assert json.loads((folder / "config.json").read_text())["library"] == "pixformer"
+    theirs = tmp_path / "transformers-model"            # another library's model in the Hub layout: not ours
+    theirs.mkdir()
+    (theirs / "config.json").write_text('{"model_type": "vit"}')
+    (theirs / "model.safetensors").write_bytes(b"weights")
+    for out, source in ((test, run), (test, folder), (theirs, run)):   # (folder: from a Hub folder)
+        code, _, err = run_cli(capsys, "export", "--checkpoint", source, "--format", "hf", "--out", out)
+        assert code == 2 and "holding files other than an earlier pixformer export's" in err
+    assert (theirs / "model.safetensors").read_bytes() == b"weights"
     (folder / "model.safetensors").unlink()
     with pytest.raises(PixformerError, match="no model.safetensors"):
         pixformer.load_hub(folder)

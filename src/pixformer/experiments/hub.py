@@ -3,7 +3,7 @@
     config.json         the architecture and its settings, the task, the class names, the normalisation
                         and the image settings the run was trained with (everything `predict` needs)
     model.safetensors   the weights, under the same names as a run's checkpoint/model.safetensors
-    README.md           a model card (written once; edit it freely)
+    README.md           a model card (an export into the folder again replaces it with the new model's)
 
 Saving, loading and uploading are huggingface_hub's `PyTorchModelHubMixin`:
 
@@ -18,13 +18,14 @@ behind; a named data set's name (digits, cifar10, ...) is kept.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from ..errors import PixformerError, install_hint
-from ..files import as_created
+from ..files import as_created, json_object_or_empty, output_folder
 
 try:
     from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
@@ -215,21 +216,49 @@ def save_hub(run: str | Path, out: str | Path, weights: str = "auto") -> Path:
 
 def write_hub(hub: "HubModel", out: Path) -> Path:
     """`hub` saved into the checked folder `out` (hub_out), its files as readable as the umask makes a
-    file (safetensors writes the weights owner-only); the folder stays as the user made it."""
-    hub.save_pretrained(out)
-    for written in out.iterdir():
-        as_created(written)
+    file (safetensors writes the weights owner-only); the folder stays as the user made it. The files are
+    written into a new folder beside it, then moved in one by one (each replaced whole): an earlier
+    export's config first removed, the new one moved in last, so a killed export leaves a folder without a
+    config (which no load takes for a model, and an export replaces), never new weights under an old config."""
+    import shutil
+    import tempfile
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        hub.save_pretrained(tmp)
+        (out / "config.json").unlink(missing_ok=True)
+        for name in ("model.safetensors", "README.md", "config.json"):
+            as_created(tmp / name)
+            os.replace(tmp / name, out / name)
+    except OSError as e:
+        raise PixformerError(f"cannot write the Hub layout into {out} ({e.strerror or e})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+HUB_FILES = {"config.json", "model.safetensors", "README.md"}
 
 
 def hub_out(out: str | Path) -> Path:
-    """The folder a Hub layout is written to, checked first: empty, new, or a folder this wrote
-    before (then replaced); a file or a folder holding other files is one line."""
+    """The folder a Hub layout is written to, checked (and made) first: empty, new, or a folder an export
+    of pixformer's wrote before, holding nothing else (then replaced); a file, a folder holding other
+    files (another library's model among them) or one that cannot be written is one line."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise PixformerError(f"--out {out} is a file; the Hub layout is a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not is_hub_folder(out):
-            raise PixformerError(f"--out {out} is a folder holding other files; choose a new or empty folder")
-        (out / "README.md").unlink(missing_ok=True)             # the model card of the earlier export
-    return out
+    if out.is_dir() and any(out.iterdir()) and not _earlier_export(out):
+        raise PixformerError(f"--out {out} is a folder holding files other than an earlier pixformer export's; "
+                             "choose a new or empty folder")
+    return output_folder(out)
+
+
+def _earlier_export(out: Path) -> bool:
+    """Whether the folder `out` holds an earlier export of pixformer's and nothing else: its config (of the
+    pixformer library), or, where a kill stopped one before its config went in, its weights (and card)."""
+    names = {p.name for p in out.iterdir()}
+    if names - HUB_FILES:
+        return False
+    if "config.json" in names:
+        return json_object_or_empty(out / "config.json").get("library") == "pixformer"
+    card = (out / "README.md").read_text(errors="replace") if "README.md" in names else "pixformer"
+    return "model.safetensors" in names and "pixformer" in card
