@@ -73,6 +73,12 @@ def test_idx_reader_and_mnist_layout(tmp_path):
     (tmp_path / "bad").write_bytes(idx_bytes(np.zeros((4, 2, 2), np.uint8))[:-3])
     with pytest.raises(PixformerError, match="truncated"):
         read_idx(tmp_path / "bad")
+    (tmp_path / "bad").write_bytes(idx_bytes(np.zeros((4, 2, 2), np.uint8))[:6])     # cut inside the header
+    with pytest.raises(PixformerError, match="truncated: its header is cut short"):
+        read_idx(tmp_path / "bad")
+    (tmp_path / "bad.gz").write_bytes(gzip.compress(idx_bytes(np.zeros((4, 2, 2), np.uint8)))[:-9])   # a cut download
+    with pytest.raises(PixformerError, match="bad.gz is a damaged gzip file .*: delete it, and it is downloaded again"):
+        read_idx(tmp_path / "bad.gz")
 
 
 def write_image_folder(root, classes=("a", "b"), per_class=3, size=(10, 12)):
@@ -123,6 +129,8 @@ def test_corrupt_image_is_named_or_skipped(tmp_path):
         load_source(str(root))
     splits = load_source(str(root), skip_bad_images=True)
     assert len(splits["all"]) == 6
+    (root / "a" / "gone.png").symlink_to(tmp_path / "nothing.png")    # a link to nothing is no image
+    assert len(load_source(str(root), skip_bad_images=True)["all"]) == 6
 
 
 def test_missing_and_unknown_sources(tmp_path):

@@ -309,6 +309,9 @@ CASES = {
     "fid --samples labels out of range": (lambda t, r: ["fid", "--checkpoint", r("dit_run"), "--samples",
                                                         samples_npz(t / "s.npz", 99)],
                                           "holds label 99; the run has classes 0..9"),
+    "fid --samples of another size": (lambda t, r: ["fid", "--checkpoint", r("dit_run"), "--samples",
+                                                    samples_npz(t / "s.npz", 0, (100, 16, 16, 3))],
+                                      "holds 16x16 images of 3 channel(s); the run makes 8x8 of 1"),
     "sweep --task mae": (lambda t, r: ["sweep", "--task", "mae", "--patches", "[4]", "--epochs", "1", "--out", t / "sw"],
                          "--task mae measures loss, not accuracy"),
 }
@@ -319,9 +322,28 @@ def file_with(path: Path, content: bytes = b"\x80 not what the name says") -> Pa
     return path
 
 
-def samples_npz(path: Path, label: int) -> Path:
-    np.savez(path, images=np.zeros((100, 8, 8, 1), np.uint8), labels=np.full(100, label), classes=np.arange(10))
+def rgb_folder(root: Path) -> Path:
+    """A class-folder tree of 8x8 RGB images (the test split of a source no run trained on)."""
+    from PIL import Image
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((8, 8, 3), 60 * i, np.uint8)).save(root / c / f"{i}.png")
+    return root
+
+
+def samples_npz(path: Path, label: int, shape=(100, 8, 8, 1)) -> Path:
+    np.savez(path, images=np.zeros(shape, np.uint8), labels=np.full(shape[0], label), classes=np.arange(10))
     return path
+
+
+def test_analyze_names_images_of_other_channels_rather_than_falling_back(classifier_run, tmp_path, capsys):
+    """A test folder of RGB images for a run on grey ones: that is the error, not a retry of another split."""
+    from pixformer.cli import main
+    assert main(["analyze", "--checkpoint", str(classifier_run), "--data", str(rgb_folder(tmp_path / "rgb")),
+                 "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].endswith("has 3 channels; the model was trained on 1")
 
 
 @pytest.mark.parametrize("case", CASES)

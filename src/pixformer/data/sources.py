@@ -188,10 +188,15 @@ def read_idx(path: Path) -> np.ndarray:
     """An idx file (MNIST format), optionally gzipped, as a numpy array."""
     raw = path.read_bytes()
     if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
+        try:
+            raw = gzip.decompress(raw)
+        except (EOFError, OSError, zlib.error) as e:
+            raise PixformerError(f"{path} is a damaged gzip file ({e}): delete it, and it is downloaded again") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise PixformerError(f"{path} is not an idx file of unsigned bytes")
     ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise PixformerError(f"{path} is truncated: its header is cut short")
     dims = struct.unpack(f">{ndim}I", raw[4: 4 + 4 * ndim])
     body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(dims)):
@@ -235,7 +240,10 @@ def _scan_folder(path: Path) -> list[tuple[str, os.stat_result]]:
         prefix = "" if rel == "." else rel + os.sep
         for name in names:
             if os.path.splitext(name)[1].lower() in IMAGE_EXTS:
-                st = os.stat(os.path.join(folder, name))
+                try:
+                    st = os.stat(os.path.join(folder, name))
+                except OSError:                              # a link to nothing: no image, as a folder is none
+                    continue
                 if stat.S_ISREG(st.st_mode):
                     found.append((prefix + name, st))
     return sorted(found)

@@ -120,7 +120,7 @@ def _grouped(images, chunk: int | None, chunk_values: int):
 def run_split(state: dict[str, Any], source: str | None, root: str | None, split: str,
               max_side: int | None = None, workers: int | None = None,
               columns: tuple[str | None, str | None] = (None, None),
-              skip_bad_images: bool | None = None) -> tuple[ImageSet | NativeSet, str]:
+              skip_bad_images: bool | None = None, or_val: bool = False) -> tuple[ImageSet | NativeSet, str]:
     """The images `eval` and `analyze` score for a trained run (`state`: its state.json): one split of
     `source` (default: the run's own data), laid out as the run trained (image size, pixel
     permutation; a native-resolution run's images at their own sizes, scaled down to `max_side`,
@@ -128,7 +128,8 @@ def run_split(state: dict[str, Any], source: str | None, root: str | None, split
     class-folder tree that is not the run's training source is a folder of test images; the training
     source never is. The run's own data is found by the absolute path stored when it trained
     (`data.source`), so from any working directory. `columns`: a Hugging Face dataset's image and label
-    columns, where they are not the run's; `skip_bad_images`: None, the run's setting. The run's own
+    columns, where they are not the run's; `skip_bad_images`: None, the run's setting; `or_val`: the test
+    split asked of the run's own data that has none gives its validation split instead of an error. The run's own
     source is loaded as training loaded it (the same decode-cache entry: a run trained at the images'
     own size is not decoded again at that size); another is resized to the run's image size."""
     tc, info = state["train_config"], state["data"]
@@ -153,7 +154,9 @@ def run_split(state: dict[str, Any], source: str | None, root: str | None, split
         splits = Splits(found["all"], found["all"], found["all"], "")
     else:
         splits = resolve_splits(found, info["val_fraction"], source)
-        if split == "test" and splits.test is None and own:
+        if split == "test" and splits.test is None and own and or_val:
+            split = "val"
+        elif split == "test" and splits.test is None and own:
             raise PixformerError(f"{source} has no test split, and the run trained on the rest of it: "
                                  "use --split val for the images it held out")
     data = splits.get(split)

@@ -157,10 +157,7 @@ def num_prefix_tokens(model: nn.Module) -> int:
 def analysis_split(state: dict[str, Any], source: str | None, root: str | None) -> tuple[ImageSet, str]:
     """The images to analyse: the test split of `source`, or for the run's own data without one the
     validation images held out at training time (data.splits.run_split), pixels permuted as trained."""
-    try:
-        return run_split(state, source, root, "test")
-    except PixformerError:
-        return run_split(state, source, root, "val")
+    return run_split(state, source, root, "test", or_val=True)
 
 
 def attention_batch_size(model: nn.Module, tokens: int) -> int:

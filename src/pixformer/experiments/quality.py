@@ -139,10 +139,12 @@ class Judge:
         return correct / len(images)
 
 
-def read_samples(path: str, num_classes: int, labelled: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def read_samples(path: str, num_classes: int, labelled: bool,
+                 shape: tuple[int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The images (N, C, H, W) on 0..1 and labels (N,) of a samples.npz of `pixformer sample`, checked:
-    images uint8 (N, H, W, 1 or 3), one label each, every label a class of the run (0..num_classes-1) or
-    all -1 (unconditional samples); `labelled`: labels are needed (a classifier scores them)."""
+    images uint8 (N, H, W, 1 or 3) (of the run's (H, W, C) `shape` if given), one label each, every label a
+    class of the run (0..num_classes-1) or all -1 (unconditional samples); `labelled`: labels are needed
+    (a classifier scores them)."""
     try:
         with np.load(path) as saved:
             images, labels = saved["images"], saved["labels"]
@@ -151,6 +153,9 @@ def read_samples(path: str, num_classes: int, labelled: bool) -> tuple[torch.Ten
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise PixformerError(f"--samples {path}: images must be uint8 (N, H, W, 1 or 3), got {images.dtype} "
                              f"{images.shape}")
+    if shape is not None and tuple(images.shape[1:]) != tuple(shape):
+        raise PixformerError(f"--samples {path} holds {images.shape[1]}x{images.shape[2]} images of {images.shape[3]} "
+                             f"channel(s); the run makes {shape[0]}x{shape[1]} of {shape[2]}")
     if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
         raise PixformerError(f"--samples {path}: {len(images)} images need one integer label each, got "
                              f"{labels.dtype} {labels.shape}")
@@ -189,7 +194,8 @@ def score(checkpoint: str, samples: str | None, num: int, cfg_scale: float, samp
                              if ref_num >= MIN_FID_IMAGES else
                              f"FID needs at least {MIN_FID_IMAGES} images per set; --ref-num is {ref_num}")
     if samples:                        # read and checked before the Inception work
-        images, labels = read_samples(samples, model.cfg.num_classes, judge is not None)
+        images, labels = read_samples(samples, model.cfg.num_classes, judge is not None,
+                                      (*task.facts.img_size, task.facts.in_chans))
         if len(images) < MIN_FID_IMAGES:
             raise PixformerError(f"FID needs at least {MIN_FID_IMAGES} images per set; {samples} holds {len(images)}")
     else:
