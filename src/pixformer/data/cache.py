@@ -177,7 +177,9 @@ def build_once(path: str | Path, build: Callable[[Path], dict[str, np.ndarray] |
             for name, array in (build(tmp) or {}).items():
                 np.save(tmp / f"{name}.npy", np.ascontiguousarray(array), allow_pickle=False)
             write_manifest(tmp)
+            _sync(tmp)                               # the bytes on disk before the rename makes them an entry
             os.rename(as_created(tmp), path)
+            _sync_folder(path.parent)
         except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -185,6 +187,32 @@ def build_once(path: str | Path, build: Callable[[Path], dict[str, np.ndarray] |
                                      "PIXFORMER_CACHE to a folder with room") from None
             raise
         return open_entry(path)
+
+
+def _sync(folder: Path) -> None:
+    """Every file in `folder` (written, or filled through a mapping) and the folder itself flushed to disk:
+    after a power loss an entry is whole or absent, never a sized file of zeroed pages."""
+    for file in folder.iterdir():
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    _sync_folder(folder)
+
+
+def _sync_folder(folder: Path) -> None:
+    """A folder's entries (a rename, a new file) flushed to disk, where the system allows it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:                                  # some file systems refuse fsync on a folder
+        pass
+    finally:
+        os.close(fd)
 
 
 def new_array(file: Path, shape: tuple[int, ...], dtype=np.uint8) -> np.memmap:
