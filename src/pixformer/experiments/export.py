@@ -31,7 +31,7 @@ import torch
 
 from ..engine.checkpoint import weights_used
 from ..errors import PixformerError, install_hint
-from ..files import json_object_or_empty, output_folder, write_atomically
+from ..files import json_object_or_empty, output_folder, write_atomically, written
 from .predict import load_for_inference, resize_of
 
 FORMATS = ("onnx", "hf")
@@ -147,13 +147,8 @@ def export_onnx(checkpoint: Any, out: str | Path, weights: str = "auto", opset: 
         raise PixformerError(f"--opset {opset}: torch.onnx cannot convert {state['model_name']} down to opset "
                              f"{opset} (an operator it uses has no version that old); give a higher one, or leave it "
                              f"out ({wrote})")
-    partial = out.with_name(out.name + ".partial")
-    try:
-        program.save(str(partial))
-        partial.replace(out)                     # whole or not at all
-    except OSError as e:
-        partial.unlink(missing_ok=True)
-        raise PixformerError(f"cannot write {out} ({e.strerror or e})") from None
+    with written(out) as tmp:                    # whole or not at all
+        program.save(str(tmp))
     perm = pixel_permutation(tc, H, W)
     side = out.with_suffix(".preprocess.json")
     write_atomically(side, json.dumps({
