@@ -494,8 +494,9 @@ def train(cfg: TrainConfig, data: Prepared | None = None) -> dict[str, Any]:
         runtime.close(barrier=False)     # the other ranks may be inside a collective: do not wait for them
         if runtime.world_size > 1 and lost_peer(e):
             where = f"; the last checkpoint in {run.run_dir} is kept" if run is not None else ""
+            why = re.sub(r"\[[^\]]*\.(?:cc|cpp|h|hpp):\d+\]\s*", "", str(e).splitlines()[0])   # no C++ source paths
             raise PixformerError(f"another process of this run stopped or died (this rank's collective failed: "
-                                 f"{_short(str(e).splitlines()[0])}){where}") from None
+                                 f"{_short(why, 120)}){where}") from None
         if out_of_memory(e):
             raise PixformerError(_out_of_memory_line(cfg, run, e)) from None
         raise

@@ -23,6 +23,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import PixformerError
+from ..progress import notice
 
 
 def pick_device(name: str) -> torch.device:
@@ -86,7 +88,8 @@ class Runtime:
         if world == 1 and (seq_parallel > 1 or fsdp):
             what = f"--seq-parallel {seq_parallel} splits each image over {seq_parallel}" if seq_parallel > 1 \
                 else "--fsdp shards the model over several"
-            raise PixformerError(f"{what} processes: launch with `torchrun --nproc-per-node N -m pixformer train ...`")
+            raise PixformerError(f"{what} processes: launch with `pixformer launch --nproc-per-node N train ...` "
+                                 f"(or torchrun --nproc-per-node N -m pixformer train ...), N at least 2")
         if world % seq_parallel:
             raise PixformerError(f"--seq-parallel {seq_parallel} does not divide the world size {world}")
         check_combination(seq_parallel, fsdp)
@@ -94,7 +97,7 @@ class Runtime:
             return cls(pick_device(device))
         if not dist.is_initialized() and not all(k in os.environ for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR")):
             raise PixformerError(f"WORLD_SIZE={world} without torchrun's RANK / LOCAL_RANK / MASTER_ADDR: launch "
-                                 "with `torchrun --nproc-per-node N -m pixformer train ...`")
+                                 "with `pixformer launch --nproc-per-node N train ...` (or torchrun)")
         dev = pick_device(device)
         if dev.type == "cuda":
             dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -140,6 +143,9 @@ class Runtime:
         if self.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
             from torch.distributed.fsdp import FSDPModule, fully_shard   # here: 1 s to import, FSDP2 only
+            # FSDP2 warns when the root returns a view (a Linear's output over tokens is one: MAE's prediction)
+            # lest an in-place op on it skip a hook; a step here only ever reads the output
+            warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
             if not any(isinstance(m, FSDPModule) for m in model.modules()):
                 from ..models import blocks_of
                 full = model.state_dict() if self.rank == 0 else {}
@@ -269,6 +275,9 @@ def _join_group(backend: str) -> None:
     last attempt's keys, and gloo would dial the addresses of the ranks that died: the keys of each
     attempt are kept apart by a prefix."""
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if attempt and os.environ.get("RANK") == "0":
+        notice(f"pixformer: restart {attempt} of {os.environ.get('TORCHELASTIC_MAX_RESTARTS', '?')} after a process "
+               "of this run ended; resuming from the last checkpoint")
     if attempt == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         dist.init_process_group(backend)
         return

@@ -98,7 +98,7 @@ class MaskedAutoencoder(nn.Module):
         x = torch.cat([x[:, :prefix], full], dim=1)                           # (B, prefix + N, Dd)
         for block in self.decoder_blocks:
             x = block(x)                                                      # (B, prefix + N, Dd)
-        return self.decoder_pred(self.decoder_norm(x))[:, prefix:]            # (B, N, p*p*C)
+        return self.decoder_pred(self.decoder_norm(x[:, prefix:]))            # (B, N, p*p*C): a new tensor, no view
 
 
 def visible_count(n: int, mask_ratio: float) -> int:
