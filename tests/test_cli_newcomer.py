@@ -7,6 +7,7 @@ import json
 import os
 import shlex
 import signal
+import time
 
 import pytest
 
@@ -106,6 +107,22 @@ def test_ctrl_c_while_starting_up_is_one_line(capsys, monkeypatch):
     monkeypatch.setattr(cli, "build_parser", interrupted)            # as if Ctrl-C fell while torch imported
     code, _, err = run(capsys, "train", "--model", "pit-n")
     assert code == 130 and err == "pixformer: interrupted\n"
+
+
+
+def test_sigterm_while_starting_up_is_one_line(tmp_path, capsys, monkeypatch):
+    """A scheduler's SIGTERM before the training loop (which stops at a safe step) ends the command with one
+    line and the shell's code for it, not a silent death; the handler is put back after."""
+    def terminated(*a, **k):                                         # as if it fell while the data decoded
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        raise AssertionError("SIGTERM did not stop the command")
+    monkeypatch.setattr(loop, "prepare_data", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    code, _, err = run(capsys, "train", "--model", "pit-n", "--out", tmp_path / "r")
+    assert code == 143 and err == ("pixformer: stopped (SIGTERM) outside a training step; any checkpoint already "
+                                   "written is kept\n")
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_every_option_of_every_command_has_a_description():

@@ -788,13 +788,33 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "fid": c
             "predict": cmd_predict, "export": cmd_export}
 
 
+class _Terminated(BaseException):
+    """SIGTERM outside a training loop (which stops at a safe point instead): starting up, loading data."""
+
+
+def _terminated(signum, frame):
+    raise _Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    import threading
+    main_thread = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
     try:
         return _main(argv)
     except KeyboardInterrupt:          # Ctrl-C outside a training step (starting up, loading data, evaluating)
         if os.environ.get("RANK", "0") == "0":                          # under torchrun: one line, not one a rank
             print("pixformer: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        if os.environ.get("RANK", "0") == "0":
+            print("pixformer: stopped (SIGTERM) outside a training step; any checkpoint already written is kept",
+                  file=sys.stderr)
+        return 143
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, old)
 
 
 def _main(argv: list[str] | None) -> int:

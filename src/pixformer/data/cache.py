@@ -29,6 +29,7 @@ import math
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import struct
 import sys
 import tempfile
@@ -440,7 +441,7 @@ def decode_all(jobs: Iterable[tuple], total: int, size: tuple[int, int] | None, 
                 yield from out
             return
         context = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-        pool = ProcessPoolExecutor(n, mp_context=context)
+        pool = ProcessPoolExecutor(n, mp_context=context, initializer=_worker_signals)
         pending: deque = deque()
         try:
             for chunk in _chunks(jobs, per):
@@ -459,6 +460,12 @@ def decode_all(jobs: Iterable[tuple], total: int, size: tuple[int, int] | None, 
             pool.shutdown(wait=True, cancel_futures=True)
     finally:
         progress.close()
+
+
+def _worker_signals() -> None:
+    """A decoding worker ends on SIGTERM as the system ends a process (a forked one would otherwise run the
+    command's handler, meant for the main process)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 # ---- the image decode cache ------------------------------------------------------------------
