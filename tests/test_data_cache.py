@@ -96,6 +96,11 @@ def test_the_class_is_the_first_folder_under_the_split_or_root_however_deep_the_
         put(plain, rel)
     found = load_source(str(plain))
     assert found["all"].classes == ["cat", "dog"] and found["all"].labels.tolist() == [0, 1, 1]
+    cifar100 = tmp_path / "cifar100"                                  # a plain tree with a class named train
+    for rel in ("train/a.png", "car/b.png", "car/c.png"):
+        put(cifar100, rel)
+    found = load_source(str(cifar100))
+    assert sorted(found) == ["all"] and found["all"].classes == ["car", "train"]
     put(split, "val/ILSVRC2012_val_00000001.png")                  # not sorted into a class folder
     with pytest.raises(PixformerError, match=r"1 image\(s\) in .* lie directly in a split folder, not in a class "
                                              r"folder \(e.g. val/ILSVRC2012_val_00000001.png\)"):

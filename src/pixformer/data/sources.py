@@ -269,7 +269,10 @@ def image_layout(members: list[str], source: Path) -> list[tuple[str, str, str]]
     """(split, class, member) for each image member (sorted paths relative to the source) that lies in
     a class folder. The class is the first folder level under a split folder (train/, val/, test/),
     or under the root for a plain tree, however deep the image lies below it (as torchvision's
-    ImageFolder: `cat/2019/a.png` is a cat), after stripping a single common top folder. Class names
+    ImageFolder: `cat/2019/a.png` is a cat), after stripping the folders every image lies in (a tree
+    packed inside wrapping folders). A folder named like a split (train/, val/, test/) that holds its
+    images directly, beside other class folders, is a class of a plain tree (CIFAR-100 has a class
+    `train`), not a split. Class names
     are Unicode NFC: folders named alike but for their normalisation ("café" typed on Linux and copied
     from macOS, which writes NFD) are one class. Refused in one line: a member whose path leaves the
     source (absolute, or with a `..` part: an archive's), and images beside the split folders of a
@@ -284,8 +287,11 @@ def image_layout(members: list[str], source: Path) -> list[tuple[str, str, str]]
         parts = [p[1:] for p in parts]
     entries, loose = [], []
     top = [m for m, p in zip(members, parts) if len(p) == 1]           # beside the class or split folders
+    named = [p for p in parts if len(p) >= 2 and p[0].lower() in SPLIT_NAMES]
+    plain = named and all(len(p) == 2 for p in named) and any(len(p) >= 2 and p[0].lower() not in SPLIT_NAMES
+                                                                for p in parts)   # "train" is a class there
     for m, p in zip(members, parts):
-        if len(p) >= 2 and p[0].lower() in SPLIT_NAMES:
+        if len(p) >= 2 and p[0].lower() in SPLIT_NAMES and not plain:
             if len(p) == 2:
                 loose.append(m)
             else:
