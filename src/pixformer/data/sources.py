@@ -232,7 +232,7 @@ CACHE_FORMAT = 3        # the decode cache's layout (1: one .npz read into memor
                         # 3: class names Unicode NFC, 16-bit images scaled to 8 bits)
 
 
-def _scan_folder(path: Path) -> list[tuple[str, os.stat_result]]:
+def scan_folder(path: Path) -> list[tuple[str, os.stat_result]]:
     """The image files under a directory (relative paths, sorted) with their stat."""
     found, root = [], str(path)
     for folder, _, names in os.walk(root, followlinks=True):
@@ -257,7 +257,7 @@ def source_fingerprint(path: Path, files: list[tuple[str, os.stat_result]] | Non
     another of the same size with its old mtime restored is still seen."""
     h = hashlib.sha1()
     if path.is_dir():
-        for rel, st in (_scan_folder(path) if files is None else files):
+        for rel, st in (scan_folder(path) if files is None else files):
             h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\n".encode())
     else:
         st = path.stat()
@@ -357,7 +357,7 @@ def load_image_folder(path: str | Path, img_size: tuple[int, int] | None, skip_b
     if not path.exists():
         raise PixformerError(f"dataset path {path} does not exist")
     worker_count(workers)
-    files = _scan_folder(path) if path.is_dir() else None
+    files = scan_folder(path) if path.is_dir() else None
     layout = image_layout([rel for rel, _ in files], path) if files is not None else None
     if layout is not None:                    # a directory: its classes known before any image is decoded
         check_classes(sorted({c for _, c, _ in layout}), min_classes, path)

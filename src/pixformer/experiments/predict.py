@@ -208,7 +208,7 @@ def find_images(paths: Iterable[str | Path]) -> list[str]:
     in the order given (a folder's and a pattern's sorted), each once. A file named as it is is read
     whatever its extension; a path that does not exist, a pattern that matches nothing and a folder
     without images are one-line errors."""
-    from ..data.sources import IMAGE_EXTS
+    from ..data.sources import IMAGE_EXTS, scan_folder
     found: list[str] = []
     for p in map(str, paths):
         pattern = not os.path.exists(p) and glob.has_magic(p)
@@ -218,8 +218,7 @@ def find_images(paths: Iterable[str | Path]) -> list[str]:
         files = []
         for m in matches:
             if os.path.isdir(m):
-                inside = sorted(os.path.join(folder, name) for folder, _, names in os.walk(m, followlinks=True)
-                                for name in names if os.path.splitext(name)[1].lower() in IMAGE_EXTS)
+                inside = [os.path.join(m, rel) for rel, _ in scan_folder(Path(m))]   # as a data folder is read
                 if not inside and not pattern:
                     raise PixformerError(f"{m} holds no images ({', '.join(sorted(IMAGE_EXTS))})")
                 files += inside
