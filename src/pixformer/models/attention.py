@@ -134,10 +134,16 @@ def _sdpa(q, k, v, spec, need_weights):
 @register_backend("math")
 def _math(q, k, v, spec, need_weights):
     scores = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(-2, -1)  # (B, H, Nq, Nk); scaling q is N x Dh work
-    mask = spec.dense_mask()
+    mask, dead = spec.dense_mask(), None
     if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.to(scores.dtype)
+        dead = torch.isneginf(scores).all(-1, keepdim=True)              # queries with no key to attend to
+        dead = dead if dead.any() else None
+    if dead is not None:                   # they get zeros, as the fused kernels give them, and finite gradients
+        scores = scores.masked_fill(dead, 0.0)
     probs = scores.softmax(dim=-1)
+    if dead is not None:
+        probs = probs.masked_fill(dead, 0.0)
     return probs @ v, (probs if need_weights else None)
 
 
@@ -195,6 +201,7 @@ def _block_probs(q: Tensor, k: Tensor, mask: Tensor | None, keys: int) -> Tensor
             real.masked_fill_(~mask, float("-inf"))
         else:
             real.add_(mask)
+        return torch.softmax(s, dim=-1).nan_to_num_(0.0)                  # a query with no key: zeros, as "math"
     return torch.softmax(s, dim=-1)
 
 
@@ -466,7 +473,9 @@ def _flex_block_mask(q: Tensor, k: Tensor, spec: AttnSpec):
     key = ("flex", q.shape[0], q.shape[2], k.shape[2], q.device)
     if key not in spec.cache:
         q_seg, k_seg = spec.segment_ids, spec.key_segments()
-        dense = None if spec.mask is None else spec.mask.expand(q.shape[0], -1, q.shape[2], k.shape[2])
+        m = spec.mask
+        m = None if m is None else m.reshape((1,) * (4 - m.ndim) + tuple(m.shape))   # (B or 1, H or 1, Nq or 1, Nk)
+        dense = None if m is None else m.expand(q.shape[0], m.shape[1], q.shape[2], k.shape[2])
         heads = None if dense is None or dense.shape[1] == 1 else dense.shape[1]
 
         def mask_mod(b, h, i, j):

@@ -12,7 +12,8 @@ Classification, MAE, the linear probe and sequence parallelism use the encoder t
 Images of different sizes travel packed into shared sequences (`pixformer.layout.Packed`, NaViT):
 `model(packed)` embeds each token at its coordinates, attends within each image (segment ids) and
 pools per image. Whole images, packs and sequence-parallel shards are all embedded by one step,
-`embed_tokens(patches, grid, coords)`; patchify and the token grid are `pixformer.layout`'s.
+`embed_tokens(patches, grid, coords)` (with the linear stem; the convolutional stem embeds whole
+images of one size only); patchify and the token grid are `pixformer.layout`'s.
 
 Position embeddings are functions of token coordinates (`position_embedding(grid, coords)`), so a
 subset of tokens (MAE's visible ones, dropped tokens, a shard, packed images) gets the rows it
@@ -92,7 +93,9 @@ class ViTConfig:
 
 
 def drop_path(x: Tensor, rate: float, training: bool) -> Tensor:
-    """Stochastic depth: zero a sample's residual branch with probability `rate`."""
+    """Stochastic depth: zero a sample's residual branch with probability `rate`. A sample is a row of the
+    batch: in a packed batch a pack, so the images packed together are dropped together (each image's
+    rate is still `rate`)."""
     if rate == 0.0 or not training:
         return x
     keep = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(1.0 - rate)
