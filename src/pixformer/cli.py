@@ -613,7 +613,7 @@ def cmd_eval(ns) -> int:
         return task.prepare(data), where                                # e.g. a latent diffusion run's encoding
     # native resolution: the images decoded for each resolution at that longest side, as an eval at that one
     # resolution decodes them (scaled down once from the files), so no row depends on the others
-    native = is_native(state["train_config"])
+    native = is_native(tc)
     data, where = load(resolutions[0] if resolutions and native else None)
     runtime = Runtime.create(ns.device)
     amp = autocast_dtype(state["train_config"]["precision"], runtime.device)

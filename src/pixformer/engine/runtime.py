@@ -89,7 +89,7 @@ class Runtime:
             what = f"--seq-parallel {seq_parallel} splits each image over {seq_parallel}" if seq_parallel > 1 \
                 else "--fsdp shards the model over several"
             raise PixformerError(f"{what} processes: launch with `pixformer launch --nproc-per-node N train ...` "
-                                 f"(or torchrun --nproc-per-node N -m pixformer train ...), N at least 2")
+                                 "(or torchrun --nproc-per-node N -m pixformer train ...), N at least 2")
         if world % seq_parallel:
             raise PixformerError(f"--seq-parallel {seq_parallel} does not divide the world size {world}")
         check_combination(seq_parallel, fsdp)

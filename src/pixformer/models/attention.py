@@ -137,14 +137,20 @@ def _math(q, k, v, spec, need_weights):
     mask, dead = spec.dense_mask(), None
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.to(scores.dtype)
-        dead = torch.isneginf(scores).all(-1, keepdim=True)              # queries with no key to attend to
-        dead = dead if dead.any() else None
+        dead = _dead_rows(mask)
     if dead is not None:                   # they get zeros, as the fused kernels give them, and finite gradients
         scores = scores.masked_fill(dead, 0.0)
     probs = scores.softmax(dim=-1)
     if dead is not None:
         probs = probs.masked_fill(dead, 0.0)
     return probs @ v, (probs if need_weights else None)
+
+
+def _dead_rows(mask: Tensor) -> Tensor | None:
+    """Where a boolean or additive `mask` leaves a query no key at all, (..., Nq, 1), or None where it leaves
+    none (read off the mask, which is smaller than the scores): those queries get zeros."""
+    dead = (~mask if mask.dtype == torch.bool else torch.isneginf(mask)).all(-1, keepdim=True)
+    return dead if dead.any() else None
 
 
 # ---- blocked attention ------------------------------------------------------------------------
@@ -201,7 +207,9 @@ def _block_probs(q: Tensor, k: Tensor, mask: Tensor | None, keys: int) -> Tensor
             real.masked_fill_(~mask, float("-inf"))
         else:
             real.add_(mask)
-        return torch.softmax(s, dim=-1).nan_to_num_(0.0)                  # a query with no key: zeros, as "math"
+        dead = _dead_rows(mask)
+        p = torch.softmax(s, dim=-1)
+        return p if dead is None else p.masked_fill_(dead, 0.0)          # a query with no key: zeros, as "math"
     return torch.softmax(s, dim=-1)
 
 
