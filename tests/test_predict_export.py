@@ -297,8 +297,10 @@ def test_hub_layout_round_trips_offline(photos, tmp_path, capsys, monkeypatch):
     assert run_cli(capsys, "export", "--checkpoint", run, "--format", "hf", "--out", folder)[0] == 0   # again: replaced
     assert {p.name for p in tmp_path.iterdir()} == {p.name for p in tmp_path.iterdir() if not p.name.startswith(".")}
     (folder / "config.json").unlink()                  # an export killed before its config went in: replaced too
+    (folder / ".export.tmp-x1y2").mkdir()                # (with the folder it was writing in)
     assert run_cli(capsys, "export", "--checkpoint", run, "--format", "hf", "--out", folder)[0] == 0
     assert json.loads((folder / "config.json").read_text())["library"] == "pixformer"
+    assert {p.name for p in folder.iterdir()} == {"config.json", "model.safetensors", "README.md"}
     theirs = tmp_path / "transformers-model"            # another library's model in the Hub layout: not ours
     theirs.mkdir()
     (theirs / "config.json").write_text('{"model_type": "vit"}')

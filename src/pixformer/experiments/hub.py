@@ -217,13 +217,16 @@ def save_hub(run: str | Path, out: str | Path, weights: str = "auto") -> Path:
 def write_hub(hub: "HubModel", out: Path) -> Path:
     """`hub` saved into the checked folder `out` (hub_out), its files as readable as the umask makes a
     file (safetensors writes the weights owner-only); the folder stays as the user made it. The files are
-    written into a new folder beside it, then moved in one by one (each replaced whole): an earlier
+    written into a hidden folder inside it, then moved in one by one (each replaced whole): an earlier
     export's config first removed, the new one moved in last, so a killed export leaves a folder without a
     config (which no load takes for a model, and an export replaces), never new weights under an old config."""
     import shutil
     import tempfile
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    for stale in out.glob(f"{EXPORT_TMP}*"):                          # a killed export's
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = None
     try:
+        tmp = Path(tempfile.mkdtemp(prefix=EXPORT_TMP, dir=out))
         hub.save_pretrained(tmp)
         (out / "config.json").unlink(missing_ok=True)
         for name in ("model.safetensors", "README.md", "config.json"):
@@ -232,11 +235,13 @@ def write_hub(hub: "HubModel", out: Path) -> Path:
     except OSError as e:
         raise PixformerError(f"cannot write the Hub layout into {out} ({e.strerror or e})") from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
 HUB_FILES = {"config.json", "model.safetensors", "README.md"}
+EXPORT_TMP = ".export.tmp-"             # the folder an export writes in before moving its files into place
 
 
 def hub_out(out: str | Path) -> Path:
@@ -246,7 +251,7 @@ def hub_out(out: str | Path) -> Path:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise PixformerError(f"--out {out} is a file; the Hub layout is a folder")
-    if out.is_dir() and any(out.iterdir()) and not _earlier_export(out):
+    if out.is_dir() and any(p for p in out.iterdir() if not p.name.startswith(EXPORT_TMP)) and not _earlier_export(out):
         raise PixformerError(f"--out {out} is a folder holding files other than an earlier pixformer export's; "
                              "choose a new or empty folder")
     return output_folder(out)
@@ -255,7 +260,7 @@ def hub_out(out: str | Path) -> Path:
 def _earlier_export(out: Path) -> bool:
     """Whether the folder `out` holds an earlier export of pixformer's and nothing else: its config (of the
     pixformer library), or, where a kill stopped one before its config went in, its weights (and card)."""
-    names = {p.name for p in out.iterdir()}
+    names = {p.name for p in out.iterdir() if not p.name.startswith(EXPORT_TMP)}
     if names - HUB_FILES:
         return False
     if "config.json" in names:
