@@ -296,3 +296,12 @@ def test_the_conditioning_map_runs_in_its_weights_precision_and_keeps_no_half_co
     assert not [t for t in kept if t.shape in ((96, 16), (16, 96)) and t.dtype != torch.float32]   # no bf16 copy of the weight
     out.float().sum().backward()
     assert block.modulation.weight.grad.dtype == torch.float32 and cond.grad is not None
+
+
+def test_specs_and_wrappers_that_cannot_mean_anything_are_one_line():
+    from pixformer.engine.sequence import SequenceParallel
+    from pixformer.models.attention import AttnSpec
+    with pytest.raises(PixformerError, match="kv_segment_ids need the queries' segment_ids too"):
+        AttnSpec(kv_segment_ids=torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(PixformerError, match="SequenceParallel needs the process group"):
+        SequenceParallel(create_model("pit-n", img_size=4, depth=1), None)

@@ -111,6 +111,9 @@ class SequenceParallel(nn.Module):
         super().__init__()
         if not isinstance(model, VisionTransformer):
             raise PixformerError(f"sequence parallelism splits a ViT's tokens; got a {type(model).__name__}")
+        if group is None or not dist.is_initialized():
+            raise PixformerError("SequenceParallel needs the process group its ranks split each image over (under "
+                                 "torchrun; e.g. torch.distributed.group.WORLD)")
         self.module, self.group, self.sharding = model, group, check_sharding(sharding)
         depth = self.depth = len(blocks_of(model))
         self.seed, self.regather = seed, depth if regather is True else regather_count(int(regather), depth)

@@ -98,6 +98,11 @@ class AttnSpec:
     cache: dict = field(default_factory=dict, compare=False, repr=False)   # what a backend derives once
     #                                        per spec and reuses in every layer (flex's block mask)
 
+    def __post_init__(self):
+        if self.kv_segment_ids is not None and self.segment_ids is None:
+            raise PixformerError("AttnSpec: kv_segment_ids need the queries' segment_ids too (a key's segment "
+                                 "means nothing without the queries')")
+
     def key_segments(self) -> Tensor | None:
         return self.segment_ids if self.kv_segment_ids is None else self.kv_segment_ids
 
