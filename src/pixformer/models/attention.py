@@ -212,9 +212,9 @@ def _block_probs(q: Tensor, k: Tensor, mask: Tensor | None, keys: int) -> Tensor
             real.masked_fill_(~mask, float("-inf"))
         else:
             real.add_(mask)
-        dead = _dead_rows(mask)
         p = torch.softmax(s, dim=-1)
-        return p if dead is None else p.masked_fill_(dead, 0.0)          # a query with no key: zeros, as "math"
+        dead = p[..., :1].isnan()                # a query with no key: all NaN (no other row has one); zeros, as
+        return p.masked_fill_(dead, 0.0) if dead.any() else p            # "math" (one column read, not the mask)
     return torch.softmax(s, dim=-1)
 
 
