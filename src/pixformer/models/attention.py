@@ -10,7 +10,8 @@ What may attend to what is an `AttnSpec`, not only a dense mask:
 - `mask`: boolean (True = attend) or additive, broadcastable to (B, H, Nq, Nk);
 - `segment_ids` (B, Nq) and `kv_segment_ids` (B, Nk): a query attends only to keys of its own
   segment (several images packed into one sequence). Padding is a segment of its own: give padding
-  tokens an id no image has (e.g. -1) and no image token ever attends to them;
+  tokens an id no image has (e.g. -1) and no image token ever attends to them. A query that may attend
+  to no key at all gets zeros, on every backend (as the fused kernels give);
 - `group`: a process group the keys are sharded over (sequence parallelism, engine/sequence.py):
   each rank holds its shard of queries, keys and values; `attention` all-gathers the keys and values
   of the group's ranks (in rank order, autograd-aware: the backward reduce-scatters their gradients)
