@@ -128,10 +128,10 @@ def run_split(state: dict[str, Any], source: str | None, root: str | None, split
     class-folder tree that is not the run's training source is a folder of test images; the training
     source never is. The run's own data is found by the absolute path stored when it trained
     (`data.source`), so from any working directory. `columns`: a Hugging Face dataset's image and label
-    columns, where they are not the run's; `skip_bad_images`: None, the run's setting; `or_val`: the test
-    split asked of the run's own data that has none gives its validation split instead of an error. The run's own
-    source is loaded as training loaded it (the same decode-cache entry: a run trained at the images'
-    own size is not decoded again at that size); another is resized to the run's image size."""
+    columns, where they are not the run's; `skip_bad_images`: None, the run's setting; `or_val`: the
+    test split asked of the run's own data that has none gives its validation split instead of an error.
+    The run's own source is loaded as training loaded it (the same decode-cache entry: a run trained at
+    the images' own size is not decoded again at that size); another is resized to the run's size."""
     tc, info = state["train_config"], state["data"]
     source = source or info.get("source") or tc["data"]          # runs of 0.1 stored only what was typed
     native = is_native(tc)

@@ -97,9 +97,9 @@ def frechet_distance(a: Stats, b: Stats) -> float:
     """The Fréchet distance of two Gaussians, in float64: |mu_a - mu_b|^2 + tr(S_a) + tr(S_b) - 2 tr((S_a S_b)^1/2).
     The last trace is the sum of the square roots of the eigenvalues of S_a^1/2 S_b S_a^1/2, a symmetric
     matrix with the eigenvalues of S_a S_b, so two symmetric eigendecompositions (scipy's `eigh`) replace
-    the general matrix square root of S_a S_b that pytorch-fid takes (`sqrtm`), several times faster at
-    2,048 features, with the same value (tested against it, with singular covariances too: fewer images
-    than features). Eigenvalues that rounding makes slightly negative count as 0."""
+    the general matrix square root of S_a S_b that pytorch-fid takes (`sqrtm`), with the same value
+    (tested against it, with singular covariances too: fewer images than features). Eigenvalues that
+    rounding makes slightly negative count as 0."""
     from scipy import linalg
     diff = a.mu - b.mu
     w, v = linalg.eigh(a.sigma)

@@ -13,11 +13,11 @@ The engine calls, for a run:
 Batches arrive on the device, augmented (crop, flip) and made inputs `x` by `task.inputs`; `labels`
 are class indices. `stats` and `sums` are sums over the batch's examples with their count under "n", so that the engine
 can add them over steps, batches and processes before dividing; `rng` draws whatever the task randomises:
-in training the numpy Generator methods of a `RankRandom` (engine/runtime.py) seeded by the run's seed and
-step (a resumed run redraws the same; per-image draws are made for the global batch and this process's
-rows kept), in
-evaluation an `ExampleRandom` that draws each example's numbers from its own index in the split, so
-an evaluation gives the same numbers whatever the batch size (or the number of processes).
+in training the numpy Generator methods of a `RankRandom` (engine/runtime.py) seeded by the run's seed
+and step (a resumed run redraws the same; per-image draws are made for the global batch and this
+process's rows kept), in evaluation an `ExampleRandom` that draws each example's numbers from its own
+index in the split, so an evaluation gives the same numbers whatever the batch size (or the number of
+processes).
 """
 from __future__ import annotations
 
